@@ -1,0 +1,110 @@
+"""The MoE layer on local shapes: router, routed experts owned by this rank, shared experts.
+
+Ownership is computed once (``ExpertPlacement``); routed tokens are grouped by expert with one sort and one
+``bincount``, and each active local expert runs one matmul over its tokens. Empty experts are skipped.
+The per-expert token counter (``tokens_per_expert``) feeds metrics, the dashboard and the EPLB planner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.experts.gate import GateSpec, route, router_logits
+from moeserve.model.config import ModelConfig
+from moeserve.model.layers import MLP
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Which logical experts this rank holds, in physical-slot order (``phy2log``)."""
+
+    num_logical: int
+    local_logical_ids: tuple[int, ...]
+
+    @classmethod
+    def all_local(cls, num_experts: int) -> ExpertPlacement:
+        return cls(num_experts, tuple(range(num_experts)))
+
+    @classmethod
+    def contiguous(cls, num_experts: int, ep_rank: int, ep_size: int) -> ExpertPlacement:
+        if num_experts % ep_size:
+            raise ValueError(f"n_routed_experts ({num_experts}) is not divisible by the EP size ({ep_size})")
+        per_rank = num_experts // ep_size
+        return cls(num_experts, tuple(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)))
+
+    @property
+    def num_local(self) -> int:
+        return len(self.local_logical_ids)
+
+    def log2local(self) -> torch.Tensor:
+        """[num_logical] -> local slot, or ``num_local`` (a sentinel) for experts held elsewhere."""
+        table = torch.full((self.num_logical,), self.num_local, dtype=torch.long)
+        for slot, log_id in enumerate(self.local_logical_ids):
+            table[log_id] = slot
+        return table
+
+
+def gate_spec(config: ModelConfig) -> GateSpec:
+    return GateSpec(
+        num_experts=config.n_routed_experts, top_k=config.num_experts_per_tok,
+        scoring_func=config.scoring_func, topk_method=config.topk_method, n_group=config.n_group,
+        topk_group=config.topk_group, norm_topk_prob=config.norm_topk_prob,
+        routed_scaling_factor=config.routed_scaling_factor)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, placement: ExpertPlacement | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.spec = gate_spec(config)
+        self.placement = placement or ExpertPlacement.all_local(config.n_routed_experts)
+        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        num_local = self.placement.num_local
+        self.gate_weight = nn.Parameter(torch.empty(config.n_routed_experts, hidden, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias",
+                             torch.zeros(config.n_routed_experts, dtype=torch.float32)
+                             if config.topk_method == "noaux_tc" else None)
+        # [E_local, 2 * I, H] and [E_local, H, I]: gate/up fused, like the dense MLP
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=dtype))
+        self.register_buffer("log2local", self.placement.log2local(), persistent=False)
+        self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
+                             persistent=False)
+        self.shared_experts = (MLP(hidden, inter * config.n_shared_experts, dtype)
+                               if config.n_shared_experts else None)
+        self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] of the latest forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]. Only experts held here contribute to the routed part."""
+        weights, ids = route(router_logits(x, self.gate_weight), self.spec, self.e_score_correction_bias)
+        self.last_expert_ids = ids
+        self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
+        out = self.routed(x, weights, ids)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, H], weights/ids: [T, top_k] -> sum over the local experts of weight * expert(x)."""
+        top_k = ids.shape[1]
+        local = self.log2local[ids.flatten()]  # [T * top_k], sentinel num_local for remote experts
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=self.placement.num_local + 1).tolist()
+        flat_weights = weights.flatten()
+        out = torch.zeros_like(x)
+        start = 0
+        for slot, count in enumerate(counts[:-1]):
+            if count == 0:
+                continue
+            sel = order[start:start + count]
+            start += count
+            token_ids = sel // top_k
+            gate, up = F.linear(x[token_ids], self.w13[slot]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[slot])
+            y = y * flat_weights[sel].unsqueeze(-1).to(y.dtype)
+            out.index_add_(0, token_ids, y)
+        return out

@@ -1,0 +1,112 @@
+"""The DeepSeek-V2/V3 decoder on local shapes.
+
+A ``DeepseekModel`` holds a contiguous range of layers (a pipeline stage); the first stage also holds the
+embedding and the last the final norm and LM head. Which range, and which experts, is decided outside
+(``ModelSlice``); the math here never asks for a rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.experts.moe import MoE, ExpertPlacement
+from moeserve.model.attn_metadata import AttnMetadata
+from moeserve.model.config import ModelConfig
+from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
+from moeserve.model.mla import MLA
+
+
+@dataclass(frozen=True)
+class ModelSlice:
+    """What one rank builds: layers [layer_start, layer_end), and which routed experts."""
+
+    layer_start: int
+    layer_end: int
+    num_layers_total: int
+    placement: ExpertPlacement | None = field(default=None)
+
+    @classmethod
+    def full(cls, config: ModelConfig) -> ModelSlice:
+        return cls(0, config.num_hidden_layers, config.num_hidden_layers)
+
+    @property
+    def has_embedding(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def has_head(self) -> bool:
+        return self.layer_end == self.num_layers_total
+
+    @property
+    def layer_ids(self) -> range:
+        return range(self.layer_start, self.layer_end)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding,
+                 placement: ExpertPlacement | None, dtype: torch.dtype | None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config, rotary, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp: nn.Module = (MoE(config, placement, dtype) if config.is_moe_layer(layer_id)
+                               else MLP(config.hidden_size, config.intermediate_size, dtype))
+
+    def forward(self, h: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), meta, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DeepseekModel(nn.Module):
+    def __init__(self, config: ModelConfig, model_slice: ModelSlice | None = None,
+                 dtype: torch.dtype = torch.float32, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.slice = model_slice or ModelSlice.full(config)
+        self.dtype = dtype
+        rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim,
+                                 max_positions or config.max_position_embeddings)
+        self.embed_tokens = (nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
+                             if self.slice.has_embedding else None)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(config, i, rotary, self.slice.placement, dtype) for i in self.slice.layer_ids})
+        if self.slice.has_head:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = (self.embed_tokens if config.tie_word_embeddings and self.embed_tokens is not None
+                            else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)))
+        self.rotary = rotary
+
+    def moe_layers(self) -> dict[int, MoE]:
+        return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        assert self.embed_tokens is not None, "this stage holds no embedding"
+        return F.embedding(token_ids, self.embed_tokens)
+
+    def forward_layers(self, h: torch.Tensor, meta: AttnMetadata,
+                       kv_caches: dict[int, torch.Tensor] | None) -> torch.Tensor:
+        """h: [T, hidden] -> [T, hidden] through this slice's layers. kv_caches maps layer id -> flat cache."""
+        for key, layer in self.layers.items():
+            h = layer(h, meta, None if kv_caches is None else kv_caches[int(key)])
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab]."""
+        return F.linear(self.norm(h), self.lm_head).float()
+
+    def forward(self, token_ids: torch.Tensor, meta: AttnMetadata,
+                kv_caches: dict[int, torch.Tensor] | None, all_logits: bool = False) -> torch.Tensor:
+        """Whole model on one rank: token_ids [T] -> logits [B, vocab] at each sequence's last new token
+        (or [T, vocab] for every token with ``all_logits``)."""
+        h = self.forward_layers(self.embed(token_ids), meta, kv_caches)
+        return self.logits(h if all_logits else h[meta.logits_index])
+
+    def cache_bytes_per_token(self, cache_dtype: torch.dtype | None = None) -> int:
+        """Latent-cache bytes one token takes across this slice's layers."""
+        dtype = cache_dtype or self.dtype
+        return len(self.layers) * self.config.kv_cache_dim * torch.empty((), dtype=dtype).element_size()

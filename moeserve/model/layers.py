@@ -1,0 +1,101 @@
+"""Basic layers on local shapes: RMSNorm, rotary embedding (with YaRN), the SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.model.config import RopeConfig, yarn_get_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    base = rope.theta
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (rope.factor * pos_freqs)
+    orig = rope.original_max_position_embeddings or 4096
+
+    def correction_dim(num_rotations: float) -> float:
+        return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(rope.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation_weight = 1 - ramp
+    return interpolation * (1 - extrapolation_weight) + extrapolation * extrapolation_weight
+
+
+def rope_attention_factor(rope: RopeConfig) -> float:
+    """YaRN's multiplier on cos/sin (1.0 for plain RoPE)."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        return yarn_get_mscale(rope.factor, rope.mscale) / yarn_get_mscale(rope.factor, rope.mscale_all_dim)
+    return yarn_get_mscale(rope.factor)
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin tables for positions [0, max_positions); applied to the rope slice of q and k.
+
+    With ``interleave`` (DeepSeek's layout) dimension pairs are (x0, x1), (x2, x3), ...; the output is
+    written de-interleaved ([even rotated | odd rotated]). Since q and k get the same permutation, their
+    dot product is unchanged, and the cache stores keys in this layout.
+    """
+
+    def __init__(self, rope: RopeConfig, dim: int, max_positions: int):
+        super().__init__()
+        self.interleave = rope.interleave
+        inv_freq = _yarn_inv_freq(rope, dim) if rope.rope_type == "yarn" else \
+            1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, dim/2]
+        factor = rope_attention_factor(rope)
+        self.register_buffer("cos", freqs.cos() * factor, persistent=False)
+        self.register_buffer("sin", freqs.sin() * factor, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: [T, ..., dim] with positions [T] -> rotated x (same shape and dtype)."""
+        cos = self.cos[positions]
+        sin = self.sin[positions]
+        while cos.dim() < x.dim():
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+        xf = x.float()
+        if self.interleave:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return out.to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). gate and up are kept as one fused weight."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(hidden_size, intermediate_size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj)

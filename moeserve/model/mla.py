@@ -1,0 +1,107 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3) over a paged latent cache, on local shapes.
+
+The cache holds, per token and layer, only the normalised compressed latent ``c_kv`` [kv_lora_rank] and the
+rotated decoupled key ``k_pe`` [qk_rope_head_dim] -- never per-head K/V.
+
+* Prefill chunks use the expanded form: context latents are up-projected by ``kv_b_proj`` into per-head
+  keys/values and attended with SDPA under a causal mask.
+* Decode uses the absorbed form: ``q_nope`` is multiplied into ``W_UK`` so scores are taken directly against
+  the latents, and the latent output is multiplied by ``W_UV``. No per-head K/V is ever built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.model.attn_metadata import AttnMetadata
+from moeserve.model.config import ModelConfig
+from moeserve.model.layers import RMSNorm, RotaryEmbedding
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, num_heads: int | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_heads = num_heads or config.num_attention_heads  # local heads (tensor parallel shard)
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim = config.v_head_dim
+        self.scale = config.softmax_scale
+        self.rotary = rotary
+        hidden, qk_dim = config.hidden_size, config.qk_head_dim
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Parameter(torch.empty(self.num_heads * qk_dim, hidden, dtype=dtype))
+        else:
+            self.q_a_proj = nn.Parameter(torch.empty(self.q_lora_rank, hidden, dtype=dtype))
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Parameter(torch.empty(self.num_heads * qk_dim, self.q_lora_rank, dtype=dtype))
+        self.kv_a_proj_with_mqa = nn.Parameter(torch.empty(config.kv_cache_dim, hidden, dtype=dtype))
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_b_proj = nn.Parameter(
+            torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
+        self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            q = F.linear(x, self.q_proj)
+        else:
+            q = F.linear(self.q_a_layernorm(F.linear(x, self.q_a_proj)), self.q_b_proj)
+        return q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
+
+    def forward(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
+        """x: [T, hidden]; kv_cache: [num_slots, kv_lora_rank + rope_dim] (flat view) or None (no cache:
+        the step's own tokens are the whole context, as in training) -> [T, hidden]."""
+        q = self._query(x)  # [T, H, nope + rope]
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = self.rotary(q_pe, meta.positions)
+        latent, k_pe = F.linear(x, self.kv_a_proj_with_mqa).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
+        if kv_cache is None:
+            kv_cache = new_rows  # slot_mapping is the identity in this mode
+        else:
+            kv_cache.index_copy_(0, meta.slot_mapping, new_rows.to(kv_cache.dtype))
+        out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
+        num_dec = meta.num_decode_tokens
+        if num_dec:
+            out[:num_dec] = self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta)
+        if meta.num_prefill_seqs:
+            self._prefill(q_nope, q_pe, kv_cache, meta, out)
+        return F.linear(out.flatten(1), self.o_proj)
+
+    def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora])."""
+        w = self.kv_b_proj.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttnMetadata) -> torch.Tensor:
+        """Absorbed MLA for one new token per sequence: q_nope [B, H, nope], q_pe [B, H, rope] -> [B, H, v]."""
+        w_uk, w_uv = self._w_kv_b()
+        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
+        q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
+        context = kv_cache[meta.decode_context_slots]  # [B, L, kv_lora + rope]
+        scores = torch.bmm(q_full, context.transpose(1, 2)).float() * self.scale  # [B, H, L]
+        scores.masked_fill_(~meta.decode_context_valid.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(context.dtype)
+        out_latent = torch.bmm(probs, context[..., :self.kv_lora_rank])  # [B, H, kv_lora]
+        return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
+
+    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+                 out: torch.Tensor) -> None:
+        """Expanded MLA over padded prefill chunks; writes rows of ``out`` [T, H, v] in place."""
+        context = kv_cache[meta.prefill_context_slots]  # [Bp, L, kv_lora + rope]
+        latent, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = F.linear(latent, self.kv_b_proj).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [Bp, L, H, *]
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        idx = meta.prefill_query_index  # [Bp, Qp]
+        q = torch.cat([q_nope[idx], q_pe[idx]], dim=-1)  # [Bp, Qp, H, nope + rope]
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=meta.prefill_mask.unsqueeze(1), scale=self.scale)  # [Bp, H, Qp, v]
+        o = o.transpose(1, 2)  # [Bp, Qp, H, v]
+        valid = meta.prefill_query_valid
+        out[idx[valid]] = o[valid].to(out.dtype)
