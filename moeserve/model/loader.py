@@ -1,7 +1,7 @@
 """Checkpoint loading from a local Hugging Face-layout directory.
 
-Tensors are read one at a time (safetensors memory-maps the file), only those the caller's model slice
-asks for, and copied straight into the preallocated parameters; FP8 weights (``float8_e4m3fn`` with a
+Tensors are read one at a time with plain reads (no memory map, see safetensors_io), only those the
+caller's model slice asks for, and copied straight into the preallocated parameters; FP8 weights (``float8_e4m3fn`` with a
 ``weight_scale_inv`` per block, as DeepSeek-V3 ships them) are dequantized on the way.
 """
 
@@ -14,11 +14,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel, ModelSlice
+from moeserve.model.safetensors_io import SafetensorsError, SafetensorsFile
 from moeserve.model.weights import WeightSpec, weight_specs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -54,8 +54,11 @@ class Checkpoint:
             return dict(weight_map)
         single = self.path / SINGLE_FILE
         if single.is_file():
-            with safe_open(single, "pt") as f:
-                return {name: SINGLE_FILE for name in f.keys()}
+            try:
+                with SafetensorsFile(single) as f:
+                    return {name: SINGLE_FILE for name in f.keys()}
+            except SafetensorsError as e:
+                raise CheckpointError(str(e)) from e
         raise CheckpointError(f"{self.path} is not a checkpoint: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
     def config(self) -> ModelConfig:
@@ -88,7 +91,7 @@ class _Reader:
 
     def __init__(self, ckpt: Checkpoint, stack: ExitStack, block: tuple[int, int] | None):
         self.ckpt, self.stack, self.block = ckpt, stack, block
-        self.handles: dict[str, object] = {}
+        self.handles: dict[str, SafetensorsFile] = {}
 
     def has(self, name: str) -> bool:
         return name in self.ckpt.weight_map
@@ -96,7 +99,7 @@ class _Reader:
     def _handle(self, name: str):
         file = self.ckpt.weight_map[name]
         if file not in self.handles:
-            self.handles[file] = self.stack.enter_context(safe_open(self.ckpt.path / file, "pt"))
+            self.handles[file] = self.stack.enter_context(SafetensorsFile(self.ckpt.path / file))
         return self.handles[file]
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""EngineConfig: every setting of one serving engine, defined once and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def default_model_path() -> Path:
+    """The small DeepSeek-V3-architecture checkpoint that ships inside the package."""
+    return Path(__file__).resolve().parent.parent / "assets" / "default_model"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = ""  # checkpoint directory; empty = the embedded default model
+    device: str = "cpu"
+    dtype: str = "auto"  # float32 on CPU, bfloat16 on accelerators
+    block_size: int = 0  # 0 = 16 on CPU, 64 on accelerators
+    kv_cache_memory: int = 0  # bytes for the latent cache; 0 = a fraction of free device memory
+    gpu_memory_utilization: float = 0.9  # fraction of free device memory used for the cache
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 0  # 0 = the model's max_position_embeddings
+    seed: int = 0
+    load_progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in ("cpu", "cuda", "npu"):
+            raise ValueError(f"device must be cpu, cuda or npu, got {self.device!r}")
+        for name in ("block_size", "kv_cache_memory", "max_model_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+    @property
+    def model_path(self) -> Path:
+        return Path(self.model) if self.model else default_model_path()
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def is_accelerator(self) -> bool:
+        return self.torch_device.type != "cpu"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.is_accelerator else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def effective_block_size(self) -> int:
+        return self.block_size or (64 if self.is_accelerator else 16)

@@ -1,0 +1,197 @@
+"""The serving engine of one replica: scheduler, latent cache, model runner, sampler.
+
+``Engine.step()`` reads as numbered steps: schedule -> run the model -> sample -> process outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
+from moeserve.coordinator.request import Request, RequestError, RequestStatus
+from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling_batch
+from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from moeserve.kvstore.cache_manager import KVCacheManager
+from moeserve.kvstore.latent_cache import free_device_memory, num_blocks_for_budget
+from moeserve.model.config import ModelConfig
+from moeserve.model.deepseek import DeepseekModel
+from moeserve.model.loader import load_model
+from moeserve.model.tokenizer import Tokenizer
+from moeserve.stages.runner import ModelRunner, StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_steps: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+
+def kv_cache_blocks(config: EngineConfig, model: DeepseekModel) -> int:
+    """Capacity of the latent cache in blocks, from the memory budget."""
+    block_size = config.effective_block_size
+    per_token = model.cache_bytes_per_token()
+    budget = config.kv_cache_memory
+    if not budget:
+        free = free_device_memory(config.torch_device)
+        budget = int(free * config.gpu_memory_utilization) if free is not None else DEFAULT_CPU_KV_BYTES
+    num_blocks = num_blocks_for_budget(budget, block_size, per_token)
+    if num_blocks < 1:
+        raise ValueError(f"kv cache budget of {budget} bytes holds no block of {block_size} tokens "
+                         f"({per_token} bytes per token)")
+    return num_blocks
+
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
+                 tokenizer: Tokenizer | None = None):
+        self.config = config
+        torch.manual_seed(config.seed)
+        self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
+                                         progress=config.load_progress,
+                                         max_positions=config.max_model_len or None)
+        self.model_config: ModelConfig = self.model.config
+        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_path)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        num_blocks = kv_cache_blocks(config, self.model)
+        self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device)
+        logger.info("latent cache bytes per token: %d", self.runner.cache_bytes_per_token)
+        self.kv = KVCacheManager(num_blocks, config.effective_block_size)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv)
+        self.sampler = Sampler()
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.tokenizer.eos_token_ids or self.model_config.eos_token_ids
+
+    # ---- requests ----
+    def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                    params: SamplingParams | None = None) -> Request:
+        """Queue a request; raises RequestError at once if it can never be served."""
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if prompt is None:
+                raise RequestError("a request needs a prompt or prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        params = params or SamplingParams()
+        self._validate(prompt_token_ids, params)
+        req = Request(request_id, list(prompt_token_ids), params)
+        req.detokenizer = self.outputs.detokenizer(req.prompt_token_ids)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                               f"exceeds the model's context length {self.max_model_len}")
+        if total > self.kv.capacity_tokens:
+            raise RequestError(f"prompt + max_tokens = {total} tokens exceeds the whole latent cache "
+                               f"({self.kv.capacity_tokens} tokens)")
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its cache blocks at once. False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req)
+        req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step ----
+    def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule()                                  # 1. schedule
+        if sched.is_empty:
+            return []
+        to_sample = [s.request for s in sched.scheduled if s.completes_sequence]
+        logits = self.runner.execute(self._plan(sched))                    # 2. run the model
+        self.scheduler.advance(sched)
+        batch = make_sampling_batch(                                       # 3. sample
+            [r.params for r in to_sample], [r.output_token_ids for r in to_sample],
+            [r.prompt_token_ids for r in to_sample], [r.generator for r in to_sample], logits.device)
+        sampled = self.sampler.sample(logits, batch)
+        outputs = self._process(to_sample, sampled)                        # 4. process outputs
+        self._record(sched, to_sample, time.perf_counter() - t0)           # 5. statistics
+        return outputs
+
+    def _plan(self, sched: SchedulerOutput) -> StepPlan:
+        token_ids: list[int] = []
+        for s in sched.scheduled:
+            r = s.request
+            token_ids.extend(r.token_ids[r.num_computed_tokens:r.num_computed_tokens + s.num_new_tokens])
+        return StepPlan(
+            token_ids=token_ids, query_lens=[s.num_new_tokens for s in sched.scheduled],
+            num_computed=[s.request.num_computed_tokens for s in sched.scheduled],
+            block_tables=[list(s.block_table.block_ids) for s in sched.scheduled],
+            sample_rows=[i for i, s in enumerate(sched.scheduled) if s.completes_sequence])
+
+    def _process(self, reqs: list[Request], sampled) -> list[RequestOutput]:
+        now = time.monotonic()
+        token_ids = sampled.token_ids.tolist()
+        logprobs = sampled.logprobs.tolist()
+        top = sampled.top_logprobs
+        outputs = []
+        for row, req in enumerate(reqs):
+            top_row = None
+            if top is not None and req.params.logprobs:
+                n = req.params.logprobs
+                top_row = dict(zip(top[1][row, :n].tolist(), top[0][row, :n].tolist()))
+            out = self.outputs.process(req, token_ids[row], logprobs[row], top_row, now, self.max_model_len)
+            if req.is_finished:
+                self.scheduler.remove(req)
+                self.requests.pop(req.request_id, None)
+            outputs.append(out)
+        return outputs
+
+    def _record(self, sched: SchedulerOutput, sampled: list[Request], seconds: float) -> None:
+        self.stats.num_steps += 1
+        self.stats.num_preemptions += len(sched.preempted)
+        self.stats.num_generated_tokens += len(sampled)
+        self.stats.step_times.append(seconds)
+        if sched.preempted:
+            logger.info("preempted %d request(s) (cache full); they will be recomputed", len(sched.preempted))
+
+    # ---- convenience ----
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[RequestOutput]:
+        """Run prompts as one continuous batch to completion; returns the final output of each, in order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list)):
+            rid = f"gen-{id(prompts)}-{i}"
+            if isinstance(prompt, str):
+                self.add_request(rid, prompt=prompt, params=p)
+            else:
+                self.add_request(rid, prompt_token_ids=list(prompt), params=p)
+            ids.append(rid)
+        finals: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    finals[out.request_id] = out
+        return [finals[i] for i in ids]

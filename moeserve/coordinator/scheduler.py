@@ -1,0 +1,128 @@
+"""Continuous batching under a token budget, with chunked prefill and preemption by recompute.
+
+Each step: (1) running requests, oldest first, get their next tokens (one for decode, a chunk for an
+unfinished prefill); when the cache is full the newest running request is preempted -- its blocks freed, its
+progress dropped, and it goes back to the head of the queue to be recomputed later; (2) waiting requests are
+admitted, oldest first, while the token budget, ``max_num_seqs`` and free blocks allow. A request that fits
+the whole cache alone always makes progress, so the loop never deadlocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moeserve.coordinator.request import Request, RequestStatus
+from moeserve.kvstore.cache_manager import BlockTable, KVCacheManager
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    block_table: BlockTable
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this chunk reaches the request's last token, so a new token is sampled after it."""
+        r = self.request
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)  # decodes (one new token) first
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Drop a finished or aborted request and free its blocks at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request.request_id)
+
+    def _preempt_newest(self, out: SchedulerOutput) -> Request:
+        victim = self.running.pop()
+        self.kv.free(victim.request_id)
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        victim.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(victim)
+        out.preempted.append(victim)
+        return victim
+
+    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            while table is None:
+                if self._preempt_newest(out) is req:
+                    return budget
+                table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            out.scheduled.append(ScheduledRequest(req, num_new, table))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            if table is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new, table))
+            budget -= num_new
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        if not out.preempted:  # a step that had to preempt admits nobody new
+            self._schedule_waiting(out, budget)
+        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        return out
+
+    def advance(self, out: SchedulerOutput) -> None:
+        """Record that the scheduled tokens were computed."""
+        for s in out.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens

@@ -1,0 +1,29 @@
+"""Physical latent-cache tensors: per layer ``[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]``."""
+
+from __future__ import annotations
+
+import torch
+
+
+def free_device_memory(device: torch.device) -> int | None:
+    """Free bytes on an accelerator, or None for the CPU (where the budget must be given)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "npu":  # pragma: no cover - needs torch_npu
+        free, _total = torch.npu.mem_get_info(device)  # type: ignore[attr-defined]
+        return int(free)
+    return None
+
+
+def num_blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
+    """How many blocks fit in ``budget_bytes`` when one token costs ``bytes_per_token`` (all layers)."""
+    if bytes_per_token <= 0:
+        raise ValueError("bytes_per_token must be positive")
+    return max(0, budget_bytes // (block_size * bytes_per_token))
+
+
+def allocate_latent_caches(layer_ids: list[int], num_blocks: int, block_size: int, dim: int,
+                           dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
+    """layer id -> zeroed cache [num_blocks, block_size, dim]."""
+    return {i: torch.zeros(num_blocks, block_size, dim, dtype=dtype, device=device) for i in layer_ids}

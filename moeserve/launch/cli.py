@@ -1,0 +1,62 @@
+"""The ``moeserve`` command: generate, bench, check (and more as subsystems land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from moeserve.launch import cmd_bench, cmd_check, cmd_generate
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default="", help="checkpoint directory (default: the embedded model)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N]")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
+    g.add_argument("--block-size", type=int, default=0, help="tokens per cache block (default 16 CPU / 64 GPU)")
+    g.add_argument("--kv-cache-memory", type=int, default=0,
+                   help="bytes for the latent cache (default: 1 GiB on CPU, a fraction of free GPU memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of free device memory for the cache when --kv-cache-memory is not given")
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-model-len", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed: makes sampled output reproducible (each request is seeded with it)")
+
+
+def engine_config(args: argparse.Namespace, progress: bool = True):
+    from moeserve.coordinator.config import EngineConfig
+
+    return EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeserve", description="Serve DeepSeek-style MoE models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in (cmd_generate, cmd_bench, cmd_check):
+        p = module.add_parser(sub)
+        if getattr(module, "NEEDS_ENGINE_ARGS", False):
+            add_engine_args(p)
+        p.set_defaults(func=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

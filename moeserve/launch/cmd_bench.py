@@ -1,0 +1,101 @@
+"""``moeserve bench``: offline throughput and latency of the engine on random prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+NEEDS_ENGINE_ARGS = True
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="offline benchmark: throughput, TTFT, inter-token latency, memory")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--json-out", type=Path, default=None)
+    return p
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[k]
+
+
+def peak_memory_bytes(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, progress: bool = True) -> dict:
+    """Submit all prompts at once (random token ids, fixed seed) and run them to completion."""
+    import torch
+    from tqdm import tqdm
+
+    from moeserve.coordinator.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    vocab = engine.model_config.vocab_size
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    for i in range(num_prompts):
+        ids = torch.randint(0, vocab, (input_len,), generator=gen).tolist()
+        engine.add_request(f"bench-{i}", prompt_token_ids=ids, params=params)
+    ttft, itl, last = [], [], {}
+    bar = tqdm(total=num_prompts * output_len, desc="bench", unit="tok", disable=not progress)
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            if out.request_id not in last:
+                ttft.append(now - start)
+            else:
+                itl.append(now - last[out.request_id])
+            last[out.request_id] = now
+        bar.update(len(outs))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out_tokens = num_prompts * output_len
+    return {
+        "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
+        "elapsed_s": elapsed, "output_tokens_per_s": out_tokens / elapsed,
+        "total_tokens_per_s": num_prompts * (input_len + output_len) / elapsed,
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
+        "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
+        "peak_memory_bytes": peak_memory_bytes(engine.config.torch_device),
+        "num_preemptions": engine.stats.num_preemptions,
+    }
+
+
+def print_table(result: dict) -> None:
+    rows = [("output tokens/s", f"{result['output_tokens_per_s']:.1f}"),
+            ("total tokens/s", f"{result['total_tokens_per_s']:.1f}"),
+            ("TTFT p50 / p99", f"{result['ttft_p50_s'] * 1e3:.1f} / {result['ttft_p99_s'] * 1e3:.1f} ms"),
+            ("ITL p50 / p99", f"{result['itl_p50_s'] * 1e3:.1f} / {result['itl_p99_s'] * 1e3:.1f} ms"),
+            ("peak memory", f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"),
+            ("preemptions", str(result["num_preemptions"]))]
+    for key, value in rows:
+        print(f"{key:<18} {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeserve.coordinator.engine import Engine
+    from moeserve.launch.cli import engine_config
+
+    engine = Engine(engine_config(args))
+    result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len)
+    result["model"] = str(engine.config.model_path)
+    result["device"] = engine.config.device
+    print_table(result)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,109 @@
+"""Random-weight models and checkpoints (for benchmarks and tests; nothing is downloaded).
+
+``write_random_checkpoint`` builds a model from a config dict, fills it with seeded random weights and
+saves it in DeepSeek's Hugging Face layout (optionally sharded, optionally FP8 with 128x128 block scales).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moeserve.model.config import ModelConfig
+from moeserve.model.deepseek import DeepseekModel
+from moeserve.model.weights import weight_specs
+
+
+@torch.no_grad()
+def init_random_(model: DeepseekModel, seed: int = 0, std: float = 0.02) -> DeepseekModel:
+    """Fill every parameter: norms with ones, correction biases small, matrices normal(0, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() == 1:
+            param.fill_(1.0)
+        else:
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
+    return model
+
+
+def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [out, in] -> (float8_e4m3fn weight, float32 weight_scale_inv [ceil(out/bo), ceil(in/bi)])."""
+    out_dim, in_dim = weight.shape
+    bo, bi = block
+    pad = torch.zeros(-(-out_dim // bo) * bo, -(-in_dim // bi) * bi, dtype=torch.float32)
+    pad[:out_dim, :in_dim] = weight.float()
+    blocks = pad.view(pad.shape[0] // bo, bo, pad.shape[1] // bi, bi)
+    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [nbo, nbi]
+    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    q = (blocks / scale_inv[:, None, :, None]).view_as(pad)[:out_dim, :in_dim]
+    return q.to(torch.float8_e4m3fn), scale_inv
+
+
+def _is_fp8_candidate(name: str, tensor: torch.Tensor) -> bool:
+    # DeepSeek-V3 ships linear weights in FP8; embeddings, norms, the router and the LM head stay high precision
+    skip = ("embed_tokens", "lm_head", "layernorm", "norm.weight", "mlp.gate.")
+    return tensor.dim() == 2 and not any(s in name for s in skip)
+
+
+def model_state(model: DeepseekModel, fp8: bool = False, dtype: torch.dtype | None = None
+                ) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint names (contiguous copies)."""
+    state: dict[str, torch.Tensor] = {}
+    for spec in weight_specs(model):
+        tensor = spec.target.detach().contiguous().clone()
+        if fp8 and _is_fp8_candidate(spec.name, tensor):
+            state[spec.name], state[spec.name + "_scale_inv"] = quantize_fp8(tensor)
+        else:
+            keep_fp32 = "mlp.gate." in spec.name
+            state[spec.name] = tensor if (dtype is None or keep_fp32) else tensor.to(dtype)
+    return state
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], raw_config: dict[str, Any], path: str | Path,
+                    max_shard_bytes: int | None = None) -> Path:
+    """Write config.json and the tensors (one file, or shards with model.safetensors.index.json)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(raw_config, indent=2))
+    if max_shard_bytes is None:
+        save_file(state, str(path / "model.safetensors"))
+        return path
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path / file))
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return path
+
+
+def write_random_checkpoint(raw_config: dict[str, Any], path: str | Path, seed: int = 0, std: float = 0.02,
+                            fp8: bool = False, dtype: torch.dtype | None = None,
+                            max_shard_bytes: int | None = None) -> Path:
+    config = ModelConfig.from_dict(raw_config)
+    model = init_random_(DeepseekModel(config, dtype=torch.float32, max_positions=16), seed, std)
+    raw = dict(raw_config)
+    if fp8:
+        raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128],
+                                      "activation_scheme": "dynamic"}
+    state = model_state(model, fp8=fp8, dtype=dtype)
+    del model
+    return save_checkpoint(state, raw, path, max_shard_bytes)

@@ -1,0 +1,69 @@
+"""ModelRunner: owns a model slice and its latent-cache tensors and runs one step plan.
+
+A ``StepPlan`` is plain data (lists of ints) so that it can travel to stage workers as a msgpack message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.model.attn_metadata import AttnMetadata, build_attn_metadata
+from moeserve.model.deepseek import DeepseekModel
+from moeserve.kvstore.latent_cache import allocate_latent_caches
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepPlan:
+    token_ids: list[int]  # [T] new tokens of every sequence, concatenated (decode sequences first)
+    query_lens: list[int]  # [B]
+    num_computed: list[int]  # [B] tokens already cached per sequence
+    block_tables: list[list[int]]  # [B][n_blocks]
+    sample_rows: list[int]  # sequences whose last new token's logits are needed
+
+
+class ModelRunner:
+    def __init__(self, model: DeepseekModel, num_blocks: int, block_size: int, device: torch.device,
+                 cache_dtype: torch.dtype | None = None):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.cache_dtype = cache_dtype or model.dtype
+        layer_ids = [int(k) for k in model.layers]
+        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks, block_size, model.config.kv_cache_dim,
+                                                self.cache_dtype, device)
+        self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
+        logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
+                    num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
+                    model.config.kv_cache_dim)
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        return self.model.cache_bytes_per_token(self.cache_dtype)
+
+    def metadata(self, plan: StepPlan) -> AttnMetadata:
+        width = max(len(t) for t in plan.block_tables)
+        tables = torch.zeros(len(plan.block_tables), width, dtype=torch.long)
+        for row, table in enumerate(plan.block_tables):
+            tables[row, :len(table)] = torch.tensor(table, dtype=torch.long)
+        return build_attn_metadata(
+            tables.to(self.device), torch.tensor(plan.num_computed, device=self.device),
+            torch.tensor(plan.query_lens, device=self.device), self.block_size)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the step; returns float32 logits [len(sample_rows), vocab]."""
+        meta = self.metadata(plan)
+        token_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
+        h = self.model.forward_layers(self.model.embed(token_ids), meta, self.flat_caches)
+        rows = meta.logits_index[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)]
+        return self.model.logits(h[rows])
+
+    def expert_counts(self) -> dict[int, torch.Tensor]:
+        """layer id -> tokens routed to each logical expert so far (a view; see MoE.tokens_per_expert)."""
+        return {i: moe.tokens_per_expert for i, moe in self.model.moe_layers().items()}

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs moeserve and its test extras into the current Python environment.
+# torch is installed first on its own so that an existing (or CPU) build is kept: the project does not cap it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    # CPU build where the machine offers one (pip's find-links); otherwise the registry's default build.
+    "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
+fi
+"$PY" -m pip install -q -e ".[test]"
