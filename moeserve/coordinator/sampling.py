@@ -19,7 +19,9 @@ GREEDY_EPS = 1e-5  # a temperature below this is greedy
 MAX_LOGPROBS = 20
 _INT_FIELDS = ("max_tokens", "top_k", "min_tokens")
 _OPT_INT_FIELDS = ("seed", "logprobs")
-_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+_FLOAT_FIELDS = (
+    "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+)
 
 
 class SamplingParamsError(ValueError):
@@ -323,22 +325,26 @@ class Sampler:
 
 
 def check_stop(
-    params: SamplingParams, output_ids: list[int], text: str, eos_ids: tuple[int, ...], num_new_text_chars: int
+    params: SamplingParams,
+    output_ids: list[int],
+    text: str,
+    eos_ids: tuple[int, ...],
+    num_new_text_chars: int,
 ) -> tuple[str | None, int | None]:
     """Return (finish_reason, truncate_text_at) after a token was appended.
 
     Stop conditions are checked first, and only once len(output_ids) >= min_tokens: the last token in
-    ``stop_token_ids`` or in ``eos_ids`` (unless ignore_eos) -> ("stop", None); a stop string ending within the
-    last ``num_new_text_chars`` chars of ``text`` (only that tail, plus len(stop) - 1 chars, is searched) ->
-    ("stop", i) where text[:i] is the output without the stop string (earliest match wins).
+    ``stop_token_ids`` or in ``eos_ids`` (unless ignore_eos) -> ("stop", None); a stop string ending within
+    the last ``num_new_text_chars`` chars of ``text`` (only that tail, plus len(stop) - 1 chars, is
+    searched) -> ("stop", i) where text[:i] is the output without the stop string (earliest match wins).
     Then len(output_ids) >= max_tokens -> ("length", None). Otherwise (None, None).
     """
     if output_ids and len(output_ids) >= params.min_tokens:
         last = output_ids[-1]
         if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
             return "stop", None
-        tail = [text.find(s, max(0, len(text) - num_new_text_chars - len(s) + 1)) for s in params.stop]
-        hits = [h for h in tail if h >= 0] if num_new_text_chars > 0 else []
+        starts = [text.find(s, max(0, len(text) - num_new_text_chars - len(s) + 1)) for s in params.stop]
+        hits = [i for i in starts if i >= 0 and num_new_text_chars > 0]
         if hits:
             return "stop", min(hits)  # earliest stop string: text[:i] excludes it
     if len(output_ids) >= params.max_tokens:
