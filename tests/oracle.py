@@ -1,0 +1,268 @@
+"""Test oracle: tiny random DeepSeek checkpoints written and run with Hugging Face transformers.
+
+Everything here is test-only. Checkpoints are produced by transformers' own
+``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM`` so that moeserve's loader and model
+code can be checked against the reference implementation on the exact same weights.
+
+Public API:
+    train_tokenizer(out_dir, vocab_size=320) -> Path
+    VARIANTS: dict[str, dict]                      named config overrides
+    write_checkpoint(out_dir, variant, seed=0, dtype=torch.float32, shards=1) -> Path
+    reference_outputs(ckpt_dir, prompt_ids, max_new_tokens) -> (prefill_logits, greedy_ids)
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+BOS_TOKEN = "<|bos|>"
+EOS_TOKEN = "<|eos|>"
+VOCAB_SIZE = 320
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+_CORPUS_MODULES = ("json", "textwrap", "heapq", "string", "bisect")
+_NON_ASCII = "héllo wörld 你好 🙂 naïve café — «ÆØÅ» straße ½ € ✓ 日本語のテキスト Привет мир\n"
+
+
+def _corpus() -> list[str]:
+    """Return the fixed training corpus: a few stdlib sources plus repeated non-ASCII text."""
+    texts = []
+    for name in _CORPUS_MODULES:
+        path = inspect.getsourcefile(importlib.import_module(name))
+        assert path is not None, name
+        texts.append(Path(path).read_text(encoding="utf-8"))
+    texts.extend([_NON_ASCII] * 50)
+    return texts
+
+
+def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB_SIZE) -> Path:
+    """Train a byte-level BPE tokenizer and save it into ``out_dir``.
+
+    Writes ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos tokens, ``add_bos_token``
+    true, a small jinja ``chat_template``). ``<|bos|>`` is id 0 and ``<|eos|>`` id 1; the
+    vocabulary has exactly ``vocab_size`` entries. Deterministic for a given Python install.
+    Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    assert tok.token_to_id(BOS_TOKEN) == 0 and tok.token_to_id(EOS_TOKEN) == 1
+    tok.save(str(out_dir / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": {"content": EOS_TOKEN, "lstrip": False, "rstrip": False, "special": True},
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "model_max_length": 512,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return out_dir
+
+
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 128,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+_DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+# Sizes shared by every variant; VARIANTS entries override/extend these.
+_BASE: dict[str, Any] = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "moe_intermediate_size": 32,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "n_routed_experts": 8,
+    "max_position_embeddings": 512,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.2,
+    "rope_parameters": _DEFAULT_ROPE,
+}
+
+# "arch" selects V2 or V3; every other key is a config kwarg. V2 never normalises top-k
+# weights in HF, so V2 variants keep norm_topk_prob=False. HF V3 is always sigmoid + noaux_tc.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "v2_qproj_greedy": {
+        "arch": "v2", "num_hidden_layers": 2, "q_lora_rank": None, "kv_lora_rank": 16,
+        "topk_method": "greedy", "scoring_func": "softmax", "num_experts_per_tok": 2,
+        "n_shared_experts": 1, "first_k_dense_replace": 0, "routed_scaling_factor": 1.0,
+        "norm_topk_prob": False,
+    },
+    "v2_qlora_group_yarn": {
+        "arch": "v2", "num_hidden_layers": 3, "q_lora_rank": 32, "kv_lora_rank": 32,
+        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+        "scoring_func": "softmax", "num_experts_per_tok": 3, "n_shared_experts": 2,
+        "first_k_dense_replace": 1, "routed_scaling_factor": 2.0, "norm_topk_prob": False,
+        "rope_parameters": _YARN,
+    },
+    "v3_noaux_norm": {
+        "arch": "v3", "num_hidden_layers": 3, "q_lora_rank": 32, "kv_lora_rank": 16,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True,
+    },
+    "v3_noaux_nonorm_yarn_shared2": {
+        "arch": "v3", "num_hidden_layers": 2, "q_lora_rank": None, "kv_lora_rank": 32,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+        "num_experts_per_tok": 3, "n_shared_experts": 2, "first_k_dense_replace": 0,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rope_parameters": _YARN,
+    },
+    "v3_noshared": {
+        "arch": "v3", "num_hidden_layers": 4, "q_lora_rank": 16, "kv_lora_rank": 16,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 2, "topk_group": 1,
+        "num_experts_per_tok": 2, "n_shared_experts": 0, "first_k_dense_replace": 2,
+        "routed_scaling_factor": 1.5, "norm_topk_prob": True,
+    },
+}
+
+_BIAS_SCALE = 0.3
+# lm_head is re-drawn with a larger std so logits spread out (std ~4.7) and greedy top-1/top-2
+# gaps stay far above float32 noise.
+_LM_HEAD_STD = 0.6
+
+
+def _classes(arch: str) -> tuple[type, type]:
+    """Return (config class, causal-LM class) for ``arch`` in {"v2", "v3"}."""
+    import transformers
+
+    if arch == "v2":
+        return transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM
+    if arch == "v3":
+        return transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def build_model(variant: str, seed: int = 0) -> torch.nn.Module:
+    """Build the float32 HF model for ``variant`` with seeded random weights.
+
+    ``lm_head`` is re-drawn with std ``_LM_HEAD_STD``; V3 routers get a non-zero
+    ``e_score_correction_bias`` (normal, std ``_BIAS_SCALE``). Same (variant, seed) -> same weights.
+    """
+    if variant not in VARIANTS:
+        raise KeyError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+    overrides = copy.deepcopy(VARIANTS[variant])
+    arch = overrides.pop("arch")
+    kwargs = {**copy.deepcopy(_BASE), **overrides}
+    if arch == "v3":
+        kwargs["num_mtp_layers"] = 0  # HF has no MTP weights; don't advertise any
+    config_cls, model_cls = _classes(arch)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, _LM_HEAD_STD)
+    if arch == "v3":
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                gate = getattr(layer.mlp, "gate", None)
+                if gate is not None:
+                    bias = torch.randn(gate.e_score_correction_bias.shape, generator=gen) * _BIAS_SCALE
+                    gate.e_score_correction_bias.copy_(bias)
+    return model
+
+
+def _shard_bytes(model: torch.nn.Module, shards: int) -> int:
+    """Max shard size in bytes that splits ``model``'s state dict into about ``shards`` files."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return max(1, total // shards)
+
+
+def write_checkpoint(
+    out_dir: Path, variant: str, seed: int = 0, dtype: torch.dtype = torch.float32, shards: int = 1
+) -> Path:
+    """Write a tiny HF DeepSeek checkpoint for ``variant`` into ``out_dir`` and return it.
+
+    Contents: ``config.json``, safetensors weights (``shards > 1`` forces an index file and at
+    least two shard files), ``generation_config.json`` (bos 0, eos 1) and the tokenizer from
+    :func:`train_tokenizer`. Weights are cast to ``dtype`` except V3's
+    ``e_score_correction_bias``, which stays float32 as in real DeepSeek-V3 checkpoints.
+    Routed experts are stored per expert (``mlp.experts.{j}.{gate,up,down}_proj.weight``).
+    """
+    from transformers import GenerationConfig
+
+    out_dir = Path(out_dir)
+    model = build_model(variant, seed)
+    model.to(dtype)
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if gate is not None and hasattr(gate, "e_score_correction_bias"):
+            gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+    model.generation_config = GenerationConfig(bos_token_id=0, eos_token_id=1, do_sample=False)
+    max_shard = _shard_bytes(model, shards) if shards > 1 else "10GB"
+    model.save_pretrained(out_dir, max_shard_size=max_shard)
+    if shards > 1:
+        assert (out_dir / "model.safetensors.index.json").exists(), "sharding did not happen"
+    train_tokenizer(out_dir)
+    return out_dir
+
+
+def _load_reference(ckpt_dir: Path) -> torch.nn.Module:
+    """Load ``ckpt_dir`` with the matching HF class in float32 with eager attention."""
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    arch = {"deepseek_v2": "v2", "deepseek_v3": "v3"}[config["model_type"]]
+    _, model_cls = _classes(arch)
+    model = model_cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_outputs(
+    ckpt_dir: Path, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[torch.Tensor, list[int]]:
+    """Run the HF reference on ``prompt_ids``.
+
+    Returns ``(prefill_logits, continuation)``: float32 logits ``[len(prompt_ids), vocab]`` of
+    a single forward pass over the prompt, and exactly ``max_new_tokens`` greedy token ids
+    (plain argmax at every step; EOS is an ordinary token and never stops or is masked).
+    """
+    model = _load_reference(ckpt_dir)
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
+    logits = model(input_ids).logits[0].float()
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
+    continuation = out[0, len(prompt_ids):].tolist()
+    assert len(continuation) == max_new_tokens, (len(continuation), max_new_tokens)
+    return logits, continuation
