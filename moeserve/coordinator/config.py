@@ -29,6 +29,7 @@ class EngineConfig:
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     seed: int = 0
     load_progress: bool = False
+    skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on random weights)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

