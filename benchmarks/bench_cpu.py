@@ -44,14 +44,32 @@ V2_SHAPED = {
 
 def write_checkpoint(path: Path) -> Path:
     from moeserve.model.synthetic import write_random_checkpoint
-    from moeserve.model.tokenizer import train_bpe_tokenizer
 
     if (path / "config.json").exists():
         return path
     write_random_checkpoint(V2_SHAPED, path, seed=0, std=0.05)
-    train_bpe_tokenizer(path, vocab_size=V2_SHAPED["vocab_size"])
+    train_tokenizer(path, vocab_size=V2_SHAPED["vocab_size"])
     (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     return path
+
+
+def train_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer (vLLM needs one to start; the workload itself is token ids)."""
+    import sysconfig
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    tok.train([str(f) for f in sorted(stdlib.glob("*.py"))[:60]], trainer)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|bos|>", "eos_token": "<|eos|>", "add_bos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048}))
 
 
 def prompts(num: int, length: int, vocab: int) -> list[list[int]]:

@@ -60,4 +60,5 @@ def route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x: [T, hidden], weight: [E, hidden] -> [T, E] in float32 (the router is always computed in fp32)."""
-    return F.linear(x.float(), weight.float())
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())

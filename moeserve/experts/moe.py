@@ -130,5 +130,5 @@ class MoE(nn.Module):
             gate, up = F.linear(x[token_ids], self.w13[slot]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[slot])
             y = y * flat_weights[sel].unsqueeze(-1).to(y.dtype)
-            out.index_add_(0, token_ids, y)
+            out.index_add_(0, token_ids, y.to(out.dtype))
         return out
