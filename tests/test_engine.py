@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.request import RequestError

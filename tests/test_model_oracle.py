@@ -6,10 +6,10 @@ continuation on moeserve's absorbed decode path equal to the reference token for
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from moeserve.model.attn_metadata import build_attn_metadata
 from moeserve.model.loader import load_model
 from moeserve.model.mla import MLA

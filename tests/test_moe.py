@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeserve.experts.gate import GateSpec, route
-from moeserve.experts.moe import MoE, ExpertPlacement
+from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.config import ModelConfig
 
 RAW = {"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,

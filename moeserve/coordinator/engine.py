@@ -185,7 +185,7 @@ class Engine:
             logger.info("preempted %d request(s) (cache full); they will be recomputed", len(sched.preempted))
 
     # ---- convenience ----
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
+    def generate(self, prompts: list[str | list[int]] | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
                  ) -> list[RequestOutput]:
         """Run prompts as one continuous batch to completion; returns the final output of each, in order."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
@@ -195,7 +195,7 @@ class Engine:
             if isinstance(prompt, str):
                 self.add_request(rid, prompt=prompt, params=p)
             else:
-                self.add_request(rid, prompt_token_ids=list(prompt), params=p)
+                self.add_request(rid, prompt_token_ids=list(prompt), params=p)  # type: ignore[arg-type]
             ids.append(rid)
         finals: dict[str, RequestOutput] = {}
         while self.has_unfinished():

@@ -57,6 +57,10 @@ def gate_spec(config: ModelConfig) -> GateSpec:
 
 
 class MoE(nn.Module):
+    log2local: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    e_score_correction_bias: torch.Tensor | None
+
     def __init__(self, config: ModelConfig, placement: ExpertPlacement | None = None,
                  dtype: torch.dtype | None = None):
         super().__init__()

@@ -50,7 +50,9 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     for i in range(num_prompts):
         ids = torch.randint(0, vocab, (input_len,), generator=gen).tolist()
         engine.add_request(f"bench-{i}", prompt_token_ids=ids, params=params)
-    ttft, itl, last = [], [], {}
+    ttft: list[float] = []
+    itl: list[float] = []
+    last: dict[str, float] = {}
     bar = tqdm(total=num_prompts * output_len, desc="bench", unit="tok", disable=not progress)
     while engine.has_unfinished():
         outs = engine.step()

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.experts.moe import MoE, ExpertPlacement
+from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
 from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
@@ -47,6 +47,9 @@ class ModelSlice:
 
 
 class DecoderLayer(nn.Module):
+    self_attn: MLA
+    mlp: MLP | MoE
+
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding,
                  placement: ExpertPlacement | None, dtype: torch.dtype | None):
         super().__init__()
@@ -54,7 +57,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MLA(config, rotary, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp: nn.Module = (MoE(config, placement, dtype) if config.is_moe_layer(layer_id)
+        self.mlp = (MoE(config, placement, dtype) if config.is_moe_layer(layer_id)
                                else MLP(config.hidden_size, config.intermediate_size, dtype))
 
     def forward(self, h: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
@@ -81,8 +84,11 @@ class DeepseekModel(nn.Module):
                             else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)))
         self.rotary = rotary
 
+    def decoder_layers(self) -> dict[int, DecoderLayer]:
+        return {int(i): layer for i, layer in self.layers.items()}  # type: ignore[misc]
+
     def moe_layers(self) -> dict[int, MoE]:
-        return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
+        return {i: layer.mlp for i, layer in self.decoder_layers().items() if isinstance(layer.mlp, MoE)}
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         assert self.embed_tokens is not None, "this stage holds no embedding"

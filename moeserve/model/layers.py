@@ -35,7 +35,7 @@ def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
         return (dim * math.log(orig / (num_rotations * 2 * math.pi))) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(rope.beta_fast)), 0)
-    high = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
+    high: float = min(math.ceil(correction_dim(rope.beta_slow)), dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
@@ -61,6 +61,9 @@ class RotaryEmbedding(nn.Module):
     written de-interleaved ([even rotated | odd rotated]). Since q and k get the same permutation, their
     dot product is unchanged, and the cache stores keys in this layout.
     """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
 
     def __init__(self, rope: RopeConfig, dim: int, max_positions: int):
         super().__init__()

@@ -56,7 +56,7 @@ class SafetensorsFile:
         if end > start:
             self._file.seek(self._data_start + start)
             buf = tensor.view(-1).view(torch.uint8).numpy()
-            if self._file.readinto(buf) != end - start:
+            if self._file.readinto(buf) != end - start:  # type: ignore[arg-type]
                 raise SafetensorsError(f"{self.path}: tensor {name} is truncated")
         return tensor
 

@@ -22,7 +22,7 @@ from moeserve.model.weights import weight_specs
 def init_random_(model: DeepseekModel, seed: int = 0, std: float = 0.02) -> DeepseekModel:
     """Fill every parameter: norms with ones, correction biases small, matrices normal(0, std)."""
     gen = torch.Generator().manual_seed(seed)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.dim() == 1:
             param.fill_(1.0)
         else:

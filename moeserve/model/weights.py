@@ -75,7 +75,7 @@ def weight_specs(model: DeepseekModel) -> list[WeightSpec]:
     specs: list[WeightSpec] = []
     if model.embed_tokens is not None:
         specs.append(_spec("model.embed_tokens.weight", model.embed_tokens.data))
-    for key, layer in model.layers.items():
+    for key, layer in model.decoder_layers().items():
         prefix = f"model.layers.{key}"
         specs.append(_spec(f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight.data))
         specs.append(_spec(f"{prefix}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.data))

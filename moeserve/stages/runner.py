@@ -10,9 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.model.attn_metadata import AttnMetadata, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
-from moeserve.kvstore.latent_cache import allocate_latent_caches
 
 logger = logging.getLogger(__name__)
 
