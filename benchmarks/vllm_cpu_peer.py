@@ -19,6 +19,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16")
     args = p.parse_args()
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -26,7 +27,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1234)  # the same prompts as bench_cpu.prompts()
     vocab = json.load(open(f"{args.model}/config.json"))["vocab_size"]
     ids = torch.randint(2, vocab, (args.num_prompts, args.input_len), generator=gen).tolist()
-    llm = LLM(model=args.model, dtype="float32", max_model_len=args.input_len + args.output_len + 16,
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.input_len + args.output_len + 16,
               max_num_seqs=args.num_prompts, enforce_eager=False)
     params = SamplingParams(max_tokens=args.output_len, min_tokens=args.output_len, temperature=0.0,
                             ignore_eos=True)

@@ -38,13 +38,13 @@ def environment_report() -> list[tuple[str, str]]:
 
 def checkpoint_report(path: str) -> tuple[bool, list[tuple[str, str]]]:
     from moeserve.coordinator.config import default_model_path
-    from moeserve.model.config import ConfigError
+    from moeserve.model.config import ConfigError, ModelConfig
     from moeserve.model.loader import Checkpoint, CheckpointError
 
     target = path or str(default_model_path())
     try:
+        config = ModelConfig.from_hf(target)  # unsupported fields first: they name the field
         ckpt = Checkpoint(target)
-        config = ckpt.config()
     except (ConfigError, CheckpointError) as e:
         return False, [("checkpoint", target), ("supported", f"no: {e}")]
     rows = [("checkpoint", target), ("model_type", config.model_type),

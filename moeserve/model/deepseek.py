@@ -54,9 +54,9 @@ class DecoderLayer(nn.Module):
                  placement: ExpertPlacement | None, dtype: torch.dtype | None):
         super().__init__()
         self.layer_id = layer_id
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = MLA(config, rotary, dtype=dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = (MoE(config, placement, dtype) if config.is_moe_layer(layer_id)
                                else MLP(config.hidden_size, config.intermediate_size, dtype))
 
@@ -79,7 +79,7 @@ class DeepseekModel(nn.Module):
         self.layers = nn.ModuleDict({
             str(i): DecoderLayer(config, i, rotary, self.slice.placement, dtype) for i in self.slice.layer_ids})
         if self.slice.has_head:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = (self.embed_tokens if config.tie_word_embeddings and self.embed_tokens is not None
                             else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)))
         self.rotary = rotary

@@ -36,10 +36,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Parameter(torch.empty(self.num_heads * qk_dim, hidden, dtype=dtype))
         else:
             self.q_a_proj = nn.Parameter(torch.empty(self.q_lora_rank, hidden, dtype=dtype))
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps, dtype)
             self.q_b_proj = nn.Parameter(torch.empty(self.num_heads * qk_dim, self.q_lora_rank, dtype=dtype))
         self.kv_a_proj_with_mqa = nn.Parameter(torch.empty(config.kv_cache_dim, hidden, dtype=dtype))
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps, dtype)
         self.kv_b_proj = nn.Parameter(
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
