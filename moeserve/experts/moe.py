@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.model.config import ModelConfig
 from moeserve.model.layers import MLP
@@ -62,11 +63,18 @@ class MoE(nn.Module):
     e_score_correction_bias: torch.Tensor | None
 
     def __init__(self, config: ModelConfig, placement: ExpertPlacement | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, shard: ShardInfo = SINGLE, expert_tp: bool = False):
+        """``placement``: the routed experts held here (expert parallel). ``expert_tp``: split every routed
+        expert's intermediate dim over ``shard`` instead (tensor-parallel experts). Shared experts are always
+        tensor-parallel over ``shard``; routed + shared partial sums are reduced once."""
         super().__init__()
         self.spec = gate_spec(config)
+        self.shard = shard
+        self.expert_tp = expert_tp
         self.placement = placement or ExpertPlacement.all_local(config.n_routed_experts)
-        hidden, inter = config.hidden_size, config.moe_intermediate_size
+        hidden = config.hidden_size
+        inter = shard.split(config.moe_intermediate_size, "moe_intermediate_size") if expert_tp \
+            else config.moe_intermediate_size
         num_local = self.placement.num_local
         self.gate_weight = nn.Parameter(torch.empty(config.n_routed_experts, hidden, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias",
@@ -78,8 +86,8 @@ class MoE(nn.Module):
         self.register_buffer("log2local", self.placement.log2local(), persistent=False)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
                              persistent=False)
-        self.shared_experts = (MLP(hidden, inter * config.n_shared_experts, dtype)
-                               if config.n_shared_experts else None)
+        self.shared_experts = (MLP(hidden, config.moe_intermediate_size * config.n_shared_experts, dtype,
+                                   shard, reduce=False) if config.n_shared_experts else None)
         self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] of the latest forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +99,7 @@ class MoE(nn.Module):
         out = routed(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        return out
+        return self.shard.all_reduce(out)
 
     @staticmethod
     def use_grouped_mm(x: torch.Tensor) -> bool:

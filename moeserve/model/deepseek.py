@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
@@ -22,12 +23,15 @@ from moeserve.model.mla import MLA
 
 @dataclass(frozen=True)
 class ModelSlice:
-    """What one rank builds: layers [layer_start, layer_end), and which routed experts."""
+    """What one rank builds: layers [layer_start, layer_end), its tensor-parallel shard, and which routed
+    experts (``placement``; or, with ``expert_tp``, a tp slice of every expert)."""
 
     layer_start: int
     layer_end: int
     num_layers_total: int
     placement: ExpertPlacement | None = field(default=None)
+    tp: ShardInfo = SINGLE
+    expert_tp: bool = False
 
     @classmethod
     def full(cls, config: ModelConfig) -> ModelSlice:
@@ -50,15 +54,17 @@ class DecoderLayer(nn.Module):
     self_attn: MLA
     mlp: MLP | MoE
 
-    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding,
-                 placement: ExpertPlacement | None, dtype: torch.dtype | None):
+    def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, model_slice: ModelSlice,
+                 dtype: torch.dtype | None):
         super().__init__()
         self.layer_id = layer_id
+        tp = model_slice.tp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = MLA(config, rotary, dtype=dtype)
+        self.self_attn = MLA(config, rotary, dtype=dtype, shard=tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = (MoE(config, placement, dtype) if config.is_moe_layer(layer_id)
-                               else MLP(config.hidden_size, config.intermediate_size, dtype))
+        self.mlp = (MoE(config, model_slice.placement, dtype, tp, model_slice.expert_tp)
+                    if config.is_moe_layer(layer_id)
+                    else MLP(config.hidden_size, config.intermediate_size, dtype, tp))
 
     def forward(self, h: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), meta, kv_cache)
@@ -77,7 +83,7 @@ class DeepseekModel(nn.Module):
         self.embed_tokens = (nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
                              if self.slice.has_embedding else None)
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(config, i, rotary, self.slice.placement, dtype) for i in self.slice.layer_ids})
+            str(i): DecoderLayer(config, i, rotary, self.slice, dtype) for i in self.slice.layer_ids})
         if self.slice.has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = (self.embed_tokens if config.tie_word_embeddings and self.embed_tokens is not None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.model.config import RopeConfig, yarn_get_mscale
 
 
@@ -91,14 +92,23 @@ class RotaryEmbedding(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). gate and up are kept as one fused weight."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). gate and up are kept as one fused weight.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None = None):
+    Tensor parallel: the intermediate dimension is split over the shard's ranks (gate/up by rows, down by
+    columns), so each rank's output is a partial sum, reduced here unless the caller reduces (``reduce``).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, dtype: torch.dtype | None = None,
+                 shard: ShardInfo = SINGLE, reduce: bool = True):
         super().__init__()
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(2 * intermediate_size, hidden_size, dtype=dtype))
-        self.down_proj = nn.Parameter(torch.empty(hidden_size, intermediate_size, dtype=dtype))
+        self.shard = shard
+        self.reduce = reduce
+        self.full_intermediate_size = intermediate_size
+        self.intermediate_size = shard.split(intermediate_size, "intermediate size")
+        self.gate_up_proj = nn.Parameter(torch.empty(2 * self.intermediate_size, hidden_size, dtype=dtype))
+        self.down_proj = nn.Parameter(torch.empty(hidden_size, self.intermediate_size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        out = F.linear(F.silu(gate) * up, self.down_proj)
+        return self.shard.all_reduce(out) if self.reduce else out

@@ -127,7 +127,7 @@ def _read_spec(reader: _Reader, spec: WeightSpec) -> torch.Tensor:
         where = f"{name}[{index}, {lo}:{hi}]"
     if tuple(tensor.shape) != spec.shape:
         raise CheckpointError(f"tensor {where} has shape {list(tensor.shape)}, expected {list(spec.shape)}")
-    return tensor
+    return spec.take(tensor)
 
 
 def load_weights(model: DeepseekModel, ckpt: Checkpoint, progress: bool = False) -> int:

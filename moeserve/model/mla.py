@@ -15,16 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
 
 
 class MLA(nn.Module):
-    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, num_heads: int | None = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype | None = None,
+                 shard: ShardInfo = SINGLE):
         super().__init__()
-        self.num_heads = num_heads or config.num_attention_heads  # local heads (tensor parallel shard)
+        # tensor parallel: heads are split over the shard; the latent projections (q_a, kv_a) are replicated,
+        # and o_proj's partial sums are reduced -- the one collective of this layer
+        self.shard = shard
+        self.num_heads = shard.split(config.num_attention_heads, "num_attention_heads")
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -69,7 +73,7 @@ class MLA(nn.Module):
             out[:num_dec] = self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta)
         if meta.num_prefill_seqs:
             self._prefill(q_nope, q_pe, kv_cache, meta, out)
-        return F.linear(out.flatten(1), self.o_proj)
+        return self.shard.all_reduce(F.linear(out.flatten(1), self.o_proj))
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora])."""

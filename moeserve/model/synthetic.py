@@ -57,6 +57,8 @@ def model_state(model: DeepseekModel, fp8: bool = False, dtype: torch.dtype | No
     """The model's weights under checkpoint names (contiguous copies)."""
     state: dict[str, torch.Tensor] = {}
     for spec in weight_specs(model):
+        if spec.narrow is not None:
+            raise ValueError("model_state needs an unsharded model (tensor parallel size 1)")
         tensor = spec.target.detach().contiguous().clone()
         if fp8 and _is_fp8_candidate(spec.name, tensor):
             state[spec.name], state[spec.name + "_scale_inv"] = quantize_fp8(tensor)

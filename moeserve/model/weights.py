@@ -1,8 +1,9 @@
-"""Which checkpoint tensors fill which parts of a (sliced) model.
+"""Which checkpoint tensors fill which parts of a (sliced, sharded) model.
 
 ``weight_specs(model)`` lists, for the layers and experts this rank holds, each checkpoint tensor name with
-its expected shape and the destination view. Names follow DeepSeek's Hugging Face layout; the fused expert
-layout that newer transformers versions keep in memory (``mlp.experts.gate_up_proj``) is accepted too.
+its expected full shape, the destination view, and -- for tensor-parallel weights -- which slice of the
+full tensor this rank keeps. Names follow DeepSeek's Hugging Face layout; the fused expert layout that newer
+transformers versions keep in memory (``mlp.experts.gate_up_proj``) is accepted too.
 """
 
 from __future__ import annotations
@@ -14,28 +15,68 @@ import torch
 from moeserve.experts.moe import MoE
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.model.layers import MLP
+from moeserve.model.mla import MLA
+
+
+@dataclass(frozen=True)
+class Narrow:
+    """This rank keeps part ``rank`` of ``size`` equal parts of the full tensor along ``dim``."""
+
+    dim: int
+    rank: int
+    size: int
 
 
 @dataclass(frozen=True)
 class WeightSpec:
     name: str  # checkpoint tensor name
-    shape: tuple[int, ...]  # expected shape in the checkpoint
+    shape: tuple[int, ...]  # expected shape in the checkpoint (the full tensor)
     target: torch.Tensor  # view of the parameter to copy into
     # (fused name, index along dim 0, row range) to read instead when the plain name is absent
     alternatives: tuple[tuple[str, int, int, int], ...] = ()
+    narrow: Narrow | None = None
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the (already shape-checked) full tensor."""
+        if self.narrow is None:
+            return full
+        n = self.narrow
+        length = full.shape[n.dim] // n.size
+        return full.narrow(n.dim, n.rank * length, length)
 
 
-def _spec(name: str, target: torch.Tensor,
-          alternatives: tuple[tuple[str, int, int, int], ...] = ()) -> WeightSpec:
-    return WeightSpec(name, tuple(target.shape), target, alternatives)
+def _spec(name: str, target: torch.Tensor, alternatives: tuple[tuple[str, int, int, int], ...] = (),
+          narrow: Narrow | None = None) -> WeightSpec:
+    shape = list(target.shape)
+    if narrow is not None:
+        shape[narrow.dim] *= narrow.size
+    return WeightSpec(name, tuple(shape), target, alternatives, narrow)
 
 
 def _mlp_specs(prefix: str, mlp: MLP) -> list[WeightSpec]:
-    inter = mlp.intermediate_size
+    inter, tp = mlp.intermediate_size, mlp.shard
+    rows = Narrow(0, tp.rank, tp.size) if tp.size > 1 else None
+    cols = Narrow(1, tp.rank, tp.size) if tp.size > 1 else None
     return [
-        _spec(f"{prefix}.gate_proj.weight", mlp.gate_up_proj.data[:inter]),
-        _spec(f"{prefix}.up_proj.weight", mlp.gate_up_proj.data[inter:]),
-        _spec(f"{prefix}.down_proj.weight", mlp.down_proj.data),
+        _spec(f"{prefix}.gate_proj.weight", mlp.gate_up_proj.data[:inter], narrow=rows),
+        _spec(f"{prefix}.up_proj.weight", mlp.gate_up_proj.data[inter:], narrow=rows),
+        _spec(f"{prefix}.down_proj.weight", mlp.down_proj.data, narrow=cols),
+    ]
+
+
+def _expert_specs(prefix: str, moe: MoE, slot: int, expert_id: int) -> list[WeightSpec]:
+    inter = moe.w2.shape[-1]  # local intermediate size
+    full_inter = inter * (moe.shard.size if moe.expert_tp else 1)
+    split = moe.expert_tp and moe.shard.size > 1
+    rows = Narrow(0, moe.shard.rank, moe.shard.size) if split else None
+    cols = Narrow(1, moe.shard.rank, moe.shard.size) if split else None
+    ep, fused = f"{prefix}.experts.{expert_id}", f"{prefix}.experts.gate_up_proj"
+    return [
+        _spec(f"{ep}.gate_proj.weight", moe.w13.data[slot, :inter], ((fused, expert_id, 0, full_inter),), rows),
+        _spec(f"{ep}.up_proj.weight", moe.w13.data[slot, inter:],
+              ((fused, expert_id, full_inter, 2 * full_inter),), rows),
+        _spec(f"{ep}.down_proj.weight", moe.w2.data[slot],
+              ((f"{prefix}.experts.down_proj", expert_id, 0, moe.w2.shape[1]),), cols),
     ]
 
 
@@ -43,27 +84,23 @@ def _moe_specs(prefix: str, moe: MoE) -> list[WeightSpec]:
     specs = [_spec(f"{prefix}.gate.weight", moe.gate_weight.data)]
     if moe.e_score_correction_bias is not None:
         specs.append(_spec(f"{prefix}.gate.e_score_correction_bias", moe.e_score_correction_bias))
-    inter = moe.w2.shape[-1]
     for slot, expert_id in enumerate(moe.placement.local_logical_ids):
-        ep = f"{prefix}.experts.{expert_id}"
-        fused = f"{prefix}.experts.gate_up_proj"
-        specs += [
-            _spec(f"{ep}.gate_proj.weight", moe.w13.data[slot, :inter], ((fused, expert_id, 0, inter),)),
-            _spec(f"{ep}.up_proj.weight", moe.w13.data[slot, inter:], ((fused, expert_id, inter, 2 * inter),)),
-            _spec(f"{ep}.down_proj.weight", moe.w2.data[slot],
-                  ((f"{prefix}.experts.down_proj", expert_id, 0, moe.w2.shape[1]),)),
-        ]
+        specs += _expert_specs(prefix, moe, slot, expert_id)
     if moe.shared_experts is not None:
         specs += _mlp_specs(f"{prefix}.shared_experts", moe.shared_experts)
     return specs
 
 
-def _attn_specs(prefix: str, attn: torch.nn.Module) -> list[WeightSpec]:
+def _attn_specs(prefix: str, attn: MLA) -> list[WeightSpec]:
+    tp = attn.shard
+    heads = Narrow(0, tp.rank, tp.size) if tp.size > 1 else None  # rows grouped by head
     specs = []
-    for name in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
+    for name, narrow in (("q_proj", heads), ("q_a_proj", None), ("q_b_proj", heads),
+                         ("kv_a_proj_with_mqa", None), ("kv_b_proj", heads),
+                         ("o_proj", Narrow(1, tp.rank, tp.size) if tp.size > 1 else None)):
         param = getattr(attn, name, None)
         if param is not None:
-            specs.append(_spec(f"{prefix}.{name}.weight", param.data))
+            specs.append(_spec(f"{prefix}.{name}.weight", param.data, narrow=narrow))
     for name in ("q_a_layernorm", "kv_a_layernorm"):
         norm = getattr(attn, name, None)
         if norm is not None:
