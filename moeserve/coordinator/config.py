@@ -30,6 +30,10 @@ class EngineConfig:
     seed: int = 0
     load_progress: bool = False
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on random weights)
+    pp: int = 1  # pipeline stages (worker processes are spawned when pp * tp > 1)
+    tp: int = 1  # tensor-parallel ranks per stage
+    ep: int = 0  # expert parallel degree: 0 = tp (experts spread over the stage), 1 = tensor-parallel experts
+    pp_layers: str = ""  # a hand-given layer split, e.g. "14,13"
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -43,6 +47,16 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+
+    @property
+    def parallel_dims(self):
+        from moeserve.comm.topology import ParallelDims
+
+        return ParallelDims.from_args(self.pp, self.tp, self.ep or None)
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.pp * self.tp > 1
 
     @property
     def model_path(self) -> Path:

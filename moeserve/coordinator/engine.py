@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, DTYPES, EngineConfig
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling_batch
@@ -36,10 +36,10 @@ class EngineStats:
     step_times: list[float] = field(default_factory=list)
 
 
-def kv_cache_blocks(config: EngineConfig, model: DeepseekModel) -> int:
-    """Capacity of the latent cache in blocks, from the memory budget."""
+def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
+    """Capacity of the latent cache in blocks, from the memory budget (``per_token``: bytes one token
+    takes in the cache of the rank holding the most layers)."""
     block_size = config.effective_block_size
-    per_token = model.cache_bytes_per_token()
     budget = config.kv_cache_memory
     if not budget:
         free = free_device_memory(config.torch_device)
@@ -52,22 +52,48 @@ def kv_cache_blocks(config: EngineConfig, model: DeepseekModel) -> int:
 
 
 
+def distributed_runner(config: EngineConfig, model_config: ModelConfig):
+    """Plan the layout, size the cache, and spawn the stage workers of one replica."""
+    from moeserve.coordinator.executor import DistributedExecutor
+    from moeserve.coordinator.plan import make_plan, parse_pp_layers
+
+    dims = config.parallel_dims
+    dtype_bytes = torch.empty((), dtype=config.torch_dtype).element_size()
+    pp_layers = parse_pp_layers(config.pp_layers, model_config.num_hidden_layers, dims.pp) \
+        if config.pp_layers else None
+    plan = make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers)
+    per_token = max(plan.stage_layers) * model_config.kv_cache_dim * dtype_bytes
+    logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
+    num_blocks = kv_cache_blocks(config, per_token)
+    dtype = next(name for name, dt in DTYPES.items() if dt == config.torch_dtype)
+    executor = DistributedExecutor.local(str(config.model_path), dims, list(plan.stage_layers), dtype,
+                                         config.device, config.effective_block_size, num_blocks)
+    return num_blocks, executor
+
+
 class Engine:
     def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
                  tokenizer: Tokenizer | None = None):
         self.config = config
         torch.manual_seed(config.seed)
-        self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
-                                         progress=config.load_progress,
-                                         max_positions=config.max_model_len or None)
-        self.model_config: ModelConfig = self.model.config
+        self.model: DeepseekModel | None = None
+        if config.is_distributed:
+            self.model_config = ModelConfig.from_hf(config.model_path)
+        else:
+            self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
+                                             progress=config.load_progress,
+                                             max_positions=config.max_model_len or None)
+            self.model_config = self.model.config
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        num_blocks = kv_cache_blocks(config, self.model)
-        self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device)
-        logger.info("latent cache bytes per token: %d", self.runner.cache_bytes_per_token)
+        if self.model is None:
+            num_blocks, self.runner = distributed_runner(config, self.model_config)
+        else:
+            num_blocks = kv_cache_blocks(config, self.model.cache_bytes_per_token())
+            self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device)
+            logger.info("latent cache bytes per token: %d", self.runner.cache_bytes_per_token)
         self.kv = KVCacheManager(num_blocks, config.effective_block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens), self.kv)
         self.sampler = Sampler()
@@ -128,6 +154,13 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def close(self) -> None:
+        """Stop stage workers, if any (idempotent)."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+            self.runner.shutdown = lambda: None  # type: ignore[method-assign]
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:

@@ -55,14 +55,27 @@ class ModelRunner:
             tables.to(self.device), torch.tensor(plan.num_computed, device=self.device),
             torch.tensor(plan.query_lens, device=self.device), self.block_size)
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the step; returns float32 logits [len(sample_rows), vocab]."""
+        """Run the whole model for the step; returns float32 logits [len(sample_rows), vocab]."""
+        logits, _ = self.execute_stage(plan, None)
+        assert logits is not None, "execute() needs a model slice with the LM head"
+        return logits
+
+    @torch.inference_mode()
+    def execute_stage(self, plan: StepPlan, hidden: torch.Tensor | None
+                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Run this slice's layers on ``hidden`` [T, hidden] (or on the embedded tokens when None).
+
+        Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
+        """
         meta = self.metadata(plan)
-        token_ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
-        h = self.model.forward_layers(self.model.embed(token_ids), meta, self.flat_caches)
+        if hidden is None:
+            hidden = self.model.embed(torch.tensor(plan.token_ids, dtype=torch.long, device=self.device))
+        h = self.model.forward_layers(hidden, meta, self.flat_caches)
+        if not self.model.slice.has_head:
+            return None, h
         rows = meta.logits_index[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)]
-        return self.model.logits(h[rows])
+        return self.model.logits(h[rows]), h
 
     def expert_counts(self) -> dict[int, torch.Tensor]:
         """layer id -> tokens routed to each logical expert so far (a view; see MoE.tokens_per_expert)."""

@@ -1,0 +1,87 @@
+"""Typed messages between the coordinator and stage workers, with one msgpack codec.
+
+Nothing here is ever pickled: every message is a dataclass of plain fields, encoded as a msgpack map with a
+``type`` tag, and decoding checks the tag and the field names before building the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+
+class MessageError(ValueError):
+    """A frame that is not a valid message."""
+
+
+@dataclass
+class StepPlanMsg:
+    step_id: int
+    token_ids: list[int]
+    query_lens: list[int]
+    num_computed: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]
+
+
+@dataclass
+class LogitsMsg:
+    step_id: int
+    rank: int
+    shape: list[int]
+    data: bytes  # float32, C order
+
+    @classmethod
+    def from_tensor(cls, step_id: int, rank: int, logits: torch.Tensor) -> LogitsMsg:
+        array = logits.detach().float().cpu().contiguous().numpy()
+        return cls(step_id, rank, list(array.shape), array.tobytes())
+
+    def tensor(self) -> torch.Tensor:
+        return torch.from_numpy(np.frombuffer(self.data, dtype=np.float32).reshape(self.shape).copy())
+
+
+@dataclass
+class ReadyMsg:
+    rank: int
+    loaded_bytes: int
+    num_layers: int
+
+
+@dataclass
+class ErrorMsg:
+    rank: int
+    message: str
+
+
+@dataclass
+class ShutdownMsg:
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
+                                                                ShutdownMsg)}
+
+
+def encode(msg: Any) -> bytes:
+    body = dataclasses.asdict(msg)
+    body["type"] = type(msg).__name__
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def decode(frame: bytes) -> Any:
+    try:
+        body = msgpack.unpackb(frame, raw=False)
+    except (msgpack.UnpackException, ValueError) as e:
+        raise MessageError(f"malformed msgpack frame: {e}") from e
+    if not isinstance(body, dict) or body.get("type") not in MESSAGE_TYPES:
+        raise MessageError("frame is not a typed message")
+    cls = MESSAGE_TYPES[body.pop("type")]
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(body) != names:
+        raise MessageError(f"{cls.__name__}: expected fields {sorted(names)}, got {sorted(body)}")
+    return cls(**body)

@@ -1,0 +1,55 @@
+"""The engine over stage worker processes (gloo on CPU): every layout gives the tokens of one process.
+
+Real processes, a real torch.distributed world, real ZeroMQ sockets and msgpack step plans.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_engine  # noqa: E402  (tests/ is on sys.path via conftest)
+
+from moeserve.coordinator.config import EngineConfig
+from moeserve.coordinator.engine import Engine
+from moeserve.coordinator.executor import WorkerError
+from moeserve.coordinator.sampling import SamplingParams
+
+VARIANT = "v3_noshared"  # 4 layers: room for pp = 4
+
+
+def run(ckpt, **parallel) -> list[list[int]]:
+    engine = Engine(EngineConfig(model=str(ckpt), block_size=4, kv_cache_memory=1 << 22, max_num_seqs=8,
+                                 max_num_batched_tokens=32, **parallel))
+    try:
+        results = test_engine.run_staggered(engine)
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+        return [results[i] for i in range(len(test_engine.LENGTHS))]
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def single(ckpt_factory) -> list[list[int]]:
+    return run(ckpt_factory(VARIANT))
+
+
+@pytest.mark.parametrize("pp, tp, ep", [(2, 1, 1), (3, 1, 1), (4, 1, 1), (1, 2, 1), (1, 2, 2), (2, 2, 2),
+                                        (1, 4, 4)])
+def test_layout_equals_one_process(ckpt_factory, single, pp: int, tp: int, ep: int) -> None:
+    assert run(ckpt_factory(VARIANT), pp=pp, tp=tp, ep=ep) == single
+
+
+def test_hand_given_split(ckpt_factory, single) -> None:
+    assert run(ckpt_factory(VARIANT), pp=2, pp_layers="3,1") == single
+
+
+def test_rank_that_dies_fails_the_step(ckpt_factory) -> None:
+    engine = Engine(EngineConfig(model=str(ckpt_factory(VARIANT)), block_size=4, kv_cache_memory=1 << 22, pp=2))
+    try:
+        engine.add_request("a", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=50, temperature=0))
+        engine.step()
+        engine.runner.procs[1].kill()
+        with pytest.raises(WorkerError, match="rank 1 exited"):
+            for _ in range(50):
+                engine.step()
+    finally:
+        engine.close()
