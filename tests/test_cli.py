@@ -92,3 +92,13 @@ def test_bench_writes_json(ckpt_factory, tmp_path: Path) -> None:
                 "itl_p99_s", "peak_memory_bytes"):
         assert result[key] > 0, key
     assert "output tokens/s" in proc.stdout
+
+
+def test_generate_spawns_local_ranks(ckpt_factory) -> None:
+    ckpt = str(ckpt_factory("v3_noshared"))
+    base = ["generate", "--model", ckpt, "--temperature", "0", "--max-tokens", "10", "--ignore-eos", "--json",
+            "def f(x):", "import os"]
+    single = moeserve(*base)
+    split = moeserve(*base, "--pp", "2", "--tp", "2", "--ep", "2")
+    assert single.returncode == 0 and split.returncode == 0, split.stderr
+    assert split.stdout == single.stdout

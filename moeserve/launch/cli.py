@@ -22,6 +22,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=256)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-model-len", type=int, default=0)
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages (spawns pp x tp local ranks)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
+    g.add_argument("--ep", type=int, default=0,
+                   help="expert parallelism: tp (default) spreads experts over a stage's ranks; 1 splits each expert")
+    g.add_argument("--pp-layers", default="", help="hand-given layer split, e.g. 14,13")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it)")
 
@@ -33,7 +38,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
         model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress)
+        max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
+        ep=args.ep, pp_layers=args.pp_layers)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -94,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
     from moeserve.launch.cli import engine_config
 
     engine = Engine(engine_config(args))
-    result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len)
+    try:
+        result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len)
+    finally:
+        engine.close()
     result["model"] = str(engine.config.model_path)
     result["device"] = engine.config.device
     print_table(result)

@@ -72,7 +72,6 @@ class OrderedStreamer:
 
 def run(args: argparse.Namespace) -> int:
     from moeserve.coordinator.engine import Engine
-    from moeserve.coordinator.request import RequestError
     from moeserve.coordinator.sampling import SamplingParams, SamplingParamsError
     from moeserve.launch.cli import engine_config
 
@@ -85,6 +84,15 @@ def run(args: argparse.Namespace) -> int:
     except SamplingParamsError as e:
         raise SystemExit(f"moeserve generate: {e}") from e
     engine = Engine(engine_config(args, progress=not args.json))
+    try:
+        return _generate(engine, prompts, params, args.json)
+    finally:
+        engine.close()
+
+
+def _generate(engine, prompts: list[str], params, as_json: bool) -> int:
+    from moeserve.coordinator.request import RequestError
+
     index = {}
     for i, prompt in enumerate(prompts):
         try:
@@ -92,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         except RequestError as e:
             raise SystemExit(f"moeserve generate: prompt {i + 1}: {e}") from e
         index[f"cli-{i}"] = i
-    streamer = None if args.json else OrderedStreamer(prompts)
+    streamer = None if as_json else OrderedStreamer(prompts)
     results: dict[int, tuple[str, list[int]]] = {}
     while engine.has_unfinished():
         for out in engine.step():
