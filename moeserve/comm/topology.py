@@ -15,6 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class InfeasiblePlanError(ValueError):
+    """This model cannot be laid out on this topology (or in this memory); the message says why."""
+
+
 @dataclass(frozen=True)
 class RankCoord:
     """Where one global rank sits."""

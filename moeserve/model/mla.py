@@ -48,6 +48,20 @@ class MLA(nn.Module):
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
 
+    def _gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """kv_cache[slots] for slots [B, L] -> [B, L, D], into a grow-only scratch buffer.
+
+        NOTE: a fresh multi-megabyte tensor per layer and step is served by mmap and page-faulted in on every
+        call, which cost more than the gather itself on CPU; reusing one buffer avoids that."""
+        n, dim = slots.numel(), kv_cache.shape[-1]
+        buf = getattr(self, "_scratch", None)
+        if buf is None or buf.numel() < n * dim or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
+            buf = torch.empty(max(n * dim, 1), dtype=kv_cache.dtype, device=kv_cache.device)
+            self._scratch = buf
+        out = buf[:n * dim].view(n, dim)
+        torch.index_select(kv_cache, 0, slots.flatten(), out=out)
+        return out.view(*slots.shape, dim)
+
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
             q = F.linear(x, self.q_proj)
@@ -76,9 +90,16 @@ class MLA(nn.Module):
         return self.shard.all_reduce(F.linear(out.flatten(1), self.o_proj))
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (W_UK [H, nope, kv_lora], W_UV [H, v, kv_lora])."""
-        w = self.kv_b_proj.view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return w[:, :self.nope_dim], w[:, self.nope_dim:]
+        """-> (W_UK^T [H, kv_lora, nope]... as used by decode: W_UK [H, nope, kv_lora], W_UV^T [H, kv_lora, v]).
+
+        Contiguous copies, made once per weight version (the decode einsums would otherwise re-copy the
+        strided views at every step)."""
+        key = (self.kv_b_proj.data_ptr(), self.kv_b_proj._version)
+        if getattr(self, "_absorbed_key", None) != key:
+            w = self.kv_b_proj.detach().view(self.num_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            self._absorbed = (w[:, :self.nope_dim].contiguous(), w[:, self.nope_dim:].transpose(1, 2).contiguous())
+            self._absorbed_key = key
+        return self._absorbed
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttnMetadata) -> torch.Tensor:
@@ -86,26 +107,30 @@ class MLA(nn.Module):
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
-        context = kv_cache[meta.decode_context_slots]  # [B, L, kv_lora + rope]
+        context = self._gather(kv_cache, meta.decode_context_slots)  # [B, L, kv_lora + rope]
         scores = torch.bmm(q_full, context.transpose(1, 2)).float() * self.scale  # [B, H, L]
         scores.masked_fill_(~meta.decode_context_valid.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1).to(context.dtype)
-        out_latent = torch.bmm(probs, context[..., :self.kv_lora_rank])  # [B, H, kv_lora]
-        return torch.einsum("bhc,hvc->bhv", out_latent, w_uv)
+        # NOTE: multiplying by the whole row and dropping the rope part after is cheaper than the copy that a
+        # non-contiguous context[..., :kv_lora] operand would cost
+        out_latent = torch.bmm(probs, context)[..., :self.kv_lora_rank]  # [B, H, kv_lora]
+        return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
 
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                  out: torch.Tensor) -> None:
         """Expanded MLA over padded prefill chunks; writes rows of ``out`` [T, H, v] in place."""
-        context = kv_cache[meta.prefill_context_slots]  # [Bp, L, kv_lora + rope]
+        slots = meta.prefill_context_slots
+        # [Bp, L, kv_lora + rope]; plain indexing where autograd must see it (the no-cache training mode)
+        context = kv_cache[slots] if kv_cache.requires_grad else self._gather(kv_cache, slots)
         latent, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = F.linear(latent, self.kv_b_proj).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [Bp, L, H, *]
-        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(-1, -1, self.num_heads, -1)], dim=-1)
+        kv = kv.transpose(1, 2)  # [Bp, H, L, nope + v]
+        k = torch.cat([kv[..., :self.nope_dim], k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)], dim=-1)
+        v = kv[..., self.nope_dim:].contiguous()
         idx = meta.prefill_query_index  # [Bp, Qp]
-        q = torch.cat([q_nope[idx], q_pe[idx]], dim=-1)  # [Bp, Qp, H, nope + rope]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=meta.prefill_mask.unsqueeze(1), scale=self.scale)  # [Bp, H, Qp, v]
+        q = torch.cat([q_nope[idx], q_pe[idx]], dim=-1).transpose(1, 2).contiguous()  # [Bp, H, Qp, nope + rope]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.prefill_mask.unsqueeze(1),
+                                           scale=self.scale)  # [Bp, H, Qp, v]
         o = o.transpose(1, 2)  # [Bp, Qp, H, v]
         valid = meta.prefill_query_valid
         out[idx[valid]] = o[valid].to(out.dtype)
