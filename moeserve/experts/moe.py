@@ -125,22 +125,27 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_ids, y)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x: [T, H], weights/ids: [T, top_k] -> sum over the local experts of weight * expert(x)."""
+        """x: [T, H], weights/ids: [T, top_k] -> sum over the local experts of weight * expert(x).
+
+        Tokens are gathered once in expert order; each active expert runs two matmuls on its contiguous
+        slice, and the weighting and the scatter back happen once for all experts.
+        """
         top_k = ids.shape[1]
         local = self.log2local[ids.flatten()]  # [T * top_k], sentinel num_local for remote experts
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=self.placement.num_local + 1).tolist()
-        flat_weights = weights.flatten()
+        order = order[:len(order) - counts[-1]]  # drop the (token, expert) pairs held elsewhere
         out = torch.zeros_like(x)
-        start = 0
+        if not len(order):
+            return out
+        token_ids = order // top_k
+        xs = x[token_ids]  # [N, H] in expert order
+        pieces, start = [], 0
         for slot, count in enumerate(counts[:-1]):
             if count == 0:
                 continue
-            sel = order[start:start + count]
+            gate, up = F.linear(xs[start:start + count], self.w13[slot]).chunk(2, dim=-1)
+            pieces.append(F.linear(F.silu(gate) * up, self.w2[slot]))
             start += count
-            token_ids = sel // top_k
-            gate, up = F.linear(x[token_ids], self.w13[slot]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[slot])
-            y = y * flat_weights[sel].unsqueeze(-1).to(y.dtype)
-            out.index_add_(0, token_ids, y.to(out.dtype))
-        return out
+        ys = torch.cat(pieces) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return out.index_add_(0, token_ids, ys.to(out.dtype))

@@ -18,8 +18,9 @@ class AttnMetadata:
     positions: torch.Tensor  # [T] position of each new token
     slot_mapping: torch.Tensor  # [T] flat cache row where each new token's latent is written
     num_decode_tokens: int  # the first Nd tokens are the decode sequences', one each
-    decode_context_slots: torch.Tensor  # [Bd, Ld] cache rows of each decode sequence's context
-    decode_context_valid: torch.Tensor  # [Bd, Ld] bool
+    block_size: int
+    decode_block_tables: torch.Tensor  # [Bd, nb] the blocks of each decode sequence's context
+    decode_context_valid: torch.Tensor  # [Bd, nb * block_size] bool: which of those slots hold its tokens
     prefill_query_index: torch.Tensor  # [Bp, Qp] index into the T new tokens (padded with 0)
     prefill_query_valid: torch.Tensor  # [Bp, Qp] bool
     prefill_context_slots: torch.Tensor  # [Bp, Lp]
@@ -69,7 +70,10 @@ def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, 
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     context_lens = num_computed + query_lens
 
-    dec_slots, dec_valid = _context_slots(block_tables[:num_decode], context_lens[:num_decode], block_size)
+    dec_lens = context_lens[:num_decode]
+    num_dec_blocks = -(-int(dec_lens.max()) // block_size) if num_decode else 0
+    dec_tables = block_tables[:num_decode, :num_dec_blocks]
+    dec_valid = torch.arange(num_dec_blocks * block_size, device=device).unsqueeze(0) < dec_lens.unsqueeze(1)
 
     p_tables, p_computed, p_q = block_tables[num_decode:], num_computed[num_decode:], query_lens[num_decode:]
     p_ctx_slots, p_ctx_valid = _context_slots(p_tables, context_lens[num_decode:], block_size)
@@ -84,7 +88,7 @@ def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, 
     mask = mask | ((~q_valid).unsqueeze(2) & (j == 0).view(1, 1, -1))
     return AttnMetadata(
         positions=positions, slot_mapping=slot_mapping, num_decode_tokens=num_decode,
-        decode_context_slots=dec_slots, decode_context_valid=dec_valid,
+        block_size=block_size, decode_block_tables=dec_tables, decode_context_valid=dec_valid,
         prefill_query_index=q_index, prefill_query_valid=q_valid,
         prefill_context_slots=p_ctx_slots, prefill_mask=mask, logits_index=cu_q[1:] - 1,
     )

@@ -48,11 +48,12 @@ class MLA(nn.Module):
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
 
-    def _gather(self, kv_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """kv_cache[slots] for slots [B, L] -> [B, L, D], into a grow-only scratch buffer.
+    def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """rows[index] for index [B, L] -> [B, L, D], into a grow-only scratch buffer.
 
         NOTE: a fresh multi-megabyte tensor per layer and step is served by mmap and page-faulted in on every
         call, which cost more than the gather itself on CPU; reusing one buffer avoids that."""
+        kv_cache, slots = rows, index
         n, dim = slots.numel(), kv_cache.shape[-1]
         buf = getattr(self, "_scratch", None)
         if buf is None or buf.numel() < n * dim or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
@@ -107,7 +108,9 @@ class MLA(nn.Module):
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
-        context = self._gather(kv_cache, meta.decode_context_slots)  # [B, L, kv_lora + rope]
+        # whole blocks are gathered (block_size rows per index), then viewed as [B, nb * block_size, D]
+        blocks = kv_cache.view(-1, meta.block_size * kv_cache.shape[-1])
+        context = self._gather(blocks, meta.decode_block_tables).view(q_nope.shape[0], -1, kv_cache.shape[-1])
         scores = torch.bmm(q_full, context.transpose(1, 2)).float() * self.scale  # [B, H, L]
         scores.masked_fill_(~meta.decode_context_valid.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1).to(context.dtype)
