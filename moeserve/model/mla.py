@@ -53,15 +53,14 @@ class MLA(nn.Module):
 
         NOTE: a fresh multi-megabyte tensor per layer and step is served by mmap and page-faulted in on every
         call, which cost more than the gather itself on CPU; reusing one buffer avoids that."""
-        kv_cache, slots = rows, index
-        n, dim = slots.numel(), kv_cache.shape[-1]
+        n, dim = index.numel(), rows.shape[-1]
         buf = getattr(self, "_scratch", None)
-        if buf is None or buf.numel() < n * dim or buf.dtype != kv_cache.dtype or buf.device != kv_cache.device:
-            buf = torch.empty(max(n * dim, 1), dtype=kv_cache.dtype, device=kv_cache.device)
+        if buf is None or buf.numel() < n * dim or buf.dtype != rows.dtype or buf.device != rows.device:
+            buf = torch.empty(max(n * dim, 1), dtype=rows.dtype, device=rows.device)
             self._scratch = buf
         out = buf[:n * dim].view(n, dim)
-        torch.index_select(kv_cache, 0, slots.flatten(), out=out)
-        return out.view(*slots.shape, dim)
+        torch.index_select(rows, 0, index.flatten(), out=out)
+        return out.view(*index.shape, dim)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
@@ -91,7 +90,7 @@ class MLA(nn.Module):
         return self.shard.all_reduce(F.linear(out.flatten(1), self.o_proj))
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (W_UK^T [H, kv_lora, nope]... as used by decode: W_UK [H, nope, kv_lora], W_UV^T [H, kv_lora, v]).
+        """-> (W_UK [H, nope, kv_lora], W_UV^T [H, kv_lora, v]), the two halves of kv_b_proj as decode uses them.
 
         Contiguous copies, made once per weight version (the decode einsums would otherwise re-copy the
         strided views at every step)."""
