@@ -15,6 +15,7 @@ from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.experts.gate import GateSpec, route, router_logits
+from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
 from moeserve.model.layers import MLP
 
@@ -32,10 +33,8 @@ class ExpertPlacement:
 
     @classmethod
     def contiguous(cls, num_experts: int, ep_rank: int, ep_size: int) -> ExpertPlacement:
-        if num_experts % ep_size:
-            raise ValueError(f"n_routed_experts ({num_experts}) is not divisible by the EP size ({ep_size})")
-        per_rank = num_experts // ep_size
-        return cls(num_experts, tuple(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)))
+        """Rank ``ep_rank``'s share of the default placement (the one ``moeserve plan`` prints)."""
+        return cls(num_experts, tuple(expert_placement(num_experts, ep_size)[ep_rank]))
 
     @property
     def num_local(self) -> int:
