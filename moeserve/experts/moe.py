@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
+from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch
 from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
@@ -62,10 +63,12 @@ class MoE(nn.Module):
     e_score_correction_bias: torch.Tensor | None
 
     def __init__(self, config: ModelConfig, placement: ExpertPlacement | None = None,
-                 dtype: torch.dtype | None = None, shard: ShardInfo = SINGLE, expert_tp: bool = False):
+                 dtype: torch.dtype | None = None, shard: ShardInfo = SINGLE, expert_tp: bool = False,
+                 dispatch: str = "allreduce"):
         """``placement``: the routed experts held here (expert parallel). ``expert_tp``: split every routed
         expert's intermediate dim over ``shard`` instead (tensor-parallel experts). Shared experts are always
-        tensor-parallel over ``shard``; routed + shared partial sums are reduced once."""
+        tensor-parallel over ``shard``; routed + shared partial sums are reduced once. ``dispatch``:
+        "alltoall" sends each rank's token share to the expert owners instead (``ep_dispatch.py``)."""
         super().__init__()
         self.spec = gate_spec(config)
         self.shard = shard
@@ -88,9 +91,14 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(hidden, config.moe_intermediate_size * config.n_shared_experts, dtype,
                                    shard, reduce=False) if config.n_shared_experts else None)
         self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] of the latest forward
+        self.dispatch = check_dispatch(dispatch, expert_tp)
+        self.all_to_all = AllToAllDispatch(self.placement, shard) if dispatch == "alltoall" and shard.size > 1 \
+            else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]. Only experts held here contribute to the routed part."""
+        if self.all_to_all is not None:
+            return self.all_to_all.forward(self, x)
         weights, ids = route(router_logits(x, self.gate_weight), self.spec, self.e_score_correction_bias)
         self.last_expert_ids = ids
         self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.spec.num_experts)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
+from moeserve.experts.ep_dispatch import check_dispatch
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
@@ -24,7 +25,8 @@ from moeserve.model.mla import MLA
 @dataclass(frozen=True)
 class ModelSlice:
     """What one rank builds: layers [layer_start, layer_end), its tensor-parallel shard, and which routed
-    experts (``placement``; or, with ``expert_tp``, a tp slice of every expert)."""
+    experts (``placement``; or, with ``expert_tp``, a tp slice of every expert). ``ep_dispatch``: how routed
+    tokens reach their experts, "allreduce" or "alltoall" (see ``experts/ep_dispatch.py``)."""
 
     layer_start: int
     layer_end: int
@@ -32,6 +34,10 @@ class ModelSlice:
     placement: ExpertPlacement | None = field(default=None)
     tp: ShardInfo = SINGLE
     expert_tp: bool = False
+    ep_dispatch: str = "allreduce"
+
+    def __post_init__(self) -> None:
+        check_dispatch(self.ep_dispatch, self.expert_tp)
 
     @classmethod
     def full(cls, config: ModelConfig) -> ModelSlice:
@@ -62,7 +68,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = MLA(config, rotary, dtype=dtype, shard=tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = (MoE(config, model_slice.placement, dtype, tp, model_slice.expert_tp)
+        self.mlp = (MoE(config, model_slice.placement, dtype, tp, model_slice.expert_tp, model_slice.ep_dispatch)
                     if config.is_moe_layer(layer_id)
                     else MLP(config.hidden_size, config.intermediate_size, dtype, tp))
 
