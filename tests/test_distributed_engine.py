@@ -53,3 +53,31 @@ def test_rank_that_dies_fails_the_step(ckpt_factory) -> None:
                 engine.step()
     finally:
         engine.close()
+
+
+def test_pipeline_keeps_pp_batches_in_flight(ckpt_factory) -> None:
+    """With pp stages, decode runs pp interleaved batches (test_layout_equals_one_process shows the tokens stay
+    those of one process), a request aborted while its batch is in flight frees its blocks, and every stage
+    reports its busy time."""
+    from moeserve.launch.cmd_bench import stage_busy
+
+    engine = Engine(EngineConfig(model=str(ckpt_factory(VARIANT)), block_size=4, kv_cache_memory=1 << 22,
+                                 max_num_seqs=8, max_num_batched_tokens=32, pp=2))
+    try:
+        engine.runner.stage_stats(reset=True)
+        for i in range(4):
+            engine.add_request(f"r{i}", prompt_token_ids=[5 + i, 6, 7], params=SamplingParams(max_tokens=30,
+                                                                                              temperature=0))
+        while engine.has_unfinished():
+            engine.step()
+            if "r3" in engine.requests and engine.requests["r3"].num_output_tokens == 5:
+                engine._fill_pipeline()
+                assert any(s.request.request_id == "r3" for b in engine.in_flight for s in b.sched.scheduled)
+                assert engine.abort("r3")
+        assert engine.stats.max_in_flight == 2
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+        rows = stage_busy(engine, engine.runner.stage_stats(), elapsed=1e9)
+        assert [r["stage"] for r in rows] == [0, 1]
+        assert all(r["steps"] > 10 and 0 < r["busy_fraction"] < 1 for r in rows)
+    finally:
+        engine.close()

@@ -63,8 +63,33 @@ class ShutdownMsg:
     reason: str = ""
 
 
+@dataclass
+class StatsRequestMsg:
+    reset: bool  # start a new measuring window after answering
+
+
+@dataclass
+class StatsMsg:
+    rank: int
+    steps: int  # step plans run in the window
+    busy_s: float  # time spent computing them (not waiting for the previous stage)
+    span_s: float  # from the start of the window's first step to the end of its last
+
+
+@dataclass
+class PreflightMsg:
+    """Rank 0's timing of one all-reduce and one all-to-all over the whole world, before loading weights."""
+
+    rank: int
+    world_size: int
+    nbytes: int
+    all_reduce_s: float
+    all_to_all_s: float
+
+
 MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
-                                                                ShutdownMsg)}
+                                                                ShutdownMsg, StatsRequestMsg, StatsMsg,
+                                                                PreflightMsg)}
 
 
 def encode(msg: Any) -> bytes:

@@ -6,8 +6,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,7 +36,17 @@ class EngineStats:
     num_preemptions: int = 0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    max_in_flight: int = 0  # most batches in flight at once (pipeline parallelism)
     step_times: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Batch:
+    """A step plan submitted to the runner whose logits have not been collected yet."""
+
+    sched: SchedulerOutput
+    to_sample: list[Request]
+    handle: Any
 
 
 def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
@@ -100,6 +113,9 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        # Batches in flight: with pp stages, pp batches keep every stage busy (each batch on another stage).
+        self.pipeline_depth = config.pp if self.model is None else 1
+        self.in_flight: deque[_Batch] = deque()
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -153,7 +169,7 @@ class Engine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def close(self) -> None:
         """Stop stage workers, if any (idempotent)."""
@@ -164,21 +180,44 @@ class Engine:
 
     # ---- the step ----
     def step(self) -> list[RequestOutput]:
+        """Run one batch: fill the pipeline, then finish its oldest batch. Returns that batch's outputs."""
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()                                  # 1. schedule
-        if sched.is_empty:
+        self._fill_pipeline()                                              # 1. schedule and submit
+        if not self.in_flight:
             return []
-        to_sample = [s.request for s in sched.scheduled if s.completes_sequence]
-        logits = self.runner.execute(self._plan(sched))                    # 2. run the model
-        self.scheduler.advance(sched)
-        batch = make_sampling_batch(                                       # 3. sample
+        batch = self.in_flight.popleft()
+        logits = self.runner.collect(batch.handle)                         # 2. the model's logits
+        self.scheduler.advance(batch.sched)
+        live = [i for i, r in enumerate(batch.to_sample) if not r.is_finished]  # drop rows aborted in flight
+        to_sample = [batch.to_sample[i] for i in live]
+        if len(live) < len(batch.to_sample):
+            logits = logits[torch.tensor(live, dtype=torch.long, device=logits.device)]
+        batch_params = make_sampling_batch(                                # 3. sample
             [r.params for r in to_sample], [r.output_token_ids for r in to_sample],
             [r.prompt_token_ids for r in to_sample], [r.generator for r in to_sample], logits.device,
             eos_token_ids=self.eos_token_ids)
-        sampled = self.sampler.sample(logits, batch)
+        sampled = self.sampler.sample(logits, batch_params)
         outputs = self._process(to_sample, sampled)                        # 4. process outputs
-        self._record(sched, to_sample, time.perf_counter() - t0)           # 5. statistics
+        self._record(batch.sched, to_sample, time.perf_counter() - t0)     # 5. statistics
         return outputs
+
+    def _fill_pipeline(self) -> None:
+        """Submit batches until ``pipeline_depth`` are in flight or nothing more can run now.
+
+        With several in flight, each takes about 1/depth of the unfinished requests, so that the stages of
+        the pipeline work on different batches at the same time."""
+        while len(self.in_flight) < self.pipeline_depth:
+            busy = frozenset(s.request.request_id for b in self.in_flight for s in b.sched.scheduled)
+            cap = None
+            if self.pipeline_depth > 1:
+                unfinished = len(self.scheduler.running) + len(self.scheduler.waiting)
+                cap = max(1, math.ceil(unfinished / self.pipeline_depth))
+            sched = self.scheduler.schedule(busy, cap)
+            if sched.is_empty:
+                return
+            to_sample = [s.request for s in sched.scheduled if s.completes_sequence]
+            self.in_flight.append(_Batch(sched, to_sample, self.runner.submit(self._plan(sched))))
+            self.stats.max_in_flight = max(self.stats.max_in_flight, len(self.in_flight))
 
     def _plan(self, sched: SchedulerOutput) -> StepPlan:
         token_ids: list[int] = []

@@ -1,113 +1,194 @@
-"""DistributedExecutor: runs step plans on stage worker processes (pp x tp ranks on this node).
+"""DistributedExecutor: runs step plans on stage worker processes (pp x tp ranks, on one node or many).
 
-Same contract as ``ModelRunner.execute``: a ``StepPlan`` in, the sampled rows' logits out. Plans go to every
-rank over its own ZeroMQ PUSH socket as typed msgpack messages; the last stage's first tp rank sends the
-logits back. A rank that dies or reports an error fails the step with ``WorkerError`` within seconds.
+Same contract as ``ModelRunner``: ``submit(plan)`` then ``collect(step_id)`` gives the sampled rows' logits.
+The coordinator binds one ZeroMQ ROUTER socket; each rank connects a DEALER (identity ``rank-N``), reports
+``ReadyMsg`` once loaded, then receives every step plan as a typed msgpack message; the last stage's first
+tp rank sends the logits back. Ranks run plans in the order sent, so several plans in flight keep all
+pipeline stages busy. A rank that dies or reports an error fails the step with ``WorkerError`` within
+seconds: local ranks are polled, remote nodes are watched through ``liveness`` (see launch/cluster.py).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import zmq
 
-from moeserve.comm.messages import ErrorMsg, LogitsMsg, ReadyMsg, ShutdownMsg, StepPlanMsg, decode, encode
+from moeserve.comm.messages import (
+    ErrorMsg,
+    LogitsMsg,
+    PreflightMsg,
+    ReadyMsg,
+    ShutdownMsg,
+    StatsMsg,
+    StatsRequestMsg,
+    StepPlanMsg,
+    decode,
+    encode,
+)
 from moeserve.comm.topology import ParallelDims
 from moeserve.stages.runner import StepPlan
 from moeserve.stages.worker import WorkerSpec
+
+logger = logging.getLogger(__name__)
 
 
 class WorkerError(RuntimeError):
     """A stage worker died, timed out or failed."""
 
 
+def spawn_workers(specs: list[WorkerSpec], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start one ``python -m moeserve.stages.worker`` process per spec (the ranks of this node)."""
+    env = dict(os.environ if env is None else env)
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return [subprocess.Popen([sys.executable, "-m", "moeserve.stages.worker", s.to_json()], env=env)
+            for s in specs]
+
+
+def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None:
+    """Wait up to ``grace_s`` for processes to exit, then terminate, then kill what is left."""
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class DistributedExecutor:
-    def __init__(self, specs: list[WorkerSpec], startup_timeout_s: float = 300.0, step_timeout_s: float = 120.0):
+    def __init__(self, specs: list[WorkerSpec], coord_bind: str, local_specs: list[WorkerSpec] | None = None,
+                 liveness: Callable[[], None] | None = None, startup_timeout_s: float = 600.0,
+                 step_timeout_s: float = 120.0, env: dict[str, str] | None = None):
+        """``specs``: every rank of the world; ``coord_bind``: the address to bind the ROUTER to;
+        ``local_specs``: the ranks to spawn here (default all); ``liveness``: raises WorkerError when a rank
+        this process does not own has failed (called about twice a second while waiting)."""
         self.specs = specs
         self.step_timeout_s = step_timeout_s
+        self.liveness = liveness
         self.ctx = zmq.Context()
-        self.results = self.ctx.socket(zmq.PULL)
-        self.results.bind(specs[0].result_addr)
-        self.plans = []
-        for spec in specs:
-            sock = self.ctx.socket(zmq.PUSH)
-            sock.bind(spec.plan_addr)
-            self.plans.append(sock)
-        env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
-        self.procs = [subprocess.Popen([sys.executable, "-m", "moeserve.stages.worker", s.to_json()], env=env)
-                      for s in specs]
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a plan for a rank that is gone is an error, not a drop
+        self.sock.bind(coord_bind)
+        self.local_specs = specs if local_specs is None else local_specs
+        self.procs = spawn_workers(self.local_specs, env)
         self.step_id = 0
+        self._logits: dict[int, torch.Tensor] = {}
         self.loaded_bytes: dict[int, int] = {}
+        self.preflight: PreflightMsg | None = None
         try:
             while len(self.loaded_bytes) < len(specs):
                 msg = self._receive(startup_timeout_s, "start")
                 if isinstance(msg, ReadyMsg):
                     self.loaded_bytes[msg.rank] = msg.loaded_bytes
+                elif isinstance(msg, PreflightMsg):
+                    self.preflight = msg
+                    logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",
+                                msg.world_size, msg.nbytes, msg.all_reduce_s * 1e3, msg.all_to_all_s * 1e3)
         except BaseException:
             self.shutdown()
             raise
 
     @classmethod
     def local(cls, model: str, dims: ParallelDims, stage_layers: list[int], dtype: str, device: str,
-              block_size: int, num_blocks: int, timeout_s: float = 60.0) -> DistributedExecutor:
+              block_size: int, num_blocks: int, timeout_s: float = 60.0, **spec_fields) -> DistributedExecutor:
         """Spawn every rank of one replica on this machine (device index = rank for accelerators)."""
         tmp = Path(tempfile.mkdtemp(prefix="moeserve-"))
+        coord = f"ipc://{tmp}/coordinator"
         specs = [WorkerSpec(rank=r, pp=dims.pp, tp=dims.tp, ep=dims.ep, model=model, dtype=dtype,
                             device=device if device == "cpu" else f"{device.split(':')[0]}:{r}",
                             block_size=block_size, num_blocks=num_blocks, stage_layers=tuple(stage_layers),
-                            init_method=f"file://{tmp}/rendezvous", plan_addr=f"ipc://{tmp}/plan-{r}",
-                            result_addr=f"ipc://{tmp}/results", timeout_s=timeout_s)
+                            init_method=f"file://{tmp}/rendezvous", coord_addr=coord, timeout_s=timeout_s,
+                            **spec_fields)
                  for r in range(dims.world_size)]
-        return cls(specs)
+        return cls(specs, coord)
+
+    def _where(self, rank: int) -> str:
+        spec = self.specs[rank]
+        return f"rank {rank} (node {spec.node})" if spec.node else f"rank {rank}"
 
     def _check_alive(self, reported: int | None = None) -> None:
         """Raise for a dead rank, preferring one that died silently over one that reported an error."""
-        dead = [(spec.rank, proc.returncode) for spec, proc in zip(self.specs, self.procs)
+        dead = [(spec.rank, proc.returncode) for spec, proc in zip(self.local_specs, self.procs)
                 if proc.poll() is not None]
         dead.sort(key=lambda d: d[0] == reported)
         if dead:
             rank, code = dead[0]
-            raise WorkerError(f"rank {rank} exited with code {code}")
+            raise WorkerError(f"{self._where(rank)} exited with code {code}")
+        if self.liveness is not None:
+            self.liveness()
 
     def _receive(self, timeout_s: float, what: str) -> object:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.results.poll(500):
-                msg = decode(self.results.recv())
+            if self.sock.poll(500):
+                _identity, frame = self.sock.recv_multipart()
+                msg = decode(frame)
                 if isinstance(msg, ErrorMsg):
                     time.sleep(0.5)  # a peer's death usually shows up first as another rank's comm error
                     self._check_alive(reported=msg.rank)
-                    raise WorkerError(f"rank {msg.rank} failed: {msg.message}")
+                    raise WorkerError(f"{self._where(msg.rank)} failed: {msg.message}")
                 return msg
             self._check_alive()
         raise WorkerError(f"no answer from the stage workers within {timeout_s:.0f} s ({what})")
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
+    def _broadcast(self, frame: bytes) -> None:
+        for spec in self.specs:
+            try:
+                self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame])
+            except zmq.ZMQError as e:  # EHOSTUNREACH: the rank's connection is gone
+                self._check_alive()
+                raise WorkerError(f"{self._where(spec.rank)} is unreachable ({e})") from e
+
+    def submit(self, plan: StepPlan) -> int:
+        """Send a step plan to every rank without waiting; returns its step id for ``collect``."""
         self.step_id += 1
-        frame = encode(StepPlanMsg(self.step_id, plan.token_ids, plan.query_lens, plan.num_computed,
-                                   plan.block_tables, plan.sample_rows))
-        for sock in self.plans:
-            sock.send(frame)
-        while True:
-            msg = self._receive(self.step_timeout_s, f"step {self.step_id}")
-            if isinstance(msg, LogitsMsg) and msg.step_id == self.step_id:
-                return msg.tensor()
+        self._broadcast(encode(StepPlanMsg(self.step_id, plan.token_ids, plan.query_lens, plan.num_computed,
+                                           plan.block_tables, plan.sample_rows)))
+        return self.step_id
+
+    def collect(self, step_id: int) -> torch.Tensor:
+        """The logits of a submitted step (results of later steps that arrive first are kept)."""
+        while step_id not in self._logits:
+            msg = self._receive(self.step_timeout_s, f"step {step_id}")
+            if isinstance(msg, LogitsMsg):
+                self._logits[msg.step_id] = msg.tensor()
+        return self._logits.pop(step_id)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        return self.collect(self.submit(plan))
+
+    def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
+        """Per-rank busy time in the current window, asked after every plan sent so far has run."""
+        self._broadcast(encode(StatsRequestMsg(reset)))
+        stats: dict[int, StatsMsg] = {}
+        while len(stats) < len(self.specs):
+            msg = self._receive(self.step_timeout_s, "stats")
+            if isinstance(msg, StatsMsg):
+                stats[msg.rank] = msg
+            elif isinstance(msg, LogitsMsg):
+                self._logits[msg.step_id] = msg.tensor()
+        return [stats[r] for r in sorted(stats)]
 
     def shutdown(self) -> None:
-        for sock in self.plans:
+        frame = encode(ShutdownMsg("engine closed"))
+        for spec in self.specs:
             try:
-                sock.send(encode(ShutdownMsg("engine closed")), flags=zmq.NOBLOCK)
+                self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_processes(self.procs)
         self.ctx.destroy(linger=0)

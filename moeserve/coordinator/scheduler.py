@@ -5,6 +5,10 @@ unfinished prefill); when the cache is full the newest running request is preemp
 progress dropped, and it goes back to the head of the queue to be recomputed later; (2) waiting requests are
 admitted, oldest first, while the token budget, ``max_num_seqs`` and free blocks allow. A request that fits
 the whole cache alone always makes progress, so the loop never deadlocks.
+
+With pipeline parallelism the engine keeps several batches in flight: ``schedule(busy=...)`` leaves out the
+requests of those batches (never scheduling or preempting them) and can cap the batch size, so the running
+requests split into interleaved batches. Once no batch is in flight the single-batch guarantee above holds.
 """
 
 from __future__ import annotations
@@ -76,8 +80,11 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request.request_id)
 
-    def _preempt_newest(self, out: SchedulerOutput) -> Request:
-        victim = self.running.pop()
+    def _preempt_newest(self, out: SchedulerOutput, busy: frozenset[str]) -> Request:
+        """Free the newest running request that is not in a batch still in flight. The request being
+        scheduled is such a request, so there always is one, and it stands at or after that request."""
+        idx = next(i for i in range(len(self.running) - 1, -1, -1) if self.running[i].request_id not in busy)
+        victim = self.running.pop(idx)
         self.kv.free(victim.request_id)
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
@@ -86,23 +93,26 @@ class Scheduler:
         out.preempted.append(victim)
         return victim
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
+    def _schedule_running(self, out: SchedulerOutput, budget: int, busy: frozenset[str], max_seqs: int) -> int:
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget > 0 and len(out.scheduled) < max_seqs:
             req = self.running[i]
+            i += 1
+            if req.request_id in busy:
+                continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
             while table is None:
-                if self._preempt_newest(out) is req:
+                if self._preempt_newest(out, busy) is req:
                     return budget
                 table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
             out.scheduled.append(ScheduledRequest(req, num_new, table))
             budget -= num_new
-            i += 1
         return budget
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, max_seqs: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and len(out.scheduled) < max_seqs):
             req = self.waiting[0]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
@@ -114,11 +124,14 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new, table))
             budget -= num_new
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, busy: frozenset[str] = frozenset(), max_seqs: int | None = None) -> SchedulerOutput:
+        """Pick the next batch. ``busy``: ids of requests in batches still in flight (pipeline parallelism),
+        which are neither scheduled nor preempted; ``max_seqs``: a cap on this batch's sequences."""
         out = SchedulerOutput()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens)
+        cap = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
         if not out.preempted:  # a step that had to preempt admits nobody new
-            self._schedule_waiting(out, budget)
+            self._schedule_waiting(out, budget, cap)
         out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return out
 

@@ -46,6 +46,9 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    stage_stats = getattr(engine.runner, "stage_stats", None)  # stage workers only
+    if stage_stats is not None:
+        stage_stats(reset=True)
     start = time.perf_counter()
     for i in range(num_prompts):
         ids = torch.randint(0, vocab, (input_len,), generator=gen).tolist()
@@ -67,7 +70,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     bar.close()
     elapsed = time.perf_counter() - start
     out_tokens = num_prompts * output_len
-    return {
+    result = {
         "num_prompts": num_prompts, "input_len": input_len, "output_len": output_len,
         "elapsed_s": elapsed, "output_tokens_per_s": out_tokens / elapsed,
         "total_tokens_per_s": num_prompts * (input_len + output_len) / elapsed,
@@ -75,7 +78,25 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
         "itl_p50_s": percentile(itl, 50), "itl_p99_s": percentile(itl, 99),
         "peak_memory_bytes": peak_memory_bytes(engine.config.torch_device),
         "num_preemptions": engine.stats.num_preemptions,
+        "max_batches_in_flight": engine.stats.max_in_flight,
     }
+    if stage_stats is not None:
+        result["stage_busy"] = stage_busy(engine, stage_stats(), elapsed)
+    return result
+
+
+def stage_busy(engine, stats, elapsed: float) -> list[dict]:
+    """Per pipeline stage: the fraction of the benchmark's wall time its ranks spent computing (mean over the
+    stage's tp ranks), and the steps it ran. With several batches in flight the stages overlap, so the
+    fractions can add up to more than 1."""
+    dims = engine.config.parallel_dims
+    rows = []
+    for stage in range(dims.pp):
+        ranks = dims.stage_ranks(0, stage)
+        busy = [s.busy_s for s in stats if s.rank in ranks]
+        rows.append({"stage": stage, "ranks": list(ranks), "steps": stats[ranks[0]].steps,
+                     "busy_fraction": sum(busy) / len(busy) / elapsed})
+    return rows
 
 
 def print_table(result: dict) -> None:
@@ -85,6 +106,8 @@ def print_table(result: dict) -> None:
             ("ITL p50 / p99", f"{result['itl_p50_s'] * 1e3:.1f} / {result['itl_p99_s'] * 1e3:.1f} ms"),
             ("peak memory", f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"),
             ("preemptions", str(result["num_preemptions"]))]
+    for row in result.get("stage_busy", []):
+        rows.append((f"stage {row['stage']} busy", f"{row['busy_fraction'] * 100:.0f}% ({row['steps']} steps)"))
     for key, value in rows:
         print(f"{key:<18} {value}")
 

@@ -61,6 +61,13 @@ class ModelRunner:
         assert logits is not None, "execute() needs a model slice with the LM head"
         return logits
 
+    def submit(self, plan: StepPlan) -> torch.Tensor:
+        """The engine's pipelined interface (see DistributedExecutor): one process runs the step at once."""
+        return self.execute(plan)
+
+    def collect(self, handle: torch.Tensor) -> torch.Tensor:
+        return handle
+
     @torch.inference_mode()
     def execute_stage(self, plan: StepPlan, hidden: torch.Tensor | None
                       ) -> tuple[torch.Tensor | None, torch.Tensor]:

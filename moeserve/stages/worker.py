@@ -1,9 +1,11 @@
 """The worker process of one rank: its layers, its experts, its cache; runs the step plans it is sent.
 
-Started by the coordinator as ``python -m moeserve.stages.worker SPEC_JSON``. It joins torch.distributed,
-loads only its share of the checkpoint, reports ``ReadyMsg``, then for each ``StepPlanMsg``: (1) receive
-hidden states from the previous stage (or embed the tokens), (2) run its layers, (3) send the hidden states
-on (or, on the last stage's first tp rank, send the logits back to the coordinator).
+Started by the coordinator (or, on other nodes, by ``moeserve launch cluster``) as
+``python -m moeserve.stages.worker SPEC_JSON``. It joins torch.distributed, times an all-reduce and an
+all-to-all over the world (the preflight, rank 0 reports it), loads only its share of the checkpoint,
+reports ``ReadyMsg``, then for each ``StepPlanMsg``: (1) receive hidden states from the previous stage (or
+embed the tokens), (2) run its layers, (3) send the hidden states on (or, on the last stage's first tp
+rank, send the logits back to the coordinator). It keeps its busy time for ``StatsRequestMsg``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import statistics
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import zmq
 
 from moeserve.comm.groups import RankGroups, init_groups, recv_hidden, send_hidden
-from moeserve.comm.messages import ErrorMsg, LogitsMsg, ReadyMsg, ShutdownMsg, StepPlanMsg, decode, encode
+from moeserve.comm.messages import (
+    ErrorMsg,
+    LogitsMsg,
+    PreflightMsg,
+    ReadyMsg,
+    ShutdownMsg,
+    StatsMsg,
+    StatsRequestMsg,
+    StepPlanMsg,
+    decode,
+    encode,
+)
 from moeserve.comm.topology import ParallelDims
 from moeserve.coordinator.config import DTYPES
 from moeserve.experts.moe import ExpertPlacement
@@ -41,10 +56,12 @@ class WorkerSpec:
     block_size: int
     num_blocks: int
     stage_layers: tuple[int, ...]  # layers per stage
-    init_method: str  # torch.distributed rendezvous
-    plan_addr: str  # ZeroMQ address this rank pulls step plans from
-    result_addr: str  # ZeroMQ address results and readiness go to
-    timeout_s: float = 60.0
+    init_method: str  # torch.distributed rendezvous (file:// on one node, tcp://MASTER:PORT across nodes)
+    coord_addr: str  # the coordinator's ZeroMQ ROUTER: plans come from it, results go to it
+    timeout_s: float = 60.0  # every collective's timeout
+    node: int = 0  # the node this rank runs on (for error messages)
+    preflight_bytes: int = 1 << 20  # payload of the preflight all-reduce / all-to-all; 0 = skip
+    num_threads: int = 0  # CPU threads of this rank; 0 = the machine's share (cores / ranks on it)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -76,12 +93,21 @@ class StageWorker:
         self.spec = spec
         self.device = torch.device(spec.device)
         self.groups = init_groups(spec.rank, spec.dims, self.device, spec.init_method, spec.timeout_s)
+        self.preflight = time_collectives(spec.preflight_bytes, self.device, spec.dims.world_size) \
+            if spec.preflight_bytes else None
         config = ModelConfig.from_hf(spec.model)
         model = load_model(spec.model, DTYPES[spec.dtype], self.device,
                            spec.model_slice(self.groups, config.n_routed_experts))
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device)
         self.loaded_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.steps, self.busy_s, self.first_start, self.last_end = 0, 0.0, 0.0, 0.0
+
+    def stats(self) -> StatsMsg:
+        return StatsMsg(self.spec.rank, self.steps, self.busy_s, max(0.0, self.last_end - self.first_start))
 
     def run_step(self, msg: StepPlanMsg) -> torch.Tensor | None:
         plan = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows)
@@ -90,40 +116,81 @@ class StageWorker:
         if self.groups.prev_rank is not None:                                   # 1. receive
             shape = (len(plan.token_ids), model.config.hidden_size)
             h = recv_hidden(shape, model.dtype, self.device, self.groups.prev_rank)
+        start = time.perf_counter()
         logits, h = self.runner.execute_stage(plan, h)                          # 2. run
+        if self.device.type != "cpu":
+            torch.accelerator.synchronize(self.device)  # the busy time is the device's, not the launch's
+        end = time.perf_counter()
+        self.steps, self.busy_s, self.last_end = self.steps + 1, self.busy_s + end - start, end
+        self.first_start = self.first_start or start
         if self.groups.next_rank is not None:                                   # 3. send on
             send_hidden(h, self.groups.next_rank)
         return logits
 
-    def serve(self, ctx: zmq.Context) -> None:
-        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-        pull.connect(self.spec.plan_addr)
-        push.connect(self.spec.result_addr)
-        push.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
+    def serve(self, sock: zmq.Socket) -> None:
+        if self.preflight is not None and self.spec.rank == 0:
+            sock.send(encode(self.preflight))
+        sock.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
         while True:
-            msg = decode(pull.recv())
+            msg = decode(sock.recv())
             if isinstance(msg, ShutdownMsg):
                 return
+            if isinstance(msg, StatsRequestMsg):
+                sock.send(encode(self.stats()))
+                if msg.reset:
+                    self._reset_stats()
+                continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:
-                push.send(encode(LogitsMsg.from_tensor(msg.step_id, self.spec.rank, logits)))
+                sock.send(encode(LogitsMsg.from_tensor(msg.step_id, self.spec.rank, logits)))
+
+
+def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, f"rank-{spec.rank}".encode())
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(spec.coord_addr)
+    return sock
+
+
+def time_collectives(nbytes: int, device: torch.device, world_size: int, iters: int = 5) -> PreflightMsg:
+    """Median time of an all-reduce and an all-to-all of ``nbytes`` float32 bytes over the whole world.
+
+    Run by every rank before any weight is loaded: a node whose network is broken or misconfigured shows up
+    here (as an error or as a slow figure), not in the middle of serving."""
+    numel = max(world_size, nbytes // 4 // world_size * world_size)
+    x = torch.ones(numel, dtype=torch.float32, device=device)
+    out = torch.empty_like(x)
+
+    def timed(op) -> float:
+        times = []
+        for _ in range(iters + 1):  # the first run sets up connections
+            start = time.perf_counter()
+            op()
+            if device.type != "cpu":
+                torch.accelerator.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    all_reduce_s = timed(lambda: torch.distributed.all_reduce(x))
+    all_to_all_s = timed(lambda: torch.distributed.all_to_all_single(out, x))
+    return PreflightMsg(torch.distributed.get_rank(), world_size, numel * 4, all_reduce_s, all_to_all_s)
 
 
 def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.from_json((argv or sys.argv[1:])[0])
     logging.basicConfig(level=logging.WARNING, format=f"[rank {spec.rank}] %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, spec.pp * spec.tp)))
+    torch.set_num_threads(spec.num_threads or max(1, torch.get_num_threads() // max(1, spec.pp * spec.tp)))
     ctx = zmq.Context()
+    sock = coordinator_socket(ctx, spec)
     try:
-        StageWorker(spec).serve(ctx)
+        StageWorker(spec).serve(sock)
     except Exception as e:  # noqa: BLE001 - report, then exit non-zero
-        push = ctx.socket(zmq.PUSH)
-        push.connect(spec.result_addr)
-        push.send(encode(ErrorMsg(spec.rank, f"{type(e).__name__}: {e}")))
-        push.close(linger=2000)
+        sock.send(encode(ErrorMsg(spec.rank, f"{type(e).__name__}: {e}")))
         logger.exception("rank %d failed", spec.rank)
         return 1
     finally:
+        sock.close(linger=2000)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0
