@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from moeserve.comm.messages import (
     decode,
     encode,
 )
+from moeserve.comm.preflight_bench import sync, time_all_reduce, time_all_to_all
 from moeserve.comm.topology import ParallelDims
 from moeserve.coordinator.config import DTYPES
 from moeserve.experts.moe import ExpertPlacement
@@ -118,8 +118,7 @@ class StageWorker:
             h = recv_hidden(shape, model.dtype, self.device, self.groups.prev_rank)
         start = time.perf_counter()
         logits, h = self.runner.execute_stage(plan, h)                          # 2. run
-        if self.device.type != "cpu":
-            torch.accelerator.synchronize(self.device)  # the busy time is the device's, not the launch's
+        sync(self.device)  # the busy time is the device's, not the kernel launches'
         end = time.perf_counter()
         self.steps, self.busy_s, self.last_end = self.steps + 1, self.busy_s + end - start, end
         self.first_start = self.first_start or start
@@ -153,28 +152,13 @@ def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:
     return sock
 
 
-def time_collectives(nbytes: int, device: torch.device, world_size: int, iters: int = 5) -> PreflightMsg:
-    """Median time of an all-reduce and an all-to-all of ``nbytes`` float32 bytes over the whole world.
-
-    Run by every rank before any weight is loaded: a node whose network is broken or misconfigured shows up
-    here (as an error or as a slow figure), not in the middle of serving."""
-    numel = max(world_size, nbytes // 4 // world_size * world_size)
-    x = torch.ones(numel, dtype=torch.float32, device=device)
-    out = torch.empty_like(x)
-
-    def timed(op) -> float:
-        times = []
-        for _ in range(iters + 1):  # the first run sets up connections
-            start = time.perf_counter()
-            op()
-            if device.type != "cpu":
-                torch.accelerator.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
-
-    all_reduce_s = timed(lambda: torch.distributed.all_reduce(x))
-    all_to_all_s = timed(lambda: torch.distributed.all_to_all_single(out, x))
-    return PreflightMsg(torch.distributed.get_rank(), world_size, numel * 4, all_reduce_s, all_to_all_s)
+def time_collectives(nbytes: int, device: torch.device, world_size: int) -> PreflightMsg:
+    """Time an all-reduce and an all-to-all over the whole world, before any weight is loaded: a node whose
+    network is broken or misconfigured shows up here (as an error or a slow figure), not while serving."""
+    all_reduce = time_all_reduce(None, nbytes, device, iters=5)
+    all_to_all = time_all_to_all(None, nbytes, device, iters=5)
+    return PreflightMsg(torch.distributed.get_rank(), world_size, all_reduce.nbytes, all_reduce.seconds,
+                        all_to_all.seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
