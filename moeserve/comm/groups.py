@@ -21,12 +21,23 @@ BACKENDS = {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}
 
 
 def backend_for(device: torch.device | str) -> str:
-    """The collective backend of a device type; imports torch_npu only for npu."""
-    kind = torch.device(device).type
+    """The collective backend of a device ("cpu", "cuda:1", "npu", a ``torch.device``).
+
+    For npu this imports torch_npu, which registers the npu device type and the hccl backend; no other
+    device imports it. Call it before ``torch.device("npu...")``: until torch_npu is imported, torch itself
+    rejects the "npu" device string, so a string is parsed here rather than by torch.
+    """
+    kind = device.split(":", 1)[0].strip() if isinstance(device, str) else device.type
     if kind not in BACKENDS:
         raise ValueError(f"no distributed backend for device type {kind!r} (supported: {sorted(BACKENDS)})")
     if kind == "npu":
-        importlib.import_module("torch_npu")  # registers the npu device and the hccl backend
+        try:
+            importlib.import_module("torch_npu")
+        except ImportError as e:
+            raise ImportError(
+                f"device {str(device)!r} needs torch_npu, the Ascend adapter for PyTorch, in the version built "
+                f"for this torch ({torch.__version__}): pip install 'moeserve[npu]' or Ascend's torch_npu wheel "
+                f"for your CANN toolkit ({e})") from e
     return BACKENDS[kind]
 
 
