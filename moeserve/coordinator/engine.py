@@ -10,7 +10,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +26,9 @@ from moeserve.model.deepseek import DeepseekModel
 from moeserve.model.loader import load_model
 from moeserve.model.tokenizer import Tokenizer
 from moeserve.stages.runner import ModelRunner, StepPlan
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Launcher
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +66,10 @@ def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
                          f"({per_token} bytes per token)")
     return num_blocks
 
-
-
-def distributed_runner(config: EngineConfig, model_config: ModelConfig):
-    """Plan the layout, size the cache, and spawn the stage workers of one replica."""
-    from moeserve.coordinator.executor import DistributedExecutor
+def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher: Launcher | None = None):
+    """Plan the layout, size the cache, and start the stage workers of one replica: on this machine, or,
+    with a cluster ``launcher`` (launch/cluster.py), across the nodes of a cluster."""
+    from moeserve.coordinator.executor import DistributedExecutor, ReplicaLayout
     from moeserve.coordinator.plan import make_plan, parse_pp_layers
 
     dims = config.parallel_dims
@@ -79,14 +81,14 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig):
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
     dtype = next(name for name, dt in DTYPES.items() if dt == config.torch_dtype)
-    executor = DistributedExecutor.local(str(config.model_path), dims, list(plan.stage_layers), dtype,
-                                         config.device, config.effective_block_size, num_blocks)
-    return num_blocks, executor
+    layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
+                           config.effective_block_size, num_blocks)
+    return num_blocks, (launcher or DistributedExecutor.local)(layout)
 
 
 class Engine:
     def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: Tokenizer | None = None, launcher: Launcher | None = None):
         self.config = config
         torch.manual_seed(config.seed)
         self.model: DeepseekModel | None = None
@@ -102,7 +104,7 @@ class Engine:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.model is None:
-            num_blocks, self.runner = distributed_runner(config, self.model_config)
+            num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)
         else:
             num_blocks = kv_cache_blocks(config, self.model.cache_bytes_per_token())
             self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device)

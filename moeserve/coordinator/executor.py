@@ -17,7 +17,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import zmq
@@ -43,6 +45,32 @@ logger = logging.getLogger(__name__)
 
 class WorkerError(RuntimeError):
     """A stage worker died, timed out or failed."""
+
+
+@dataclass(frozen=True)
+class ReplicaLayout:
+    """What every rank of one replica shares; ``spec`` adds what differs per rank and per launch."""
+
+    model: str
+    dims: ParallelDims
+    stage_layers: tuple[int, ...]
+    dtype: str
+    device: str  # device type (and default index) from the engine config
+    block_size: int
+    num_blocks: int
+
+    def device_of(self, local_rank: int) -> str:
+        """Accelerator ranks on one machine take one device each, by local rank."""
+        return "cpu" if self.device == "cpu" else f"{self.device.split(':')[0]}:{local_rank}"
+
+    def spec(self, rank: int, local_rank: int, init_method: str, coord_addr: str, **fields: Any) -> WorkerSpec:
+        return WorkerSpec(rank=rank, pp=self.dims.pp, tp=self.dims.tp, ep=self.dims.ep, model=self.model,
+                          dtype=self.dtype, device=self.device_of(local_rank), block_size=self.block_size,
+                          num_blocks=self.num_blocks, stage_layers=self.stage_layers, init_method=init_method,
+                          coord_addr=coord_addr, **fields)
+
+
+Launcher = Callable[[ReplicaLayout], "DistributedExecutor"]
 
 
 def spawn_workers(specs: list[WorkerSpec], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
@@ -103,17 +131,11 @@ class DistributedExecutor:
             raise
 
     @classmethod
-    def local(cls, model: str, dims: ParallelDims, stage_layers: list[int], dtype: str, device: str,
-              block_size: int, num_blocks: int, timeout_s: float = 60.0, **spec_fields) -> DistributedExecutor:
+    def local(cls, layout: ReplicaLayout) -> DistributedExecutor:
         """Spawn every rank of one replica on this machine (device index = rank for accelerators)."""
         tmp = Path(tempfile.mkdtemp(prefix="moeserve-"))
         coord = f"ipc://{tmp}/coordinator"
-        specs = [WorkerSpec(rank=r, pp=dims.pp, tp=dims.tp, ep=dims.ep, model=model, dtype=dtype,
-                            device=device if device == "cpu" else f"{device.split(':')[0]}:{r}",
-                            block_size=block_size, num_blocks=num_blocks, stage_layers=tuple(stage_layers),
-                            init_method=f"file://{tmp}/rendezvous", coord_addr=coord, timeout_s=timeout_s,
-                            **spec_fields)
-                 for r in range(dims.world_size)]
+        specs = [layout.spec(r, r, f"file://{tmp}/rendezvous", coord) for r in range(layout.dims.world_size)]
         return cls(specs, coord)
 
     def _where(self, rank: int) -> str:

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from moeserve.launch import cmd_bench, cmd_check, cmd_generate, cmd_plan
+from moeserve.launch import cmd_bench, cmd_check, cmd_generate, cmd_launch, cmd_plan
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description="Serve DeepSeek-style MoE models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan):
+    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch):
         p = module.add_parser(sub)
         if getattr(module, "NEEDS_ENGINE_ARGS", False):
             add_engine_args(p)

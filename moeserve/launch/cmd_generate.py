@@ -12,6 +12,11 @@ NEEDS_ENGINE_ARGS = True
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text for one or more prompts")
+    add_generation_args(p)
+    return p
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompts (each argument is one prompt)")
     p.add_argument("--prompts-file", type=Path, help="a file with one prompt per line")
     p.add_argument("--max-tokens", type=int, default=64)
@@ -24,7 +29,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object per prompt: {"prompt", "text", "token_ids"}')
-    return p
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -70,27 +74,32 @@ class OrderedStreamer:
         self.out.flush()
 
 
-def run(args: argparse.Namespace) -> int:
-    from moeserve.coordinator.engine import Engine
+def sampling_params(args: argparse.Namespace):
     from moeserve.coordinator.sampling import SamplingParams, SamplingParamsError
-    from moeserve.launch.cli import engine_config
 
-    prompts = read_prompts(args)
     try:
-        params = SamplingParams(
+        return SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     except SamplingParamsError as e:
         raise SystemExit(f"moeserve generate: {e}") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeserve.coordinator.engine import Engine
+    from moeserve.launch.cli import engine_config
+
+    prompts = read_prompts(args)
+    params = sampling_params(args)
     engine = Engine(engine_config(args, progress=not args.json))
     try:
-        return _generate(engine, prompts, params, args.json)
+        return generate(engine, prompts, params, args.json)
     finally:
         engine.close()
 
 
-def _generate(engine, prompts: list[str], params, as_json: bool) -> int:
+def generate(engine, prompts: list[str], params, as_json: bool) -> int:
     from moeserve.coordinator.request import RequestError
 
     index = {}

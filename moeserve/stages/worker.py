@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.from_json((argv or sys.argv[1:])[0])
     logging.basicConfig(level=logging.WARNING, format=f"[rank {spec.rank}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(spec.num_threads or max(1, torch.get_num_threads() // max(1, spec.pp * spec.tp)))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which shuts ranks down in order
     ctx = zmq.Context()
     sock = coordinator_socket(ctx, spec)
     try:

@@ -1,0 +1,379 @@
+"""``moeserve launch cluster``: one model over several nodes, with the same command on every node.
+
+Three channels, all opened from node 0's address (``--master-addr``):
+
+* ``master_port``: a torch.distributed ``TCPStore`` hosted by node 0's launcher, the control plane. Nodes
+  join through it, exchange their preflight facts, receive the rank specs, send heartbeats, report a dead
+  rank (``failed``) and learn of the shutdown (``shutdown``).
+* ``master_port + 1``: the coordinator's ZeroMQ ROUTER (step plans and logits, msgpack; executor.py).
+* ``master_port + 2``: the ranks' own torch.distributed rendezvous (``tcp://``, hosted by rank 0).
+
+A node's life: (1) export and print the network settings, (2) join the store within ``--join-timeout``,
+(3) preflight: node 0 checks that every node joined and runs the same moeserve and torch and sees the same
+checkpoint, (4) node 0 plans the layout and publishes every rank's spec; each node starts its own ranks
+(which time an all-reduce and an all-to-all before loading weights), (5) node 0 serves while the other nodes
+supervise their ranks, (6) shutdown: node 0 sets ``shutdown`` and every node stops its ranks and exits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+import moeserve
+from moeserve.coordinator.executor import (
+    DistributedExecutor,
+    ReplicaLayout,
+    WorkerError,
+    spawn_workers,
+    stop_processes,
+)
+from moeserve.stages.worker import WorkerSpec
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.5
+HEARTBEAT_TIMEOUT_S = 15.0  # a node whose heartbeat counter stands still this long is lost
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not form or lost a node; the message names the node and the cause."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    nnodes: int
+    node_rank: int
+    master_addr: str
+    master_port: int = 29500
+    procs_per_node: int = 0  # 0 = ranks / nnodes
+    join_timeout_s: float = 120.0
+    network_env: dict[str, str] = field(default_factory=dict)  # exported to this launcher and its ranks
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1:
+            raise ClusterError(f"nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ClusterError(f"node rank {self.node_rank} is outside [0, {self.nnodes})")
+        if not 0 < self.master_port < 65534:
+            raise ClusterError(f"master port {self.master_port} must leave room for port + 2 below 65536")
+
+    @property
+    def coordinator_port(self) -> int:
+        return self.master_port + 1
+
+    @property
+    def dist_port(self) -> int:
+        return self.master_port + 2
+
+    def ranks_per_node(self, world_size: int) -> int:
+        per_node = self.procs_per_node or world_size // self.nnodes
+        if per_node * self.nnodes != world_size:
+            raise ClusterError(f"{self.nnodes} nodes x {per_node} ranks per node != {world_size} ranks "
+                               f"(pp x tp); set --procs-per-node so that they match")
+        return per_node
+
+
+def network_env(ifname: str = "", ib_hca: str = "", ib_gid_index: str = "", device: str = "cpu",
+                extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment that pins NCCL / gloo / HCCL to the right interface and InfiniBand / RoCE devices.
+
+    ``--ifname`` sets the socket interface of every backend (and HCCL_IF_IP to that interface's address);
+    ``--ib-hca`` and ``--ib-gid-index`` select the RDMA devices (RoCE v2 usually needs GID index 3). Values
+    from the config's ``[network]`` table (``extra``) come last and win."""
+    env: dict[str, str] = {}
+    if ifname:
+        env.update(GLOO_SOCKET_IFNAME=ifname, NCCL_SOCKET_IFNAME=ifname)
+        if device.startswith("npu"):
+            env["HCCL_SOCKET_IFNAME"] = ifname
+            address = interface_address(ifname)
+            if address:
+                env["HCCL_IF_IP"] = address
+    if ib_hca:
+        env["NCCL_IB_HCA"] = ib_hca
+    if ib_gid_index:
+        env["NCCL_IB_GID_INDEX"] = ib_gid_index
+    env.update(extra or {})
+    return env
+
+
+def interface_address(ifname: str) -> str | None:
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(ifname, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    return None
+
+
+def local_addresses() -> set[str]:
+    import psutil
+
+    found = {socket.gethostname()}
+    for addrs in psutil.net_if_addrs().values():
+        found.update(a.address for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6))
+    return found
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A cluster.toml: ``[cluster]`` (hosts, master_port, procs_per_node, device, ifname, ib_hca,
+    ib_gid_index, join_timeout), ``[engine]`` (any engine flag by its long name: model, pp, tp, ep, ...)
+    and ``[network]`` (environment variables for every rank). See docs/cluster.md."""
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ClusterError(f"{path}: {e}") from e
+    unknown = set(raw) - {"cluster", "engine", "network"}
+    if unknown:
+        raise ClusterError(f"{path}: unknown table(s) {sorted(unknown)} (expected cluster, engine, network)")
+    return raw
+
+
+def node_rank_from_hosts(hosts: list[str]) -> int:
+    """This node's index in the config's host list, found by its own addresses and hostname."""
+    mine = local_addresses()
+    matches = [i for i, host in enumerate(hosts) if host in mine]
+    if len(matches) != 1:
+        raise ClusterError(f"cannot tell this node's rank from hosts {hosts} (this node: {sorted(mine)}); "
+                           f"pass --node-rank")
+    return matches[0]
+
+
+def checkpoint_fingerprint(model: str) -> str:
+    """Same on every node that sees the same checkpoint: config.json and the tensor index (config.json
+    alone for --load-format dummy, which reads no weights)."""
+    import hashlib
+
+    from moeserve.model.loader import Checkpoint, CheckpointError
+
+    try:
+        return Checkpoint(model).fingerprint()
+    except CheckpointError:
+        config = Path(model) / "config.json"
+        if not config.is_file():
+            raise
+        return hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+
+
+def node_facts(model: str) -> dict[str, str]:
+    import torch
+
+    return {"host": socket.gethostname(), "moeserve": moeserve.__version__, "torch": torch.__version__,
+            "checkpoint": checkpoint_fingerprint(model)}
+
+
+class ControlPlane:
+    """The launcher's view of the TCPStore every node shares."""
+
+    def __init__(self, cc: ClusterConfig):
+        self.cc = cc
+        try:
+            self.store = dist.TCPStore(cc.master_addr, cc.master_port, cc.nnodes, is_master=cc.node_rank == 0,
+                                       timeout=timedelta(seconds=cc.join_timeout_s), wait_for_workers=False)
+        except (RuntimeError, OSError) as e:
+            where = "listen on" if cc.node_rank == 0 else "reach node 0 at"
+            raise ClusterError(f"node {cc.node_rank} could not {where} {cc.master_addr}:{cc.master_port} "
+                               f"within {cc.join_timeout_s:.0f} s: {e}") from e
+        self.store.set_timeout(timedelta(seconds=cc.join_timeout_s))
+
+    def has(self, key: str) -> bool:
+        return bool(self.store.check([key]))
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.store.get(key))
+
+    def set_json(self, key: str, value: Any) -> None:
+        self.store.set(key, json.dumps(value))
+
+    def wait_for(self, key: str, timeout_s: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout_s
+        while not self.has(key):
+            if self.has("shutdown"):
+                raise ClusterError(f"node 0 shut the cluster down: {self.store.get('shutdown').decode()}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"node {self.cc.node_rank}: no {what} from node 0 within {timeout_s:.0f} s")
+            time.sleep(0.2)
+        return self.get_json(key)
+
+    # ---- preflight (node 0) ----
+    def gather_nodes(self) -> dict[int, dict[str, str]]:
+        """Wait for every node's facts; a node that never joins is named."""
+        keys = [f"node/{r}" for r in range(self.cc.nnodes)]
+        deadline = time.monotonic() + self.cc.join_timeout_s
+        while not all(self.has(k) for k in keys):
+            if time.monotonic() > deadline:
+                missing = [r for r, k in enumerate(keys) if not self.has(k)]
+                raise ClusterError(f"node(s) {', '.join(map(str, missing))} did not join within "
+                                   f"{self.cc.join_timeout_s:.0f} s (master {self.cc.master_addr}:"
+                                   f"{self.cc.master_port}); check that they were started and can reach it")
+            time.sleep(0.2)
+        return {r: self.get_json(k) for r, k in enumerate(keys)}
+
+    def fail(self, reason: str) -> None:
+        """Tell every node to stop (they read it in their supervision loop or while waiting)."""
+        self.store.set("shutdown", reason)
+
+    def wait_for_goodbyes(self, timeout_s: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        for r in range(1, self.cc.nnodes):
+            while not self.has(f"bye/{r}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+
+def check_nodes(facts: dict[int, dict[str, str]]) -> None:
+    """Every node must run the same moeserve and torch versions and see the same checkpoint."""
+    ref = facts[0]
+    for r, f in sorted(facts.items()):
+        for key, what in (("moeserve", "moeserve version"), ("torch", "torch version"),
+                          ("checkpoint", "checkpoint fingerprint (config.json + tensor index)")):
+            if f.get(key) != ref.get(key):
+                raise ClusterError(f"node {r} ({f.get('host')}) has {what} {f.get(key)!r}, node 0 has "
+                                   f"{ref.get(key)!r}")
+
+
+class ClusterLauncher:
+    """The engine's launcher on node 0: publishes every rank's spec, starts node 0's ranks, and watches the
+    other nodes through the store (their ``failed`` reports and heartbeats)."""
+
+    def __init__(self, plane: ControlPlane, env: dict[str, str]):
+        self.plane, self.cc, self.env = plane, plane.cc, env
+        self._beats: dict[int, tuple[int, float]] = {}
+
+    def __call__(self, layout: ReplicaLayout) -> DistributedExecutor:
+        cc = self.cc
+        per_node = cc.ranks_per_node(layout.dims.world_size)
+        threads = max(1, (os.cpu_count() or 1) // per_node)
+        specs = [layout.spec(r, r % per_node, f"tcp://{cc.master_addr}:{cc.dist_port}",
+                             f"tcp://{cc.master_addr}:{cc.coordinator_port}", node=r // per_node, num_threads=threads)
+                 for r in range(layout.dims.world_size)]
+        self.plane.set_json("specs", [s.to_json() for s in specs])
+        return DistributedExecutor(specs, f"tcp://*:{cc.coordinator_port}", local_specs=specs[:per_node],
+                                   liveness=self.check, env=dict(os.environ) | self.env)
+
+    def check(self) -> None:
+        """Raise WorkerError for a rank another node saw die, or a node whose heartbeat stopped."""
+        if self.plane.has("failed"):
+            raise WorkerError(self.plane.store.get("failed").decode())
+        now = time.monotonic()
+        for r in range(1, self.cc.nnodes):
+            count = self.plane.store.add(f"hb/{r}", 0)
+            last = self._beats.get(r)
+            if last is None or last[0] != count:
+                self._beats[r] = (count, now)
+            elif now - last[1] > HEARTBEAT_TIMEOUT_S:
+                raise WorkerError(f"node {r} stopped answering (no heartbeat for {now - last[1]:.0f} s)")
+
+
+def supervise(plane: ControlPlane, procs: list[subprocess.Popen], specs: list[WorkerSpec]) -> int:
+    """Node r > 0 after starting its ranks: heartbeat, and stop everything when node 0 says so, when node 0
+    is gone, or when a local rank dies (which is reported to node 0 first)."""
+    node = plane.cc.node_rank
+    while True:
+        try:
+            plane.store.add(f"hb/{node}", 1)
+            if plane.has("shutdown"):
+                stop_processes(procs)
+                plane.store.set(f"bye/{node}", "1")
+                return 0
+        except (RuntimeError, OSError) as e:  # DistStoreError is a RuntimeError
+            logger.error("node %d lost node 0 (%s); stopping its ranks", node, e)
+            stop_processes(procs, grace_s=0)
+            return 1
+        for spec, proc in zip(specs, procs):
+            code = proc.poll()
+            if code is not None and not plane.has("shutdown"):
+                reason = f"rank {spec.rank} (node {node}, {socket.gethostname()}) exited with code {code}"
+                plane.store.set("failed", reason)
+                logger.error("%s; stopping the other ranks of this node", reason)
+                stop_processes(procs, grace_s=0)
+                return 1
+        time.sleep(HEARTBEAT_S)
+
+
+def print_network(cc: ClusterConfig, env: dict[str, str], out=sys.stderr) -> None:
+    print(f"[node {cc.node_rank}/{cc.nnodes}] master {cc.master_addr}:{cc.master_port} "
+          f"(coordinator :{cc.coordinator_port}, ranks :{cc.dist_port})", file=out)
+    settings = ", ".join(f"{k}={v}" for k, v in sorted(env.items())) or "none (backend defaults)"
+    print(f"[node {cc.node_rank}] network settings: {settings}", file=out)
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated(signal.Signals(signum).name)
+
+
+def run_node(cc: ClusterConfig, engine_config, env: dict[str, str], work) -> int:
+    """Run this node's part. ``work(engine)`` is node 0's job (serve, or generate and return)."""
+    os.environ.update(env)                                                        # 1. network settings
+    print_network(cc, env)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    plane = ControlPlane(cc)                                                      # 2. join
+    plane.set_json(f"node/{cc.node_rank}", node_facts(str(engine_config.model_path)))
+    if cc.node_rank == 0:
+        return _run_coordinator(plane, engine_config, env, work)
+    procs: list[subprocess.Popen] = []
+    try:
+        plane.wait_for("preflight", cc.join_timeout_s + 30, "preflight result")  # 3. preflight
+        verdict = plane.get_json("preflight")
+        if verdict != "ok":
+            raise ClusterError(verdict)
+        specs = [WorkerSpec.from_json(s) for s in plane.wait_for("specs", 600, "rank specs")]  # 4. ranks
+        per_node = cc.ranks_per_node(len(specs))
+        mine = specs[cc.node_rank * per_node:(cc.node_rank + 1) * per_node]
+        procs = spawn_workers(mine, dict(os.environ))
+        return supervise(plane, procs, mine)                                      # 5. supervise
+    except (ClusterError, _Terminated, KeyboardInterrupt) as e:
+        stop_processes(procs, grace_s=0)
+        print(f"moeserve launch cluster: node {cc.node_rank}: {e}", file=sys.stderr)
+        return 0 if isinstance(e, _Terminated) else 1
+
+
+def _run_coordinator(plane: ControlPlane, engine_config, env: dict[str, str], work) -> int:
+    from moeserve.coordinator.engine import Engine
+
+    engine = None
+    code = 1
+    reason = "node 0 finished"
+    try:
+        try:
+            check_nodes(plane.gather_nodes())                                     # 3. preflight
+        except ClusterError as e:
+            plane.set_json("preflight", str(e))
+            raise
+        plane.set_json("preflight", "ok")
+        engine = Engine(replace(engine_config), launcher=ClusterLauncher(plane, env))  # 4. ranks everywhere
+        preflight = engine.runner.preflight
+        if preflight is not None:
+            print(f"[node 0] preflight: {preflight.world_size} ranks, {preflight.nbytes >> 10} KiB: all-reduce "
+                  f"{preflight.all_reduce_s * 1e3:.2f} ms, all-to-all {preflight.all_to_all_s * 1e3:.2f} ms",
+                  file=sys.stderr)
+        code = work(engine)                                                       # 5. serve
+    except (ClusterError, WorkerError) as e:
+        reason = str(e)
+        print(f"moeserve launch cluster: {e}", file=sys.stderr)
+    except (_Terminated, KeyboardInterrupt) as e:
+        reason, code = f"node 0 stopped ({e or 'interrupt'})", 0
+        print(f"moeserve launch cluster: {reason}; shutting every node down", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish the shutdown even if signalled again
+        plane.fail(reason)                                                        # 6. shutdown
+        if engine is not None:
+            engine.close()
+        plane.wait_for_goodbyes()
+    return code

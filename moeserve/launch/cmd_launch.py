@@ -1,0 +1,134 @@
+"""``moeserve launch cluster``: the same command on every node (see launch/cluster.py and docs/cluster.md).
+
+Node 0 runs the coordinator: it serves (``moeserve serve``'s front end) or, given prompts, generates them
+like ``moeserve generate`` and shuts the cluster down. Every node starts its own ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NEEDS_ENGINE_ARGS = False  # added to the ``cluster`` subcommand below
+
+CLUSTER_KEYS = {"hosts", "master_addr", "master_port", "procs_per_node", "device", "ifname", "ib_hca",
+                "ib_gid_index", "join_timeout", "nnodes", "node_rank"}
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from moeserve.launch.cli import add_engine_args
+    from moeserve.launch.cmd_generate import add_generation_args
+
+    p = sub.add_parser("launch", help="launch moeserve across machines")
+    launch_sub = p.add_subparsers(dest="launch_command", required=True)
+    c = launch_sub.add_parser("cluster", help="run this node's part of a multi-node deployment",
+                              description="Run the same command on every node; node 0 serves.")
+    g = c.add_argument_group("cluster")
+    g.add_argument("--config", type=Path, help="cluster.toml: [cluster], [engine] and [network] tables")
+    g.add_argument("--nnodes", type=int, default=None, help="number of nodes (default: the config's hosts)")
+    g.add_argument("--node-rank", type=int, default=None,
+                   help="this node's rank (default: found by matching the config's hosts to this node)")
+    g.add_argument("--master-addr", default=None, help="node 0's address (default: the config's first host)")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="control store port; port+1 coordinator, port+2 rank rendezvous (default 29500)")
+    g.add_argument("--procs-per-node", type=int, default=None, help="ranks per node (default: ranks / nnodes)")
+    g.add_argument("--ifname", default=None, help="network interface for NCCL / gloo / HCCL sockets")
+    g.add_argument("--ib-hca", default=None, help="NCCL_IB_HCA, e.g. mlx5_0,mlx5_1")
+    g.add_argument("--ib-gid-index", default=None, help="NCCL_IB_GID_INDEX (3 for RoCE v2 on most NICs)")
+    g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="another environment variable for every rank (repeatable)")
+    g.add_argument("--join-timeout", type=float, default=None,
+                   help="seconds for every node to join (default 120); after it every node exits")
+    add_engine_args(c)
+    add_generation_args(c)
+    c.set_defaults(func=run)
+    return p
+
+
+def merged_settings(args: argparse.Namespace, parser_defaults: dict) -> tuple[dict, dict[str, str]]:
+    """Command-line values win over the config file's; returns (cluster settings, [network] table)."""
+    from moeserve.launch.cluster import ClusterError, read_config
+
+    raw = read_config(args.config) if args.config else {}
+    cluster = dict(raw.get("cluster", {}))
+    unknown = set(cluster) - CLUSTER_KEYS
+    if unknown:
+        raise ClusterError(f"{args.config}: unknown [cluster] key(s) {sorted(unknown)}")
+    for key, value in raw.get("engine", {}).items():
+        if not hasattr(args, key):
+            raise ClusterError(f"{args.config}: [engine] has no setting {key!r}")
+        if getattr(args, key) == parser_defaults.get(key):
+            setattr(args, key, value)
+    if "device" in cluster and args.device == parser_defaults.get("device"):
+        args.device = cluster["device"]
+    for key in CLUSTER_KEYS - {"hosts", "device"}:
+        if getattr(args, key.replace("-", "_"), None) is not None:
+            cluster[key] = getattr(args, key)
+    network = {str(k): str(v) for k, v in raw.get("network", {}).items()}
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClusterError(f"--env expects KEY=VALUE, got {item!r}")
+        network[key] = value
+    return cluster, network
+
+
+def cluster_config(args: argparse.Namespace, parser_defaults: dict):
+    from moeserve.launch.cluster import ClusterConfig, ClusterError, network_env, node_rank_from_hosts
+
+    cluster, extra = merged_settings(args, parser_defaults)
+    hosts = list(cluster.get("hosts", []))
+    nnodes = cluster.get("nnodes") or len(hosts)
+    if not nnodes:
+        raise ClusterError("give --nnodes (or hosts in --config)")
+    if hosts and len(hosts) != nnodes:
+        raise ClusterError(f"--nnodes {nnodes} but the config lists {len(hosts)} hosts")
+    node_rank = cluster.get("node_rank")
+    if node_rank is None:
+        if not hosts:
+            raise ClusterError("give --node-rank (or hosts in --config)")
+        node_rank = node_rank_from_hosts(hosts)
+    master = cluster.get("master_addr") or (hosts[0] if hosts else None)
+    if not master:
+        raise ClusterError("give --master-addr (or hosts in --config)")
+    env = network_env(cluster.get("ifname") or "", cluster.get("ib_hca") or "",
+                      str(cluster.get("ib_gid_index") or ""), args.device, extra)
+    cc = ClusterConfig(nnodes=nnodes, node_rank=node_rank, master_addr=master,
+                       master_port=cluster.get("master_port") or 29500,
+                       procs_per_node=cluster.get("procs_per_node") or 0,
+                       join_timeout_s=float(cluster.get("join_timeout") or 120.0))
+    return cc, env
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeserve.launch.cli import build_parser, engine_config
+    from moeserve.launch.cluster import ClusterError, run_node
+    from moeserve.launch.cmd_generate import generate, read_prompts, sampling_params
+
+    defaults = vars(build_parser().parse_args(["launch", "cluster"]))
+    try:
+        cc, env = cluster_config(args, defaults)
+    except ClusterError as e:
+        print(f"moeserve launch cluster: {e}", file=sys.stderr)
+        return 2
+    config = engine_config(args, progress=cc.node_rank == 0 and not args.json)
+    if args.prompts or args.prompts_file:
+        prompts, params = read_prompts(args), sampling_params(args)
+
+        def work(engine) -> int:
+            return generate(engine, prompts, params, args.json)
+    else:
+        work = serve_work(args)
+    return run_node(cc, config, env, work)
+
+
+def serve_work(args: argparse.Namespace):
+    """Node 0's job without prompts: the front end over the cluster's engine."""
+    try:
+        from moeserve.launch.cmd_serve import serve_engine  # type: ignore[attr-defined]
+    except ImportError:
+        def missing(engine) -> int:
+            raise SystemExit("moeserve launch cluster: this build has no front end; pass prompts to generate")
+        return missing
+    return lambda engine: serve_engine(engine, args)
