@@ -18,6 +18,7 @@ from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch
 from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
+from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, dequantize_into, scale_shape
 from moeserve.model.layers import MLP
 
 
@@ -61,14 +62,21 @@ class MoE(nn.Module):
     log2local: torch.Tensor
     tokens_per_expert: torch.Tensor
     e_score_correction_bias: torch.Tensor | None
+    w13_scale_inv: torch.Tensor | None
+    w2_scale_inv: torch.Tensor | None
 
     def __init__(self, config: ModelConfig, placement: ExpertPlacement | None = None,
                  dtype: torch.dtype | None = None, shard: ShardInfo = SINGLE, expert_tp: bool = False,
-                 dispatch: str = "allreduce"):
+                 dispatch: str = "allreduce", *, fp8_block: tuple[int, int] | None = None,
+                 dequant: DequantBuffer | None = None):
         """``placement``: the routed experts held here (expert parallel). ``expert_tp``: split every routed
         expert's intermediate dim over ``shard`` instead (tensor-parallel experts). Shared experts are always
         tensor-parallel over ``shard``; routed + shared partial sums are reduced once. ``dispatch``:
-        "alltoall" sends each rank's token share to the expert owners instead (``ep_dispatch.py``)."""
+        "alltoall" sends each rank's token share to the expert owners instead (``ep_dispatch.py``).
+
+        ``fp8_block``: keep the routed experts in float8 with float32 block scales (``w13_scale_inv``
+        [E_local, 2, ceil(I/bo), ceil(H/bi)], gate and up apart; ``w2_scale_inv`` [E_local, ceil(H/bo),
+        ceil(I/bi)]) and dequantize them into ``dequant`` (shared by the model's layers) at each forward."""
         super().__init__()
         self.spec = gate_spec(config)
         self.shard = shard
@@ -83,8 +91,13 @@ class MoE(nn.Module):
                              torch.zeros(config.n_routed_experts, dtype=torch.float32)
                              if config.topk_method == "noaux_tc" else None)
         # [E_local, 2 * I, H] and [E_local, H, I]: gate/up fused, like the dense MLP
-        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=dtype))
-        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=dtype))
+        self.compute_dtype = dtype or torch.get_default_dtype()
+        self.fp8_block = fp8_block
+        self.dequant = dequant or DequantBuffer()
+        store = FP8_DTYPE if fp8_block else dtype
+        self.w13 = nn.Parameter(torch.empty(num_local, 2 * inter, hidden, dtype=store), requires_grad=not fp8_block)
+        self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=store), requires_grad=not fp8_block)
+        self._init_scales(num_local, inter, hidden)
         self.register_buffer("log2local", self.placement.log2local(), persistent=False)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
                              persistent=False)
@@ -94,6 +107,33 @@ class MoE(nn.Module):
         self.dispatch = check_dispatch(dispatch, expert_tp)
         self.all_to_all = AllToAllDispatch(self.placement, shard) if dispatch == "alltoall" and shard.size > 1 \
             else None
+
+    def _init_scales(self, num_local: int, inter: int, hidden: int) -> None:
+        if self.fp8_block is None:
+            self.w13_scale_inv = self.w2_scale_inv = None
+            return
+        shape13 = scale_shape((num_local, 2, inter, hidden), self.fp8_block)
+        shape2 = scale_shape((num_local, hidden, inter), self.fp8_block)
+        self.w13_scale_inv = nn.Parameter(torch.empty(shape13, dtype=torch.float32), requires_grad=False)
+        self.w2_scale_inv = nn.Parameter(torch.empty(shape2, dtype=torch.float32), requires_grad=False)
+
+    @property
+    def dequant_numel(self) -> int:
+        """Elements of ``dequant`` one forward of this layer uses (0 unless the experts are FP8)."""
+        return 0 if self.fp8_block is None else self.w13.numel() + self.w2.numel()
+
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [E_local, 2I, H], w2 [E_local, H, I]) in the compute dtype. FP8 experts are dequantized
+        into the shared buffer: the views stay valid until another layer's call."""
+        if self.fp8_block is None:
+            return self.w13, self.w2
+        assert self.w13_scale_inv is not None and self.w2_scale_inv is not None
+        w13, w2 = self.dequant.views([self.w13.shape, self.w2.shape], self.compute_dtype, self.w13.device)
+        num_local, two_inter, hidden = self.w13.shape
+        halves = (num_local, 2, two_inter // 2, hidden)  # gate and up have their own block grids
+        dequantize_into(w13.view(halves), self.w13.view(halves), self.w13_scale_inv, self.fp8_block)
+        dequantize_into(w2, self.w2, self.w2_scale_inv, self.fp8_block)
+        return w13, w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]. Only experts held here contribute to the routed part."""
@@ -123,9 +163,10 @@ class MoE(nn.Module):
         counts = torch.bincount(local, minlength=num_local + 1)
         offsets = torch.cumsum(counts[:num_local], 0).to(torch.int32)
         token_ids = order // top_k
-        h = torch._grouped_mm(x[token_ids], self.w13.transpose(1, 2), offs=offsets)  # [N, 2I]
+        w13, w2 = self.expert_weights()
+        h = torch._grouped_mm(x[token_ids], w13.transpose(1, 2), offs=offsets)  # [N, 2I]
         gate, up = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(gate) * up, self.w2.transpose(1, 2), offs=offsets)  # [N, H]
+        y = torch._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)  # [N, H]
         # rows past the last offset (experts held elsewhere) are left uninitialised by the kernel
         held = (local[order] < num_local).unsqueeze(-1)
         y = torch.where(held, y * weights.flatten()[order].unsqueeze(-1).to(y.dtype), torch.zeros_like(y))
@@ -147,12 +188,13 @@ class MoE(nn.Module):
             return out
         token_ids = order // top_k
         xs = x[token_ids]  # [N, H] in expert order
+        w13, w2 = self.expert_weights()
         pieces, start = [], 0
         for slot, count in enumerate(counts[:-1]):
             if count == 0:
                 continue
-            gate, up = F.linear(xs[start:start + count], self.w13[slot]).chunk(2, dim=-1)
-            pieces.append(F.linear(F.silu(gate) * up, self.w2[slot]))
+            gate, up = F.linear(xs[start:start + count], w13[slot]).chunk(2, dim=-1)
+            pieces.append(F.linear(F.silu(gate) * up, w2[slot]))
             start += count
         ys = torch.cat(pieces) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return out.index_add_(0, token_ids, ys.to(out.dtype))

@@ -18,6 +18,7 @@ from moeserve.experts.ep_dispatch import check_dispatch
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
+from moeserve.model.fp8 import DequantBuffer, routed_fp8_block
 from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLA
 
@@ -61,14 +62,16 @@ class DecoderLayer(nn.Module):
     mlp: MLP | MoE
 
     def __init__(self, config: ModelConfig, layer_id: int, rotary: RotaryEmbedding, model_slice: ModelSlice,
-                 dtype: torch.dtype | None):
+                 dtype: torch.dtype | None, fp8_block: tuple[int, int] | None = None,
+                 dequant: DequantBuffer | None = None):
         super().__init__()
         self.layer_id = layer_id
         tp = model_slice.tp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = MLA(config, rotary, dtype=dtype, shard=tp)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = (MoE(config, model_slice.placement, dtype, tp, model_slice.expert_tp, model_slice.ep_dispatch)
+        self.mlp = (MoE(config, model_slice.placement, dtype, tp, model_slice.expert_tp, model_slice.ep_dispatch,
+                        fp8_block=fp8_block, dequant=dequant)
                     if config.is_moe_layer(layer_id)
                     else MLP(config.hidden_size, config.intermediate_size, dtype, tp))
 
@@ -79,7 +82,8 @@ class DecoderLayer(nn.Module):
 
 class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig, model_slice: ModelSlice | None = None,
-                 dtype: torch.dtype = torch.float32, max_positions: int | None = None):
+                 dtype: torch.dtype = torch.float32, max_positions: int | None = None, keep_fp8: bool = False):
+        """``keep_fp8``: with a block-scaled FP8 config, hold the routed experts in float8 (see ``fp8.py``)."""
         super().__init__()
         self.config = config
         self.slice = model_slice or ModelSlice.full(config)
@@ -88,13 +92,23 @@ class DeepseekModel(nn.Module):
                                  max_positions or config.max_position_embeddings)
         self.embed_tokens = (nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
                              if self.slice.has_embedding else None)
+        fp8_block = routed_fp8_block(config, keep_fp8, self.slice.tp.size, self.slice.expert_tp)
+        self.dequant = DequantBuffer() if fp8_block else None
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(config, i, rotary, self.slice, dtype) for i in self.slice.layer_ids})
+            str(i): DecoderLayer(config, i, rotary, self.slice, dtype, fp8_block, self.dequant)
+            for i in self.slice.layer_ids})
+        self._reserve_dequant()
         if self.slice.has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = (self.embed_tokens if config.tie_word_embeddings and self.embed_tokens is not None
                             else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)))
         self.rotary = rotary
+
+    def _reserve_dequant(self) -> None:
+        """Allocate the FP8 experts' shared dequantization buffer now, before the cache is sized."""
+        numel = max((moe.dequant_numel for moe in self.moe_layers().values()), default=0)
+        if self.dequant is not None and numel:
+            self.dequant.reserve(numel, self.dtype)
 
     def decoder_layers(self) -> dict[int, DecoderLayer]:
         return {int(i): layer for i, layer in self.layers.items()}  # type: ignore[misc]

@@ -1,8 +1,9 @@
-"""Checkpoint loading from a local Hugging Face-layout directory.
+"""Checkpoint loading from a local Hugging Face-layout directory (or dummy weights from config.json alone).
 
 Tensors are read one at a time with plain reads (no memory map, see safetensors_io), only those the
-caller's model slice asks for, and copied straight into the preallocated parameters; FP8 weights (``float8_e4m3fn`` with a
-``weight_scale_inv`` per block, as DeepSeek-V3 ships them) are dequantized on the way.
+caller's model slice asks for, and copied straight into the preallocated parameters. FP8 weights
+(``float8_e4m3fn`` with a ``weight_scale_inv`` per block, as DeepSeek-V3 ships them) are dequantized on the
+way, except where the model keeps them in float8 (``keep_fp8``): then weight and scales are copied as stored.
 """
 
 from __future__ import annotations
@@ -12,18 +13,22 @@ import json
 from collections import defaultdict
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel, ModelSlice
+from moeserve.model.dummy import DummyReader
+from moeserve.model.fp8 import dequantize_into
 from moeserve.model.safetensors_io import SafetensorsError, SafetensorsFile
 from moeserve.model.weights import WeightSpec, weight_specs
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 FP8_DTYPES = (torch.float8_e4m3fn,)
+LOAD_FORMATS = ("auto", "dummy")
 
 
 class CheckpointError(ValueError):
@@ -77,13 +82,25 @@ class Checkpoint:
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
                    dtype: torch.dtype) -> torch.Tensor:
     """weight: [out, in] float8 with scale_inv: [ceil(out/bo), ceil(in/bi)] -> [out, in] in ``dtype``."""
-    out_dim, in_dim = weight.shape
-    bo, bi = block
-    expected = (-(-out_dim // bo), -(-in_dim // bi))
-    if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected}")
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:out_dim].repeat_interleave(bi, 1)[:, :in_dim]
-    return (weight.float() * scale).to(dtype)
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    try:
+        return dequantize_into(out, weight, scale_inv.float(), block)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+
+
+class TensorSource(Protocol):
+    """Where weights come from: a checkpoint on disk (``_Reader``) or generated ones (``dummy.DummyReader``)."""
+
+    def has(self, name: str) -> bool: ...
+
+    def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """The full tensor ``name``; a float8 one is dequantized to ``dtype``."""
+        ...
+
+    def read_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full float8 tensor ``name`` as stored, and its float32 ``weight_scale_inv``."""
+        ...
 
 
 class _Reader:
@@ -96,24 +113,48 @@ class _Reader:
     def has(self, name: str) -> bool:
         return name in self.ckpt.weight_map
 
-    def _handle(self, name: str):
+    def _get(self, name: str) -> torch.Tensor:
         file = self.ckpt.weight_map[name]
         if file not in self.handles:
             self.handles[file] = self.stack.enter_context(SafetensorsFile(self.ckpt.path / file))
-        return self.handles[file]
+        return self.handles[file].get_tensor(name)
+
+    def _scale(self, name: str) -> torch.Tensor:
+        scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
+        if not self.has(scale_name):
+            raise CheckpointError(f"tensor {name} is float8 but {scale_name} is missing")
+        return self._get(scale_name)
 
     def read(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        tensor = self._handle(name).get_tensor(name)
+        tensor = self._get(name)
         if tensor.dtype in FP8_DTYPES:
-            scale_name = name.removesuffix(".weight") + ".weight_scale_inv"
-            if not self.has(scale_name):
-                raise CheckpointError(f"tensor {name} is float8 but {scale_name} is missing")
-            tensor = dequantize_fp8(tensor, self._handle(scale_name).get_tensor(scale_name),
-                                    self.block or (128, 128), dtype)
+            tensor = dequantize_fp8(tensor, self._scale(name), self.block or (128, 128), dtype)
         return tensor
 
+    def read_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        tensor = self._get(name)
+        if tensor.dtype not in FP8_DTYPES:
+            raise CheckpointError(f"tensor {name} is {tensor.dtype}, but the model keeps it in float8 (config.json "
+                                  "has an FP8 quantization_config); load it with keep_fp8=False")
+        return tensor, self._scale(name).float()
 
-def _read_spec(reader: _Reader, spec: WeightSpec) -> torch.Tensor:
+
+def _check_shape(where: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"tensor {where} has shape {list(tensor.shape)}, expected {list(shape)}")
+
+
+def _read_fp8_spec(reader: TensorSource, spec: WeightSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    if not reader.has(spec.name):
+        raise CheckpointError(f"checkpoint is missing tensor {spec.name} (expected shape {list(spec.shape)}, "
+                              "float8 with block scales)")
+    weight, scale = reader.read_fp8(spec.name)
+    _check_shape(spec.name, weight, spec.shape)
+    _check_shape(spec.name.removesuffix(".weight") + ".weight_scale_inv", scale, spec.scale_shape)
+    return spec.take(weight), spec.take(scale)
+
+
+def _read_spec(reader: TensorSource, spec: WeightSpec) -> torch.Tensor:
     dtype = spec.target.dtype
     if reader.has(spec.name):
         tensor = reader.read(spec.name, dtype)
@@ -125,9 +166,25 @@ def _read_spec(reader: _Reader, spec: WeightSpec) -> torch.Tensor:
         name, index, lo, hi = alt
         tensor = reader.read(name, dtype)[index, lo:hi]
         where = f"{name}[{index}, {lo}:{hi}]"
-    if tuple(tensor.shape) != spec.shape:
-        raise CheckpointError(f"tensor {where} has shape {list(tensor.shape)}, expected {list(spec.shape)}")
+    _check_shape(where, tensor, spec.shape)
     return spec.take(tensor)
+
+
+def fill_weights(specs: list[WeightSpec], reader: TensorSource, progress: bool = False) -> int:
+    """Copy every spec's share from ``reader`` into its target (and its scales, for float8 targets), in the
+    order given; returns the bytes copied in."""
+    loaded = 0
+    with torch.no_grad():
+        for spec in tqdm(specs, desc="loading weights", unit="tensor", disable=not progress):
+            if spec.scale_target is None:
+                spec.target.copy_(_read_spec(reader, spec))
+            else:
+                weight, scale = _read_fp8_spec(reader, spec)
+                spec.target.copy_(weight)
+                spec.scale_target.copy_(scale)
+                loaded += spec.scale_target.numel() * spec.scale_target.element_size()
+            loaded += spec.target.numel() * spec.target.element_size()
+    return loaded
 
 
 def load_weights(model: DeepseekModel, ckpt: Checkpoint, progress: bool = False) -> int:
@@ -136,26 +193,38 @@ def load_weights(model: DeepseekModel, ckpt: Checkpoint, progress: bool = False)
     by_file: dict[str, list[WeightSpec]] = defaultdict(list)
     for spec in specs:
         by_file[ckpt.weight_map.get(spec.name, "")].append(spec)  # group reads by shard
-    loaded = 0
-    bar = tqdm(total=len(specs), desc="loading weights", unit="tensor", disable=not progress)
-    with ExitStack() as stack, torch.no_grad():
-        reader = _Reader(ckpt, stack, model.config.quant_block_size)
-        for file in sorted(by_file):
-            for spec in by_file[file]:
-                spec.target.copy_(_read_spec(reader, spec))
-                loaded += spec.target.numel() * spec.target.element_size()
-                bar.update(1)
-    bar.close()
-    return loaded
+    ordered = [spec for file in sorted(by_file) for spec in by_file[file]]
+    with ExitStack() as stack:
+        return fill_weights(ordered, _Reader(ckpt, stack, model.config.quant_block_size), progress)
+
+
+def load_dummy_weights(model: DeepseekModel, seed: int = 0, progress: bool = False) -> int:
+    """Fill every parameter of ``model`` (a slice) with dummy weights made on its device; returns the bytes set."""
+    specs = weight_specs(model)
+    shapes = {spec.name: spec.shape for spec in specs}
+    device = next(model.parameters()).device
+    return fill_weights(specs, DummyReader(shapes, model.config.quant_block_size, device, seed), progress)
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                model_slice: ModelSlice | None = None, progress: bool = False,
-               max_positions: int | None = None) -> DeepseekModel:
-    """Build the (sliced) model on ``device`` and load its weights from the checkpoint at ``path``."""
-    ckpt = Checkpoint(path)
-    config = ckpt.config()
+               max_positions: int | None = None, *, load_format: str = "auto", keep_fp8: bool = False,
+               dummy_seed: int = 0) -> DeepseekModel:
+    """Build the (sliced) model on ``device`` and fill its weights.
+
+    ``load_format``: "auto" reads the checkpoint at ``path``; "dummy" needs only ``path``/config.json and
+    generates the weights on ``device`` from ``dummy_seed`` (see ``dummy.py``). ``keep_fp8``: with an FP8
+    block-scaled config, hold the routed experts in float8 and dequantize them one layer at a time at compute
+    (otherwise every float8 tensor is dequantized to ``dtype`` on load).
+    """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    ckpt = Checkpoint(path) if load_format == "auto" else None
+    config = ckpt.config() if ckpt is not None else ModelConfig.from_hf(path)
     with torch.device(device):
-        model = DeepseekModel(config, model_slice, dtype=dtype, max_positions=max_positions)
-    load_weights(model, ckpt, progress=progress)
+        model = DeepseekModel(config, model_slice, dtype=dtype, max_positions=max_positions, keep_fp8=keep_fp8)
+    if ckpt is None:
+        load_dummy_weights(model, seed=dummy_seed, progress=progress)
+    else:
+        load_weights(model, ckpt, progress=progress)
     return model.eval().requires_grad_(False)

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
+from moeserve.model.fp8 import FP8_DTYPE, FP8_MAX, is_fp8_weight
 from moeserve.model.weights import weight_specs
 
 
@@ -41,15 +42,9 @@ def quantize_fp8(weight: torch.Tensor, block: tuple[int, int] = (128, 128)) -> t
     pad[:out_dim, :in_dim] = weight.float()
     blocks = pad.view(pad.shape[0] // bo, bo, pad.shape[1] // bi, bi)
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)  # [nbo, nbi]
-    scale_inv = amax / torch.finfo(torch.float8_e4m3fn).max
+    scale_inv = amax / FP8_MAX
     q = (blocks / scale_inv[:, None, :, None]).view_as(pad)[:out_dim, :in_dim]
-    return q.to(torch.float8_e4m3fn), scale_inv
-
-
-def _is_fp8_candidate(name: str, tensor: torch.Tensor) -> bool:
-    # DeepSeek-V3 ships linear weights in FP8; embeddings, norms, the router and the LM head stay high precision
-    skip = ("embed_tokens", "lm_head", "layernorm", "norm.weight", "mlp.gate.")
-    return tensor.dim() == 2 and not any(s in name for s in skip)
+    return q.to(FP8_DTYPE), scale_inv
 
 
 def model_state(model: DeepseekModel, fp8: bool = False, dtype: torch.dtype | None = None
@@ -60,7 +55,7 @@ def model_state(model: DeepseekModel, fp8: bool = False, dtype: torch.dtype | No
         if spec.narrow is not None:
             raise ValueError("model_state needs an unsharded model (tensor parallel size 1)")
         tensor = spec.target.detach().contiguous().clone()
-        if fp8 and _is_fp8_candidate(spec.name, tensor):
+        if fp8 and is_fp8_weight(spec.name, tuple(tensor.shape)):
             state[spec.name], state[spec.name + "_scale_inv"] = quantize_fp8(tensor)
         else:
             keep_fp32 = "mlp.gate." in spec.name

@@ -2,7 +2,8 @@
 
 ``weight_specs(model)`` lists, for the layers and experts this rank holds, each checkpoint tensor name with
 its expected full shape, the destination view, and -- for tensor-parallel weights -- which slice of the
-full tensor this rank keeps. Names follow DeepSeek's Hugging Face layout; the fused expert layout that newer
+full tensor this rank keeps. A weight kept in float8 also names the view its ``weight_scale_inv`` goes to
+(narrowed like the weight: kept shards start on block boundaries). Names follow DeepSeek's Hugging Face layout; the fused expert layout that newer
 transformers versions keep in memory (``mlp.experts.gate_up_proj``) is accepted too.
 """
 
@@ -35,6 +36,13 @@ class WeightSpec:
     # (fused name, index along dim 0, row range) to read instead when the plain name is absent
     alternatives: tuple[tuple[str, int, int, int], ...] = ()
     narrow: Narrow | None = None
+    scale_target: torch.Tensor | None = None  # where the block scales go when ``target`` is float8
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """The full ``weight_scale_inv`` shape in the checkpoint (only for float8 targets)."""
+        assert self.scale_target is not None, f"{self.name} is not kept in float8"
+        return _full_shape(self.scale_target, self.narrow)
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of the (already shape-checked) full tensor."""
@@ -45,12 +53,16 @@ class WeightSpec:
         return full.narrow(n.dim, n.rank * length, length)
 
 
-def _spec(name: str, target: torch.Tensor, alternatives: tuple[tuple[str, int, int, int], ...] = (),
-          narrow: Narrow | None = None) -> WeightSpec:
-    shape = list(target.shape)
+def _full_shape(local: torch.Tensor, narrow: Narrow | None) -> tuple[int, ...]:
+    shape = list(local.shape)
     if narrow is not None:
         shape[narrow.dim] *= narrow.size
-    return WeightSpec(name, tuple(shape), target, alternatives, narrow)
+    return tuple(shape)
+
+
+def _spec(name: str, target: torch.Tensor, alternatives: tuple[tuple[str, int, int, int], ...] = (),
+          narrow: Narrow | None = None, scale_target: torch.Tensor | None = None) -> WeightSpec:
+    return WeightSpec(name, _full_shape(target, narrow), target, alternatives, narrow, scale_target)
 
 
 def _mlp_specs(prefix: str, mlp: MLP) -> list[WeightSpec]:
@@ -71,12 +83,15 @@ def _expert_specs(prefix: str, moe: MoE, slot: int, expert_id: int) -> list[Weig
     rows = Narrow(0, moe.shard.rank, moe.shard.size) if split else None
     cols = Narrow(1, moe.shard.rank, moe.shard.size) if split else None
     ep, fused = f"{prefix}.experts.{expert_id}", f"{prefix}.experts.gate_up_proj"
+    s13, s2 = moe.w13_scale_inv, moe.w2_scale_inv  # None unless the experts are kept float8
     return [
-        _spec(f"{ep}.gate_proj.weight", moe.w13.data[slot, :inter], ((fused, expert_id, 0, full_inter),), rows),
+        _spec(f"{ep}.gate_proj.weight", moe.w13.data[slot, :inter], ((fused, expert_id, 0, full_inter),), rows,
+              None if s13 is None else s13.data[slot, 0]),
         _spec(f"{ep}.up_proj.weight", moe.w13.data[slot, inter:],
-              ((fused, expert_id, full_inter, 2 * full_inter),), rows),
+              ((fused, expert_id, full_inter, 2 * full_inter),), rows, None if s13 is None else s13.data[slot, 1]),
         _spec(f"{ep}.down_proj.weight", moe.w2.data[slot],
-              ((f"{prefix}.experts.down_proj", expert_id, 0, moe.w2.shape[1]),), cols),
+              ((f"{prefix}.experts.down_proj", expert_id, 0, moe.w2.shape[1]),), cols,
+              None if s2 is None else s2.data[slot]),
     ]
 
 
