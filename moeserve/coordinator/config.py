@@ -9,6 +9,7 @@ import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_CPU_KV_BYTES = 1 << 30
+LOAD_FORMATS = ("auto", "dummy")  # as in moeserve.model.loader (not imported: this module stays light)
 
 
 def default_model_path() -> Path:
@@ -34,6 +35,8 @@ class EngineConfig:
     tp: int = 1  # tensor-parallel ranks per stage
     ep: int = 0  # expert parallel degree: 0 = tp (experts spread over the stage), 1 = tensor-parallel experts
     pp_layers: str = ""  # a hand-given layer split, e.g. "14,13"
+    load_format: str = "auto"  # auto: read the checkpoint; dummy: random weights from config.json alone
+    keep_fp8: bool | None = None  # FP8 checkpoints: keep routed experts float8; None = on for accelerators
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -47,6 +50,10 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.keep_fp8 not in (None, True, False):
+            raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
 
     @property
     def parallel_dims(self):
@@ -75,6 +82,13 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.is_accelerator else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def effective_keep_fp8(self) -> bool:
+        """Keep an FP8 checkpoint's routed experts in float8 (a no-op for other checkpoints). Auto: on
+        accelerators, where it is what lets DeepSeek-V3 fit; off on CPU, where dequantizing every step
+        costs more than the memory it saves on the small models run there."""
+        return self.is_accelerator if self.keep_fp8 is None else self.keep_fp8
 
     @property
     def effective_block_size(self) -> int:

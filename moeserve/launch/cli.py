@@ -27,6 +27,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ep", type=int, default=0,
                    help="expert parallelism: tp (default) spreads experts over a stage's ranks; 1 splits each expert")
     g.add_argument("--pp-layers", default="", help="hand-given layer split, e.g. 14,13")
+    g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="auto: read the checkpoint; dummy: random weights made on the device from config.json "
+                        "alone (benchmarks; pair with --skip-tokenizer-init when the directory has no tokenizer)")
+    g.add_argument("--keep-fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep an FP8 checkpoint's routed experts in float8, dequantized one layer at a time "
+                        "(default: on for cuda/npu, off for cpu)")
+    g.add_argument("--skip-tokenizer-init", action="store_true",
+                   help="load no tokenizer: token ids in and out only (bench, or a model directory without one)")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it)")
 
@@ -39,7 +47,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
-        ep=args.ep, pp_layers=args.pp_layers)
+        ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
+        skip_tokenizer_init=args.skip_tokenizer_init)
 
 
 def build_parser() -> argparse.ArgumentParser:
