@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from moeserve.comm.shard import ShardInfo
 from moeserve.comm.topology import ParallelDims
 from moeserve.coordinator.config import default_model_path
 from moeserve.coordinator.plan import (
@@ -225,6 +226,65 @@ def test_deepseek_v3(tmp_path: Path) -> None:
     with pytest.raises(InfeasiblePlanError, match=r"rank \d+ \(stage \d, tp rank \d\) needs \d+ bytes of weights"
                                                   r".*memory_per_rank = 80000000000 bytes"):
         make_plan(v3, dims, dtype_bytes=2, memory_per_rank=80 * 10**9)
+
+
+V3_CONFIG_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "configs" / "deepseek_v3"
+
+
+def fp8_model_bytes(config: ModelConfig, model_slice: ModelSlice) -> tuple[int, int, int]:
+    """(all persistent tensors, the routed experts with their scales, the dequantization buffer) in bytes of
+    the FP8-kept model, built on meta."""
+    with torch.device("meta"):
+        model = DeepseekModel(config, model_slice, dtype=torch.bfloat16, max_positions=16, keep_fp8=True)
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    routed = [t for moe in model.moe_layers().values()
+              for t in (moe.w13, moe.w2, moe.w13_scale_inv, moe.w2_scale_inv) if t is not None]
+    assert model.dequant is not None and model.dequant.tensor is not None
+    return (sum(t.numel() * t.element_size() for t in tensors.values()),
+            sum(t.numel() * t.element_size() for t in routed), model.dequant.tensor.numel() * 2)
+
+
+@pytest.mark.parametrize("tp, ep", [(1, 1), (2, 2), (2, 1)])
+def test_fp8_weight_bytes_match_the_real_model(tiny: ModelConfig, tp: int, ep: int) -> None:
+    config = tiny.replace(quant_block_size=(128, 128))
+    dims = ParallelDims(tp=tp, ep=ep)
+    plan = make_plan(config, dims, dtype_bytes=2, keep_fp8=True)
+    assert plan.fp8_block == (128, 128)
+    for rank, w in enumerate(plan.rank_weights):
+        model_slice = ModelSlice(0, 5, 5, plan.placement(rank) if ep > 1 else None, ShardInfo(rank, tp),
+                                 expert_tp=dims.experts_tensor_parallel)
+        total, routed, buffer = fp8_model_bytes(config, model_slice)
+        assert (w.routed_experts, w.dequant_buffer) == (routed, buffer)
+        if tp == 1:
+            assert w.total - w.dequant_buffer == total
+        whole = make_plan(config, dims, dtype_bytes=2).rank_weights[rank]  # not kept: 2 bytes per weight
+        assert w.routed_experts < 0.51 * whole.routed_experts and w.attention == whole.attention
+    assert make_plan(tiny, ParallelDims(), 2, keep_fp8=True).fp8_block is None  # not an FP8 checkpoint
+
+
+def test_deepseek_v3_fp8_fits_8_x_141gb() -> None:
+    v3 = ModelConfig.from_hf(V3_CONFIG_DIR)
+    assert v3.quant_block_size == (128, 128) and v3.num_hidden_layers == 61 and v3.rope.factor == 40
+    dims = ParallelDims(tp=8, ep=8)
+    plan = make_plan(v3, dims, dtype_bytes=2, memory_per_rank=141 * 10**9, keep_fp8=True)
+    for w in plan.rank_weights:
+        assert 80e9 < w.total < 95e9  # 32 experts x 58 layers of 44M FP8 weights ~ 82 GB, plus the rest
+        assert w.routed_experts > 0.85 * w.total and 2e9 < w.dequant_buffer < 3e9
+    assert plan.kv_capacity_tokens is not None and plan.kv_capacity_tokens > 500_000
+    with pytest.raises(InfeasiblePlanError, match="more than memory_per_rank = 141000000000 bytes"):
+        make_plan(v3, dims, dtype_bytes=2, memory_per_rank=141 * 10**9)  # bf16 experts do not fit
+
+
+def test_plan_command_fp8(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["plan", "--model", str(V3_CONFIG_DIR), "--tp", "8", "--ep", "8", "--memory-per-rank", "141GB"]
+    assert cli.main([*args, "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "routed experts FP8" in out and "kv capacity per replica" in out
+    assert cli.main([*args, "--device", "cuda", "--json"]) == 0
+    ranks = json.loads(capsys.readouterr().out)["ranks"]
+    assert all(80e9 < r["weight_bytes"] < 95e9 for r in ranks)
+    assert cli.main(args) == 1  # on cpu the experts are not kept FP8: 170 GB per rank
+    assert "more than memory_per_rank = 141000000000 bytes" in capsys.readouterr().err
 
 
 def test_kv_capacity(tiny: ModelConfig) -> None:

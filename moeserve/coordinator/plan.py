@@ -30,6 +30,7 @@ from moeserve.coordinator.layer_split import (  # noqa: F401  (re-exported)
 )
 from moeserve.experts.placement import check_placement, compact_ranges, expert_placement  # noqa: F401
 from moeserve.model.config import ModelConfig
+from moeserve.model.fp8 import cdiv, routed_fp8_block
 
 if TYPE_CHECKING:
     from moeserve.experts.moe import ExpertPlacement
@@ -51,8 +52,9 @@ class WeightBytes:
     dense_mlp: int = 0
     router: int = 0
     shared_experts: int = 0
-    routed_experts: int = 0
+    routed_experts: int = 0  # with FP8 experts: 1 byte per weight plus float32 block scales
     head: int = 0  # final norm and LM head
+    dequant_buffer: int = 0  # FP8 experts: the one buffer a layer's local experts are dequantized into
 
     @property
     def total(self) -> int:
@@ -73,6 +75,7 @@ class ParallelPlan:
     expert_ids: tuple[tuple[int, ...], ...]  # [ep][slots] logical expert per physical slot
     rank_weights: tuple[WeightBytes, ...]  # [pp * tp]
     kv_cache_bytes: tuple[int, ...] | None = None  # [pp * tp] cache budget per rank; None = not given
+    fp8_block: tuple[int, int] | None = None  # routed experts kept float8 with this scale block
 
     def __post_init__(self) -> None:
         check_split(list(self.stage_layers), self.config.num_hidden_layers, self.dims.pp)
@@ -148,12 +151,23 @@ def check_shapes(config: ModelConfig, dims: ParallelDims, has_placement_file: bo
                                   "give a placement file to place them unevenly")
 
 
+def expert_bytes(hidden: int, intermediate: int, dtype_bytes: int, fp8_block: tuple[int, int] | None) -> int:
+    """One routed expert (or its tp slice): gate, up [I, H] and down [H, I]; in FP8 one byte per weight plus
+    a float32 scale per block of each of the three."""
+    if fp8_block is None:
+        return mlp_params(hidden, intermediate) * dtype_bytes
+    bo, bi = fp8_block
+    scales = 2 * cdiv(intermediate, bo) * cdiv(hidden, bi) + cdiv(hidden, bo) * cdiv(intermediate, bi)
+    return mlp_params(hidden, intermediate) + 4 * scales
+
+
 def rank_weight_bytes(config: ModelConfig, dims: ParallelDims, layers: range, num_slots: int,
-                      dtype_bytes: int) -> WeightBytes:
+                      dtype_bytes: int, fp8_block: tuple[int, int] | None = None) -> WeightBytes:
     """Weights of one rank of the stage running ``layers`` that holds ``num_slots`` routed experts.
 
     Attention, dense MLPs and shared experts are split over tp; routed experts over ep (each whole), or,
     when ep == 1, every expert's intermediate dim over tp. Embedding and LM head are split by vocab.
+    With ``fp8_block`` the routed experts are float8 and one layer's worth is dequantized into a buffer.
     """
     h, tp, n = config.hidden_size, dims.tp, config.num_hidden_layers
     num_moe = sum(config.is_moe_layer(i) for i in layers)
@@ -168,18 +182,22 @@ def rank_weight_bytes(config: ModelConfig, dims: ParallelDims, layers: range, nu
         router=num_moe * router_bytes(config),
         shared_experts=num_moe * mlp_params(h, config.n_shared_experts * config.moe_intermediate_size // tp)
         * dtype_bytes,
-        routed_experts=num_moe * num_slots * mlp_params(h, expert_inter) * dtype_bytes,
-        head=(h + (0 if head_shares_embedding else vocab_shard)) * dtype_bytes if layers.stop == n else 0)
+        routed_experts=num_moe * num_slots * expert_bytes(h, expert_inter, dtype_bytes, fp8_block),
+        head=(h + (0 if head_shares_embedding else vocab_shard)) * dtype_bytes if layers.stop == n else 0,
+        dequant_buffer=num_slots * mlp_params(h, expert_inter) * dtype_bytes if fp8_block and num_moe else 0)
 
 
 def make_plan(config: ModelConfig, dims: ParallelDims, dtype_bytes: int,
               kv_cache_bytes_per_rank: int | None = None, memory_per_rank: int | None = None,
-              pp_layers: list[int] | None = None, placement_file: Path | None = None) -> ParallelPlan:
+              pp_layers: list[int] | None = None, placement_file: Path | None = None,
+              keep_fp8: bool = False) -> ParallelPlan:
     """Lay ``config`` out on one replica of ``dims``; raise InfeasiblePlanError saying why it cannot.
 
     Without ``pp_layers`` the layers are split by ``split_layers`` over ``layer_costs``. The cache budget
     of a rank is ``kv_cache_bytes_per_rank`` if given, else what ``memory_per_rank`` leaves after weights.
+    ``keep_fp8``: count the routed experts of an FP8 config as the model keeps them (``fp8.routed_fp8_block``).
     """
+    fp8_block = routed_fp8_block(config, keep_fp8, dims.tp, dims.experts_tensor_parallel)
     check_shapes(config, dims, placement_file is not None)
     if pp_layers is None:
         pp_layers = split_layers(layer_costs(config), dims.pp, embedding_cost(config), head_cost(config))
@@ -187,10 +205,10 @@ def make_plan(config: ModelConfig, dims: ParallelDims, dtype_bytes: int,
     expert_ids = expert_placement(config.n_routed_experts, dims.ep, placement_file)
     layers = layer_ranges(pp_layers)
     weights = tuple(rank_weight_bytes(config, dims, layers[dims.coord(rank).pp_stage],
-                                      len(expert_ids[dims.ep_rank(rank)]), dtype_bytes)
+                                      len(expert_ids[dims.ep_rank(rank)]), dtype_bytes, fp8_block)
                     for rank in range(dims.ranks_per_replica))
     plan = ParallelPlan(config, dims, dtype_bytes, tuple(pp_layers), tuple(tuple(r) for r in expert_ids),
-                        weights)
+                        weights, fp8_block=fp8_block)
     if kv_cache_bytes_per_rank is None and memory_per_rank is None:
         return plan
     return dataclasses.replace(plan, kv_cache_bytes=_cache_budgets(plan, kv_cache_bytes_per_rank,
@@ -228,9 +246,14 @@ def _size(num_bytes: int) -> str:
 def format_plan(plan: ParallelPlan) -> str:
     """The plan as a table: stages (layers, ranks, cache per token), then one row per rank of a replica."""
     c, dims = plan.config, plan.dims
+    weights = f"{plan.dtype_bytes}-byte weights"
+    if plan.fp8_block is not None:
+        buffer = max(w.dequant_buffer for w in plan.rank_weights)
+        weights = (f"routed experts FP8 (1 byte + float32 {plan.fp8_block[0]}x{plan.fp8_block[1]} block scales; "
+                   f"weights include a {_size(buffer)} dequantization buffer), other weights {plan.dtype_bytes}-byte")
     lines = [f"topology: {dims.describe()}",
              f"model:    {c.num_hidden_layers} layers, {c.n_routed_experts} routed experts "
-             f"(top-{c.num_experts_per_tok}), {plan.dtype_bytes}-byte weights",
+             f"(top-{c.num_experts_per_tok}), {weights}",
              "", f"{'stage':>5}  {'layers':<12}{'count':>5}  {'ranks':<12}cache/token"]
     for s, r in enumerate(plan.stage_ranges):
         ranks = dims.stage_ranks(0, s)

@@ -1,7 +1,8 @@
 """``moeserve plan``: how a model would be laid out over pp x tp x ep ranks, and what fits in memory.
 
 Reads only the checkpoint's config.json (no weights): prints the layer split, the experts of each rank,
-each rank's weight bytes and the latent-cache capacity; exits 1 with the reason when the plan is infeasible.
+each rank's weight bytes (FP8 routed experts as the engine keeps them on the given device) and the
+latent-cache capacity; exits 1 with the reason when the plan is infeasible.
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ if TYPE_CHECKING:
 
 NEEDS_ENGINE_ARGS = False
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+              "TI": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``141GB``, ``80G``, ``64GiB`` (decimal units unless ``i``)."""
+    value = text.strip().upper().removesuffix("B")
+    number = value.rstrip("KMGTI")
+    unit = value[len(number):]
+    try:
+        return int(float(number) * SIZE_UNITS[unit])
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 141GB, 80GiB, 1000000)") from None
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -32,8 +46,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--placement", type=Path, default=None,
                    help='JSON file {"phy2log": [[experts of EP rank 0], ...]} (default: contiguous)')
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="weight and cache dtype")
-    p.add_argument("--memory-per-rank", type=int, default=None, help="device memory of one rank, in bytes")
-    p.add_argument("--kv-cache-memory", type=int, default=None,
+    p.add_argument("--device", default="cpu", help="cpu, cuda or npu: decides the --keep-fp8 default")
+    p.add_argument("--keep-fp8", action=argparse.BooleanOptionalAction, default=None,
+                   help="FP8 checkpoints: count routed experts as float8 + block scales (default: on unless cpu)")
+    p.add_argument("--memory-per-rank", type=parse_size, default=None,
+                   help="device memory of one rank, in bytes or with a unit (141GB, 80GiB)")
+    p.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="latent-cache bytes per rank (default: what --memory-per-rank leaves after weights)")
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     return p
@@ -49,9 +67,10 @@ def run(args: argparse.Namespace) -> int:
         config = ModelConfig.from_hf(args.model or default_model_path())
         dims = ParallelDims.from_args(args.pp, args.tp, args.ep, args.replicas)
         pp_layers = parse_pp_layers(args.pp_layers, config.num_hidden_layers, dims.pp) if args.pp_layers else None
+        keep_fp8 = args.device.split(":")[0] != "cpu" if args.keep_fp8 is None else args.keep_fp8
         plan = make_plan(config, dims, DTYPE_BYTES[args.dtype], kv_cache_bytes_per_rank=args.kv_cache_memory,
                          memory_per_rank=args.memory_per_rank, pp_layers=pp_layers,
-                         placement_file=args.placement)
+                         placement_file=args.placement, keep_fp8=keep_fp8)
     except ValueError as e:  # ConfigError, InfeasiblePlanError and bad settings are all ValueErrors
         print(f"moeserve plan: {e}", file=sys.stderr)
         return 1
@@ -69,5 +88,5 @@ def plan_json(plan: ParallelPlan) -> dict[str, Any]:
               "kv_cache_bytes": None if cache is None else cache[rank],
               "kv_tokens": None if tokens is None else tokens[rank]} for rank, w in enumerate(plan.rank_weights)]
     return {"dims": dataclasses.asdict(plan.dims), "world_size": plan.dims.world_size,
-            "dtype_bytes": plan.dtype_bytes, "stages": stages, "ranks": ranks,
+            "dtype_bytes": plan.dtype_bytes, "fp8_block": plan.fp8_block, "stages": stages, "ranks": ranks,
             "kv_capacity_tokens": plan.kv_capacity_tokens, "total_weight_bytes": plan.total_weight_bytes}
