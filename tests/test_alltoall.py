@@ -8,6 +8,7 @@ inside it, to keep process start-up out of the per-case cost.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,8 @@ from moeserve.comm.shard import ShardInfo
 from moeserve.experts.ep_dispatch import holder_table, pick_owner, token_shares
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.config import ModelConfig
+from moeserve.model.deepseek import ModelSlice
+from moeserve.model.loader import load_model
 
 RAW = {"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
        "moe_intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2, "n_shared_experts": 1,
@@ -156,6 +159,38 @@ def test_alltoall_moe_equals_one_process(tmp_path: Path, world: int, token_count
                 assert diff <= 1e-5, f"{name}, T={num_tokens}, rank {rank}: max |diff| = {diff:.2e}"
         for r in results:  # every rank counts all tokens, as one process does
             assert torch.equal(r[name, "counts"], whole.tokens_per_expert), name
+
+
+def _model_worker(rank: int, world: int, ckpt: str, out: str) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_model_oracle import greedy_absorbed, prompt_ids
+
+    config = load_model(ckpt, model_slice=ModelSlice(0, 1, 1)).config  # config only; tiny
+    layers = config.num_hidden_layers
+    model_slice = ModelSlice(0, layers, layers, ExpertPlacement.contiguous(config.n_routed_experts, rank, world),
+                             ShardInfo(rank, world, dist.group.WORLD), ep_dispatch="alltoall")
+    model = load_model(ckpt, model_slice=model_slice)
+    assert model.moe_layers() and all(moe.all_to_all is not None for moe in model.moe_layers().values())
+    with torch.no_grad():
+        logits, tokens, _ = greedy_absorbed(model, prompt_ids(Path(ckpt)))
+    torch.save({"logits": logits, "tokens": tokens}, f"{out}.{rank}")
+
+
+def test_alltoall_model_equals_one_process(ckpt_factory, tmp_path: Path) -> None:
+    """ModelSlice.ep_dispatch reaches every MoE layer; prefill and one-token decode steps (fewer tokens
+    than ranks) give the logits and greedy tokens of one process."""
+    from test_model_oracle import greedy_absorbed, prompt_ids
+
+    ckpt = ckpt_factory("v3_noaux_norm")
+    with torch.no_grad():
+        ref_logits, ref_tokens, _ = greedy_absorbed(load_model(ckpt), prompt_ids(ckpt))
+    out = str(tmp_path / "result")
+    spawn(_model_worker, 2, tmp_path, str(ckpt), out)
+    for rank in range(2):
+        r = torch.load(f"{out}.{rank}")
+        assert r["tokens"] == ref_tokens
+        rel = ((r["logits"] - ref_logits).abs().max() / ref_logits.abs().max()).item()
+        assert rel < 1e-5, f"rank {rank}: max|diff|/max|ref| = {rel:.2e}"
 
 
 # ---- pure helpers ----
