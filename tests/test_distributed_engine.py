@@ -5,6 +5,8 @@ Real processes, a real torch.distributed world, real ZeroMQ sockets and msgpack 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import test_engine  # noqa: E402  (tests/ is on sys.path via conftest)
 
@@ -40,6 +42,17 @@ def test_layout_equals_one_process(ckpt_factory, single, pp: int, tp: int, ep: i
 
 def test_hand_given_split(ckpt_factory, single) -> None:
     assert run(ckpt_factory(VARIANT), pp=2, pp_layers="3,1") == single
+
+
+def test_alltoall_dispatch_equals_one_process(ckpt_factory, single) -> None:
+    assert run(ckpt_factory(VARIANT), tp=2, ep=2, ep_dispatch="alltoall") == single
+
+
+def test_placement_file_with_copies_equals_one_process(ckpt_factory, single, tmp_path) -> None:
+    """Experts 0 and 7 have a copy on both ranks; the all-reduce path still adds each pair once."""
+    placement = tmp_path / "placement.json"
+    placement.write_text(json.dumps({"phy2log": [[0, 1, 2, 3, 7], [4, 5, 6, 7, 0]]}))
+    assert run(ckpt_factory(VARIANT), tp=2, ep=2, expert_placement=str(placement)) == single
 
 
 def test_rank_that_dies_fails_the_step(ckpt_factory) -> None:

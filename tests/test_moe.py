@@ -57,6 +57,29 @@ def test_expert_slices_sum_to_whole() -> None:
     torch.testing.assert_close(sum(parts), whole.routed(x, weights, ids), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("per_rank", [[[0, 1, 2, 3, 7], [4, 5, 6, 7, 0]],
+                                      [[0, 1, 7], [2, 3, 0], [4, 5, 1], [6, 7, 2]]])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_redundant_copies_count_each_pair_once(per_rank: list[list[int]], grouped: bool) -> None:
+    """Experts with copies on several ranks: the ranks' partial sums (what the all-reduce adds) still equal
+    the whole layer, because each (token, expert) pair is served by exactly one copy."""
+    if grouped and not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    whole = make()
+    x = torch.randn(23, 32)
+    weights, ids = route(x @ whole.gate_weight.T, whole.spec, whole.e_score_correction_bias)
+    parts = []
+    for rank, logical in enumerate(per_rank):
+        placement = ExpertPlacement.from_ranks(per_rank, rank)
+        assert placement.num_copies  # the placement has copies
+        part = make(placement)
+        with torch.no_grad():
+            part.w13.copy_(whole.w13[logical])
+            part.w2.copy_(whole.w2[logical])
+        parts.append((part.routed_grouped if grouped else part.routed)(x, weights, ids))
+    torch.testing.assert_close(sum(parts), whole.routed(x, weights, ids), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("placement", [None, ExpertPlacement(8, (5, 1, 6))])
 def test_grouped_gemm_path_equals_loop(placement) -> None:
     if not hasattr(torch, "_grouped_mm"):

@@ -37,6 +37,8 @@ class EngineConfig:
     pp_layers: str = ""  # a hand-given layer split, e.g. "14,13"
     load_format: str = "auto"  # auto: read the checkpoint; dummy: random weights from config.json alone
     keep_fp8: bool | None = None  # FP8 checkpoints: keep routed experts float8; None = on for accelerators
+    ep_dispatch: str = "allreduce"  # how tokens reach expert-parallel experts: allreduce or alltoall
+    expert_placement: str = ""  # JSON file mapping each EP rank's physical slots to logical experts
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -52,6 +54,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.ep_dispatch not in ("allreduce", "alltoall"):
+            raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
         if self.keep_fp8 not in (None, True, False):
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
 

@@ -81,8 +81,11 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
     dtype = next(name for name, dt in DTYPES.items() if dt == config.torch_dtype)
+    options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.seed,
+                   ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
+                   max_positions=config.max_model_len)
     layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
-                           config.effective_block_size, num_blocks)
+                           config.effective_block_size, num_blocks, tuple(options.items()))
     return num_blocks, (launcher or DistributedExecutor.local)(layout)
 
 

@@ -58,6 +58,7 @@ class ReplicaLayout:
     device: str  # device type (and default index) from the engine config
     block_size: int
     num_blocks: int
+    options: tuple[tuple[str, Any], ...] = ()  # further WorkerSpec fields every rank shares (load_format, ...)
 
     def device_of(self, local_rank: int) -> str:
         """Accelerator ranks on one machine take one device each, by local rank."""
@@ -67,7 +68,7 @@ class ReplicaLayout:
         return WorkerSpec(rank=rank, pp=self.dims.pp, tp=self.dims.tp, ep=self.dims.ep, model=self.model,
                           dtype=self.dtype, device=self.device_of(local_rank), block_size=self.block_size,
                           num_blocks=self.num_blocks, stage_layers=self.stage_layers, init_method=init_method,
-                          coord_addr=coord_addr, **fields)
+                          coord_addr=coord_addr, **dict(self.options), **fields)
 
 
 Launcher = Callable[[ReplicaLayout], "DistributedExecutor"]

@@ -18,16 +18,37 @@ from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch
 from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
-from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, dequantize_into, scale_shape
+from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 from moeserve.model.layers import MLP
 
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Which logical experts this rank holds, in physical-slot order (``phy2log``)."""
+    """Which logical experts this rank holds, in physical-slot order (``phy2log``).
+
+    A hot expert may have copies on several ranks (a placement file); then each of a token's pairs with it
+    is served by one copy, chosen by token index (``copy_index`` of this rank's slot, ``num_copies`` of the
+    logical expert), so that the all-reduce adds each pair once."""
 
     num_logical: int
     local_logical_ids: tuple[int, ...]
+    copy_index: tuple[int, ...] = ()  # per local slot; empty when no expert has copies
+    num_copies: tuple[int, ...] = ()  # per logical expert; empty when no expert has copies
+
+    @classmethod
+    def from_ranks(cls, per_rank: list[list[int]], rank: int) -> ExpertPlacement:
+        """Rank ``rank``'s share of a whole placement (logical expert ids per EP rank)."""
+        num_logical = 1 + max(e for ids in per_rank for e in ids)
+        seen = [0] * num_logical
+        copy_index = []
+        for r, ids in enumerate(per_rank):
+            for e in ids:
+                if r == rank:
+                    copy_index.append(seen[e])
+                seen[e] += 1
+        if max(seen) == 1:
+            return cls(num_logical, tuple(per_rank[rank]))
+        return cls(num_logical, tuple(per_rank[rank]), tuple(copy_index), tuple(seen))
 
     @classmethod
     def all_local(cls, num_experts: int) -> ExpertPlacement:
@@ -36,7 +57,7 @@ class ExpertPlacement:
     @classmethod
     def contiguous(cls, num_experts: int, ep_rank: int, ep_size: int) -> ExpertPlacement:
         """Rank ``ep_rank``'s share of the default placement (the one ``moeserve plan`` prints)."""
-        return cls(num_experts, tuple(expert_placement(num_experts, ep_size)[ep_rank]))
+        return cls.from_ranks(expert_placement(num_experts, ep_size), ep_rank)
 
     @property
     def num_local(self) -> int:
@@ -49,6 +70,15 @@ class ExpertPlacement:
             table[log_id] = slot
         return table
 
+    def copy_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(copies per logical expert, this rank's copy index per logical expert or -1), or None."""
+        if not self.num_copies:
+            return None
+        mine = torch.full((self.num_logical,), -1, dtype=torch.long)
+        for slot, log_id in enumerate(self.local_logical_ids):
+            mine[log_id] = self.copy_index[slot]
+        return torch.tensor(self.num_copies, dtype=torch.long), mine
+
 
 def gate_spec(config: ModelConfig) -> GateSpec:
     return GateSpec(
@@ -60,6 +90,8 @@ def gate_spec(config: ModelConfig) -> GateSpec:
 
 class MoE(nn.Module):
     log2local: torch.Tensor
+    num_copies: torch.Tensor | None
+    my_copy: torch.Tensor | None
     tokens_per_expert: torch.Tensor
     e_score_correction_bias: torch.Tensor | None
     w13_scale_inv: torch.Tensor | None
@@ -99,6 +131,9 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=store), requires_grad=not fp8_block)
         self._init_scales(num_local, inter, hidden)
         self.register_buffer("log2local", self.placement.log2local(), persistent=False)
+        copies = self.placement.copy_tables()
+        self.register_buffer("num_copies", None if copies is None else copies[0], persistent=False)
+        self.register_buffer("my_copy", None if copies is None else copies[1], persistent=False)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
                              persistent=False)
         self.shared_experts = (MLP(hidden, config.moe_intermediate_size * config.n_shared_experts, dtype,
@@ -131,8 +166,8 @@ class MoE(nn.Module):
         w13, w2 = self.dequant.views([self.w13.shape, self.w2.shape], self.compute_dtype, self.w13.device)
         num_local, two_inter, hidden = self.w13.shape
         halves = (num_local, 2, two_inter // 2, hidden)  # gate and up have their own block grids
-        dequantize_into(w13.view(halves), self.w13.view(halves), self.w13_scale_inv, self.fp8_block)
-        dequantize_into(w2, self.w2, self.w2_scale_inv, self.fp8_block)
+        self.dequant.dequantize(w13.view(halves), self.w13.view(halves), self.w13_scale_inv, self.fp8_block)
+        self.dequant.dequantize(w2, self.w2, self.w2_scale_inv, self.fp8_block)
         return w13, w2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +193,7 @@ class MoE(nn.Module):
         """Same contract as ``routed``, with two grouped GEMMs and no host synchronisation."""
         top_k = ids.shape[1]
         num_local = self.placement.num_local
-        local = self.log2local[ids.flatten()]
+        local = self.local_slots(ids)
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=num_local + 1)
         offsets = torch.cumsum(counts[:num_local], 0).to(torch.int32)
@@ -170,7 +205,21 @@ class MoE(nn.Module):
         # rows past the last offset (experts held elsewhere) are left uninitialised by the kernel
         held = (local[order] < num_local).unsqueeze(-1)
         y = torch.where(held, y * weights.flatten()[order].unsqueeze(-1).to(y.dtype), torch.zeros_like(y))
-        return torch.zeros_like(x).index_add_(0, token_ids, y)
+        # NOTE: each (token, k) row goes back to its place and a token's top_k rows are summed in a fixed
+        # order; index_add_ on GPUs sums them by atomics, in an order (and so a bf16 result) that varies by run
+        pairs = torch.empty_like(y).index_copy_(0, order, y)  # [T * top_k, H]
+        return pairs.view(-1, top_k, y.shape[-1]).sum(1).to(x.dtype)
+
+    def local_slots(self, ids: torch.Tensor) -> torch.Tensor:
+        """[T, top_k] logical ids -> [T * top_k] local slot, or ``num_local`` where another rank serves the
+        pair (it holds the expert, or holds the copy that this token's index picks)."""
+        flat = ids.flatten()
+        local = self.log2local[flat]
+        if self.num_copies is not None and self.my_copy is not None:
+            token = torch.arange(flat.numel(), device=ids.device) // ids.shape[1]
+            served_here = token % self.num_copies[flat] == self.my_copy[flat]
+            local = torch.where(served_here, local, self.placement.num_local)
+        return local
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x: [T, H], weights/ids: [T, top_k] -> sum over the local experts of weight * expert(x).
@@ -179,7 +228,7 @@ class MoE(nn.Module):
         slice, and the weighting and the scatter back happen once for all experts.
         """
         top_k = ids.shape[1]
-        local = self.log2local[ids.flatten()]  # [T * top_k], sentinel num_local for remote experts
+        local = self.local_slots(ids)  # [T * top_k], sentinel num_local for pairs served elsewhere
         order = torch.argsort(local, stable=True)
         counts = torch.bincount(local, minlength=self.placement.num_local + 1).tolist()
         order = order[:len(order) - counts[-1]]  # drop the (token, expert) pairs held elsewhere

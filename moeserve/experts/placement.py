@@ -18,7 +18,7 @@ def expert_placement(num_experts: int, ep: int, placement_file: Path | None = No
                                                           # held in each of its physical slots
     Every rank has the same number of slots; a logical expert may sit on several ranks (a redundant copy
     of a hot expert) but at most once per rank; every logical expert sits somewhere. The same placement is
-    used for every MoE layer. Each row converts to ``ExpertPlacement(num_experts, tuple(row))``.
+    used for every MoE layer. ``ExpertPlacement.from_ranks(placement, rank)`` gives one rank's share.
     """
     if placement_file is None:
         if num_experts % ep:

@@ -27,6 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ep", type=int, default=0,
                    help="expert parallelism: tp (default) spreads experts over a stage's ranks; 1 splits each expert")
     g.add_argument("--pp-layers", default="", help="hand-given layer split, e.g. 14,13")
+    g.add_argument("--ep-dispatch", choices=["allreduce", "alltoall"], default="allreduce",
+                   help="expert parallelism: every rank runs its experts on all tokens and one all-reduce sums "
+                        "them (allreduce), or each rank sends its share of the tokens to the expert owners")
+    g.add_argument("--expert-placement", default="",
+                   help="JSON file mapping each EP rank's slots to logical experts (copies of hot experts "
+                        "allowed; see moeserve plan --placement)")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="auto: read the checkpoint; dummy: random weights made on the device from config.json "
                         "alone (benchmarks; pair with --skip-tokenizer-init when the directory has no tokenizer)")
@@ -48,7 +54,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
         ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
-        skip_tokenizer_init=args.skip_tokenizer_init)
+        skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
+        expert_placement=args.expert_placement)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,11 +17,12 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import zmq
 
-from moeserve.comm.groups import RankGroups, init_groups, recv_hidden, send_hidden
+from moeserve.comm.groups import RankGroups, backend_for, init_groups, recv_hidden, send_hidden
 from moeserve.comm.messages import (
     ErrorMsg,
     LogitsMsg,
@@ -38,6 +39,7 @@ from moeserve.comm.preflight_bench import sync, time_all_reduce, time_all_to_all
 from moeserve.comm.topology import ParallelDims
 from moeserve.coordinator.config import DTYPES
 from moeserve.experts.moe import ExpertPlacement
+from moeserve.experts.placement import expert_placement
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.stages.runner import ModelRunner, StepPlan
@@ -63,6 +65,12 @@ class WorkerSpec:
     node: int = 0  # the node this rank runs on (for error messages)
     preflight_bytes: int = 1 << 20  # payload of the preflight all-reduce / all-to-all; 0 = skip
     num_threads: int = 0  # CPU threads of this rank; 0 = the machine's share (cores / ranks on it)
+    load_format: str = "auto"  # auto | dummy (random weights from config.json, seeded by ``seed``)
+    keep_fp8: bool = False  # keep FP8 routed experts in float8
+    seed: int = 0
+    ep_dispatch: str = "allreduce"  # allreduce | alltoall
+    placement_file: str = ""  # expert placement (JSON); empty = contiguous
+    max_positions: int = 0  # rotary table length; 0 = the model's max_position_embeddings
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -81,10 +89,14 @@ class WorkerSpec:
         coord = self.dims.coord(self.rank)
         start = sum(self.stage_layers[:coord.pp_stage])
         end = start + self.stage_layers[coord.pp_stage]
-        placement = (ExpertPlacement.contiguous(num_experts, coord.tp_rank, self.tp)
-                     if self.ep > 1 and num_experts else None)
-        return ModelSlice(start, end, sum(self.stage_layers), placement, groups.tp,
-                          expert_tp=self.dims.experts_tensor_parallel)
+        placement = None
+        if self.ep > 1 and num_experts:
+            per_rank = expert_placement(num_experts, self.ep, Path(self.placement_file) if self.placement_file
+                                        else None)
+            placement = ExpertPlacement.from_ranks(per_rank, coord.tp_rank)
+        expert_tp = self.dims.experts_tensor_parallel
+        return ModelSlice(start, end, sum(self.stage_layers), placement, groups.tp, expert_tp=expert_tp,
+                          ep_dispatch=self.ep_dispatch if not expert_tp else "allreduce")
 
 
 class StageWorker:
@@ -92,13 +104,16 @@ class StageWorker:
         from moeserve.model.config import ModelConfig
 
         self.spec = spec
+        backend_for(spec.device)  # imports torch_npu for npu devices, before torch.device("npu:N") below
         self.device = torch.device(spec.device)
         self.groups = init_groups(spec.rank, spec.dims, self.device, spec.init_method, spec.timeout_s)
         self.preflight = time_collectives(spec.preflight_bytes, self.device, spec.dims.world_size) \
             if spec.preflight_bytes else None
         config = ModelConfig.from_hf(spec.model)
         model = load_model(spec.model, DTYPES[spec.dtype], self.device,
-                           spec.model_slice(self.groups, config.n_routed_experts))
+                           spec.model_slice(self.groups, config.n_routed_experts),
+                           max_positions=spec.max_positions or None, load_format=spec.load_format,
+                           keep_fp8=spec.keep_fp8, dummy_seed=spec.seed)
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device)
         self.loaded_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
