@@ -204,3 +204,22 @@ def test_bench_on_dummy_weights_of_a_bare_config(tmp_path: Path, capsys: pytest.
             "--num-prompts", "2", "--input-len", "5", "--output-len", "3", "--kv-cache-memory", "1000000"]
     assert cli.main(args) == 0
     assert "output tokens/s" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (grouped GEMM and the compiled kernel)")
+def test_fp8_experts_on_gpu_equal_dequantized_ones(tmp_path: Path) -> None:
+    raw = dict(SMALL, quantization_config=FP8, hidden_size=512, num_attention_heads=8, n_routed_experts=16,
+               n_group=4, topk_group=2, num_experts_per_tok=4)
+    path, dev = config_dir(tmp_path, raw), torch.device("cuda")
+    kept = load_model(path, torch.bfloat16, dev, load_format="dummy", keep_fp8=True)
+    plain = load_model(path, torch.bfloat16, dev, load_format="dummy")
+    for key, moe in kept.moe_layers().items():  # the compiled kernel against the eager dequantization on load
+        w13, w2 = moe.expert_weights()
+        assert torch.equal(w13, plain.layers[str(key)].mlp.w13) and torch.equal(w2, plain.layers[str(key)].mlp.w2)
+    assert kept.dequant is not None and not kept.dequant._compile_failed
+    ids = torch.arange(40, device=dev) * 7 % raw["vocab_size"]
+    meta = build_attn_metadata(torch.arange(8, device=dev).unsqueeze(0), torch.tensor([0], device=dev),
+                               torch.tensor([40], device=dev), 8)
+    with torch.no_grad():
+        first, again, other = kept(ids, meta, None, True), kept(ids, meta, None, True), plain(ids, meta, None, True)
+    assert torch.equal(first, again) and torch.equal(first, other)  # the grouped path is deterministic too
