@@ -101,7 +101,8 @@ class Engine:
             self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
                                              progress=config.load_progress,
                                              max_positions=config.max_model_len or None,
-                                             load_format=config.load_format, keep_fp8=config.effective_keep_fp8)
+                                             load_format=config.load_format, keep_fp8=config.effective_keep_fp8,
+                                             dummy_seed=config.seed)
             self.model_config = self.model.config
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:
