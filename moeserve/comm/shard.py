@@ -1,7 +1,8 @@
-"""ShardInfo: a layer's view of its tensor-parallel group -- rank, size, and the one collective it may do.
+"""ShardInfo: a layer's view of its tensor-parallel group -- rank, size, and its collectives.
 
 Parallel layers compute ``local_*`` sizes from ``full_*`` sizes with ``split`` (a checked divide) and call
-``all_reduce`` at most once in ``forward``; with ``size == 1`` that is a no-op and no process group exists.
+``all_reduce`` at most once in ``forward`` (the LM head calls ``all_gather`` instead); with ``size == 1``
+both are no-ops and no process group exists.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ class ShardInfo:
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
         return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate every rank's ``x`` along ``dim``, in rank order (``x`` itself for one rank)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
 
 
 SINGLE = ShardInfo()

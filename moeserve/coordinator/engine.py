@@ -10,6 +10,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -76,7 +77,8 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     dtype_bytes = torch.empty((), dtype=config.torch_dtype).element_size()
     pp_layers = parse_pp_layers(config.pp_layers, model_config.num_hidden_layers, dims.pp) \
         if config.pp_layers else None
-    plan = make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers)
+    plan = make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers, keep_fp8=config.effective_keep_fp8,
+                     placement_file=Path(config.expert_placement) if config.expert_placement else None)
     per_token = max(plan.stage_layers) * model_config.kv_cache_dim * dtype_bytes
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
@@ -86,7 +88,7 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
                    max_positions=config.max_model_len)
     layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
                            config.effective_block_size, num_blocks, tuple(options.items()))
-    return num_blocks, (launcher or DistributedExecutor.local)(layout)
+    return plan, num_blocks, (launcher or DistributedExecutor.local)(layout)
 
 
 class Engine:
@@ -95,6 +97,7 @@ class Engine:
         self.config = config
         torch.manual_seed(config.seed)
         self.model: DeepseekModel | None = None
+        self.plan = None  # the ParallelPlan of a distributed engine
         if config.is_distributed:
             self.model_config = ModelConfig.from_hf(config.model_path)
         else:
@@ -109,7 +112,7 @@ class Engine:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if self.model is None:
-            num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)
+            self.plan, num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)
         else:
             num_blocks = kv_cache_blocks(config, self.model.cache_bytes_per_token())
             self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device)

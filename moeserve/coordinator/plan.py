@@ -122,7 +122,7 @@ class ParallelPlan:
     def placement(self, rank: int) -> ExpertPlacement:
         from moeserve.experts.moe import ExpertPlacement
 
-        return ExpertPlacement(self.config.n_routed_experts, self.experts_of(rank))
+        return ExpertPlacement.from_ranks([list(ids) for ids in self.expert_ids], self.dims.ep_rank(rank))
 
     @property
     def total_weight_bytes(self) -> int:

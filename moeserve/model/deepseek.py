@@ -90,7 +90,11 @@ class DeepseekModel(nn.Module):
         self.dtype = dtype
         rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim,
                                  max_positions or config.max_position_embeddings)
-        self.embed_tokens = (nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype))
+        # embedding and LM head are split by vocabulary over the tp ranks: rows [vocab_start, + local_vocab)
+        tp = self.slice.tp
+        self.local_vocab = tp.split(config.vocab_size, "vocab_size")
+        self.vocab_start = tp.rank * self.local_vocab
+        self.embed_tokens = (nn.Parameter(torch.empty(self.local_vocab, config.hidden_size, dtype=dtype))
                              if self.slice.has_embedding else None)
         fp8_block = routed_fp8_block(config, keep_fp8, self.slice.tp.size, self.slice.expert_tp)
         self.dequant = DequantBuffer() if fp8_block else None
@@ -101,7 +105,7 @@ class DeepseekModel(nn.Module):
         if self.slice.has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
             self.lm_head = (self.embed_tokens if config.tie_word_embeddings and self.embed_tokens is not None
-                            else nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, dtype=dtype)))
+                            else nn.Parameter(torch.empty(self.local_vocab, config.hidden_size, dtype=dtype)))
         self.rotary = rotary
 
     def _reserve_dequant(self) -> None:
@@ -118,7 +122,12 @@ class DeepseekModel(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         assert self.embed_tokens is not None, "this stage holds no embedding"
-        return F.embedding(token_ids, self.embed_tokens)
+        if self.slice.tp.size == 1:
+            return F.embedding(token_ids, self.embed_tokens)
+        local = token_ids - self.vocab_start
+        held = (local >= 0) & (local < self.local_vocab)
+        h = F.embedding(torch.where(held, local, 0), self.embed_tokens) * held.unsqueeze(-1).to(self.dtype)
+        return self.slice.tp.all_reduce(h)  # one rank holds each row, the others add exact zeros
 
     def forward_layers(self, h: torch.Tensor, meta: AttnMetadata,
                        kv_caches: dict[int, torch.Tensor] | None) -> torch.Tensor:
@@ -128,8 +137,9 @@ class DeepseekModel(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab]."""
-        return F.linear(self.norm(h), self.lm_head).float()
+        """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab] (each tp rank computes its
+        vocabulary share; the shares are gathered)."""
+        return self.slice.tp.all_gather(F.linear(self.norm(h), self.lm_head).float(), dim=-1)
 
     def forward(self, token_ids: torch.Tensor, meta: AttnMetadata,
                 kv_caches: dict[int, torch.Tensor] | None, all_logits: bool = False) -> torch.Tensor:

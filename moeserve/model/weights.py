@@ -125,8 +125,10 @@ def _attn_specs(prefix: str, attn: MLA) -> list[WeightSpec]:
 
 def weight_specs(model: DeepseekModel) -> list[WeightSpec]:
     specs: list[WeightSpec] = []
+    tp = model.slice.tp
+    vocab_rows = Narrow(0, tp.rank, tp.size) if tp.size > 1 else None
     if model.embed_tokens is not None:
-        specs.append(_spec("model.embed_tokens.weight", model.embed_tokens.data))
+        specs.append(_spec("model.embed_tokens.weight", model.embed_tokens.data, narrow=vocab_rows))
     for key, layer in model.decoder_layers().items():
         prefix = f"model.layers.{key}"
         specs.append(_spec(f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight.data))
@@ -140,5 +142,5 @@ def weight_specs(model: DeepseekModel) -> list[WeightSpec]:
         specs.append(_spec("model.norm.weight", model.norm.weight.data))
         if model.lm_head is not model.embed_tokens:
             name = "model.embed_tokens.weight" if model.config.tie_word_embeddings else "lm_head.weight"
-            specs.append(_spec(name, model.lm_head.data))
+            specs.append(_spec(name, model.lm_head.data, narrow=vocab_rows))
     return specs

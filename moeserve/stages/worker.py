@@ -42,6 +42,7 @@ from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
+from moeserve.model.weights import weight_specs
 from moeserve.stages.runner import ModelRunner, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -115,7 +116,8 @@ class StageWorker:
                            max_positions=spec.max_positions or None, load_format=spec.load_format,
                            keep_fp8=spec.keep_fp8, dummy_seed=spec.seed)
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device)
-        self.loaded_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        # every tensor filled from the checkpoint (parameters and the router's bias buffer)
+        self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
         self._reset_stats()
 
