@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from moeserve.launch import cmd_bench, cmd_check, cmd_generate, cmd_launch, cmd_plan
+from moeserve.launch import cmd_bench, cmd_chat, cmd_check, cmd_generate, cmd_launch, cmd_plan, cmd_serve
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description="Serve DeepSeek-style MoE models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch):
+    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_chat):
         p = module.add_parser(sub)
         if getattr(module, "NEEDS_ENGINE_ARGS", False):
             add_engine_args(p)

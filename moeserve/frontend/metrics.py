@@ -1,0 +1,67 @@
+"""Prometheus metrics of one server, in their own registry (no process-global state)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from moeserve.coordinator.async_engine import EngineSnapshot
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+OUTCOMES = ("ok", "aborted", "bad_request", "unauthorized", "busy", "unavailable", "error")
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _EngineCollector:
+    """Reads each replica's latest ``EngineSnapshot`` at scrape time."""
+
+    def __init__(self, snapshots: Callable[[], Sequence[EngineSnapshot]]):
+        self._snapshots = snapshots
+
+    def collect(self):
+        snaps = list(self._snapshots())
+        gauges = {
+            "moeserve_requests_running": ("requests being computed", lambda s: s.num_running),
+            "moeserve_requests_waiting": ("requests queued in the engines", lambda s: s.num_waiting),
+            "moeserve_kv_blocks_used": ("latent-cache blocks in use", lambda s: s.num_kv_blocks_used),
+            "moeserve_kv_blocks_total": ("latent-cache blocks", lambda s: s.num_kv_blocks_total),
+        }
+        for name, (doc, get) in gauges.items():
+            g = GaugeMetricFamily(name, doc, labels=["replica"])
+            for i, s in enumerate(snaps):
+                g.add_metric([str(i)], get(s))
+            yield g
+        hits = CounterMetricFamily("moeserve_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
+                                   labels=["replica"])
+        queries = CounterMetricFamily("moeserve_prefix_cache_query_tokens",
+                                      "prompt tokens looked up in the prefix cache", labels=["replica"])
+        for i, s in enumerate(snaps):
+            hits.add_metric([str(i)], s.num_prefix_hit_tokens)
+            queries.add_metric([str(i)], s.num_prefix_query_tokens)
+        yield hits
+        yield queries
+
+
+class ServerMetrics:
+    def __init__(self, snapshots: Callable[[], Sequence[EngineSnapshot]] = list):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("moeserve_requests", "finished requests by outcome and protocol",
+                                ["outcome", "protocol"], registry=self.registry)
+        self.ttft = Histogram("moeserve_time_to_first_token_seconds", "arrival to first token",
+                              buckets=TTFT_BUCKETS, registry=self.registry)
+        self.itl = Histogram("moeserve_inter_token_latency_seconds", "time between streamed tokens",
+                             buckets=ITL_BUCKETS, registry=self.registry)
+        self.prompt_tokens = Counter("moeserve_prompt_tokens", "prompt tokens of admitted requests",
+                                     registry=self.registry)
+        self.generation_tokens = Counter("moeserve_generation_tokens", "generated tokens",
+                                         registry=self.registry)
+        self.registry.register(_EngineCollector(snapshots))  # type: ignore[arg-type]
+
+    def outcome(self, outcome: str, protocol: str) -> None:
+        self.requests.labels(outcome if outcome in OUTCOMES else "error", protocol).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

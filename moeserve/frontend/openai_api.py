@@ -1,0 +1,156 @@
+"""OpenAI request bodies (validated: unknown fields and wrong types are 400s, as OpenAI answers) and the
+response / stream-chunk shapes of /v1/completions and /v1/chat/completions."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moeserve.coordinator.sampling import SamplingParams
+from moeserve.frontend.errors import BadFrame, BadRequest, FrameTooLarge
+from moeserve.frontend.protocol import validation_message
+from moeserve.frontend.service import sampling_params
+
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class _Sampling(_Body):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    # extensions (vLLM names)
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    stop_token_ids: list[int] | None = None
+
+    def sampling(self, default_max_tokens: int, max_tokens: int | None, top_logprobs: int | None,
+                 index: int) -> SamplingParams:
+        if self.logit_bias:
+            raise BadRequest("logit_bias is not supported", "logit_bias")
+        fields: dict[str, Any] = {"max_tokens": default_max_tokens if max_tokens is None else max_tokens}
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k", "min_p",
+                     "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if value is not None:
+                fields[name] = value
+        if self.seed is not None:  # choice i of n draws with seed + i, so choices differ but reproduce
+            fields["seed"] = (self.seed + index) % 2**64
+        fields["logprobs"] = top_logprobs
+        return sampling_params(fields)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        if self.echo:
+            raise BadRequest("echo is not supported", "echo")
+        if self.suffix:
+            raise BadRequest("suffix is not supported", "suffix")
+        if self.best_of not in (None, 1, self.n):
+            raise BadRequest("best_of must equal n", "best_of")
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise BadRequest("prompt is empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+    def params(self, index: int) -> SamplingParams:
+        return self.sampling(16, self.max_tokens, self.logprobs, index)
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_input(self) -> dict[str, Any]:
+        content = self.content
+        if isinstance(content, list):
+            content = "".join(part.text for part in content)
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+
+    def params(self, index: int, default_max_tokens: int) -> SamplingParams:
+        top = (self.top_logprobs or 0) if self.logprobs else None
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return self.sampling(default_max_tokens, max_tokens, top, index)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_body(raw: bytes, model: type[_Body], max_bytes: int) -> Any:
+    """Bytes of an HTTP body -> a validated request; BadFrame / FrameTooLarge / BadRequest otherwise."""
+    if len(raw) > max_bytes:
+        raise FrameTooLarge(f"request body of {len(raw)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise BadFrame("the request body is not valid UTF-8") from None
+    except (ValueError, RecursionError) as e:
+        raise BadFrame(f"invalid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise BadFrame("the request body must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        message, param = validation_message(e)
+        raise BadRequest(message, param) from None
+
+
+def error_body(code: str, message: str, kind: str, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

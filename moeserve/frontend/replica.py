@@ -1,0 +1,214 @@
+"""Data-parallel replicas as processes: each runs its own ``Engine`` behind an ``EngineDriver`` and talks to
+the front end over ZeroMQ (ipc) with msgpack maps -- never pickle.
+
+front end -> replica (PUSH, one per replica): ``add`` {request_id, token_ids, params, trace}, ``abort``
+{request_id}, ``stop``. replica -> front end (one shared PULL): ``ready`` {index, num_blocks, block_size},
+``updates`` {index, items: [[request_id, update | {error}]], snapshot}, ``snapshot``, ``failed`` {message}.
+``ReplicaBackend`` gives the front end the same ``stream`` interface as ``AsyncEngine``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate
+from moeserve.coordinator.outputs import RequestOutput
+from moeserve.coordinator.request import RequestError
+from moeserve.coordinator.sampling import SamplingParams
+
+
+def _pack(body: dict[str, Any]) -> bytes:
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _unpack(frame: bytes) -> dict[str, Any]:
+    # NOTE: a trusted internal channel; int map keys carry top logprobs (token id -> logprob)
+    return msgpack.unpackb(frame, raw=False, strict_map_key=False)
+
+
+def encode_item(item: EngineUpdate | Exception) -> dict[str, Any]:
+    if isinstance(item, Exception):
+        return {"error": str(item), "request_error": isinstance(item, RequestError)}
+    return {"output": dataclasses.asdict(item.output), "queue_s": item.queue_s, "expert_ids": item.expert_ids}
+
+
+def decode_item(body: dict[str, Any]) -> EngineUpdate | Exception:
+    if "error" in body:
+        return RequestError(body["error"]) if body["request_error"] else RuntimeError(body["error"])
+    return EngineUpdate(RequestOutput(**body["output"]), body["queue_s"], body["expert_ids"])
+
+
+# ---- the replica process ----
+
+def replica_main(spec: dict[str, Any]) -> int:
+    import torch
+
+    from moeserve.coordinator.async_engine import EngineDriver
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+
+    torch.set_num_threads(spec["num_threads"])
+    ctx = zmq.Context()
+    commands, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    commands.connect(spec["cmd_addr"])
+    out.connect(spec["out_addr"])
+    index = spec["index"]
+    try:
+        engine = Engine(EngineConfig(**spec["engine"]))
+    except Exception as e:  # noqa: BLE001 - reported to the front end, which fails the start
+        out.send(_pack({"type": "failed", "index": index, "message": f"{type(e).__name__}: {e}"}))
+        return 1
+    pending: list[list[Any]] = []
+    driver = EngineDriver(engine, lambda batch: pending.extend([rid, encode_item(x)] for rid, x in batch))
+    out.send(_pack({"type": "ready", "index": index, "num_blocks": engine.kv.num_blocks,
+                    "block_size": engine.kv.block_size}))
+    parent, last_report = os.getppid(), 0.0
+    try:
+        while True:
+            if commands.poll(0 if driver.has_work() else 100):
+                while commands.poll(0):
+                    cmd = _unpack(commands.recv())
+                    if cmd["type"] == "stop":
+                        return 0
+                    if cmd["type"] == "add":
+                        driver.add(cmd["request_id"], cmd["token_ids"], SamplingParams.from_dict(cmd["params"]),
+                                   cmd["trace"])
+                    else:
+                        driver.abort(cmd["request_id"])
+            if driver.has_work():
+                driver.run_once()
+            now = time.monotonic()
+            if pending or now - last_report > 0.5:
+                out.send(_pack({"type": "updates", "index": index, "items": pending,
+                                "snapshot": dataclasses.astuple(driver.snapshot)}))
+                pending.clear()
+                last_report = now
+                if os.getppid() != parent:
+                    return 0  # the front end is gone
+    finally:
+        engine.close()
+        ctx.destroy(linger=0)
+
+
+# ---- the front end's side ----
+
+class ReplicaBackend:
+    def __init__(self, index: int, sock: zmq.asyncio.Socket, proc: subprocess.Popen):
+        self.index = index
+        self.sock = sock
+        self.proc = proc
+        self.snapshot = EngineSnapshot()
+        self.streams: dict[str, asyncio.Queue] = {}
+
+    def _send(self, body: dict[str, Any]) -> None:
+        self.sock.send(_pack(body), flags=zmq.NOBLOCK)
+
+    def deliver(self, items: list[list[Any]]) -> None:
+        for rid, body in items:
+            stream = self.streams.get(rid)
+            if stream is not None:
+                stream.put_nowait(decode_item(body))
+
+    async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     trace_experts: bool = False) -> AsyncIterator[EngineUpdate]:
+        if request_id in self.streams:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"replica {self.index} exited with code {self.proc.returncode}")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = queue
+        self._send({"type": "add", "request_id": request_id, "token_ids": list(prompt_token_ids),
+                    "params": dataclasses.asdict(params), "trace": trace_experts})
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.output.finished
+                yield item
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:
+                self._send({"type": "abort", "request_id": request_id})
+
+
+class ReplicaSet:
+    """Spawns ``count`` replica processes and routes their messages to ``ReplicaBackend``s."""
+
+    def __init__(self, engine: dict[str, Any], count: int, num_threads: int):
+        self.engine, self.count, self.num_threads = engine, count, num_threads
+        self.ctx = zmq.asyncio.Context()
+        self.tmp = tempfile.mkdtemp(prefix="moeserve-replicas-")
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(f"ipc://{self.tmp}/out")
+        self.backends: list[ReplicaBackend] = []
+        self.num_blocks = 0
+        self._reader: asyncio.Task | None = None
+
+    async def start(self, timeout_s: float = 600.0) -> list[ReplicaBackend]:
+        for i in range(self.count):
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.bind(f"ipc://{self.tmp}/cmd-{i}")
+            spec = {"index": i, "engine": self.engine, "cmd_addr": f"ipc://{self.tmp}/cmd-{i}",
+                    "out_addr": f"ipc://{self.tmp}/out", "num_threads": self.num_threads}
+            proc = subprocess.Popen([sys.executable, "-m", "moeserve.frontend.replica", json.dumps(spec)])
+            self.backends.append(ReplicaBackend(i, sock, proc))
+        ready: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(ready) < self.count:
+            dead = [b.index for b in self.backends if b.proc.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                await self.stop()
+                raise RuntimeError(f"replica(s) {dead} exited during start" if dead else "replicas did not start")
+            if await self.inbox.poll(500):
+                msg = _unpack(await self.inbox.recv())
+                if msg["type"] == "failed":
+                    await self.stop()
+                    raise RuntimeError(f"replica {msg['index']} failed to start: {msg['message']}")
+                if msg["type"] == "ready":
+                    ready.add(msg["index"])
+                    self.num_blocks, self.block_size = msg["num_blocks"], msg["block_size"]
+        self._reader = asyncio.create_task(self._read())
+        return self.backends
+
+    async def _read(self) -> None:
+        while True:
+            msg = _unpack(await self.inbox.recv())
+            backend = self.backends[msg["index"]]
+            if msg["type"] == "updates":
+                backend.snapshot = EngineSnapshot(*msg["snapshot"])
+                backend.deliver(msg["items"])
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for b in self.backends:
+            try:
+                b.sock.send(_pack({"type": "stop"}), flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        for b in self.backends:
+            try:
+                await asyncio.to_thread(b.proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                b.proc.kill()
+        self.ctx.destroy(linger=0)
+
+
+if __name__ == "__main__":
+    sys.exit(replica_main(json.loads(sys.argv[1])))

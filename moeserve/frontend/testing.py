@@ -1,0 +1,63 @@
+"""A real server on free ports in a background thread of this process (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import Future
+from typing import Any
+
+from moeserve.frontend.server import Server, ServerConfig
+
+
+class BackgroundServer:
+    """``with BackgroundServer(config) as s:`` -> ``s.http_url``, ``s.rpc_address``, ``s.server``.
+
+    Waits until the server is ready (a real one-token generation worked). ``call(coro)`` runs a coroutine on
+    the server's loop (to read engine state from the thread that owns it)."""
+
+    def __init__(self, config: ServerConfig, ready_timeout_s: float = 300.0):
+        self.config = config
+        self.ready_timeout_s = ready_timeout_s
+        self.loop = asyncio.new_event_loop()
+        self.server: Server | None = None
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-server", daemon=True)
+
+    def __enter__(self) -> BackgroundServer:
+        self._thread.start()
+        self.server = self.call(self._start())
+        return self
+
+    async def _start(self) -> Server:
+        server = Server(self.config)
+        await server.start()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout_s
+        while server.service.state != "ready":
+            if server.load_error is not None:
+                raise RuntimeError(f"server failed to load: {server.load_error}")
+            if loop.time() > deadline:
+                raise TimeoutError("server not ready in time")
+            await asyncio.sleep(0.02)
+        return server
+
+    def call(self, coro: Any, timeout: float | None = None) -> Any:
+        fut: Future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout or self.ready_timeout_s)
+
+    @property
+    def http_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.http_port}"
+
+    @property
+    def rpc_address(self) -> str:
+        assert self.server is not None
+        return self.server.rpc_address
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.call(self.server.stop(), timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        self.loop.close()

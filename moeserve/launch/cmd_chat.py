@@ -1,0 +1,110 @@
+"""``moeserve chat``: an interactive terminal client that streams the reply as it is generated.
+
+It talks to a running ``moeserve serve`` over the OpenAI chat API (the server applies the model's chat
+template) or, with ``--raw``, over the token RPC with the plain text as the prompt (for base/code models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+from collections.abc import Iterator
+from urllib.parse import urlparse
+
+NEEDS_ENGINE_ARGS = False
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("chat", help="interactive streaming chat with a running server")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's HTTP address")
+    p.add_argument("--rpc", default="tcp://127.0.0.1:5555", help="the server's RPC address (with --raw)")
+    p.add_argument("--raw", action="store_true", help="no chat template: each line is a prompt, over the RPC")
+    p.add_argument("--api-key", default=None, help="default: the MOESERVE_API_KEY environment variable")
+    p.add_argument("--model", default=None, help="model id (default: the server's first)")
+    p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    return p
+
+
+class HttpChat:
+    def __init__(self, url: str, api_key: str | None, model: str | None):
+        u = urlparse(url)
+        self.host, self.port = u.hostname or "127.0.0.1", u.port or 80
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.model = model or self._first_model()
+
+    def _request(self, method: str, path: str, body: dict | None = None) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+        conn.request(method, path, json.dumps(body) if body is not None else None, self.headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise SystemExit(f"moeserve chat: HTTP {resp.status}: {resp.read().decode(errors='replace')}")
+        return resp
+
+    def _first_model(self) -> str:
+        return json.loads(self._request("GET", "/v1/models").read())["data"][0]["id"]
+
+    def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> Iterator[str]:
+        resp = self._request("POST", "/v1/chat/completions", {
+            "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+            "stream": True})
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise SystemExit(f"moeserve chat: {chunk['error']['message']}")
+            for choice in chunk["choices"]:
+                yield choice["delta"].get("content") or ""
+
+
+def run(args: argparse.Namespace) -> int:
+    key = args.api_key or os.environ.get("MOESERVE_API_KEY") or None
+    interactive = sys.stdin.isatty()
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    chat = None if args.raw else HttpChat(args.url, key, args.model)
+    client = None
+    if args.raw:
+        from moeserve.client import Client
+
+        client = Client(args.rpc, api_key=key)
+    if interactive:
+        print("moeserve chat: /reset clears the conversation, /quit or Ctrl-D ends it", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line.strip() in ("/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        pieces: Iterator[str]
+        if client is not None:
+            pieces = (f.get("text_delta", "") for f in client.generate(
+                line, max_tokens=args.max_tokens, temperature=args.temperature))
+        else:
+            assert chat is not None
+            messages.append({"role": "user", "content": line})
+            pieces = chat.stream(messages, args.max_tokens, args.temperature)
+        reply: list[str] = []
+        for piece in pieces:
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if client is None:
+            messages.append({"role": "assistant", "content": "".join(reply)})
+    if client is not None:
+        client.close()
+    return 0

@@ -1,0 +1,63 @@
+"""``moeserve serve``: the OpenAI-compatible HTTP API and the ZeroMQ token RPC in front of the engine."""
+
+from __future__ import annotations
+
+import argparse
+
+NEEDS_ENGINE_ARGS = True
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI API) and ZeroMQ token RPC")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="interface for HTTP and RPC (default 127.0.0.1; another opens the server, with a warning)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port")
+    g.add_argument("--rpc-port", type=int, default=5555, help="ZeroMQ token RPC port")
+    g.add_argument("--replicas", type=int, default=1, help="data-parallel copies of the model (processes)")
+    g.add_argument("--routing", default="affinity", choices=("affinity", "load", "round_robin"),
+                   help="how requests are spread over replicas")
+    g.add_argument("--api-key", default=None,
+                   help="key(s), comma-separated, required by every route but /health and by the RPC "
+                        "(default: the MOESERVE_API_KEY environment variable)")
+    g.add_argument("--audit-log", default=None, help="append one JSON line per request (never the text)")
+    g.add_argument("--served-model-name", default="", help="the model id of /v1/models (default: the directory name)")
+    g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
+    g.add_argument("--replica-threads", type=int, default=0, help="torch threads per replica (default: cores / N)")
+    lim = p.add_argument_group("limits")
+    lim.add_argument("--max-queued-requests", type=int, default=1024)
+    lim.add_argument("--max-tokens-in-flight", type=int, default=1 << 20)
+    lim.add_argument("--max-prompt-tokens", type=int, default=0, help="0 = the context length")
+    lim.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens (0 = the context length)")
+    lim.add_argument("--max-n", type=int, default=8)
+    lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest RPC frame or HTTP body")
+    return p
+
+
+def server_config(args: argparse.Namespace):
+    from moeserve.frontend.limits import ServerLimits
+    from moeserve.frontend.server import ServerConfig
+    from moeserve.launch.cli import engine_config
+
+    limits = ServerLimits(max_queued_requests=args.max_queued_requests, max_tokens_in_flight=args.max_tokens_in_flight,
+                          max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                          max_n=args.max_n, max_frame_bytes=args.max_frame_bytes)
+    return ServerConfig(engine=engine_config(args, progress=False), host=args.host, port=args.port,
+                        rpc_port=args.rpc_port, replicas=args.replicas, api_key=args.api_key,
+                        audit_log=args.audit_log, served_model_name=args.served_model_name, routing=args.routing,
+                        limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from moeserve.frontend.server import run_server
+
+    if not logging.getLogger().isEnabledFor(logging.WARNING - 1):
+        logging.getLogger("moeserve.frontend.server").setLevel(logging.WARNING)
+    try:
+        config = server_config(args)
+    except ValueError as e:
+        raise SystemExit(f"moeserve serve: {e}") from e
+    run_server(config)
+    return 0
