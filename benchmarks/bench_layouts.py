@@ -82,7 +82,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     pp, tp, ep = (int(x) for x in args.run_one.split("x"))
     start = time.perf_counter()
-    engine = Engine(EngineConfig(model=str(args.model_dir), device=args.device, load_format="dummy",
+    engine = Engine(EngineConfig(model=str(args.model_dir), device=args.device, dtype=args.dtype, load_format="dummy",
                                  skip_tokenizer_init=True, pp=pp, tp=tp, ep=ep, max_num_seqs=max(args.batch, 8),
                                  max_num_batched_tokens=args.max_batched_tokens,
                                  gpu_memory_utilization=args.gpu_memory_utilization,
@@ -141,6 +141,7 @@ def print_summary(results: list[dict], rows: list[dict]) -> None:
     for res in results:
         b, lay = res["bench"], res["layout"]
         busy = " ".join(f"{s['busy_fraction'] * 100:.0f}%" for s in b.get("stage_busy", []))
+        busy += "  engine: " + " ".join(f"{k} {v * 100:.0f}%" for k, v in b["engine_phase_fraction"].items())
         print(f"{lay['pp']}x{lay['tp']}x{lay['ep']:<6} {b['decode_tokens_per_s']:>12.1f} "
               f"{b['decode_tokens_per_s'] / base:>7.2f}x {b['output_tokens_per_s']:>12.1f} "
               f"{b['ttft_p50_s'] * 1e3:>7.0f}ms {b['itl_p50_s'] * 1e3:>6.1f}ms  {busy}")
@@ -158,6 +159,7 @@ def main() -> None:
     p.add_argument("--num-layers", type=int, default=0, help="cut the model to its first N layers")
     p.add_argument("--layouts", default="1x1x1,2x1x1,1x2x2", help="pp x tp x ep, the first is the reference")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs), float32: a check without bf16 rounding")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import numpy as np
 import torch
 
 
@@ -34,15 +33,27 @@ class LogitsMsg:
     step_id: int
     rank: int
     shape: list[int]
-    data: bytes  # float32, C order
+    dtype: str  # "float32", or "bfloat16" / "float16" when the logits were computed in that dtype (lossless)
+    data: bytes  # C order
 
     @classmethod
-    def from_tensor(cls, step_id: int, rank: int, logits: torch.Tensor) -> LogitsMsg:
-        array = logits.detach().float().cpu().contiguous().numpy()
-        return cls(step_id, rank, list(array.shape), array.tobytes())
+    def from_tensor(cls, step_id: int, rank: int, logits: torch.Tensor,
+                    wire_dtype: torch.dtype = torch.float32) -> LogitsMsg:
+        """``wire_dtype``: send in the model's 16-bit dtype when every value is exact in it (half the bytes)."""
+        t = logits.detach().to(wire_dtype).contiguous().cpu()
+        return cls(step_id, rank, list(t.shape), str(wire_dtype).removeprefix("torch."),
+                   t.view(torch.uint8).numpy().tobytes())
 
     def tensor(self) -> torch.Tensor:
-        return torch.from_numpy(np.frombuffer(self.data, dtype=np.float32).reshape(self.shape).copy())
+        """float32 logits."""
+        dtype = WIRE_DTYPES.get(self.dtype)
+        if dtype is None:
+            raise MessageError(f"LogitsMsg: unknown dtype {self.dtype!r}")
+        raw = torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
+        return raw.view(dtype).reshape(self.shape).float()
+
+
+WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

@@ -42,6 +42,9 @@ class EngineStats:
     num_generated_tokens: int = 0
     max_in_flight: int = 0  # most batches in flight at once (pipeline parallelism)
     step_times: list[float] = field(default_factory=list)
+    # seconds the engine spent in each part of its steps: where a step's time goes (see moeserve bench)
+    phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("schedule_submit", "wait_logits", "sample", "process"), 0.0))
 
 
 @dataclass
@@ -196,7 +199,9 @@ class Engine:
         if not self.in_flight:
             return []
         batch = self.in_flight.popleft()
+        t1 = time.perf_counter()
         logits = self.runner.collect(batch.handle)                         # 2. the model's logits
+        t2 = time.perf_counter()
         self.scheduler.advance(batch.sched)
         live = [i for i, r in enumerate(batch.to_sample) if not r.is_finished]  # drop rows aborted in flight
         to_sample = [batch.to_sample[i] for i in live]
@@ -207,8 +212,10 @@ class Engine:
             [r.prompt_token_ids for r in to_sample], [r.generator for r in to_sample], logits.device,
             eos_token_ids=self.eos_token_ids)
         sampled = self.sampler.sample(logits, batch_params)
+        t3 = time.perf_counter()
         outputs = self._process(to_sample, sampled)                        # 4. process outputs
-        self._record(batch.sched, to_sample, time.perf_counter() - t0)     # 5. statistics
+        t4 = time.perf_counter()
+        self._record(batch.sched, to_sample, (t0, t1, t2, t3, t4))         # 5. statistics
         return outputs
 
     def _fill_pipeline(self) -> None:
@@ -258,11 +265,13 @@ class Engine:
             outputs.append(out)
         return outputs
 
-    def _record(self, sched: SchedulerOutput, sampled: list[Request], seconds: float) -> None:
+    def _record(self, sched: SchedulerOutput, sampled: list[Request], times: tuple[float, ...]) -> None:
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(sched.preempted)
         self.stats.num_generated_tokens += len(sampled)
-        self.stats.step_times.append(seconds)
+        self.stats.step_times.append(times[-1] - times[0])
+        for phase, start, end in zip(self.stats.phase_s, times, times[1:]):
+            self.stats.phase_s[phase] += end - start
         if sched.preempted:
             logger.info("preempted %d request(s) (cache full); they will be recomputed", len(sched.preempted))
 

@@ -46,6 +46,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     gen = torch.Generator().manual_seed(0)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    engine.stats.phase_s = dict.fromkeys(engine.stats.phase_s, 0.0)
     stage_stats = getattr(engine.runner, "stage_stats", None)  # stage workers only
     if stage_stats is not None:
         stage_stats(reset=True)
@@ -79,6 +80,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
         "peak_memory_bytes": peak_memory_bytes(engine.config.torch_device),
         "num_preemptions": engine.stats.num_preemptions,
         "max_batches_in_flight": engine.stats.max_in_flight,
+        "engine_phase_fraction": {k: v / elapsed for k, v in engine.stats.phase_s.items()},
     }
     if stage_stats is not None:
         result["stage_busy"] = stage_busy(engine, stage_stats(), elapsed)
@@ -106,6 +108,8 @@ def print_table(result: dict) -> None:
             ("ITL p50 / p99", f"{result['itl_p50_s'] * 1e3:.1f} / {result['itl_p99_s'] * 1e3:.1f} ms"),
             ("peak memory", f"{result['peak_memory_bytes'] / 2**20:.0f} MiB"),
             ("preemptions", str(result["num_preemptions"]))]
+    phases = ", ".join(f"{k} {v * 100:.0f}%" for k, v in result["engine_phase_fraction"].items())
+    rows.append(("engine time", phases))
     for row in result.get("stage_busy", []):
         rows.append((f"stage {row['stage']} busy", f"{row['busy_fraction'] * 100:.0f}% ({row['steps']} steps)"))
     for key, value in rows:

@@ -119,6 +119,7 @@ class StageWorker:
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
+        self.wire_dtype = model.dtype  # the LM head computes in the model dtype: its logits are exact there
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -134,6 +135,7 @@ class StageWorker:
         if self.groups.prev_rank is not None:                                   # 1. receive
             shape = (len(plan.token_ids), model.config.hidden_size)
             h = recv_hidden(shape, model.dtype, self.device, self.groups.prev_rank)
+            sync(self.device)  # the busy time below starts once the previous stage's output is here
         start = time.perf_counter()
         logits, h = self.runner.execute_stage(plan, h)                          # 2. run
         sync(self.device)  # the busy time is the device's, not the kernel launches'
@@ -159,7 +161,7 @@ class StageWorker:
                 continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:
-                sock.send(encode(LogitsMsg.from_tensor(msg.step_id, self.spec.rank, logits)))
+                sock.send(encode(LogitsMsg.from_tensor(msg.step_id, self.spec.rank, logits, self.wire_dtype)))
 
 
 def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:
