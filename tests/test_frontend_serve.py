@@ -1,0 +1,65 @@
+"""``moeserve serve`` as a real subprocess: both protocols on the embedded model, SIGTERM drains (a request
+in flight completes, new ones get 503) and the process exits cleanly; --replicas 2 routes by prefix."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from moeserve.client import Client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(*args: str) -> tuple[subprocess.Popen, str, str]:
+    port, rpc = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moeserve.launch.cli", "serve", "--port", str(port),
+                             "--rpc-port", str(rpc), "--kv-cache-memory", str(32 << 20), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, f"tcp://127.0.0.1:{rpc}"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError("moeserve serve did not become healthy")
+
+
+def test_serve_both_protocols_and_drain_on_sigterm() -> None:
+    proc, url, rpc = start()
+    try:
+        body = {"model": "moeserve-default", "prompt": "def fib(n):", "max_tokens": 8, "temperature": 0,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        sse_text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+        with Client(rpc, timeout_s=30) as c:
+            assert c.complete("def fib(n):", max_tokens=8, temperature=0).text == sse_text
+            frames = c.generate("def fib(n):", max_tokens=120, temperature=0, ignore_eos=True)
+            next(frames)
+            os.kill(proc.pid, signal.SIGTERM)  # drain: the request in flight still completes
+            time.sleep(0.3)
+            assert httpx.get(url + "/health", timeout=5).status_code == 503
+            final = list(frames)[-1]
+        assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 120
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
