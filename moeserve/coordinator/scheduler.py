@@ -114,9 +114,13 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.scheduled) < max_seqs):
             req = self.waiting[0]
+            if req.num_computed_tokens == 0 and not self.kv.holds(req.request_id):
+                req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.token_ids)  # cached prefix
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
             if table is None:
+                self.kv.free(req.request_id)  # give back the cached prefix; it is matched again next time
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
@@ -139,3 +143,4 @@ class Scheduler:
         """Record that the scheduled tokens were computed."""
         for s in out.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_full_blocks(s.request.request_id, s.request.token_ids, s.request.num_computed_tokens)

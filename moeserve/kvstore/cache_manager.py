@@ -3,13 +3,19 @@
 The scheduler asks to ``allocate_slots`` for a request's next tokens, and ``free``s a request; it gets back
 an opaque ``BlockTable`` per request and never sees the pool. Every layer (and every pipeline stage) uses the
 same block ids for a sequence, so one table addresses the whole cache.
+
+Automatic prefix caching: at admission ``match_prefix`` gives a request the cached blocks of its longest
+cached prefix (whole blocks, never the last token: something must be computed to sample from), and after
+each step ``cache_full_blocks`` registers the request's newly computed full blocks for later requests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moeserve.kvstore.block_pool import BlockPool
+from moeserve.kvstore.prefix import ROOT_HASH, block_hashes
 
 
 @dataclass(frozen=True)
@@ -24,12 +30,16 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[int]] = {}  # request -> prefix hashes of its registered full blocks
+        self.num_prefix_query_tokens = 0  # prompt tokens looked up at admission, cumulative
+        self.num_prefix_hit_tokens = 0  # of which were found in the cache
 
     @property
     def num_blocks(self) -> int:
@@ -42,6 +52,45 @@ class KVCacheManager:
     @property
     def capacity_tokens(self) -> int:
         return self.pool.num_blocks * self.block_size
+
+    def match_prefix(self, request_id: str, token_ids: Sequence[int]) -> int:
+        """Give a request with no blocks yet the cached blocks of its longest cached prefix; returns how many
+        tokens they hold (a multiple of block_size, at most len(token_ids) - 1)."""
+        assert request_id not in self._tables, f"request {request_id!r} already holds blocks"
+        if not self.enable_prefix_caching:
+            return 0
+        bs = self.block_size
+        max_blocks = (len(token_ids) - 1) // bs  # NOTE: the last token is always recomputed
+        blocks, hashes = [], []
+        for i, h in enumerate(block_hashes(token_ids[:max_blocks * bs], bs)):
+            block = self.pool.lookup(h, tuple(token_ids[i * bs:(i + 1) * bs]))
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(h)
+        for b in blocks:
+            self.pool.touch(b)
+        if blocks:
+            self._tables[request_id] = blocks
+            self._hashes[request_id] = hashes
+        self.num_prefix_query_tokens += len(token_ids)
+        self.num_prefix_hit_tokens += len(blocks) * bs
+        return len(blocks) * bs
+
+    def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Register the request's full blocks whose latents are now computed."""
+        if not self.enable_prefix_caching or request_id not in self._tables:
+            return
+        done = self._hashes.setdefault(request_id, [])
+        table = self._tables[request_id]
+        num_full = min(num_computed_tokens // self.block_size, len(table))
+        if num_full <= len(done):
+            return
+        parent = done[-1] if done else ROOT_HASH
+        new = block_hashes(token_ids[:num_full * self.block_size], self.block_size, start=len(done), parent=parent)
+        for i, h in enumerate(new, start=len(done)):
+            self.pool.register(table[i], h, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        done.extend(new)
 
     def allocate_slots(self, request_id: str, num_total_tokens: int) -> BlockTable | None:
         """Make room for ``num_total_tokens`` tokens of this request in the cache.
@@ -62,10 +111,12 @@ class KVCacheManager:
         return BlockTable(tuple(self._tables.get(request_id, ())))
 
     def free(self, request_id: str) -> None:
-        """Release every block of the request (idempotent)."""
+        """Release every block of the request (idempotent). Its cached blocks stay reusable until evicted;
+        the tail goes first (freed in reverse, so it is reused before the shared head)."""
         blocks = self._tables.pop(request_id, None)
+        self._hashes.pop(request_id, None)
         if blocks:
-            self.pool.free(blocks)
+            self.pool.free(blocks[::-1])
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._tables
