@@ -3,6 +3,7 @@ in flight completes, new ones get 503) and the process exits cleanly; --replicas
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -63,3 +64,30 @@ def test_serve_both_protocols_and_drain_on_sigterm() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_two_replicas_route_shared_prefixes_and_match_one_engine() -> None:
+    from moeserve.client import AsyncClient, run
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+    from moeserve.coordinator.sampling import SamplingParams
+    from moeserve.frontend.server import ServerConfig
+    from moeserve.frontend.testing import BackgroundServer
+
+    engine_cfg = EngineConfig(kv_cache_memory=8 << 20)
+    heads = ["import os\nimport sys\nimport json\n\n\ndef main(argv):\n    parser = argparse.ArgumentParser()\n",
+             "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n"]
+    prompts = [h + tail for tail in ("    a", "    b", "    c", "    d") for h in heads]
+    ref = Engine(engine_cfg).generate(prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    with BackgroundServer(ServerConfig(engine=engine_cfg, port=0, rpc_port=0, replicas=2, replica_threads=1)) as s:
+        async def main() -> list[list[int]]:
+            async with AsyncClient(s.rpc_address) as c:
+                first = [await c.complete(p, max_tokens=12, temperature=0, ignore_eos=True) for p in prompts[:2]]
+                rest = [c.complete(p, max_tokens=12, temperature=0, ignore_eos=True) for p in prompts[2:]]
+                return [r.token_ids for r in first + list(await asyncio.gather(*rest))]
+
+        got = run(main())
+        snaps = s.server.service.snapshots()
+    assert got == [r.output_token_ids for r in ref]
+    assert sum(x.num_prefix_hit_tokens for x in snaps) >= 6 * 16  # the 6 later prompts hit their head
+    assert all(x.num_prefix_hit_tokens > 0 for x in snaps)  # each head went to its own replica

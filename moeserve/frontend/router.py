@@ -45,13 +45,13 @@ def choose_replica(matched_blocks: Sequence[int], loads: Sequence[int], policy: 
     """Pick a replica. ``matched_blocks[r]``: prefix blocks replica r likely holds; ``loads[r]``: its
     outstanding tokens. ``affinity``: the longest match (ties: the least loaded) unless the loads are out of
     balance (max - min > balance_abs_tokens and max > balance_rel * min), then the least loaded; ``load``:
-    the least loaded; ``round_robin``: ``counter`` mod the number of replicas."""
+    the least loaded (ties rotate with ``counter``); ``round_robin``: ``counter`` mod the number of replicas."""
     n = len(loads)
     if policy not in POLICIES:
         raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
     if policy == "round_robin":
         return counter % n
-    least = min(range(n), key=lambda r: (loads[r], r))
+    least = min(range(n), key=lambda r: (loads[r], (r - counter) % n))  # ties rotate: new prefixes spread
     if policy == "load":
         return least
     hi, lo = max(loads), min(loads)
