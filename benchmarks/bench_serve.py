@@ -7,7 +7,7 @@ prefix: a shared-prefix workload (G groups of requests whose prompts share a lon
         --replicas 2, once per routing policy: prefix-cache hit rate, TTFT and throughput.
 
     python benchmarks/bench_serve.py load --clients 200 --seconds 60
-    python benchmarks/bench_serve.py prefix --groups 6 --requests 96 --concurrency 8
+    python benchmarks/bench_serve.py prefix --groups 7 --requests 112 --concurrency 8
 """
 
 from __future__ import annotations
@@ -168,11 +168,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--protocols", default="rpc,http")
-    ap.add_argument("--groups", type=int, default=6)
+    ap.add_argument("--groups", type=int, default=7, help="odd, so that round robin does not align with groups")
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--head-tokens", type=int, default=300)
-    ap.add_argument("--kv-cache-memory", type=int, default=4 << 20, help="per replica (prefix mode)")
+    ap.add_argument("--kv-cache-memory", type=int, default=5 << 20, help="per replica (prefix mode)")
     ap.add_argument("--json-out", type=Path, default=None)
     args = ap.parse_args()
     results = []
