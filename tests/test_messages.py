@@ -12,10 +12,13 @@ from moeserve.comm.messages import LogitsMsg, MessageError, StatsMsg, StepPlanMs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_logits_round_trip_is_exact(dtype: torch.dtype) -> None:
     logits = torch.randn(3, 50).to(dtype).float()  # values exact in the wire dtype, as the LM head makes them
-    msg = decode(encode(LogitsMsg.from_tensor(7, 1, logits, dtype)))
+    header, data = LogitsMsg.frames(7, 1, logits, dtype)
+    msg = decode(header).attach(memoryview(data.tobytes()))
     assert isinstance(msg, LogitsMsg) and msg.step_id == 7 and msg.dtype == str(dtype).removeprefix("torch.")
     assert len(msg.data) == logits.numel() * torch.empty((), dtype=dtype).element_size()
-    assert torch.equal(msg.tensor(), logits)
+    with pytest.raises(MessageError, match="data bytes"):
+        decode(header).attach(b"\x00" * 3)  # a frame that does not match the header
+    assert msg.tensor().dtype == dtype and torch.equal(msg.tensor().float(), logits)
 
 
 def test_plan_and_stats_round_trip() -> None:
@@ -32,6 +35,6 @@ def test_bad_frames_are_refused() -> None:
         decode(msgpack.packb({"type": "Pickle", "x": 1}))
     with pytest.raises(MessageError, match="expected fields"):
         decode(msgpack.packb({"type": "StatsMsg", "rank": 1}))
-    bad = LogitsMsg(1, 0, [1, 2], "int8", b"\x00\x00")
+    bad = LogitsMsg(1, 0, [1, 2], "int8", b"")
     with pytest.raises(MessageError, match="unknown dtype"):
-        decode(encode(bad)).tensor()
+        decode(encode(bad)).attach(b"\x00\x00")

@@ -7,6 +7,8 @@ Nothing here is ever pickled: every message is a dataclass of plain fields, enco
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,27 +32,46 @@ class StepPlanMsg:
 
 @dataclass
 class LogitsMsg:
+    """Logits of a step's sample rows. On the wire the tensor's bytes travel as a second ZeroMQ frame after
+    the msgpack header (``frames`` / ``attach``), so that megabytes of logits are not copied into msgpack."""
+
     step_id: int
     rank: int
     shape: list[int]
     dtype: str  # "float32", or "bfloat16" / "float16" when the logits were computed in that dtype (lossless)
-    data: bytes  # C order
+    data: bytes | memoryview  # C order; empty in the header frame
 
     @classmethod
-    def from_tensor(cls, step_id: int, rank: int, logits: torch.Tensor,
-                    wire_dtype: torch.dtype = torch.float32) -> LogitsMsg:
-        """``wire_dtype``: send in the model's 16-bit dtype when every value is exact in it (half the bytes)."""
+    def frames(cls, step_id: int, rank: int, logits: torch.Tensor,
+               wire_dtype: torch.dtype = torch.float32) -> list:
+        """[msgpack header, raw bytes] (the bytes without a copy). ``wire_dtype``: the model's 16-bit dtype
+        when every value is exact in it (half the bytes)."""
         t = logits.detach().to(wire_dtype).contiguous().cpu()
-        return cls(step_id, rank, list(t.shape), str(wire_dtype).removeprefix("torch."),
-                   t.view(torch.uint8).numpy().tobytes())
+        header = cls(step_id, rank, list(t.shape), str(wire_dtype).removeprefix("torch."), b"")
+        return [encode(header), t.view(torch.uint8).numpy()]
 
-    def tensor(self) -> torch.Tensor:
-        """float32 logits."""
+    def attach(self, data: bytes | memoryview) -> LogitsMsg:
+        expected = math.prod(self.shape) * self._dtype().itemsize
+        if self.data or len(data) != expected:
+            raise MessageError(f"LogitsMsg: {len(data)} data bytes for shape {self.shape} {self.dtype}")
+        self.data = data
+        return self
+
+    def _dtype(self) -> torch.dtype:
         dtype = WIRE_DTYPES.get(self.dtype)
         if dtype is None:
             raise MessageError(f"LogitsMsg: unknown dtype {self.dtype!r}")
-        raw = torch.frombuffer(bytearray(self.data), dtype=torch.uint8)
-        return raw.view(dtype).reshape(self.shape).float()
+        return dtype
+
+    def tensor(self) -> torch.Tensor:
+        """The logits in their wire dtype (the engine moves them to its device, then widens them)."""
+        dtype = self._dtype()
+        if not len(self.data):
+            return torch.empty(self.shape, dtype=dtype)
+        with warnings.catch_warnings():  # a received frame is read-only; the engine copies it at once
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(self.data, dtype=torch.uint8)
+        return raw.view(dtype).reshape(self.shape)
 
 
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

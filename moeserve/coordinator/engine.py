@@ -200,7 +200,8 @@ class Engine:
             return []
         batch = self.in_flight.popleft()
         t1 = time.perf_counter()
-        logits = self.runner.collect(batch.handle)                         # 2. the model's logits
+        # 2. the model's logits, sampled on the engine's device (stage workers send them to the host)
+        logits = self.runner.collect(batch.handle).to(self.config.torch_device).float()
         t2 = time.perf_counter()
         self.scheduler.advance(batch.sched)
         live = [i for i, r in enumerate(batch.to_sample) if not r.is_finished]  # drop rows aborted in flight

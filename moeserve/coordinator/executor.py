@@ -158,8 +158,10 @@ class DistributedExecutor:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.sock.poll(500):
-                _identity, frame = self.sock.recv_multipart()
-                msg = decode(frame)
+                _identity, frame, *data = self.sock.recv_multipart(copy=False)
+                msg = decode(frame.bytes)
+                if isinstance(msg, LogitsMsg):
+                    msg.attach(data[0].buffer if data else b"")
                 if isinstance(msg, ErrorMsg):
                     time.sleep(0.5)  # a peer's death usually shows up first as another rank's comm error
                     self._check_alive(reported=msg.rank)

@@ -161,7 +161,8 @@ class StageWorker:
                 continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:
-                sock.send(encode(LogitsMsg.from_tensor(msg.step_id, self.spec.rank, logits, self.wire_dtype)))
+                sock.send_multipart(LogitsMsg.frames(msg.step_id, self.spec.rank, logits, self.wire_dtype),
+                                    copy=False)
 
 
 def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:
