@@ -86,22 +86,52 @@ async def rpc_stream(client: AsyncClient, prompt: str, max_tokens: int, stats: S
     return "".join(text)
 
 
-async def http_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, stats: Stats) -> str:
+class RawHttp:
+    """A minimal keep-alive HTTP/1.1 client for SSE: httpx's per-stream overhead, on the same 2 cores as the
+    server, would otherwise be much of what the load test measures."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post_sse(self, path: str, body: dict):
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        data = json.dumps(body).encode()
+        self.writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(head.split(b"\r\n")[0].decode())
+        while True:  # chunked transfer encoding: one SSE event per chunk
+            size = int((await self.reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await self.reader.readexactly(size + 2)
+            if size == 0:
+                return
+            for event in chunk[:-2].split(b"\n\n"):
+                if event.startswith(b"data: ") and event != b"data: [DONE]":
+                    yield json.loads(event[6:])
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+async def http_stream(client: RawHttp, prompt: str, max_tokens: int, stats: Stats) -> str:
     body = {"model": "moeserve-default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True}
     t0 = last = time.perf_counter()
     text: list[str] = []
-    async with client.stream("POST", url + "/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            now = time.perf_counter()
-            (stats.ttft if not text else stats.itl).append(now - (t0 if not text else last))
-            text.append(json.loads(line[6:])["choices"][0]["text"])
-            stats.tokens += 1
-            last = now
+    async for event in client.post_sse("/v1/completions", body):
+        now = time.perf_counter()
+        (stats.ttft if not text else stats.itl).append(now - (t0 if not text else last))
+        text.append(event["choices"][0]["text"])
+        stats.tokens += 1
+        last = now
     return "".join(text)
 
 
@@ -110,10 +140,10 @@ async def load(url: str, rpc: str, protocol: str, clients: int, seconds: float, 
         alone = {p: (await c.complete(p, max_tokens=max_tokens, temperature=0)).text for p in PROMPTS}
     stats = Stats()
     deadline = time.perf_counter() + seconds
-    http = httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=clients + 10))
 
     async def one_client(i: int) -> None:
         rc = AsyncClient(rpc) if protocol == "rpc" else None
+        http = RawHttp(url)
         k = i
         while time.perf_counter() < deadline:
             prompt = PROMPTS[k % len(PROMPTS)]
@@ -122,19 +152,20 @@ async def load(url: str, rpc: str, protocol: str, clients: int, seconds: float, 
                 if rc is not None:
                     text = await rpc_stream(rc, prompt, max_tokens, stats)
                 else:
-                    text = await http_stream(http, url, prompt, max_tokens, stats)
+                    text = await http_stream(http, prompt, max_tokens, stats)
             except Exception as e:  # noqa: BLE001 - counted, and the run goes on
                 stats.errors += 1
                 print(f"client {i}: {type(e).__name__}: {e}", file=sys.stderr)
+                await http.close()
                 continue
             stats.done += 1
             stats.mismatches += text != alone[prompt]
         if rc is not None:
             await rc.close()
+        await http.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(one_client(i) for i in range(clients)))
-    await http.aclose()
     return {"protocol": protocol, "clients": clients, "max_tokens": max_tokens,
             **stats.summary(time.perf_counter() - t0), "wall_s": round(time.perf_counter() - t0, 1)}
 
