@@ -51,6 +51,12 @@ def test_serve_both_protocols_and_drain_on_sigterm() -> None:
             lines = [line for line in r.iter_lines() if line]
         assert lines[-1] == "data: [DONE]"
         sse_text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+        for mode in ([], ["--raw", "--rpc", rpc]):  # moeserve chat streams a reply per input line
+            chat = subprocess.run([sys.executable, "-m", "moeserve.launch.cli", "chat", "--url", url, *mode,
+                                   "--max-tokens", "8", "--temperature", "0"], input="def fib(n):\n",
+                                  capture_output=True, text=True, timeout=60)
+            assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+        assert chat.stdout == sse_text + "\n"
         with Client(rpc, timeout_s=30) as c:
             assert c.complete("def fib(n):", max_tokens=8, temperature=0).text == sse_text
             frames = c.generate("def fib(n):", max_tokens=120, temperature=0, ignore_eos=True)
