@@ -108,6 +108,7 @@ class EngineDriver:
         self._arrival: dict[str, float] = {}  # requests not yet scheduled -> engine arrival time
         self._traced: set[str] = set()
         self.snapshot = EngineSnapshot.of(engine)
+        self.fatal: Exception | None = None  # a stage worker died: the engine cannot step any more
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
             trace_experts: bool = False) -> None:
@@ -160,6 +161,8 @@ class EngineDriver:
             outputs = self.engine.step()
         except Exception as e:  # noqa: BLE001 - a failed step fails every request in flight
             self.fail_all(e)
+            if self.engine.workers_failed(e):
+                self.fatal = e
             return
         started = [rid for rid in self._arrival
                    if (r := self.engine.requests.get(rid)) is None or r.status is not RequestStatus.WAITING]
@@ -176,6 +179,14 @@ class EngineDriver:
                 self._forget(rid)
         if batch:
             self.publish(batch)
+
+    def check_workers(self) -> None:
+        """Between steps: notice a stage worker that died while the engine was idle."""
+        try:
+            self.engine.check_workers()
+        except Exception as e:  # noqa: BLE001 - the same path as a failed step
+            self.fail_all(e)
+            self.fatal = e
 
     def fail_all(self, error: Exception) -> None:
         rids = list(self.engine.requests)
@@ -194,6 +205,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_fatal: Callable[[Exception], None] | None = None  # called on the event loop
 
     async def __aenter__(self) -> AsyncEngine:
         self.start()
@@ -223,12 +235,15 @@ class AsyncEngine:
 
     # ---- the engine thread ----
     def _run(self) -> None:
-        while not self._stopping:
+        while not self._stopping and self.driver.fatal is None:
             if not self.driver.has_work():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+                self.driver.check_workers()
                 continue
             self.driver.run_once()
+        if self.driver.fatal is not None and self.on_fatal is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self.on_fatal, self.driver.fatal)
 
     def _publish(self, batch: list[tuple[str, EngineUpdate | Exception]]) -> None:
         assert self._loop is not None

@@ -181,6 +181,19 @@ class Engine:
         req.status, req.finish_reason = RequestStatus.FINISHED, "abort"
         return True
 
+    def check_workers(self) -> None:
+        """Raise WorkerError if a stage worker has died (nothing to check in one process)."""
+        check = getattr(self.runner, "check_alive", None)
+        if check is not None:
+            check()
+
+    @staticmethod
+    def workers_failed(error: Exception) -> bool:
+        """Whether a step's error means the stage workers are gone (the engine cannot go on)."""
+        from moeserve.coordinator.executor import WorkerError
+
+        return isinstance(error, WorkerError)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.in_flight)
 

@@ -143,6 +143,10 @@ class DistributedExecutor:
         spec = self.specs[rank]
         return f"rank {rank} (node {spec.node})" if spec.node else f"rank {rank}"
 
+    def check_alive(self) -> None:
+        """Raise WorkerError for a rank that has died (between steps: the engine is idle)."""
+        self._check_alive()
+
     def _check_alive(self, reported: int | None = None) -> None:
         """Raise for a dead rank, preferring one that died silently over one that reported an error."""
         dead = [(spec.rank, proc.returncode) for spec, proc in zip(self.local_specs, self.procs)

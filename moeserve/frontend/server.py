@@ -82,8 +82,11 @@ class _Uvicorn(uvicorn.Server):
 
 
 class Server:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, engine: Any = None):
+        """``engine``: an Engine that is already up (``moeserve launch cluster`` builds it across the nodes
+        first); by default the server builds its own from ``config.engine``."""
         self.config = config
+        self._prebuilt_engine = engine
         path = config.engine.model_path
         self.tokenizer = None if config.engine.skip_tokenizer_init else Tokenizer.from_dir(path)
         mc = ModelConfig.from_hf(path)
@@ -101,6 +104,7 @@ class Server:
         self._replica_set: Any = None
         self.stopped = asyncio.Event()
         self.load_error: BaseException | None = None
+        self.engine_error: BaseException | None = None
 
     def _snapshots(self):
         return self.service.snapshots()
@@ -148,9 +152,10 @@ class Server:
         from moeserve.coordinator.async_engine import AsyncEngine
         from moeserve.coordinator.engine import Engine
 
-        engine = await asyncio.to_thread(Engine, self.config.engine)
+        engine = self._prebuilt_engine or await asyncio.to_thread(Engine, self.config.engine)
         self._set_capacity(engine.kv.num_blocks)
         ae = AsyncEngine(engine)
+        ae.on_fatal = self._engine_failed
         ae.start()
         self._engines.append(ae)
         return [ae]
@@ -165,6 +170,13 @@ class Server:
         backends = await self._replica_set.start()
         self._set_capacity(self._replica_set.num_blocks)
         return backends
+
+    def _engine_failed(self, error: Exception) -> None:
+        """The engine's stage workers are gone: requests in flight have failed; stop serving."""
+        logger.error("the engine failed: %s", error)
+        self.engine_error = error
+        self.service.state = "draining"
+        self.stopped.set()
 
     def _set_capacity(self, num_blocks: int) -> None:
         info = self.service.model
@@ -215,11 +227,13 @@ class Server:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
-        if self.load_error is None:
+        if self.load_error is None and self.engine_error is None:
             await self.drain()
         await self.stop()
         if self.load_error is not None:
             raise SystemExit(f"moeserve serve: loading failed: {self.load_error}")
+        if self.engine_error is not None:
+            raise SystemExit(f"moeserve serve: the engine failed: {self.engine_error}")
 
 
 def _zmq_host(host: str) -> str:
@@ -228,14 +242,14 @@ def _zmq_host(host: str) -> str:
     return "127.0.0.1" if host == "localhost" else host
 
 
-def run_server(config: ServerConfig) -> None:
-    """Block serving ``config`` (uvloop when installed)."""
+def run_server(config: ServerConfig, engine: Any = None) -> None:
+    """Block serving ``config`` (uvloop when installed), over ``engine`` if one is given."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(Server(config).serve_forever())
+        asyncio.run(Server(config, engine).serve_forever())
     else:
-        uvloop.run(Server(config).serve_forever())
+        uvloop.run(Server(config, engine).serve_forever())
 
 
 __all__ = ["GenerateRequest", "Server", "ServerConfig", "run_server"]

@@ -19,6 +19,7 @@ CLUSTER_KEYS = {"hosts", "master_addr", "master_port", "procs_per_node", "device
 def add_parser(sub) -> argparse.ArgumentParser:
     from moeserve.launch.cli import add_engine_args
     from moeserve.launch.cmd_generate import add_generation_args
+    from moeserve.launch.cmd_serve import add_server_args
 
     p = sub.add_parser("launch", help="launch moeserve across machines")
     launch_sub = p.add_subparsers(dest="launch_command", required=True)
@@ -41,6 +42,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--join-timeout", type=float, default=None,
                    help="seconds for every node to join (default 120); after it every node exits")
     add_engine_args(c)
+    add_server_args(c)
     add_generation_args(c)
     c.set_defaults(func=run)
     return p
@@ -124,11 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def serve_work(args: argparse.Namespace):
-    """Node 0's job without prompts: the front end over the cluster's engine."""
-    try:
-        from moeserve.launch.cmd_serve import serve_engine  # type: ignore[attr-defined]
-    except ImportError:
-        def missing(engine) -> int:
-            raise SystemExit("moeserve launch cluster: this build has no front end; pass prompts to generate")
-        return missing
+    """Node 0's job without prompts: ``moeserve serve``'s front end over the cluster's engine."""
+    from moeserve.launch.cmd_serve import serve_engine
+
     return lambda engine: serve_engine(engine, args)

@@ -9,6 +9,11 @@ NEEDS_ENGINE_ARGS = True
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve the model over HTTP (OpenAI API) and ZeroMQ token RPC")
+    add_server_args(p)
+    return p
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="interface for HTTP and RPC (default 127.0.0.1; another opens the server, with a warning)")
@@ -31,7 +36,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     lim.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens (0 = the context length)")
     lim.add_argument("--max-n", type=int, default=8)
     lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest RPC frame or HTTP body")
-    return p
 
 
 def server_config(args: argparse.Namespace):
@@ -60,4 +64,16 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"moeserve serve: {e}") from e
     run_server(config)
+    return 0
+
+
+def serve_engine(engine, args: argparse.Namespace) -> int:
+    """Serve an engine that is already up: node 0 of ``moeserve launch cluster``. Blocks until SIGTERM or
+    Ctrl-C, then drains like ``moeserve serve``."""
+    from moeserve.frontend.server import run_server
+
+    config = server_config(args)
+    if config.replicas != 1:
+        raise SystemExit("moeserve launch cluster: --replicas is not supported (the cluster is one replica)")
+    run_server(config, engine)
     return 0
