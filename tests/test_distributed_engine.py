@@ -97,3 +97,45 @@ def test_pipeline_keeps_pp_batches_in_flight(ckpt_factory) -> None:
         assert all(r["steps"] > 10 and 0 < r["busy_fraction"] < 1 for r in rows)
     finally:
         engine.close()
+
+
+def test_ranks_outlive_neither_a_killed_launcher_nor_catch_its_group_signals(ckpt_factory) -> None:
+    """A coordinator killed with SIGKILL cannot stop its ranks: they notice within seconds and exit. A signal
+    to the coordinator's process group (Ctrl-C, ``timeout``) reaches only the coordinator."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import signal, sys, time\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+              "from moeserve.coordinator.config import EngineConfig\n"
+              "from moeserve.coordinator.engine import Engine\n"
+              "e = Engine(EngineConfig(model=sys.argv[1], block_size=4, kv_cache_memory=1 << 22, pp=2))\n"
+              "print(*[p.pid for p in e.runner.procs], flush=True)\n"
+              "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt_factory(VARIANT))], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        ranks = [int(p) for p in proc.stdout.readline().split()]
+        assert len(ranks) == 2
+        os.killpg(proc.pid, signal.SIGINT)  # the group: the coordinator (which ignores it), not its ranks
+        time.sleep(1)
+        assert all(_alive(pid) for pid in ranks)
+        proc.kill()
+        deadline = time.monotonic() + 15
+        while any(_alive(pid) for pid in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(pid) for pid in ranks)
+    finally:
+        proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -75,10 +75,15 @@ Launcher = Callable[[ReplicaLayout], "DistributedExecutor"]
 
 
 def spawn_workers(specs: list[WorkerSpec], env: dict[str, str] | None = None) -> list[subprocess.Popen]:
-    """Start one ``python -m moeserve.stages.worker`` process per spec (the ranks of this node)."""
+    """Start one ``python -m moeserve.stages.worker`` process per spec (the ranks of this node).
+
+    Each rank gets a session of its own, so that a signal to the launcher's process group (Ctrl-C in a
+    terminal, a service manager, ``timeout``) reaches only the launcher, which stops the ranks in order; a rank
+    whose launcher is gone stops by itself (see ``StageWorker.serve``)."""
     env = dict(os.environ if env is None else env)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return [subprocess.Popen([sys.executable, "-m", "moeserve.stages.worker", s.to_json()], env=env)
+    return [subprocess.Popen([sys.executable, "-m", "moeserve.stages.worker", s.to_json()], env=env,
+                             start_new_session=True)
             for s in specs]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -150,7 +150,13 @@ class StageWorker:
         if self.preflight is not None and self.spec.rank == 0:
             sock.send(encode(self.preflight))
         sock.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
+        launcher = os.getppid()
         while True:
+            if not sock.poll(1000):
+                if os.getppid() != launcher:  # the launcher died without stopping us: nobody will
+                    logger.error("rank %d: the launcher (pid %d) is gone; exiting", self.spec.rank, launcher)
+                    return
+                continue
             msg = decode(sock.recv())
             if isinstance(msg, ShutdownMsg):
                 return
@@ -186,7 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.from_json((argv or sys.argv[1:])[0])
     logging.basicConfig(level=logging.WARNING, format=f"[rank {spec.rank}] %(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(spec.num_threads or max(1, torch.get_num_threads() // max(1, spec.pp * spec.tp)))
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the launcher, which shuts ranks down in order
     ctx = zmq.Context()
     sock = coordinator_socket(ctx, spec)
     try:
