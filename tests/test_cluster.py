@@ -63,6 +63,19 @@ def wait_for_text(path: Path, text: str, timeout_s: float) -> None:
                          f"{path.read_text() if path.exists() else ''}")
 
 
+def kill_node1_rank_and_expect_failure(hosts: NetnsHosts, procs: list[subprocess.Popen], tmp_path: Path) -> None:
+    """SIGKILL node 1's rank: within seconds node 0 names it and every node exits non-zero."""
+    victims = hosts.worker_pids(1)
+    assert len(victims) == 1
+    killed = time.monotonic()
+    os.kill(victims[0], signal.SIGKILL)
+    codes = wait_all(procs, 60)
+    err0 = (tmp_path / "node0.err").read_text()
+    assert codes[0] != 0 and codes[1] != 0 and -999 not in codes, (codes, err0)
+    assert "rank 1 (node 1" in err0 and "exited with code -9" in err0, err0
+    assert time.monotonic() - killed < 30
+
+
 @pytest.fixture(scope="module")
 def ckpt(ckpt_factory) -> Path:
     return ckpt_factory(VARIANT)
@@ -128,15 +141,7 @@ def test_rank_killed_mid_run(ckpt: Path, tmp_path: Path) -> None:
                              tmp_path / f"node{i}") for i in range(2)]
         wait_for_text(tmp_path / "node0.err", "preflight:", 120)
         time.sleep(3)  # well into decoding
-        victims = hosts.worker_pids(1)
-        assert len(victims) == 1
-        killed = time.monotonic()
-        os.kill(victims[0], signal.SIGKILL)
-        codes = wait_all(procs, 60)
-        err0 = (tmp_path / "node0.err").read_text()
-        assert codes[0] != 0 and codes[1] != 0 and -999 not in codes, (codes, err0)
-        assert "rank 1 (node 1" in err0 and "exited with code -9" in err0, err0
-        assert time.monotonic() - killed < 30
+        kill_node1_rank_and_expect_failure(hosts, procs, tmp_path)
         assert (tmp_path / "node0.out").read_text() == ""  # no partial results
         assert hosts.wait_empty(10)
 
@@ -196,15 +201,7 @@ def test_serving_cluster_answers_then_fails_cleanly_when_a_rank_dies(ckpt: Path,
                                                              "temperature": 0, "ignore_eos": True})
         assert status == 200, text
         assert json.loads(text)["choices"][0]["text"] == single_process(ckpt, 10)[0]["text"]
-        victims = hosts.worker_pids(1)
-        assert len(victims) == 1
-        killed = time.monotonic()
-        os.kill(victims[0], signal.SIGKILL)
-        codes = wait_all(procs, 60)
-        err0 = (tmp_path / "node0.err").read_text()
-        assert codes[0] != 0 and codes[1] != 0 and -999 not in codes, (codes, err0)
-        assert "rank 1 (node 1" in err0 and "exited with code -9" in err0, err0
-        assert time.monotonic() - killed < 30
+        kill_node1_rank_and_expect_failure(hosts, procs, tmp_path)
         assert hosts.wait_empty(10)
 
 

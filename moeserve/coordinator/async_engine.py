@@ -13,7 +13,8 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,6 +197,25 @@ class EngineDriver:
         self.publish([(rid, RuntimeError(f"engine step failed: {error}")) for rid in rids])
 
 
+async def updates_until_finished(queue: asyncio.Queue, forget: Callable[[], object],
+                                 abort: Callable[[], object]) -> AsyncGenerator[EngineUpdate, None]:
+    """Yield one request's updates from ``queue`` until the finished one; an Exception item is raised.
+    Always ``forget`` the stream at the end, and ``abort`` the request when its consumer stopped early."""
+    finished = False
+    try:
+        while not finished:
+            item = await queue.get()
+            if isinstance(item, Exception):
+                finished = True
+                raise item
+            finished = item.output.finished
+            yield item
+    finally:
+        forget()
+        if not finished:
+            abort()
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -269,19 +289,10 @@ class AsyncEngine:
         self._streams[request_id] = stream
         self.driver.add(request_id, list(prompt_token_ids), params, trace_experts)
         self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                item = await stream.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.output.finished
+        async with aclosing(updates_until_finished(stream, lambda: self._streams.pop(request_id, None),
+                                                   lambda: self.abort(request_id))) as updates:
+            async for item in updates:  # closed at once (the abort runs) when our consumer stops early
                 yield item
-        finally:
-            self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
 
     async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
                        params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:

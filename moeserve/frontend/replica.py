@@ -18,13 +18,14 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import msgpack
 import zmq
 import zmq.asyncio
 
-from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate
+from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate, updates_until_finished
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
@@ -132,19 +133,11 @@ class ReplicaBackend:
         self.streams[request_id] = queue
         self._send({"type": "add", "request_id": request_id, "token_ids": list(prompt_token_ids),
                     "params": dataclasses.asdict(params), "trace": trace_experts})
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.output.finished
+        async with aclosing(updates_until_finished(
+                queue, lambda: self.streams.pop(request_id, None),
+                lambda: self._send({"type": "abort", "request_id": request_id}))) as updates:
+            async for item in updates:  # closed at once (the abort is sent) when our consumer stops early
                 yield item
-        finally:
-            self.streams.pop(request_id, None)
-            if not finished:
-                self._send({"type": "abort", "request_id": request_id})
 
 
 class ReplicaSet:
