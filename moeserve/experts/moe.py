@@ -18,6 +18,7 @@ from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch
 from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
+from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 from moeserve.model.layers import MLP
 
@@ -139,6 +140,8 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(hidden, config.moe_intermediate_size * config.n_shared_experts, dtype,
                                    shard, reduce=False) if config.n_shared_experts else None)
         self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] of the latest forward
+        # FP8 experts are dequantized into a buffer shared by every layer: packing it would repack each call
+        self.linear = PackedLinear(pack=fp8_block is None)
         self.dispatch = check_dispatch(dispatch, expert_tp)
         self.all_to_all = AllToAllDispatch(self.placement, shard) if dispatch == "alltoall" and shard.size > 1 \
             else None
@@ -242,8 +245,8 @@ class MoE(nn.Module):
         for slot, count in enumerate(counts[:-1]):
             if count == 0:
                 continue
-            gate, up = F.linear(xs[start:start + count], w13[slot]).chunk(2, dim=-1)
-            pieces.append(F.linear(F.silu(gate) * up, w2[slot]))
+            gate, up = self.linear(xs[start:start + count], w13[slot], ("w13", slot)).chunk(2, dim=-1)
+            pieces.append(self.linear(F.silu(gate) * up, w2[slot], ("w2", slot)))
             start += count
         ys = torch.cat(pieces) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return out.index_add_(0, token_ids, ys.to(out.dtype))

@@ -18,6 +18,7 @@ from moeserve.experts.ep_dispatch import check_dispatch
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
+from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.fp8 import DequantBuffer, routed_fp8_block
 from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLA
@@ -107,6 +108,7 @@ class DeepseekModel(nn.Module):
             self.lm_head = (self.embed_tokens if config.tie_word_embeddings and self.embed_tokens is not None
                             else nn.Parameter(torch.empty(self.local_vocab, config.hidden_size, dtype=dtype)))
         self.rotary = rotary
+        self.linear = PackedLinear()
 
     def _reserve_dequant(self) -> None:
         """Allocate the FP8 experts' shared dequantization buffer now, before the cache is sized."""
@@ -139,7 +141,7 @@ class DeepseekModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab] (each tp rank computes its
         vocabulary share; the shares are gathered)."""
-        return self.slice.tp.all_gather(F.linear(self.norm(h), self.lm_head).float(), dim=-1)
+        return self.slice.tp.all_gather(self.linear(self.norm(h), self.lm_head, "lm_head").float(), dim=-1)
 
     def forward(self, token_ids: torch.Tensor, meta: AttnMetadata,
                 kv_caches: dict[int, torch.Tensor] | None, all_logits: bool = False) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.model.config import RopeConfig, yarn_get_mscale
+from moeserve.model.cpu_linear import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -107,8 +108,9 @@ class MLP(nn.Module):
         self.intermediate_size = shard.split(intermediate_size, "intermediate size")
         self.gate_up_proj = nn.Parameter(torch.empty(2 * self.intermediate_size, hidden_size, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(hidden_size, self.intermediate_size, dtype=dtype))
+        self.linear = PackedLinear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)
-        out = F.linear(F.silu(gate) * up, self.down_proj)
+        gate, up = self.linear(x, self.gate_up_proj, "gate_up_proj").chunk(2, dim=-1)
+        out = self.linear(F.silu(gate) * up, self.down_proj, "down_proj")
         return self.shard.all_reduce(out) if self.reduce else out

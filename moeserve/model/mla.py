@@ -18,6 +18,7 @@ from torch import nn
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
+from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
 
 
@@ -47,6 +48,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Parameter(
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
+        self.linear = PackedLinear()
 
     def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """rows[index] for index [B, L] -> [B, L, D], into a grow-only scratch buffer.
@@ -64,9 +66,9 @@ class MLA(nn.Module):
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
-            q = F.linear(x, self.q_proj)
+            q = self.linear(x, self.q_proj, "q_proj")
         else:
-            q = F.linear(self.q_a_layernorm(F.linear(x, self.q_a_proj)), self.q_b_proj)
+            q = self.linear(self.q_a_layernorm(self.linear(x, self.q_a_proj, "q_a_proj")), self.q_b_proj, "q_b_proj")
         return q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
 
     def forward(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
@@ -75,7 +77,8 @@ class MLA(nn.Module):
         q = self._query(x)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rotary(q_pe, meta.positions)
-        latent, k_pe = F.linear(x, self.kv_a_proj_with_mqa).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_pe = self.linear(x, self.kv_a_proj_with_mqa, "kv_a").split([self.kv_lora_rank, self.rope_dim],
+                                                                             dim=-1)
         new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
         if kv_cache is None:
             kv_cache = new_rows  # slot_mapping is the identity in this mode
@@ -87,7 +90,7 @@ class MLA(nn.Module):
             out[:num_dec] = self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta)
         if meta.num_prefill_seqs:
             self._prefill(q_nope, q_pe, kv_cache, meta, out)
-        return self.shard.all_reduce(F.linear(out.flatten(1), self.o_proj))
+        return self.shard.all_reduce(self.linear(out.flatten(1), self.o_proj, "o_proj"))
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (W_UK [H, nope, kv_lora], W_UV^T [H, kv_lora, v]), the two halves of kv_b_proj as decode uses them.
@@ -125,7 +128,8 @@ class MLA(nn.Module):
         # [Bp, L, kv_lora + rope]; plain indexing where autograd must see it (the no-cache training mode)
         context = kv_cache[slots] if kv_cache.requires_grad else self._gather(kv_cache, slots)
         latent, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = F.linear(latent, self.kv_b_proj).unflatten(-1, (self.num_heads, self.nope_dim + self.v_dim))
+        kv = self.linear(latent, self.kv_b_proj, "kv_b_proj").unflatten(-1, (self.num_heads,
+                                                                             self.nope_dim + self.v_dim))
         kv = kv.transpose(1, 2)  # [Bp, H, L, nope + v]
         k = torch.cat([kv[..., :self.nope_dim], k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)], dim=-1)
         v = kv[..., self.nope_dim:].contiguous()
