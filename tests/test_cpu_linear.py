@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.model.cpu_linear import AVAILABLE, PackedLinear
-from moeserve.model.loader import load_model
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="this torch has no oneDNN linear kernels")
 
