@@ -102,3 +102,13 @@ def test_generate_spawns_local_ranks(ckpt_factory) -> None:
     split = moeserve(*base, "--pp", "2", "--tp", "2", "--ep", "2")
     assert single.returncode == 0 and split.returncode == 0, split.stderr
     assert split.stdout == single.stdout
+
+
+def test_launch_cluster_node_that_cannot_reach_node0() -> None:
+    """A node started without node 0 fails after --join-timeout with one clear line, no C++ stack trace."""
+    proc = moeserve("launch", "cluster", "--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1",
+                    "--master-port", "29991", "--join-timeout", "2", "x", timeout=60)
+    assert proc.returncode == 1
+    assert "node 1 could not reach node 0 at 127.0.0.1:29991 within 2 s" in proc.stderr
+    assert "frame #" not in proc.stderr
+    assert "network settings: none" in proc.stderr

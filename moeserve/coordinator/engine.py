@@ -70,6 +70,7 @@ def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
                          f"({per_token} bytes per token)")
     return num_blocks
 
+
 def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher: Launcher | None = None):
     """Plan the layout, size the cache, and start the stage workers of one replica: on this machine, or,
     with a cluster ``launcher`` (launch/cluster.py), across the nodes of a cluster."""

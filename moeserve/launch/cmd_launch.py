@@ -7,6 +7,7 @@ like ``moeserve generate`` and shuts the cluster down. Every node starts its own
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -103,7 +104,18 @@ def cluster_config(args: argparse.Namespace, parser_defaults: dict):
     return cc, env
 
 
+def quiet_torch_cpp_logs() -> None:
+    """The launcher reports joins and failures itself: keep c10d's C++ retry logs and stack traces (a node
+    that is not up yet) off its terminal. Read once, when torch loads; the ranks keep the default."""
+    if "torch" not in sys.modules and "TORCH_CPP_LOG_LEVEL" not in os.environ:
+        os.environ["TORCH_CPP_LOG_LEVEL"] = "FATAL"
+        import torch  # noqa: F401  (loads c10 with that level)
+
+        del os.environ["TORCH_CPP_LOG_LEVEL"]
+
+
 def run(args: argparse.Namespace) -> int:
+    quiet_torch_cpp_logs()
     from moeserve.launch.cli import build_parser, engine_config
     from moeserve.launch.cluster import ClusterError, run_node
     from moeserve.launch.cmd_generate import generate, read_prompts, sampling_params
@@ -122,7 +134,11 @@ def run(args: argparse.Namespace) -> int:
             return generate(engine, prompts, params, args.json)
     else:
         work = serve_work(args)
-    return run_node(cc, config, env, work)
+    try:
+        return run_node(cc, config, env, work)
+    except ClusterError as e:  # this node could not join (node 0 unreachable, or the port taken)
+        print(f"moeserve launch cluster: {e}", file=sys.stderr)
+        return 1
 
 
 def serve_work(args: argparse.Namespace):
