@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -341,6 +341,10 @@ def run_node(cc: ClusterConfig, engine_config, env: dict[str, str], work) -> int
     except (ClusterError, _Terminated, KeyboardInterrupt) as e:
         stop_processes(procs, grace_s=0)
         print(f"moeserve launch cluster: node {cc.node_rank}: {e}", file=sys.stderr)
+        try:
+            plane.store.set(f"bye/{cc.node_rank}", "1")  # node 0 need not wait for us
+        except (RuntimeError, OSError):
+            pass
         return 0 if isinstance(e, _Terminated) else 1
 
 
@@ -357,7 +361,7 @@ def _run_coordinator(plane: ControlPlane, engine_config, env: dict[str, str], wo
             plane.set_json("preflight", str(e))
             raise
         plane.set_json("preflight", "ok")
-        engine = Engine(replace(engine_config), launcher=ClusterLauncher(plane, env))  # 4. ranks everywhere
+        engine = Engine(engine_config, launcher=ClusterLauncher(plane, env))    # 4. ranks everywhere
         preflight = engine.runner.preflight
         if preflight is not None:
             print(f"[node 0] preflight: {preflight.world_size} ranks, {preflight.nbytes >> 10} KiB: all-reduce "
