@@ -99,7 +99,14 @@ def combine(y: torch.Tensor, layout: DispatchLayout, group: Any) -> torch.Tensor
     each token the sum of the rows it sent out (zero for a token that went nowhere)."""
     back = all_to_all_rows(y, layout.recv_counts, layout.send_counts, group)  # [S, H] in send order
     out = y.new_zeros((layout.num_tokens, *y.shape[1:]))
-    return out.index_add_(0, layout.src_token, back)
+    # NOTE: one add per destination rank, in rank order: within a rank's rows every token appears at most
+    # once, so no add collides, and the sum's order (so its bf16 result on GPUs) is the same on every run
+    start = 0
+    for count in layout.send_counts:
+        if count:
+            out.index_add_(0, layout.src_token[start:start + count], back[start:start + count])
+        start += count
+    return out
 
 
 def all_gather_rows(share: torch.Tensor, counts: list[int], group: Any) -> torch.Tensor:

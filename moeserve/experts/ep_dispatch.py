@@ -126,12 +126,15 @@ class AllToAllDispatch:
     @staticmethod
     def run_experts(moe: MoE, got: Dispatched) -> torch.Tensor:
         """Received rows [R, H] -> [R, H]: each row's sum over its pairs held here of weight * expert(row)."""
-        out = torch.zeros_like(got.x)
         pair_row, pair_col = (got.expert_ids >= 0).nonzero(as_tuple=True)  # [P]
         if not len(pair_row):
-            return out
+            return torch.zeros_like(got.x)
         ids = got.expert_ids[pair_row, pair_col].unsqueeze(1)  # [P, 1]: one expert per pair row
         weights = got.weights[pair_row, pair_col].unsqueeze(1)
         rows = got.x[pair_row]
         expert_fn = moe.routed_grouped if moe.use_grouped_mm(rows) else moe.routed
-        return out.index_add_(0, pair_row, expert_fn(rows, weights, ids).to(out.dtype))
+        # NOTE: each pair goes to its (row, top-k column) place and a row's columns are summed in a fixed
+        # order, not by index_add_, whose atomic adds on GPUs give a bf16 sum that varies from run to run
+        pairs = got.x.new_zeros((*got.expert_ids.shape, got.x.shape[-1]))  # [R, top_k, H]
+        pairs[pair_row, pair_col] = expert_fn(rows, weights, ids).to(pairs.dtype)
+        return pairs.sum(1)
