@@ -44,7 +44,16 @@ logger = logging.getLogger(__name__)
 
 
 class WorkerError(RuntimeError):
-    """A stage worker died, timed out or failed."""
+    """A stage worker died, timed out or failed. ``exit_code``: the rank's, where it exited (negative: the
+    signal that killed it)."""
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    @property
+    def killed(self) -> bool:
+        return self.exit_code is not None and self.exit_code < 0
 
 
 @dataclass(frozen=True)
@@ -152,16 +161,41 @@ class DistributedExecutor:
         """Raise WorkerError for a rank that has died (between steps: the engine is idle)."""
         self._check_alive()
 
-    def _check_alive(self, reported: int | None = None) -> None:
-        """Raise for a dead rank, preferring one that died silently over one that reported an error."""
-        dead = [(spec.rank, proc.returncode) for spec, proc in zip(self.local_specs, self.procs)
-                if proc.poll() is not None]
-        dead.sort(key=lambda d: d[0] == reported)
-        if dead:
-            rank, code = dead[0]
-            raise WorkerError(f"{self._where(rank)} exited with code {code}")
+    def _failures(self, reported: int | None = None) -> list[WorkerError]:
+        """Ranks (other than ``reported``) that have died: here, or on another node (``liveness``)."""
+        found = [WorkerError(f"{self._where(spec.rank)} exited with code {proc.returncode}", proc.returncode)
+                 for spec, proc in zip(self.local_specs, self.procs)
+                 if proc.poll() is not None and spec.rank != reported]
         if self.liveness is not None:
-            self.liveness()
+            try:
+                self.liveness()
+            except WorkerError as e:
+                found.append(e)
+        return found
+
+    def _root_cause(self, reported: int | None = None, message: str = "") -> WorkerError | None:
+        """The failure to report. A rank that errs or exits is often the echo of another rank's death (a
+        broken connection), which shows a moment later, on another node through its launcher: wait briefly
+        for a rank killed by a signal, and name that one if it shows; else the first failure seen; else the
+        reporting rank's own error."""
+        deadline = time.monotonic() + (2.0 if self.liveness is not None else 0.5)
+        found = self._failures(reported)
+        while not any(e.killed for e in found) and time.monotonic() < deadline:
+            if found and self.liveness is None:
+                break  # one machine: every rank is in view already
+            time.sleep(0.1)
+            found = self._failures(reported)
+        found.sort(key=lambda e: not e.killed)
+        if found:
+            return found[0]
+        return WorkerError(f"{self._where(reported)} failed: {message}") if reported is not None else None
+
+    def _check_alive(self) -> None:
+        """Raise WorkerError for a rank that has died, here or on another node."""
+        if self._failures():
+            error = self._root_cause()
+            if error is not None:
+                raise error
 
     def _receive(self, timeout_s: float, what: str) -> object:
         deadline = time.monotonic() + timeout_s
@@ -172,9 +206,9 @@ class DistributedExecutor:
                 if isinstance(msg, LogitsMsg):
                     msg.attach(data[0].buffer if data else b"")
                 if isinstance(msg, ErrorMsg):
-                    time.sleep(0.5)  # a peer's death usually shows up first as another rank's comm error
-                    self._check_alive(reported=msg.rank)
-                    raise WorkerError(f"{self._where(msg.rank)} failed: {msg.message}")
+                    error = self._root_cause(msg.rank, msg.message)
+                    assert error is not None
+                    raise error
                 return msg
             self._check_alive()
         raise WorkerError(f"no answer from the stage workers within {timeout_s:.0f} s ({what})")

@@ -266,7 +266,8 @@ class ClusterLauncher:
     def check(self) -> None:
         """Raise WorkerError for a rank another node saw die, or a node whose heartbeat stopped."""
         if self.plane.has("failed"):
-            raise WorkerError(self.plane.store.get("failed").decode())
+            failed = self.plane.get_json("failed")
+            raise WorkerError(failed["reason"], failed["code"])
         now = time.monotonic()
         for r in range(1, self.cc.nnodes):
             count = self.plane.store.add(f"hb/{r}", 0)
@@ -294,9 +295,13 @@ def supervise(plane: ControlPlane, procs: list[subprocess.Popen], specs: list[Wo
             return 1
         for spec, proc in zip(specs, procs):
             code = proc.poll()
+            if code == 0:  # the coordinator told it to stop (its shutdown may reach the store a moment later)
+                stop_processes(procs)
+                plane.store.set(f"bye/{node}", "1")
+                return 0
             if code is not None and not plane.has("shutdown"):
                 reason = f"rank {spec.rank} (node {node}, {socket.gethostname()}) exited with code {code}"
-                plane.store.set("failed", reason)
+                plane.set_json("failed", {"reason": reason, "code": code})
                 logger.error("%s; stopping the other ranks of this node", reason)
                 stop_processes(procs, grace_s=0)
                 return 1
