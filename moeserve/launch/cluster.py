@@ -260,7 +260,9 @@ class ClusterLauncher:
                              f"tcp://{cc.master_addr}:{cc.coordinator_port}", node=r // per_node, num_threads=threads)
                  for r in range(layout.dims.world_size)]
         self.plane.set_json("specs", [s.to_json() for s in specs])
-        return DistributedExecutor(specs, f"tcp://*:{cc.coordinator_port}", local_specs=specs[:per_node],
+        # NOTE: bound to node 0's cluster address only, not every interface: the ranks connect there
+        bind = f"tcp://{socket.gethostbyname(cc.master_addr)}:{cc.coordinator_port}"
+        return DistributedExecutor(specs, bind, local_specs=specs[:per_node],
                                    liveness=self.check, env=dict(os.environ) | self.env)
 
     def check(self) -> None:
