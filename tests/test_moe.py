@@ -71,7 +71,7 @@ def test_redundant_copies_count_each_pair_once(per_rank: list[list[int]], groupe
     parts = []
     for rank, logical in enumerate(per_rank):
         placement = ExpertPlacement.from_ranks(per_rank, rank)
-        assert placement.num_copies  # the placement has copies
+        assert placement.has_copies
         part = make(placement)
         with torch.no_grad():
             part.w13.copy_(whole.w13[logical])

@@ -77,9 +77,14 @@ class AllToAllDispatch:
         self._holders: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def holders(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # NOTE: each rank knows only its own placement; the first forward gathers the others' once (every
-        # rank of the group runs the same layers, so they all arrive here together). All ranks hold the same
-        # number of slots (``check_placement``), as all_gather needs.
+        # NOTE: a placement built from the whole layout (``ExpertPlacement.from_ranks``, as the workers do)
+        # knows every rank's slots. One given only its own share gathers the others' at the first forward
+        # (every rank of the group runs the same layers, so they all arrive here together). All ranks hold
+        # the same number of slots (``check_placement``), as all_gather needs.
+        if self._holders is None:
+            table = self.placement.holders()
+            if table is not None:
+                self._holders = table[0].to(device), table[1].to(device)
         if self._holders is None:
             local = torch.tensor(self.placement.local_logical_ids, dtype=torch.long, device=device)
             parts = [torch.empty_like(local) for _ in range(self.shard.size)]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
-from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch
+from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch, holder_table, pick_owner
 from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
@@ -27,29 +27,21 @@ from moeserve.model.layers import MLP
 class ExpertPlacement:
     """Which logical experts this rank holds, in physical-slot order (``phy2log``).
 
-    A hot expert may have copies on several ranks (a placement file); then each of a token's pairs with it
-    is served by one copy, chosen by token index (``copy_index`` of this rank's slot, ``num_copies`` of the
-    logical expert), so that the all-reduce adds each pair once."""
+    ``all_ranks``, when known, is the whole placement (every EP rank's slots; ``rank`` is this one). A hot
+    expert may then have copies on several ranks: each of a token's pairs with it is served by one copy,
+    chosen by token index (``ep_dispatch.pick_owner``, the rule both dispatch paths use), so that the
+    all-reduce adds each pair once."""
 
     num_logical: int
     local_logical_ids: tuple[int, ...]
-    copy_index: tuple[int, ...] = ()  # per local slot; empty when no expert has copies
-    num_copies: tuple[int, ...] = ()  # per logical expert; empty when no expert has copies
+    rank: int = 0
+    all_ranks: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_ranks(cls, per_rank: list[list[int]], rank: int) -> ExpertPlacement:
         """Rank ``rank``'s share of a whole placement (logical expert ids per EP rank)."""
         num_logical = 1 + max(e for ids in per_rank for e in ids)
-        seen = [0] * num_logical
-        copy_index = []
-        for r, ids in enumerate(per_rank):
-            for e in ids:
-                if r == rank:
-                    copy_index.append(seen[e])
-                seen[e] += 1
-        if max(seen) == 1:
-            return cls(num_logical, tuple(per_rank[rank]))
-        return cls(num_logical, tuple(per_rank[rank]), tuple(copy_index), tuple(seen))
+        return cls(num_logical, tuple(per_rank[rank]), rank, tuple(tuple(ids) for ids in per_rank))
 
     @classmethod
     def all_local(cls, num_experts: int) -> ExpertPlacement:
@@ -71,14 +63,17 @@ class ExpertPlacement:
             table[log_id] = slot
         return table
 
-    def copy_tables(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(copies per logical expert, this rank's copy index per logical expert or -1), or None."""
-        if not self.num_copies:
+    @property
+    def has_copies(self) -> bool:
+        """Whether some logical expert sits on several ranks (known only with the whole placement)."""
+        held = [e for ids in self.all_ranks for e in ids]
+        return len(held) > len(set(held))
+
+    def holders(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``ep_dispatch.holder_table`` of the whole placement (None when only this rank's share is known)."""
+        if not self.all_ranks:
             return None
-        mine = torch.full((self.num_logical,), -1, dtype=torch.long)
-        for slot, log_id in enumerate(self.local_logical_ids):
-            mine[log_id] = self.copy_index[slot]
-        return torch.tensor(self.num_copies, dtype=torch.long), mine
+        return holder_table(torch.tensor(self.all_ranks, dtype=torch.long), self.num_logical)
 
 
 def gate_spec(config: ModelConfig) -> GateSpec:
@@ -91,8 +86,8 @@ def gate_spec(config: ModelConfig) -> GateSpec:
 
 class MoE(nn.Module):
     log2local: torch.Tensor
+    holders: torch.Tensor | None
     num_copies: torch.Tensor | None
-    my_copy: torch.Tensor | None
     tokens_per_expert: torch.Tensor
     e_score_correction_bias: torch.Tensor | None
     w13_scale_inv: torch.Tensor | None
@@ -132,9 +127,10 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_local, hidden, inter, dtype=store), requires_grad=not fp8_block)
         self._init_scales(num_local, inter, hidden)
         self.register_buffer("log2local", self.placement.log2local(), persistent=False)
-        copies = self.placement.copy_tables()
-        self.register_buffer("num_copies", None if copies is None else copies[0], persistent=False)
-        self.register_buffer("my_copy", None if copies is None else copies[1], persistent=False)
+        # with no expert copied on several ranks, every pair of an expert held here is served here
+        table = self.placement.holders() if self.placement.has_copies else None
+        self.register_buffer("holders", None if table is None else table[0], persistent=False)
+        self.register_buffer("num_copies", None if table is None else table[1], persistent=False)
         self.register_buffer("tokens_per_expert", torch.zeros(config.n_routed_experts, dtype=torch.long),
                              persistent=False)
         self.shared_experts = (MLP(hidden, config.moe_intermediate_size * config.n_shared_experts, dtype,
@@ -216,12 +212,10 @@ class MoE(nn.Module):
     def local_slots(self, ids: torch.Tensor) -> torch.Tensor:
         """[T, top_k] logical ids -> [T * top_k] local slot, or ``num_local`` where another rank serves the
         pair (it holds the expert, or holds the copy that this token's index picks)."""
-        flat = ids.flatten()
-        local = self.log2local[flat]
-        if self.num_copies is not None and self.my_copy is not None:
-            token = torch.arange(flat.numel(), device=ids.device) // ids.shape[1]
-            served_here = token % self.num_copies[flat] == self.my_copy[flat]
-            local = torch.where(served_here, local, self.placement.num_local)
+        local = self.log2local[ids.flatten()]
+        if self.holders is not None and self.num_copies is not None:
+            owner = pick_owner(ids, 0, self.holders, self.num_copies).flatten()
+            local = torch.where(owner == self.placement.rank, local, self.placement.num_local)
         return local
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
