@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,38 +24,16 @@ from pathlib import Path
 import httpx
 
 from moeserve.client import AsyncClient
+from moeserve.frontend.testing import serve_subprocess
+from moeserve.launch.cmd_bench import percentile
 
 PROMPTS = ["def fib(n):", "import os\n", "class Stack:", "for i in range(10):", "def parse(args):",
            "    return", "if __name__ == '__main__':", "with open(path) as f:", "try:\n", "@property\ndef",
            "from typing import", "async def main():", "raise ValueError(", "x = [", "def __init__(self", "# "]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def serve(*args: str) -> tuple[subprocess.Popen, str, str]:
-    port, rpc = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moeserve.launch.cli", "serve", "--port", str(port),
-                             "--rpc-port", str(rpc), *args])
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, f"tcp://127.0.0.1:{rpc}"
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("moeserve serve exited")
-        time.sleep(0.2)
-    raise TimeoutError("server not healthy")
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, round(q / 100 * (len(s) - 1)))] if s else float("nan")
+    return serve_subprocess(*args)
 
 
 class Stats:
@@ -69,8 +46,8 @@ class Stats:
         ms = 1000.0
         return {"completed": self.done, "errors": self.errors, "mismatches": self.mismatches,
                 "tokens": self.tokens, "tok_per_s": round(self.tokens / seconds, 1),
-                "ttft_ms_p50": round(pct(self.ttft, 50) * ms, 1), "ttft_ms_p99": round(pct(self.ttft, 99) * ms, 1),
-                "itl_ms_p50": round(pct(self.itl, 50) * ms, 2), "itl_ms_p99": round(pct(self.itl, 99) * ms, 2)}
+                "ttft_ms_p50": round(percentile(self.ttft, 50) * ms, 1), "ttft_ms_p99": round(percentile(self.ttft, 99) * ms, 1),
+                "itl_ms_p50": round(percentile(self.itl, 50) * ms, 2), "itl_ms_p99": round(percentile(self.itl, 99) * ms, 2)}
 
 
 async def rpc_stream(client: AsyncClient, prompt: str, max_tokens: int, stats: Stats) -> str:

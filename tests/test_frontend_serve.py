@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,31 +14,12 @@ import time
 import httpx
 
 from moeserve.client import Client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from moeserve.frontend.testing import serve_subprocess
 
 
 def start(*args: str) -> tuple[subprocess.Popen, str, str]:
-    port, rpc = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moeserve.launch.cli", "serve", "--port", str(port),
-                             "--rpc-port", str(rpc), "--kv-cache-memory", str(32 << 20), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.communicate()[1]
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url, f"tcp://127.0.0.1:{rpc}"
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("moeserve serve did not become healthy")
+    return serve_subprocess("--kv-cache-memory", str(32 << 20), *args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def test_serve_both_protocols_and_drain_on_sigterm() -> None:

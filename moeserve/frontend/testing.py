@@ -1,9 +1,14 @@
-"""A real server on free ports in a background thread of this process (tests and benchmarks)."""
+"""Real servers for tests and benchmarks: in a background thread of this process, or a ``moeserve serve``
+subprocess, on free ports."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import subprocess
+import sys
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
@@ -61,3 +66,34 @@ class BackgroundServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(timeout=10)
         self.loop.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_subprocess(*args: str, timeout_s: float = 120.0, **popen: Any) -> tuple[subprocess.Popen, str, str]:
+    """Start ``moeserve serve ARGS`` on free ports; once ``/health`` answers 200, return (the process, the
+    HTTP base URL, the RPC address). A server that exits first, or is not healthy within ``timeout_s``, is an
+    error (with its stderr, when ``popen`` pipes it)."""
+    import httpx
+
+    port, rpc = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moeserve.launch.cli", "serve", "--port", str(port),
+                             "--rpc-port", str(rpc), *args], **popen)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moeserve serve exited with code {proc.returncode}: "
+                               f"{proc.communicate()[1] or ''}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url, f"tcp://127.0.0.1:{rpc}"
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"moeserve serve was not healthy within {timeout_s:.0f} s")
