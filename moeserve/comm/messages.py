@@ -15,6 +15,8 @@ from typing import Any
 import msgpack
 import torch
 
+from moeserve.coordinator.config import DTYPES
+
 
 class MessageError(ValueError):
     """A frame that is not a valid message."""
@@ -58,7 +60,7 @@ class LogitsMsg:
         return self
 
     def _dtype(self) -> torch.dtype:
-        dtype = WIRE_DTYPES.get(self.dtype)
+        dtype = DTYPES.get(self.dtype)  # the serving dtypes, by the names the engine config uses
         if dtype is None:
             raise MessageError(f"LogitsMsg: unknown dtype {self.dtype!r}")
         return dtype
@@ -72,9 +74,6 @@ class LogitsMsg:
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(self.data, dtype=torch.uint8)
         return raw.view(dtype).reshape(self.shape)
-
-
-WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

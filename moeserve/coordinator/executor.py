@@ -157,10 +157,6 @@ class DistributedExecutor:
         spec = self.specs[rank]
         return f"rank {rank} (node {spec.node})" if spec.node else f"rank {rank}"
 
-    def check_alive(self) -> None:
-        """Raise WorkerError for a rank that has died (between steps: the engine is idle)."""
-        self._check_alive()
-
     def _failures(self, reported: int | None = None) -> list[WorkerError]:
         """Ranks (other than ``reported``) that have died: here, or on another node (``liveness``)."""
         found = [WorkerError(f"{self._where(spec.rank)} exited with code {proc.returncode}", proc.returncode)
@@ -190,8 +186,8 @@ class DistributedExecutor:
             return found[0]
         return WorkerError(f"{self._where(reported)} failed: {message}") if reported is not None else None
 
-    def _check_alive(self) -> None:
-        """Raise WorkerError for a rank that has died, here or on another node."""
+    def check_alive(self) -> None:
+        """Raise WorkerError for a rank that has died, here or on another node (also between steps)."""
         if self._failures():
             error = self._root_cause()
             if error is not None:
@@ -210,7 +206,7 @@ class DistributedExecutor:
                     assert error is not None
                     raise error
                 return msg
-            self._check_alive()
+            self.check_alive()
         raise WorkerError(f"no answer from the stage workers within {timeout_s:.0f} s ({what})")
 
     def _broadcast(self, frame: bytes) -> None:
@@ -218,7 +214,7 @@ class DistributedExecutor:
             try:
                 self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame])
             except zmq.ZMQError as e:  # EHOSTUNREACH: the rank's connection is gone
-                self._check_alive()
+                self.check_alive()
                 raise WorkerError(f"{self._where(spec.rank)} is unreachable ({e})") from e
 
     def submit(self, plan: StepPlan) -> int:
