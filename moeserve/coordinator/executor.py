@@ -236,7 +236,8 @@ class DistributedExecutor:
         return self.collect(self.submit(plan))
 
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
-        """Per-rank busy time in the current window, asked after every plan sent so far has run."""
+        """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep
+        it from the first request on (``reset=True`` opens the window; before it they report zeros)."""
         self._broadcast(encode(StatsRequestMsg(reset)))
         stats: dict[int, StatsMsg] = {}
         while len(stats) < len(self.specs):

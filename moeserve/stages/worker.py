@@ -120,6 +120,9 @@ class StageWorker:
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
         self.wire_dtype = model.dtype  # the LM head computes in the model dtype: its logits are exact there
+        # busy time is kept once the coordinator first asks for it (moeserve bench): timing a step means
+        # waiting for the device, which serving should not pay for
+        self.timing = False
         self._reset_stats()
 
     def _reset_stats(self) -> None:
@@ -135,13 +138,15 @@ class StageWorker:
         if self.groups.prev_rank is not None:                                   # 1. receive
             shape = (len(plan.token_ids), model.config.hidden_size)
             h = recv_hidden(shape, model.dtype, self.device, self.groups.prev_rank)
-            sync(self.device)  # the busy time below starts once the previous stage's output is here
+            if self.timing:
+                sync(self.device)  # the busy time below starts once the previous stage's output is here
         start = time.perf_counter()
         logits, h = self.runner.execute_stage(plan, h)                          # 2. run
-        sync(self.device)  # the busy time is the device's, not the kernel launches'
-        end = time.perf_counter()
-        self.steps, self.busy_s, self.last_end = self.steps + 1, self.busy_s + end - start, end
-        self.first_start = self.first_start or start
+        if self.timing:
+            sync(self.device)  # the busy time is the device's, not the kernel launches'
+            end = time.perf_counter()
+            self.steps, self.busy_s, self.last_end = self.steps + 1, self.busy_s + end - start, end
+            self.first_start = self.first_start or start
         if self.groups.next_rank is not None:                                   # 3. send on
             send_hidden(h, self.groups.next_rank)
         return logits
@@ -164,6 +169,7 @@ class StageWorker:
                 sock.send(encode(self.stats()))
                 if msg.reset:
                     self._reset_stats()
+                self.timing = True
                 continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:
