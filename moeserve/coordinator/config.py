@@ -26,7 +26,7 @@ class EngineConfig:
     kv_cache_memory: int = 0  # bytes for the latent cache; 0 = a fraction of free device memory
     gpu_memory_utilization: float = 0.9  # fraction of free device memory used for the cache
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 0  # per-step token budget; 0 = by device (2048 on CPU, 8192 on GPUs)
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
     seed: int = 0
     load_progress: bool = False
@@ -39,6 +39,7 @@ class EngineConfig:
     keep_fp8: bool | None = None  # FP8 checkpoints: keep routed experts float8; None = on for accelerators
     ep_dispatch: str = "allreduce"  # how tokens reach expert-parallel experts: allreduce or alltoall
     expert_placement: str = ""  # JSON file mapping each EP rank's physical slots to logical experts
+    enforce_eager: bool = False  # no CUDA graphs: every decode step launches its kernels one by one
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -50,8 +51,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        if self.max_num_seqs <= 0 or self.max_num_batched_tokens <= 0:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_num_seqs <= 0 or self.max_num_batched_tokens < 0:
+            raise ValueError("max_num_seqs must be positive and max_num_batched_tokens >= 0 (0 = by device)")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.ep_dispatch not in ("allreduce", "alltoall"):
@@ -93,6 +94,17 @@ class EngineConfig:
         accelerators, where it is what lets DeepSeek-V3 fit; off on CPU, where dequantizing every step
         costs more than the memory it saves on the small models run there."""
         return self.is_accelerator if self.keep_fp8 is None else self.keep_fp8
+
+    @property
+    def effective_max_num_batched_tokens(self) -> int:
+        """The per-step token budget. By device when not given, as vLLM sizes it: a GPU's prefill is
+        bound by its matmul rate only from several thousand tokens a step, so small chunks multiply the
+        steps (and the weight reads) of a long prompt; on CPUs a step of 2048 tokens already takes seconds."""
+        return self.max_num_batched_tokens or (8192 if self.is_accelerator else 2048)
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return not self.enforce_eager and self.torch_device.type == "cuda" and self.ep_dispatch == "allreduce"
 
     @property
     def effective_block_size(self) -> int:

@@ -136,6 +136,9 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(hidden, config.moe_intermediate_size * config.n_shared_experts, dtype,
                                    shard, reduce=False) if config.n_shared_experts else None)
         self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] of the latest forward
+        self.fused = False  # the fused MoE kernel (kernels/fused_moe.py); set by DeepseekModel.use_kernels
+        # [T] 1 for real tokens, 0 for a CUDA graph's padding rows (so they are not counted); None: all real
+        self.count_weights: torch.Tensor | None = None
         # FP8 experts are dequantized into a buffer shared by every layer: packing it would repack each call
         self.linear = PackedLinear(pack=fp8_block is None)
         self.dispatch = check_dispatch(dispatch, expert_tp)
@@ -175,12 +178,29 @@ class MoE(nn.Module):
             return self.all_to_all.forward(self, x)
         weights, ids = route(router_logits(x, self.gate_weight), self.spec, self.e_score_correction_bias)
         self.last_expert_ids = ids
-        self.tokens_per_expert += torch.bincount(ids.flatten(), minlength=self.spec.num_experts)
-        routed = self.routed_grouped if self.use_grouped_mm(x) else self.routed
+        self.count_tokens(ids)
+        if self.fused:
+            routed = self.routed_fused
+        else:
+            routed = self.routed_grouped if self.use_grouped_mm(x) else self.routed
         out = routed(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return self.shard.all_reduce(out)
+
+    def count_tokens(self, ids: torch.Tensor) -> None:
+        """Add a step's routed pairs (ids [T, top_k]) to ``tokens_per_expert``: a scatter-add into the fixed
+        buffer, with no host synchronisation (``bincount`` on a GPU reads its input's max back first)."""
+        ones = torch.ones_like(ids) if self.count_weights is None else \
+            self.count_weights[:ids.shape[0], None].expand_as(ids)
+        self.tokens_per_expert.index_add_(0, ids.flatten(), ones.flatten())
+
+    def routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Same contract as ``routed``, by the fused Triton kernel; FP8 experts are read as they are stored."""
+        from moeserve.kernels.fused_moe import fused_moe
+
+        return fused_moe(x, self.w13, self.w2, weights, self.local_slots(ids), self.placement.num_local,
+                         self.w13_scale_inv, self.w2_scale_inv, self.fp8_block or (128, 128))
 
     @staticmethod
     def use_grouped_mm(x: torch.Tensor) -> bool:
@@ -194,7 +214,8 @@ class MoE(nn.Module):
         num_local = self.placement.num_local
         local = self.local_slots(ids)
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=num_local + 1)
+        counts = torch.zeros(num_local + 1, dtype=torch.long, device=local.device).index_add_(
+            0, local, torch.ones_like(local))  # bincount would synchronise with the host
         offsets = torch.cumsum(counts[:num_local], 0).to(torch.int32)
         token_ids = order // top_k
         w13, w2 = self.expert_weights()

@@ -20,7 +20,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of free device memory for the cache when --kv-cache-memory is not given")
     g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-num-batched-tokens", type=int, default=0,
+                   help="tokens per engine step (chunked prefill budget); 0 = 2048 on CPU, 8192 on GPUs")
     g.add_argument("--max-model-len", type=int, default=0)
     g.add_argument("--pp", type=int, default=1, help="pipeline stages (spawns pp x tp local ranks)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
@@ -41,6 +42,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "(default: on for cuda/npu, off for cpu)")
     g.add_argument("--skip-tokenizer-init", action="store_true",
                    help="load no tokenizer: token ids in and out only (bench, or a model directory without one)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs: launch every decode kernel one by one (graphs are captured at start "
+                        "for batch sizes up to --max-num-seqs on CUDA devices)")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it)")
 
@@ -55,7 +59,7 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
         max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
         ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
         skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
-        expert_placement=args.expert_placement)
+        expert_placement=args.expert_placement, enforce_eager=args.enforce_eager)
 
 
 def build_parser() -> argparse.ArgumentParser:

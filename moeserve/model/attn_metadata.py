@@ -26,6 +26,8 @@ class AttnMetadata:
     prefill_context_slots: torch.Tensor  # [Bp, Lp]
     prefill_mask: torch.Tensor  # [Bp, Qp, Lp] bool: may query i attend to context token j
     logits_index: torch.Tensor  # [B] index of each sequence's last new token
+    # [Bd] context length of each decode sequence (read on the device by the paged decode kernel)
+    decode_context_lens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -91,4 +93,5 @@ def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, 
         block_size=block_size, decode_block_tables=dec_tables, decode_context_valid=dec_valid,
         prefill_query_index=q_index, prefill_query_valid=q_valid,
         prefill_context_slots=p_ctx_slots, prefill_mask=mask, logits_index=cu_q[1:] - 1,
+        decode_context_lens=dec_lens,
     )

@@ -76,9 +76,16 @@ class DecoderLayer(nn.Module):
                     if config.is_moe_layer(layer_id)
                     else MLP(config.hidden_size, config.intermediate_size, dtype, tp))
 
-    def forward(self, h: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), meta, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, meta: AttnMetadata,
+                kv_cache: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (this layer's MLP output, the residual stream before it): the residual adds are
+        left to the next norm, which fuses them (``RMSNorm.add_norm``); the hidden state is their sum."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm.add_norm(h, residual)
+        x, residual = self.post_attention_layernorm.add_norm(self.self_attn(x, meta, kv_cache), residual)
+        return self.mlp(x), residual
 
 
 class DeepseekModel(nn.Module):
@@ -134,9 +141,16 @@ class DeepseekModel(nn.Module):
     def forward_layers(self, h: torch.Tensor, meta: AttnMetadata,
                        kv_caches: dict[int, torch.Tensor] | None) -> torch.Tensor:
         """h: [T, hidden] -> [T, hidden] through this slice's layers. kv_caches maps layer id -> flat cache."""
+        residual = None
         for key, layer in self.layers.items():
-            h = layer(h, meta, None if kv_caches is None else kv_caches[int(key)])
-        return h
+            h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[int(key)])
+        return h if residual is None else residual + h
+
+    def use_kernels(self, on: bool) -> None:
+        """Run the fused Triton kernels (``moeserve/kernels``) instead of the eager ops where they apply."""
+        for module in self.modules():
+            if hasattr(module, "fused"):
+                module.fused = on  # type: ignore[assignment]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab] (each tp rank computes its

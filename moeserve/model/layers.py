@@ -18,8 +18,22 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+        self.fused = False  # the Triton kernel (kernels/rmsnorm.py); set by DeepseekModel.use_kernels
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (norm(residual + x), residual + x): the residual add and the norm after it."""
+        if self.fused and x.dim() == 2 and x.stride(-1) == 1 and residual.stride(-1) == 1:
+            from moeserve.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        total = residual + x
+        return self(total), total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and x.dim() == 2 and x.stride(-1) == 1:
+            from moeserve.kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)[0]
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)

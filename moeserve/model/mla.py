@@ -49,6 +49,9 @@ class MLA(nn.Module):
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
         self.linear = PackedLinear()
+        self.fused = False  # the paged decode kernel (kernels/mla_decode.py); set by DeepseekModel.use_kernels
+        # the kernel tiles the latent and rope parts whole: powers of two of at least 16
+        self.kernel_fits = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.rope_dim))
 
     def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """rows[index] for index [B, L] -> [B, L, D], into a grow-only scratch buffer.
@@ -110,6 +113,12 @@ class MLA(nn.Module):
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
+        if self.fused and self.kernel_fits and meta.decode_context_lens is not None:
+            from moeserve.kernels.mla_decode import mla_decode
+
+            out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                    meta.block_size, self.kv_lora_rank, self.scale)
+            return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
         # whole blocks are gathered (block_size rows per index), then viewed as [B, nb * block_size, D]
         blocks = kv_cache.view(-1, meta.block_size * kv_cache.shape[-1])
         context = self._gather(blocks, meta.decode_block_tables).view(q_nope.shape[0], -1, kv_cache.shape[-1])

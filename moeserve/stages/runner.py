@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from moeserve.kernels import kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.model.attn_metadata import AttnMetadata, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
+
+if TYPE_CHECKING:
+    from moeserve.kernels.cuda_graph import DecodeGraphs
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +33,39 @@ class StepPlan:
 
 class ModelRunner:
     def __init__(self, model: DeepseekModel, num_blocks: int, block_size: int, device: torch.device,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, cuda_graphs: bool = False, max_num_seqs: int = 256,
+                 max_model_len: int = 0):
+        """``cuda_graphs``: capture the decode step for batch sizes up to ``max_num_seqs`` (CUDA devices
+        with the fused kernels only; ``max_model_len`` bounds the block tables the graphs read)."""
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache_dtype = cache_dtype or model.dtype
+        model.use_kernels(kernels_apply(device))
+        cuda_graphs = cuda_graphs and device.type == "cuda" and kernels_apply(device)
         layer_ids = [int(k) for k in model.layers]
-        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks, block_size, model.config.kv_cache_dim,
-                                                self.cache_dtype, device)
+        # with graphs, one spare block past the manager's: padding rows of a graph's batch write there
+        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(cuda_graphs), block_size,
+                                                model.config.kv_cache_dim, self.cache_dtype, device)
         self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
         logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
                     num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
                     model.config.kv_cache_dim)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs:
+            self._capture(max_num_seqs, max_model_len or model.config.max_position_embeddings)
+
+    def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
+        from moeserve.kernels.cuda_graph import DecodeGraphs
+
+        graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks)
+        try:
+            graphs.capture()
+        except torch.OutOfMemoryError as e:
+            logger.warning("not enough device memory to capture CUDA graphs (%s); decoding eagerly", e)
+            return
+        self.graphs = graphs
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -75,6 +100,11 @@ class ModelRunner:
 
         Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
         """
+        if self.graphs is not None and self.graphs.fits(plan):
+            out = self.graphs.run(plan, hidden)
+            if not self.model.slice.has_head:
+                return None, out
+            return out[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)], out
         meta = self.metadata(plan)
         if hidden is None:
             hidden = self.model.embed(torch.tensor(plan.token_ids, dtype=torch.long, device=self.device))

@@ -72,6 +72,8 @@ class WorkerSpec:
     ep_dispatch: str = "allreduce"  # allreduce | alltoall
     placement_file: str = ""  # expert placement (JSON); empty = contiguous
     max_positions: int = 0  # rotary table length; 0 = the model's max_position_embeddings
+    cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
+    max_num_seqs: int = 256  # the largest decode batch a graph is captured for
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -115,7 +117,9 @@ class StageWorker:
                            spec.model_slice(self.groups, config.n_routed_experts),
                            max_positions=spec.max_positions or None, load_format=spec.load_format,
                            keep_fp8=spec.keep_fp8, dummy_seed=spec.seed)
-        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device)
+        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
+                                  cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
+                                  max_model_len=spec.max_positions)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0

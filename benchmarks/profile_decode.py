@@ -1,0 +1,113 @@
+"""Profile of decode steps on a GPU: kernels per step, GPU busy fraction, and time per kernel class.
+
+Builds the engine on dummy weights of a config (DeepSeek-V2-Lite by default), fills ``batch`` sequences
+with ``--input-len``-token prompts, then times ``--steps`` decode steps under the torch profiler (kernels
+inside CUDA graphs are traced too) and again without it (the step time reported). ``--mode eager`` runs the
+landed eager path (no fused kernels, no graphs) for the "before" column.
+
+    python benchmarks/profile_decode.py --batches 1,64 --mode fast --json-out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from collections import defaultdict
+
+import torch
+
+CLASSES = [  # (class, pattern over the kernel name), first match wins
+    ("moe (fused)", r"_moe_gemm"), ("mla decode (fused)", r"_mla_decode"), ("rmsnorm (fused)", r"_rms_norm"),
+    ("attention (sdpa)", r"flash|fmha|attention|softmax"),
+    ("matmul", r"gemm|nvjet|cutlass|sm90|xmma|matmul|splitK|Kernel2"),
+    ("nccl", r"nccl"), ("copy / index", r"copy|index|gather|scatter|cat|Cat"),
+    ("reduce / sort", r"reduce|sort|topk|Topk|radix|scan|cumsum"),
+    ("elementwise", r"elementwise|vectorized|unrolled|fill"),
+]
+
+
+def classify(name: str) -> str:
+    return next((c for c, pat in CLASSES if re.search(pat, name)), "other")
+
+
+def build_engine(model: str, batch: int, mode: str):
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+
+    cfg = EngineConfig(model=model, device="cuda", load_format="dummy", skip_tokenizer_init=True,
+                       max_num_seqs=batch, enforce_eager=mode == "eager", max_model_len=4096)
+    engine = Engine(cfg)
+    if mode == "eager":
+        engine.runner.model.use_kernels(False)
+    return engine
+
+
+def fill(engine, batch: int, input_len: int, steps: int) -> None:
+    from moeserve.coordinator.sampling import SamplingParams
+
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=steps * 3 + 2, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        ids = torch.randint(0, engine.model_config.vocab_size, (input_len,), generator=gen).tolist()
+        engine.add_request(f"p{i}", prompt_token_ids=ids, params=params)
+    while any(r.num_output_tokens == 0 for r in engine.requests.values()):
+        engine.step()
+
+
+def profile_steps(engine, steps: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - start) / steps * 1e3
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    per_class: dict[str, float] = defaultdict(float)
+    count = 0
+    busy_us = 0.0
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        count += 1
+        dur = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+        busy_us += dur
+        per_class[classify(evt.name)] += dur
+    return {"step_ms": step_ms, "kernels_per_step": count / steps, "gpu_busy_ms_per_step": busy_us / steps / 1e3,
+            "busy_fraction": busy_us / steps / 1e3 / step_ms,
+            "ms_per_step_by_class": {k: round(v / steps / 1e3, 3) for k, v in sorted(per_class.items(),
+                                                                                key=lambda kv: -kv[1])}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="benchmarks/configs/deepseek_v2_lite")
+    p.add_argument("--batches", default="1,64")
+    p.add_argument("--input-len", type=int, default=1024)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--mode", choices=["fast", "eager"], default="fast")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+    results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model, "runs": []}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        engine = build_engine(args.model, batch, args.mode)
+        fill(engine, batch, args.input_len, args.steps)
+        run = {"batch": batch, **profile_steps(engine, args.steps)}
+        results["runs"].append(run)
+        print(json.dumps(run), flush=True)
+        engine.close()
+        del engine
+        torch.cuda.empty_cache()
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

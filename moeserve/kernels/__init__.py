@@ -1,0 +1,41 @@
+"""Fused device kernels (Triton) and the CUDA-graph runner of the decode step.
+
+Each kernel file names the eager code it replaces as its reference; ``tests/test_kernels.py`` compares them
+(on a GPU, or on the CPU through Triton's interpreter with ``TRITON_INTERPRET=1``). The eager path stays
+the default wherever a kernel cannot run: on CPUs and NPUs, and where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001  (absent, or present without a usable backend)
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (tests of the kernels on machines without a GPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels_apply(device: torch.device) -> bool:
+    """Whether the fused kernels run for tensors on ``device``: CUDA devices with Triton, or any device under
+    Triton's interpreter (tests only)."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or interpreting()
+
+
+def dot_precision(dtype: torch.dtype) -> str | None:
+    """Triton's ``input_precision`` for a product of ``dtype`` operands: float32 stays exact ("ieee", the
+    precision the float32 tests compare in) instead of Triton's default tf32; other dtypes keep the default."""
+    return "ieee" if dtype == torch.float32 else None

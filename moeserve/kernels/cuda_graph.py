@@ -1,0 +1,155 @@
+"""CUDA graphs of the decode step, one per batch-size bucket (``--enforce-eager`` turns them off).
+
+A decode step (every sequence adds one token) is captured once per bucket at start and replayed with its
+inputs copied into static buffers: the step's thousands of kernel launches become one graph launch. A batch
+is padded up to the next bucket; padding rows read and write only a spare cache block (``sink_block``, one
+past the blocks the cache manager hands out) and are not counted as routed tokens. Prefill and mixed steps
+run eagerly. Reference: ``ModelRunner.execute_stage``'s eager path, which the graphs must match.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from moeserve.model.attn_metadata import AttnMetadata
+
+if TYPE_CHECKING:
+    from moeserve.stages.runner import ModelRunner, StepPlan
+
+logger = logging.getLogger(__name__)
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Batch sizes with a graph: 1, 2, 4, then every multiple of 8 up to ``max_batch`` (as vLLM does)."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 1, 8))
+    if not sizes or sizes[-1] < max_batch:
+        sizes.append(max_batch)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int, sink_block: int):
+        self.runner = runner
+        self.buckets = decode_buckets(max_batch)
+        self.sink_block = sink_block
+        self.block_size = runner.block_size
+        model, device = runner.model, runner.device
+        big = self.buckets[-1]
+        # NOTE: inputs are staged in pinned host buffers and copied asynchronously: the engine reads the
+        # sampled tokens back every step, so a staging buffer is never rewritten while its copy is pending
+        self.host = torch.zeros(4, big, dtype=torch.long, pin_memory=True)  # token, position, slot, length
+        self.host_tables = torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        self.inputs = torch.zeros(4, big, dtype=torch.long, device=device)
+        self.tables = torch.full((big, max_blocks_per_seq), sink_block, dtype=torch.int32, device=device)
+        self.counted = torch.zeros(big, dtype=torch.long, device=device)  # 1 for real rows: the MoE counters skip padding
+        self.hidden_in = None if model.slice.has_embedding else \
+            torch.zeros(big, model.config.hidden_size, dtype=model.dtype, device=device)
+        self.out: torch.Tensor | None = None  # logits [big, vocab] or hidden [big, hidden], filled by the graphs
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool_bytes = 0
+
+    def fits(self, plan: StepPlan) -> bool:
+        return all(q == 1 for q in plan.query_lens) and len(plan.query_lens) <= self.buckets[-1]
+
+    def bucket(self, batch: int) -> int:
+        return next(b for b in self.buckets if b >= batch)
+
+    # ---- capture ----
+    def _metadata(self, batch: int) -> AttnMetadata:
+        device = self.inputs.device
+        empty = torch.zeros(0, 0, dtype=torch.long, device=device)
+        return AttnMetadata(
+            positions=self.inputs[1, :batch], slot_mapping=self.inputs[2, :batch], num_decode_tokens=batch,
+            block_size=self.block_size, decode_block_tables=self.tables[:batch],
+            decode_context_valid=empty.bool(), prefill_query_index=empty, prefill_query_valid=empty.bool(),
+            prefill_context_slots=empty, prefill_mask=empty.bool().unsqueeze(0),
+            logits_index=torch.arange(batch, device=device), decode_context_lens=self.inputs[3, :batch])
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        model = self.runner.model
+        meta = self._metadata(batch)
+        h = model.embed(self.inputs[0, :batch]) if self.hidden_in is None else self.hidden_in[:batch]
+        h = model.forward_layers(h, meta, self.runner.flat_caches)
+        return model.logits(h) if model.slice.has_head else h
+
+    def _set_padding(self, batch: int, num_real: int) -> None:
+        """Rows [num_real, batch) of the host staging buffers: token 0 at position 0 in the sink block."""
+        host = self.host.numpy()
+        host[0, num_real:batch] = 0
+        host[1, num_real:batch] = 0
+        host[2, num_real:batch] = self.sink_block * self.block_size
+        host[3, num_real:batch] = 1
+        self.host_tables.numpy()[num_real:batch, 0] = self.sink_block
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, into one memory pool; prints how long it took."""
+        start = time.perf_counter()
+        device = self.inputs.device
+        before = torch.cuda.memory_reserved(device)
+        pool = torch.cuda.graph_pool_handle()
+        self.counted.zero_()
+        moes = self.runner.model.moe_layers().values()
+        for moe in moes:  # the graphs weigh their counts by ``counted``; eager steps count every row
+            moe.count_weights = self.counted
+        try:
+            self._capture_all(pool)
+        finally:
+            for moe in moes:
+                moe.count_weights = None
+        torch.cuda.synchronize(device)
+        self.pool_bytes = torch.cuda.memory_reserved(device) - before
+        logger.info("captured CUDA graphs for %d decode batch sizes (1..%d) in %.1f s; graph memory %.0f MiB",
+                    len(self.buckets), self.buckets[-1], time.perf_counter() - start, self.pool_bytes / 2**20)
+
+    def _capture_all(self, pool) -> None:
+        device = self.inputs.device
+        for batch in reversed(self.buckets):
+            self._set_padding(batch, 0)
+            self._stage(batch, 0)
+            for _ in range(2):  # compiles the kernels and settles the allocator before capture
+                out = self._forward(batch)
+            if self.out is None:  # sized by the largest bucket, outside the pool; every graph writes into it
+                self.out = torch.empty(batch, *out.shape[1:], dtype=out.dtype, device=device)
+            del out
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.out[:batch].copy_(self._forward(batch))
+            self.graphs[batch] = graph
+
+    # ---- replay ----
+    def _stage(self, batch: int, num_real: int) -> None:
+        """Copy the staged inputs of ``batch`` rows to the device buffers the graphs read."""
+        self.inputs[:, :batch].copy_(self.host[:, :batch], non_blocking=True)
+        self.counted[:batch].fill_(0)
+        self.counted[:num_real].fill_(1)
+
+    def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows."""
+        num_real = len(plan.query_lens)
+        batch = self.bucket(num_real)
+        host = self.host.numpy()
+        pos = np.asarray(plan.num_computed, dtype=np.int64)
+        width = max(len(t) for t in plan.block_tables)
+        tables = self.host_tables.numpy()
+        for row, table in enumerate(plan.block_tables):
+            tables[row, :len(table)] = table
+        host[0, :num_real] = plan.token_ids
+        host[1, :num_real] = pos
+        host[2, :num_real] = tables[np.arange(num_real), pos // self.block_size] * self.block_size \
+            + pos % self.block_size
+        host[3, :num_real] = pos + 1
+        self._set_padding(batch, num_real)
+        self._stage(batch, num_real)
+        self.tables[:batch, :width].copy_(self.host_tables[:batch, :width], non_blocking=True)
+        if self.hidden_in is not None:
+            assert hidden is not None
+            self.hidden_in[:num_real].copy_(hidden)
+        self.graphs[batch].replay()
+        return self.out[:num_real]  # type: ignore[index]

@@ -1,0 +1,169 @@
+"""The routed experts as two grouped GEMMs over the (token, expert) pairs sorted by expert.
+
+Reference: ``MoE.routed`` / ``MoE.routed_grouped`` (``moeserve/experts/moe.py``, the eager paths). The
+pairs are sorted by local expert and each expert's run is padded to ``BLOCK_M`` rows, all with tensor ops of
+fixed shapes and no host synchronisation (so a CUDA graph captures it). The first GEMM computes gate and up
+together and writes ``silu(gate) * up``; the second multiplies by the routing weight and writes each pair's
+row, and a token's ``top_k`` rows are summed in a fixed order (the result does not vary from run to run).
+FP8 experts (float8 with float32 scales per 128 x 128 block, DeepSeek-V3's layout) are read as float8 and
+scaled in registers: no dequantized copy of a layer's weights is ever written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import dot_precision
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    """Round float32 ``x`` to ``dtype`` and back, as an eager op in that dtype would."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_padded_ptr, route_w_ptr,
+              num_pairs, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_om,
+              up_scale_offset, A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTE: tl.constexpr,
+              FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + rows)
+    row_ok = pair < num_pairs
+    a_row = tl.where(row_ok, pair // A_DIV, 0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + expert * stride_we
+    s_base = scale_ptr + expert * stride_se + (cols // SCALE_BLOCK) * stride_sn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + ks) < K
+        a = tl.load(a_ptr + a_row[:, None] * stride_am + (k0 + ks)[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w_ptrs = w_base + cols[None, :] * stride_wn + (k0 + ks)[:, None]
+        w_mask = col_ok[None, :] & k_ok[:, None]
+        w = tl.load(w_ptrs, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+        if FP8:
+            s = tl.load(s_base + (k0 // SCALE_BLOCK) * stride_sk, mask=col_ok, other=0.0)
+            acc += tl.dot(a, w.to(a.dtype), input_precision=PRECISION) * s[None, :]
+        else:
+            acc += tl.dot(a, w, input_precision=PRECISION)
+        if GATED:
+            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
+            if FP8:
+                s_up = tl.load(s_base + up_scale_offset + (k0 // SCALE_BLOCK) * stride_sk, mask=col_ok, other=0.0)
+                acc_up += tl.dot(a, w_up.to(a.dtype), input_precision=PRECISION) * s_up[None, :]
+            else:
+                acc_up += tl.dot(a, w_up, input_precision=PRECISION)
+    dtype = out_ptr.dtype.element_ty
+    if GATED:  # silu(gate) * up, rounded where the eager ops round
+        gate = _round(acc, dtype)
+        acc = _round(gate / (1.0 + tl.exp(-gate)), dtype) * _round(acc_up, dtype)
+    if MUL_ROUTE:
+        route_w = _round(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
+        acc = _round(acc, dtype) * route_w[:, None]
+    out_row = tl.where(row_ok, pair, 0).to(tl.int64)
+    tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(dtype),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@dataclass
+class SortedPairs:
+    """(token, expert) pairs grouped by local expert, each expert's run padded to ``block_m`` rows."""
+
+    pair_ids: torch.Tensor  # [max_padded] pair index (token * top_k + k) per row; num_pairs marks padding
+    block_expert: torch.Tensor  # [max_padded // block_m] local expert of each row block
+    num_padded: torch.Tensor  # [1] rows in use (blocks past it are skipped)
+    block_m: int
+
+
+def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs:
+    """local: [P] local expert slot of each pair (``num_local`` for pairs served elsewhere) -> the pairs
+    sorted by expert with padded runs. Fixed shapes, no host synchronisation."""
+    num_pairs = local.numel()
+    device = local.device
+    counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
+    counts.index_add_(0, local, torch.ones_like(local))
+    counts = counts[:num_local]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)  # [E]
+    start = padded_end - padded
+    run_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(local, stable=True)
+    sorted_local = local[order]
+    held = sorted_local < num_local
+    expert = sorted_local.clamp(max=num_local - 1)
+    dest = start[expert] + torch.arange(num_pairs, device=device) - run_start[expert]
+    max_padded = triton.cdiv(num_pairs + num_local * (block_m - 1), block_m) * block_m
+    pair_ids = torch.full((max_padded + 1,), num_pairs, dtype=torch.long, device=device)
+    # pairs served elsewhere are written to the spare last row, which no block reads
+    pair_ids.index_copy_(0, torch.where(held, dest, max_padded), order)
+    block_starts = torch.arange(0, max_padded, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp(max=num_local - 1)
+    return SortedPairs(pair_ids[:max_padded], block_expert, padded_end[-1:], block_m)
+
+
+def _config(num_rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by the number of pairs."""
+    if num_rows <= 64:
+        return 16, 64, 128, 4
+    if num_rows <= 1024:
+        return 32, 64, 128, 4
+    return 64, 128, 64, 8
+
+
+def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
+            pairs: SortedPairs, route_w: torch.Tensor, a_div: int, gated: bool, mul_route: bool,
+            block: tuple[int, int], cfg: tuple[int, int, int, int]) -> None:
+    block_m, block_n, block_k, warps = cfg
+    n = w.shape[1] // 2 if gated else w.shape[1]
+    k = w.shape[2]
+    fp8 = scale is not None
+    if fp8:
+        assert scale is not None
+        # gate and up have their own block grids: scale [E, 2, nbo, nbi] for w13, [E, nbo, nbi] for w2
+        s = scale.flatten(1, 2) if gated else scale
+        up_offset = scale.stride(1) if gated else 0
+        strides = (s.stride(0), s.stride(1), s.stride(2))
+        assert block_k <= block[1] and block[1] % block_k == 0 and block[0] == block[1]
+    else:
+        s, up_offset, strides = w, 0, (0, 0, 0)
+    grid = (pairs.block_expert.numel(), triton.cdiv(n, block_n))
+    _moe_gemm[grid](a, w, s, out, pairs.pair_ids, pairs.block_expert, pairs.num_padded, route_w,
+                    route_w.numel(), n, k, a.stride(0), w.stride(0), w.stride(1), *strides, out.stride(0),
+                    up_offset, A_DIV=a_div, GATED=gated, MUL_ROUTE=mul_route, FP8=fp8,
+                    SCALE_BLOCK=block[0] if fp8 else 128, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    PRECISION=dot_precision(a.dtype),
+                    num_warps=warps, num_stages=3)
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor, local: torch.Tensor,
+              num_local: int, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+              block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]; route_w: [T, top_k] routing
+    weights; local: [T * top_k] local expert of each pair (``num_local`` = served elsewhere).
+    FP8 experts: w13/w2 float8 with ``w13_scale`` [E, 2, ceil(I/128), ceil(H/128)], ``w2_scale``
+    [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x)."""
+    num_tokens, top_k = route_w.shape
+    inter = w13.shape[1] // 2
+    cfg = _config(local.numel())
+    pairs = sort_pairs(local, num_local, cfg[0])
+    flat_w = route_w.reshape(-1).contiguous()
+    act = torch.empty(local.numel(), inter, dtype=x.dtype, device=x.device)
+    _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg)
+    # rows of pairs served elsewhere stay zero, so the fixed-order sum below adds nothing for them
+    out = torch.zeros(local.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
+    _launch(act, w2, w2_scale, out, pairs, flat_w, 1, False, True, block, cfg)
+    return out.view(num_tokens, top_k, -1).sum(1).to(x.dtype)

@@ -1,0 +1,113 @@
+"""Absorbed MLA decode attention over the paged latent cache, split along the sequence (flash decoding).
+
+Reference: the middle of ``MLA._decode`` (``moeserve/model/mla.py``, the eager path): scores of the absorbed
+query against every cached row (latent and rope parts together), softmax, and the probability-weighted sum
+of the cached latents. The kernel reads each sequence's rows through its block table, only up to its
+context length (read on the device, so a CUDA graph replays it for any length), in ``num_splits`` pieces
+whose partial results are merged by their log-sum-exp in a second small kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import dot_precision
+
+HEAD_BLOCK = 16  # heads per program: the smallest M of a tensor-core product
+TOKEN_BLOCK = 32  # cached rows per loop step
+
+
+@triton.jit
+def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
+                      num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
+                      NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    split = tl.program_id(2)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    head_ok = heads < num_heads
+    d_lat = tl.arange(0, LATENT)
+    d_pe = tl.arange(0, ROPE)
+    q_row = q_ptr + b * stride_qb + heads[:, None] * stride_qh
+    q_lat = tl.load(q_row + d_lat[None, :], mask=head_ok[:, None], other=0.0)  # [H, LATENT]
+    q_pe = tl.load(q_row + LATENT + d_pe[None, :], mask=head_ok[:, None], other=0.0)  # [H, ROPE]
+    ctx = tl.load(lens_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_T) * BLOCK_T
+    start = split * chunk
+    end = tl.minimum(start + chunk, ctx)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, LATENT], tl.float32)
+    row_width = LATENT + ROPE
+    for t0 in range(start, end, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < end
+        block = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=t_ok, other=0)
+        slot = block.to(tl.int64) * PAGE + t % PAGE
+        rows = cache_ptr + slot[:, None] * row_width
+        k_lat = tl.load(rows + d_lat[None, :], mask=t_ok[:, None], other=0.0)  # [T, LATENT]
+        k_pe = tl.load(rows + LATENT + d_pe[None, :], mask=t_ok[:, None], other=0.0)  # [T, ROPE]
+        s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION) \
+            + tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION)  # [H, T] float32
+        s = tl.where(t_ok[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(k_lat.dtype), k_lat, input_precision=PRECISION)
+        m_i = m_new
+    out_row = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
+    has = l_i > 0
+    tl.store(out_row + d_lat[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=head_ok[:, None])
+    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+    tl.store(lse_ptr + (b * num_heads + heads) * NUM_SPLITS + split, lse, mask=head_ok)
+
+
+@triton.jit
+def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
+                      num_heads, NUM_SPLITS: tl.constexpr, LATENT: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(lse_ptr + (b * num_heads + h) * NUM_SPLITS + s)  # [S]
+    m = tl.max(lse, 0)
+    w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
+    w = w / tl.sum(w, 0)
+    d = tl.arange(0, LATENT)
+    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :])
+    out = tl.sum(parts * w[:, None], 0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits_for(batch: int, num_heads: int, num_sms: int = 132) -> int:
+    """Pieces each sequence is split into: enough programs to fill the device twice, at most 16."""
+    programs = batch * triton.cdiv(num_heads, HEAD_BLOCK)
+    splits = max(1, min(16, (2 * num_sms) // max(programs, 1)))
+    return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's arange)
+
+
+def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+               page_size: int, latent_dim: int, scale: float, num_splits: int | None = None) -> torch.Tensor:
+    """q: [B, H, latent + rope] absorbed queries; cache: [num_slots, latent + rope] (flat paged rows);
+    block_tables: [B, max_blocks] (entries past a sequence's length are never read); context_lens: [B]
+    (>= 1) -> [B, H, latent] in q's dtype: softmax(scale * q . rows) . rows[:, :latent]."""
+    batch, num_heads, width = q.shape
+    rope = width - latent_dim
+    splits = num_splits or num_splits_for(batch, num_heads)
+    parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    grid = (batch, triton.cdiv(num_heads, HEAD_BLOCK), splits)
+    _mla_decode_split[grid](
+        q, cache, block_tables, context_lens, parts, lse, scale, num_heads,
+        q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
+        NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, BLOCK_H=HEAD_BLOCK,
+        BLOCK_T=TOKEN_BLOCK, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+    out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
+    _mla_decode_merge[(batch, num_heads)](
+        parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
+        num_heads, NUM_SPLITS=splits, LATENT=latent_dim, num_warps=4)
+    return out
