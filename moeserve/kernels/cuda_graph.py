@@ -134,17 +134,11 @@ class DecodeGraphs:
         """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows."""
         num_real = len(plan.query_lens)
         batch = self.bucket(num_real)
-        host = self.host.numpy()
-        pos = np.asarray(plan.num_computed, dtype=np.int64)
         width = max(len(t) for t in plan.block_tables)
         tables = self.host_tables.numpy()
         for row, table in enumerate(plan.block_tables):
             tables[row, :len(table)] = table
-        host[0, :num_real] = plan.token_ids
-        host[1, :num_real] = pos
-        host[2, :num_real] = tables[np.arange(num_real), pos // self.block_size] * self.block_size \
-            + pos % self.block_size
-        host[3, :num_real] = pos + 1
+        self.host.numpy()[:, :num_real] = decode_rows(plan, tables, self.block_size)
         self._set_padding(batch, num_real)
         self._stage(batch, num_real)
         self.tables[:batch, :width].copy_(self.host_tables[:batch, :width], non_blocking=True)
@@ -152,4 +146,15 @@ class DecodeGraphs:
             assert hidden is not None
             self.hidden_in[:num_real].copy_(hidden)
         self.graphs[batch].replay()
-        return self.out[:num_real]  # type: ignore[index]
+        assert self.out is not None
+        return self.out[:num_real]
+
+
+def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
+    """A decode plan's graph inputs: [4, B] rows of token id, position, cache slot and context length
+    (``tables``: the plan's block tables as an array, [>= B, >= blocks]); what ``build_attn_metadata``
+    computes on the device for the eager path."""
+    pos = np.asarray(plan.num_computed, dtype=np.int64)
+    rows = np.arange(len(pos))
+    slots = tables[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    return np.stack([np.asarray(plan.token_ids, dtype=np.int64), pos, slots, pos + 1])

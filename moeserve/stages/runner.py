@@ -42,29 +42,34 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.cache_dtype = cache_dtype or model.dtype
-        model.use_kernels(kernels_apply(device))
-        cuda_graphs = cuda_graphs and device.type == "cuda" and kernels_apply(device)
+        fast = kernels_apply(device)
         layer_ids = [int(k) for k in model.layers]
-        # with graphs, one spare block past the manager's: padding rows of a graph's batch write there
-        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(cuda_graphs), block_size,
+        # with the fast path, one spare block past the manager's: a graph's padding rows and the start-up
+        # check write there
+        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(fast), block_size,
                                                 model.config.kv_cache_dim, self.cache_dtype, device)
         self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
         logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
                     num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
                     model.config.kv_cache_dim)
         self.graphs: DecodeGraphs | None = None
-        if cuda_graphs:
-            self._capture(max_num_seqs, max_model_len or model.config.max_position_embeddings)
+        self.fast_path_error: str | None = None  # why the fused kernels are off, where they were to run
+        if fast:
+            from moeserve.kernels.selfcheck import check_fast_path
+
+            capture = (lambda: self._capture(max_num_seqs, max_model_len or model.config.max_position_embeddings)) \
+                if cuda_graphs and device.type == "cuda" else None
+            self.fast_path_error = check_fast_path(self, num_blocks, capture)
+            if self.fast_path_error is not None:
+                self.graphs = None
+        else:
+            model.use_kernels(False)
 
     def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
         from moeserve.kernels.cuda_graph import DecodeGraphs
 
         graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks)
-        try:
-            graphs.capture()
-        except torch.OutOfMemoryError as e:
-            logger.warning("not enough device memory to capture CUDA graphs (%s); decoding eagerly", e)
-            return
+        graphs.capture()
         self.graphs = graphs
 
     @property
