@@ -90,7 +90,7 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
-                   max_num_seqs=config.max_num_seqs)
+                   max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens)
     layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
                            config.effective_block_size, num_blocks, tuple(options.items()))
     return plan, num_blocks, (launcher or DistributedExecutor.local)(layout)
@@ -122,7 +122,8 @@ class Engine:
             num_blocks = kv_cache_blocks(config, self.model.cache_bytes_per_token())
             self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device,
                                       cuda_graphs=config.use_cuda_graphs, max_num_seqs=config.max_num_seqs,
-                                      max_model_len=self.max_model_len)
+                                      max_model_len=self.max_model_len,
+                                      warm_up_tokens=config.effective_max_num_batched_tokens)
             logger.info("latent cache bytes per token: %d", self.runner.cache_bytes_per_token)
         self.kv = KVCacheManager(num_blocks, config.effective_block_size)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)

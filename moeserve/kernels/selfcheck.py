@@ -9,6 +9,7 @@ of a stage takes the same decision (their collectives must match).
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -87,3 +88,21 @@ def check_fast_path(runner: ModelRunner, sink_block: int, capture) -> str | None
         model.use_kernels(False)
         logger.warning("fast path off (fused kernels and CUDA graphs), decoding eagerly: %s", reason)
     return reason
+
+
+def warm_up(runner: ModelRunner, sink_block: int, num_tokens: int) -> None:
+    """One prefill of ``num_tokens`` tokens, every row in the spare block (its output is not used): builds
+    the kernels' large-batch variants and settles the allocator before the first request."""
+    from moeserve.stages.runner import StepPlan
+
+    start = time.perf_counter()
+    model = runner.model
+    num_tokens = min(num_tokens, model.rotary.cos.shape[0])
+    blocks = -(-num_tokens // runner.block_size)
+    plan = StepPlan([0] * num_tokens, [num_tokens], [0], [[sink_block] * blocks], [0])
+    hidden = None if model.slice.has_embedding else \
+        torch.zeros(num_tokens, model.config.hidden_size, dtype=model.dtype, device=runner.device)
+    runner.execute_stage(plan, hidden)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    logger.info("warm-up prefill of %d tokens in %.1f s", num_tokens, time.perf_counter() - start)

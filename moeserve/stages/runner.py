@@ -34,9 +34,11 @@ class StepPlan:
 class ModelRunner:
     def __init__(self, model: DeepseekModel, num_blocks: int, block_size: int, device: torch.device,
                  cache_dtype: torch.dtype | None = None, cuda_graphs: bool = False, max_num_seqs: int = 256,
-                 max_model_len: int = 0):
+                 max_model_len: int = 0, warm_up_tokens: int = 0):
         """``cuda_graphs``: capture the decode step for batch sizes up to ``max_num_seqs`` (CUDA devices
-        with the fused kernels only; ``max_model_len`` bounds the block tables the graphs read)."""
+        with the fused kernels only; ``max_model_len`` bounds the block tables the graphs read).
+        ``warm_up_tokens``: where the fused kernels run, a prefill of this many tokens at start builds
+        their large-batch variants, so that the first request does not pay for it."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -55,15 +57,21 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.fast_path_error: str | None = None  # why the fused kernels are off, where they were to run
         if fast:
-            from moeserve.kernels.selfcheck import check_fast_path
-
-            capture = (lambda: self._capture(max_num_seqs, max_model_len or model.config.max_position_embeddings)) \
-                if cuda_graphs and device.type == "cuda" else None
-            self.fast_path_error = check_fast_path(self, num_blocks, capture)
-            if self.fast_path_error is not None:
-                self.graphs = None
+            self._start_fast_path(cuda_graphs and device.type == "cuda", max_num_seqs,
+                                  max_model_len or model.config.max_position_embeddings, warm_up_tokens)
         else:
             model.use_kernels(False)
+
+    def _start_fast_path(self, cuda_graphs: bool, max_num_seqs: int, max_model_len: int,
+                         warm_up_tokens: int) -> None:
+        from moeserve.kernels.selfcheck import check_fast_path, warm_up
+
+        capture = (lambda: self._capture(max_num_seqs, max_model_len)) if cuda_graphs else None
+        self.fast_path_error = check_fast_path(self, self.num_blocks, capture)
+        if self.fast_path_error is not None:
+            self.graphs = None
+        elif warm_up_tokens:
+            warm_up(self, self.num_blocks, warm_up_tokens)
 
     def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
         from moeserve.kernels.cuda_graph import DecodeGraphs

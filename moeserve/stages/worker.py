@@ -74,6 +74,7 @@ class WorkerSpec:
     max_positions: int = 0  # rotary table length; 0 = the model's max_position_embeddings
     cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
     max_num_seqs: int = 256  # the largest decode batch a graph is captured for
+    warm_up_tokens: int = 0  # tokens of the warm-up prefill at start (where the fused kernels run)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -119,7 +120,7 @@ class StageWorker:
                            keep_fp8=spec.keep_fp8, dummy_seed=spec.seed)
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
-                                  max_model_len=spec.max_positions)
+                                  max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
