@@ -32,6 +32,29 @@ def classify(name: str) -> str:
     return next((c for c, pat in CLASSES if re.search(pat, name)), "other")
 
 
+def hbm_floor_ms(config, batch: int, context: int, bandwidth: float = 4.8e12, dtype_bytes: int = 2,
+                 expert_bytes: float = 2.0) -> dict:
+    """The memory-bandwidth floor of one decode step: bytes that must be read once (bf16 attention, dense,
+    shared-expert and LM-head weights; the routed experts that ``batch`` tokens reach, in expectation under
+    uniform routing; the latent cache of ``batch`` x ``context`` tokens) over ``bandwidth`` (H200: 4.8 TB/s).
+    ``expert_bytes``: bytes per routed-expert weight (1 for FP8, plus its scales)."""
+    h, c = config.hidden_size, config
+    heads = c.num_attention_heads
+    q = h * heads * c.qk_head_dim if c.q_lora_rank is None else \
+        h * c.q_lora_rank + c.q_lora_rank * heads * c.qk_head_dim
+    attn = q + h * c.kv_cache_dim + c.kv_lora_rank * heads * (c.qk_nope_head_dim + c.v_head_dim) \
+        + heads * c.v_head_dim * h
+    moe_layers = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    dense_layers = c.num_hidden_layers - moe_layers
+    expert = 3 * h * c.moe_intermediate_size
+    reached = c.n_routed_experts * (1 - (1 - c.num_experts_per_tok / c.n_routed_experts) ** batch)
+    weights = dtype_bytes * (c.num_hidden_layers * attn + dense_layers * 3 * h * c.intermediate_size
+                             + moe_layers * c.n_shared_experts * expert + c.vocab_size * h) \
+        + moe_layers * reached * expert * expert_bytes
+    cache = batch * context * c.num_hidden_layers * c.kv_cache_dim * dtype_bytes
+    return {"weights_gb": weights / 1e9, "cache_gb": cache / 1e9, "floor_ms": (weights + cache) / bandwidth * 1e3}
+
+
 def build_engine(model: str, batch: int, mode: str):
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
@@ -98,7 +121,9 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         engine = build_engine(args.model, batch, args.mode)
         fill(engine, batch, args.input_len, args.steps)
-        run = {"batch": batch, **profile_steps(engine, args.steps)}
+        floor = hbm_floor_ms(engine.model_config, batch, args.input_len)
+        run = {"batch": batch, **profile_steps(engine, args.steps), "hbm_floor": floor}
+        run["fraction_of_floor"] = floor["floor_ms"] / run["step_ms"]
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
         engine.close()

@@ -64,6 +64,11 @@ ALLOWED = {
     ("launch/cmd_check.py", "torch.cuda."): "`moeserve check` reports what this machine has, CUDA included",
     ("launch/cmd_check.py", "nccl"): "`moeserve check` lists the available collective backends",
     ("experts/moe.py", ".is_cuda"): "torch._grouped_mm is a CUDA kernel; other devices take the per-expert loop",
+    ("kernels/__init__.py", '"cuda"'): "the Triton kernels run on CUDA devices only (kernels_apply decides)",
+    ("kernels/cuda_graph.py", "torch.cuda."): "CUDA graphs: built only for CUDA devices (ModelRunner guards)",
+    ("kernels/selfcheck.py", '"cuda"'): "the warm-up waits for the device where it is a CUDA one",
+    ("kernels/selfcheck.py", "torch.cuda."): "the warm-up waits for the device where it is a CUDA one",
+    ("stages/runner.py", '"cuda"'): "CUDA graphs are captured on CUDA devices only",
 }
 
 CUDA_LITERAL = re.compile(r"cuda(:\d+)?")
