@@ -41,6 +41,8 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     max_in_flight: int = 0  # most batches in flight at once (pipeline parallelism)
+    run_s: float = 0.0  # seconds inside the runner's submit (the model itself, in one process), part of
+    # the "schedule_submit" phase: the rest of that phase is the coordinator's own work
     step_times: list[float] = field(default_factory=list)
     # seconds the engine spent in each part of its steps: where a step's time goes (see moeserve bench)
     phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
@@ -252,7 +254,11 @@ class Engine:
             if sched.is_empty:
                 return
             to_sample = [s.request for s in sched.scheduled if s.completes_sequence]
-            self.in_flight.append(_Batch(sched, to_sample, self.runner.submit(self._plan(sched))))
+            plan = self._plan(sched)
+            start = time.perf_counter()
+            handle = self.runner.submit(plan)
+            self.stats.run_s += time.perf_counter() - start
+            self.in_flight.append(_Batch(sched, to_sample, handle))
             self.stats.max_in_flight = max(self.stats.max_in_flight, len(self.in_flight))
 
     def _plan(self, sched: SchedulerOutput) -> StepPlan:

@@ -1,0 +1,78 @@
+"""The coordinator's own work per engine step, apart from the model: scheduling and the step plan, the
+sampling batch and the sampler, output processing -- what stays on the host once CUDA graphs take the
+launches away.
+
+The model is made trivial (dummy weights of a 2-layer, width-128 DeepSeek-V2 shape with a 512-token
+vocabulary, on the CPU), so that what is timed is the engine around it. Each batch decodes ``--output-len``
+tokens after a 128-token prompt.
+
+    python benchmarks/bench_engine_overhead.py --batches 64,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+TINY = {
+    "model_type": "deepseek_v2", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 192,
+    "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
+    "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+    "topk_method": "greedy", "kv_lora_rank": 64, "q_lora_rank": None, "qk_rope_head_dim": 16,
+    "qk_nope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+    "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+    "rope_theta": 10000, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
+}
+
+
+def measure(model_dir: str, batch: int, output_len: int) -> dict:
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+    from moeserve.coordinator.sampling import SamplingParams
+
+    engine = Engine(EngineConfig(model=model_dir, load_format="dummy", skip_tokenizer_init=True,
+                                 max_num_seqs=batch, kv_cache_memory=1 << 30, block_size=64,
+                                 max_num_batched_tokens=batch * 128))
+    gen = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"r{i}", prompt_token_ids=torch.randint(2, 512, (128,), generator=gen).tolist(),
+                           params=params)
+    while any(r.num_output_tokens == 0 for r in engine.requests.values()):
+        engine.step()
+    stats = engine.stats
+    stats.phase_s = dict.fromkeys(stats.phase_s, 0.0)
+    stats.run_s, first = 0.0, stats.num_steps
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    steps = stats.num_steps - first
+    per_step = {k: v / steps * 1e3 for k, v in stats.phase_s.items()}
+    host = per_step["schedule_submit"] - stats.run_s / steps * 1e3 + per_step["sample"] + per_step["process"]
+    return {"batch": batch, "steps": steps, "wall_ms_per_step": (time.perf_counter() - wall0) / steps * 1e3,
+            "cpu_ms_per_step": (time.process_time() - cpu0) / steps * 1e3,
+            "model_ms_per_step": stats.run_s / steps * 1e3, "host_ms_per_step": host,
+            "host_us_per_sequence": host / batch * 1e3,
+            "phase_ms_per_step": {k: round(v, 3) for k, v in per_step.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batches", default="64,256")
+    p.add_argument("--output-len", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(TINY))
+        for batch in [int(b) for b in args.batches.split(",")]:
+            print(json.dumps(measure(tmp, batch, args.output_len)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
