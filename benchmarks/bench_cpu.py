@@ -150,7 +150,8 @@ def main() -> None:
         print(json.dumps(run(args.model, ids, args.output_len, args.dtype)))
         return
     model = write_checkpoint(args.model)
-    results = {"workload": vars(args) | {"model": str(model), "json_out": None, "vllm_python": None}}
+    results = {"workload": vars(args) | {"model": str(model), "json_out": None, "vllm_python": None},
+               "machine": machine_record()}
     engines = ["moeserve"] + ([] if args.skip_hf else ["hf"])
     for engine in engines:
         results[engine] = run_in_subprocess(sys.executable, engine, model, args)
@@ -167,9 +168,23 @@ def main() -> None:
     report(results, args)
 
 
+def machine_record() -> dict:
+    """The CPU every result is recorded with (these machines differ: AMX, AVX-512 bf16, NEON/SVE)."""
+    import datetime
+
+    from moeserve.model.cpu_info import cpu_info, matmul_path
+
+    info = cpu_info()
+    return {"cpu": info.model, "arch": info.arch, "isa_flags": list(info.flags), "cores": os.cpu_count(),
+            "bf16_matmul": matmul_path(info, "bfloat16"), "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
+
+
 def report(results: dict, args: argparse.Namespace) -> None:
     out_tokens = args.num_prompts * args.output_len
     base = results["moeserve"]
+    m = results["machine"]
+    print(f"machine: {m['cpu']} ({m['arch']}, {m['cores']} cores), ISA {' '.join(m['isa_flags'])}, {m['date']}")
     for engine in ("moeserve", "hf", "vllm"):
         r = results.get(engine)
         if not r:

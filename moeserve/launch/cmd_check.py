@@ -26,7 +26,7 @@ def environment_report() -> list[tuple[str, str]]:
         torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else "not available"))
     npu = importlib.util.find_spec("torch_npu") is not None
     rows.append(("npu", "torch_npu installed (import with --device npu)" if npu else "torch_npu not installed"))
-    rows.append(("cpu", f"{torch.get_num_threads()} threads"))
+    rows.extend(cpu_rows(torch.get_num_threads()))
     backends = [name for name, ok in (("gloo", dist.is_gloo_available()), ("nccl", dist.is_nccl_available()),
                                       ("mpi", dist.is_mpi_available())) if ok]
     if npu:
@@ -34,6 +34,15 @@ def environment_report() -> list[tuple[str, str]]:
     rows.append(("distributed", ", ".join(backends) if dist.is_available() else "not available"))
     rows.append(("zeromq", f"libzmq {zmq.zmq_version()}, pyzmq {zmq.pyzmq_version()}"))
     return rows
+
+
+def cpu_rows(threads: int) -> list[tuple[str, str]]:
+    from moeserve.model.cpu_info import cpu_info, matmul_path
+
+    info = cpu_info()
+    return [("cpu", f"{info.model} ({info.arch}), {threads} threads"),
+            ("cpu isa", ", ".join(info.flags) or "none of the matmul extensions moeserve looks for"),
+            ("cpu matmul", f"float32: {matmul_path(info, 'float32')}; bfloat16: {matmul_path(info, 'bfloat16')}")]
 
 
 def checkpoint_report(path: str) -> tuple[bool, list[tuple[str, str]]]:
