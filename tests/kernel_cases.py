@@ -123,10 +123,12 @@ def _dequant(w, scale, gated):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens,held", [(1, "all"), (5, "all"), (70, "half")])
-def test_fused_moe(dtype, num_tokens, held):
-    from moeserve.kernels.fused_moe import fused_moe
+@pytest.mark.parametrize("num_tokens,held", [(1, "all"), (5, "half"), (70, "half")])
+@pytest.mark.parametrize("path", ["gemv", "sorted"])
+def test_fused_moe(dtype, num_tokens, held, path):
+    from moeserve.kernels import fused_moe as kernels
 
+    fused_moe = kernels.fused_moe_gemv if path == "gemv" else kernels.fused_moe_sorted
     num_experts, top_k = 8, 3
     x, w13, w2, _, _, weights, ids = _moe_case(dtype, num_tokens, num_experts, top_k)
     # expert parallel: this rank holds experts 1, 3, 5, 7 in slots 0..3; the others' pairs are skipped
@@ -140,9 +142,9 @@ def test_fused_moe(dtype, num_tokens, held):
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="float8 tensors need a GPU (the interpreter has no float8)")
-@pytest.mark.parametrize("num_tokens", [1, 33, 300])
+@pytest.mark.parametrize("num_tokens", [1, 7, 33, 300])
 def test_fused_moe_fp8(num_tokens):
-    from moeserve.kernels.fused_moe import fused_moe
+    from moeserve.kernels.fused_moe import fused_moe  # 1 and 7 tokens: the matrix-vector path
 
     num_experts, top_k = 6, 2
     x, w13, w2, s13, s2, weights, ids = _moe_case(torch.bfloat16, num_tokens, num_experts, top_k, hidden=256,
@@ -257,3 +259,20 @@ def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
     tokens, _ = _run(engine, prompts, params)
     monkeypatch.setattr(rmsnorm, "rms_norm", right)
     assert tokens == _run(_engine(tmp_path, True, "float32"), prompts, params)[0]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope(dtype, interleave):
+    from moeserve.kernels.rope import rope
+    from moeserve.model.config import RopeConfig
+    from moeserve.model.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=interleave), 16, 64)
+    rotary = rotary.to(DEVICE)
+    q = torch.randn(5, 6, 48, dtype=dtype, device=DEVICE)[..., 32:]  # the rope slice of q: strided
+    k = torch.randn(5, 80, dtype=dtype, device=DEVICE)[:, 64:]  # k_pe: [T, rope] slice of the kv_a output
+    pos = torch.tensor([0, 3, 7, 63, 20], device=DEVICE)
+    for x in (q, k):
+        out = rope(x, pos, rotary.cos, rotary.sin, interleave)
+        assert out.shape == x.shape and rel_err(out, rotary(x, pos)) < (1e-6 if dtype == torch.float32 else 1e-2)

@@ -90,9 +90,16 @@ class RotaryEmbedding(nn.Module):
         factor = rope_attention_factor(rope)
         self.register_buffer("cos", freqs.cos() * factor, persistent=False)
         self.register_buffer("sin", freqs.sin() * factor, persistent=False)
+        self.fused = False  # the Triton kernel (kernels/rope.py); set by DeepseekModel.use_kernels
+        half = dim // 2
+        self.kernel_fits = half >= 1 and half & (half - 1) == 0  # the kernel takes the half whole
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: [T, ..., dim] with positions [T] -> rotated x (same shape and dtype)."""
+        if self.fused and self.kernel_fits and x.dim() in (2, 3) and x.stride(-1) == 1:
+            from moeserve.kernels.rope import rope
+
+            return rope(x, positions, self.cos, self.sin, self.interleave)
         cos = self.cos[positions]
         sin = self.sin[positions]
         while cos.dim() < x.dim():
