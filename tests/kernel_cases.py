@@ -276,3 +276,24 @@ def test_rope(dtype, interleave):
     for x in (q, k):
         out = rope(x, pos, rotary.cos, rotary.sin, interleave)
         assert out.shape == x.shape and rel_err(out, rotary(x, pos)) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("spec_kw", [
+    dict(scoring_func="softmax", topk_method="greedy", top_k=6),
+    dict(scoring_func="softmax", topk_method="group_limited_greedy", top_k=3, n_group=4, topk_group=2),
+    dict(scoring_func="sigmoid", topk_method="noaux_tc", top_k=8, n_group=8, topk_group=4, norm_topk_prob=True,
+         routed_scaling_factor=2.5),
+])
+def test_router(spec_kw):
+    from moeserve.experts.gate import GateSpec, route
+    from moeserve.kernels.router import fused_route
+
+    spec = GateSpec(num_experts=64, **spec_kw)
+    logits = torch.randn(37, 64, device=DEVICE) * 3
+    bias = torch.randn(64, device=DEVICE) * 0.1 if spec.topk_method == "noaux_tc" else None
+    weights, ids = fused_route(logits, spec, bias)
+    ref_w, ref_ids = route(logits, spec, bias)
+    # the same experts with the same weights, in whatever order each side lists them
+    order, ref_order = ids.sort(1), ref_ids.sort(1)
+    assert torch.equal(order.values, ref_order.values)
+    assert rel_err(weights.gather(1, order.indices), ref_w.gather(1, ref_order.indices)) < 1e-5

@@ -176,7 +176,7 @@ class MoE(nn.Module):
         """x: [T, hidden] -> [T, hidden]. Only experts held here contribute to the routed part."""
         if self.all_to_all is not None:
             return self.all_to_all.forward(self, x)
-        weights, ids = route(router_logits(x, self.gate_weight), self.spec, self.e_score_correction_bias)
+        weights, ids = self.route(x)
         self.last_expert_ids = ids
         self.count_tokens(ids)
         if self.fused:
@@ -187,6 +187,15 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return self.shard.all_reduce(out)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k])."""
+        logits = router_logits(x, self.gate_weight)
+        if self.fused:
+            from moeserve.kernels.router import fused_route
+
+            return fused_route(logits, self.spec, self.e_score_correction_bias)
+        return route(logits, self.spec, self.e_score_correction_bias)
 
     def count_tokens(self, ids: torch.Tensor) -> None:
         """Add a step's routed pairs (ids [T, top_k]) to ``tokens_per_expert``: a scatter-add into the fixed

@@ -1,0 +1,86 @@
+"""The MoE router after its matmul in one kernel: scores, group-limited selection, top-k, normalisation.
+
+Reference: ``route`` (``moeserve/experts/gate.py``): softmax (V2) or sigmoid (V3) scores; top-k that is
+greedy, group-limited greedy (groups ranked by their best score) or ``noaux_tc`` (groups ranked by the sum
+of their two best biased scores; the bias picks experts but does not weigh them); optional normalisation of
+the top-k weights; the routed scaling factor. One program per token; selections are repeated arg-maxes, so
+among exactly equal scores the lowest index wins (the eager ``topk`` leaves that order unspecified).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.experts.gate import GateSpec
+
+METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
+
+
+@triton.jit
+def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr, BLOCK_E: tl.constexpr,
+           TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
+           METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, scaling):
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    ok = e < E
+    x = tl.load(logits_ptr + t * stride_l + e, mask=ok, other=float("-inf")).to(tl.float32)
+    if SIGMOID:
+        scores = tl.where(ok, 1.0 / (1.0 + tl.exp(-x)), float("-inf"))
+    else:
+        p = tl.exp(x - tl.max(x, 0))
+        scores = tl.where(ok, p / tl.sum(p, 0), float("-inf"))
+    choice = scores
+    if HAS_BIAS:
+        choice = tl.where(ok, scores + tl.load(bias_ptr + e, mask=ok, other=0.0), float("-inf"))
+    if METHOD != 0:  # keep the TOPK_GROUP best groups of E // N_GROUP experts
+        group = e // (E // N_GROUP)
+        keep = tl.zeros([BLOCK_E], tl.int1)
+        group_score = tl.zeros([BLOCK_E], tl.float32)  # every expert carries its group's score
+        for g in range(N_GROUP):
+            in_g = (group == g) & ok
+            vals = tl.where(in_g, choice, float("-inf"))
+            best = tl.max(vals, 0)
+            if METHOD == 2:  # the sum of the group's two best
+                first = tl.argmax(vals, 0)
+                best = best + tl.max(tl.where(e == first, float("-inf"), vals), 0)
+            group_score = tl.where(in_g, best, group_score)
+        for _ in range(TOPK_GROUP):  # the best group not yet kept (its lowest expert index breaks ties)
+            first_e = tl.argmax(tl.where(keep | ~ok, float("-inf"), group_score), 0)
+            keep = keep | (group == (first_e // (E // N_GROUP)))
+        choice = tl.where(keep, choice, float("-inf") if METHOD == 2 else 0.0)
+        choice = tl.where(ok, choice, float("-inf"))
+    kk = tl.arange(0, BLOCK_K)
+    w_all = tl.zeros([BLOCK_K], tl.float32)
+    id_all = tl.zeros([BLOCK_K], tl.int64)
+    for k in range(TOP_K):
+        idx = tl.argmax(choice, 0)
+        # group-limited greedy weighs by the masked scores (0 outside the groups), the others by the scores
+        w = tl.sum(tl.where(e == idx, choice if METHOD == 1 else scores, 0.0), 0)
+        w_all = tl.where(kk == k, w, w_all)
+        id_all = tl.where(kk == k, idx.to(tl.int64), id_all)
+        choice = tl.where(e == idx, float("-inf"), choice)
+    if NORM:
+        w_all = w_all / (tl.sum(w_all, 0) + 1e-20)
+    tl.store(ids_ptr + t * TOP_K + kk, id_all, mask=kk < TOP_K)
+    tl.store(weights_ptr + t * TOP_K + kk, w_all * scaling, mask=kk < TOP_K)
+
+
+def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``route``'s contract: logits [T, E] float32 -> (weights [T, top_k] float32, ids [T, top_k] int64)."""
+    tokens, experts = logits.shape
+    weights = torch.empty(tokens, spec.top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(tokens, spec.top_k, dtype=torch.long, device=logits.device)
+    method = METHODS[spec.topk_method]
+    if tokens:
+        _route[(tokens,)](logits, bias if bias is not None else logits, weights, ids, logits.stride(0),
+                          E=experts, BLOCK_E=triton.next_power_of_2(experts), TOP_K=spec.top_k,
+                          BLOCK_K=triton.next_power_of_2(spec.top_k),
+                          N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, SIGMOID=spec.scoring_func != "softmax",
+                          METHOD=method, HAS_BIAS=bias is not None and method == 2,
+                          NORM=spec.norm_topk_prob and spec.top_k > 1, scaling=spec.routed_scaling_factor,
+                          num_warps=1 if experts <= 64 else 4)
+    return weights, ids
+
