@@ -134,11 +134,12 @@ class DecodeGraphs:
         """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows."""
         num_real = len(plan.query_lens)
         batch = self.bucket(num_real)
-        width = max(len(t) for t in plan.block_tables)
-        tables = self.host_tables.numpy()
-        for row, table in enumerate(plan.block_tables):
-            tables[row, :len(table)] = table
-        self.host.numpy()[:, :num_real] = decode_rows(plan, tables, self.block_size)
+        from moeserve.stages.runner import pad_tables
+
+        padded = pad_tables(plan.block_tables)
+        width = padded.shape[1]
+        self.host_tables.numpy()[:num_real, :width] = padded
+        self.host.numpy()[:, :num_real] = decode_rows(plan, padded, self.block_size)
         self._set_padding(batch, num_real)
         self._stage(batch, num_real)
         self.tables[:batch, :width].copy_(self.host_tables[:batch, :width], non_blocking=True)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from itertools import chain
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from moeserve.kernels import kernels_apply
@@ -29,6 +31,17 @@ class StepPlan:
     num_computed: list[int]  # [B] tokens already cached per sequence
     block_tables: list[list[int]]  # [B][n_blocks]
     sample_rows: list[int]  # sequences whose last new token's logits are needed
+
+
+def pad_tables(block_tables: list[list[int]]) -> np.ndarray:
+    """Ragged block tables -> [B, max_blocks] int64, zero-padded (padding entries are never read).
+
+    NOTE: one flat array and one masked assignment; a tensor per row cost about 30 us each, 8 ms a step at
+    batch 256 on this project's CPU."""
+    lengths = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=len(block_tables))
+    out = np.zeros((len(block_tables), int(lengths.max(initial=0))), dtype=np.int64)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(chain.from_iterable(block_tables), np.int64)
+    return out
 
 
 class ModelRunner:
@@ -85,12 +98,8 @@ class ModelRunner:
         return self.model.cache_bytes_per_token(self.cache_dtype)
 
     def metadata(self, plan: StepPlan) -> AttnMetadata:
-        width = max(len(t) for t in plan.block_tables)
-        tables = torch.zeros(len(plan.block_tables), width, dtype=torch.long)
-        for row, table in enumerate(plan.block_tables):
-            tables[row, :len(table)] = torch.tensor(table, dtype=torch.long)
         return build_attn_metadata(
-            tables.to(self.device), torch.tensor(plan.num_computed, device=self.device),
+            torch.from_numpy(pad_tables(plan.block_tables)).to(self.device), torch.tensor(plan.num_computed, device=self.device),
             torch.tensor(plan.query_lens, device=self.device), self.block_size)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
