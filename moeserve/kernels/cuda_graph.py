@@ -40,8 +40,8 @@ class DecodeGraphs:
         self.block_size = runner.block_size
         model, device = runner.model, runner.device
         big = self.buckets[-1]
-        # NOTE: inputs are staged in pinned host buffers and copied asynchronously: the engine reads the
-        # sampled tokens back every step, so a staging buffer is never rewritten while its copy is pending
+        # NOTE: inputs are staged in pinned host buffers and copied asynchronously; a stage worker may get the
+        # next plan before the device has run the last copy, so ``run`` first waits for ``copied``
         self.host = torch.zeros(4, big, dtype=torch.long, pin_memory=True)  # token, position, slot, length
         self.host_tables = torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
         self.inputs = torch.zeros(4, big, dtype=torch.long, device=device)
@@ -52,6 +52,7 @@ class DecodeGraphs:
         self.out: torch.Tensor | None = None  # logits [big, vocab] or hidden [big, hidden], filled by the graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_bytes = 0
+        self.copied: torch.cuda.Event | None = None  # recorded after the last step's host-to-device copies
 
     def fits(self, plan: StepPlan) -> bool:
         return all(q == 1 for q in plan.query_lens) and len(plan.query_lens) <= self.buckets[-1]
@@ -132,10 +133,12 @@ class DecodeGraphs:
 
     def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
         """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows."""
-        num_real = len(plan.query_lens)
-        batch = self.bucket(num_real)
         from moeserve.stages.runner import pad_tables
 
+        num_real = len(plan.query_lens)
+        batch = self.bucket(num_real)
+        if self.copied is not None:
+            self.copied.synchronize()  # the staging buffers are free again
         padded = pad_tables(plan.block_tables)
         width = padded.shape[1]
         self.host_tables.numpy()[:num_real, :width] = padded
@@ -143,6 +146,8 @@ class DecodeGraphs:
         self._set_padding(batch, num_real)
         self._stage(batch, num_real)
         self.tables[:batch, :width].copy_(self.host_tables[:batch, :width], non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
         if self.hidden_in is not None:
             assert hidden is not None
             self.hidden_in[:num_real].copy_(hidden)
