@@ -19,16 +19,6 @@ from pathlib import Path
 
 import torch
 
-TINY = {
-    "model_type": "deepseek_v2", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 192,
-    "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4,
-    "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
-    "topk_method": "greedy", "kv_lora_rank": 64, "q_lora_rank": None, "qk_rope_head_dim": 16,
-    "qk_nope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-    "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
-    "rope_theta": 10000, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
-}
-
 
 def measure(model_dir: str, batch: int, output_len: int) -> dict:
     from moeserve.coordinator.config import EngineConfig
@@ -69,7 +59,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(TINY))
+        from moeserve.model.synthetic import tiny_config
+
+        config = tiny_config(vocab_size=512, num_hidden_layers=2, max_position_embeddings=4096)
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
         for batch in [int(b) for b in args.batches.split(",")]:
             print(json.dumps(measure(tmp, batch, args.output_len)), flush=True)
 

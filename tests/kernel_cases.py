@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from moeserve.kernels import kernels_apply, triton_available
+from moeserve.model.synthetic import tiny_config
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install triton)")
@@ -167,16 +168,6 @@ def test_sort_pairs_pads_each_expert_run():
     assert pairs.block_expert[:3].tolist() == [0, 1, 2]
 
 
-TINY = {
-    "model_type": "deepseek_v2", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 192,
-    "moe_intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
-    "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
-    "topk_method": "greedy", "kv_lora_rank": 64, "q_lora_rank": None, "qk_rope_head_dim": 16,
-    "qk_nope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-    "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rms_norm_eps": 1e-6, "max_position_embeddings": 256,
-    "rope_theta": 10000, "tie_word_embeddings": False, "bos_token_id": 0, "eos_token_id": 1,
-    "initializer_range": 0.2,
-}
 
 
 def _engine(path, eager_ops: bool, dtype: str):
@@ -199,7 +190,7 @@ def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype):
 
     from moeserve.coordinator.sampling import SamplingParams
 
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 256, (n,), generator=gen).tolist() for n in (5, 40, 17)]
     params = SamplingParams(max_tokens=6 if DEVICE.type == "cpu" else 24, temperature=0.0, ignore_eos=True,
@@ -249,7 +240,7 @@ def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
         out, total = right(x, weight, eps, residual)
         return out * 2, total
 
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
     prompts = [[3, 4, 5, 6, 7, 8]]
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     monkeypatch.setattr(rmsnorm, "rms_norm", wrong)

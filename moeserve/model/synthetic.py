@@ -20,6 +20,21 @@ from moeserve.model.weights import weight_specs
 
 
 @torch.no_grad()
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    """A small DeepSeek-V2-shaped config.json whose MLA dims the fused kernels take whole (kv_lora_rank 64,
+    rope 16): for tests and benchmarks that want the model cheap."""
+    return {
+        "model_type": "deepseek_v2", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 192,
+        "moe_intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "n_shared_experts": 1, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+        "topk_method": "greedy", "kv_lora_rank": 64, "q_lora_rank": None, "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32, "v_head_dim": 32, "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 256, "rope_theta": 10000, "tie_word_embeddings": False, "bos_token_id": 0,
+        "eos_token_id": 1, "initializer_range": 0.2,
+    } | overrides
+
+
 def init_random_(model: DeepseekModel, seed: int = 0, std: float = 0.02) -> DeepseekModel:
     """Fill every parameter: norms with ones, correction biases small, matrices normal(0, std)."""
     gen = torch.Generator().manual_seed(seed)
