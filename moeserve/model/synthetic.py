@@ -19,7 +19,6 @@ from moeserve.model.fp8 import FP8_DTYPE, FP8_MAX, is_fp8_weight
 from moeserve.model.weights import weight_specs
 
 
-@torch.no_grad()
 def tiny_config(**overrides: Any) -> dict[str, Any]:
     """A small DeepSeek-V2-shaped config.json whose MLA dims the fused kernels take whole (kv_lora_rank 64,
     rope 16): for tests and benchmarks that want the model cheap."""
@@ -35,6 +34,7 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     } | overrides
 
 
+@torch.no_grad()
 def init_random_(model: DeepseekModel, seed: int = 0, std: float = 0.02) -> DeepseekModel:
     """Fill every parameter: norms with ones, correction biases small, matrices normal(0, std)."""
     gen = torch.Generator().manual_seed(seed)
