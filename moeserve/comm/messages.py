@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import torch
 
-from moeserve.coordinator.config import DTYPES
+from moeserve.dtypes import DTYPES
 
 
 class MessageError(ValueError):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from moeserve.dtypes import DTYPES
+
 DEFAULT_CPU_KV_BYTES = 1 << 30
 LOAD_FORMATS = ("auto", "dummy")  # as in moeserve.model.loader (not imported: this module stays light)
 

@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, DTYPES, EngineConfig
+from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling_batch
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from moeserve.dtypes import dtype_name
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.latent_cache import free_device_memory, num_blocks_for_budget
 from moeserve.model.config import ModelConfig
@@ -88,7 +89,7 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     per_token = max(plan.stage_layers) * model_config.kv_cache_dim * dtype_bytes
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
-    dtype = next(name for name, dt in DTYPES.items() if dt == config.torch_dtype)
+    dtype = dtype_name(config.torch_dtype)
     options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,

@@ -37,7 +37,7 @@ from moeserve.comm.messages import (
 )
 from moeserve.comm.preflight_bench import sync, time_all_reduce, time_all_to_all
 from moeserve.comm.topology import ParallelDims
-from moeserve.coordinator.config import DTYPES
+from moeserve.dtypes import DTYPES
 from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
 from moeserve.model.deepseek import ModelSlice
