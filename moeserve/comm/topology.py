@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moeserve.errors import UserError
 
-class InfeasiblePlanError(ValueError):
+
+class InfeasiblePlanError(UserError, ValueError):
     """This model cannot be laid out on this topology (or in this memory); the message says why."""
 
 

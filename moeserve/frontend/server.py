@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import uvicorn
+import zmq
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.sampling import SamplingParams
+from moeserve.errors import UserError
 from moeserve.frontend.auth import ApiKeys, AuditLog
 from moeserve.frontend.http_api import HttpApi
 from moeserve.frontend.limits import ServerLimits
@@ -131,7 +133,10 @@ class Server:
                 self._tasks[0].result()
                 raise RuntimeError("the HTTP server stopped during start")
             await asyncio.sleep(0.01)
-        await self.rpc.start()
+        try:
+            await self.rpc.start()
+        except zmq.ZMQError as e:  # the port was taken after the command's own check
+            raise UserError(f"--rpc-port: cannot listen on {self.rpc.address} ({e.strerror})") from e
         self._tasks.append(asyncio.create_task(self._load(), name="load"))
 
     async def _load(self) -> None:
@@ -140,8 +145,8 @@ class Server:
             self.service.attach(backends)
             await self._warmup()
             self.service.state = "ready"
-            logger.warning("moeserve ready: http://%s:%d  rpc %s", self.config.host, self.http_port,
-                           self.rpc_address)
+            logger.info("moeserve ready: OpenAI API http://%s:%d/v1, token RPC %s",
+                        _url_host(self.config.host), self.http_port, self.rpc_address)
         except BaseException as e:
             self.load_error = e
             logger.exception("loading the engine failed")
@@ -234,6 +239,10 @@ class Server:
             raise SystemExit(f"moeserve serve: loading failed: {self.load_error}")
         if self.engine_error is not None:
             raise SystemExit(f"moeserve serve: the engine failed: {self.engine_error}")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _zmq_host(host: str) -> str:

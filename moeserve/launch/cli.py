@@ -5,72 +5,107 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 
+from moeserve.errors import UserError
 from moeserve.launch import cmd_bench, cmd_chat, cmd_check, cmd_generate, cmd_launch, cmd_plan, cmd_serve
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="", help="checkpoint directory (default: the embedded model)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N]")
-    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16")
+    g.add_argument("--device", default="cpu", help="cpu, cuda[:N] or npu[:N]; with several local ranks, rank i takes device i")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights and cache; auto = float32 on CPU, bfloat16 on accelerators")
     g.add_argument("--block-size", type=int, default=0, help="tokens per cache block (default 16 CPU / 64 GPU)")
     g.add_argument("--kv-cache-memory", type=int, default=0,
                    help="bytes for the latent cache (default: 1 GiB on CPU, a fraction of free GPU memory)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of free device memory for the cache when --kv-cache-memory is not given")
-    g.add_argument("--max-num-seqs", type=int, default=256)
+                   help="fraction of free device memory for the cache when --kv-cache-memory is not given "
+                        "(default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in one batch, at most")
     g.add_argument("--max-num-batched-tokens", type=int, default=0,
-                   help="tokens per engine step (chunked prefill budget); 0 = 2048 on CPU, 8192 on GPUs")
-    g.add_argument("--max-model-len", type=int, default=0)
-    g.add_argument("--pp", type=int, default=1, help="pipeline stages (spawns pp x tp local ranks)")
+                   help="tokens per engine step, at most (long prompts are prefilled in chunks of this budget); "
+                        "0 = 2048 on CPU, 8192 on GPUs")
+    g.add_argument("--max-model-len", type=int, default=0,
+                   help="context length: prompt + generated tokens; 0 = the model's max_position_embeddings")
+    g.add_argument("--pp", type=int, default=1, help="pipeline stages (pp x tp > 1 spawns pp x tp local ranks)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     g.add_argument("--ep", type=int, default=0,
                    help="expert parallelism: tp (default) spreads experts over a stage's ranks; 1 splits each expert")
-    g.add_argument("--pp-layers", default="", help="hand-given layer split, e.g. 14,13")
+    g.add_argument("--pp-layers", default="", help="hand-given layer split, e.g. 14,13 (default: balanced by cost)")
     g.add_argument("--ep-dispatch", choices=["allreduce", "alltoall"], default="allreduce",
-                   help="expert parallelism: every rank runs its experts on all tokens and one all-reduce sums "
-                        "them (allreduce), or each rank sends its share of the tokens to the expert owners")
+                   help="how tokens reach expert-parallel experts: every rank runs its experts on all tokens and "
+                        "one all-reduce sums them (allreduce), or each rank sends its share of the tokens to "
+                        "the expert owners (alltoall)")
     g.add_argument("--expert-placement", default="",
                    help="JSON file mapping each EP rank's slots to logical experts (copies of hot experts "
-                        "allowed; see moeserve plan --placement)")
+                        "allowed; see moeserve plan --placement; default: contiguous ranges)")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                   help="auto: read the checkpoint; dummy: random weights made on the device from config.json "
+                   help="auto: read the checkpoint (default); dummy: random weights made on the device from config.json "
                         "alone (benchmarks; pair with --skip-tokenizer-init when the directory has no tokenizer)")
     g.add_argument("--keep-fp8", action=argparse.BooleanOptionalAction, default=None,
                    help="keep an FP8 checkpoint's routed experts in float8, dequantized one layer at a time "
                         "(default: on for cuda/npu, off for cpu)")
     g.add_argument("--skip-tokenizer-init", action="store_true",
-                   help="load no tokenizer: token ids in and out only (bench, or a model directory without one)")
+                   help="load no tokenizer: token ids in and out only (bench, or a model directory without one; "
+                        "default: load tokenizer.json)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every decode kernel one by one (graphs are captured at start "
                         "for batch sizes up to --max-num-seqs on CUDA devices)")
     g.add_argument("--seed", type=int, default=None,
-                   help="sampling seed: makes sampled output reproducible (each request is seeded with it)")
+                   help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
+                        "default: unseeded; dummy weights use 0)")
 
 
 def engine_config(args: argparse.Namespace, progress: bool = True):
+    """The EngineConfig of the engine flags; a value it refuses is a UserError (one line, exit 1)."""
     from moeserve.coordinator.config import EngineConfig
 
-    return EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
-        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
-        ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
-        skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
-        expert_placement=args.expert_placement, enforce_eager=args.enforce_eager)
+    try:
+        return EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
+            ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
+            skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
+            expert_placement=args.expert_placement, enforce_eager=args.enforce_eager)
+    except (ValueError, TypeError) as e:
+        raise UserError(str(e)) from e
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help text already says it in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or not action.option_strings or action.default is argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser below it (``launch`` -> ``launch cluster``)."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += subparsers(child)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description="Serve DeepSeek-style MoE models.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level, and print the traceback with an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_chat):
         p = module.add_parser(sub)
         if getattr(module, "NEEDS_ENGINE_ARGS", False):
             add_engine_args(p)
         p.set_defaults(func=module.run)
+    for p in subparsers(parser):
+        p.formatter_class = HelpFormatter
     return parser
 
 
@@ -82,6 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except UserError as e:  # something the user can fix: one line, the traceback only with -v
+        if args.verbose:
+            traceback.print_exc()
+        print(f"{command_name(args)}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """``moeserve generate``, ``moeserve launch cluster``, ..."""
+    return " ".join(["moeserve", args.command] + ([args.launch_command] if getattr(args, "launch_command", None)
+                                                  else []))
 
 
 if __name__ == "__main__":

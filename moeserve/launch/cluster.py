@@ -41,6 +41,7 @@ from moeserve.coordinator.executor import (
     spawn_workers,
     stop_processes,
 )
+from moeserve.errors import UserError
 from moeserve.stages.worker import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ HEARTBEAT_S = 0.5
 HEARTBEAT_TIMEOUT_S = 15.0  # a node whose heartbeat counter stands still this long is lost
 
 
-class ClusterError(RuntimeError):
+class ClusterError(UserError, RuntimeError):
     """The cluster could not form or lost a node; the message names the node and the cause."""
 
 

@@ -13,10 +13,11 @@ NEEDS_ENGINE_ARGS = True
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="offline benchmark: throughput, TTFT, inter-token latency, memory")
-    p.add_argument("--num-prompts", type=int, default=64)
-    p.add_argument("--input-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=128)
-    p.add_argument("--json-out", type=Path, default=None)
+    p.add_argument("--num-prompts", type=int, default=64, help="random prompts, all submitted at once")
+    p.add_argument("--input-len", type=int, default=128, help="tokens per prompt")
+    p.add_argument("--output-len", type=int, default=128, help="tokens generated per prompt (EOS ignored)")
+    p.add_argument("--json-out", type=Path, default=None,
+                   help="also write the results to this JSON file (default: print only)")
     return p
 
 
@@ -119,8 +120,11 @@ def print_table(result: dict) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeserve.coordinator.engine import Engine
     from moeserve.launch.cli import engine_config
+    from moeserve.launch.preflight import check_engine
 
-    engine = Engine(engine_config(args))
+    config = engine_config(args)
+    check_engine(config)
+    engine = Engine(config)
     try:
         result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len)
     finally:

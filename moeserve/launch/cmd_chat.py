@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
+from moeserve.errors import UserError
+
 NEEDS_ENGINE_ARGS = False
 
 
@@ -24,9 +26,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="no chat template: each line is a prompt, over the RPC")
     p.add_argument("--api-key", default=None, help="default: the MOESERVE_API_KEY environment variable")
     p.add_argument("--model", default=None, help="model id (default: the server's first)")
-    p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--system", default=None, help="a system message (default: none)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per reply, at most")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 = greedy")
     return p
 
 
@@ -41,10 +43,14 @@ class HttpChat:
 
     def _request(self, method: str, path: str, body: dict | None = None) -> http.client.HTTPResponse:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
-        conn.request(method, path, json.dumps(body) if body is not None else None, self.headers)
-        resp = conn.getresponse()
+        try:
+            conn.request(method, path, json.dumps(body) if body is not None else None, self.headers)
+            resp = conn.getresponse()
+        except OSError as e:
+            raise UserError(f"cannot reach the server at http://{self.host}:{self.port} ({e}); start one with "
+                            "moeserve serve, or give its address with --url") from e
         if resp.status != 200:
-            raise SystemExit(f"moeserve chat: HTTP {resp.status}: {resp.read().decode(errors='replace')}")
+            raise UserError(f"HTTP {resp.status}: {resp.read().decode(errors='replace')}")
         return resp
 
     def _first_model(self) -> str:
@@ -60,7 +66,7 @@ class HttpChat:
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                raise SystemExit(f"moeserve chat: {chunk['error']['message']}")
+                raise UserError(chunk["error"]["message"])
             for choice in chunk["choices"]:
                 yield choice["delta"].get("content") or ""
 

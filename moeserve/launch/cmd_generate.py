@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from moeserve.errors import UserError
+
 NEEDS_ENGINE_ARGS = True
 
 
@@ -18,15 +20,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompts", nargs="*", help="prompts (each argument is one prompt)")
-    p.add_argument("--prompts-file", type=Path, help="a file with one prompt per line")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--prompts-file", type=Path, help="a file with one prompt per line (default: none)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt, at most")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="nucleus sampling: keep the smallest set of tokens whose probability adds up to this")
+    p.add_argument("--top-k", type=int, default=-1, help="keep the k most likely tokens; -1 = all")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than this fraction of the most likely one; 0 = off")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already seen by this (> 1 repeats less); 1 = off")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable; default: none)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--json", action="store_true",
                    help='print one JSON object per prompt: {"prompt", "text", "token_ids"}')
 
@@ -34,9 +39,13 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in args.prompts_file.read_text().splitlines() if line.strip()]
+        try:
+            text = args.prompts_file.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompts-file {args.prompts_file}: {e}") from e
+        prompts += [line.rstrip("\n") for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise SystemExit("moeserve generate: give at least one prompt (arguments or --prompts-file)")
+        raise UserError("give at least one prompt (arguments or --prompts-file)")
     return prompts
 
 
@@ -83,16 +92,19 @@ def sampling_params(args: argparse.Namespace):
             min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
     except SamplingParamsError as e:
-        raise SystemExit(f"moeserve generate: {e}") from e
+        raise UserError(str(e)) from e
 
 
 def run(args: argparse.Namespace) -> int:
     from moeserve.coordinator.engine import Engine
     from moeserve.launch.cli import engine_config
+    from moeserve.launch.preflight import check_engine
 
     prompts = read_prompts(args)
     params = sampling_params(args)
-    engine = Engine(engine_config(args, progress=not args.json))
+    config = engine_config(args, progress=not args.json)
+    check_engine(config)
+    engine = Engine(config)
     try:
         return generate(engine, prompts, params, args.json)
     finally:
@@ -107,7 +119,7 @@ def generate(engine, prompts: list[str], params, as_json: bool) -> int:
         try:
             engine.add_request(f"cli-{i}", prompt=prompt, params=params)
         except RequestError as e:
-            raise SystemExit(f"moeserve generate: prompt {i + 1}: {e}") from e
+            raise UserError(f"prompt {i + 1}: {e}") from e
         index[f"cli-{i}"] = i
     streamer = None if as_json else OrderedStreamer(prompts)
     results: dict[int, tuple[str, list[int]]] = {}

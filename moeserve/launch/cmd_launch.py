@@ -16,6 +16,8 @@ NEEDS_ENGINE_ARGS = False  # added to the ``cluster`` subcommand below
 CLUSTER_KEYS = {"hosts", "master_addr", "master_port", "procs_per_node", "device", "ifname", "ib_hca",
                 "ib_gid_index", "join_timeout", "nnodes", "node_rank"}
 
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     from moeserve.launch.cli import add_engine_args
@@ -27,7 +29,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c = launch_sub.add_parser("cluster", help="run this node's part of a multi-node deployment",
                               description="Run the same command on every node; node 0 serves.")
     g = c.add_argument_group("cluster")
-    g.add_argument("--config", type=Path, help="cluster.toml: [cluster], [engine] and [network] tables")
+    g.add_argument("--config", type=Path, help="cluster.toml: [cluster], [engine] and [network] tables (default: none, flags only)")
     g.add_argument("--nnodes", type=int, default=None, help="number of nodes (default: the config's hosts)")
     g.add_argument("--node-rank", type=int, default=None,
                    help="this node's rank (default: found by matching the config's hosts to this node)")
@@ -35,11 +37,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     g.add_argument("--master-port", type=int, default=None,
                    help="control store port; port+1 coordinator, port+2 rank rendezvous (default 29500)")
     g.add_argument("--procs-per-node", type=int, default=None, help="ranks per node (default: ranks / nnodes)")
-    g.add_argument("--ifname", default=None, help="network interface for NCCL / gloo / HCCL sockets")
-    g.add_argument("--ib-hca", default=None, help="NCCL_IB_HCA, e.g. mlx5_0,mlx5_1")
-    g.add_argument("--ib-gid-index", default=None, help="NCCL_IB_GID_INDEX (3 for RoCE v2 on most NICs)")
+    g.add_argument("--ifname", default=None, help="network interface for NCCL / gloo / HCCL sockets (default: the backends' own choice)")
+    g.add_argument("--ib-hca", default=None, help="NCCL_IB_HCA, e.g. mlx5_0,mlx5_1 (default: NCCL's choice)")
+    g.add_argument("--ib-gid-index", default=None, help="NCCL_IB_GID_INDEX (3 for RoCE v2 on most NICs; default: NCCL's choice)")
     g.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="another environment variable for every rank (repeatable)")
+                   help="another environment variable for every rank (repeatable; default: none)")
     g.add_argument("--join-timeout", type=float, default=None,
                    help="seconds for every node to join (default 120); after it every node exits")
     add_engine_args(c)
@@ -61,6 +63,11 @@ def merged_settings(args: argparse.Namespace, parser_defaults: dict) -> tuple[di
     for key, value in raw.get("engine", {}).items():
         if not hasattr(args, key):
             raise ClusterError(f"{args.config}: [engine] has no setting {key!r}")
+        default = parser_defaults.get(key)
+        if default is not None and not same_kind(value, default):
+            kind = KINDS.get(type(default), type(default).__name__)
+            raise ClusterError(f"{args.config}: [engine] {key} = {value!r} must be {kind}, as its flag "
+                               f"--{key.replace('_', '-')} takes")
         if getattr(args, key) == parser_defaults.get(key):
             setattr(args, key, value)
     if "device" in cluster and args.device == parser_defaults.get("device"):
@@ -75,6 +82,15 @@ def merged_settings(args: argparse.Namespace, parser_defaults: dict) -> tuple[di
             raise ClusterError(f"--env expects KEY=VALUE, got {item!r}")
         network[key] = value
     return cluster, network
+
+
+def same_kind(value: object, default: object) -> bool:
+    """A config value can stand for a flag with this default: bool for bool, a number for float, ..."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float)
+    return isinstance(value, type(default))
 
 
 def cluster_config(args: argparse.Namespace, parser_defaults: dict):
@@ -127,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"moeserve launch cluster: {e}", file=sys.stderr)
         return 2
     config = engine_config(args, progress=cc.node_rank == 0 and not args.json)
+    preflight(cc, config, args)
     if args.prompts or args.prompts_file:
         prompts, params = read_prompts(args), sampling_params(args)
 
@@ -139,6 +156,17 @@ def run(args: argparse.Namespace) -> int:
     except ClusterError as e:  # this node could not join (node 0 unreachable, or the port taken)
         print(f"moeserve launch cluster: {e}", file=sys.stderr)
         return 1
+
+
+def preflight(cc, config, args: argparse.Namespace) -> None:
+    """This node's own settings, before it joins: device, checkpoint (node 0: tokenizer and, when it will
+    serve, its ports), layout. A UserError here is one line and exit 1 on this node."""
+    from moeserve.launch.preflight import check_engine, check_ports
+
+    local_ranks = cc.procs_per_node or -(-config.pp * config.tp // cc.nnodes)
+    check_engine(config, need_tokenizer=cc.node_rank == 0, local_ranks=local_ranks)
+    if cc.node_rank == 0 and not (args.prompts or args.prompts_file):
+        check_ports(args.host, [("--port", args.port), ("--rpc-port", args.rpc_port)])
 
 
 def serve_work(args: argparse.Namespace):

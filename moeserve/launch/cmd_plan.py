@@ -50,10 +50,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--keep-fp8", action=argparse.BooleanOptionalAction, default=None,
                    help="FP8 checkpoints: count routed experts as float8 + block scales (default: on unless cpu)")
     p.add_argument("--memory-per-rank", type=parse_size, default=None,
-                   help="device memory of one rank, in bytes or with a unit (141GB, 80GiB)")
+                   help="device memory of one rank, in bytes or with a unit (141GB, 80GiB; default: unbounded)")
     p.add_argument("--kv-cache-memory", type=parse_size, default=None,
                    help="latent-cache bytes per rank (default: what --memory-per-rank leaves after weights)")
-    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object (default: a table)")
     return p
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from moeserve.errors import UserError
+
 NEEDS_ENGINE_ARGS = True
 
 
@@ -25,16 +27,18 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--api-key", default=None,
                    help="key(s), comma-separated, required by every route but /health and by the RPC "
                         "(default: the MOESERVE_API_KEY environment variable)")
-    g.add_argument("--audit-log", default=None, help="append one JSON line per request (never the text)")
+    g.add_argument("--audit-log", default=None, help="append one JSON line per request, never the text (default: no audit log)")
     g.add_argument("--served-model-name", default="", help="the model id of /v1/models (default: the directory name)")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     g.add_argument("--replica-threads", type=int, default=0, help="torch threads per replica (default: cores / N)")
     lim = p.add_argument_group("limits")
-    lim.add_argument("--max-queued-requests", type=int, default=1024)
-    lim.add_argument("--max-tokens-in-flight", type=int, default=1 << 20)
+    lim.add_argument("--max-queued-requests", type=int, default=1024,
+                     help="requests admitted and not finished, at most; past it: HTTP 429 / RPC busy")
+    lim.add_argument("--max-tokens-in-flight", type=int, default=1 << 20,
+                     help="prompt + max_tokens over the admitted requests, at most; past it: 429 / busy")
     lim.add_argument("--max-prompt-tokens", type=int, default=0, help="0 = the context length")
     lim.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens (0 = the context length)")
-    lim.add_argument("--max-n", type=int, default=8)
+    lim.add_argument("--max-n", type=int, default=8, help="largest n (choices per request)")
     lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest RPC frame or HTTP body")
 
 
@@ -56,13 +60,15 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from moeserve.frontend.server import run_server
+    from moeserve.launch.preflight import check_engine, check_ports
 
-    if not logging.getLogger().isEnabledFor(logging.WARNING - 1):
-        logging.getLogger("moeserve.frontend.server").setLevel(logging.WARNING)
+    logging.getLogger("moeserve.frontend.server").setLevel(logging.INFO)  # the "ready" line with the URLs
     try:
         config = server_config(args)
     except ValueError as e:
-        raise SystemExit(f"moeserve serve: {e}") from e
+        raise UserError(str(e)) from e
+    check_engine(config.engine)
+    check_ports(config.host, [("--port", config.port), ("--rpc-port", config.rpc_port)])
     run_server(config)
     return 0
 
@@ -74,6 +80,6 @@ def serve_engine(engine, args: argparse.Namespace) -> int:
 
     config = server_config(args)
     if config.replicas != 1:
-        raise SystemExit("moeserve launch cluster: --replicas is not supported (the cluster is one replica)")
+        raise UserError("--replicas is not supported (the cluster is one replica)")
     run_server(config, engine)
     return 0

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moeserve.errors import UserError
+
 SUPPORTED_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 ROPE_TYPES = ("default", "yarn")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config.json that moeserve cannot serve; the message names the field."""
 
 

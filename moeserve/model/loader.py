@@ -18,6 +18,7 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
+from moeserve.errors import UserError
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel, ModelSlice
 from moeserve.model.dummy import DummyReader
@@ -31,7 +32,7 @@ FP8_DTYPES = (torch.float8_e4m3fn,)
 LOAD_FORMATS = ("auto", "dummy")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that is missing, malformed, or does not match its config."""
 
 
