@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import oracle
 
+from moeserve.launch.cli import HelpFormatter, build_parser, subparsers
 from moeserve.model.tokenizer import Tokenizer
 
 
@@ -112,3 +114,26 @@ def test_launch_cluster_node_that_cannot_reach_node0() -> None:
     assert "node 1 could not reach node 0 at 127.0.0.1:29991 within 2 s" in proc.stderr
     assert "frame #" not in proc.stderr
     assert "network settings: none" in proc.stderr
+
+
+def test_every_option_has_help_and_shows_its_default() -> None:
+    parsers = subparsers(build_parser())
+    assert {p.prog for p in parsers} >= {"moeserve generate", "moeserve serve", "moeserve launch cluster",
+                                          "moeserve bench", "moeserve plan", "moeserve check", "moeserve chat"}
+    for parser in parsers:
+        parser.format_help()  # renders (a stray % in a help text would raise here)
+        formatter = HelpFormatter(parser.prog)
+        for action in parser._actions:
+            if not action.option_strings or action.default == argparse.SUPPRESS:
+                continue  # positionals, -h and subcommand choosers
+            assert action.help, f"{parser.prog} {action.option_strings[-1]} has no help"
+            text = formatter._expand_help(action)
+            assert "default" in text, f"{parser.prog} {action.option_strings[-1]}: {text!r} shows no default"
+
+
+def test_generate_help_shows_the_sampling_defaults() -> None:
+    proc = moeserve("generate", "--help", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "sampling temperature; 0 = greedy (default: 0.8)" in text
+    assert "--max-tokens MAX_TOKENS tokens to generate per prompt, at most (default: 64)" in text

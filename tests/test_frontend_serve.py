@@ -47,6 +47,9 @@ def test_serve_both_protocols_and_drain_on_sigterm() -> None:
             final = list(frames)[-1]
         assert final["finish_reason"] == "length" and final["usage"]["completion_tokens"] == 120
         assert proc.wait(timeout=60) == 0
+        err = proc.stderr.read()  # the ready line is an ordinary message with the addresses, not a warning
+        assert f"INFO moeserve.frontend.server: moeserve ready: OpenAI API {url}/v1, token RPC {rpc}" in err, err
+        assert "WARNING" not in err, err
     finally:
         if proc.poll() is None:
             proc.kill()
