@@ -38,6 +38,12 @@ class LimitExceeded(BadRequest):
     code = "limit_exceeded"
 
 
+class UnsupportedMediaType(BadRequest):
+    """An HTTP body sent with a Content-Type other than JSON."""
+
+    code, status = "unsupported_media_type", 415
+
+
 class Unauthorized(FrontendError):
     code, status, openai_type = "unauthorized", 401, "authentication_error"
 
@@ -69,5 +75,5 @@ class EngineFailure(FrontendError):
 
 
 ERROR_CODES = frozenset(cls.code for cls in (FrontendError, BadRequest, BadFrame, FrameTooLarge, LimitExceeded,
-                                             Unauthorized, NotFound, Busy, Unavailable, SlowConsumer,
-                                             EngineFailure))
+                                             UnsupportedMediaType, Unauthorized, NotFound, Busy, Unavailable,
+                                             SlowConsumer, EngineFailure))

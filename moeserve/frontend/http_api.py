@@ -16,16 +16,27 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import moeserve
 from moeserve.frontend.auth import ApiKeys
 from moeserve.frontend.chat_template import ChatTemplate
-from moeserve.frontend.errors import FrameTooLarge, FrontendError, NotFound
+from moeserve.frontend.errors import FrameTooLarge, FrontendError, NotFound, UnsupportedMediaType
 from moeserve.frontend.limits import Ticket
 from moeserve.frontend.metrics import CONTENT_TYPE
 from moeserve.frontend.openai_api import ChatRequest, CompletionRequest, error_body, parse_body
 from moeserve.frontend.openai_shapes import ChoiceState, ResponseShape
+from moeserve.frontend.openapi import (
+    ChatCompletion,
+    Completion,
+    Health,
+    ModelList,
+    error_responses,
+    generation_responses,
+    install_openapi,
+    request_body,
+)
 from moeserve.frontend.service import FinalEvent, GenerateRequest, GenerationService, TokenEvent
 
 T = TypeVar("T")
@@ -40,8 +51,10 @@ class HttpApi:
         self.template = ChatTemplate(service.tokenizer)
         self.created = int(time.time())
         self._ids = itertools.count()
-        self.app = FastAPI(title="moeserve", docs_url=None, redoc_url=None, openapi_url=None)
+        self.app = FastAPI(title="moeserve", version=moeserve.__version__, docs_url=None, redoc_url=None,
+                           openapi_url="/openapi.json", description="OpenAI-compatible API of moeserve")
         self._routes()
+        install_openapi(self.app, [CompletionRequest, ChatRequest])
 
     def _routes(self) -> None:
         app = self.app
@@ -56,28 +69,37 @@ class HttpApi:
             code = "not_found" if e.status_code == 404 else "bad_request"
             return JSONResponse(error_body(code, str(e.detail), "invalid_request_error", None), e.status_code)
 
-        @app.get("/health")
+        @app.exception_handler(Exception)
+        async def bug(_request: Request, e: Exception) -> JSONResponse:  # still logged with its traceback
+            return JSONResponse(error_body("internal", f"internal error ({type(e).__name__})", "server_error",
+                                           None), 500)
+
+        @app.get("/health", responses={200: {"model": Health, "description": "ready"},
+                                       503: {"model": Health, "description": "loading or draining"}})
         async def health() -> JSONResponse:
             state = self.service.state
             return JSONResponse({"status": state}, 200 if state == "ready" else 503)
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
         async def metrics(request: Request) -> Response:
             self.keys.check_bearer(request.headers.get("authorization"))
             return Response(self.service.metrics.render(), media_type=CONTENT_TYPE)
 
-        @app.get("/v1/models")
+        @app.get("/v1/models", responses={200: {"model": ModelList, "description": "the served model"},
+                                          **error_responses(401)})
         async def models(request: Request) -> JSONResponse:
             self.keys.check_bearer(request.headers.get("authorization"))
             return JSONResponse({"object": "list", "data": [{
                 "id": self.model_name, "object": "model", "created": self.created, "owned_by": "moeserve",
                 "max_model_len": self.service.model.max_model_len}]})
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", responses=generation_responses(Completion),
+                  openapi_extra=request_body(CompletionRequest))
         async def completions(request: Request) -> Response:
             return await self._handle(request, chat=False)
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", responses=generation_responses(ChatCompletion),
+                  openapi_extra=request_body(ChatRequest))
         async def chat_completions(request: Request) -> Response:
             return await self._handle(request, chat=True)
 
@@ -107,6 +129,7 @@ class HttpApi:
         return JSONResponse(result)
 
     async def _read_body(self, request: Request) -> bytes:
+        check_content_type(request.headers.get("content-type"))
         limit = self.service.limits.max_frame_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -131,9 +154,11 @@ class HttpApi:
             prompts = [svc.tokenize(p) if isinstance(p, str) else p for p in body.prompts()]
         base = next(self._ids)
         reqs = []
-        for p_index, ids in enumerate(prompts):
+        cap = svc.limits.max_tokens or svc.model.max_model_len  # a request that names no max_tokens gets
+        for p_index, ids in enumerate(prompts):                 # a default within the server's limit
             for j in range(body.n):
-                params = body.params(j, svc.model.max_model_len - len(ids)) if chat else body.params(j)
+                default = min(cap, svc.model.max_model_len - len(ids)) if chat else min(cap, 16)
+                params = body.params(j, default)
                 reqs.append(svc.prepare(f"http-{base}-{p_index * body.n + j}", ids, params, n=body.n,
                                         key_id=kid, protocol="http"))
         return reqs, sum(len(p) for p in prompts)
@@ -165,6 +190,24 @@ class HttpApi:
         except FrontendError as e:
             yield _sse(error_body(e.code, e.message, e.openai_type, e.param))
         yield b"data: [DONE]\n\n"
+
+
+def check_content_type(header: str | None) -> None:
+    """JSON bodies only: ``application/json`` (or ``application/*+json``), UTF-8. No header at all is taken as
+    JSON, as FastAPI does (curl -d sends a form type, so it needs ``-H 'Content-Type: application/json'``)."""
+    if header is None:
+        return
+    media_type, _, params = header.partition(";")
+    media_type = media_type.strip().lower()
+    charset = next((v.strip().strip('"').lower() for k, _, v in (p.partition("=") for p in params.split(";"))
+                    if k.strip().lower() == "charset"), "utf-8")
+    if media_type != "application/json" and not (media_type.startswith("application/")
+                                                 and media_type.endswith("+json")):
+        raise UnsupportedMediaType(f"Content-Type {media_type or header!r} is not supported: send the body as "
+                                   "JSON with Content-Type: application/json")
+    if charset not in ("utf-8", "utf8"):
+        raise UnsupportedMediaType(f"charset {charset!r} is not supported: send UTF-8 JSON (Content-Type: "
+                                   "application/json; charset=utf-8)")
 
 
 def _sse(obj: dict[str, Any]) -> bytes:

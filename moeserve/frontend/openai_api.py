@@ -4,9 +4,17 @@ response / stream-chunk shapes of /v1/completions and /v1/chat/completions."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.errors import BadFrame, BadRequest, FrameTooLarge
@@ -14,6 +22,7 @@ from moeserve.frontend.protocol import validation_message
 from moeserve.frontend.service import sampling_params
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _Body(BaseModel):
@@ -70,6 +79,14 @@ class CompletionRequest(_Sampling):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(prompt_problem(value)) from None
+
     def prompts(self) -> list[str | list[int]]:
         if self.echo:
             raise BadRequest("echo is not supported", "echo")
@@ -86,8 +103,8 @@ class CompletionRequest(_Sampling):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
-    def params(self, index: int) -> SamplingParams:
-        return self.sampling(16, self.max_tokens, self.logprobs, index)
+    def params(self, index: int, default_max_tokens: int = 16) -> SamplingParams:
+        return self.sampling(default_max_tokens, self.max_tokens, self.logprobs, index)
 
 
 class TextPart(_Body):
@@ -125,6 +142,53 @@ class ChatRequest(_Sampling):
         return self.sampling(default_max_tokens, max_tokens, top, index)
 
 
+def prompt_problem(value: Any) -> str:
+    """Why ``value`` is no prompt, in one sentence (the union's own errors name its four branches)."""
+    allowed = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+    rows = value if isinstance(value, list) and value and all(isinstance(r, list) for r in value) else [value]
+    for row in rows:
+        if isinstance(row, list) and row and all(isinstance(t, int) and not isinstance(t, bool) for t in row):
+            bad = next((t for t in row if not 0 <= t < 2**31), None)
+            if bad is not None:
+                return f"{bad} is not a token id: token ids are integers in [0, vocabulary size)"
+    return f"must be {allowed}, got {_json_kind(value)}"
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an empty list" if not value else "a list holding " + ", ".join(sorted({_json_kind(v) for v in value}))
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", dict: "an object"}
+    return names.get(type(value), "null")
+
+
+def find_lone_surrogate(body: Any) -> tuple[str, str] | None:
+    """(field, escaped character) of the first lone UTF-16 surrogate in a decoded JSON value (JSON may spell
+    one as ``"\\ud800"``; it is not Unicode text: no tokenizer, log or response can carry it); keys count."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        where, value = stack.pop()
+        items: list[tuple[str, Any]] = []
+        if isinstance(value, str):
+            found = _SURROGATE.search(value)
+            if found:
+                return where, f"U+{ord(found.group()):04X}"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = f"{where}.{key}" if where else key
+                found = _SURROGATE.search(key)
+                if found:
+                    return name, f"U+{ord(found.group()):04X}"
+                items.append((name, item))
+        elif isinstance(value, list):
+            items = [(f"{where}.{i}", item) for i, item in enumerate(value)]
+        stack.extend(reversed(items))
+    return None
+
+
+def _escaped(text: str) -> str:
+    return text.encode("ascii", "backslashreplace").decode()
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
@@ -141,10 +205,15 @@ def parse_body(raw: bytes, model: type[_Body], max_bytes: int) -> Any:
         raise BadFrame(f"invalid JSON: {e}") from None
     if not isinstance(body, dict):
         raise BadFrame("the request body must be a JSON object")
+    surrogate = find_lone_surrogate(body)
+    if surrogate is not None:
+        where, char = surrogate
+        raise BadRequest(f"field {_escaped(where)!r}: a lone surrogate ({char}) is not Unicode text; send valid "
+                         "UTF-16 pairs or the character itself", _escaped(where))
     try:
         return model.model_validate(body)
     except ValidationError as e:
-        message, param = validation_message(e)
+        message, param = validation_message(e, body)
         raise BadRequest(message, param) from None
 
 

@@ -87,16 +87,41 @@ def request_id_of(body: Any) -> str | None:
     return None
 
 
-def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """(message, param) from pydantic's first error, in plain words."""
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
+def validation_message(e: ValidationError, body: Any = None) -> tuple[str, str | None]:
+    """(message, param) in plain words from pydantic's errors about ``body``: the most specific one, its
+    location spelled as the client's fields (without the names pydantic gives the members of a union,
+    ``prompt.str``), and the alternatives a union would have taken ("a valid string or a valid list")."""
+    errors = e.errors()
+    paths = [field_path(err["loc"], body, err["type"] == "missing") for err in errors]
+    path = max(paths, key=len)
+    same = [err for p, err in zip(paths, errors) if p == path]
+    loc = ".".join(str(p) for p in path)
+    err = same[0]
     kind = err["type"]
     if kind == "extra_forbidden":
         return f"unknown field {loc!r}", loc
     if kind == "missing":
         return f"missing field {loc!r}", loc
-    return f"field {loc!r}: {err['msg']}", loc or None
+    reasons = dict.fromkeys(str(x["ctx"]["error"]) if x["type"] == "value_error" else x["msg"] for x in same)
+    return f"field {loc!r}: {' or '.join(reasons)}", loc or None
+
+
+def field_path(loc: tuple[Any, ...], body: Any, missing: bool = False) -> tuple[Any, ...]:
+    """The parts of a pydantic error location that are keys or indexes of ``body`` (a missing field: also
+    its name); the others name union members. Without a body the location is kept as it is."""
+    if body is None:
+        return tuple(loc)
+    path: list[Any] = []
+    node = body
+    for i, part in enumerate(loc):
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif not (missing and i == len(loc) - 1 and isinstance(node, dict)):
+            continue
+        path.append(part)
+    return tuple(path)
 
 
 def decode_client_message(frame: bytes, max_frame_bytes: int) -> ClientMessage:
@@ -113,7 +138,7 @@ def decode_client_message(frame: bytes, max_frame_bytes: int) -> ClientMessage:
     try:
         msg = model.model_validate(body)
     except ValidationError as e:
-        message, param = validation_message(e)
+        message, param = validation_message(e, body)
         raise BadRequest(f"{kind}: {message}", param, rid) from None
     if isinstance(msg, Generate) and (msg.prompt is None) == (msg.token_ids is None):
         raise BadRequest("generate: give exactly one of 'prompt' and 'token_ids'", "prompt", rid)
