@@ -125,7 +125,7 @@ def test_bad_requests_get_typed_errors(server, body, status, code) -> None:
 
 def test_auth_health_metrics_and_audit(server, client) -> None:
     assert httpx.get(server.http_url + "/health").status_code == 200  # no key needed
-    for path in ("/v1/models", "/metrics"):
+    for path in ("/v1/models", "/metrics", "/openapi.json"):
         assert httpx.get(server.http_url + path).status_code == 401
     assert post(server, "/v1/completions", {"model": MODEL, "prompt": "x"}, key="nope").status_code == 401
     with pytest.raises(openai.AuthenticationError):

@@ -52,11 +52,12 @@ class HttpApi:
         self.created = int(time.time())
         self._ids = itertools.count()
         self.app = FastAPI(title="moeserve", version=moeserve.__version__, docs_url=None, redoc_url=None,
-                           openapi_url="/openapi.json", description="OpenAI-compatible API of moeserve")
+                           openapi_url=None, description="OpenAI-compatible API of moeserve")
+        self._error_handlers()
         self._routes()
         install_openapi(self.app, [CompletionRequest, ChatRequest])
 
-    def _routes(self) -> None:
+    def _error_handlers(self) -> None:
         app = self.app
 
         @app.exception_handler(FrontendError)
@@ -74,11 +75,19 @@ class HttpApi:
             return JSONResponse(error_body("internal", f"internal error ({type(e).__name__})", "server_error",
                                            None), 500)
 
+    def _routes(self) -> None:
+        app = self.app
+
         @app.get("/health", responses={200: {"model": Health, "description": "ready"},
                                        503: {"model": Health, "description": "loading or draining"}})
         async def health() -> JSONResponse:
             state = self.service.state
             return JSONResponse({"status": state}, 200 if state == "ready" else 503)
+
+        @app.get("/openapi.json", include_in_schema=False)
+        async def openapi(request: Request) -> JSONResponse:  # behind the API key, as every route but /health
+            self.keys.check_bearer(request.headers.get("authorization"))
+            return JSONResponse(app.openapi())
 
         @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
         async def metrics(request: Request) -> Response:
