@@ -146,8 +146,9 @@ def test_cluster_toml_engine_value_of_the_wrong_type(tmp_path: Path) -> None:
 
 # ---- -v ----
 
-def test_verbose_shows_the_traceback(tmp_path: Path) -> None:
-    proc = moeserve("-v", "generate", "--model", str(tmp_path / "nope"), "hi")
+@pytest.mark.parametrize("before, after", [(["-v"], []), ([], ["-v"])])
+def test_verbose_shows_the_traceback(tmp_path: Path, before: list[str], after: list[str]) -> None:
+    proc = moeserve(*before, "generate", *after, "--model", str(tmp_path / "nope"), "hi")
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "UserError" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("moeserve generate: error: model directory")

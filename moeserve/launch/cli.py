@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=module.run)
     for p in subparsers(parser):
         p.formatter_class = HelpFormatter
+        if p is not parser:  # -v after the subcommand too (SUPPRESS: the top-level value stands otherwise)
+            p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                           help="log at INFO level, and print the traceback with an error (default: off)")
     return parser
 
 
