@@ -132,9 +132,24 @@ def install_openapi(app: FastAPI, bodies: list[type[BaseModel]]) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
-            _, defs = models_json_schema([(m, "validation") for m in bodies], ref_template=REF)
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            _, defs = models_json_schema([(m, "validation") for m in [*bodies, ErrorBody]], ref_template=REF)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(defs.get("$defs", {}))
+            components.pop("HTTPValidationError", None)
+            components.pop("ValidationError", None)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    document_client_errors(operation["responses"])
             app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def document_client_errors(responses: dict[str, Any]) -> None:
+    """Any route may refuse a request with a 4xx in OpenAI's shape (FastAPI's own 422 for a bad parameter
+    is answered as such a 400 by the error handlers): document the range where a route names no status."""
+    responses.pop("422", None)
+    responses.setdefault("4XX", {"description": "the request was refused; the body says why",
+                                 "content": {"application/json": {"schema": {"$ref": REF.format(
+                                     model="ErrorBody")}}}})
