@@ -132,7 +132,8 @@ def install_openapi(app: FastAPI, bodies: list[type[BaseModel]]) -> None:
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
-            _, defs = models_json_schema([(m, "validation") for m in [*bodies, ErrorBody]], ref_template=REF)
+            models: list[type[BaseModel]] = [*bodies, ErrorBody]
+            _, defs = models_json_schema([(m, "validation") for m in models], ref_template=REF)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             components.update(defs.get("$defs", {}))
             components.pop("HTTPValidationError", None)

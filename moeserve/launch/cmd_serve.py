@@ -59,16 +59,19 @@ def server_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from moeserve.frontend.server import run_server
+    from moeserve.launch.cli import engine_config
     from moeserve.launch.preflight import check_engine, check_ports
+
+    # before the server's own imports, so that a wrong argument is reported at once
+    check_engine(engine_config(args, progress=False))
+    check_ports(args.host, [("--port", args.port), ("--rpc-port", args.rpc_port)])
+    from moeserve.frontend.server import run_server
 
     logging.getLogger("moeserve.frontend.server").setLevel(logging.INFO)  # the "ready" line with the URLs
     try:
         config = server_config(args)
     except ValueError as e:
         raise UserError(str(e)) from e
-    check_engine(config.engine)
-    check_ports(config.host, [("--port", config.port), ("--rpc-port", config.rpc_port)])
     run_server(config)
     return 0
 

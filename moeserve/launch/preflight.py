@@ -121,7 +121,7 @@ def check_layout(config: EngineConfig, model_config: ModelConfig) -> None:
 def check_ports(host: str, ports: list[tuple[str, int]]) -> None:
     """Each (flag, port) can be listened on at ``host`` now (port 0: any free port, always fine)."""
     for flag, port in ports:
-        if port == 0:
+        if not 0 < port < 65536:  # 0: any free port; out of range: the server's config says so
             continue
         try:
             family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
