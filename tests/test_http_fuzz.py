@@ -186,3 +186,29 @@ def test_openapi_documents_the_error_statuses(server) -> None:
     assert {"200", "400", "401", "404", "415", "429", "503"} <= set(post_op["responses"])
     assert post_op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/CompletionRequest")
     assert "prompt" in doc["components"]["schemas"]["CompletionRequest"]["properties"]
+
+
+def test_a_route_added_later_keeps_the_error_shape_and_its_schema() -> None:
+    """A route that declares its parameters the FastAPI way (as /v1/expert_load-style routes will): a bad
+    value is a 400 in OpenAI's shape naming it, and the schema documents it as a 4XX, not FastAPI's 422."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from moeserve.frontend.http_api import install_error_handlers
+    from moeserve.frontend.openapi import install_openapi
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.get("/v1/later")
+    async def later(window_s: int = 60) -> dict[str, int]:
+        return {"window_s": window_s}
+
+    install_openapi(app, [])
+    with TestClient(app) as client:
+        r = client.get("/v1/later", params={"window_s": "soon"})
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "window_s" and r.json()["error"]["code"] == "bad_request"
+    responses = app.openapi()["paths"]["/v1/later"]["get"]["responses"]
+    assert "422" not in responses and responses["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith(
+        "/ErrorBody")

@@ -54,34 +54,9 @@ class HttpApi:
         self._ids = itertools.count()
         self.app = FastAPI(title="moeserve", version=moeserve.__version__, docs_url=None, redoc_url=None,
                            openapi_url=None, description="OpenAI-compatible API of moeserve")
-        self._error_handlers()
+        install_error_handlers(self.app)
         self._routes()
         install_openapi(self.app, [CompletionRequest, ChatRequest])
-
-    def _error_handlers(self) -> None:
-        app = self.app
-
-        @app.exception_handler(FrontendError)
-        async def frontend_error(_request: Request, e: FrontendError) -> JSONResponse:
-            headers = {"Retry-After": "1"} if e.status in (429, 503) else None
-            return JSONResponse(error_body(e.code, e.message, e.openai_type, e.param), e.status, headers=headers)
-
-        @app.exception_handler(StarletteHTTPException)
-        async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
-            code = "not_found" if e.status_code == 404 else "bad_request"
-            return JSONResponse(error_body(code, str(e.detail), "invalid_request_error", None), e.status_code)
-
-        @app.exception_handler(RequestValidationError)
-        async def bad_parameter(_request: Request, e: RequestValidationError) -> JSONResponse:
-            err = e.errors()[0]  # a route that declares its parameters: FastAPI's 422, as our 400
-            loc = ".".join(str(p) for p in err["loc"][1:]) or None
-            message = f"field {loc!r}: {err['msg']}" if loc else str(err["msg"])
-            return JSONResponse(error_body("bad_request", message, "invalid_request_error", loc), 400)
-
-        @app.exception_handler(Exception)
-        async def bug(_request: Request, e: Exception) -> JSONResponse:  # still logged with its traceback
-            return JSONResponse(error_body("internal", f"internal error ({type(e).__name__})", "server_error",
-                                           None), 500)
 
     def _routes(self) -> None:
         app = self.app
@@ -207,6 +182,33 @@ class HttpApi:
         except FrontendError as e:
             yield _sse(error_body(e.code, e.message, e.openai_type, e.param))
         yield b"data: [DONE]\n\n"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: typed front-end errors, Starlette's (404, 405), FastAPI's 422 for a route
+    that declares its parameters (answered as a 400 naming the field), and a bug (a 500 body, still logged)."""
+
+    @app.exception_handler(FrontendError)
+    async def frontend_error(_request: Request, e: FrontendError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if e.status in (429, 503) else None
+        return JSONResponse(error_body(e.code, e.message, e.openai_type, e.param), e.status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if e.status_code == 404 else "bad_request"
+        return JSONResponse(error_body(code, str(e.detail), "invalid_request_error", None), e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameter(_request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0]  # a route that declares its parameters: FastAPI's 422, as our 400
+        loc = ".".join(str(p) for p in err["loc"][1:]) or None
+        message = f"field {loc!r}: {err['msg']}" if loc else str(err["msg"])
+        return JSONResponse(error_body("bad_request", message, "invalid_request_error", loc), 400)
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, e: Exception) -> JSONResponse:  # still logged with its traceback
+        return JSONResponse(error_body("internal", f"internal error ({type(e).__name__})", "server_error",
+                                       None), 500)
 
 
 def check_content_type(header: str | None) -> None:
