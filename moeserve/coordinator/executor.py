@@ -26,6 +26,9 @@ import zmq
 
 from moeserve.comm.messages import (
     ErrorMsg,
+    KvLoadedMsg,
+    KvLoadMsg,
+    KvSaveMsg,
     LogitsMsg,
     PreflightMsg,
     ReadyMsg,
@@ -234,6 +237,27 @@ class DistributedExecutor:
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         return self.collect(self.submit(plan))
+
+    def kv_save(self, msg: KvSaveMsg) -> None:
+        """Have every rank copy computed blocks to its host tier / the store (kvstore/transport.py)."""
+        self._broadcast(encode(msg))
+
+    def kv_load(self, msg: KvLoadMsg) -> list[KvLoadedMsg]:
+        """Have every rank load blocks into its cache; waits for every rank's answer."""
+        self._broadcast(encode(msg))
+        replies: dict[int, KvLoadedMsg] = {}
+        while len(replies) < len(self.specs):
+            reply = self._receive(self.step_timeout_s, "kv load")
+            if isinstance(reply, KvLoadedMsg) and reply.load_id == msg.load_id:
+                replies[reply.rank] = reply
+            elif isinstance(reply, LogitsMsg):
+                self._logits[reply.step_id] = reply.tensor()
+        self._kv_counters = replies
+        return list(replies.values())
+
+    def kv_counters(self) -> list[KvLoadedMsg]:
+        """Every rank's store counters, as of the latest load."""
+        return list(getattr(self, "_kv_counters", {}).values())
 
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
         """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep
