@@ -94,10 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from moeserve.kvstore.store import StoreConfigError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except StoreConfigError as e:  # e.g. the KV store's password: a start-up error, said plainly
+        print(f"moeserve {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -180,6 +180,8 @@ class StageWorker:
                 continue
             msg = decode(sock.recv())
             if isinstance(msg, ShutdownMsg):
+                if self.kv_mover is not None:
+                    self.kv_mover.close()  # finishes the queued store writes (bounded)
                 return
             if isinstance(msg, StatsRequestMsg):
                 sock.send(encode(self.stats()))
