@@ -38,7 +38,7 @@ class RedisServer:
     def start(self, timeout_s: float = 20.0) -> RedisServer:
         args = ["redis-server", "--port", str(self.port), "--bind", self.bind, "--save", "", "--appendonly", "no",
                 "--dir", str(self.workdir), "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
-                "--protected-mode", "no"]
+                "--protected-mode", "no", "--enable-debug-command", "local"]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen([*self.prefix, *args], stdout=subprocess.DEVNULL,
