@@ -10,8 +10,8 @@ Starts its own ``redis-server`` on a free loopback port (the store on TCP), then
 Also: stored bytes per token against the latent's size, with tp=1 and (``--tp-check``) tp=2; and
 (``--itl``) decode inter-token latency with store writes on and off (``moeserve bench``'s run, random prompts).
 
-CPU (the embedded model, float32):
-    PYTHONPATH=. python benchmarks/bench_kvstore.py --prefix-lens 2048 --repeats 3 --tp-check \\
+CPU (the embedded model, float32, its rotary table stretched to 4096 positions):
+    PYTHONPATH=. python benchmarks/bench_kvstore.py --prefix-lens 2048 --repeats 3 --tp-check --max-model-len 4096 \\
         --json-out benchmarks/results/kvstore_cpu.json
 GPU (one H200, dummy DeepSeek-V2-Lite, bf16):
     PYTHONPATH=. python benchmarks/bench_kvstore.py --device cuda --model benchmarks/configs/deepseek_v2_lite \\
@@ -59,7 +59,7 @@ def rand(gen: torch.Generator, vocab: int, n: int) -> list[int]:
 def make(args: argparse.Namespace, **kw) -> Engine:
     base = dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
                 skip_tokenizer_init=True, max_num_batched_tokens=args.max_num_batched_tokens,
-                block_size=args.block_size)
+                block_size=args.block_size, max_model_len=args.max_model_len)
     base.update(kw)
     e = Engine(EngineConfig(**base))
     ttft(e, [1, 2, 3])  # warm-up
@@ -146,6 +146,8 @@ def main() -> int:
     p.add_argument("--load-format", default="auto")
     p.add_argument("--block-size", type=int, default=0)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="past the model's own context (the embedded model's is 512): a longer rotary table")
     p.add_argument("--prefix-lens", default="2048")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tp-check", action="store_true", help="stored bytes per token with tp=2 as well")
