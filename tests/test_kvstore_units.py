@@ -160,3 +160,23 @@ def test_a_full_write_queue_drops_instead_of_waiting() -> None:
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     mover.save([0, 1, 2], [-1] * 3, block_hashes([t for b in tokens for t in b], 4), tokens, [True] * 3)
     assert mover.counters.writes_dropped == 3
+
+
+def test_cluster_toml_kvstore_table(tmp_path) -> None:
+    from moeserve.launch.cli import build_parser, engine_config
+    from moeserve.launch.cluster import ClusterError
+    from moeserve.launch.cmd_launch import merged_settings
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args(["launch", "cluster"]))
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text('[cluster]\nhosts = ["10.0.0.1"]\n\n[kvstore]\nurl = "redis://:pw@10.0.0.9:6379/0"\n'
+                   'host_memory = 0\nsalt = "file"\ncost_rule = false\n')
+    args = parser.parse_args(["launch", "cluster", "--config", str(cfg), "--kv-store-salt", "flag"])
+    merged_settings(args, defaults)
+    config = engine_config(args)
+    assert (config.kv_store, config.kv_host_memory, config.kv_store_salt, config.kv_load_cost_rule) == \
+        ("redis://:pw@10.0.0.9:6379/0", 0, "flag", False)  # a flag wins over the file
+    cfg.write_text('[kvstore]\nadress = "redis://h:1/0"\n')
+    with pytest.raises(ClusterError, match="adress"):
+        merged_settings(parser.parse_args(["launch", "cluster", "--config", str(cfg)]), defaults)
