@@ -3,7 +3,7 @@
 
 - ``save``: copy computed device blocks into host-pool slots, and (on the rank that writes for its stage, tp
   rank 0) queue them for the store. The store queue is bounded: when full, the blocks are dropped (counted),
-  so that a slow store never slows a step. A background thread encodes and writes them.
+  so that a slow store never slows a step (256 MiB of blocks by default). A background thread encodes and writes them.
 - ``load``: copy host-pool slots into device blocks, and read stored blocks (``read_blocks``) into a
   preallocated host buffer, then into device blocks. Reports how many stored blocks, from the first, it loaded:
   a missing, corrupt or timed-out block ends the prefix there (the coordinator recomputes the rest).
@@ -61,7 +61,7 @@ def read_blocks(store: KVStore, layout: BlockLayout, hashes: Sequence[int], toke
 
 class BlockMover:
     def __init__(self, caches: dict[int, torch.Tensor], layout: BlockLayout, host_blocks: int,
-                 store: KVStore | None, writes: bool = True, write_queue_blocks: int = 512):
+                 store: KVStore | None, writes: bool = True, write_queue_bytes: int = 256 << 20):
         """``caches``: layer id -> [num_blocks, block_size, kv_dim] (this rank's); ``layout``: this stage's
         stored form; ``writes``: whether this rank writes its stage's blocks to the store."""
         self.layers = sorted(caches)
@@ -76,7 +76,7 @@ class BlockMover:
         self.host = torch.empty((host_blocks, *self.block_shape), dtype=first.dtype, pin_memory=self.pin) \
             if host_blocks else None
         self.counters = MoverCounters()
-        self.max_pending = write_queue_blocks
+        self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
         self._pending = 0
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -175,6 +175,11 @@ class BlockMover:
     def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
         """``data`` [n, L, block_size, kv_dim] on the host -> device blocks."""
         idx = torch.tensor(list(blocks), device=self.device)
+        if self.pin:  # layer-major in pinned memory: one asynchronous copy per layer
+            staged = torch.empty((len(self.caches), *data.shape[:1], *data.shape[2:]), dtype=data.dtype,
+                                 pin_memory=True)
+            staged.copy_(data.transpose(0, 1))
+            data = staged.transpose(0, 1)
         for j, cache in enumerate(self.caches):
             cache.index_copy_(0, idx, data[:, j].to(self.device, non_blocking=self.pin))
 
