@@ -135,6 +135,8 @@ class DistributedExecutor:
         self._logits: dict[int, torch.Tensor] = {}
         self.loaded_bytes: dict[int, int] = {}
         self.preflight: PreflightMsg | None = None
+        self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
+        self._kv_polled = 0.0
         try:
             while len(self.loaded_bytes) < len(specs):
                 msg = self._receive(startup_timeout_s, "start")
@@ -233,6 +235,8 @@ class DistributedExecutor:
             msg = self._receive(self.step_timeout_s, f"step {step_id}")
             if isinstance(msg, LogitsMsg):
                 self._logits[msg.step_id] = msg.tensor()
+            elif isinstance(msg, KvLoadedMsg):  # a rank's store counters (kv_counters)
+                self._kv_counters[msg.rank] = msg
         return self._logits.pop(step_id)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
@@ -248,16 +252,22 @@ class DistributedExecutor:
         replies: dict[int, KvLoadedMsg] = {}
         while len(replies) < len(self.specs):
             reply = self._receive(self.step_timeout_s, "kv load")
-            if isinstance(reply, KvLoadedMsg) and reply.load_id == msg.load_id:
-                replies[reply.rank] = reply
+            if isinstance(reply, KvLoadedMsg):
+                self._kv_counters[reply.rank] = reply
+                if reply.load_id == msg.load_id:
+                    replies[reply.rank] = reply
             elif isinstance(reply, LogitsMsg):
                 self._logits[reply.step_id] = reply.tensor()
-        self._kv_counters = replies
         return list(replies.values())
 
     def kv_counters(self) -> list[KvLoadedMsg]:
-        """Every rank's store counters, as of the latest load."""
-        return list(getattr(self, "_kv_counters", {}).values())
+        """Every rank's latest store counters. Every 2 s this asks again without waiting (an empty load, id 0):
+        the answers are picked up while collecting logits."""
+        now = time.monotonic()
+        if now - self._kv_polled > 2.0:
+            self._kv_polled = now
+            self._broadcast(encode(KvLoadMsg(0, [], [], [], [], [])))
+        return list(self._kv_counters.values())
 
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
         """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep
