@@ -158,3 +158,17 @@ def test_wrong_or_missing_password_is_a_clear_error_at_start(tmp_path: Path) -> 
         assert "wrong" not in proc.stderr and "Traceback" not in proc.stderr  # the password is not echoed
         e = engine(kv_store=server.url)  # the right one works
         e.close()
+
+
+def test_bench_prints_prefix_hit_rates(capsys: pytest.CaptureFixture[str]) -> None:
+    from moeserve.launch.cmd_bench import print_table, run_benchmark
+
+    e = engine()
+    try:
+        result = run_benchmark(e, 4, 8, 2, progress=False, shared_prefix_len=48)
+    finally:
+        e.close()
+    rates = result["prefix_hit_rate"]
+    assert rates["device"] > 0.5 and rates["store"] == 0  # 3 of 4 prompts find the 48-token head
+    print_table(result)
+    assert "prefix hits" in capsys.readouterr().out
