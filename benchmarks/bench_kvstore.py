@@ -66,6 +66,19 @@ def make(args: argparse.Namespace, **kw) -> Engine:
     return e
 
 
+def release(e: Engine) -> None:
+    """Close an engine and give its device memory back before the next one starts (the caller drops its
+    own reference right after: ``release(e); del e``)."""
+    import gc
+
+    device = e.config.torch_device
+    e.close()
+    del e
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def flush(e: Engine) -> None:
     mover = getattr(e.kv.tiers.transport, "mover", None) if e.kv.tiers else None
     if mover is not None:
@@ -79,12 +92,14 @@ def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
     for p in prefixes:
         ttft(a, p + rand(gen, vocab, SUFFIX))
     flush(a)
-    a.close()
+    release(a)
+    del a
     b = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
     cold = [ttft(b, rand(gen, vocab, length + SUFFIX)) for _ in prefixes]
     hit = [ttft(b, p + rand(gen, vocab, SUFFIX)) for p in prefixes]
     snap = b.kv.tiers.snapshot()
-    b.close()
+    release(b)
+    del b
     gbps = snap["store_bytes_read"] / snap["load_s_sum"] / 1e9 if snap["load_s_sum"] else 0.0
     return {"ttft_cold_s": cold, "ttft_store_s": hit, "store_hit_tokens": snap["store_hit_tokens"],
             "loads_skipped_by_cost_rule": snap["loads_skipped"], "store_load_gb_per_s": gbps,
@@ -95,7 +110,8 @@ def phase_host(args, length: int, gen: torch.Generator) -> dict:
     probe = make(args, kv_host_memory=0)
     block_bytes = probe.config.effective_block_size * probe.runner.cache_bytes_per_token
     vocab, bs = probe.model_config.vocab_size, probe.config.effective_block_size
-    probe.close()
+    release(probe)
+    del probe
     blocks = -(-(length + 2 * SUFFIX) // bs) + 1  # one prompt at a time in the device cache
     c = make(args, kv_cache_memory=blocks * block_bytes, kv_host_memory=max(1 << 30, 4 * blocks * block_bytes))
     cold, hit = [], []
@@ -105,7 +121,8 @@ def phase_host(args, length: int, gen: torch.Generator) -> dict:
         ttft(c, rand(gen, vocab, length + SUFFIX))  # evicts p's blocks from the device
         hit.append(ttft(c, p + rand(gen, vocab, SUFFIX)))
     stats, device_hits = c.kv.tiers.stats, c.kv.num_prefix_hit_tokens
-    c.close()
+    release(c)
+    del c
     return {"ttft_cold_s": cold, "ttft_host_s": hit, "host_hit_tokens": stats.host_hit_tokens,
             "device_hit_tokens": device_hits, "host_vs_cold": statistics.median(hit) / statistics.median(cold)}
 
@@ -118,7 +135,8 @@ def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Genera
     flush(e)
     layout = e.kv.tiers.config.layouts[0]
     per_token_latent = e.model_config.num_hidden_layers * e.model_config.kv_cache_dim * e.config.torch_dtype.itemsize
-    e.close()  # workers finish their writes
+    release(e)  # workers finish their writes
+    del e
     keys = [k for k in server.cli("--scan", "--pattern", f"{layout.key_prefix}*").split()]
     total = sum(int(server.cli("strlen", k)) for k in keys)
     tokens = len(keys) * layout.block_size
@@ -128,10 +146,11 @@ def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Genera
 
 def itl(args, url: str) -> dict:
     out = {}
-    for name, kw in (("store_off", {"kv_host_memory": 0}), ("store_on", {"kv_store": url, "kv_store_salt": "itl"})):
+    for name, kw in (("store_off", {}), ("store_on", {"kv_store": url, "kv_store_salt": "itl"})):  # host tier on in both
         e = make(args, **kw)
         r = run_benchmark(e, args.itl_prompts, args.itl_input_len, args.itl_output_len, progress=False)
-        e.close()
+        release(e)
+        del e
         out[name] = {"itl_p50_s": r["itl_p50_s"], "itl_p99_s": r["itl_p99_s"],
                      "output_tokens_per_s": r["output_tokens_per_s"]}
     out["itl_p99_ratio"] = out["store_on"]["itl_p99_s"] / out["store_off"]["itl_p99_s"]
