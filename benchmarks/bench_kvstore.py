@@ -146,7 +146,8 @@ def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Genera
 
 def itl(args, url: str) -> dict:
     out = {}
-    for name, kw in (("store_off", {}), ("store_on", {"kv_store": url, "kv_store_salt": "itl"})):  # host tier on in both
+    # the host tier is on in both: the runs differ only by the store's writes
+    for name, kw in (("store_off", {}), ("store_on", {"kv_store": url, "kv_store_salt": "itl"})):
         e = make(args, **kw)
         r = run_benchmark(e, args.itl_prompts, args.itl_input_len, args.itl_output_len, progress=False)
         release(e)
