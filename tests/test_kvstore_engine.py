@@ -5,6 +5,7 @@ layouts store and load their own layers; a corrupted value is a miss; a wrong pa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import StoreConfigError
+from moeserve.kvstore.tier_setup import STORE_ENV
 
 NO_REDIS = RedisServer.unavailable()
 needs_redis = pytest.mark.skipif(NO_REDIS is not None, reason=f"store tests need redis-server: {NO_REDIS}")
@@ -68,6 +70,8 @@ def write_then_read(url: str, salt: str, a: dict, b: dict) -> tuple[Engine, list
     """Engine A (layout ``a``) computes and stores the prompts, one by one; engine B (layout ``b``) serves them
     from the store. Returns B (closed) and both outputs."""
     ea = engine(kv_store=url, kv_store_salt=salt, kv_host_memory=0, **a)
+    specs = getattr(ea.runner, "specs", [])
+    assert all(url not in spec.to_json() for spec in specs if url == os.environ.get(STORE_ENV))
     try:
         out_a = [generate(ea, [p])[0] for p in PROMPTS]
         if hasattr(ea.kv.tiers.transport, "mover"):  # one process: wait for its writer
@@ -110,8 +114,11 @@ def test_engine_b_serves_engine_a_prefixes_from_the_store(redis: RedisServer, re
 
 
 @needs_redis
-def test_pp2_and_tp2_each_stage_stores_and_loads_its_layers(redis: RedisServer, reference) -> None:
-    """pp=2 writes one key per block and stage; pp=2 x tp=2 reads them (tp does not change what is stored)."""
+def test_pp2_and_tp2_each_stage_stores_and_loads_its_layers(redis: RedisServer, reference,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """pp=2 writes one key per block and stage; pp=2 x tp=2 reads them (tp does not change what is stored).
+    The URL comes from MOESERVE_KV_STORE, which the ranks inherit: it is on no rank's command line."""
+    monkeypatch.setenv(STORE_ENV, redis.url)
     eb, out_a, out_b = write_then_read(redis.url, "pp2", {"pp": 2}, {"pp": 2, "tp": 2})
     assert out_a == reference and out_b == reference
     assert eb.kv.tiers.stats.store_hit_tokens >= 3 * BS

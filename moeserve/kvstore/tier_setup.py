@@ -4,16 +4,19 @@ and each rank's ``BlockMover`` (one process, or stage workers)."""
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
 from moeserve.kvstore.mover import BlockMover
-from moeserve.kvstore.store import KVStore, open_store, redact
+from moeserve.kvstore.store import KVStore, StoreConfigError, open_store, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
 from moeserve.kvstore.transport import LocalTransport
 
 logger = logging.getLogger(__name__)
 
+STORE_ENV = "MOESERVE_KV_STORE"  # the store's URL from the environment: its password stays off command lines
+FROM_ENV = f"env:{STORE_ENV}"  # what a stage worker's spec says when its URL is in that variable
 AUTO_HOST_CAP = 2 << 30  # the automatic host tier: at most 2 GiB per rank ...
 AUTO_HOST_RAM_FRACTION = 16  # ... and at most 1/16 of the machine's memory
 
@@ -75,7 +78,10 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
 
 def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:
     """The WorkerSpec fields of the tiers (every rank the same)."""
-    return dict(kv_host_blocks=host_blocks(config, bytes_per_token), kv_store=config.kv_store,
+    url = config.kv_store
+    if url and url == os.environ.get(STORE_ENV):  # the ranks read it from the environment they inherit
+        url = FROM_ENV
+    return dict(kv_host_blocks=host_blocks(config, bytes_per_token), kv_store=url,
                 kv_fingerprint=model_fingerprint(config.model_path, config.load_format, config.seed),
                 kv_salt=config.kv_store_salt, kv_store_timeout_s=config.kv_store_timeout,
                 kv_store_probe_s=config.kv_store_probe_interval)
@@ -89,5 +95,10 @@ def worker_mover(spec: Any, caches: dict, kv_dim: int) -> BlockMover | None:
     start = sum(spec.stage_layers[:coord.pp_stage])
     layout = BlockLayout(spec.kv_fingerprint, spec.dtype, spec.block_size, coord.pp_stage, start,
                          spec.stage_layers[coord.pp_stage], kv_dim, spec.kv_salt)
-    store = open_store(spec.kv_store, spec.kv_store_timeout_s, spec.kv_store_probe_s) if spec.kv_store else None
+    url = spec.kv_store
+    if url == FROM_ENV:
+        url = os.environ.get(STORE_ENV, "")
+        if not url:
+            raise StoreConfigError(f"{STORE_ENV} is not set on node {spec.node}: every node needs the store's URL")
+    store = open_store(url, spec.kv_store_timeout_s, spec.kv_store_probe_s) if url else None
     return BlockMover(caches, layout, spec.kv_host_blocks, store, writes=coord.tp_rank == 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from moeserve.launch import cmd_bench, cmd_chat, cmd_check, cmd_generate, cmd_launch, cmd_plan, cmd_serve
@@ -49,9 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-host-memory", type=int, default=-1, metavar="BYTES",
                     help="host memory per rank for cache blocks evicted from the device, which come back instead "
                          "of being recomputed (default: min(2 GiB, RAM/16); 0 turns it off)")
-    kv.add_argument("--kv-store", default="", metavar="URL",
+    kv.add_argument("--kv-store", default=os.environ.get("MOESERVE_KV_STORE", ""), metavar="URL",
                     help="a store server shared by nodes: redis://[user:password@]host:port/db (redis-server or "
-                         "Valkey); prefixes computed by any engine are reused by the others")
+                         "Valkey); prefixes computed by any engine are reused by the others (default: the "
+                         "MOESERVE_KV_STORE environment variable, which keeps the password off command lines)")
     kv.add_argument("--kv-store-salt", default="", help="tenant salt: only engines with the same salt share blocks")
     kv.add_argument("--kv-store-timeout", type=float, default=1.0, help="seconds for each store call")
     kv.add_argument("--kv-store-probe-interval", type=float, default=5.0,
