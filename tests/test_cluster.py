@@ -161,34 +161,6 @@ def test_sigterm_on_node0_stops_every_node(ckpt: Path, tmp_path: Path) -> None:
         assert hosts.wait_empty(10)
 
 
-def http_in(hosts: NetnsHosts, i: int, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, str]:
-    """An HTTP request made from inside host ``i`` (the test's own namespace cannot reach the bridge)."""
-    script = ("import json, sys, urllib.request, urllib.error\n"
-              "path, body = sys.argv[1], sys.argv[2]\n"
-              "req = urllib.request.Request('http://127.0.0.1:8090' + path, data=body.encode() or None,\n"
-              "                             headers={'Content-Type': 'application/json'})\n"
-              "try:\n"
-              "    r = urllib.request.urlopen(req, timeout=50); print(r.status); print(r.read().decode())\n"
-              "except urllib.error.HTTPError as e:\n"
-              "    print(e.code); print(e.read().decode())\n"
-              "except OSError as e:\n"
-              "    print(0); print(e)\n")
-    proc = subprocess.run(["ip", "netns", "exec", hosts.names[i], sys.executable, "-c", script, path,
-                           json.dumps(body) if body is not None else ""],
-                          capture_output=True, text=True, timeout=timeout)
-    status, _, text = proc.stdout.partition("\n")
-    return int(status or 0), text
-
-
-def wait_healthy(hosts: NetnsHosts, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if http_in(hosts, 0, "/health")[0] == 200:
-            return
-        time.sleep(0.5)
-    raise AssertionError("node 0 never became healthy")
-
-
 def test_serving_cluster_answers_then_fails_cleanly_when_a_rank_dies(ckpt: Path, tmp_path: Path) -> None:
     """Node 0 serves the OpenAI API over the two-node pipeline; its answer equals one process. A rank killed
     while the server is idle is noticed within seconds: node 0 exits non-zero, and so does every node."""
@@ -196,8 +168,8 @@ def test_serving_cluster_answers_then_fails_cleanly_when_a_rank_dies(ckpt: Path,
         procs = [hosts.popen(i, launch_args(hosts, ckpt, 29760, "--node-rank", str(i), "--pp", "2",
                                             "--port", "8090", "--rpc-port", "8091"),
                              tmp_path / f"node{i}") for i in range(2)]
-        wait_healthy(hosts, 120)
-        status, text = http_in(hosts, 0, "/v1/completions", {"model": ckpt.name, "prompt": PROMPTS[0], "max_tokens": 10,
+        hosts.wait_healthy(0, 8090, 120)
+        status, text = hosts.http(0, 8090, "/v1/completions", {"model": ckpt.name, "prompt": PROMPTS[0], "max_tokens": 10,
                                                              "temperature": 0, "ignore_eos": True})
         assert status == 200, text
         assert json.loads(text)["choices"][0]["text"] == single_process(ckpt, 10)[0]["text"]
@@ -210,7 +182,7 @@ def test_sigterm_on_serving_node0_drains_and_stops_every_node(ckpt: Path, tmp_pa
         procs = [hosts.popen(i, launch_args(hosts, ckpt, 29770, "--node-rank", str(i), "--pp", "2",
                                             "--port", "8090", "--rpc-port", "8091"),
                              tmp_path / f"node{i}") for i in range(2)]
-        wait_healthy(hosts, 120)
+        hosts.wait_healthy(0, 8090, 120)
         procs[0].send_signal(signal.SIGTERM)
         codes = wait_all(procs, 60)
         assert codes == [0, 0], (codes, (tmp_path / "node0.err").read_text(), (tmp_path / "node1.err").read_text())

@@ -118,9 +118,49 @@ class PreflightMsg:
     all_to_all_s: float
 
 
+@dataclass
+class KvSaveMsg:
+    """Copy computed blocks to host-pool slots (-1: none) and, where ``to_store``, to the shared store
+    (kvstore/mover.py). ``hashes``: each block's chain hash, 32 hex digits."""
+
+    blocks: list[int]
+    host_slots: list[int]
+    hashes: list[str]
+    tokens: list[list[int]]
+    to_store: list[bool]
+
+
+@dataclass
+class KvLoadMsg:
+    """Fill fresh device blocks from host-pool slots, then from the store; every rank answers KvLoadedMsg."""
+
+    load_id: int
+    host_slots: list[int]
+    host_blocks: list[int]
+    store_hashes: list[str]
+    store_tokens: list[list[int]]
+    store_blocks: list[int]
+
+
+@dataclass
+class KvLoadedMsg:
+    """A rank's answer to KvLoadMsg, with its cumulative store counters."""
+
+    load_id: int
+    rank: int
+    num_store_loaded: int  # stored blocks loaded, from the first
+    bytes_read: int
+    num_corrupt: int
+    writes_dropped: int
+    blocks_written: int
+    bytes_written: int
+    store_errors: int
+
+
 MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
                                                                 ShutdownMsg, StatsRequestMsg, StatsMsg,
-                                                                PreflightMsg)}
+                                                                PreflightMsg, KvSaveMsg, KvLoadMsg,
+                                                                KvLoadedMsg)}
 
 
 def encode(msg: Any) -> bytes:

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,14 +46,16 @@ class EngineSnapshot:
     num_prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, cumulative
     num_prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     num_unfinished: int = 0  # requests the engine holds (running + waiting)
+    kv_tiers: dict = field(default_factory=dict)  # host tier and store counters (TierManager.snapshot)
 
     @classmethod
     def of(cls, engine: Engine) -> EngineSnapshot:
         kv = engine.kv
+        tiers = getattr(kv, "tiers", None)
         return cls(len(engine.scheduler.running), len(engine.scheduler.waiting),
                    kv.num_blocks - kv.num_free_blocks, kv.num_blocks,
                    int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
-                   len(engine.requests))
+                   len(engine.requests), tiers.snapshot() if tiers is not None else {})
 
 
 class ExpertTracer:

@@ -41,6 +41,12 @@ class EngineConfig:
     ep_dispatch: str = "allreduce"  # how tokens reach expert-parallel experts: allreduce or alltoall
     expert_placement: str = ""  # JSON file mapping each EP rank's physical slots to logical experts
     enforce_eager: bool = False  # no CUDA graphs: every decode step launches its kernels one by one
+    kv_host_memory: int = -1  # bytes per rank of the host tier (evicted blocks come back); -1 auto, 0 off
+    kv_store: str = ""  # the shared store: redis://[user:password@]host:port/db (empty: none)
+    kv_store_salt: str = ""  # a tenant's salt: only engines with the same salt share stored blocks
+    kv_store_timeout: float = 1.0  # seconds for each store call
+    kv_store_probe_interval: float = 5.0  # seconds between probes of a store whose breaker is open
+    kv_load_cost_rule: bool = True  # skip store loads estimated slower than recomputing
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -58,6 +64,10 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.ep_dispatch not in ("allreduce", "alltoall"):
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
+        if self.kv_store and self.kv_store.split("://")[0] not in ("redis", "rediss", "unix", "memory"):
+            raise ValueError("kv_store must be redis://[user:password@]host:port/db")
+        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
+            raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
         if self.keep_fp8 not in (None, True, False):
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
 

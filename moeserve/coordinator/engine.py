@@ -23,6 +23,7 @@ from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, Scheduler
 from moeserve.dtypes import dtype_name
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.latent_cache import free_device_memory, num_blocks_for_budget
+from moeserve.kvstore.tier_setup import build_tiers, open_kv_store, worker_options
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.model.loader import load_model
@@ -93,7 +94,8 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
-                   max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens)
+                   max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens,
+                   **worker_options(config, per_token))
     layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
                            config.effective_block_size, num_blocks, tuple(options.items()))
     return plan, num_blocks, (launcher or DistributedExecutor.local)(layout)
@@ -119,8 +121,10 @@ class Engine:
         if tokenizer is None and not config.skip_tokenizer_init:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        kv_store = open_kv_store(config)  # before any rank starts: a wrong password stops here
         if self.model is None:
             self.plan, num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)
+            stage_layers = list(self.plan.stage_layers)
         else:
             num_blocks = kv_cache_blocks(config, self.model.cache_bytes_per_token())
             self.runner = ModelRunner(self.model, num_blocks, config.effective_block_size, config.torch_device,
@@ -128,7 +132,10 @@ class Engine:
                                       max_model_len=self.max_model_len,
                                       warm_up_tokens=config.effective_max_num_batched_tokens)
             logger.info("latent cache bytes per token: %d", self.runner.cache_bytes_per_token)
-        self.kv = KVCacheManager(num_blocks, config.effective_block_size)
+            stage_layers = [self.model_config.num_hidden_layers]
+        per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
+        tiers = build_tiers(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner, kv_store)
+        self.kv = KVCacheManager(num_blocks, config.effective_block_size, tiers=tiers)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
@@ -206,7 +213,9 @@ class Engine:
         return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def close(self) -> None:
-        """Stop stage workers, if any (idempotent)."""
+        """Stop stage workers, if any, and the KV store's writer (idempotent)."""
+        if self.kv.tiers is not None:
+            self.kv.tiers.close()
         shutdown = getattr(self.runner, "shutdown", None)
         if shutdown is not None:
             shutdown()
@@ -296,6 +305,8 @@ class Engine:
         self.stats.num_preemptions += len(sched.preempted)
         self.stats.num_generated_tokens += len(sampled)
         self.stats.step_times.append(times[-1] - times[0])
+        if self.kv.tiers is not None:  # the cost rule's prefill speed
+            self.kv.tiers.observe_step(sched.num_batched_tokens, times[-1] - times[0])
         for phase, start, end in zip(self.stats.phase_s, times, times[1:]):
             self.stats.phase_s[phase] += end - start
         if sched.preempted:

@@ -26,6 +26,9 @@ import zmq
 
 from moeserve.comm.messages import (
     ErrorMsg,
+    KvLoadedMsg,
+    KvLoadMsg,
+    KvSaveMsg,
     LogitsMsg,
     PreflightMsg,
     ReadyMsg,
@@ -132,6 +135,8 @@ class DistributedExecutor:
         self._logits: dict[int, torch.Tensor] = {}
         self.loaded_bytes: dict[int, int] = {}
         self.preflight: PreflightMsg | None = None
+        self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
+        self._kv_polled = 0.0
         try:
             while len(self.loaded_bytes) < len(specs):
                 msg = self._receive(startup_timeout_s, "start")
@@ -230,10 +235,39 @@ class DistributedExecutor:
             msg = self._receive(self.step_timeout_s, f"step {step_id}")
             if isinstance(msg, LogitsMsg):
                 self._logits[msg.step_id] = msg.tensor()
+            elif isinstance(msg, KvLoadedMsg):  # a rank's store counters (kv_counters)
+                self._kv_counters[msg.rank] = msg
         return self._logits.pop(step_id)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         return self.collect(self.submit(plan))
+
+    def kv_save(self, msg: KvSaveMsg) -> None:
+        """Have every rank copy computed blocks to its host tier / the store (kvstore/transport.py)."""
+        self._broadcast(encode(msg))
+
+    def kv_load(self, msg: KvLoadMsg) -> list[KvLoadedMsg]:
+        """Have every rank load blocks into its cache; waits for every rank's answer."""
+        self._broadcast(encode(msg))
+        replies: dict[int, KvLoadedMsg] = {}
+        while len(replies) < len(self.specs):
+            reply = self._receive(self.step_timeout_s, "kv load")
+            if isinstance(reply, KvLoadedMsg):
+                self._kv_counters[reply.rank] = reply
+                if reply.load_id == msg.load_id:
+                    replies[reply.rank] = reply
+            elif isinstance(reply, LogitsMsg):
+                self._logits[reply.step_id] = reply.tensor()
+        return list(replies.values())
+
+    def kv_counters(self) -> list[KvLoadedMsg]:
+        """Every rank's latest store counters. Every 2 s this asks again without waiting (an empty load, id 0):
+        the answers are picked up while collecting logits."""
+        now = time.monotonic()
+        if now - self._kv_polled > 2.0:
+            self._kv_polled = now
+            self._broadcast(encode(KvLoadMsg(0, [], [], [], [], [])))
+        return list(self._kv_counters.values())
 
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
         """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep

@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moeserve.coordinator.async_engine import EngineSnapshot
+from moeserve.kvstore.metrics import tier_families
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -43,6 +44,7 @@ class _EngineCollector:
             queries.add_metric([str(i)], s.num_prefix_query_tokens)
         yield hits
         yield queries
+        yield from tier_families(snaps)  # host tier and shared store (kvstore/metrics.py)
 
 
 class ServerMetrics:

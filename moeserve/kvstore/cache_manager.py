@@ -7,15 +7,22 @@ same block ids for a sequence, so one table addresses the whole cache.
 Automatic prefix caching: at admission ``match_prefix`` gives a request the cached blocks of its longest
 cached prefix (whole blocks, never the last token: something must be computed to sample from), and after
 each step ``cache_full_blocks`` registers the request's newly computed full blocks for later requests.
+
+With ``tiers`` (kvstore/tiers.py) a device match is extended from the host pool and the shared store, and
+newly computed full blocks are written through to them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.prefix import ROOT_HASH, block_hashes
+
+if TYPE_CHECKING:
+    from moeserve.kvstore.tiers import TierManager
 
 
 @dataclass(frozen=True)
@@ -30,7 +37,8 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 tiers: TierManager | None = None):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
@@ -39,7 +47,8 @@ class KVCacheManager:
         self._tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[int]] = {}  # request -> prefix hashes of its registered full blocks
         self.num_prefix_query_tokens = 0  # prompt tokens looked up at admission, cumulative
-        self.num_prefix_hit_tokens = 0  # of which were found in the cache
+        self.num_prefix_hit_tokens = 0  # of which were found in the device cache
+        self.tiers = tiers if enable_prefix_caching else None
 
     @property
     def num_blocks(self) -> int:
@@ -62,7 +71,8 @@ class KVCacheManager:
         bs = self.block_size
         max_blocks = (len(token_ids) - 1) // bs  # NOTE: the last token is always recomputed
         blocks, hashes = [], []
-        for i, h in enumerate(block_hashes(token_ids[:max_blocks * bs], bs)):
+        all_hashes = block_hashes(token_ids[:max_blocks * bs], bs)
+        for i, h in enumerate(all_hashes):
             block = self.pool.lookup(h, tuple(token_ids[i * bs:(i + 1) * bs]))
             if block is None:
                 break
@@ -70,12 +80,27 @@ class KVCacheManager:
             hashes.append(h)
         for b in blocks:
             self.pool.touch(b)
+        self.num_prefix_hit_tokens += len(blocks) * bs
+        if self.tiers is not None and len(blocks) < max_blocks:
+            self._extend_from_tiers(token_ids, blocks, hashes, all_hashes)
         if blocks:
             self._tables[request_id] = blocks
             self._hashes[request_id] = hashes
         self.num_prefix_query_tokens += len(token_ids)
-        self.num_prefix_hit_tokens += len(blocks) * bs
         return len(blocks) * bs
+
+    def _extend_from_tiers(self, token_ids: Sequence[int], blocks: list[int], hashes: list[int],
+                           all_hashes: list[int]) -> None:
+        """Append to a device match the blocks that the host pool and the store can fill (now computed)."""
+        assert self.tiers is not None
+        bs, start = self.block_size, len(blocks)
+        rest = all_hashes[start:]
+        tokens = [tuple(token_ids[i * bs:(i + 1) * bs]) for i in range(start, len(all_hashes))]
+        loaded = self.tiers.load_prefix(rest, tokens, self.pool)
+        for block, h, t in zip(loaded, rest, tokens):
+            self.pool.register(block, h, t)
+        blocks.extend(loaded)
+        hashes.extend(rest[:len(loaded)])
 
     def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Register the request's full blocks whose latents are now computed."""
@@ -88,8 +113,12 @@ class KVCacheManager:
             return
         parent = done[-1] if done else ROOT_HASH
         new = block_hashes(token_ids[:num_full * self.block_size], self.block_size, start=len(done), parent=parent)
-        for i, h in enumerate(new, start=len(done)):
-            self.pool.register(table[i], h, tuple(token_ids[i * self.block_size:(i + 1) * self.block_size]))
+        tokens = [tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+                  for i in range(len(done), num_full)]
+        for i, (h, t) in enumerate(zip(new, tokens), start=len(done)):
+            self.pool.register(table[i], h, t)
+        if self.tiers is not None:
+            self.tiers.save(table[len(done):num_full], new, tokens)
         done.extend(new)
 
     def allocate_slots(self, request_id: str, num_total_tokens: int) -> BlockTable | None:

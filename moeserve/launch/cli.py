@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 
@@ -52,6 +53,20 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every decode kernel one by one (graphs are captured at start "
                         "for batch sizes up to --max-num-seqs on CUDA devices)")
+    kv = p.add_argument_group("kv store")
+    kv.add_argument("--kv-host-memory", type=int, default=-1, metavar="BYTES",
+                    help="host memory per rank for cache blocks evicted from the device, which come back instead "
+                         "of being recomputed (default: min(2 GiB, RAM/16); 0 turns it off)")
+    kv.add_argument("--kv-store", default=os.environ.get("MOESERVE_KV_STORE", ""), metavar="URL",
+                    help="a store server shared by nodes: redis://[user:password@]host:port/db (redis-server or "
+                         "Valkey); prefixes computed by any engine are reused by the others (default: the "
+                         "MOESERVE_KV_STORE environment variable, which keeps the password off command lines)")
+    kv.add_argument("--kv-store-salt", default="", help="tenant salt: only engines with the same salt share blocks")
+    kv.add_argument("--kv-store-timeout", type=float, default=1.0, help="seconds for each store call")
+    kv.add_argument("--kv-store-probe-interval", type=float, default=5.0,
+                    help="seconds between probes of a failing store (its circuit breaker is open meanwhile)")
+    kv.add_argument("--kv-load-cost-rule", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip store loads measured to be slower than recomputing the tokens (default on)")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
                         "default: unseeded; dummy weights use 0)")
@@ -69,7 +84,10 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
             ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
             skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
-            expert_placement=args.expert_placement, enforce_eager=args.enforce_eager)
+            expert_placement=args.expert_placement, enforce_eager=args.enforce_eager,
+            kv_host_memory=args.kv_host_memory, kv_store=args.kv_store,
+            kv_store_salt=args.kv_store_salt, kv_store_timeout=args.kv_store_timeout,
+            kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
 
@@ -116,10 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from moeserve.kvstore.store import StoreConfigError
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except StoreConfigError as e:  # e.g. the KV store's password: a start-up error, said plainly
+        print(f"moeserve {args.command}: {e}", file=sys.stderr)
+        return 2
     except UserError as e:  # something the user can fix: one line, the traceback only with -v
         if args.verbose:
             traceback.print_exc()

@@ -16,6 +16,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=64, help="random prompts, all submitted at once")
     p.add_argument("--input-len", type=int, default=128, help="tokens per prompt")
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per prompt (EOS ignored)")
+    p.add_argument("--shared-prefix-len", type=int, default=0,
+                   help="tokens every prompt starts with (before its --input-len random ones): prefix reuse")
     p.add_argument("--json-out", type=Path, default=None,
                    help="also write the results to this JSON file (default: print only)")
     return p
@@ -37,7 +39,22 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, progress: bool = True) -> dict:
+def hit_counts(engine) -> dict[str, int]:
+    """Prompt tokens looked up, and found per tier, so far."""
+    kv = engine.kv
+    tiers = kv.tiers.stats if kv.tiers is not None else None
+    return {"query": kv.num_prefix_query_tokens, "device": kv.num_prefix_hit_tokens,
+            "host": tiers.host_hit_tokens if tiers else 0, "store": tiers.store_hit_tokens if tiers else 0}
+
+
+def hit_rates(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Fraction of the prompt tokens looked up during the run that each tier served."""
+    queried = max(1, after["query"] - before["query"])
+    return {tier: (after[tier] - before[tier]) / queried for tier in ("device", "host", "store")}
+
+
+def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, progress: bool = True,
+                  shared_prefix_len: int = 0) -> dict:
     """Submit all prompts at once (random token ids, fixed seed) and run them to completion."""
     import torch
     from tqdm import tqdm
@@ -51,9 +68,11 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     stage_stats = getattr(engine.runner, "stage_stats", None)  # stage workers only
     if stage_stats is not None:
         stage_stats(reset=True)
+    prefix = torch.randint(0, vocab, (shared_prefix_len,), generator=gen).tolist()
+    hits_before = hit_counts(engine)
     start = time.perf_counter()
     for i in range(num_prompts):
-        ids = torch.randint(0, vocab, (input_len,), generator=gen).tolist()
+        ids = prefix + torch.randint(0, vocab, (input_len,), generator=gen).tolist()
         engine.add_request(f"bench-{i}", prompt_token_ids=ids, params=params)
     ttft: list[float] = []
     itl: list[float] = []
@@ -82,6 +101,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
         "num_preemptions": engine.stats.num_preemptions,
         "max_batches_in_flight": engine.stats.max_in_flight,
         "engine_phase_fraction": {k: v / elapsed for k, v in engine.stats.phase_s.items()},
+        "prefix_hit_rate": hit_rates(hits_before, hit_counts(engine)),
     }
     if stage_stats is not None:
         result["stage_busy"] = stage_busy(engine, stage_stats(), elapsed)
@@ -111,6 +131,9 @@ def print_table(result: dict) -> None:
             ("preemptions", str(result["num_preemptions"]))]
     phases = ", ".join(f"{k} {v * 100:.0f}%" for k, v in result["engine_phase_fraction"].items())
     rows.append(("engine time", phases))
+    rates = result["prefix_hit_rate"]
+    rows.append(("prefix hits", ", ".join(f"{tier} {rate * 100:.1f}%" for tier, rate in rates.items())
+                 + " of prompt tokens"))
     for row in result.get("stage_busy", []):
         rows.append((f"stage {row['stage']} busy", f"{row['busy_fraction'] * 100:.0f}% ({row['steps']} steps)"))
     for key, value in rows:
@@ -126,7 +149,8 @@ def run(args: argparse.Namespace) -> int:
     check_engine(config)
     engine = Engine(config)
     try:
-        result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len)
+        result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len,
+                               shared_prefix_len=args.shared_prefix_len)
     finally:
         engine.close()
     result["model"] = str(engine.config.model_path)

@@ -13,6 +13,9 @@ from pathlib import Path
 
 NEEDS_ENGINE_ARGS = False  # added to the ``cluster`` subcommand below
 
+KVSTORE_KEYS = {"url": "kv_store", "host_memory": "kv_host_memory", "salt": "kv_store_salt",
+                "timeout": "kv_store_timeout", "probe_interval": "kv_store_probe_interval",
+                "cost_rule": "kv_load_cost_rule"}  # [kvstore] key -> engine flag
 CLUSTER_KEYS = {"hosts", "master_addr", "master_port", "procs_per_node", "device", "ifname", "ib_hca",
                 "ib_gid_index", "join_timeout", "nnodes", "node_rank"}
 
@@ -29,7 +32,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     c = launch_sub.add_parser("cluster", help="run this node's part of a multi-node deployment",
                               description="Run the same command on every node; node 0 serves.")
     g = c.add_argument_group("cluster")
-    g.add_argument("--config", type=Path, help="cluster.toml: [cluster], [engine] and [network] tables (default: none, flags only)")
+    g.add_argument("--config", type=Path,
+                   help="cluster.toml: [cluster], [engine], [network] and [kvstore] tables (default: none, flags only)")
     g.add_argument("--nnodes", type=int, default=None, help="number of nodes (default: the config's hosts)")
     g.add_argument("--node-rank", type=int, default=None,
                    help="this node's rank (default: found by matching the config's hosts to this node)")
@@ -70,6 +74,11 @@ def merged_settings(args: argparse.Namespace, parser_defaults: dict) -> tuple[di
                                f"--{key.replace('_', '-')} takes")
         if getattr(args, key) == parser_defaults.get(key):
             setattr(args, key, value)
+    for key, value in raw.get("kvstore", {}).items():
+        if key not in KVSTORE_KEYS:
+            raise ClusterError(f"{args.config}: [kvstore] has no setting {key!r} (known: {sorted(KVSTORE_KEYS)})")
+        if getattr(args, KVSTORE_KEYS[key]) == parser_defaults.get(KVSTORE_KEYS[key]):
+            setattr(args, KVSTORE_KEYS[key], value)
     if "device" in cluster and args.device == parser_defaults.get("device"):
         args.device = cluster["device"]
     for key in CLUSTER_KEYS - {"hosts", "device"}:

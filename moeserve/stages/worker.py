@@ -25,6 +25,8 @@ import zmq
 from moeserve.comm.groups import RankGroups, backend_for, init_groups, recv_hidden, send_hidden
 from moeserve.comm.messages import (
     ErrorMsg,
+    KvLoadMsg,
+    KvSaveMsg,
     LogitsMsg,
     PreflightMsg,
     ReadyMsg,
@@ -40,6 +42,8 @@ from moeserve.comm.topology import ParallelDims
 from moeserve.dtypes import DTYPES
 from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
+from moeserve.kvstore.tier_setup import worker_mover
+from moeserve.kvstore.transport import apply_kv_message
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
@@ -75,6 +79,12 @@ class WorkerSpec:
     cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
     max_num_seqs: int = 256  # the largest decode batch a graph is captured for
     warm_up_tokens: int = 0  # tokens of the warm-up prefill at start (where the fused kernels run)
+    kv_host_blocks: int = 0  # host-tier slots (kvstore/tier_setup.py); 0 = none
+    kv_store: str = ""  # the shared store's URL; empty = none
+    kv_fingerprint: str = ""  # the model's fingerprint (stored blocks' keys)
+    kv_salt: str = ""
+    kv_store_timeout_s: float = 1.0
+    kv_store_probe_s: float = 5.0
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -121,6 +131,7 @@ class StageWorker:
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
+        self.kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
@@ -169,12 +180,20 @@ class StageWorker:
                 continue
             msg = decode(sock.recv())
             if isinstance(msg, ShutdownMsg):
+                if self.kv_mover is not None:
+                    self.kv_mover.close()  # finishes the queued store writes (bounded)
                 return
             if isinstance(msg, StatsRequestMsg):
                 sock.send(encode(self.stats()))
                 if msg.reset:
                     self._reset_stats()
                 self.timing = True
+                continue
+            if isinstance(msg, (KvSaveMsg, KvLoadMsg)):
+                assert self.kv_mover is not None, "a KV tier message for a rank without tiers"
+                reply = apply_kv_message(self.kv_mover, msg, self.spec.rank)
+                if reply is not None:
+                    sock.send(encode(reply))
                 continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:

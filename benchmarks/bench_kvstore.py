@@ -1,0 +1,200 @@
+"""The shared KV store and the host tier: TTFT of a long shared prefix, cold vs loaded, and what writes cost.
+
+Starts its own ``redis-server`` on a free loopback port (the store on TCP), then, per prefix length:
+  1. engine A computes ``--repeats`` prompts (a random prefix + 16 tokens) and stores their blocks;
+  2. engine B (fresh, its own device cache, no host tier): TTFT of a prompt with a prefix never seen (cold)
+     and of a prompt with one of A's prefixes and another suffix (loaded from the store); the cost rule
+     stays on, as when serving;
+  3. engine C (no store, host tier on, a device cache of one prompt): TTFT of a prefix computed, evicted from
+     the device by another prompt, then asked again (loaded from host memory).
+Also: stored bytes per token against the latent's size, with tp=1 and (``--tp-check``) tp=2; and
+(``--itl``) decode inter-token latency with store writes on and off (``moeserve bench``'s run, random prompts).
+
+CPU (the embedded model, float32, its rotary table stretched to 4096 positions):
+    PYTHONPATH=. python benchmarks/bench_kvstore.py --prefix-lens 2048 --repeats 3 --tp-check --max-model-len 4096 \\
+        --json-out benchmarks/results/kvstore_cpu.json
+GPU (one H200, dummy DeepSeek-V2-Lite, bf16):
+    PYTHONPATH=. python benchmarks/bench_kvstore.py --device cuda --model benchmarks/configs/deepseek_v2_lite \\
+        --load-format dummy --prefix-lens 8192,32768 --repeats 3 --itl --max-num-batched-tokens 8192 \\
+        --json-out benchmarks/results/kvstore_h200_v2lite.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import RedisServer  # noqa: E402
+
+from moeserve.coordinator.config import EngineConfig  # noqa: E402
+from moeserve.coordinator.engine import Engine  # noqa: E402
+from moeserve.coordinator.sampling import SamplingParams  # noqa: E402
+from moeserve.launch.cmd_bench import run_benchmark  # noqa: E402
+
+SUFFIX = 16
+
+
+def ttft(engine: Engine, ids: list[int]) -> float:
+    """Seconds from add_request to the first token (admission, i.e. any load, included)."""
+    rid = f"t{time.monotonic_ns()}"
+    start = time.perf_counter()
+    engine.add_request(rid, prompt_token_ids=ids, params=SamplingParams(max_tokens=1, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def rand(gen: torch.Generator, vocab: int, n: int) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+
+def make(args: argparse.Namespace, **kw) -> Engine:
+    base = dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
+                skip_tokenizer_init=True, max_num_batched_tokens=args.max_num_batched_tokens,
+                block_size=args.block_size, max_model_len=args.max_model_len)
+    base.update(kw)
+    e = Engine(EngineConfig(**base))
+    ttft(e, [1, 2, 3])  # warm-up
+    return e
+
+
+def release(e: Engine) -> None:
+    """Close an engine and give its device memory back before the next one starts (the caller drops its
+    own reference right after: ``release(e); del e``)."""
+    import gc
+
+    device = e.config.torch_device
+    e.close()
+    del e
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def flush(e: Engine) -> None:
+    mover = getattr(e.kv.tiers.transport, "mover", None) if e.kv.tiers else None
+    if mover is not None:
+        mover.flush(120)
+
+
+def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
+    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
+    vocab = a.model_config.vocab_size
+    prefixes = [rand(gen, vocab, length) for _ in range(args.repeats)]
+    for p in prefixes:
+        ttft(a, p + rand(gen, vocab, SUFFIX))
+    flush(a)
+    release(a)
+    del a
+    b = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
+    cold = [ttft(b, rand(gen, vocab, length + SUFFIX)) for _ in prefixes]
+    hit = [ttft(b, p + rand(gen, vocab, SUFFIX)) for p in prefixes]
+    snap = b.kv.tiers.snapshot()
+    release(b)
+    del b
+    gbps = snap["store_bytes_read"] / snap["load_s_sum"] / 1e9 if snap["load_s_sum"] else 0.0
+    return {"ttft_cold_s": cold, "ttft_store_s": hit, "store_hit_tokens": snap["store_hit_tokens"],
+            "loads_skipped_by_cost_rule": snap["loads_skipped"], "store_load_gb_per_s": gbps,
+            "store_vs_cold": statistics.median(hit) / statistics.median(cold)}
+
+
+def phase_host(args, length: int, gen: torch.Generator) -> dict:
+    probe = make(args, kv_host_memory=0)
+    block_bytes = probe.config.effective_block_size * probe.runner.cache_bytes_per_token
+    vocab, bs = probe.model_config.vocab_size, probe.config.effective_block_size
+    release(probe)
+    del probe
+    blocks = -(-(length + 2 * SUFFIX) // bs) + 1  # one prompt at a time in the device cache
+    c = make(args, kv_cache_memory=blocks * block_bytes, kv_host_memory=max(1 << 30, 4 * blocks * block_bytes))
+    cold, hit = [], []
+    for _ in range(args.repeats):
+        p = rand(gen, vocab, length)
+        cold.append(ttft(c, p + rand(gen, vocab, SUFFIX)))
+        ttft(c, rand(gen, vocab, length + SUFFIX))  # evicts p's blocks from the device
+        hit.append(ttft(c, p + rand(gen, vocab, SUFFIX)))
+    stats, device_hits = c.kv.tiers.stats, c.kv.num_prefix_hit_tokens
+    release(c)
+    del c
+    return {"ttft_cold_s": cold, "ttft_host_s": hit, "host_hit_tokens": stats.host_hit_tokens,
+            "device_hit_tokens": device_hits, "host_vs_cold": statistics.median(hit) / statistics.median(cold)}
+
+
+def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Generator) -> dict:
+    salt = f"bytes-tp{tp}"
+    e = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt, tp=tp)
+    ids = rand(gen, e.model_config.vocab_size, 8 * e.config.effective_block_size + 1)
+    ttft(e, ids)
+    flush(e)
+    layout = e.kv.tiers.config.layouts[0]
+    per_token_latent = e.model_config.num_hidden_layers * e.model_config.kv_cache_dim * e.config.torch_dtype.itemsize
+    release(e)  # workers finish their writes
+    del e
+    keys = [k for k in server.cli("--scan", "--pattern", f"{layout.key_prefix}*").split()]
+    total = sum(int(server.cli("strlen", k)) for k in keys)
+    tokens = len(keys) * layout.block_size
+    return {"tp": tp, "keys": len(keys), "value_bytes": total, "bytes_per_token": total / max(1, tokens),
+            "latent_bytes_per_token": per_token_latent}
+
+
+def itl(args, url: str) -> dict:
+    out = {}
+    # the host tier is on in both: the runs differ only by the store's writes
+    for name, kw in (("store_off", {}), ("store_on", {"kv_store": url, "kv_store_salt": "itl"})):
+        e = make(args, **kw)
+        r = run_benchmark(e, args.itl_prompts, args.itl_input_len, args.itl_output_len, progress=False)
+        release(e)
+        del e
+        out[name] = {"itl_p50_s": r["itl_p50_s"], "itl_p99_s": r["itl_p99_s"],
+                     "output_tokens_per_s": r["output_tokens_per_s"]}
+    out["itl_p99_ratio"] = out["store_on"]["itl_p99_s"] / out["store_off"]["itl_p99_s"]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--block-size", type=int, default=0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=0,
+                   help="past the model's own context (the embedded model's is 512): a longer rotary table")
+    p.add_argument("--prefix-lens", default="2048")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tp-check", action="store_true", help="stored bytes per token with tp=2 as well")
+    p.add_argument("--itl", action="store_true", help="decode ITL with store writes on and off")
+    p.add_argument("--itl-prompts", type=int, default=32)
+    p.add_argument("--itl-input-len", type=int, default=512)
+    p.add_argument("--itl-output-len", type=int, default=256)
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    gen = torch.Generator().manual_seed(0)
+    result: dict = {"args": vars(args) | {"json_out": str(args.json_out)}, "prefix": {}}
+    with RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as server:
+        server.cli("config", "set", "maxmemory", "0")  # no eviction during the benchmark
+        for length in map(int, args.prefix_lens.split(",")):
+            result["prefix"][length] = {"store": phase_store(args, server.url, length, gen),
+                                        "host": phase_host(args, length, gen)}
+            print(json.dumps({length: result["prefix"][length]}, indent=1), flush=True)
+        result["stored_bytes"] = [stored_bytes(args, server.url, server, tp, gen)
+                                  for tp in ((1, 2) if args.tp_check else (1,))]
+        print(json.dumps(result["stored_bytes"], indent=1), flush=True)
+        if args.itl:
+            result["itl"] = itl(args, server.url)
+            print(json.dumps(result["itl"], indent=1), flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

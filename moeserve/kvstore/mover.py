@@ -1,0 +1,190 @@
+"""BlockMover: the rank's side of the host tier and the shared store (it owns tensors; the coordinator's
+``TierManager`` owns every decision, and says which block goes where).
+
+- ``save``: copy computed device blocks into host-pool slots, and (on the rank that writes for its stage, tp
+  rank 0) queue them for the store. The store queue is bounded: when full, the blocks are dropped (counted),
+  so that a slow store never slows a step (256 MiB of blocks by default). A background thread encodes and writes them.
+- ``load``: copy host-pool slots into device blocks, and read stored blocks (``read_blocks``) into a
+  preallocated host buffer, then into device blocks. Reports how many stored blocks, from the first, it loaded:
+  a missing, corrupt or timed-out block ends the prefix there (the coordinator recomputes the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block
+from moeserve.kvstore.store import KVStore, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadReport:
+    num_store_loaded: int  # stored blocks loaded, from the first
+    bytes_read: int
+    num_corrupt: int
+
+
+@dataclass
+class MoverCounters:
+    writes_dropped: int = 0  # blocks not written because the queue was full
+    blocks_written: int = 0
+    corrupt_blocks: int = 0
+
+
+def read_blocks(store: KVStore, layout: BlockLayout, hashes: Sequence[int], tokens: Sequence[Sequence[int]],
+                out: torch.Tensor) -> tuple[int, int, int]:
+    """Batched get into a preallocated buffer: ``out`` [>= len(hashes), num_layers, block_size, kv_dim] on the
+    host. Returns (blocks decoded from the first, bytes read, corrupt values); raises StoreError."""
+    values = store.get([layout.key(h) for h in hashes])
+    nbytes = sum(len(v) for v in values if v is not None)
+    for i, (h, toks, value) in enumerate(zip(hashes, tokens, values)):
+        payload, why = decode_block(value, layout, h, toks)
+        if payload is None:
+            if value is not None:
+                logger.warning("stored block %s is not usable (%s): recomputing it", layout.key(h), why)
+            return i, nbytes, int(value is not None)
+        with warnings.catch_warnings():  # a read-only buffer: it is only copied from
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(payload, dtype=torch.uint8)
+        out[i].view(torch.uint8).view(-1).copy_(src)
+    return len(hashes), nbytes, 0
+
+
+class BlockMover:
+    def __init__(self, caches: dict[int, torch.Tensor], layout: BlockLayout, host_blocks: int,
+                 store: KVStore | None, writes: bool = True, write_queue_bytes: int = 256 << 20):
+        """``caches``: layer id -> [num_blocks, block_size, kv_dim] (this rank's); ``layout``: this stage's
+        stored form; ``writes``: whether this rank writes its stage's blocks to the store."""
+        self.layers = sorted(caches)
+        self.caches = [caches[i] for i in self.layers]
+        first = self.caches[0]
+        self.device = first.device
+        self.layout = layout
+        self.store = store
+        self.writes = writes and store is not None
+        self.pin = self.device.type != "cpu"  # pinned host memory: asynchronous copies to and from the device
+        self.block_shape = (len(self.layers), *first.shape[1:])
+        self.host = torch.empty((host_blocks, *self.block_shape), dtype=first.dtype, pin_memory=self.pin) \
+            if host_blocks else None
+        self.counters = MoverCounters()
+        self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
+        if self.writes:
+            self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
+            self._writer.start()
+
+    # ---- save ----
+    def save(self, blocks: Sequence[int], host_slots: Sequence[int], hashes: Sequence[int],
+             tokens: Sequence[Sequence[int]], to_store: Sequence[bool]) -> None:
+        """Copy device ``blocks`` to host slots (where >= 0) and queue those marked ``to_store``."""
+        pairs = [(b, s) for b, s in zip(blocks, host_slots) if s >= 0]
+        if pairs and self.host is not None:
+            data = self._gather([b for b, _ in pairs])
+            if self.pin:  # into pinned slots without waiting for the device (ordered before later kernels)
+                for i, (_, slot) in enumerate(pairs):
+                    self.host[slot].copy_(data[i], non_blocking=True)
+            else:
+                self.host[torch.tensor([s for _, s in pairs])] = data
+        chosen = [i for i, flag in enumerate(to_store) if flag]
+        if self.writes and chosen:
+            self._enqueue([blocks[i] for i in chosen], [hashes[i] for i in chosen], [tokens[i] for i in chosen])
+
+    def _enqueue(self, blocks: list[int], hashes: list[int], tokens: list[Sequence[int]]) -> None:
+        with self._lock:
+            if self._pending + len(blocks) > self.max_pending:
+                self.counters.writes_dropped += len(blocks)
+                return
+            self._pending += len(blocks)
+        data = self._gather(blocks)
+        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.pin)
+        host.copy_(data, non_blocking=self.pin)
+        event = None
+        if self.pin:
+            event = torch.Event(device=self.device)
+            event.record()
+        self._queue.put((hashes, tokens, host, event))
+
+    def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
+        """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
+        idx = torch.tensor(list(blocks), device=self.device)
+        return torch.stack([c.index_select(0, idx) for c in self.caches], dim=1)
+
+    def _write_loop(self) -> None:
+        assert self.store is not None
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            hashes, tokens, host, event = item
+            if event is not None:
+                event.synchronize()
+            try:
+                raw = host.view(torch.uint8).reshape(len(hashes), -1).numpy()
+                self.store.put([(self.layout.key(h), encode_block(self.layout, h, t, raw[i].data))
+                                for i, (h, t) in enumerate(zip(hashes, tokens))])
+                self.counters.blocks_written += len(hashes)
+            except StoreError as e:
+                logger.debug("store write dropped: %s", e)
+            finally:
+                with self._lock:
+                    self._pending -= len(hashes)
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until queued writes are done (tests, benchmarks); False on timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._pending == 0:
+                    return True
+            time.sleep(0.005)
+        return False
+
+    # ---- load ----
+    def load(self, host_slots: Sequence[int], host_blocks: Sequence[int], store_hashes: Sequence[int],
+             store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int]) -> LoadReport:
+        if host_slots:
+            assert self.host is not None, "a host-tier load on a rank without a host pool"
+            self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
+        if not store_hashes or self.store is None:
+            return LoadReport(0, 0, 0)
+        buf = torch.empty((len(store_hashes), *self.block_shape), dtype=self.caches[0].dtype, pin_memory=self.pin)
+        try:
+            n, nbytes, corrupt = read_blocks(self.store, self.layout, store_hashes, store_tokens, buf)
+        except StoreError as e:
+            logger.warning("loading %d stored blocks failed (%s): recomputing them", len(store_hashes), e)
+            return LoadReport(0, 0, 0)
+        self.counters.corrupt_blocks += corrupt
+        if n:
+            self._to_device(buf[:n], store_blocks[:n])
+        return LoadReport(n, nbytes, corrupt)
+
+    def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
+        """``data`` [n, L, block_size, kv_dim] on the host -> device blocks."""
+        idx = torch.tensor(list(blocks), device=self.device)
+        if self.pin:  # layer-major in pinned memory: one asynchronous copy per layer
+            staged = torch.empty((len(self.caches), *data.shape[:1], *data.shape[2:]), dtype=data.dtype,
+                                 pin_memory=True)
+            staged.copy_(data.transpose(0, 1))
+            data = staged.transpose(0, 1)
+        for j, cache in enumerate(self.caches):
+            cache.index_copy_(0, idx, data[:, j].to(self.device, non_blocking=self.pin))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=5)
+            self._writer = None

@@ -1,0 +1,207 @@
+"""The shared store's interface (``KVStore``: lookup of the longest stored prefix, batched get, batched put,
+stats) and its backends: ``RedisStore`` (a real store server shared by nodes, through redis-py + hiredis) and
+``MemoryStore`` (in this process; tests and the embedded case).
+
+Every ``RedisStore`` call has a timeout and goes through a circuit breaker: a store that is down, slow or
+refusing costs a ``StoreError`` (the caller recomputes), never a hang. Only a wrong or missing password is
+fatal, and only at start (``check``), with a message that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from moeserve.kvstore.breaker import CLOSED, CircuitBreaker
+
+logger = logging.getLogger(__name__)
+
+
+class StoreError(RuntimeError):
+    """A store call failed, timed out, or was skipped because the breaker is open: recompute instead."""
+
+
+class StoreConfigError(ValueError):
+    """The store cannot be used as configured (bad URL, wrong or missing password): a start-up error."""
+
+
+@dataclass
+class StoreStats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    errors: int = 0  # failed or timed-out calls
+    breaker_state: int = CLOSED  # 0 closed, 1 open, 2 half open
+    breaker_opened: int = 0  # times the breaker opened
+
+
+class KVStore(Protocol):
+    def lookup(self, keys: Sequence[str]) -> int:
+        """How many of ``keys``, from the first, are stored (the longest stored prefix)."""
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of ``keys`` in one round trip (None where missing)."""
+
+    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Store values in one round trip."""
+
+    def stats(self) -> StoreStats: ...
+
+
+def redact(url: str) -> str:
+    """The URL without its password (for logs and errors)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+class MemoryStore:
+    """A bounded LRU of values in this process (same contract as a store server)."""
+
+    def __init__(self, capacity_bytes: int = 1 << 30):
+        self.capacity_bytes = capacity_bytes
+        self._values: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._stats = StoreStats()
+
+    def lookup(self, keys: Sequence[str]) -> int:
+        with self._lock:
+            return next((i for i, k in enumerate(keys) if k not in self._values), len(keys))
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        with self._lock:
+            out = [self._values.get(k) for k in keys]
+            self._stats.bytes_read += sum(len(v) for v in out if v is not None)
+            return out
+
+    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        with self._lock:
+            for key, value in items:
+                self._bytes += len(value) - len(self._values.pop(key, b""))
+                self._values[key] = value
+                self._stats.bytes_written += len(value)
+            while self._bytes > self.capacity_bytes and self._values:
+                self._bytes -= len(self._values.popitem(last=False)[1])
+
+    def stats(self) -> StoreStats:
+        return StoreStats(**vars(self._stats))
+
+
+class RedisStore:
+    """Values in a Redis-protocol server (redis-server, Valkey): ``redis://[user:password@]host:port/db``."""
+
+    def __init__(self, url: str, timeout_s: float = 1.0, breaker: CircuitBreaker | None = None):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise StoreConfigError(f"--kv-store must be redis://[user:password@]host:port/db, got {redact(url)!r}")
+        self.url = redact(url)
+        self.breaker = breaker or CircuitBreaker()
+        self._stats = StoreStats()
+        self._lock = threading.Lock()
+        # NOTE: no retries inside redis-py: a failed call is one failure for the breaker, and costs one timeout
+        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                            retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
+                                            health_check_interval=0)
+
+    def check(self) -> bool:
+        """At start: raise StoreConfigError for a wrong or missing password; False (with a warning, the breaker
+        counting it) when the store cannot be reached now -- serving goes on and it is probed later."""
+        import redis
+
+        try:
+            self._client.ping()
+        except redis.exceptions.AuthenticationError as e:
+            raise StoreConfigError(f"the KV store at {self.url} refused to authenticate ({e}); give its user "
+                                   "and password in --kv-store redis://[user:password@]host:port/db") from e
+        except redis.exceptions.ResponseError as e:
+            raise StoreConfigError(f"the KV store at {self.url} refused PING: {e}") from e
+        except (redis.exceptions.RedisError, OSError) as e:
+            self.breaker.failure()
+            logger.warning("KV store %s unreachable at start (%s): serving without it until it answers",
+                           self.url, e)
+            return False
+        return True
+
+    def _call(self, what: str, fn):
+        import redis
+
+        if not self.breaker.allow():
+            raise StoreError(f"KV store {self.url}: circuit breaker open")
+        try:
+            result = fn()
+        except redis.exceptions.ResponseError as e:  # the server is up but refused (e.g. out of memory)
+            self._count_error()
+            raise StoreError(f"KV store {self.url}: {what} refused: {e}") from e
+        except (redis.exceptions.RedisError, OSError) as e:
+            self._count_error()
+            if self.breaker.failure():
+                logger.warning("KV store %s failing (%s: %s): bypassed, probed every %.0f s", self.url, what, e,
+                               self.breaker.probe_interval_s)
+            raise StoreError(f"KV store {self.url}: {what} failed: {e}") from e
+        if self.breaker.state != CLOSED:
+            logger.warning("KV store %s answers again", self.url)
+        self.breaker.success()
+        return result
+
+    def _count_error(self) -> None:
+        with self._lock:
+            self._stats.errors += 1
+
+    def lookup(self, keys: Sequence[str]) -> int:
+        if not keys:
+            return 0
+
+        def run() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.exists(key)
+            return pipe.execute()
+
+        found = self._call("lookup", run)
+        return next((i for i, n in enumerate(found) if not n), len(keys))
+
+    def get(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        values = self._call("get", lambda: self._client.mget(list(keys)))
+        with self._lock:
+            self._stats.bytes_read += sum(len(v) for v in values if v is not None)
+        return values
+
+    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+        if not items:
+            return
+
+        def run() -> list:
+            pipe = self._client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value)
+            return pipe.execute()
+
+        self._call("put", run)
+        with self._lock:
+            self._stats.bytes_written += sum(len(v) for _, v in items)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self._stats.bytes_read, self._stats.bytes_written, self._stats.errors,
+                              self.breaker.state, self.breaker.num_opened)
+
+
+def open_store(url: str, timeout_s: float = 1.0, probe_interval_s: float = 5.0) -> KVStore:
+    """The store named by ``url``: ``redis://...`` (a server), or ``memory://`` (this process only)."""
+    if url.startswith("memory://"):
+        return MemoryStore()
+    store = RedisStore(url, timeout_s, CircuitBreaker(probe_interval_s=probe_interval_s))
+    store.check()
+    return store

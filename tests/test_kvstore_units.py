@@ -1,0 +1,182 @@
+"""The KV store's pure parts: the stable prefix hash, the stored block format (any mismatch is a miss), keys,
+the circuit breaker, the host index, and a TierManager + BlockMover pair moving real cache tensors through
+the host tier and an in-process store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moeserve.kvstore.block_format import HEADER_BYTES, BlockLayout, decode_block, encode_block
+from moeserve.kvstore.block_pool import BlockPool
+from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from moeserve.kvstore.mover import BlockMover
+from moeserve.kvstore.prefix import ROOT_HASH, block_hashes, chain_hash
+from moeserve.kvstore.store import MemoryStore, redact
+from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
+from moeserve.kvstore.transport import LocalTransport
+
+FP = "0123456789abcdef0123456789abcdef"
+LAYOUT = BlockLayout(FP, "float32", 4, 0, 0, 2, 3)
+
+
+def test_chain_hash_is_pinned_sha256_not_python_hash() -> None:
+    """The value is part of the stored keys: other nodes, builds and versions must compute the same."""
+    h = block_hashes(list(range(8)), 4)
+    assert h == [chain_hash(ROOT_HASH, [0, 1, 2, 3]), chain_hash(h[0], [4, 5, 6, 7])]
+    assert all(0 <= x < 1 << 128 for x in h)
+    assert f"{h[0]:032x}" == PINNED_FIRST
+
+
+PINNED_FIRST = "3278359b14fe96887521d386d39ebd9b"  # sha256(le128(0x5EED) + le64 tokens)[:16], little-endian
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.integers(0, 2**31 - 1), min_size=4, max_size=4), st.binary(min_size=96, max_size=96))
+def test_block_round_trips_and_any_flipped_byte_is_a_miss(tokens: list[int], payload: bytes) -> None:
+    value = encode_block(LAYOUT, 7, tokens, payload)
+    got, why = decode_block(value, LAYOUT, 7, tokens)
+    assert got is not None and bytes(got) == payload and why == ""
+    for pos in (0, 5, HEADER_BYTES - 1, HEADER_BYTES + 2, len(value) - 1):
+        bad = bytearray(value)
+        bad[pos] ^= 0x01
+        assert decode_block(bytes(bad), LAYOUT, 7, tokens)[0] is None
+
+
+def test_mismatches_are_misses_with_a_reason() -> None:
+    tokens, payload = [1, 2, 3, 4], bytes(96)
+    value = encode_block(LAYOUT, 7, tokens, payload)
+    assert decode_block(None, LAYOUT, 7, tokens) == (None, "missing")
+    assert "bytes" in decode_block(value[:-1], LAYOUT, 7, tokens)[1]
+    assert "header" in decode_block(value, LAYOUT, 8, tokens)[1]  # another chain hash
+    other = BlockLayout(FP, "float32", 4, 1, 2, 2, 3)  # another stage, same size
+    assert "header" in decode_block(value, other, 7, tokens)[1]
+    assert "token" in decode_block(value, LAYOUT, 7, [1, 2, 3, 5])[1]  # a hash collision
+    with pytest.raises(ValueError):
+        encode_block(LAYOUT, 7, tokens[:3], payload)
+
+
+def test_keys_name_model_dtype_stage_layers_and_salt() -> None:
+    key = LAYOUT.key(255)
+    assert key.startswith(f"moeserve:kv1:{FP}:float32:b4:s0:l0-2:") and key.endswith(f"{255:032x}")
+    salted = BlockLayout(FP, "float32", 4, 0, 0, 2, 3, salt="tenant-a")
+    assert salted.key(255) != key and "tenant-a" not in salted.key(255)
+    assert BlockLayout(FP, "bfloat16", 4, 0, 0, 2, 3).key(255) != key
+    assert redact("redis://u:secret@h:1/0") == "redis://u:***@h:1/0"
+
+
+def test_breaker_opens_probes_and_closes() -> None:
+    now = [0.0]
+    b = CircuitBreaker(failure_threshold=3, probe_interval_s=5, clock=lambda: now[0])
+    assert not b.failure() and not b.failure() and b.allow()
+    assert b.failure() and b.state == OPEN and not b.allow()
+    now[0] = 5.0
+    assert b.allow() and b.state == HALF_OPEN and not b.allow()  # one probe at a time
+    b.failure()
+    assert b.state == OPEN and b.num_opened == 1 and not b.allow()
+    now[0] = 10.0
+    assert b.allow()
+    b.success()
+    assert b.state == CLOSED and b.num_closed == 1 and b.allow()
+
+
+def test_host_index_is_lru_and_checks_tokens() -> None:
+    idx = HostIndex(2)
+    assert idx.insert(1, (1,)) == 0 and idx.insert(2, (2,)) == 1 and idx.insert(1, (1,)) is None
+    assert idx.lookup(2, (9,)) is None
+    assert idx.lookup(2, (2,)) == 1  # now 1 is the least recently used
+    assert idx.insert(3, (3,)) == 0
+    assert idx.lookup(1, (1,)) is None and idx.lookup(2, (2,)) == 1 and HostIndex(0).insert(1, (1,)) is None
+
+
+def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = True) -> tuple[TierManager, dict]:
+    torch.manual_seed(0)
+    caches = {i: torch.randn(8, 4, 3) for i in range(2)}
+    mover = BlockMover(caches, LAYOUT, host_blocks, store)
+    return TierManager(TierConfig(4, host_blocks, (LAYOUT,), cost_rule), LocalTransport(mover), store,
+                       ranks_share_store=True), caches
+
+
+def test_blocks_come_back_from_host_and_store_bit_equal() -> None:
+    store = MemoryStore()
+    tiers, caches = make_tiers(4, store)
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
+    hashes = block_hashes([t for block in tokens for t in block], 4)
+    want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]
+    tiers.save([0, 1, 2], hashes, tokens)
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    for cache in caches.values():
+        cache.zero_()
+    pool = BlockPool(8)
+    pool.allocate(5)  # blocks 0..4 in use: the load gets 5, 6, 7
+    got = tiers.load_prefix(hashes, tokens, pool)
+    assert got == [5, 6, 7] and tiers.stats.host_hit_tokens == 12
+    for block, w in zip(got, want):
+        assert torch.equal(torch.stack([caches[i][block] for i in range(2)]), w)
+    # the host index forgets them: they come from the store, and still bit-equal
+    tiers.host = HostIndex(4)
+    pool2 = BlockPool(8)
+    got2 = tiers.load_prefix(hashes, tokens, pool2)
+    assert len(got2) == 3 and tiers.stats.store_hit_tokens == 12
+    for block, w in zip(got2, want):
+        assert torch.equal(torch.stack([caches[i][block] for i in range(2)]), w)
+
+
+def test_a_corrupt_stored_block_ends_the_prefix_and_frees_the_rest() -> None:
+    store = MemoryStore()
+    tiers, _ = make_tiers(0, store)
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
+    hashes = block_hashes([t for block in tokens for t in block], 4)
+    tiers.save([0, 1, 2], hashes, tokens)
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    key = LAYOUT.key(hashes[1])
+    value = bytearray(store.get([key])[0] or b"")
+    value[-1] ^= 0xFF
+    store.put([(key, bytes(value))])
+    pool = BlockPool(8)
+    assert len(tiers.load_prefix(hashes, tokens, pool)) == 1
+    assert pool.num_free == 7 and tiers.stats.corrupt_blocks == 1
+
+
+def test_cost_rule_skips_loads_slower_than_recomputing() -> None:
+    store = MemoryStore()
+    tiers, _ = make_tiers(0, store)
+    tokens = [(1, 2, 3, 4)]
+    hashes = block_hashes([1, 2, 3, 4], 4)
+    tiers.save([0], hashes, tokens)
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    tiers.store_s_per_block, tiers.prefill_s_per_token = 1.0, 0.001  # a block loads in 1 s, computes in 4 ms
+    assert tiers.load_prefix(hashes, tokens, BlockPool(4)) == [] and tiers.stats.loads_skipped == 1
+    tiers.store_s_per_block = 0.001
+    assert len(tiers.load_prefix(hashes, tokens, BlockPool(4))) == 1
+
+
+def test_a_full_write_queue_drops_instead_of_waiting() -> None:
+    tiers, caches = make_tiers(0, MemoryStore())
+    mover = tiers.transport.mover  # type: ignore[attr-defined]
+    mover.max_pending = 2
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
+    mover.save([0, 1, 2], [-1] * 3, block_hashes([t for b in tokens for t in b], 4), tokens, [True] * 3)
+    assert mover.counters.writes_dropped == 3
+
+
+def test_cluster_toml_kvstore_table(tmp_path) -> None:
+    from moeserve.launch.cli import build_parser, engine_config
+    from moeserve.launch.cluster import ClusterError
+    from moeserve.launch.cmd_launch import merged_settings
+
+    parser = build_parser()
+    defaults = vars(parser.parse_args(["launch", "cluster"]))
+    cfg = tmp_path / "cluster.toml"
+    cfg.write_text('[cluster]\nhosts = ["10.0.0.1"]\n\n[kvstore]\nurl = "redis://:pw@10.0.0.9:6379/0"\n'
+                   'host_memory = 0\nsalt = "file"\ncost_rule = false\n')
+    args = parser.parse_args(["launch", "cluster", "--config", str(cfg), "--kv-store-salt", "flag"])
+    merged_settings(args, defaults)
+    config = engine_config(args)
+    assert (config.kv_store, config.kv_host_memory, config.kv_store_salt, config.kv_load_cost_rule) == \
+        ("redis://:pw@10.0.0.9:6379/0", 0, "flag", False)  # a flag wins over the file
+    cfg.write_text('[kvstore]\nadress = "redis://h:1/0"\n')
+    with pytest.raises(ClusterError, match="adress"):
+        merged_settings(parser.parse_args(["launch", "cluster", "--config", str(cfg)]), defaults)
