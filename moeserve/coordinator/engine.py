@@ -138,7 +138,7 @@ class Engine:
         self.kv = KVCacheManager(num_blocks, config.effective_block_size, tiers=tiers)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)
         self.sampler = Sampler()
-        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         # Batches in flight: with pp stages, pp batches keep every stage busy (each batch on another stage).
@@ -166,6 +166,7 @@ class Engine:
         self._validate(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params)
         req.detokenizer = self.outputs.detokenizer(req.prompt_token_ids)
+        req.grammar = self.outputs.grammar(params)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req
@@ -241,7 +242,7 @@ class Engine:
         batch_params = make_sampling_batch(                                # 3. sample
             [r.params for r in to_sample], [r.output_token_ids for r in to_sample],
             [r.prompt_token_ids for r in to_sample], [r.generator for r in to_sample], logits.device,
-            eos_token_ids=self.eos_token_ids)
+            eos_token_ids=self.eos_token_ids, token_bitmask=self.outputs.bitmask(to_sample))
         sampled = self.sampler.sample(logits, batch_params)
         t3 = time.perf_counter()
         outputs = self._process(to_sample, sampled)                        # 4. process outputs

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
-from moeserve.coordinator.request import Request, RequestStatus
-from moeserve.coordinator.sampling import check_stop
+import torch
+
+from moeserve.coordinator.request import Request, RequestError, RequestStatus
+from moeserve.coordinator.sampling import SamplingParams, check_stop
+from moeserve.coordinator.structured import StructuredOutput, StructuredOutputError, advance
 from moeserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -27,18 +31,36 @@ class RequestOutput:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...]):
+    def __init__(self, tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...], vocab_size: int = 0):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
+        self.structured = StructuredOutput(tokenizer, vocab_size or (tokenizer.vocab_size if tokenizer else 0),
+                                           eos_token_ids)
 
     def detokenizer(self, prompt_token_ids: list[int]) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
             return None
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
 
+    def grammar(self, params: SamplingParams) -> Any:
+        """The matcher of a request with structured output (None without); RequestError for a bad spec."""
+        if params.structured_output is None:
+            return None
+        try:
+            return self.structured.matcher(params.structured_output)
+        except StructuredOutputError as e:
+            raise RequestError(f"structured_output: {e}") from None
+
+    def bitmask(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The allowed tokens of this step's constrained rows (see StructuredOutput.bitmask)."""
+        if all(r.grammar is None for r in reqs):
+            return None
+        return self.structured.bitmask([r.grammar for r in reqs])
+
     def process(self, req: Request, token_id: int, logprob: float, top: dict[int, float] | None,
                 now: float, max_model_len: int) -> RequestOutput:
         req.append_token(token_id, logprob, now)
+        advance(req.grammar, token_id, req.request_id)
         delta = req.detokenizer.step([token_id]) if req.detokenizer is not None else ""
         req.output_text += delta
         reason, cut = check_stop(req.params, req.output_token_ids, req.output_text, self.eos_token_ids, len(delta))

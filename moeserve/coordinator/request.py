@@ -35,6 +35,7 @@ class Request:
     finish_reason: str | None = None
     generator: torch.Generator | None = None
     detokenizer: Any = None
+    grammar: Any = None  # structured output: the request's llguidance matcher (coordinator/structured.py)
     output_text: str = ""  # detokenized output so far (after stop-string truncation when finished)
     num_text_emitted: int = 0  # characters of output_text already streamed
     first_token_time: float | None = None

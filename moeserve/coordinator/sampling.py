@@ -1,7 +1,7 @@
 """Sampling parameters, the batched sampler and the stop-condition check.
 
 Order of operations in :meth:`Sampler.sample` (per row, all batched):
-penalties (repetition over prompt+output, presence/frequency over output) -> min_tokens blocking of stop/eos
+grammar mask (structured output: tokens the request's grammar does not allow get -inf) -> penalties (repetition over prompt+output, presence/frequency over output) -> min_tokens blocking of stop/eos
 ids -> greedy rows take argmax here -> temperature -> top-k -> top-p -> min-p -> draw.
 """
 
@@ -14,6 +14,8 @@ from itertools import chain
 from typing import Any
 
 import torch
+
+from moeserve.coordinator.structured import unpack_bitmask
 
 GREEDY_EPS = 1e-5  # a temperature below this is greedy
 MAX_LOGPROBS = 20
@@ -59,6 +61,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     min_tokens: int = 0
+    structured_output: str | None = None  # a grammar spec as JSON text (coordinator/structured.py)
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -74,6 +77,8 @@ class SamplingParams:
             if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
                 raise _fail(name, v, "a finite number")
             object.__setattr__(self, name, float(v))
+        if self.structured_output is not None and not isinstance(self.structured_output, str):
+            raise _fail("structured_output", self.structured_output, "None or a JSON text (see structured.py)")
         if not isinstance(self.ignore_eos, bool):
             raise _fail("ignore_eos", self.ignore_eos, "a bool")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
@@ -150,6 +155,8 @@ class SamplingBatch:
     need_top_p: bool
     need_min_p: bool
     num_top_logprobs: int  # N = max requested logprobs; 0 = no top logprobs
+    # structured output: (rows [R] long, packed allowed-token bitmask [R, ceil(vocab/32)] int32), or None
+    token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def need_penalties(self) -> bool:
@@ -193,11 +200,13 @@ def make_sampling_batch(
     generators: list[torch.Generator | None],
     device: torch.device | str,
     eos_token_ids: tuple[int, ...] = (),
+    token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> SamplingBatch:
     """Pure: per-row tensors and flags for one step. All lists have length B, row i = request i.
 
     ``eos_token_ids`` (optional) are blocked, with ``stop_token_ids``, while a row has fewer than
     ``min_tokens`` outputs (eos only unless ``ignore_eos``). Generators may live on any device.
+    ``token_bitmask`` (rows, packed bitmask) from ``StructuredOutput.bitmask`` is moved to ``device``.
     """
     if not (len(output_token_ids) == len(prompt_token_ids) == len(generators) == len(params)):
         raise ValueError("params, output_token_ids, prompt_token_ids and generators must have equal lengths")
@@ -222,6 +231,8 @@ def make_sampling_batch(
         need_top_p=any(p.top_p < 1.0 for p in sampled),
         need_min_p=any(p.min_p > 0.0 for p in sampled),
         num_top_logprobs=max((p.logprobs or 0 for p in params), default=0),
+        token_bitmask=None if token_bitmask is None else (token_bitmask[0].to(device),
+                                                          token_bitmask[1].to(device, non_blocking=True)),
     )
 
 
@@ -261,6 +272,8 @@ class Sampler:
         if batch.num_top_logprobs > 0:
             n = min(batch.num_top_logprobs, logits.shape[1])
             top = tuple(torch.log_softmax(logits, dim=-1).topk(n, dim=-1))  # type: ignore[assignment]
+        if batch.token_bitmask is not None:
+            logits = self._apply_bitmask(logits, *batch.token_bitmask)
         if batch.need_penalties:
             logits = self._apply_penalties(logits, batch)
         if batch.all_greedy:  # fast path: argmax only
@@ -271,6 +284,12 @@ class Sampler:
         probs = torch.softmax(self._apply_filters(scaled, batch), dim=-1)
         ids = torch.where(batch.greedy, logits.argmax(dim=-1), self._draw(probs, batch))
         return SamplerOutput(ids, logp.gather(1, ids[:, None]).squeeze(1), top)
+
+    @staticmethod
+    def _apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+        """-inf where a constrained row's grammar forbids the token; only those rows are touched (a copy)."""
+        allowed = unpack_bitmask(bitmask, logits.shape[1])  # [R, vocab] bool
+        return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
