@@ -144,6 +144,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 3, "n_shared_experts": 2, "first_k_dense_replace": 0,
         "routed_scaling_factor": 1.0, "norm_topk_prob": False, "rope_parameters": _YARN,
     },
+    "v3_r1_vocab": {  # room for DeepSeek-R1's added tokens on top of the trained vocabulary (r1_checkpoint.py)
+        "arch": "v3", "num_hidden_layers": 2, "q_lora_rank": 32, "kv_lora_rank": 16,
+        "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 4, "topk_group": 2,
+        "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "vocab_size": 352,
+    },
     "v3_noshared": {
         "arch": "v3", "num_hidden_layers": 4, "q_lora_rank": 16, "kv_lora_rank": 16,
         "topk_method": "noaux_tc", "scoring_func": "sigmoid", "n_group": 2, "topk_group": 1,

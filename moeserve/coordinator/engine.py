@@ -166,7 +166,7 @@ class Engine:
         self._validate(prompt_token_ids, params)
         req = Request(request_id, list(prompt_token_ids), params)
         req.detokenizer = self.outputs.detokenizer(req.prompt_token_ids)
-        req.grammar = self.outputs.grammar(params)
+        self.outputs.grammar(req)
         self.requests[request_id] = req
         self.scheduler.add(req)
         return req

@@ -9,7 +9,7 @@ import torch
 
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import SamplingParams, check_stop
-from moeserve.coordinator.structured import StructuredOutput, StructuredOutputError, advance
+from moeserve.coordinator.structured import StructuredOutput, StructuredOutputError, advance, spec_after
 from moeserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -42,27 +42,33 @@ class OutputProcessor:
             return None
         return IncrementalDetokenizer(self.tokenizer, prompt_token_ids)
 
-    def grammar(self, params: SamplingParams) -> Any:
-        """The matcher of a request with structured output (None without); RequestError for a bad spec."""
-        if params.structured_output is None:
-            return None
+    def grammar(self, req: Request) -> None:
+        """Give a request with structured output its matcher; RequestError for a bad spec."""
+        spec = req.params.structured_output
+        if spec is None:
+            return
         try:
-            return self.structured.matcher(params.structured_output)
+            req.grammar = self.structured.matcher(spec)
         except StructuredOutputError as e:
             raise RequestError(f"structured_output: {e}") from None
+        req.grammar_after = spec_after(spec)
 
     def bitmask(self, reqs: list[Request]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The allowed tokens of this step's constrained rows (see StructuredOutput.bitmask)."""
         if all(r.grammar is None for r in reqs):
             return None
-        return self.structured.bitmask([r.grammar for r in reqs])
+        return self.structured.bitmask([r.grammar if r.grammar_after is None else None for r in reqs])
 
     def process(self, req: Request, token_id: int, logprob: float, top: dict[int, float] | None,
                 now: float, max_model_len: int) -> RequestOutput:
         req.append_token(token_id, logprob, now)
-        advance(req.grammar, token_id, req.request_id)
+        if req.grammar_after is None:
+            advance(req.grammar, token_id, req.request_id)
         delta = req.detokenizer.step([token_id]) if req.detokenizer is not None else ""
         req.output_text += delta
+        after = req.grammar_after
+        if after is not None and req.output_text.find(after, max(0, len(req.output_text) - len(delta) - len(after))) >= 0:
+            req.grammar_after = None  # the grammar applies from the next token on
         reason, cut = check_stop(req.params, req.output_token_ids, req.output_text, self.eos_token_ids, len(delta))
         if reason is None and req.num_tokens >= max_model_len:
             reason = "length"

@@ -36,6 +36,7 @@ class Request:
     generator: torch.Generator | None = None
     detokenizer: Any = None
     grammar: Any = None  # structured output: the request's llguidance matcher (coordinator/structured.py)
+    grammar_after: str | None = None  # the matcher starts once the output text holds this
     output_text: str = ""  # detokenized output so far (after stop-string truncation when finished)
     num_text_emitted: int = 0  # characters of output_text already streamed
     first_token_time: float | None = None

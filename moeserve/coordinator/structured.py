@@ -2,7 +2,9 @@
 llguidance into a grammar whose matcher, per request, masks the tokens that cannot continue it.
 
 Specs: ``{"type": "json_schema", "schema": {...}}``, ``{"type": "json_object"}``, ``{"type": "regex",
-"pattern": "..."}``, ``{"type": "choice", "choices": ["a", "b"]}``, ``{"type": "lark", "grammar": "..."}``.
+"pattern": "..."}``, ``{"type": "choice", "choices": ["a", "b"]}``, ``{"type": "lark", "grammar": "..."}``;
+any of them may add ``"after": "TEXT"``: the grammar starts with the token after the one that completes TEXT
+in the output (a reasoning model thinks freely, then answers in the grammar: ``"after": "</think>"``).
 
 Per step the engine asks ``StructuredOutput.bitmask`` for the rows that carry a matcher: their allowed tokens
 as a packed bitmask ([rows, ceil(vocab / 32)] int32, bit ``t % 32`` of word ``t // 32`` = token t allowed),
@@ -76,6 +78,12 @@ def compile_spec(spec_text: str) -> str:
     return grammar
 
 
+def spec_after(spec_text: str) -> str | None:
+    """The spec's ``after`` text, if any (the spec must have compiled)."""
+    after = json.loads(spec_text).get("after")
+    return after if isinstance(after, str) and after else None
+
+
 def spec_json(spec: dict[str, Any]) -> str:
     """The compact text of a spec. Keys keep their order: a schema's property order is the output's."""
     return json.dumps(spec, separators=(",", ":"))
@@ -116,7 +124,7 @@ class StructuredOutput:
 
     def bitmask(self, matchers: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows [R] long, bitmask [R, words] int32) of the rows whose matcher is live, or None."""
-        rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_error()]
+        rows = [i for i, m in enumerate(matchers) if m is not None and not m.is_error()]  # None: not (yet) on
         if not rows:
             return None
         mask = torch.empty(len(rows), self.num_words, dtype=torch.int32)

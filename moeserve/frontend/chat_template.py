@@ -38,10 +38,12 @@ class ChatTemplate:
                 self.special["eos_token"] = tokenizer.decode([tokenizer.eos_token_ids[0]],
                                                              skip_special_tokens=False)
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The prompt text (BOS included when the template writes it: encode it without adding another)."""
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The prompt text (BOS included when the template writes it: encode it without adding another).
+        ``tools`` (OpenAI tool definitions) are passed to the template as Hugging Face does (None: no tools)."""
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                        **self.special)
+                                        tools=tools, **self.special)
         except TemplateError as e:
             raise BadRequest(f"the chat template rejected the messages: {e}", "messages") from None

@@ -8,6 +8,7 @@ aborted at once (streaming: Starlette cancels the body iterator; otherwise a wat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import time
@@ -38,6 +39,8 @@ from moeserve.frontend.openapi import (
     install_openapi,
     request_body,
 )
+from moeserve.frontend.openai_tools import ChatSetup, chat_setup
+from moeserve.frontend.reasoning import prompt_opens_reasoning
 from moeserve.frontend.service import FinalEvent, GenerateRequest, GenerationService, TokenEvent
 
 T = TypeVar("T")
@@ -45,8 +48,10 @@ Event = tuple[int, TokenEvent | FinalEvent]
 
 
 class HttpApi:
-    def __init__(self, service: GenerationService, keys: ApiKeys, model_name: str):
+    def __init__(self, service: GenerationService, keys: ApiKeys, model_name: str,
+                 reasoning_parser: str | None = None, tool_call_parser: str | None = None):
         self.service = service
+        self.reasoning_parser, self.tool_call_parser = reasoning_parser, tool_call_parser
         self.keys = keys
         self.model_name = model_name
         self.template = ChatTemplate(service.tokenizer)
@@ -104,14 +109,14 @@ class HttpApi:
             if body.model != self.model_name:
                 raise NotFound(f"the model {body.model!r} does not exist; this server serves "
                                f"{self.model_name!r}", "model")
-            reqs, num_prompt = self._requests(body, chat, kid)
+            reqs, num_prompt, setup = self._requests(body, chat, kid)
             ticket = self.service.admit(reqs)
         except FrontendError as e:
             self.service.refused(e, "http")
             raise
         shape = ResponseShape(chat, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", self.model_name,
                               int(time.time()), self.service.tokenizer, len(reqs), num_prompt,
-                              want_logprobs=bool(body.logprobs) if chat else body.logprobs is not None)
+                              want_logprobs=bool(body.logprobs) if chat else body.logprobs is not None, setup=setup)
         events = self._events(reqs, ticket)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -134,16 +139,20 @@ class HttpApi:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _requests(self, body: Any, chat: bool, kid: str | None) -> tuple[list[GenerateRequest], int]:
-        """The engine requests of one HTTP request (prompts x n, choice index = prompt * n + j), and the
-        number of prompt tokens it counts once per prompt."""
+    def _requests(self, body: Any, chat: bool, kid: str | None) -> tuple[list[GenerateRequest], int, ChatSetup]:
+        """The engine requests of one HTTP request (prompts x n, choice index = prompt * n + j), the
+        number of prompt tokens it counts once per prompt, and what the output is parsed into."""
         svc = self.service
+        text = ""
         if chat:
-            text = self.template.render([m.as_template_input() for m in body.messages], body.add_generation_prompt)
+            tools = [t.model_dump(by_alias=True, exclude_none=True) for t in body.tools] if body.tools else None
+            text = self.template.render([m.as_template_input() for m in body.messages], body.add_generation_prompt,
+                                        tools)
             tok = svc.tokenizer
             prompts: list[list[int]] = [tok.encode(text, add_bos=False) if tok is not None else []]
         else:
             prompts = [svc.tokenize(p) if isinstance(p, str) else p for p in body.prompts()]
+        setup = chat_setup(body, self.reasoning_parser, self.tool_call_parser, prompt_opens_reasoning(text), chat)
         base = next(self._ids)
         reqs = []
         cap = svc.limits.max_tokens or svc.model.max_model_len  # a request that names no max_tokens gets
@@ -151,9 +160,11 @@ class HttpApi:
             for j in range(body.n):
                 default = min(cap, svc.model.max_model_len - len(ids)) if chat else min(cap, 16)
                 params = body.params(j, default)
+                if setup.structured_output is not None:
+                    params = dataclasses.replace(params, structured_output=setup.structured_output)
                 reqs.append(svc.prepare(f"http-{base}-{p_index * body.n + j}", ids, params, n=body.n,
                                         key_id=kid, protocol="http"))
-        return reqs, sum(len(p) for p in prompts)
+        return reqs, sum(len(p) for p in prompts), setup
 
     async def _events(self, reqs: list[GenerateRequest], ticket: Ticket) -> AsyncIterator[Event]:
         """Every choice's events, interleaved as they come; leaving early aborts every choice."""

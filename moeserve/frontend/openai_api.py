@@ -18,6 +18,7 @@ from pydantic import (
 
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.errors import BadFrame, BadRequest, FrameTooLarge
+from moeserve.frontend.openai_tools import MessageToolCall, ResponseFormat, StructuredOutputs, Tool, ToolChoice
 from moeserve.frontend.protocol import validation_message
 from moeserve.frontend.service import sampling_params
 
@@ -55,6 +56,9 @@ class _Sampling(_Body):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
+    # structured output (openai_tools.py)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
 
     def sampling(self, default_max_tokens: int, max_tokens: int | None, top_logprobs: int | None,
                  index: int) -> SamplingParams:
@@ -116,6 +120,9 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant
+    tool_call_id: str | None = None  # tool
+    reasoning_content: str | None = None  # accepted and not shown to the template (as vLLM)
 
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
@@ -124,6 +131,10 @@ class ChatMessage(_Body):
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
         return out
 
 
@@ -133,6 +144,9 @@ class ChatRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def params(self, index: int, default_max_tokens: int) -> SamplingParams:
         top = (self.top_logprobs or 0) if self.logprobs else None

@@ -6,7 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from moeserve.frontend.chat_output import ChoiceParser
 from moeserve.frontend.openai_api import usage
+from moeserve.frontend.openai_tools import ChatSetup
 from moeserve.frontend.service import FinalEvent, TokenEvent
 from moeserve.model.tokenizer import Tokenizer
 
@@ -26,7 +28,8 @@ class ChoiceState:
 
 class ResponseShape:
     def __init__(self, chat: bool, response_id: str, model: str, created: int, tokenizer: Tokenizer | None,
-                 num_choices: int, num_prompt_tokens: int, want_logprobs: bool = False):
+                 num_choices: int, num_prompt_tokens: int, want_logprobs: bool = False,
+                 setup: ChatSetup | None = None):
         self.chat = chat
         self.id, self.model, self.created = response_id, model, created
         self.tokenizer = tokenizer
@@ -34,6 +37,9 @@ class ResponseShape:
         self.num_prompt_tokens = num_prompt_tokens
         self.want_logprobs = want_logprobs
         self.choices = [ChoiceState() for _ in range(num_choices)]
+        # chat with reasoning or tool parsing: each choice's text goes through its parser (chat_output.py)
+        parse = chat and setup is not None and (setup.reasoning or setup.tool_mode != "none")
+        self.parsers = [ChoiceParser(setup) for _ in range(num_choices)] if parse and setup else None
 
     @property
     def object(self) -> str:
@@ -92,8 +98,26 @@ class ResponseShape:
         state.num_chars += len(ev.text_delta)
         return lp
 
+    def _parsed_event(self, index: int, ev: TokenEvent | FinalEvent, lp: Any) -> dict[str, Any] | None:
+        assert self.parsers is not None
+        parser = self.parsers[index]
+        if isinstance(ev, FinalEvent):
+            return self.chunk(index, {"delta": parser.finish(), "logprobs": None,
+                                      "finish_reason": self._finish_reason(index, ev.finish_reason)})
+        delta = parser.feed(ev.text_delta, len(ev.token_ids))
+        if not delta and lp is None:
+            return None
+        return self.chunk(index, {"delta": delta, "logprobs": lp, "finish_reason": None})
+
+    def _finish_reason(self, index: int, reason: str | None) -> str | None:
+        if self.parsers is not None and self.parsers[index].has_tool_calls and reason == "stop":
+            return "tool_calls"
+        return reason
+
     def stream_event(self, index: int, ev: TokenEvent | FinalEvent) -> dict[str, Any] | None:
         lp = self._apply(index, ev)
+        if self.parsers is not None:
+            return self._parsed_event(index, ev, lp)
         if isinstance(ev, FinalEvent):
             body: dict[str, Any] = {"logprobs": None, "finish_reason": ev.finish_reason}
             if self.chat:
@@ -106,8 +130,12 @@ class ResponseShape:
         text = {"delta": {"content": ev.text_delta}} if self.chat else {"text": ev.text_delta}
         return self.chunk(index, {**text, "logprobs": lp, "finish_reason": None})
 
-    def _usage(self) -> dict[str, int]:
-        return usage(self.num_prompt_tokens, sum(c.num_tokens for c in self.choices))
+    def _usage(self) -> dict[str, Any]:
+        out: dict[str, Any] = usage(self.num_prompt_tokens, sum(c.num_tokens for c in self.choices))
+        if self.parsers is not None and self.parsers[0].splitter is not None:
+            out["completion_tokens_details"] = {
+                "reasoning_tokens": sum(p.num_reasoning_tokens for p in self.parsers)}
+        return out
 
     def usage_chunk(self) -> dict[str, Any]:
         return {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object,
@@ -117,6 +145,11 @@ class ResponseShape:
     async def collect(self, events: AsyncIterator[tuple[int, TokenEvent | FinalEvent]]) -> dict[str, Any]:
         async for index, ev in events:
             self._apply(index, ev)
+            if self.parsers is not None:
+                if isinstance(ev, FinalEvent):
+                    self.parsers[index].finish()
+                else:
+                    self.parsers[index].feed(ev.text_delta, len(ev.token_ids))
         return self.response()
 
     def _logprobs_body(self, c: ChoiceState) -> Any:
@@ -135,6 +168,9 @@ class ResponseShape:
         for i, c in enumerate(self.choices):
             text = "".join(c.text)
             body = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": i, **body, "logprobs": self._logprobs_body(c), "finish_reason": c.finish_reason})
+            if self.parsers is not None:
+                body = {"message": self.parsers[i].message()}
+            choices.append({"index": i, **body, "logprobs": self._logprobs_body(c),
+                            "finish_reason": self._finish_reason(i, c.finish_reason)})
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self._usage()}

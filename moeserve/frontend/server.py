@@ -28,9 +28,11 @@ from moeserve.frontend.auth import ApiKeys, AuditLog
 from moeserve.frontend.http_api import HttpApi
 from moeserve.frontend.limits import ServerLimits
 from moeserve.frontend.metrics import ServerMetrics
+from moeserve.frontend.reasoning import PARSERS as REASONING_PARSERS
 from moeserve.frontend.router import POLICIES
 from moeserve.frontend.rpc import RpcServer
 from moeserve.frontend.service import GenerateRequest, GenerationService, ModelInfo
+from moeserve.frontend.tool_calls import PARSERS as TOOL_PARSERS
 from moeserve.model.config import ModelConfig
 from moeserve.model.tokenizer import Tokenizer
 
@@ -51,10 +53,16 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     drain_timeout_s: float = 30.0
     replica_threads: int = 0  # torch threads per replica process; 0 = the cores split evenly
+    reasoning_parser: str | None = None  # "deepseek_r1": <think>...</think> -> reasoning_content
+    tool_call_parser: str | None = None  # "deepseek_v3": the model's tool calls -> tool_calls
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
             raise ValueError(f"replicas must be >= 1, got {self.replicas}")
+        if self.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
+        if self.tool_call_parser not in (None, *TOOL_PARSERS):
+            raise ValueError(f"tool_call_parser must be one of {TOOL_PARSERS}, got {self.tool_call_parser!r}")
         if self.routing not in POLICIES:
             raise ValueError(f"routing must be one of {POLICIES}, got {self.routing!r}")
         for name in ("port", "rpc_port"):
@@ -98,7 +106,8 @@ class Server:
         self.audit = AuditLog(config.audit_log)
         self.service = GenerationService(self.tokenizer, info, config.limits, ServerMetrics(self._snapshots),
                                          self.audit, config.routing)
-        self.http = HttpApi(self.service, self.keys, config.model_name)
+        self.http = HttpApi(self.service, self.keys, config.model_name, config.reasoning_parser,
+                            config.tool_call_parser)
         self.rpc = RpcServer(self.service, self.keys, f"tcp://{_zmq_host(config.host)}:{config.rpc_port}")
         self._uvicorn: _Uvicorn | None = None
         self._tasks: list[asyncio.Task] = []

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams, SamplingParamsError
+from moeserve.coordinator.structured import StructuredOutputError, compile_spec
 from moeserve.frontend.auth import AuditLog, prompt_hash
 from moeserve.frontend.errors import BadRequest, EngineFailure, FrontendError, Unavailable
 from moeserve.frontend.limits import Admission, ServerLimits, Ticket, check_request
@@ -84,6 +85,16 @@ class FinalEvent:
     timings: Timings
 
 
+def check_structured_output(spec: str, has_tokenizer: bool) -> None:
+    """A grammar spec that cannot be compiled is a bad request, with the library's reason."""
+    if not has_tokenizer:
+        raise BadRequest("structured output needs a tokenizer", "structured_output")
+    try:
+        compile_spec(spec)
+    except StructuredOutputError as e:
+        raise BadRequest(f"structured_output: {e}", "structured_output") from None
+
+
 def sampling_params(fields: dict[str, Any]) -> SamplingParams:
     try:
         return SamplingParams.from_dict(fields)
@@ -140,6 +151,8 @@ class GenerationService:
                              f"exceeds the context length {min(m.max_model_len, m.capacity_tokens)}", "max_tokens")
         if params.stop and self.tokenizer is None:
             raise BadRequest("stop strings need a tokenizer", "stop")
+        if params.structured_output is not None:
+            check_structured_output(params.structured_output, self.tokenizer is not None)
         return GenerateRequest(request_id, token_ids, params, trace_experts, key_id, protocol)
 
     def admit(self, requests: Sequence[GenerateRequest]) -> Ticket:

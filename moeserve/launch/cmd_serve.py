@@ -31,6 +31,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default="", help="the model id of /v1/models (default: the directory name)")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     g.add_argument("--replica-threads", type=int, default=0, help="torch threads per replica (default: cores / N)")
+    g.add_argument("--reasoning-parser", default=None, choices=("deepseek_r1",),
+                   help="split R1's <think>...</think> into reasoning_content (and the RPC's 'reasoning' field)")
+    g.add_argument("--tool-call-parser", default=None, choices=("deepseek_v3",),
+                   help="parse DeepSeek-V3's tool-call format into tool_calls (tool_choice 'auto')")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-queued-requests", type=int, default=1024,
                      help="requests admitted and not finished, at most; past it: HTTP 429 / RPC busy")
@@ -53,7 +57,8 @@ def server_config(args: argparse.Namespace):
     return ServerConfig(engine=engine_config(args, progress=False), host=args.host, port=args.port,
                         rpc_port=args.rpc_port, replicas=args.replicas, api_key=args.api_key,
                         audit_log=args.audit_log, served_model_name=args.served_model_name, routing=args.routing,
-                        limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads)
+                        limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads,
+                        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)
 
 
 def run(args: argparse.Namespace) -> int:
