@@ -89,6 +89,54 @@ def spec_json(spec: dict[str, Any]) -> str:
     return json.dumps(spec, separators=(",", ":"))
 
 
+class GrammarVocabulary:
+    """What llguidance reads of a vocabulary: the bytes of every token id, and which ids are special.
+
+    NOTE: built here rather than from the tokenizer's JSON because llguidance counts every *added* token as
+    special (never matching text), while R1's ``<think>``, ``</think>`` and DeepSeek-V3's tool-call markers
+    are added tokens that are not special: they are text the grammar must be able to match."""
+
+    def __init__(self, backend: Any, vocab_size: int, eos_token_ids: tuple[int, ...]):
+        added = backend.get_added_tokens_decoder()  # id -> AddedToken
+        byte_level = type(backend.decoder).__name__ == "ByteLevel"
+        unbyte = {c: b for b, c in enumerate(_byte_level_alphabet())}
+        self.tokens: list[bytes] = []
+        for i in range(vocab_size):
+            piece = backend.id_to_token(i)
+            if i in added:
+                self.tokens.append(added[i].content.encode())
+            elif piece is None:
+                self.tokens.append(b"")
+            elif byte_level:
+                self.tokens.append(bytes(unbyte[c] for c in piece if c in unbyte))
+            elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # byte fallback
+                self.tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+        self.special_token_ids = sorted(i for i, t in added.items() if t.special and i < vocab_size)
+        self.eos_token_id = eos_token_ids[0] if eos_token_ids else None
+        self.bos_token_id = None
+        self._backend = backend
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError("text only")  # llguidance then always passes str
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+
+def _byte_level_alphabet() -> list[str]:
+    """GPT-2's byte -> printable character table (bytes 0..255 in order), as ByteLevel BPE writes bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
 class StructuredOutput:
     """One engine's grammar support: the llguidance tokenizer (built at the first constrained request) and
     matchers per request."""
@@ -107,7 +155,8 @@ class StructuredOutput:
         if self._ll_tokenizer is None:
             import llguidance
 
-            self._ll_tokenizer = llguidance.LLTokenizer(self._tokenizer.backend_json(), n_vocab=self.vocab_size,
+            vocab = GrammarVocabulary(self._tokenizer.backend, self.vocab_size, self.eos_token_ids)
+            self._ll_tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocab), n_vocab=self.vocab_size,
                                                         eos_token=list(self.eos_token_ids) or None)
         return self._ll_tokenizer
 

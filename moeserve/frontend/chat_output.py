@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from moeserve.frontend.openai_tools import ChatSetup
-from moeserve.frontend.reasoning import ReasoningSplitter, Split
+from moeserve.frontend.reasoning import ReasoningStream, Split
 from moeserve.frontend.tool_calls import ToolCallStream
 
 
@@ -39,13 +39,15 @@ def _forced_calls(text: str) -> list[tuple[str, str]] | None:
 class ChoiceParser:
     def __init__(self, setup: ChatSetup):
         self.setup = setup
-        self.splitter = ReasoningSplitter(setup.opened) if setup.reasoning else None
+        self.splitter = ReasoningStream(setup.opened) if setup.reasoning else None
         self.tools = ToolCallStream() if setup.tool_mode == "deepseek_v3" else None
-        self.reasoning: list[str] = []
         self.content: list[str] = []
         self.calls: list[dict[str, Any]] = []  # {"id", "type", "function": {"name", "arguments"}}
-        self.num_reasoning_tokens = 0
         self._forced: list[str] = []  # required: the whole JSON, parsed at the end
+
+    @property
+    def num_reasoning_tokens(self) -> int:
+        return self.splitter.num_reasoning_tokens if self.splitter is not None else 0
 
     @property
     def has_tool_calls(self) -> bool:
@@ -54,9 +56,7 @@ class ChoiceParser:
     def feed(self, text: str, num_tokens: int) -> dict[str, Any]:
         if self.splitter is None:
             return self._answer(text, final=False)
-        if self.splitter.in_reasoning:
-            self.num_reasoning_tokens += num_tokens  # tokens up to and including the one that ends it
-        return self._merge(self.splitter.feed(text), final=False)
+        return self._merge(self.splitter.feed(text, num_tokens), final=False)
 
     def finish(self) -> dict[str, Any]:
         if self.splitter is None:
@@ -66,7 +66,6 @@ class ChoiceParser:
     def _merge(self, split: Split, final: bool) -> dict[str, Any]:
         delta = self._answer(split.content, final)
         if split.reasoning:
-            self.reasoning.append(split.reasoning)
             delta = {"reasoning_content": split.reasoning, **delta}
         return delta
 
@@ -119,7 +118,7 @@ class ChoiceParser:
         content = "".join(self.content)
         msg: dict[str, Any] = {"role": "assistant", "content": content if content or not self.calls else None}
         if self.splitter is not None:
-            msg["reasoning_content"] = "".join(self.reasoning) or None
+            msg["reasoning_content"] = "".join(self.splitter.reasoning) or None
         if self.calls:
             msg["tool_calls"] = self.calls
         return msg

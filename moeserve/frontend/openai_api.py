@@ -131,8 +131,9 @@ class ChatMessage(_Body):
         out: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name is not None:
             out["name"] = self.name
-        if self.tool_calls is not None:
+        if self.tool_calls is not None:  # content stays None: templates (R1's) test it to write the calls
             out["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+            out["content"] = content
         if self.tool_call_id is not None:
             out["tool_call_id"] = self.tool_call_id
         return out

@@ -2,6 +2,10 @@
 extension: ``json`` / ``regex`` / ``choice`` / ``grammar``), and what one chat request makes of them: the
 grammar spec the engine enforces (coordinator/structured.py) and how its output is parsed (chat_output.py).
 
+With a reasoning parser and a prompt that opened ``<think>``, the forced tool call and
+``response_format`` constrain the answer only (the grammar starts after ``</think>``); ``structured_outputs``
+constrains the whole output.
+
 ``tool_choice``: ``none`` (tools are shown to the template, the output is text), ``auto`` (the model may
 call them; needs ``--tool-call-parser``), ``required`` (the output is forced to a JSON array of
 ``{"name", "parameters"}`` calls), or a named function (the output is forced to its parameters).
@@ -166,8 +170,11 @@ def chat_setup(body: Any, reasoning_parser: str | None, tool_parser: str | None,
                          "response_format")
     spec = tool_spec or fmt_spec
     reasoning = chat and reasoning_parser is not None
-    if spec is not None and reasoning and opened:
-        spec = {**spec, "after": THINK_END}  # R1 reasons freely first; the grammar starts after </think>
+    answer_only = tool_spec is not None or (body.response_format is not None and body.response_format.type != "text")
+    if spec is not None and reasoning and opened and answer_only:
+        # R1 reasons freely first; the grammar starts after </think>. structured_outputs (vLLM's low-level
+        # extension) constrains the whole output instead, reasoning included.
+        spec = {**spec, "after": THINK_END}
     mode = "named" if isinstance(effective, NamedToolChoice) else (
         effective if effective == "required" else ("deepseek_v3" if effective == "auto" else "none"))
     return ChatSetup(checked_spec(spec, "tool_choice" if tool_spec else "response_format"), reasoning, opened,

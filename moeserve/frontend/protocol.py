@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 from moeserve.frontend.errors import BadFrame, BadRequest, FrameTooLarge
 
 PROTOCOL_VERSION = 1
-RETURN_FIELDS = ("logprobs", "token_ids", "timings", "expert_trace")
+RETURN_FIELDS = ("logprobs", "token_ids", "timings", "expert_trace", "reasoning")
 MAX_REQUEST_ID_CHARS = 128
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REQUEST_ID_CHARS,
                                              pattern=r"^[\x21-\x7e]+$")]
@@ -40,7 +40,7 @@ class Generate(_Message):
     token_ids: list[TokenId] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     stream: bool = True
-    return_fields: list[Literal["logprobs", "token_ids", "timings", "expert_trace"]] = Field(
+    return_fields: list[Literal["logprobs", "token_ids", "timings", "expert_trace", "reasoning"]] = Field(
         default_factory=list, alias="return", max_length=len(RETURN_FIELDS))
     resumable: bool = False
 

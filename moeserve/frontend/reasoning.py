@@ -89,3 +89,35 @@ class ReasoningSplitter:
         if self.state == "reasoning":
             return Split(held, "")
         return Split("", held)
+
+
+class ReasoningStream:
+    """A splitter that also counts reasoning tokens (those generated before the reasoning ended, the one
+    that ends it included) and keeps the whole reasoning and answer."""
+
+    def __init__(self, opened: bool):
+        self.splitter = ReasoningSplitter(opened)
+        self.num_reasoning_tokens = 0
+        self.reasoning: list[str] = []
+        self.content: list[str] = []
+
+    def feed(self, text: str, num_tokens: int) -> Split:
+        if self.splitter.in_reasoning:
+            self.num_reasoning_tokens += num_tokens
+        return self._keep(self.splitter.feed(text))
+
+    def finish(self) -> Split:
+        return self._keep(self.splitter.finish())
+
+    def _keep(self, split: Split) -> Split:
+        self.reasoning.append(split.reasoning)
+        self.content.append(split.content)
+        return split
+
+
+def reasoning_final(stream: ReasoningStream, streaming: bool) -> dict[str, str]:
+    """The token RPC's final-frame fields: what was held back (streaming), or the whole split."""
+    rest = stream.finish()
+    if streaming:
+        return {"reasoning_delta": rest.reasoning, "content_delta": rest.content}
+    return {"reasoning": "".join(stream.reasoning), "content": "".join(stream.content)}

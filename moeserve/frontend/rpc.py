@@ -36,6 +36,7 @@ from moeserve.frontend.protocol import (
     pong_frame,
     token_frame,
 )
+from moeserve.frontend.reasoning import ReasoningStream, prompt_opens_reasoning, reasoning_final
 from moeserve.frontend.service import (
     FinalEvent,
     GenerateRequest,
@@ -63,8 +64,10 @@ class RpcStream:
 
 
 class RpcServer:
-    def __init__(self, service: GenerationService, keys: ApiKeys, address: str):
+    def __init__(self, service: GenerationService, keys: ApiKeys, address: str,
+                 reasoning_parser: str | None = None):
         self.service = service
+        self.reasoning_parser = reasoning_parser
         self.keys = keys
         self.address = address
         self.limits = service.limits
@@ -141,6 +144,9 @@ class RpcServer:
         if old is not None and not old.done:
             raise BadRequest(f"request id {msg.request_id!r} is already running", "request_id", msg.request_id)
         params = sampling_params(msg.params)
+        if "reasoning" in msg.return_fields and self.reasoning_parser is None:
+            raise BadRequest("return 'reasoning' needs a server started with --reasoning-parser", "return",
+                             msg.request_id)
         ids = list(msg.token_ids) if msg.token_ids is not None else self.service.tokenize(msg.prompt or "")
         engine_id = f"rpc-{next(self._ids)}"
         req = self.service.prepare(engine_id, ids, params, trace_experts="expert_trace" in msg.return_fields,
@@ -167,15 +173,24 @@ class RpcServer:
         rid, fields = msg.request_id, set[str](msg.return_fields)
         collected: list[TokenEvent] = []  # non-streaming: what the final frame carries
         tokens = 0
+        reasoning = self._reasoning(req) if "reasoning" in fields else None
         try:
             async for ev in self.service.generate(req, ticket):
                 if isinstance(ev, FinalEvent):
                     extra = _final_extra(ev, msg, req.prompt_token_ids, collected)
-                    self._emit(st, final_frame(rid, 0, ev.finish_reason, _usage(ev.num_prompt_tokens, tokens), extra))
+                    usage = _usage(ev.num_prompt_tokens, tokens)
+                    if reasoning is not None:
+                        extra.update(reasoning_final(reasoning, msg.stream))
+                        usage["reasoning_tokens"] = reasoning.num_reasoning_tokens
+                    self._emit(st, final_frame(rid, 0, ev.finish_reason, usage, extra))
                     continue
                 tokens += len(ev.token_ids)
+                extra = _token_extra(ev, fields)
+                if reasoning is not None:
+                    split = reasoning.feed(ev.text_delta, len(ev.token_ids))
+                    extra.update(reasoning_delta=split.reasoning, content_delta=split.content)
                 if msg.stream:
-                    self._emit(st, token_frame(rid, 0, ev.token_ids, ev.text_delta, _token_extra(ev, fields)))
+                    self._emit(st, token_frame(rid, 0, ev.token_ids, ev.text_delta, extra))
                 else:
                     collected.append(ev)
         except asyncio.CancelledError:
@@ -193,6 +208,12 @@ class RpcServer:
                 self._streams.pop(st.key, None)
             elif st.detached_at is None:
                 st.detached_at = time.monotonic()  # kept for a late resume until the grace period ends
+
+    def _reasoning(self, req: GenerateRequest) -> ReasoningStream:
+        """The reasoning split of one request; whether the prompt opened <think> is read from its tail."""
+        tok = self.service.tokenizer
+        tail = tok.decode(req.prompt_token_ids[-16:], skip_special_tokens=False) if tok is not None else ""
+        return ReasoningStream(prompt_opens_reasoning(tail))
 
     def _emit(self, st: RpcStream, body: dict) -> None:
         if st.buffer.maxlen is not None and len(st.buffer) == st.buffer.maxlen and st.buffer[0][0] > st.sent_seq:

@@ -108,7 +108,8 @@ class Server:
                                          self.audit, config.routing)
         self.http = HttpApi(self.service, self.keys, config.model_name, config.reasoning_parser,
                             config.tool_call_parser)
-        self.rpc = RpcServer(self.service, self.keys, f"tcp://{_zmq_host(config.host)}:{config.rpc_port}")
+        self.rpc = RpcServer(self.service, self.keys, f"tcp://{_zmq_host(config.host)}:{config.rpc_port}",
+                             config.reasoning_parser)
         self._uvicorn: _Uvicorn | None = None
         self._tasks: list[asyncio.Task] = []
         self._engines: list = []  # AsyncEngine instances (replicas == 1)

@@ -136,9 +136,10 @@ class Tokenizer:
         """Whether ``encode`` prepends BOS when ``add_bos`` is None."""
         return self._add_bos
 
-    def backend_json(self) -> str:
-        """The ``tokenizers`` JSON of this tokenizer (what grammar libraries read the vocabulary from)."""
-        return self._tok.to_str()
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The ``tokenizers`` object (grammar libraries read the vocabulary from it)."""
+        return self._tok
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``, with BOS prepended if ``add_bos`` (default: ``add_bos_default``).
