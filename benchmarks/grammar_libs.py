@@ -94,10 +94,8 @@ def bench_outlines(tok: Tokenizer, steps: int) -> dict[str, float]:
     from outlines_core.json_schema import build_regex_from_schema
 
     t0 = time.perf_counter()
-    byte_dec = {v: k for k, v in enumerate(pre_tokenizers.ByteLevel.alphabet())}  # not used: vocab is raw
-    del byte_dec
-    vocab: dict[str, list[int]] = {}
-    for piece, i in tok.get_vocab().items():
+    vocab: dict[str, list[int]] = {}  # decoded text per token (timing only: partial UTF-8 pieces collapse)
+    for i in tok.get_vocab().values():
         if i != 0:
             vocab.setdefault(tok.decode([i]), []).append(i)
     voc = Vocabulary(0, vocab)

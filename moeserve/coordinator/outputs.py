@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
-from moeserve.coordinator.sampling import SamplingParams, check_stop
+from moeserve.coordinator.sampling import check_stop
 from moeserve.coordinator.structured import StructuredOutput, StructuredOutputError, advance, spec_after
 from moeserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 

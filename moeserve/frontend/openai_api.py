@@ -18,7 +18,13 @@ from pydantic import (
 
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.errors import BadFrame, BadRequest, FrameTooLarge
-from moeserve.frontend.openai_tools import MessageToolCall, ResponseFormat, StructuredOutputs, Tool, ToolChoice
+from moeserve.frontend.openai_tools import (
+    MessageToolCall,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolChoice,
+)
 from moeserve.frontend.protocol import validation_message
 from moeserve.frontend.service import sampling_params
 

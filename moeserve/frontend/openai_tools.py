@@ -159,7 +159,7 @@ def chat_setup(body: Any, reasoning_parser: str | None, tool_parser: str | None,
     choice = getattr(body, "tool_choice", None) if chat else None
     if choice is not None and choice != "none" and not tools:
         raise BadRequest("tool_choice needs tools", "tool_choice")
-    effective = choice or ("auto" if tools else "none")
+    effective: ToolChoice = choice or ("auto" if tools else "none")
     if effective == "auto" and tool_parser is None:
         raise BadRequest("tool_choice 'auto' needs a server started with --tool-call-parser deepseek_v3 "
                          "(or use tool_choice 'required', a named function, or 'none')", "tool_choice")

@@ -2,6 +2,8 @@
 
 It talks to a running ``moeserve serve`` over the OpenAI chat API (the server applies the model's chat
 template) or, with ``--raw``, over the token RPC with the plain text as the prompt (for base/code models).
+A reasoning model's reasoning (``reasoning_content``, from ``--reasoning-parser``) is shown dimmed before
+the answer on a terminal (``NO_COLOR`` turns that off), and kept out of the conversation history.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class HttpChat:
     def _first_model(self) -> str:
         return json.loads(self._request("GET", "/v1/models").read())["data"][0]["id"]
 
-    def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> Iterator[str]:
+    def stream(self, messages: list[dict], max_tokens: int, temperature: float) -> Iterator[tuple[str, str]]:
+        """(kind, text) pieces: kind is "reasoning" or "content" (tool calls are shown as content)."""
         resp = self._request("POST", "/v1/chat/completions", {
             "model": self.model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature,
             "stream": True})
@@ -68,7 +71,43 @@ class HttpChat:
             if "error" in chunk:
                 raise UserError(chunk["error"]["message"])
             for choice in chunk["choices"]:
-                yield choice["delta"].get("content") or ""
+                delta = choice["delta"]
+                if delta.get("reasoning_content"):
+                    yield "reasoning", delta["reasoning_content"]
+                for call in delta.get("tool_calls") or []:
+                    fn = call.get("function", {})
+                    yield "content", f"[tool call {fn.get('name') or ''}] {fn.get('arguments') or ''}"
+                yield "content", delta.get("content") or ""
+
+
+class ReplyPrinter:
+    """Writes a streamed reply: reasoning dimmed (or plain, off a terminal) and apart from the answer."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, out, color: bool):
+        self.out, self.color = out, color
+        self.kind = "content"
+        self.answer: list[str] = []
+
+    def write(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        if kind != self.kind:
+            if kind == "reasoning":
+                self.out.write(self.DIM if self.color else "")
+            else:  # the reasoning is over: the answer starts on its own line
+                self.out.write((self.RESET if self.color else "") + "\n")
+            self.kind = kind
+        if kind == "content":
+            self.answer.append(text)
+        self.out.write(text)
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.kind == "reasoning" and self.color:
+            self.out.write(self.RESET)
+        self.out.write("\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,22 +134,20 @@ def run(args: argparse.Namespace) -> int:
             continue
         if not line.strip():
             continue
-        pieces: Iterator[str]
+        pieces: Iterator[tuple[str, str]]
         if client is not None:
-            pieces = (f.get("text_delta", "") for f in client.generate(
+            pieces = (("content", f.get("text_delta", "")) for f in client.generate(
                 line, max_tokens=args.max_tokens, temperature=args.temperature))
         else:
             assert chat is not None
             messages.append({"role": "user", "content": line})
             pieces = chat.stream(messages, args.max_tokens, args.temperature)
-        reply: list[str] = []
-        for piece in pieces:
-            reply.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+        printer = ReplyPrinter(sys.stdout, sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+        for kind, piece in pieces:
+            printer.write(kind, piece)
+        printer.end()
         if client is None:
-            messages.append({"role": "assistant", "content": "".join(reply)})
+            messages.append({"role": "assistant", "content": "".join(printer.answer)})
     if client is not None:
         client.close()
     return 0
