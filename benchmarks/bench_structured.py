@@ -2,15 +2,16 @@
 constrained by a JSON schema (the grammar masks computed on the host and applied in the batched sampler), and
 the schema's compile and matcher-creation times.
 
-    python benchmarks/bench_structured.py [--batch 32] [--steps 48] [--rounds 3] [--models embedded,v3vocab]
+    python benchmarks/bench_structured.py [--batch 32] [--steps 48] [--models embedded,v3vocab]
 
 Models: ``embedded`` (the embedded model, 4,096-token vocabulary) and ``v3vocab`` (the embedded model's layer
 sizes with DeepSeek-V3's 129,280-token vocabulary, dummy weights and a synthetic byte-level tokenizer), since
-the mask's cost grows with the vocabulary. Only steps that sample all ``--batch`` rows count; the three
-configurations run interleaved, ``--rounds`` times each, and the median of their rounds is reported, as
-wall-clock tokens/s and as CPU seconds of this process per step (less disturbed by other jobs on a shared
-machine). ``sampler_ms`` isolates what constraints add: one sampling step of the whole batch (host masks +
-device mask + sampling) on random logits, median of 20.
+the mask's cost grows with the vocabulary. Three engines (0, 1 and ``--batch`` constrained requests) step
+in turn, so that the same step of each meets the same load from other jobs on a shared machine; only decode
+steps of the whole batch count, and ``step_time_vs_unconstrained`` is the median over aligned steps of the
+step time's ratio to the unconstrained engine's. ``sampler_ms`` isolates what constraints add: one sampling
+step of the whole batch (host masks + device mask + sampling) on random logits, configurations timed back to
+back 30 times.
 """
 
 from __future__ import annotations
@@ -58,81 +59,91 @@ def v3vocab_model(root: Path) -> Path:
     return root
 
 
-def run_once(engine: Engine, batch: int, constrained: int, steps: int, spec: str) -> tuple[float, float, float]:
-    """(full-batch decode tokens/s, host seconds per step spent computing masks, CPU seconds per step)."""
+def add_batch(engine: Engine, batch: int, constrained: int, steps: int, spec: str) -> None:
     prompt = engine.tokenizer.encode("Return the records as JSON:")
     for i in range(batch):
         params = SamplingParams(max_tokens=steps + 2, temperature=1.0, seed=i, ignore_eos=i >= constrained,
                                 structured_output=spec if i < constrained else None)
         engine.add_request(f"r{i}", prompt_token_ids=prompt, params=params)
-    mask_s, bitmask = [0.0], engine.outputs.bitmask
-
-    def timed(reqs):  # the host part of the mask, timed from outside the engine
-        t = time.perf_counter()
-        out = bitmask(reqs)
-        mask_s[0] += time.perf_counter() - t
-        return out
-
-    engine.outputs.bitmask = timed  # type: ignore[method-assign]
-    tokens, seconds, cpu, full_steps = 0, 0.0, 0.0, 0
-    while engine.has_unfinished():
-        t, c = time.perf_counter(), time.process_time()
-        outs = engine.step()
-        dt, dc = time.perf_counter() - t, time.process_time() - c
-        if len(outs) == batch and all(o.num_output_tokens > 1 for o in outs):  # decode steps of the whole batch
-            tokens, seconds, cpu, full_steps = tokens + batch, seconds + dt, cpu + dc, full_steps + 1
-    engine.outputs.bitmask = bitmask  # type: ignore[method-assign]
-    return tokens / seconds, mask_s[0] / max(1, full_steps), cpu / max(1, full_steps)
 
 
-def sampler_ms(engine: Engine, batch: int, constrained: int, spec: str) -> float:
-    """One sampling step of the batch on random logits, with ``constrained`` live matchers."""
+def interleaved_steps(engines: dict[int, Engine], batch: int, steps: int, spec: str) -> dict[int, list[float]]:
+    """Step the engines (one per number of constrained requests) in turn, so that each step of one meets the
+    same background load as the same step of the others; the wall time of every decode step of the whole
+    batch, per engine."""
+    for n, engine in engines.items():
+        add_batch(engine, batch, n, steps, spec)
+    times: dict[int, list[float]] = {n: [] for n in engines}
+    while any(e.has_unfinished() for e in engines.values()):
+        for n, engine in engines.items():
+            if not engine.has_unfinished():
+                continue
+            t = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t
+            if len(outs) == batch and all(o.num_output_tokens > 1 for o in outs):
+                times[n].append(dt)
+    return times
+
+
+def sampler_times(engine: Engine, batch: int, counts: tuple[int, ...], spec: str, reps: int = 30
+                  ) -> dict[int, list[float]]:
+    """One sampling step of the batch on random logits (host masks + device mask + sampling) with each number
+    of live matchers, the configurations timed back to back ``reps`` times."""
     from moeserve.coordinator.request import Request
     from moeserve.coordinator.sampling import make_sampling_batch
 
-    reqs = [Request(f"s{i}", [0], SamplingParams(temperature=1.0, seed=i)) for i in range(batch)]
-    for r in reqs[:constrained]:
-        r.grammar = engine.outputs.structured.matcher(spec)
+    reqs = {n: [Request(f"s{i}", [0], SamplingParams(temperature=1.0, seed=i)) for i in range(batch)]
+            for n in counts}
+    for n, rs in reqs.items():
+        for r in rs[:n]:
+            r.grammar = engine.outputs.structured.matcher(spec)
     logits = torch.randn(batch, engine.model_config.vocab_size)
-    times = []
-    for _ in range(20):
-        t = time.perf_counter()
-        sb = make_sampling_batch([r.params for r in reqs], [[]] * batch, [[0]] * batch,
-                                 [r.generator for r in reqs], "cpu", token_bitmask=engine.outputs.bitmask(reqs))
-        engine.sampler.sample(logits, sb)
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    times: dict[int, list[float]] = {n: [] for n in counts}
+    for _ in range(reps):
+        for n, rs in reqs.items():
+            t = time.perf_counter()
+            sb = make_sampling_batch([r.params for r in rs], [[]] * batch, [[0]] * batch,
+                                     [r.generator for r in rs], "cpu", token_bitmask=engine.outputs.bitmask(rs))
+            engine.sampler.sample(logits, sb)
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def paired(times: dict[int, list[float]], n: int) -> float:
+    """Median over aligned repetitions of time(n constrained) / time(0 constrained)."""
+    return statistics.median(a / b for a, b in zip(times[n], times[0]))
 
 
 def bench_model(name: str, path: Path, args: argparse.Namespace) -> dict:
-    engine = Engine(EngineConfig(model=str(path), kv_cache_memory=256 << 20, max_num_seqs=args.batch,
-                                 load_format="auto" if name == "embedded" else "dummy"))
+    cfg = EngineConfig(model=str(path), kv_cache_memory=128 << 20, max_num_seqs=args.batch,
+                       load_format="auto" if name == "embedded" else "dummy")
+    counts = (0, 1, args.batch)
+    engines = {n: Engine(cfg) for n in counts}
     spec = spec_json({"type": "json_schema", "schema": SCHEMA})
     compile_spec.cache_clear()
     t0 = time.perf_counter()
     compile_spec(spec)
     t1 = time.perf_counter()
-    engine.outputs.structured.matcher(spec)  # builds the grammar vocabulary once
+    for e in engines.values():
+        e.outputs.structured.matcher(spec)  # builds each engine's grammar vocabulary once
     t2 = time.perf_counter()
-    engine.outputs.structured.matcher(spec)
+    engines[0].outputs.structured.matcher(spec)
     t3 = time.perf_counter()
-    results: dict[int, list[tuple[float, float, float]]] = {n: [] for n in (0, 1, args.batch)}
-    run_once(engine, args.batch, 0, 4, spec)  # warm-up
-    for _ in range(args.rounds):
-        for n in results:
-            results[n].append(run_once(engine, args.batch, n, args.steps, spec))
-    base = statistics.median(r[0] for r in results[0])
-    base_cpu = statistics.median(r[2] for r in results[0])
-    rows = {n: {"tok_s": round(statistics.median(r[0] for r in rs), 1),
-                "vs_unconstrained": round(statistics.median(r[0] for r in rs) / base, 3),
-                "cpu_s_per_step": round(statistics.median(r[2] for r in rs), 4),
-                "cpu_vs_unconstrained": round(statistics.median(r[2] for r in rs) / base_cpu, 3),
-                "mask_host_ms_per_step": round(1e3 * statistics.median(r[1] for r in rs), 3),
-                "sampler_ms": round(sampler_ms(engine, args.batch, n, spec), 2)}
-            for n, rs in results.items()}
-    return {"model": name, "vocab": engine.model_config.vocab_size, "batch": args.batch, "steps": args.steps,
-            "rounds": args.rounds, "threads": torch.get_num_threads(),
-            "schema_compile_ms": round(1e3 * (t1 - t0), 2), "grammar_vocabulary_s": round(t2 - t1, 3),
+    interleaved_steps(engines, args.batch, 3, spec)  # warm-up
+    steps = interleaved_steps(engines, args.batch, args.steps, spec)
+    samp = sampler_times(engines[0], args.batch, counts, spec)
+    rows = {n: {"decode_tok_s": round(args.batch / statistics.median(steps[n]), 1),
+                "step_time_vs_unconstrained": round(paired(steps, n), 3),
+                "step_min_s": round(min(steps[n]), 4),
+                "step_min_vs_unconstrained": round(min(steps[n]) / min(steps[0]), 3),
+                "sampler_ms": round(1e3 * statistics.median(samp[n]), 2),
+                "sampler_ms_min": round(1e3 * min(samp[n]), 2)}
+            for n in counts}
+    return {"model": name, "vocab": engines[0].model_config.vocab_size, "batch": args.batch,
+            "steps_measured": len(steps[0]), "threads": torch.get_num_threads(),
+            "schema_compile_ms": round(1e3 * (t1 - t0), 2),
+            "grammar_vocabulary_s": round((t2 - t1) / len(engines), 3),
             "matcher_ms": round(1e3 * (t3 - t2), 2), "constrained": rows}
 
 
@@ -140,7 +151,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="embedded,v3vocab")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

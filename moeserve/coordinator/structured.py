@@ -184,8 +184,11 @@ class StructuredOutput:
 
 
 def advance(matcher: Any, token_id: int, request_id: str) -> None:
-    """Move a request's matcher past its sampled token (an error state only logs: the mask then stops)."""
-    if matcher is not None and not matcher.is_error() and not matcher.consume_token(token_id):
+    """Move a request's matcher past its sampled token (an error state only logs: the mask then stops).
+    A finished grammar (stopped: it took EOS) takes nothing more; only ``ignore_eos`` gets past that."""
+    if matcher is None or matcher.is_stopped():
+        return
+    if not matcher.is_error() and not matcher.consume_token(token_id):
         logger.warning("request %s: token %d left its grammar: %s", request_id, token_id, matcher.get_error())
 
 
