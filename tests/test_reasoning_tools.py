@@ -139,3 +139,20 @@ def test_malformed_calls_are_text(prefix: str, bad: str) -> None:
 def test_text_without_tool_section_is_untouched() -> None:
     text = "plain answer with <｜tool▁call▁begin｜> but no section"
     assert parse_tool_calls(text).content == text and parse_tool_calls(text).calls == []
+
+
+def test_reasoning_tokens_are_counted_only_for_reasoning() -> None:
+    from moeserve.frontend.reasoning import ReasoningStream
+
+    s = ReasoningStream(opened=False)
+    for piece in [" ", "<th", "ink>", "a", "b</think>", "answer"]:
+        s.feed(piece, 1)
+    assert s.num_reasoning_tokens == 5 and "".join(s.content) == "answer"
+    s = ReasoningStream(opened=False)
+    for piece in [" ", "<th", "x", "y"]:  # never reasoned
+        s.feed(piece, 1)
+    assert s.num_reasoning_tokens == 0
+    s = ReasoningStream(opened=True)
+    for piece in ["a", "</think>", "b"]:
+        s.feed(piece, 1)
+    assert s.num_reasoning_tokens == 2 and "".join(s.reasoning) == "a"

@@ -55,6 +55,7 @@ class ReasoningSplitter:
 
     def __init__(self, opened: bool):
         self.state = "reasoning" if opened else "start"  # start -> reasoning -> content, or start -> content
+        self.reasoned = opened  # whether the output is (or was) reasoning
         self._held = ""
 
     @property
@@ -68,7 +69,7 @@ class ReasoningSplitter:
         if self.state == "start":
             stripped = buf.lstrip()
             if stripped.startswith(THINK_START):
-                self.state, buf = "reasoning", stripped[len(THINK_START):]
+                self.state, buf, self.reasoned = "reasoning", stripped[len(THINK_START):], True
             elif THINK_START.startswith(stripped):  # empty, whitespace or a part of the tag: wait
                 self._held = buf
                 return Split("", "")
@@ -93,18 +94,28 @@ class ReasoningSplitter:
 
 class ReasoningStream:
     """A splitter that also counts reasoning tokens (those generated before the reasoning ended, the one
-    that ends it included) and keeps the whole reasoning and answer."""
+    that ends it included; tokens before ``<think>`` is known to open count only once it has) and keeps the
+    whole reasoning and answer."""
 
     def __init__(self, opened: bool):
         self.splitter = ReasoningSplitter(opened)
         self.num_reasoning_tokens = 0
+        self._undecided_tokens = 0  # fed while it is not known yet whether the output reasons
         self.reasoning: list[str] = []
         self.content: list[str] = []
 
     def feed(self, text: str, num_tokens: int) -> Split:
-        if self.splitter.in_reasoning:
+        was = self.splitter.state
+        split = self.splitter.feed(text)
+        if was == "reasoning":
             self.num_reasoning_tokens += num_tokens
-        return self._keep(self.splitter.feed(text))
+        elif was == "start":
+            self._undecided_tokens += num_tokens
+            if self.splitter.state != "start":
+                if self.splitter.reasoned:
+                    self.num_reasoning_tokens += self._undecided_tokens
+                self._undecided_tokens = 0
+        return self._keep(split)
 
     def finish(self) -> Split:
         return self._keep(self.splitter.finish())
