@@ -258,7 +258,8 @@ class Sampler:
     """Stateless batched sampler; randomness comes from the default generator or per-request generators."""
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        """Sample one token per row from ``logits`` [B, vocab] float32 (not modified).
+        """Sample one token per row from ``logits`` [B, vocab] float32 (not modified, except that the rows
+        of a ``token_bitmask`` get their grammar's -inf in place).
 
         ``logprobs`` [B]: log-prob of the chosen token under log_softmax(penalised logits / temperature),
         i.e. after penalties and temperature but before the top-k/top-p/min-p truncation (greedy rows:
@@ -287,9 +288,11 @@ class Sampler:
 
     @staticmethod
     def _apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-        """-inf where a constrained row's grammar forbids the token; only those rows are touched (a copy)."""
+        """-inf where a constrained row's grammar forbids the token, in place: only those rows are read and
+        written, so unconstrained rows cost nothing and the batch is not copied."""
         allowed = unpack_bitmask(bitmask, logits.shape[1])  # [R, vocab] bool
-        return logits.index_put((rows,), logits[rows].masked_fill(~allowed, float("-inf")))
+        ninf = torch.tensor(float("-inf"), device=logits.device)
+        return logits.index_put_((rows,), torch.where(allowed, logits[rows], ninf))
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
