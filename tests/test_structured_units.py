@@ -96,3 +96,14 @@ def test_chat_prints_reasoning_dimmed_apart_from_the_answer() -> None:
     p.write("content", "plain")
     p.end()
     assert out.getvalue() == "plain\n"
+
+
+def test_bitmask_on_inference_logits() -> None:
+    """The engine's logits come out of inference mode; masking them in place must work."""
+    with torch.inference_mode():
+        logits = torch.randn(3, 40)
+    allowed = torch.zeros(1, 40, dtype=torch.bool)
+    allowed[0, 7] = True
+    batch = make_sampling_batch([SamplingParams(temperature=0.0)] * 3, [[]] * 3, [[1]] * 3, [None] * 3, "cpu",
+                                token_bitmask=(torch.tensor([2]), _pack(allowed)))
+    assert Sampler().sample(logits, batch).token_ids[2] == 7

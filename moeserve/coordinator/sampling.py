@@ -290,9 +290,10 @@ class Sampler:
     def _apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
         """-inf where a constrained row's grammar forbids the token, in place: only those rows are read and
         written, so unconstrained rows cost nothing and the batch is not copied."""
-        allowed = unpack_bitmask(bitmask, logits.shape[1])  # [R, vocab] bool
-        ninf = torch.tensor(float("-inf"), device=logits.device)
-        return logits.index_put_((rows,), torch.where(allowed, logits[rows], ninf))
+        with torch.inference_mode():  # the engine's logits are inference tensors: in place only in this mode
+            allowed = unpack_bitmask(bitmask, logits.shape[1])  # [R, vocab] bool
+            ninf = torch.tensor(float("-inf"), device=logits.device)
+            return logits.index_put_((rows,), torch.where(allowed, logits[rows], ninf))
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
