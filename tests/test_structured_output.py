@@ -71,6 +71,14 @@ def test_json_schema_validates_on_many_seeds(client) -> None:
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_json_object(client) -> None:
+    r = client.chat.completions.create(model=MODEL, messages=USER, response_format={"type": "json_object"}, n=8,
+                                       seed=3, max_tokens=80)
+    assert all(c.message.content.startswith("{") for c in r.choices)
+    done = [c for c in r.choices if c.finish_reason == "stop"]  # the others ran out of tokens mid-object
+    assert done and all(isinstance(json.loads(c.message.content), dict) for c in done)
+
+
 def test_named_tool_call_arguments_validate(client) -> None:
     choice = {"type": "function", "function": {"name": "get_weather"}}
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, tool_choice=choice, n=4, seed=2,
