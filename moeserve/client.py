@@ -43,8 +43,12 @@ class Completion:
     timings: dict[str, Any] | None = None
     logprobs: list[float] = field(default_factory=list)
     expert_ids: list[Any] = field(default_factory=list)
+    reasoning: str = ""  # with return_fields=["reasoning"]: the reasoning and the answer apart
+    content: str = ""
 
     def add(self, frame: dict[str, Any]) -> None:
+        self.reasoning += frame.get("reasoning_delta", "") + frame.get("reasoning", "")
+        self.content += frame.get("content_delta", "") + frame.get("content", "")
         if frame["type"] == "token":
             self.text += frame.get("text_delta", "")
             self.token_ids += frame.get("token_ids", [])

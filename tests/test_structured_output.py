@@ -165,6 +165,11 @@ def test_r1_reasoning_and_content_land_in_their_fields(r1) -> None:
     assert "".join(f.get("reasoning_delta", "") for f in frames) == reasoning
     assert "".join(f.get("content_delta", "") for f in frames) == answer
     assert frames[-1]["usage"]["reasoning_tokens"] == details.reasoning_tokens
+    with Client(rpc, timeout_s=120) as c:  # not streamed: the final frame carries the whole split
+        done = c.complete(token_ids=_r1_prompt(r1[2]), stream=False, return_fields=["reasoning"], max_tokens=60,
+                          seed=4, temperature=1.0, structured_output=json.dumps(
+                              {"type": "regex", "pattern": f"{THINK}</think>\n\n[a-z]{{2,12}}"}))
+    assert (done.reasoning, done.content) == (reasoning, answer)
 
 
 def _r1_prompt(ckpt) -> list[int]:
