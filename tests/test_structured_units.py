@@ -107,3 +107,15 @@ def test_bitmask_on_inference_logits() -> None:
     batch = make_sampling_batch([SamplingParams(temperature=0.0)] * 3, [[]] * 3, [[1]] * 3, [None] * 3, "cpu",
                                 token_bitmask=(torch.tensor([2]), _pack(allowed)))
     assert Sampler().sample(logits, batch).token_ids[2] == 7
+
+
+def test_bitmask_on_every_row() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)
+    allowed = torch.rand(3, 50) < 0.3
+    allowed[:, 0] = True
+    batch = make_sampling_batch([SamplingParams(temperature=1.0, seed=i) for i in range(3)], [[]] * 3, [[1]] * 3,
+                                [torch.Generator().manual_seed(i) for i in range(3)], "cpu",
+                                token_bitmask=(torch.arange(3), _pack(allowed)))
+    ids = Sampler().sample(logits, batch).token_ids
+    assert all(allowed[i, ids[i]] for i in range(3))

@@ -292,6 +292,8 @@ class Sampler:
         written, so unconstrained rows cost nothing and the batch is not copied."""
         with torch.inference_mode():  # the engine's logits are inference tensors: in place only in this mode
             allowed = unpack_bitmask(bitmask, logits.shape[1])  # [R, vocab] bool
+            if rows.numel() == logits.shape[0]:  # every row constrained (rows are ascending): no gather
+                return logits.masked_fill_(~allowed, float("-inf"))
             ninf = torch.tensor(float("-inf"), device=logits.device)
             return logits.index_put_((rows,), torch.where(allowed, logits[rows], ninf))
 
