@@ -29,6 +29,7 @@ from moeserve.frontend.limits import Ticket
 from moeserve.frontend.metrics import CONTENT_TYPE
 from moeserve.frontend.openai_api import ChatRequest, CompletionRequest, error_body, parse_body
 from moeserve.frontend.openai_shapes import ChoiceState, ResponseShape
+from moeserve.frontend.openai_tools import ChatSetup, chat_setup
 from moeserve.frontend.openapi import (
     ChatCompletion,
     Completion,
@@ -39,7 +40,6 @@ from moeserve.frontend.openapi import (
     install_openapi,
     request_body,
 )
-from moeserve.frontend.openai_tools import ChatSetup, chat_setup
 from moeserve.frontend.reasoning import prompt_opens_reasoning
 from moeserve.frontend.service import FinalEvent, GenerateRequest, GenerationService, TokenEvent
 

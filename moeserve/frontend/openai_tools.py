@@ -104,7 +104,12 @@ def _format_spec(fmt: ResponseFormat | None, so: StructuredOutputs | None) -> di
                          "structured_outputs")
     kind, value = next(iter(given.items()))
     if kind == "json":
-        schema = json.loads(value) if isinstance(value, str) else value
+        try:
+            schema = json.loads(value) if isinstance(value, str) else value
+        except ValueError as e:
+            raise BadRequest(f"structured_outputs.json is not valid JSON: {e}", "structured_outputs") from None
+        if not isinstance(schema, dict):
+            raise BadRequest("structured_outputs.json must be a JSON schema object", "structured_outputs")
         return {"type": "json_schema", "schema": schema}
     key = {"regex": "pattern", "choice": "choices", "grammar": "grammar"}[kind]
     return {"type": {"grammar": "lark"}.get(kind, kind), key: value}
