@@ -47,6 +47,7 @@ class EngineConfig:
     kv_store_timeout: float = 1.0  # seconds for each store call
     kv_store_probe_interval: float = 5.0  # seconds between probes of a store whose breaker is open
     kv_load_cost_rule: bool = True  # skip store loads estimated slower than recomputing
+    expert_load_interval: int = 16  # steps between gathers of the ranks' expert-load counters
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -68,6 +69,8 @@ class EngineConfig:
             raise ValueError("kv_store must be redis://[user:password@]host:port/db")
         if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
             raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
+        if self.expert_load_interval < 1:
+            raise ValueError(f"expert_load_interval must be >= 1, got {self.expert_load_interval}")
         if self.keep_fp8 not in (None, True, False):
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
 

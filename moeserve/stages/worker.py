@@ -25,6 +25,8 @@ import zmq
 from moeserve.comm.groups import RankGroups, backend_for, init_groups, recv_hidden, send_hidden
 from moeserve.comm.messages import (
     ErrorMsg,
+    ExpertLoadMsg,
+    ExpertLoadRequestMsg,
     KvLoadMsg,
     KvSaveMsg,
     LogitsMsg,
@@ -147,6 +149,15 @@ class StageWorker:
     def stats(self) -> StatsMsg:
         return StatsMsg(self.spec.rank, self.steps, self.busy_s, max(0.0, self.last_end - self.first_start))
 
+    def expert_load(self, seq: int) -> ExpertLoadMsg:
+        """This rank's cumulative expert-load counters (empty when its stage has no MoE layer)."""
+        counter = self.runner.expert_load
+        if counter is None:
+            empty = torch.zeros(0, 2, 0, dtype=torch.long)
+            return ExpertLoadMsg.of(self.spec.rank, seq, [], empty, empty)
+        logical, physical = counter.snapshot()
+        return ExpertLoadMsg.of(self.spec.rank, seq, list(counter.layer_ids), logical, physical)
+
     def run_step(self, msg: StepPlanMsg) -> torch.Tensor | None:
         plan = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows)
         model = self.runner.model
@@ -194,6 +205,8 @@ class StageWorker:
                 reply = apply_kv_message(self.kv_mover, msg, self.spec.rank)
                 if reply is not None:
                     sock.send(encode(reply))
+            if isinstance(msg, ExpertLoadRequestMsg):
+                sock.send(encode(self.expert_load(msg.seq)))
                 continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:

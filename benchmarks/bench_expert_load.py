@@ -1,0 +1,116 @@
+"""Expert-load benchmarks.
+
+``counters``: what counting routed tokens costs. The same engine (one process, the V2-shaped checkpoint of
+bench_cpu.py) decodes the same batch with its MoE layers' counters attached and detached, in alternation,
+and the median decode throughputs are compared:
+
+    python benchmarks/bench_expert_load.py counters --num-prompts 32 --output-len 64 --repeats 5
+
+``scrape``: how long one /metrics scrape takes with DeepSeek-V3's 58 MoE layers, 256 experts and 64 EP ranks
+(synthetic counts; the collector and prometheus-client's text encoder, as the server runs them):
+
+    python benchmarks/bench_expert_load.py scrape --layers 58 --experts 256 --ranks 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def decode_rate(engine, ids: list[list[int]], output_len: int) -> float:
+    """Output tokens per second of the decode steps (the prefill step excluded)."""
+    from moeserve.coordinator.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    engine.stats.step_times.clear()
+    engine.generate(ids, params)
+    decode_steps = engine.stats.step_times[1:]  # the first step is the whole prompt batch's prefill
+    return len(ids) * len(decode_steps) / sum(decode_steps)
+
+
+def bench_counters(args: argparse.Namespace) -> dict:
+    from bench_cpu import V2_SHAPED, prompts, write_checkpoint
+
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+
+    model = write_checkpoint(Path(args.checkpoint or tempfile.mkdtemp(prefix="moeserve-v2shaped-")))
+    ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
+    engine = Engine(EngineConfig(model=str(model), dtype=args.dtype, max_num_seqs=len(ids),
+                                 max_num_batched_tokens=len(ids) * args.input_len, skip_tokenizer_init=True))
+    counter = engine.runner.expert_load
+    moe_layers = list(engine.model.moe_layers().values())
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    decode_rate(engine, ids, 4)  # warm-up
+    for _ in range(args.repeats):
+        for mode in ("off", "on"):
+            for moe in moe_layers:
+                moe.load_counter = counter if mode == "on" else None
+            rates[mode].append(decode_rate(engine, ids, args.output_len))
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    return {"bench": "counters", "decode_tok_s_on": rates["on"], "decode_tok_s_off": rates["off"],
+            "median_on": on, "median_off": off, "cost_pct": 100 * (off - on) / off,
+            "counted_pairs": int(counter.logical.sum()), "config": vars(args)}
+
+
+def bench_scrape(args: argparse.Namespace) -> dict:
+    from moeserve.coordinator.expert_load import LoadAggregator
+    from moeserve.frontend.load_metrics import ExpertLoadCollector
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    slots = args.experts // args.ranks + args.redundant
+    gen = torch.Generator().manual_seed(0)
+    phy2log = torch.cat([torch.randperm(args.experts, generator=gen),
+                         torch.randint(0, args.experts, (args.ranks * slots - args.experts,), generator=gen)])
+    agg = LoadAggregator(tuple(range(3, 3 + args.layers)), args.experts, phy2log.view(args.ranks, slots))
+    for rank in range(args.ranks):  # every rank reports its share of every layer
+        logical = torch.randint(0, 1000, (args.layers, 2, args.experts), generator=gen)
+        physical = torch.randint(0, 1000, (args.layers, 2, args.ranks * slots), generator=gen)
+        agg.update(rank, agg.layer_ids, logical, physical)
+    agg.close_window(100)
+    registry = CollectorRegistry()
+    registry.register(ExpertLoadCollector(lambda: [agg.view], top_k=args.top_k))  # type: ignore[arg-type]
+    times, size = [], 0
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        size = len(generate_latest(registry))
+        times.append(time.perf_counter() - start)
+    return {"bench": "scrape", "seconds": times, "median_ms": 1e3 * statistics.median(times),
+            "max_ms": 1e3 * max(times), "bytes": size, "config": vars(args)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    c = sub.add_parser("counters")
+    c.add_argument("--num-prompts", type=int, default=32)
+    c.add_argument("--input-len", type=int, default=16)
+    c.add_argument("--output-len", type=int, default=64)
+    c.add_argument("--repeats", type=int, default=5)
+    c.add_argument("--dtype", default="bfloat16")
+    c.add_argument("--checkpoint", default="", help="where the V2-shaped checkpoint is (or is written)")
+    s = sub.add_parser("scrape")
+    s.add_argument("--layers", type=int, default=58)
+    s.add_argument("--experts", type=int, default=256)
+    s.add_argument("--ranks", type=int, default=64)
+    s.add_argument("--redundant", type=int, default=1, help="extra slots per rank")
+    s.add_argument("--top-k", type=int, default=4, help="hottest and coldest experts per layer exported")
+    s.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    result = bench_counters(args) if args.bench == "counters" else bench_scrape(args)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
