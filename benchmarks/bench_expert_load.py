@@ -1,8 +1,8 @@
 """Expert-load benchmarks.
 
 ``counters``: what counting routed tokens costs. The same engine (one process, the V2-shaped checkpoint of
-bench_cpu.py) decodes the same batch with its MoE layers' counters attached and detached, in alternation,
-and the median decode throughputs are compared:
+bench_cpu.py) decodes a batch with its MoE layers' counters attached and detached on alternate steps; the
+median decode step times are compared, and one counting call is timed on its own:
 
     python benchmarks/bench_expert_load.py counters --num-prompts 32 --output-len 64 --repeats 5
 
@@ -28,15 +28,42 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def decode_rate(engine, ids: list[list[int]], output_len: int) -> float:
-    """Output tokens per second of the decode steps (the prefill step excluded)."""
-    from moeserve.coordinator.sampling import SamplingParams
+class AlternatingRunner:
+    """Wraps the engine's runner: every decode step alternates counters on / off and is timed, so that the
+    two modes share the machine's ups and downs (this machine is shared and noisy)."""
 
-    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    engine.stats.step_times.clear()
-    engine.generate(ids, params)
-    decode_steps = engine.stats.step_times[1:]  # the first step is the whole prompt batch's prefill
-    return len(ids) * len(decode_steps) / sum(decode_steps)
+    def __init__(self, runner, moe_layers: list) -> None:
+        self.runner, self.moe_layers, self.counter = runner, moe_layers, runner.expert_load
+        self.times: dict[str, list[float]] = {"on": [], "off": []}
+        self.calls = 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.runner, name)
+
+    def submit(self, plan):
+        mode = "on" if self.calls % 2 else "off"
+        self.calls += 1
+        for moe in self.moe_layers:
+            moe.load_counter = self.counter if mode == "on" else None
+        start = time.perf_counter()
+        out = self.runner.submit(plan)
+        if all(q == 1 for q in plan.query_lens):  # decode steps only
+            self.times[mode].append(time.perf_counter() - start)
+        return out
+
+
+def count_call_seconds(counter, num_tokens: int, top_k: int, num_experts: int, repeats: int = 2000) -> float:
+    """Median seconds of one ``count_routed`` call (one MoE layer) on [num_tokens, top_k] ids."""
+    from moeserve.experts.load_counter import count_routed
+
+    ids = torch.randint(0, num_experts, (num_tokens, top_k))
+    layer = counter.layer_ids[0]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        count_routed(counter, layer, ids)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def bench_counters(args: argparse.Namespace) -> dict:
@@ -44,30 +71,33 @@ def bench_counters(args: argparse.Namespace) -> dict:
 
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
+    from moeserve.coordinator.sampling import SamplingParams
 
     model = write_checkpoint(Path(args.checkpoint or tempfile.mkdtemp(prefix="moeserve-v2shaped-")))
     ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
     engine = Engine(EngineConfig(model=str(model), dtype=args.dtype, max_num_seqs=len(ids),
                                  max_num_batched_tokens=len(ids) * args.input_len, skip_tokenizer_init=True))
-    counter = engine.runner.expert_load
     moe_layers = list(engine.model.moe_layers().values())
-    rates: dict[str, list[float]] = {"on": [], "off": []}
-    decode_rate(engine, ids, 4)  # warm-up
+    runner = AlternatingRunner(engine.runner, moe_layers)
+    engine.runner = runner  # type: ignore[assignment]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for _ in range(args.repeats):
-        for mode in ("off", "on"):
-            for moe in moe_layers:
-                moe.load_counter = counter if mode == "on" else None
-            rates[mode].append(decode_rate(engine, ids, args.output_len))
-    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
-    return {"bench": "counters", "decode_tok_s_on": rates["on"], "decode_tok_s_off": rates["off"],
-            "median_on": on, "median_off": off, "cost_pct": 100 * (off - on) / off,
-            "counted_pairs": int(counter.logical.sum()), "config": vars(args)}
+        engine.generate(ids, params)
+    on, off = statistics.median(runner.times["on"]), statistics.median(runner.times["off"])
+    per_call = count_call_seconds(runner.counter, len(ids), V2_SHAPED["num_experts_per_tok"],
+                                  V2_SHAPED["n_routed_experts"])
+    return {"bench": "counters", "decode_steps": {k: len(v) for k, v in runner.times.items()},
+            "median_step_ms_on": 1e3 * on, "median_step_ms_off": 1e3 * off, "cost_pct": 100 * (on - off) / off,
+            "count_call_us": 1e6 * per_call, "count_calls_per_step": len(moe_layers),
+            "count_share_of_step_pct": 100 * per_call * len(moe_layers) / off,
+            "counted_pairs": int(runner.counter.logical.sum()), "config": vars(args)}
 
 
 def bench_scrape(args: argparse.Namespace) -> dict:
+    from prometheus_client import CollectorRegistry, generate_latest
+
     from moeserve.coordinator.expert_load import LoadAggregator
     from moeserve.frontend.load_metrics import ExpertLoadCollector
-    from prometheus_client import CollectorRegistry, generate_latest
 
     slots = args.experts // args.ranks + args.redundant
     gen = torch.Generator().manual_seed(0)

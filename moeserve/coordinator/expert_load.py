@@ -51,6 +51,7 @@ class LoadView:
     history: tuple[tuple[float, int, float], ...] = ()  # (time, step, balancedness of the window)
     rebalances: tuple[Rebalance, ...] = ()
     steps_since_rebalance: int = 0
+    eplb_interval_steps: int = 0  # online rebalancing's interval (0: off)
 
     @property
     def num_ranks(self) -> int:
@@ -86,6 +87,7 @@ class LoadAggregator:
     view: LoadView | None = None
     _last_close: float = field(default_factory=time.monotonic)
     _last_rebalance_step: int = 0
+    eplb_interval_steps: int = 0
 
     def __post_init__(self) -> None:
         self.view = self._empty_view()
@@ -126,7 +128,8 @@ class LoadAggregator:
         rank_ids = tuple(tuple(first_rank.get(i, 0) + r for r in range(ranks)) for i in self.layer_ids)
         view = LoadView(step, time.time(), self.layer_ids, logical, logical - prev.total, physical,
                         (physical - prev.physical_total).clamp(min=0), self.phy2log, rank_ids,
-                        now - self._last_close, (), tuple(self.rebalances), step - self._last_rebalance_step)
+                        now - self._last_close, (), tuple(self.rebalances), step - self._last_rebalance_step,
+                        self.eplb_interval_steps)
         self._history.append((view.time, step, float(view.balancedness().mean()) if len(self.layer_ids) else 1.0))
         self.view = LoadView(**{**view.__dict__, "history": tuple(self._history)})
         self._last_close = now

@@ -23,10 +23,12 @@ import zmq
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.sampling import SamplingParams
+from moeserve.dashboard import routes as expert_load_routes
 from moeserve.errors import UserError
 from moeserve.frontend.auth import ApiKeys, AuditLog
 from moeserve.frontend.http_api import HttpApi
 from moeserve.frontend.limits import ServerLimits
+from moeserve.frontend.load_metrics import LoadMetricsConfig
 from moeserve.frontend.metrics import ServerMetrics
 from moeserve.frontend.router import POLICIES
 from moeserve.frontend.rpc import RpcServer
@@ -51,6 +53,7 @@ class ServerConfig:
     limits: ServerLimits = field(default_factory=ServerLimits)
     drain_timeout_s: float = 30.0
     replica_threads: int = 0  # torch threads per replica process; 0 = the cores split evenly
+    expert_metrics: LoadMetricsConfig = field(default_factory=LoadMetricsConfig)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -99,6 +102,7 @@ class Server:
         self.service = GenerationService(self.tokenizer, info, config.limits, ServerMetrics(self._snapshots),
                                          self.audit, config.routing)
         self.http = HttpApi(self.service, self.keys, config.model_name)
+        expert_load_routes.install(self.http.app, self.service, self.keys, config.expert_metrics)
         self.rpc = RpcServer(self.service, self.keys, f"tcp://{_zmq_host(config.host)}:{config.rpc_port}")
         self._uvicorn: _Uvicorn | None = None
         self._tasks: list[asyncio.Task] = []

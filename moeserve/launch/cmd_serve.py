@@ -31,6 +31,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", default="", help="the model id of /v1/models (default: the directory name)")
     g.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests in flight")
     g.add_argument("--replica-threads", type=int, default=0, help="torch threads per replica (default: cores / N)")
+    g.add_argument("--expert-metrics-top-k", type=int, default=4,
+                   help="per-expert Prometheus series: the K hottest and K coldest experts of each MoE layer")
+    g.add_argument("--expert-metrics-all", action="store_true",
+                   help="per-expert Prometheus series for every expert of every layer (layers x experts series)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-queued-requests", type=int, default=1024,
                      help="requests admitted and not finished, at most; past it: HTTP 429 / RPC busy")
@@ -44,6 +48,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def server_config(args: argparse.Namespace):
     from moeserve.frontend.limits import ServerLimits
+    from moeserve.frontend.load_metrics import LoadMetricsConfig
     from moeserve.frontend.server import ServerConfig
     from moeserve.launch.cli import engine_config
 
@@ -53,7 +58,8 @@ def server_config(args: argparse.Namespace):
     return ServerConfig(engine=engine_config(args, progress=False), host=args.host, port=args.port,
                         rpc_port=args.rpc_port, replicas=args.replicas, api_key=args.api_key,
                         audit_log=args.audit_log, served_model_name=args.served_model_name, routing=args.routing,
-                        limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads)
+                        limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads,
+                        expert_metrics=LoadMetricsConfig(args.expert_metrics_top_k, args.expert_metrics_all))
 
 
 def run(args: argparse.Namespace) -> int:
