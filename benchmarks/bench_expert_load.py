@@ -110,11 +110,13 @@ def bench_scrape(args: argparse.Namespace) -> dict:
         agg.update(rank, agg.layer_ids, logical, physical)
     agg.close_window(100)
     registry = CollectorRegistry()
-    registry.register(ExpertLoadCollector(lambda: [agg.view], top_k=args.top_k))  # type: ignore[arg-type]
+    collector = ExpertLoadCollector(lambda: [agg.view], top_k=args.top_k)
+    registry.register(collector)  # type: ignore[arg-type]
     times, size = [], 0
-    for _ in range(args.repeats):
+    for i in range(args.repeats):  # what ServerMetrics.render does, each time on a new window (no cache)
+        agg.close_window(100 + i)
         start = time.perf_counter()
-        size = len(generate_latest(registry))
+        size = len(generate_latest(registry) + collector.text())
         times.append(time.perf_counter() - start)
     return {"bench": "scrape", "seconds": times, "median_ms": 1e3 * statistics.median(times),
             "max_ms": 1e3 * max(times), "bytes": size, "config": vars(args)}

@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 HISTORY = 600  # windows of balancedness kept for the dashboard
@@ -59,8 +60,10 @@ class LoadView:
 
     def rank_load(self, which: str = "window") -> torch.Tensor:
         """[layers, ep] pairs each EP rank served (prefill + decode)."""
-        phys = (self.physical_window if which == "window" else self.physical_total).sum(1)
-        return phys.view(phys.shape[0], self.num_ranks, -1).sum(-1)
+        # NOTE: numpy: these small reductions run on the HTTP thread, where torch's thread pool costs more
+        # than the work when the cores are busy serving
+        phys = (self.physical_window if which == "window" else self.physical_total).numpy()
+        return torch.from_numpy(phys.reshape(phys.shape[0], 2, self.num_ranks, -1).sum(axis=(1, 3)))
 
     def balancedness(self, which: str = "window") -> torch.Tensor:
         """[layers] mean / max rank load (1.0 = perfectly even; a layer with no tokens counts as 1.0)."""
@@ -69,9 +72,10 @@ class LoadView:
 
 def balancedness(rank_load: torch.Tensor) -> torch.Tensor:
     """rank_load: [layers, ranks] -> [layers] mean / max over ranks (1.0 where a layer had no load)."""
-    load = rank_load.double()
-    peak = load.max(-1).values
-    return torch.where(peak > 0, load.mean(-1) / peak.clamp(min=1e-12), torch.ones_like(peak))
+    load = rank_load.double().numpy()
+    peak = load.max(-1) if load.shape[-1] else np.zeros(load.shape[:-1])
+    mean = load.mean(-1) if load.shape[-1] else peak
+    return torch.from_numpy(np.where(peak > 0, mean / np.maximum(peak, 1e-12), 1.0))
 
 
 @dataclass

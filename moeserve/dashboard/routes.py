@@ -41,8 +41,9 @@ def load_views(service: Any) -> list[LoadView | None]:
 def install(app: FastAPI, service: Any, keys: ApiKeys, config: LoadMetricsConfig | None = None) -> None:
     """Register the expert-load collector on the service's metrics and add the routes to ``app``."""
     config = config or LoadMetricsConfig()
-    service.metrics.registry.register(ExpertLoadCollector(lambda: load_views(service), config.top_k,
-                                                          config.all_experts))
+    collector = ExpertLoadCollector(lambda: load_views(service), config.top_k, config.all_experts)
+    service.metrics.registry.register(collector)
+    service.metrics.extra_text.append(collector.text)
     app.include_router(ExpertLoadRoutes(service, keys).router)
 
 
