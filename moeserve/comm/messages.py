@@ -147,6 +147,30 @@ class ExpertLoadMsg:
 
 
 @dataclass
+class PlacementMsg:
+    """Start staging a new expert placement (``phy2log`` [ep][slots], the same for every MoE layer): each
+    rank loads the weights of its changed slots, ``layers_per_step`` layers after each step."""
+
+    seq: int
+    phy2log: list[list[int]]
+    layers_per_step: int
+
+
+@dataclass
+class PlacementReadyMsg:
+    rank: int
+    seq: int
+    error: str = ""  # why this rank could not stage the placement (it keeps the old one)
+
+
+@dataclass
+class PlacementSwapMsg:
+    """Serve with the staged placement from the next step plan on (sent to every rank at one step boundary)."""
+
+    seq: int
+
+
+@dataclass
 class PreflightMsg:
     """Rank 0's timing of one all-reduce and one all-to-all over the whole world, before loading weights."""
 
@@ -201,7 +225,8 @@ MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, Log
                                                                 PreflightMsg, KvSaveMsg, KvLoadMsg,
                                                                 KvLoadedMsg,
                                                                 ExpertLoadRequestMsg,
-                                                                ExpertLoadMsg)}
+                                                                ExpertLoadMsg, PlacementMsg, PlacementReadyMsg,
+                                                                PlacementSwapMsg)}
 
 
 def encode(msg: Any) -> bytes:

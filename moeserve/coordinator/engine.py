@@ -18,6 +18,7 @@ import torch
 from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
+from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling_batch
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -111,6 +112,7 @@ class Engine:
         self.plan = None  # the ParallelPlan of a distributed engine
         if config.is_distributed:
             self.model_config = ModelConfig.from_hf(config.model_path)
+            self.config = config = with_redundant_slots(config, self.model_config.n_routed_experts)
         else:
             self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
                                              progress=config.load_progress,
@@ -138,7 +140,7 @@ class Engine:
         tiers = build_tiers(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner, kv_store)
         self.kv = KVCacheManager(num_blocks, config.effective_block_size, tiers=tiers)
         self.expert_load = ExpertLoadMonitor(self.runner, self.model_config, config.expert_load_interval,
-                                             self._phy2log())
+                                             self._phy2log(), EplbConfig.of(config))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)

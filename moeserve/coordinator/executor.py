@@ -26,7 +26,6 @@ import zmq
 
 from moeserve.comm.messages import (
     ErrorMsg,
-    ExpertLoadMsg,
     ExpertLoadRequestMsg,
     KvLoadedMsg,
     KvLoadMsg,
@@ -139,7 +138,8 @@ class DistributedExecutor:
         self.preflight: PreflightMsg | None = None
         self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
         self._kv_polled = 0.0
-        self.expert_load_sink: Callable[[ExpertLoadMsg], None] | None = None  # see coordinator/load_monitor.py
+        # statistics and placement messages go to their handler whenever they arrive (coordinator/load_monitor.py)
+        self.sinks: dict[type, Callable[[Any], None]] = {}
         try:
             while len(self.loaded_bytes) < len(specs):
                 msg = self._receive(startup_timeout_s, "start")
@@ -222,9 +222,9 @@ class DistributedExecutor:
             error = self._root_cause(msg.rank, msg.message)
             assert error is not None
             raise error
-        if isinstance(msg, ExpertLoadMsg):  # statistics ride along with whatever we wait for
-            if self.expert_load_sink is not None:
-                self.expert_load_sink(msg)
+        sink = self.sinks.get(type(msg))
+        if sink is not None:  # statistics ride along with whatever we wait for
+            sink(msg)
             return None
         return msg
 
@@ -284,8 +284,12 @@ class DistributedExecutor:
         return list(self._kv_counters.values())
     def request_expert_load(self, seq: int) -> None:
         """Ask every rank for its expert-load counters; each answers after the plans sent before this, and
-        the answers go to ``expert_load_sink`` whenever the executor next reads its socket."""
+        the answers go to ``sinks[ExpertLoadMsg]`` whenever the executor next reads its socket."""
         self._broadcast(encode(ExpertLoadRequestMsg(seq)))
+
+    def broadcast(self, msg: Any) -> None:
+        """Send a typed message to every rank, in order with the step plans."""
+        self._broadcast(encode(msg))
 
     def poll_messages(self) -> None:
         """Read what has arrived without waiting (between steps): statistics, and logits kept for later."""

@@ -11,6 +11,7 @@ import torch
 
 from moeserve.comm.messages import ExpertLoadMsg, MessageError
 from moeserve.coordinator.expert_load import LoadAggregator, LoadView
+from moeserve.coordinator.rebalancer import EplbConfig, Rebalancer
 from moeserve.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,9 @@ class ExpertLoadMonitor:
     theirs (``request_expert_load``; the replies come back through ``receive`` while the engine collects
     later steps, so the step that asks waits for nothing)."""
 
-    def __init__(self, runner: Any, config: ModelConfig, interval: int, phy2log: torch.Tensor | None = None):
+    def __init__(self, runner: Any, config: ModelConfig, interval: int, phy2log: torch.Tensor | None = None,
+                 eplb: EplbConfig | None = None):
+        """``eplb``: rebalance the placement online (a distributed engine with expert parallelism only)."""
         if interval < 1:
             raise ValueError(f"the expert-load interval must be >= 1 step, got {interval}")
         self.interval = interval
@@ -33,11 +36,15 @@ class ExpertLoadMonitor:
         self.runner = runner
         self.distributed = hasattr(runner, "request_expert_load")
         if self.distributed:
-            runner.expert_load_sink = self.receive
+            runner.sinks[ExpertLoadMsg] = self.receive
         self.step = 0
         self._steps_since_request = 0
         self._seq = 0
         self._pending: set[int] = set()
+        self.rebalancer: Rebalancer | None = None
+        if eplb is not None and self.distributed and phy2log is not None and self.enabled:
+            self.rebalancer = Rebalancer(runner, self.aggregator, eplb)
+            self.rebalancer.on_swap = self._placement_changed
 
     @property
     def view(self) -> LoadView | None:
@@ -52,6 +59,13 @@ class ExpertLoadMonitor:
         self._steps_since_request += 1
         if self.enabled and self._steps_since_request >= self.interval and not self._pending:
             self.request()
+        if self.rebalancer is not None:
+            self.rebalancer.on_step(step)
+
+    def _placement_changed(self) -> None:
+        """Answers to a request sent before the swap count the old slots: ignore them."""
+        self._seq += 1
+        self._pending.clear()
 
     def idle(self) -> None:
         """Between steps with nothing to run: take the answers that came in, close a window left open."""
@@ -61,6 +75,8 @@ class ExpertLoadMonitor:
             self.runner.poll_messages()
         if self._steps_since_request and not self._pending:
             self.request()
+        if self.rebalancer is not None and (self.rebalancer.staging or self.rebalancer.requested):
+            self.rebalancer.on_step(self.step)
 
     def flush(self, timeout_s: float = 60.0) -> LoadView | None:
         """Close a window now and wait for every rank's answer (tests, and callers between steps)."""
