@@ -29,6 +29,7 @@ SERIES = re.compile(r'^moeserve_expert_tokens_total\{layer="(\d+)",rank="(\d+)"\
 @pytest.fixture(scope="module")
 def server():
     proc, url, _ = serve_subprocess("--tp", "2", "--kv-cache-memory", str(32 << 20), "--expert-load-interval", "2",
+                                    "--num-redundant-experts", "2",
                                     timeout_s=300, stderr=subprocess.PIPE, text=True)
     try:
         for i in range(6):  # some traffic: prefill and decode on both ranks
@@ -174,6 +175,30 @@ def test_dashboard_in_chromium_shows_the_metrics(server, tmp_path) -> None:
             shutil.copy(shot, ROOT / "docs" / "images" / "dashboard.png")
     finally:
         driver.quit()
+
+
+def test_admin_rebalance_keeps_the_tokens(server) -> None:
+    """POST /admin/rebalance: the placement changes while serving, greedy text stays the same."""
+    ask = {"model": "moeserve-default", "prompt": "the experts move", "max_tokens": 16, "temperature": 0}
+    before_text = httpx.post(server + "/v1/completions", json=ask, timeout=120).json()["choices"][0]["text"]
+    before, _ = settled(server)
+    r = httpx.post(server + "/admin/rebalance", timeout=30)
+    assert r.status_code == 202, r.text
+    deadline = time.monotonic() + 90
+    while True:
+        text = httpx.get(server + "/metrics", timeout=30).text
+        done = re.findall(r'moeserve_eplb_rebalances_total\{result="(\w+)"\} (\S+)', text)
+        if any(float(v) > 0 for _, v in done):
+            break
+        assert time.monotonic() < deadline, "no rebalance was recorded"
+        time.sleep(0.5)
+    results = {k: float(v) for k, v in done}
+    after, _ = settled(server)
+    assert results["failed"] == 0
+    if results["applied"]:
+        assert after["phy2log"] != before["phy2log"]
+    after_text = httpx.post(server + "/v1/completions", json=ask, timeout=120).json()["choices"][0]["text"]
+    assert after_text == before_text
 
 
 def eval_json(text: str):

@@ -53,17 +53,23 @@ class LoadView:
     rebalances: tuple[Rebalance, ...] = ()
     steps_since_rebalance: int = 0
     eplb_interval_steps: int = 0  # online rebalancing's interval (0: off)
+    rank_base: torch.Tensor | None = None  # [layers, ep] what each rank served under earlier placements
+
 
     @property
     def num_ranks(self) -> int:
         return 1 if self.phy2log is None else int(self.phy2log.shape[0])
 
     def rank_load(self, which: str = "window") -> torch.Tensor:
-        """[layers, ep] pairs each EP rank served (prefill + decode)."""
+        """[layers, ep] pairs each EP rank served (prefill + decode) in the latest window, since start
+        ("total"), or since the current placement began ("placement")."""
         # NOTE: numpy: these small reductions run on the HTTP thread, where torch's thread pool costs more
         # than the work when the cores are busy serving
         phys = (self.physical_window if which == "window" else self.physical_total).numpy()
-        return torch.from_numpy(phys.reshape(phys.shape[0], 2, self.num_ranks, -1).sum(axis=(1, 3)))
+        load = phys.reshape(phys.shape[0], 2, self.num_ranks, -1).sum(axis=(1, 3))
+        if which == "total" and self.rank_base is not None:  # since start: earlier placements too
+            load = load + self.rank_base.numpy()
+        return torch.from_numpy(load)
 
     def balancedness(self, which: str = "window") -> torch.Tensor:
         """[layers] mean / max rank load (1.0 = perfectly even; a layer with no tokens counts as 1.0)."""
@@ -92,6 +98,7 @@ class LoadAggregator:
     _last_close: float = field(default_factory=time.monotonic)
     _last_rebalance_step: int = 0
     eplb_interval_steps: int = 0
+    _rank_base: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.view = self._empty_view()
@@ -133,7 +140,7 @@ class LoadAggregator:
         view = LoadView(step, time.time(), self.layer_ids, logical, logical - prev.total, physical,
                         (physical - prev.physical_total).clamp(min=0), self.phy2log, rank_ids,
                         now - self._last_close, (), tuple(self.rebalances), step - self._last_rebalance_step,
-                        self.eplb_interval_steps)
+                        self.eplb_interval_steps, self._rank_base)
         self._history.append((view.time, step, float(view.balancedness().mean()) if len(self.layer_ids) else 1.0))
         self.view = LoadView(**{**view.__dict__, "history": tuple(self._history)})
         self._last_close = now
@@ -146,8 +153,11 @@ class LoadAggregator:
         self._last_rebalance_step = rebalance.step
         self._per_rank.clear()
         prev = self.view
+        if prev is not None:
+            self._rank_base = prev.rank_load("total")
         self.view = self._empty_view()
         if prev is not None:  # logical totals carry on: only the physical slots changed meaning
             self.view = LoadView(**{**self.view.__dict__, "total": prev.total, "window": prev.window,
                                     "history": prev.history, "rebalances": tuple(self.rebalances),
-                                    "step": rebalance.step})
+                                    "step": rebalance.step, "rank_base": self._rank_base,
+                                    "eplb_interval_steps": self.eplb_interval_steps})

@@ -97,7 +97,7 @@ class Rebalancer:
         if view is None or current is None or int(view.total.sum()) == 0:
             return False
         weight = view.total.sum(1).sum(0, keepdim=True).double()  # [1, E]: one placement for every layer
-        measured = float(view.balancedness("total").mean())  # physical counters restart at each swap
+        measured = float(view.balancedness("placement").mean())  # since the current placement began
         new = plan_placement(weight, current.shape[0], current.shape[1], current=current.unsqueeze(0))[0]
         now = float(balancedness(rank_loads(weight, current.unsqueeze(0)))[0])
         after = float(balancedness(rank_loads(weight, new.unsqueeze(0)))[0])

@@ -57,6 +57,7 @@ class ExpertLoadRoutes:
         r.add_api_route("/dashboard", self.page, methods=["GET"])
         r.add_api_route("/dashboard/assets/{name}", self.asset, methods=["GET"])
         r.add_api_route("/dashboard/events", self.events, methods=["GET"])
+        r.add_api_route("/admin/rebalance", self.rebalance, methods=["POST"])
 
     def _auth(self, request: Request, allow_query: bool = False) -> None:
         header = request.headers.get("authorization")
@@ -76,6 +77,21 @@ class ExpertLoadRoutes:
         if scope not in ("window", "total"):
             raise BadRequest(f"scope must be window or total, got {scope!r}", "scope")
         return JSONResponse(load_json(self.view(), scope))
+
+    async def rebalance(self, request: Request) -> JSONResponse:
+        """Ask the engine for an expert rebalance now (it plans at its next step boundary, then stages the
+        new placement in the background); 202 with the rebalances so far."""
+        self._auth(request)
+        rebalancers = [getattr(getattr(getattr(b, "engine", None), "expert_load", None), "rebalancer", None)
+                       for b in self.service.backends]
+        live = [r for r in rebalancers if r is not None]
+        if not live:
+            raise BadRequest("online rebalancing needs expert parallelism over stage workers (--tp N with "
+                             "--ep N, N > 1) in one replica")
+        for rebalancer in live:
+            rebalancer.request()  # an idle engine takes it up within half a second
+        view = self.view()
+        return JSONResponse({"status": "requested", "rebalances": [r.__dict__ for r in view.rebalances]}, 202)
 
     async def page(self, request: Request) -> Response:
         self._auth(request, allow_query=True)
