@@ -46,20 +46,25 @@ class ExpertLoadCounter:
         self.set_placement(phy2log)
 
     def set_placement(self, phy2log: torch.Tensor | None) -> None:
-        """Take a (new) placement: physical counts start again from zero (the slots mean other experts)."""
+        """Take a (new) placement: physical counts start again from zero (the slots mean other experts).
+        Buffers of an unchanged shape are written in place (captured CUDA graphs keep reading them)."""
         self.phy2log = None if phy2log is None else phy2log.to(self.device)
         num_physical = self.num_logical if phy2log is None else phy2log.numel()
-        self.physical = torch.zeros(len(self.layer_ids), 2, num_physical, dtype=torch.long, device=self.device)
-        self._holders: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._slot_of: torch.Tensor | None = None
+        physical = torch.zeros(len(self.layer_ids), 2, num_physical, dtype=torch.long, device=self.device)
+        holders: tuple[torch.Tensor, torch.Tensor] | None = None
+        slot_of: torch.Tensor | None = None
         if self.phy2log is not None:
             ep, slots = self.phy2log.shape
-            self._holders = holder_table(self.phy2log, self.num_logical)
+            holders = holder_table(self.phy2log, self.num_logical)
             # [num_logical, ep] physical slot of expert e on rank r (0 where r does not hold e: never picked)
             slot_of = torch.zeros(self.num_logical, ep, dtype=torch.long, device=self.device)
             ranks = torch.arange(ep, device=self.device).unsqueeze(1).expand_as(self.phy2log)
             slot_of[self.phy2log, ranks] = ranks * slots + torch.arange(slots, device=self.device)
-            self._slot_of = slot_of
+        self.physical = _into(getattr(self, "physical", None), physical)
+        old = getattr(self, "_holders", None)
+        self._holders = None if holders is None else \
+            (_into(old and old[0], holders[0]), _into(old and old[1], holders[1]))
+        self._slot_of = None if slot_of is None else _into(getattr(self, "_slot_of", None), slot_of)
 
     @property
     def num_physical(self) -> int:
@@ -96,6 +101,13 @@ class ExpertLoadCounter:
         """(logical, physical) cumulative counts, copied to the host (waits for the device: call it
         between steps, every few steps, not inside one)."""
         return self.logical.cpu(), self.physical.cpu()
+
+
+def _into(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s values, in ``old``'s storage when the shapes match."""
+    if old is not None and old.shape == new.shape:
+        return old.copy_(new)
+    return new
 
 
 def count_routed(counter: ExpertLoadCounter | None, layer_id: int, ids: torch.Tensor,
