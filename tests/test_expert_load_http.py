@@ -138,7 +138,7 @@ def chromium_driver():
     options.binary_location = shutil.which("chromium") or ""
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000", f"--user-data-dir={tempfile.mkdtemp(prefix='moeserve-chromium-')}"):
+                 "--window-size=1400,1500", f"--user-data-dir={tempfile.mkdtemp(prefix='moeserve-chromium-')}"):
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path="/usr/bin/chromedriver")
     return webdriver.Chrome(options=options, service=service)
