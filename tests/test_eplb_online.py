@@ -20,18 +20,22 @@ def single(ckpt_factory) -> dict[int, list[int]]:
     return test_engine.run_staggered(engine)
 
 
-@pytest.mark.parametrize("ep, redundant", [(2, 2), (4, 4)])
-def test_tokens_identical_across_forced_rebalances(ckpt_factory, single, ep: int, redundant: int) -> None:
+@pytest.mark.parametrize("ep, redundant, forced", [(2, 2, False), (4, 4, True)], ids=["ep2-interval", "ep4-forced"])
+def test_tokens_identical_across_rebalances(ckpt_factory, single, ep: int, redundant: int, forced: bool) -> None:
+    """EP 2 rebalances on its own (--eplb-interval 3, threshold 1: whenever the plan is better); EP 4 is
+    forced every 4 steps, as POST /admin/rebalance does."""
+    automatic = {} if forced else {"eplb_interval": 3, "eplb_threshold": 1.0, "eplb_hysteresis": 0.0}
     engine = Engine(EngineConfig(model=str(ckpt_factory(VARIANT)), block_size=4, kv_cache_memory=1 << 22,
                                  max_num_seqs=8, max_num_batched_tokens=32, tp=ep, ep=ep,
-                                 num_redundant_experts=redundant, expert_load_interval=2, eplb_layers_per_step=1))
+                                 num_redundant_experts=redundant, expert_load_interval=2, eplb_layers_per_step=1,
+                                 **automatic))
     rebalancer = engine.expert_load.rebalancer
     assert rebalancer is not None
     step = engine.step
     placements = []
 
     def step_and_rebalance():  # what POST /admin/rebalance does, every 4 steps
-        if engine.stats.num_steps % 4 == 1:
+        if forced and engine.stats.num_steps % 4 == 1:
             rebalancer.request()
         placements.append(engine.expert_load.aggregator.phy2log)
         return step()

@@ -205,3 +205,31 @@ def eval_json(text: str):
     import json
 
     return json.loads(text)
+
+
+def test_expert_load_routes_need_the_api_key() -> None:
+    """One process (no expert parallelism): the routes follow the API-key rule; the dashboard's also take
+    ?key= (a browser's EventSource sends no header); /admin/rebalance says why it cannot run here."""
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.frontend.server import ServerConfig
+    from moeserve.frontend.testing import BackgroundServer
+
+    config = ServerConfig(engine=EngineConfig(kv_cache_memory=8 << 20), port=0, rpc_port=0, api_key="k1")
+    with BackgroundServer(config) as s:
+        bearer = {"Authorization": "Bearer k1"}
+        for path in ("/v1/expert_load", "/dashboard", "/dashboard/assets/dashboard.js", "/dashboard/events"):
+            assert httpx.get(s.http_url + path, timeout=30).status_code == 401, path
+        assert httpx.get(s.http_url + "/dashboard?key=k2", timeout=30).status_code == 401
+        page = httpx.get(s.http_url + "/dashboard?key=k1", timeout=30)
+        assert page.status_code == 200 and "/dashboard/assets/dashboard.js?key=k1" in page.text
+        assert httpx.get(s.http_url + "/dashboard/assets/dashboard.js?key=k1", timeout=30).status_code == 200
+        assert httpx.get(s.http_url + "/dashboard/assets/..%2Fstate.py?key=k1", timeout=30).status_code == 404
+        assert httpx.get(s.http_url + "/v1/expert_load?key=k1", timeout=30).status_code == 401  # header only
+        load = httpx.get(s.http_url + "/v1/expert_load", headers=bearer, timeout=30).json()
+        assert load["phy2log"] is None and len(load["load"]) == len(load["layers"])
+        with httpx.stream("GET", s.http_url + "/dashboard/events?key=k1", timeout=30) as events:
+            first = next(line for line in events.iter_lines() if line.startswith("data: "))
+        assert '"layers"' in first
+        refused = httpx.post(s.http_url + "/admin/rebalance", headers=bearer, timeout=30)
+        assert refused.status_code == 400 and "expert parallelism" in refused.json()["error"]["message"]
+        assert httpx.post(s.http_url + "/admin/rebalance", timeout=30).status_code == 401
