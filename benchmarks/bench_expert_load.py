@@ -56,7 +56,7 @@ def count_call_seconds(counter, num_tokens: int, top_k: int, num_experts: int, r
     """Median seconds of one ``count_routed`` call (one MoE layer) on [num_tokens, top_k] ids."""
     from moeserve.experts.load_counter import count_routed
 
-    ids = torch.randint(0, num_experts, (num_tokens, top_k))
+    ids = torch.randint(0, num_experts, (num_tokens, top_k), device=counter.device)
     layer = counter.layer_ids[0]
     times = []
     for _ in range(repeats):
@@ -75,8 +75,10 @@ def bench_counters(args: argparse.Namespace) -> dict:
 
     model = write_checkpoint(Path(args.checkpoint or tempfile.mkdtemp(prefix="moeserve-v2shaped-")))
     ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
-    engine = Engine(EngineConfig(model=str(model), dtype=args.dtype, max_num_seqs=len(ids),
-                                 max_num_batched_tokens=len(ids) * args.input_len, skip_tokenizer_init=True))
+    # NOTE: eager steps: attaching and detaching the counters per step cannot change a captured CUDA graph
+    engine = Engine(EngineConfig(model=str(model), dtype=args.dtype, device=args.device, max_num_seqs=len(ids),
+                                 max_num_batched_tokens=len(ids) * args.input_len, skip_tokenizer_init=True,
+                                 enforce_eager=True))
     moe_layers = list(engine.model.moe_layers().values())
     runner = AlternatingRunner(engine.runner, moe_layers)
     engine.runner = runner  # type: ignore[assignment]
@@ -131,6 +133,7 @@ def main() -> None:
     c.add_argument("--output-len", type=int, default=64)
     c.add_argument("--repeats", type=int, default=5)
     c.add_argument("--dtype", default="bfloat16")
+    c.add_argument("--device", default="cpu")
     c.add_argument("--checkpoint", default="", help="where the V2-shaped checkpoint is (or is written)")
     s = sub.add_parser("scrape")
     s.add_argument("--layers", type=int, default=58)
