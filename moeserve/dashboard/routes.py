@@ -13,7 +13,7 @@ import html
 import json
 from collections.abc import AsyncIterator
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 from fastapi import APIRouter, FastAPI, Request
@@ -53,11 +53,13 @@ class ExpertLoadRoutes:
         self.keys = keys
         self.router = APIRouter()
         r = self.router
-        r.add_api_route("/v1/expert_load", self.expert_load, methods=["GET"])
+        unavailable: dict[int | str, dict[str, Any]] = {503: {"description": "no expert-load statistics yet"}}
+        r.add_api_route("/v1/expert_load", self.expert_load, methods=["GET"], responses=unavailable)
         r.add_api_route("/dashboard", self.page, methods=["GET"])
         r.add_api_route("/dashboard/assets/{name}", self.asset, methods=["GET"])
         r.add_api_route("/dashboard/events", self.events, methods=["GET"])
-        r.add_api_route("/admin/rebalance", self.rebalance, methods=["POST"])
+        r.add_api_route("/admin/rebalance", self.rebalance, methods=["POST"], status_code=202,
+                        responses=unavailable)
 
     def _auth(self, request: Request, allow_query: bool = False) -> None:
         header = request.headers.get("authorization")
@@ -70,12 +72,9 @@ class ExpertLoadRoutes:
             raise Unavailable("no expert-load statistics yet (the engine is loading, or runs in replica processes)")
         return views[0]
 
-    async def expert_load(self, request: Request) -> JSONResponse:
-        """``?scope=window`` (the latest window) or ``total`` (since start, the default)."""
+    async def expert_load(self, request: Request, scope: Literal["total", "window"] = "total") -> JSONResponse:
+        """Routed tokens per MoE layer and expert: since start (``scope=total``) or in the latest window."""
         self._auth(request)
-        scope = request.query_params.get("scope", "total")
-        if scope not in ("window", "total"):
-            raise BadRequest(f"scope must be window or total, got {scope!r}", "scope")
         return JSONResponse(load_json(self.view(), scope))
 
     async def rebalance(self, request: Request) -> JSONResponse:

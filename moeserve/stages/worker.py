@@ -214,6 +214,7 @@ class StageWorker:
                 reply = apply_kv_message(self.kv_mover, msg, self.spec.rank)
                 if reply is not None:
                     sock.send(encode(reply))
+                continue
             if isinstance(msg, ExpertLoadRequestMsg):
                 sock.send(encode(self.expert_load(msg.seq)))
                 continue
