@@ -55,9 +55,10 @@ class ExpertLoadRoutes:
         r = self.router
         unavailable: dict[int | str, dict[str, Any]] = {503: {"description": "no expert-load statistics yet"}}
         r.add_api_route("/v1/expert_load", self.expert_load, methods=["GET"], responses=unavailable)
-        r.add_api_route("/dashboard", self.page, methods=["GET"])
-        r.add_api_route("/dashboard/assets/{name}", self.asset, methods=["GET"])
-        r.add_api_route("/dashboard/events", self.events, methods=["GET"])
+        # the page, its assets and its event stream are not an API: left out of /openapi.json
+        r.add_api_route("/dashboard", self.page, methods=["GET"], include_in_schema=False)
+        r.add_api_route("/dashboard/assets/{name}", self.asset, methods=["GET"], include_in_schema=False)
+        r.add_api_route("/dashboard/events", self.events, methods=["GET"], include_in_schema=False)
         r.add_api_route("/admin/rebalance", self.rebalance, methods=["POST"], status_code=202,
                         responses=unavailable)
 
