@@ -108,6 +108,69 @@ class StatsMsg:
 
 
 @dataclass
+class ExpertLoadRequestMsg:
+    seq: int  # the coordinator's window number, echoed back
+
+
+@dataclass
+class ExpertLoadMsg:
+    """One rank's cumulative expert-load counters (``experts/load_counter.py``) as raw little-endian int64:
+    ``logical`` [len(layer_ids), 2, num_logical], ``physical`` [len(layer_ids), 2, num_physical]."""
+
+    rank: int
+    seq: int
+    layer_ids: list[int]
+    num_logical: int
+    num_physical: int
+    logical: bytes
+    physical: bytes
+
+    @classmethod
+    def of(cls, rank: int, seq: int, layer_ids: list[int], logical: torch.Tensor,
+           physical: torch.Tensor) -> ExpertLoadMsg:
+        return cls(rank, seq, list(layer_ids), int(logical.shape[-1]), int(physical.shape[-1]),
+                   logical.to(torch.int64).contiguous().numpy().tobytes(),
+                   physical.to(torch.int64).contiguous().numpy().tobytes())
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logical, physical) int64 tensors; MessageError when the bytes do not match the shapes."""
+        layers = len(self.layer_ids)
+        out = []
+        for data, width in ((self.logical, self.num_logical), (self.physical, self.num_physical)):
+            if not isinstance(data, bytes) or width < 0 or len(data) != layers * 2 * width * 8:
+                raise MessageError(f"ExpertLoadMsg: {len(data)} bytes for [{layers}, 2, {width}] int64")
+            if not data:
+                out.append(torch.zeros(layers, 2, width, dtype=torch.int64))
+                continue
+            out.append(torch.frombuffer(bytearray(data), dtype=torch.int64).reshape(layers, 2, width))
+        return out[0], out[1]
+
+
+@dataclass
+class PlacementMsg:
+    """Start staging a new expert placement (``phy2log`` [ep][slots], the same for every MoE layer): each
+    rank loads the weights of its changed slots, ``layers_per_step`` layers after each step."""
+
+    seq: int
+    phy2log: list[list[int]]
+    layers_per_step: int
+
+
+@dataclass
+class PlacementReadyMsg:
+    rank: int
+    seq: int
+    error: str = ""  # why this rank could not stage the placement (it keeps the old one)
+
+
+@dataclass
+class PlacementSwapMsg:
+    """Serve with the staged placement from the next step plan on (sent to every rank at one step boundary)."""
+
+    seq: int
+
+
+@dataclass
 class PreflightMsg:
     """Rank 0's timing of one all-reduce and one all-to-all over the whole world, before loading weights."""
 
@@ -160,7 +223,10 @@ class KvLoadedMsg:
 MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
                                                                 ShutdownMsg, StatsRequestMsg, StatsMsg,
                                                                 PreflightMsg, KvSaveMsg, KvLoadMsg,
-                                                                KvLoadedMsg)}
+                                                                KvLoadedMsg,
+                                                                ExpertLoadRequestMsg,
+                                                                ExpertLoadMsg, PlacementMsg, PlacementReadyMsg,
+                                                                PlacementSwapMsg)}
 
 
 def encode(msg: Any) -> bytes:

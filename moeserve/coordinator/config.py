@@ -47,6 +47,12 @@ class EngineConfig:
     kv_store_timeout: float = 1.0  # seconds for each store call
     kv_store_probe_interval: float = 5.0  # seconds between probes of a store whose breaker is open
     kv_load_cost_rule: bool = True  # skip store loads estimated slower than recomputing
+    expert_load_interval: int = 16  # steps between gathers of the ranks' expert-load counters
+    num_redundant_experts: int = 0  # extra expert slots over the EP ranks, for copies of hot experts
+    eplb_interval: int = 0  # steps between online rebalancing checks; 0 = only when asked (POST /admin/rebalance)
+    eplb_threshold: float = 0.9  # rebalance when the ranks' balancedness (mean / max load) falls below this
+    eplb_hysteresis: float = 0.05  # ... and the planner predicts at least this much better
+    eplb_layers_per_step: int = 4  # MoE layers each rank stages (copies new expert weights for) per step
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -68,6 +74,13 @@ class EngineConfig:
             raise ValueError("kv_store must be redis://[user:password@]host:port/db")
         if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
             raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
+        if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_layers_per_step < 1:
+            raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_layers_per_step >= 1")
+        if not 0 < self.eplb_threshold <= 1 or not 0 <= self.eplb_hysteresis < 1:
+            raise ValueError(f"eplb_threshold must be in (0, 1] and eplb_hysteresis in [0, 1), got "
+                             f"{self.eplb_threshold}, {self.eplb_hysteresis}")
+        if self.expert_load_interval < 1:
+            raise ValueError(f"expert_load_interval must be >= 1, got {self.expert_load_interval}")
         if self.keep_fp8 not in (None, True, False):
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
 

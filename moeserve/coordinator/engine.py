@@ -16,7 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
+from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling_batch
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -110,6 +112,7 @@ class Engine:
         self.plan = None  # the ParallelPlan of a distributed engine
         if config.is_distributed:
             self.model_config = ModelConfig.from_hf(config.model_path)
+            self.config = config = with_redundant_slots(config, self.model_config.n_routed_experts)
         else:
             self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
                                              progress=config.load_progress,
@@ -136,6 +139,8 @@ class Engine:
         per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
         tiers = build_tiers(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner, kv_store)
         self.kv = KVCacheManager(num_blocks, config.effective_block_size, tiers=tiers)
+        self.expert_load = ExpertLoadMonitor(self.runner, self.model_config, config.expert_load_interval,
+                                             self._phy2log(), EplbConfig.of(config))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
@@ -144,6 +149,12 @@ class Engine:
         # Batches in flight: with pp stages, pp batches keep every stage busy (each batch on another stage).
         self.pipeline_depth = config.pp if self.model is None else 1
         self.in_flight: deque[_Batch] = deque()
+
+    def _phy2log(self) -> torch.Tensor | None:
+        """[ep, slots] the expert placement of a distributed engine (None: one slot per expert)."""
+        if self.plan is None or self.plan.dims.ep <= 1:
+            return None
+        return torch.tensor(self.plan.expert_ids, dtype=torch.long)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -202,6 +213,7 @@ class Engine:
         check = getattr(self.runner, "check_alive", None)
         if check is not None:
             check()
+        self.expert_load.idle()
 
     @staticmethod
     def workers_failed(error: Exception) -> bool:
@@ -308,6 +320,7 @@ class Engine:
         self.stats.step_times.append(times[-1] - times[0])
         if self.kv.tiers is not None:  # the cost rule's prefill speed
             self.kv.tiers.observe_step(sched.num_batched_tokens, times[-1] - times[0])
+        self.expert_load.on_step(self.stats.num_steps)
         for phase, start, end in zip(self.stats.phase_s, times, times[1:]):
             self.stats.phase_s[phase] += end - start
         if sched.preempted:

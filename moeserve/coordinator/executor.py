@@ -26,6 +26,7 @@ import zmq
 
 from moeserve.comm.messages import (
     ErrorMsg,
+    ExpertLoadRequestMsg,
     KvLoadedMsg,
     KvLoadMsg,
     KvSaveMsg,
@@ -137,6 +138,8 @@ class DistributedExecutor:
         self.preflight: PreflightMsg | None = None
         self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
         self._kv_polled = 0.0
+        # statistics and placement messages go to their handler whenever they arrive (coordinator/load_monitor.py)
+        self.sinks: dict[type, Callable[[Any], None]] = {}
         try:
             while len(self.loaded_bytes) < len(specs):
                 msg = self._receive(startup_timeout_s, "start")
@@ -202,17 +205,28 @@ class DistributedExecutor:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.sock.poll(500):
-                _identity, frame, *data = self.sock.recv_multipart(copy=False)
-                msg = decode(frame.bytes)
-                if isinstance(msg, LogitsMsg):
-                    msg.attach(data[0].buffer if data else b"")
-                if isinstance(msg, ErrorMsg):
-                    error = self._root_cause(msg.rank, msg.message)
-                    assert error is not None
-                    raise error
-                return msg
+                msg = self._read_one()
+                if msg is not None:
+                    return msg
+                continue
             self.check_alive()
         raise WorkerError(f"no answer from the stage workers within {timeout_s:.0f} s ({what})")
+
+    def _read_one(self) -> object | None:
+        """One message from the socket; an error raises, statistics go to their sink (None is returned)."""
+        _identity, frame, *data = self.sock.recv_multipart(copy=False)
+        msg = decode(frame.bytes)
+        if isinstance(msg, LogitsMsg):
+            msg.attach(data[0].buffer if data else b"")
+        if isinstance(msg, ErrorMsg):
+            error = self._root_cause(msg.rank, msg.message)
+            assert error is not None
+            raise error
+        sink = self.sinks.get(type(msg))
+        if sink is not None:  # statistics ride along with whatever we wait for
+            sink(msg)
+            return None
+        return msg
 
     def _broadcast(self, frame: bytes) -> None:
         for spec in self.specs:
@@ -268,6 +282,21 @@ class DistributedExecutor:
             self._kv_polled = now
             self._broadcast(encode(KvLoadMsg(0, [], [], [], [], [])))
         return list(self._kv_counters.values())
+    def request_expert_load(self, seq: int) -> None:
+        """Ask every rank for its expert-load counters; each answers after the plans sent before this, and
+        the answers go to ``sinks[ExpertLoadMsg]`` whenever the executor next reads its socket."""
+        self._broadcast(encode(ExpertLoadRequestMsg(seq)))
+
+    def broadcast(self, msg: Any) -> None:
+        """Send a typed message to every rank, in order with the step plans."""
+        self._broadcast(encode(msg))
+
+    def poll_messages(self) -> None:
+        """Read what has arrived without waiting (between steps): statistics, and logits kept for later."""
+        while self.sock.poll(0):
+            msg = self._read_one()
+            if isinstance(msg, LogitsMsg):
+                self._logits[msg.step_id] = msg.tensor()
 
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
         """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep

@@ -105,6 +105,8 @@ class AllToAllDispatch:
         share = x[start:start + counts[self.shard.rank]]
         weights, ids = self.route(moe, share)
         moe.last_expert_ids = ids
+        if moe.load_counter is not None:
+            moe.load_counter.count(moe.layer_id, ids, start)
         dest = pick_owner(ids, start, *self.holders(x.device))
         histogram = torch.bincount(ids.flatten(), minlength=moe.spec.num_experts)
         got = dispatch(share, dest, ids, weights, self.shard.group, stats=histogram)

@@ -16,6 +16,7 @@ from torch import nn
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch, holder_table, pick_owner
 from moeserve.experts.gate import GateSpec, route, router_logits
+from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
 from moeserve.model.cpu_linear import PackedLinear
@@ -139,6 +140,8 @@ class MoE(nn.Module):
         self.fused = False  # the fused MoE kernel (kernels/fused_moe.py); set by DeepseekModel.use_kernels
         # [T] 1 for real tokens, 0 for a CUDA graph's padding rows (so they are not counted); None: all real
         self.count_weights: torch.Tensor | None = None
+        self.load_counter: ExpertLoadCounter | None = None  # set by load_counter.attach_counter
+        self.layer_id = -1
         # FP8 experts are dequantized into a buffer shared by every layer: packing it would repack each call
         self.linear = PackedLinear(pack=fp8_block is None)
         self.dispatch = check_dispatch(dispatch, expert_tp)
@@ -203,6 +206,7 @@ class MoE(nn.Module):
         ones = torch.ones_like(ids) if self.count_weights is None else \
             self.count_weights[:ids.shape[0], None].expand_as(ids)
         self.tokens_per_expert.index_add_(0, ids.flatten(), ones.flatten())
+        count_routed(self.load_counter, self.layer_id, ids, weights=self.count_weights)
 
     def routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Same contract as ``routed``, by the fused Triton kernel; FP8 experts are read as they are stored."""

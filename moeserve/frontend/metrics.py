@@ -61,9 +61,10 @@ class ServerMetrics:
         self.generation_tokens = Counter("moeserve_generation_tokens", "generated tokens",
                                          registry=self.registry)
         self.registry.register(_EngineCollector(snapshots))  # type: ignore[arg-type]
+        self.extra_text: list[Callable[[], bytes]] = []  # families rendered elsewhere (dashboard/routes.py)
 
     def outcome(self, outcome: str, protocol: str) -> None:
         self.requests.labels(outcome if outcome in OUTCOMES else "error", protocol).inc()
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + b"".join(render() for render in self.extra_text)

@@ -23,10 +23,12 @@ import zmq
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.sampling import SamplingParams
+from moeserve.dashboard import routes as expert_load_routes
 from moeserve.errors import UserError
 from moeserve.frontend.auth import ApiKeys, AuditLog
 from moeserve.frontend.http_api import HttpApi
 from moeserve.frontend.limits import ServerLimits
+from moeserve.frontend.load_metrics import LoadMetricsConfig
 from moeserve.frontend.metrics import ServerMetrics
 from moeserve.frontend.reasoning import PARSERS as REASONING_PARSERS
 from moeserve.frontend.router import POLICIES
@@ -55,6 +57,7 @@ class ServerConfig:
     replica_threads: int = 0  # torch threads per replica process; 0 = the cores split evenly
     reasoning_parser: str | None = None  # "deepseek_r1": <think>...</think> -> reasoning_content
     tool_call_parser: str | None = None  # "deepseek_v3": the model's tool calls -> tool_calls
+    expert_metrics: LoadMetricsConfig = field(default_factory=LoadMetricsConfig)
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -108,6 +111,7 @@ class Server:
                                          self.audit, config.routing)
         self.http = HttpApi(self.service, self.keys, config.model_name, config.reasoning_parser,
                             config.tool_call_parser)
+        expert_load_routes.install(self.http.app, self.service, self.keys, config.expert_metrics)
         self.rpc = RpcServer(self.service, self.keys, f"tcp://{_zmq_host(config.host)}:{config.rpc_port}",
                              config.reasoning_parser)
         self._uvicorn: _Uvicorn | None = None

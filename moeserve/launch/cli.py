@@ -9,7 +9,16 @@ import sys
 import traceback
 
 from moeserve.errors import UserError
-from moeserve.launch import cmd_bench, cmd_chat, cmd_check, cmd_generate, cmd_launch, cmd_plan, cmd_serve
+from moeserve.launch import (
+    cmd_bench,
+    cmd_chat,
+    cmd_check,
+    cmd_expert_load,
+    cmd_generate,
+    cmd_launch,
+    cmd_plan,
+    cmd_serve,
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +50,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-placement", default="",
                    help="JSON file mapping each EP rank's slots to logical experts (copies of hot experts "
                         "allowed; see moeserve plan --placement; default: contiguous ranges)")
+    g.add_argument("--expert-load-interval", type=int, default=16,
+                   help="engine steps between gathers of every rank's expert-load counters (/metrics, /dashboard)")
+    g.add_argument("--num-redundant-experts", type=int, default=0,
+                   help="extra expert slots over the EP ranks for copies of hot experts (online rebalancing)")
+    g.add_argument("--eplb-interval", type=int, default=0,
+                   help="steps between online expert rebalancing checks (0: only on POST /admin/rebalance)")
+    g.add_argument("--eplb-threshold", type=float, default=0.9,
+                   help="rebalance when the EP ranks' balancedness (mean / max load) falls below this")
+    g.add_argument("--eplb-hysteresis", type=float, default=0.05,
+                   help="... and only when the planner predicts at least this much better balancedness")
+    g.add_argument("--eplb-layers-per-step", type=int, default=4,
+                   help="MoE layers whose new expert weights each rank copies in after a step while rebalancing")
     g.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
                    help="auto: read the checkpoint (default); dummy: random weights made on the device from config.json "
                         "alone (benchmarks; pair with --skip-tokenizer-init when the directory has no tokenizer)")
@@ -87,7 +108,10 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             expert_placement=args.expert_placement, enforce_eager=args.enforce_eager,
             kv_host_memory=args.kv_host_memory, kv_store=args.kv_store,
             kv_store_salt=args.kv_store_salt, kv_store_timeout=args.kv_store_timeout,
-            kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule)
+            kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule,
+            expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,
+            eplb_interval=args.eplb_interval, eplb_threshold=args.eplb_threshold,
+            eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step)
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
 
@@ -117,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and print the traceback with an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_chat):
+    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_chat, cmd_expert_load):
         p = module.add_parser(sub)
         if getattr(module, "NEEDS_ENGINE_ARGS", False):
             add_engine_args(p)

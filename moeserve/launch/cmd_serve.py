@@ -35,6 +35,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="split R1's <think>...</think> into reasoning_content (and the RPC's 'reasoning' field)")
     g.add_argument("--tool-call-parser", default=None, choices=("deepseek_v3",),
                    help="parse DeepSeek-V3's tool-call format into tool_calls (tool_choice 'auto')")
+    g.add_argument("--expert-metrics-top-k", type=int, default=4,
+                   help="per-expert Prometheus series: the K hottest and K coldest experts of each MoE layer")
+    g.add_argument("--expert-metrics-all", action="store_true",
+                   help="per-expert Prometheus series for every expert of every layer (layers x experts series)")
     lim = p.add_argument_group("limits")
     lim.add_argument("--max-queued-requests", type=int, default=1024,
                      help="requests admitted and not finished, at most; past it: HTTP 429 / RPC busy")
@@ -48,6 +52,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def server_config(args: argparse.Namespace):
     from moeserve.frontend.limits import ServerLimits
+    from moeserve.frontend.load_metrics import LoadMetricsConfig
     from moeserve.frontend.server import ServerConfig
     from moeserve.launch.cli import engine_config
 
@@ -58,7 +63,8 @@ def server_config(args: argparse.Namespace):
                         rpc_port=args.rpc_port, replicas=args.replicas, api_key=args.api_key,
                         audit_log=args.audit_log, served_model_name=args.served_model_name, routing=args.routing,
                         limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads,
-                        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser)
+                        reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
+                        expert_metrics=LoadMetricsConfig(args.expert_metrics_top_k, args.expert_metrics_all))
 
 
 def run(args: argparse.Namespace) -> int:

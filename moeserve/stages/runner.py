@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from moeserve.experts.load_counter import attach_counter
 from moeserve.kernels import kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.model.attn_metadata import AttnMetadata, build_attn_metadata
@@ -64,6 +65,7 @@ class ModelRunner:
         self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(fast), block_size,
                                                 model.config.kv_cache_dim, self.cache_dtype, device)
         self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
+        self.expert_load = attach_counter(model, device)  # routed tokens per expert of this slice's MoE layers
         logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
                     num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
                     model.config.kv_cache_dim)
@@ -123,11 +125,15 @@ class ModelRunner:
         Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
         """
         if self.graphs is not None and self.graphs.fits(plan):
+            if self.expert_load is not None:  # decode graphs: every token is a decode token
+                self.expert_load.begin_step(len(plan.token_ids))
             out = self.graphs.run(plan, hidden)
             if not self.model.slice.has_head:
                 return None, out
             return out[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)], out
         meta = self.metadata(plan)
+        if self.expert_load is not None:
+            self.expert_load.begin_step(meta.num_decode_tokens)
         if hidden is None:
             hidden = self.model.embed(torch.tensor(plan.token_ids, dtype=torch.long, device=self.device))
         h = self.model.forward_layers(hidden, meta, self.flat_caches)

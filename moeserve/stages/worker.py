@@ -25,9 +25,14 @@ import zmq
 from moeserve.comm.groups import RankGroups, backend_for, init_groups, recv_hidden, send_hidden
 from moeserve.comm.messages import (
     ErrorMsg,
+    ExpertLoadMsg,
+    ExpertLoadRequestMsg,
     KvLoadMsg,
     KvSaveMsg,
     LogitsMsg,
+    PlacementMsg,
+    PlacementReadyMsg,
+    PlacementSwapMsg,
     PreflightMsg,
     ReadyMsg,
     ShutdownMsg,
@@ -47,6 +52,7 @@ from moeserve.kvstore.transport import apply_kv_message
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
+from moeserve.stages.expert_mover import ExpertMover
 from moeserve.stages.runner import ModelRunner, StepPlan
 
 logger = logging.getLogger(__name__)
@@ -132,6 +138,8 @@ class StageWorker:
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
         self.kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store
+        self.mover = ExpertMover(self.runner, spec.model, spec.load_format, spec.seed,
+                                 spec.dims.coord(spec.rank).tp_rank)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
@@ -146,6 +154,15 @@ class StageWorker:
 
     def stats(self) -> StatsMsg:
         return StatsMsg(self.spec.rank, self.steps, self.busy_s, max(0.0, self.last_end - self.first_start))
+
+    def expert_load(self, seq: int) -> ExpertLoadMsg:
+        """This rank's cumulative expert-load counters (empty when its stage has no MoE layer)."""
+        counter = self.runner.expert_load
+        if counter is None:
+            empty = torch.zeros(0, 2, 0, dtype=torch.long)
+            return ExpertLoadMsg.of(self.spec.rank, seq, [], empty, empty)
+        logical, physical = counter.snapshot()
+        return ExpertLoadMsg.of(self.spec.rank, seq, list(counter.layer_ids), logical, physical)
 
     def run_step(self, msg: StepPlanMsg) -> torch.Tensor | None:
         plan = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows)
@@ -173,7 +190,10 @@ class StageWorker:
         sock.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
         launcher = os.getppid()
         while True:
-            if not sock.poll(1000):
+            if not sock.poll(0 if self.mover.active else 1000):
+                if self.mover.active:  # idle: stage the next layers of a new expert placement
+                    self._stage_placement(sock)
+                    continue
                 if os.getppid() != launcher:  # the launcher died without stopping us: nobody will
                     logger.error("rank %d: the launcher (pid %d) is gone; exiting", self.spec.rank, launcher)
                     return
@@ -195,10 +215,40 @@ class StageWorker:
                 if reply is not None:
                     sock.send(encode(reply))
                 continue
+            if isinstance(msg, ExpertLoadRequestMsg):
+                sock.send(encode(self.expert_load(msg.seq)))
+                continue
+            if isinstance(msg, (PlacementMsg, PlacementSwapMsg)):
+                self._placement(sock, msg)
+                continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:
                 sock.send_multipart(LogitsMsg.frames(msg.step_id, self.spec.rank, logits, self.wire_dtype),
                                     copy=False)
+            if self.mover.active:  # a few layers of a new expert placement after each step
+                self._stage_placement(sock)
+
+    def _placement(self, sock: zmq.Socket, msg: PlacementMsg | PlacementSwapMsg) -> None:
+        if isinstance(msg, PlacementSwapMsg):
+            self.mover.swap(msg.seq)
+            return
+        try:
+            self.mover.begin(msg.seq, msg.phy2log, msg.layers_per_step)
+        except ValueError as e:
+            sock.send(encode(PlacementReadyMsg(self.spec.rank, msg.seq, str(e))))
+            return
+        if not self.mover.active:  # no MoE layer on this rank: nothing to stage
+            sock.send(encode(PlacementReadyMsg(self.spec.rank, msg.seq)))
+
+    def _stage_placement(self, sock: zmq.Socket) -> None:
+        try:
+            done = self.mover.work()
+        except Exception as e:  # noqa: BLE001 - the rank keeps serving with the old placement
+            self.mover.todo = []
+            sock.send(encode(PlacementReadyMsg(self.spec.rank, self.mover.seq, f"{type(e).__name__}: {e}")))
+            return
+        if done:
+            sock.send(encode(PlacementReadyMsg(self.spec.rank, self.mover.seq)))
 
 
 def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:

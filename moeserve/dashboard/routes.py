@@ -1,0 +1,133 @@
+"""HTTP routes of expert load: ``GET /v1/expert_load`` (JSON), the live page ``/dashboard`` with its assets
+and its server-sent events, and the Prometheus collector of the same figures.
+
+``install`` adds them to the front end's FastAPI app. Every route needs the API key when one is set, like
+the rest of HTTP; a browser cannot put a header on an ``EventSource``, so the dashboard's routes also take
+the key as a ``key`` query parameter (the page passes on the one it was opened with).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any, Literal
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from moeserve.coordinator.expert_load import LoadView
+from moeserve.dashboard.state import dashboard_state, load_json
+from moeserve.frontend.auth import ApiKeys
+from moeserve.frontend.errors import BadRequest, NotFound, Unavailable
+from moeserve.frontend.load_metrics import ExpertLoadCollector, LoadMetricsConfig
+
+ASSETS = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
+EVENT_INTERVAL_S = 0.5  # the page updates at least once a second
+
+
+def load_views(service: Any) -> list[LoadView | None]:
+    """The latest expert-load view of each in-process engine (replica processes report none)."""
+    views = []
+    for backend in service.backends:
+        monitor = getattr(getattr(backend, "engine", None), "expert_load", None)
+        views.append(None if monitor is None else monitor.view)
+    return views
+
+
+def install(app: FastAPI, service: Any, keys: ApiKeys, config: LoadMetricsConfig | None = None) -> None:
+    """Register the expert-load collector on the service's metrics and add the routes to ``app``."""
+    config = config or LoadMetricsConfig()
+    collector = ExpertLoadCollector(lambda: load_views(service), config.top_k, config.all_experts)
+    service.metrics.registry.register(collector)
+    service.metrics.extra_text.append(collector.text)
+    app.include_router(ExpertLoadRoutes(service, keys).router)
+
+
+class ExpertLoadRoutes:
+    def __init__(self, service: Any, keys: ApiKeys):
+        self.service = service
+        self.keys = keys
+        self.router = APIRouter()
+        r = self.router
+        unavailable: dict[int | str, dict[str, Any]] = {503: {"description": "no expert-load statistics yet"}}
+        r.add_api_route("/v1/expert_load", self.expert_load, methods=["GET"], responses=unavailable)
+        # the page, its assets and its event stream are not an API: left out of /openapi.json
+        r.add_api_route("/dashboard", self.page, methods=["GET"], include_in_schema=False)
+        r.add_api_route("/dashboard/assets/{name}", self.asset, methods=["GET"], include_in_schema=False)
+        r.add_api_route("/dashboard/events", self.events, methods=["GET"], include_in_schema=False)
+        r.add_api_route("/admin/rebalance", self.rebalance, methods=["POST"], status_code=202,
+                        responses=unavailable)
+
+    def _auth(self, request: Request, allow_query: bool = False) -> None:
+        header = request.headers.get("authorization")
+        key = request.query_params.get("key") if allow_query else None
+        self.keys.check_bearer(header if header or key is None else f"Bearer {key}")
+
+    def view(self) -> LoadView:
+        views = [v for v in load_views(self.service) if v is not None]
+        if not views:
+            raise Unavailable("no expert-load statistics yet (the engine is loading, or runs in replica processes)")
+        return views[0]
+
+    async def expert_load(self, request: Request, scope: Literal["total", "window"] = "total") -> JSONResponse:
+        """Routed tokens per MoE layer and expert: since start (``scope=total``) or in the latest window."""
+        self._auth(request)
+        return JSONResponse(load_json(self.view(), scope))
+
+    async def rebalance(self, request: Request) -> JSONResponse:
+        """Ask the engine for an expert rebalance now (it plans at its next step boundary, then stages the
+        new placement in the background); 202 with the rebalances so far."""
+        self._auth(request)
+        rebalancers = [getattr(getattr(getattr(b, "engine", None), "expert_load", None), "rebalancer", None)
+                       for b in self.service.backends]
+        live = [r for r in rebalancers if r is not None]
+        if not live:
+            raise BadRequest("online rebalancing needs expert parallelism over stage workers (--tp N with "
+                             "--ep N, N > 1) in one replica")
+        for rebalancer in live:
+            rebalancer.request()  # an idle engine takes it up within half a second
+        view = self.view()
+        return JSONResponse({"status": "requested", "rebalances": [r.__dict__ for r in view.rebalances]}, 202)
+
+    async def page(self, request: Request) -> Response:
+        self._auth(request, allow_query=True)
+        key = request.query_params.get("key")
+        suffix = html.escape("?" + urlencode({"key": key})) if key else ""
+        page = _asset("index.html").replace(b"__SUFFIX__", suffix.encode())
+        return Response(page, media_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-store"})
+
+    async def asset(self, request: Request, name: str) -> Response:
+        self._auth(request, allow_query=True)
+        if name not in ASSETS:
+            raise NotFound(f"no dashboard asset {name!r}")
+        return Response(_asset(name), media_type=ASSETS[name])
+
+    async def events(self, request: Request) -> StreamingResponse:
+        self._auth(request, allow_query=True)
+        return StreamingResponse(self._stream(request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _stream(self, request: Request) -> AsyncIterator[bytes]:
+        """One event per interval: the whole state (a page that connects late needs no history)."""
+        sent: LoadView | None = None
+        cached: dict[str, Any] = {}
+        while not await request.is_disconnected():
+            views = [v for v in load_views(self.service) if v is not None]
+            if views:
+                if views[0] is not sent:
+                    sent = views[0]
+                    cached = await asyncio.to_thread(dashboard_state, sent)
+                payload = json.dumps(cached, separators=(",", ":"))
+                yield b"event: load\ndata: " + payload.encode() + b"\n\n"
+            else:
+                yield b": waiting for the engine\n\n"
+            await asyncio.sleep(EVENT_INTERVAL_S)
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("moeserve.dashboard").joinpath("assets", name).read_bytes()

@@ -1,0 +1,139 @@
+"""Expert-load counters of one rank: routed (token, expert) pairs per MoE layer, per logical expert and per
+physical slot, prefill and decode apart, in preallocated device buffers.
+
+A MoE layer calls ``count_routed`` once per forward with its top-k ids. Counting is tensor ops on fixed
+buffers (``index_add_``): no host synchronisation, nothing allocated whose size depends on the data, so it
+can sit inside a captured CUDA graph. Every rank counts only its own share of a step's tokens (the share
+``ep_dispatch.token_shares`` gives it), so the sum over the ranks of a stage is each token counted once --
+whether the rank routed every token (the all-reduce path) or only its share (the all-to-all path).
+
+Physical slots are numbered ``ep_rank * slots_per_rank + slot`` over the layer's EP group; a pair goes to
+the copy ``ep_dispatch.pick_owner`` picks, as the forward does. With no EP placement (one rank, or
+tensor-parallel experts) the physical slot of an expert is its logical id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from moeserve.experts.ep_dispatch import holder_table, pick_owner, token_shares
+
+PREFILL, DECODE = 0, 1
+PHASES = ("prefill", "decode")
+
+
+class ExpertLoadCounter:
+    """Counters of one rank's MoE layers (``layer_ids``, global layer numbers).
+
+    ``logical``: [layers, 2 (prefill, decode), num_logical]; ``physical``: [layers, 2, num_physical];
+    int64 on ``device``, cumulative since start (readers take differences)."""
+
+    def __init__(self, layer_ids: Iterable[int], num_logical: int, device: torch.device,
+                 phy2log: torch.Tensor | None = None, share_rank: int = 0, share_size: int = 1):
+        """``phy2log``: [ep, slots_per_rank] the EP group's whole placement, or None (physical = logical).
+        ``share_rank`` / ``share_size``: this rank's place among the ranks that see the same tokens."""
+        self.layer_ids = tuple(layer_ids)
+        self.index = {layer_id: i for i, layer_id in enumerate(self.layer_ids)}
+        self.num_logical = num_logical
+        self.device = device
+        self.share_rank, self.share_size = share_rank, share_size
+        # the first tokens of the step are its decode tokens: a device scalar, so that a captured CUDA graph
+        # reads the value of each replay (``begin_step`` writes it before the graph runs)
+        self.num_decode_tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.logical = torch.zeros(len(self.layer_ids), 2, num_logical, dtype=torch.long, device=device)
+        self.set_placement(phy2log)
+
+    def set_placement(self, phy2log: torch.Tensor | None) -> None:
+        """Take a (new) placement: physical counts start again from zero (the slots mean other experts).
+        Buffers of an unchanged shape are written in place (captured CUDA graphs keep reading them)."""
+        self.phy2log = None if phy2log is None else phy2log.to(self.device)
+        num_physical = self.num_logical if phy2log is None else phy2log.numel()
+        physical = torch.zeros(len(self.layer_ids), 2, num_physical, dtype=torch.long, device=self.device)
+        holders: tuple[torch.Tensor, torch.Tensor] | None = None
+        slot_of: torch.Tensor | None = None
+        if self.phy2log is not None:
+            ep, slots = self.phy2log.shape
+            holders = holder_table(self.phy2log, self.num_logical)
+            # [num_logical, ep] physical slot of expert e on rank r (0 where r does not hold e: never picked)
+            slot_of = torch.zeros(self.num_logical, ep, dtype=torch.long, device=self.device)
+            ranks = torch.arange(ep, device=self.device).unsqueeze(1).expand_as(self.phy2log)
+            slot_of[self.phy2log, ranks] = ranks * slots + torch.arange(slots, device=self.device)
+        self.physical = _into(getattr(self, "physical", None), physical)
+        old = getattr(self, "_holders", None)
+        self._holders = None if holders is None else \
+            (_into(old and old[0], holders[0]), _into(old and old[1], holders[1]))
+        self._slot_of = None if slot_of is None else _into(getattr(self, "_slot_of", None), slot_of)
+
+    @property
+    def num_physical(self) -> int:
+        return int(self.physical.shape[-1])
+
+    def begin_step(self, num_decode_tokens: int) -> None:
+        self.num_decode_tokens.fill_(num_decode_tokens)
+
+    def share(self, num_tokens: int) -> tuple[int, int]:
+        """(first token, number of tokens) of this rank's share of a step of ``num_tokens``."""
+        counts = token_shares(num_tokens, self.share_size)
+        return sum(counts[:self.share_rank]), counts[self.share_rank]
+
+    def count(self, layer_id: int, ids: torch.Tensor, first_token: int, weights: torch.Tensor | None = None) -> None:
+        """ids: [N, top_k] logical experts of the step's tokens ``first_token ..`` (this rank's share);
+        ``weights``: [N] 1 for a real token, 0 for padding (a CUDA graph's), None: all real."""
+        if ids.numel() == 0:
+            return
+        layer = self.index[layer_id]
+        token = torch.arange(first_token, first_token + ids.shape[0], device=ids.device)
+        phase = torch.where(token < self.num_decode_tokens, DECODE, PREFILL).unsqueeze(1)  # [N, 1]
+        ones = torch.ones(ids.numel(), dtype=torch.long, device=ids.device) if weights is None else \
+            weights.to(torch.long).unsqueeze(1).expand_as(ids).flatten()
+        num_logical = self.num_logical
+        self.logical.view(-1).index_add_(0, ((layer * 2 + phase) * num_logical + ids).flatten(), ones)
+        slot = ids
+        if self._holders is not None and self._slot_of is not None:
+            owner = pick_owner(ids, first_token, *self._holders)  # [N, top_k]
+            slot = self._slot_of[ids, owner]
+        num_physical = self.num_physical
+        self.physical.view(-1).index_add_(0, ((layer * 2 + phase) * num_physical + slot).flatten(), ones)
+
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logical, physical) cumulative counts, copied to the host (waits for the device: call it
+        between steps, every few steps, not inside one)."""
+        return self.logical.cpu(), self.physical.cpu()
+
+
+def _into(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
+    """``new``'s values, in ``old``'s storage when the shapes match."""
+    if old is not None and old.shape == new.shape:
+        return old.copy_(new)
+    return new
+
+
+def count_routed(counter: ExpertLoadCounter | None, layer_id: int, ids: torch.Tensor,
+                 first_token: int | None = None, weights: torch.Tensor | None = None) -> None:
+    """The one call a MoE forward makes. ``ids``: [T, top_k] for every token of the step
+    (``first_token`` None: the counter takes this rank's share) or for a share starting at ``first_token``;
+    ``weights``: [>= T] 0 for padding rows (``MoE.count_weights``), None: every row is a token."""
+    if counter is None:
+        return
+    if first_token is None:
+        first_token, n = counter.share(ids.shape[0])
+        ids = ids[first_token:first_token + n]
+        weights = None if weights is None else weights[first_token:first_token + n]
+    counter.count(layer_id, ids, first_token, weights)
+
+
+def attach_counter(model, device: torch.device) -> ExpertLoadCounter | None:
+    """Build one counter for a model slice's MoE layers and hand it to each of them (None without any)."""
+    moe_layers = model.moe_layers()
+    if not moe_layers:
+        return None
+    first = next(iter(moe_layers.values()))
+    placement = first.placement
+    phy2log = torch.tensor(placement.all_ranks, dtype=torch.long) if placement.all_ranks else None
+    shard = model.slice.tp
+    counter = ExpertLoadCounter(moe_layers, placement.num_logical, device, phy2log, shard.rank, shard.size)
+    for layer_id, moe in moe_layers.items():
+        moe.load_counter, moe.layer_id = counter, layer_id
+    return counter
