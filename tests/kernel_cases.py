@@ -198,6 +198,9 @@ def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype):
     fast_engine = _engine(tmp_path, False, dtype)
     assert fast_engine.runner.fast_path_error is None  # the start-up check passed: kernels (and graphs) on
     assert (fast_engine.runner.graphs is not None) == (DEVICE.type == "cuda")
+    # the start-up check and warm-up routed no request's tokens: the expert-load counts start at zero
+    assert int(fast_engine.runner.expert_load.logical.sum()) == 0
+    assert all(int(m.tokens_per_expert.sum()) == 0 for m in fast_engine.runner.model.moe_layers().values())
     fast, _ = _run(fast_engine, prompts, params)
     ref, ref_top = _run(_engine(tmp_path, True, dtype), prompts, params)
     assert all(len(t) == params.max_tokens for t in fast)

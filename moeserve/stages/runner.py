@@ -87,6 +87,15 @@ class ModelRunner:
             self.graphs = None
         elif warm_up_tokens:
             warm_up(self, self.num_blocks, warm_up_tokens)
+        self._forget_start_up_load()
+
+    def _forget_start_up_load(self) -> None:
+        """Zero the expert-load counts of the start-up check and warm-up: they routed no request's tokens."""
+        for moe in self.model.moe_layers().values():
+            moe.tokens_per_expert.zero_()
+        if self.expert_load is not None:
+            self.expert_load.logical.zero_()
+            self.expert_load.physical.zero_()
 
     def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
         from moeserve.kernels.cuda_graph import DecodeGraphs
