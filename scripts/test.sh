@@ -3,6 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/test_services.sh
 "${PYTHON:-python3}" -m ruff check moeserve tests benchmarks scripts
 "${PYTHON:-python3}" -m mypy
 exec "${PYTHON:-python3}" -m pytest -q -ra "$@"

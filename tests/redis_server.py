@@ -27,7 +27,7 @@ class RedisServer:
     @staticmethod
     def unavailable() -> str | None:
         if shutil.which("redis-server") is None:
-            return "redis-server is not installed (scripts/setup.sh installs it when run as root)"
+            return "redis-server is not installed (scripts/test_services.sh installs it when run as root)"
         return None
 
     @property
