@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moeserve.kernels.cuda_graph import decode_buckets, decode_rows
 from moeserve.model.attn_metadata import build_attn_metadata
-from moeserve.stages.runner import StepPlan
+from moeserve.stages.cuda_graph import decode_buckets, decode_rows
+from moeserve.stages.step_plan import StepPlan
 
 
 def test_buckets_cover_every_batch_size() -> None:

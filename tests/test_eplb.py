@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moeserve.coordinator.expert_load import balancedness
-from moeserve.experts.eplb import num_moves, plan_placement, rank_loads, replicate
+from moeserve.experts.eplb import balancedness, num_moves, plan_placement, rank_loads, replicate
 
 
 def check_valid(phy2log: torch.Tensor, num_experts: int) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.engine import Engine
-from moeserve.coordinator.expert_load import balancedness
+from moeserve.experts.eplb import balancedness
 from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.model.config import ModelConfig
 

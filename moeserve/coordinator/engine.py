@@ -30,7 +30,8 @@ from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.model.loader import load_model
 from moeserve.model.tokenizer import Tokenizer
-from moeserve.stages.runner import ModelRunner, StepPlan
+from moeserve.stages.runner import ModelRunner
+from moeserve.stages.step_plan import StepPlan
 
 if TYPE_CHECKING:
     from moeserve.coordinator.executor import Launcher

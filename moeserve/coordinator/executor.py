@@ -41,7 +41,7 @@ from moeserve.comm.messages import (
     encode,
 )
 from moeserve.comm.topology import ParallelDims
-from moeserve.stages.runner import StepPlan
+from moeserve.stages.step_plan import StepPlan
 from moeserve.stages.worker import WorkerSpec
 
 logger = logging.getLogger(__name__)

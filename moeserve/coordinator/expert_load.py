@@ -14,8 +14,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
+
+from moeserve.experts.eplb import balancedness
 
 HISTORY = 600  # windows of balancedness kept for the dashboard
 
@@ -75,13 +76,6 @@ class LoadView:
         """[layers] mean / max rank load (1.0 = perfectly even; a layer with no tokens counts as 1.0)."""
         return balancedness(self.rank_load(which))
 
-
-def balancedness(rank_load: torch.Tensor) -> torch.Tensor:
-    """rank_load: [layers, ranks] -> [layers] mean / max over ranks (1.0 where a layer had no load)."""
-    load = rank_load.double().numpy()
-    peak = load.max(-1) if load.shape[-1] else np.zeros(load.shape[:-1])
-    mean = load.mean(-1) if load.shape[-1] else peak
-    return torch.from_numpy(np.where(peak > 0, mean / np.maximum(peak, 1e-12), 1.0))
 
 
 @dataclass

@@ -24,8 +24,8 @@ import torch
 
 from moeserve.comm.messages import PlacementMsg, PlacementReadyMsg, PlacementSwapMsg
 from moeserve.coordinator.config import EngineConfig
-from moeserve.coordinator.expert_load import LoadAggregator, Rebalance, balancedness
-from moeserve.experts.eplb import num_moves, plan_placement, rank_loads
+from moeserve.coordinator.expert_load import LoadAggregator, Rebalance
+from moeserve.experts.eplb import balancedness, num_moves, plan_placement, rank_loads
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Fused device kernels (Triton) and the CUDA-graph runner of the decode step.
+"""Fused device kernels (Triton) and their launchers: a leaf package (no runner, engine or stage code).
 
 Each kernel file names the eager code it replaces as its reference; ``tests/test_kernels.py`` compares them
 (on a GPU, or on the CPU through Triton's interpreter with ``TRITON_INTERPRET=1``). The eager path stays

@@ -1,16 +1,9 @@
-"""ModelRunner: owns a model slice and its latent-cache tensors and runs one step plan.
-
-A ``StepPlan`` is plain data (lists of ints) so that it can travel to stage workers as a msgpack message.
-"""
+"""ModelRunner: owns a model slice and its latent-cache tensors and runs one step plan (``step_plan.py``)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from itertools import chain
-from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from moeserve.experts.load_counter import attach_counter
@@ -18,31 +11,11 @@ from moeserve.kernels import kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.model.attn_metadata import AttnMetadata, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
-
-if TYPE_CHECKING:
-    from moeserve.kernels.cuda_graph import DecodeGraphs
+from moeserve.stages.cuda_graph import DecodeGraphs
+from moeserve.stages.selfcheck import check_fast_path, warm_up
+from moeserve.stages.step_plan import StepPlan, pad_tables
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class StepPlan:
-    token_ids: list[int]  # [T] new tokens of every sequence, concatenated (decode sequences first)
-    query_lens: list[int]  # [B]
-    num_computed: list[int]  # [B] tokens already cached per sequence
-    block_tables: list[list[int]]  # [B][n_blocks]
-    sample_rows: list[int]  # sequences whose last new token's logits are needed
-
-
-def pad_tables(block_tables: list[list[int]]) -> np.ndarray:
-    """Ragged block tables -> [B, max_blocks] int64, zero-padded (padding entries are never read).
-
-    NOTE: one flat array and one masked assignment; a tensor per row cost about 30 us each, 8 ms a step at
-    batch 256 on this project's CPU."""
-    lengths = np.fromiter((len(t) for t in block_tables), dtype=np.int64, count=len(block_tables))
-    out = np.zeros((len(block_tables), int(lengths.max(initial=0))), dtype=np.int64)
-    out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(chain.from_iterable(block_tables), np.int64)
-    return out
 
 
 class ModelRunner:
@@ -79,8 +52,6 @@ class ModelRunner:
 
     def _start_fast_path(self, cuda_graphs: bool, max_num_seqs: int, max_model_len: int,
                          warm_up_tokens: int) -> None:
-        from moeserve.kernels.selfcheck import check_fast_path, warm_up
-
         capture = (lambda: self._capture(max_num_seqs, max_model_len)) if cuda_graphs else None
         self.fast_path_error = check_fast_path(self, self.num_blocks, capture)
         if self.fast_path_error is not None:
@@ -98,8 +69,6 @@ class ModelRunner:
             self.expert_load.physical.zero_()
 
     def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
-        from moeserve.kernels.cuda_graph import DecodeGraphs
-
         graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks)
         graphs.capture()
         self.graphs = graphs

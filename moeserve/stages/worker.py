@@ -53,7 +53,8 @@ from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
 from moeserve.stages.expert_mover import ExpertMover
-from moeserve.stages.runner import ModelRunner, StepPlan
+from moeserve.stages.runner import ModelRunner
+from moeserve.stages.step_plan import StepPlan
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeserve.stages.step_plan import StepPlan
+
 if TYPE_CHECKING:
     from moeserve.stages.runner import ModelRunner
 
@@ -34,8 +36,6 @@ class CheckPlans:
     """A prefill of ``n - 1`` tokens and one decode step, all in the spare block ``sink_block``."""
 
     def __init__(self, runner: ModelRunner, sink_block: int):
-        from moeserve.stages.runner import StepPlan
-
         model = runner.model
         n = min(runner.block_size, 16)
         gen = torch.Generator().manual_seed(0)
@@ -93,8 +93,6 @@ def check_fast_path(runner: ModelRunner, sink_block: int, capture) -> str | None
 def warm_up(runner: ModelRunner, sink_block: int, num_tokens: int) -> None:
     """One prefill of ``num_tokens`` tokens, every row in the spare block (its output is not used): builds
     the kernels' large-batch variants and settles the allocator before the first request."""
-    from moeserve.stages.runner import StepPlan
-
     start = time.perf_counter()
     model = runner.model
     num_tokens = min(num_tokens, model.rotary.cos.shape[0])

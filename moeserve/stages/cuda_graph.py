@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from moeserve.model.attn_metadata import AttnMetadata
+from moeserve.stages.step_plan import StepPlan, pad_tables
 
 if TYPE_CHECKING:
-    from moeserve.stages.runner import ModelRunner, StepPlan
+    from moeserve.stages.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +134,6 @@ class DecodeGraphs:
 
     def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
         """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows."""
-        from moeserve.stages.runner import pad_tables
-
         num_real = len(plan.query_lens)
         batch = self.bucket(num_real)
         if self.copied is not None:
