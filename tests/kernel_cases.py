@@ -129,7 +129,7 @@ def _dequant(w, scale, gated):
 def test_fused_moe(dtype, num_tokens, held, path):
     from moeserve.kernels import fused_moe as kernels
 
-    fused_moe = kernels.fused_moe_gemv if path == "gemv" else kernels.fused_moe_sorted
+    fused_moe = kernels.moe_gemv if path == "gemv" else kernels.fused_moe_sorted
     num_experts, top_k = 8, 3
     x, w13, w2, _, _, weights, ids = _moe_case(dtype, num_tokens, num_experts, top_k)
     # expert parallel: this rank holds experts 1, 3, 5, 7 in slots 0..3; the others' pairs are skipped

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import torch
 
 from moeserve.experts.ep_dispatch import holder_table, pick_owner, token_shares
+from moeserve.kernels import kernels_apply
 
 PREFILL, DECODE = 0, 1
 PHASES = ("prefill", "decode")
@@ -31,14 +32,19 @@ class ExpertLoadCounter:
     int64 on ``device``, cumulative since start (readers take differences)."""
 
     def __init__(self, layer_ids: Iterable[int], num_logical: int, device: torch.device,
-                 phy2log: torch.Tensor | None = None, share_rank: int = 0, share_size: int = 1):
-        """``phy2log``: [ep, slots_per_rank] the EP group's whole placement, or None (physical = logical).
-        ``share_rank`` / ``share_size``: this rank's place among the ranks that see the same tokens."""
+                 phy2log: torch.Tensor | None = None, share_rank: int = 0, share_size: int = 1,
+                 fused: bool = False):
+        """``phy2log``: [ep, slots_per_rank] the EP group's whole placement, or None (physical = logical:
+        ``physical`` is then the same tensor as ``logical``, counted once). ``share_rank`` / ``share_size``:
+        this rank's place among the ranks that see the same tokens. ``fused``: count with one kernel per
+        layer (``kernels/expert_count.py``) instead of the eager ops."""
         self.layer_ids = tuple(layer_ids)
         self.index = {layer_id: i for i, layer_id in enumerate(self.layer_ids)}
         self.num_logical = num_logical
         self.device = device
         self.share_rank, self.share_size = share_rank, share_size
+        self.fused = fused
+        self.has_placement = phy2log is not None  # fixed for the counter's life (EPLB moves slots, not this)
         # the first tokens of the step are its decode tokens: a device scalar, so that a captured CUDA graph
         # reads the value of each replay (``begin_step`` writes it before the graph runs)
         self.num_decode_tokens = torch.zeros((), dtype=torch.long, device=device)
@@ -48,23 +54,22 @@ class ExpertLoadCounter:
     def set_placement(self, phy2log: torch.Tensor | None) -> None:
         """Take a (new) placement: physical counts start again from zero (the slots mean other experts).
         Buffers of an unchanged shape are written in place (captured CUDA graphs keep reading them)."""
-        self.phy2log = None if phy2log is None else phy2log.to(self.device)
-        num_physical = self.num_logical if phy2log is None else phy2log.numel()
-        physical = torch.zeros(len(self.layer_ids), 2, num_physical, dtype=torch.long, device=self.device)
-        holders: tuple[torch.Tensor, torch.Tensor] | None = None
-        slot_of: torch.Tensor | None = None
-        if self.phy2log is not None:
-            ep, slots = self.phy2log.shape
-            holders = holder_table(self.phy2log, self.num_logical)
-            # [num_logical, ep] physical slot of expert e on rank r (0 where r does not hold e: never picked)
-            slot_of = torch.zeros(self.num_logical, ep, dtype=torch.long, device=self.device)
-            ranks = torch.arange(ep, device=self.device).unsqueeze(1).expand_as(self.phy2log)
-            slot_of[self.phy2log, ranks] = ranks * slots + torch.arange(slots, device=self.device)
+        assert (phy2log is not None) == self.has_placement, "a placement cannot be added or dropped"
+        if phy2log is None:
+            self.phy2log, self.physical, self._holders, self._slot_of = None, self.logical, None, None
+            return
+        self.phy2log = phy2log = phy2log.to(self.device)
+        physical = torch.zeros(len(self.layer_ids), 2, phy2log.numel(), dtype=torch.long, device=self.device)
+        ep, slots = phy2log.shape
+        holders = holder_table(phy2log, self.num_logical)
+        # [num_logical, ep] physical slot of expert e on rank r (0 where r does not hold e: never picked)
+        slot_of = torch.zeros(self.num_logical, ep, dtype=torch.long, device=self.device)
+        ranks = torch.arange(ep, device=self.device).unsqueeze(1).expand_as(phy2log)
+        slot_of[phy2log, ranks] = ranks * slots + torch.arange(slots, device=self.device)
         self.physical = _into(getattr(self, "physical", None), physical)
         old = getattr(self, "_holders", None)
-        self._holders = None if holders is None else \
-            (_into(old and old[0], holders[0]), _into(old and old[1], holders[1]))
-        self._slot_of = None if slot_of is None else _into(getattr(self, "_slot_of", None), slot_of)
+        self._holders = (_into(old and old[0], holders[0]), _into(old and old[1], holders[1]))
+        self._slot_of = _into(getattr(self, "_slot_of", None), slot_of)
 
     @property
     def num_physical(self) -> int:
@@ -84,16 +89,24 @@ class ExpertLoadCounter:
         if ids.numel() == 0:
             return
         layer = self.index[layer_id]
+        slot = None
+        if self._holders is not None and self._slot_of is not None:
+            owner = pick_owner(ids, first_token, *self._holders)  # [N, top_k]
+            slot = self._slot_of[ids, owner]
+        if self.fused:
+            from moeserve.kernels.expert_count import count_pairs  # Triton: imported only where it runs
+
+            count_pairs(self.logical, None if slot is None else self.physical, layer, ids, slot, first_token,
+                        self.num_decode_tokens, weights)
+            return
         token = torch.arange(first_token, first_token + ids.shape[0], device=ids.device)
         phase = torch.where(token < self.num_decode_tokens, DECODE, PREFILL).unsqueeze(1)  # [N, 1]
         ones = torch.ones(ids.numel(), dtype=torch.long, device=ids.device) if weights is None else \
             weights.to(torch.long).unsqueeze(1).expand_as(ids).flatten()
         num_logical = self.num_logical
         self.logical.view(-1).index_add_(0, ((layer * 2 + phase) * num_logical + ids).flatten(), ones)
-        slot = ids
-        if self._holders is not None and self._slot_of is not None:
-            owner = pick_owner(ids, first_token, *self._holders)  # [N, top_k]
-            slot = self._slot_of[ids, owner]
+        if slot is None:  # physical is logical
+            return
         num_physical = self.num_physical
         self.physical.view(-1).index_add_(0, ((layer * 2 + phase) * num_physical + slot).flatten(), ones)
 
@@ -133,7 +146,8 @@ def attach_counter(model, device: torch.device) -> ExpertLoadCounter | None:
     placement = first.placement
     phy2log = torch.tensor(placement.all_ranks, dtype=torch.long) if placement.all_ranks else None
     shard = model.slice.tp
-    counter = ExpertLoadCounter(moe_layers, placement.num_logical, device, phy2log, shard.rank, shard.size)
+    counter = ExpertLoadCounter(moe_layers, placement.num_logical, device, phy2log, shard.rank, shard.size,
+                                fused=kernels_apply(device))
     for layer_id, moe in moe_layers.items():
         moe.load_counter, moe.layer_id = counter, layer_id
     return counter

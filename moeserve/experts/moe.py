@@ -2,7 +2,8 @@
 
 Ownership is computed once (``ExpertPlacement``); routed tokens are grouped by expert with one sort and one
 ``bincount``, and each active local expert runs one matmul over its tokens. Empty experts are skipped.
-The per-expert token counter (``tokens_per_expert``) feeds metrics, the dashboard and the EPLB planner.
+Routed pairs are counted per expert in the rank's expert-load counter (``load_counter.py``), which feeds
+metrics, the dashboard and the EPLB planner; a bare layer counts in ``tokens_per_expert``.
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class MoE(nn.Module):
                                    shard, reduce=False) if config.n_shared_experts else None)
         self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] of the latest forward
         self.fused = False  # the fused MoE kernel (kernels/fused_moe.py); set by DeepseekModel.use_kernels
+        self.fused_router = False  # the router kernel (kernels/router.py); likewise
         # [T] 1 for real tokens, 0 for a CUDA graph's padding rows (so they are not counted); None: all real
         self.count_weights: torch.Tensor | None = None
         self.load_counter: ExpertLoadCounter | None = None  # set by load_counter.attach_counter
@@ -182,11 +184,7 @@ class MoE(nn.Module):
         weights, ids = self.route(x)
         self.last_expert_ids = ids
         self.count_tokens(ids)
-        if self.fused:
-            routed = self.routed_fused
-        else:
-            routed = self.routed_grouped if self.use_grouped_mm(x) else self.routed
-        out = routed(x, weights, ids)
+        out = (self.routed_fused if self.fused else self.routed_eager)(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return self.shard.all_reduce(out)
@@ -194,19 +192,22 @@ class MoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k])."""
         logits = router_logits(x, self.gate_weight)
-        if self.fused:
+        if self.fused_router:
             from moeserve.kernels.router import fused_route
 
             return fused_route(logits, self.spec, self.e_score_correction_bias)
         return route(logits, self.spec, self.e_score_correction_bias)
 
     def count_tokens(self, ids: torch.Tensor) -> None:
-        """Add a step's routed pairs (ids [T, top_k]) to ``tokens_per_expert``: a scatter-add into the fixed
-        buffer, with no host synchronisation (``bincount`` on a GPU reads its input's max back first)."""
+        """Count a step's routed pairs (ids [T, top_k]): in the rank's expert-load counter where one is
+        attached (the one count serving metrics, the dashboard and EPLB), else in ``tokens_per_expert`` (a
+        bare layer). A scatter-add into a fixed buffer, with no host synchronisation."""
+        if self.load_counter is not None:
+            count_routed(self.load_counter, self.layer_id, ids, weights=self.count_weights)
+            return
         ones = torch.ones_like(ids) if self.count_weights is None else \
             self.count_weights[:ids.shape[0], None].expand_as(ids)
         self.tokens_per_expert.index_add_(0, ids.flatten(), ones.flatten())
-        count_routed(self.load_counter, self.layer_id, ids, weights=self.count_weights)
 
     def routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Same contract as ``routed``, by the fused Triton kernel; FP8 experts are read as they are stored."""
@@ -214,6 +215,10 @@ class MoE(nn.Module):
 
         return fused_moe(x, self.w13, self.w2, weights, self.local_slots(ids), self.placement.num_local,
                          self.w13_scale_inv, self.w2_scale_inv, self.fp8_block or (128, 128))
+
+    def routed_eager(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``routed``'s contract by the eager ops: grouped GEMMs on GPUs, a loop of matmuls elsewhere."""
+        return (self.routed_grouped if self.use_grouped_mm(x) else self.routed)(x, weights, ids)
 
     @staticmethod
     def use_grouped_mm(x: torch.Tensor) -> bool:

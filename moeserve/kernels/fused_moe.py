@@ -18,6 +18,9 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import dot_precision
+from moeserve.kernels.moe_gemv import moe_gemv
+
+GEMV_MAX_PAIRS = 64  # up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted
 
 
 @triton.jit
@@ -79,60 +82,6 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
-def _moe_gemv(a_ptr, w_ptr, scale_ptr, out_ptr, local_ptr, route_w_ptr, num_local, N, K, stride_am, stride_we,
-              stride_wn, stride_se, stride_sn, stride_sk, stride_om, up_scale_offset, TOP_K: tl.constexpr,
-              GATED: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr):
-    """Few pairs (small decode batches): no sorting; one program per (row, column tile) as matrix-vector
-    products. GATED: row = a pair, writes silu(gate) * up. Otherwise row = a token: the weighted sum over its
-    TOP_K pairs, in pair order, each rounded as the eager path rounds it."""
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    ks = tl.arange(0, BLOCK_K)
-    dtype = out_ptr.dtype.element_ty
-    total = tl.zeros([BLOCK_N], tl.float32)
-    for j in range(0, 1 if GATED else TOP_K):
-        pair = row if GATED else row * TOP_K + j
-        expert = tl.load(local_ptr + pair)
-        held = expert < num_local
-        e = tl.where(held, expert, 0).to(tl.int64)
-        k_end = tl.where(held, K, 0)  # a pair served elsewhere reads nothing and adds zero
-        held_cols = cols < tl.where(held, N, 0)
-        a_row = a_ptr + (pair // TOP_K if GATED else pair).to(tl.int64) * stride_am
-        w_base = w_ptr + e * stride_we + cols[:, None] * stride_wn
-        s_base = scale_ptr + e * stride_se + (cols // SCALE_BLOCK) * stride_sn
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        acc_up = tl.zeros([BLOCK_N], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = (k0 + ks) < k_end
-            a = tl.load(a_row + k0 + ks, mask=k_ok, other=0.0).to(tl.float32)
-            w_mask = held_cols[:, None] & k_ok[None, :]
-            w = tl.load(w_base + (k0 + ks)[None, :], mask=w_mask, other=0.0).to(tl.float32)
-            part = tl.sum(w * a[None, :], 1)
-            if FP8:
-                part = part * tl.load(s_base + (k0 // SCALE_BLOCK) * stride_sk, mask=held_cols, other=0.0)
-            acc += part
-            if GATED:
-                w_up = tl.load(w_base + N * stride_wn + (k0 + ks)[None, :], mask=w_mask, other=0.0).to(tl.float32)
-                part_up = tl.sum(w_up * a[None, :], 1)
-                if FP8:
-                    part_up = part_up * tl.load(s_base + up_scale_offset + (k0 // SCALE_BLOCK) * stride_sk,
-                                                mask=held_cols, other=0.0)
-                acc_up += part_up
-        if GATED:
-            gate = _round(acc, dtype)
-            total = _round(gate / (1.0 + tl.exp(-gate)), dtype) * _round(acc_up, dtype)
-        else:
-            route_w = _round(tl.load(route_w_ptr + pair), dtype)
-            total += tl.where(held, _round(_round(acc, dtype) * route_w, dtype), 0.0)
-    tl.store(out_ptr + row.to(tl.int64) * stride_om + cols, total.to(dtype), mask=col_ok)
-
-
-GEMV_MAX_PAIRS = 64  # up to this many (token, expert) pairs the matrix-vector kernel runs, unsorted
-
-
 def _scale_args(scale: torch.Tensor | None, gated: bool, block: tuple[int, int], block_k: int, w: torch.Tensor):
     """(scale tensor, its three strides, the up half's offset) for the kernels; the weight stands in when
     the experts are not FP8 (never read then)."""
@@ -142,30 +91,6 @@ def _scale_args(scale: torch.Tensor | None, gated: bool, block: tuple[int, int],
     s = scale.flatten(1, 2) if gated else scale
     assert block_k <= block[1] and block[1] % block_k == 0 and block[0] == block[1]
     return s, (s.stride(0), s.stride(1), s.stride(2)), scale.stride(1) if gated else 0
-
-
-def fused_moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor,
-                   local: torch.Tensor, num_local: int, w13_scale: torch.Tensor | None = None,
-                   w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """``fused_moe`` for a few pairs: two launches, nothing sorted or zeroed."""
-    num_tokens, top_k = route_w.shape
-    inter, hidden = w13.shape[1] // 2, w13.shape[2]
-    block_n, block_k = 32, 128
-    flat_w = route_w.reshape(-1).contiguous()
-    fp8 = w13_scale is not None
-    act = torch.empty(local.numel(), inter, dtype=x.dtype, device=x.device)
-    s, strides, up = _scale_args(w13_scale, True, block, block_k, w13)
-    _moe_gemv[(local.numel(), triton.cdiv(inter, block_n))](
-        x, w13, s, act, local, flat_w, num_local, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1),
-        *strides, act.stride(0), up, TOP_K=top_k, GATED=True, FP8=fp8, SCALE_BLOCK=block[0],
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
-    s, strides, up = _scale_args(w2_scale, False, block, block_k, w2)
-    _moe_gemv[(num_tokens, triton.cdiv(hidden, block_n))](
-        act, w2, s, out, local, flat_w, num_local, hidden, inter, act.stride(0), w2.stride(0), w2.stride(1),
-        *strides, out.stride(0), up, TOP_K=top_k, GATED=False, FP8=fp8, SCALE_BLOCK=block[0],
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
-    return out
 
 
 @dataclass
@@ -237,7 +162,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: tor
     weights; local: [T * top_k] local expert of each pair (``num_local`` = served elsewhere).
     FP8 experts: w13/w2 float8 with ``w13_scale`` [E, 2, ceil(I/128), ceil(H/128)], ``w2_scale``
     [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x)."""
-    run = fused_moe_gemv if local.numel() <= GEMV_MAX_PAIRS else fused_moe_sorted
+    run = moe_gemv if local.numel() <= GEMV_MAX_PAIRS else fused_moe_sorted
     return run(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block)
 
 

@@ -3,6 +3,11 @@
 Reference: ``RotaryEmbedding.forward`` (``moeserve/model/layers.py``): cos/sin of each token's position from
 the precomputed tables, pairs taken interleaved (DeepSeek's layout: (x0, x1), (x2, x3), ...) or as halves,
 rotated in float32 and written de-interleaved ([even rotated | odd rotated]), rounded once to x's dtype.
+
+NOTE: compiled without fused multiply-adds (``enable_fp_fusion=False``): ``x1 * cos - x2 * sin`` then rounds
+as the eager ops round it (a product, a product, a difference), so the kernel matches its reference bit for
+bit. With an FMA, one value in a few hundred landed on the other side of a bf16 rounding; through V3's
+routers that alone moved the start-up check's output by 2e-2.
 """
 
 from __future__ import annotations
@@ -47,5 +52,6 @@ def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch
     if tokens:
         _rope[(tokens, triton.cdiv(heads, block_h))](
             x3, positions, cos, sin, out, heads, x3.stride(0), x3.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), HALF=dim // 2, INTERLEAVE=interleave, BLOCK_H=block_h, num_warps=1)
+            cos.stride(0), HALF=dim // 2, INTERLEAVE=interleave, BLOCK_H=block_h, num_warps=1,
+            enable_fp_fusion=False)
     return out.squeeze(1) if squeeze else out

@@ -149,8 +149,9 @@ class DeepseekModel(nn.Module):
     def use_kernels(self, on: bool) -> None:
         """Run the fused Triton kernels (``moeserve/kernels``) instead of the eager ops where they apply."""
         for module in self.modules():
-            if hasattr(module, "fused"):
-                module.fused = on  # type: ignore[assignment]
+            for flag in ("fused", "fused_router"):
+                if hasattr(module, flag):
+                    setattr(module, flag, on)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab] (each tp rank computes its

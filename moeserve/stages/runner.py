@@ -53,10 +53,9 @@ class ModelRunner:
     def _start_fast_path(self, cuda_graphs: bool, max_num_seqs: int, max_model_len: int,
                          warm_up_tokens: int) -> None:
         capture = (lambda: self._capture(max_num_seqs, max_model_len)) if cuda_graphs else None
+        # what the check turned off and why (None: all on); a kernel that failed is off alone
         self.fast_path_error = check_fast_path(self, self.num_blocks, capture)
-        if self.fast_path_error is not None:
-            self.graphs = None
-        elif warm_up_tokens:
+        if warm_up_tokens:
             warm_up(self, self.num_blocks, warm_up_tokens)
         self._forget_start_up_load()
 
@@ -119,7 +118,3 @@ class ModelRunner:
             return None, h
         rows = meta.logits_index[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)]
         return self.model.logits(h[rows]), h
-
-    def expert_counts(self) -> dict[int, torch.Tensor]:
-        """layer id -> tokens routed to each logical expert so far (a view; see MoE.tokens_per_expert)."""
-        return {i: moe.tokens_per_expert for i, moe in self.model.moe_layers().items()}

@@ -1,0 +1,191 @@
+"""The routed experts for a few (token, expert) pairs: split-K matrix-vector products that stream the
+experts' weights at memory bandwidth, with nothing sorted.
+
+Reference: ``MoE.routed_grouped`` (``moeserve/experts/moe.py``), as ``fused_moe.fused_moe_sorted`` is. At
+small decode batches each pair reads a whole expert (V2-Lite: 17 MB of weights for one token's row), so the
+work is a stream of weights, and what matters is keeping enough loads in flight on every multiprocessor.
+Each launch splits the rows of a weight into ``BLOCK_N`` tiles and its reduction dimension into
+``split_k`` pieces, one program each, so that a handful of pairs still makes thousands of programs:
+
+1. ``_gate_up``: partial gate and up products of each pair, [split, pair, 2I] in float32.
+2. ``_down``: each pair's activation ``silu(gate) * up``, summed from the partials in a fixed order and
+   rounded where the eager ops round, times the down projection: partials [split, pair, H].
+3. ``_combine``: a token's ``top_k`` rows, each summed over its pieces, rounded and weighted, added in
+   pair order. Nothing is accumulated by atomics: the result does not vary from run to run.
+
+FP8 experts (float8 with float32 scales per 128 x 128 block) are read as stored; a weight tile lies in one
+row block of scales, and the activation is multiplied by each column's block scale before the product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 16  # weight rows per program (divides the FP8 scale block)
+    block_k: int = 128  # reduction elements per loop step
+    split_k: int = 2  # pieces of the reduction dimension, one program each
+    num_warps: int = 4
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr):
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8: tl.constexpr,
+              SCALE_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """sum over k in [k_lo, k_hi) of w[n, k] * a[k] (* scale[k // SCALE_BLOCK]) -> [BLOCK_N] float32."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros_like(row_ok.to(tl.float32))
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < k_hi
+        a = tl.load(a_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        if FP8:
+            a = a * tl.load(s_row + k // SCALE_BLOCK * stride_sk, mask=k_ok, other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a[None, :], 1)
+    return acc
+
+
+@triton.jit
+def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, K, k_per_split,
+             stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sk, up_scale_offset,
+             TOP_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    pair = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    expert = tl.load(local_ptr + pair)
+    held = expert < num_local
+    e = tl.where(held, expert, 0).to(tl.int64)
+    row_ok = cols < tl.where(held, N, 0)  # a pair served elsewhere reads nothing and writes zeros
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    a_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    w_rows = w_ptr + e * stride_we + cols[:, None].to(tl.int64) * stride_wn
+    s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_N // SCALE_BLOCK) * stride_sn
+    gate = _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK, BLOCK_K)
+    up = _tile_dot(a_row, w_rows + N * stride_wn, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8,
+                   SCALE_BLOCK, BLOCK_K)
+    out = part_ptr + (split * num_pairs + pair).to(tl.int64) * 2 * N + cols
+    tl.store(out, gate, mask=cols < N)
+    tl.store(out + N, up, mask=cols < N)
+
+
+@triton.jit
+def _activation(part_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP: tl.constexpr, dtype: tl.constexpr):
+    """silu(gate) * up of ``pair`` at columns ``k``, from the gate/up partials summed in split order."""
+    gate = tl.zeros_like(k.to(tl.float32))
+    up = tl.zeros_like(k.to(tl.float32))
+    for s in range(SPLIT_UP):
+        row = part_ptr + (s * num_pairs + pair).to(tl.int64) * 2 * inter
+        gate += tl.load(row + k, mask=k_ok, other=0.0)
+        up += tl.load(row + inter + k, mask=k_ok, other=0.0)
+    gate = _round(gate, dtype)
+    return _round(_round(gate / (1.0 + tl.exp(-gate)), dtype) * _round(up, dtype), dtype)
+
+
+@triton.jit
+def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, inter, k_per_split,
+          stride_we, stride_wn, stride_se, stride_sn, stride_sk, SPLIT_UP: tl.constexpr, FP8: tl.constexpr,
+          SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    pair = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    expert = tl.load(local_ptr + pair)
+    held = expert < num_local
+    e = tl.where(held, expert, 0).to(tl.int64)
+    row_ok = cols < tl.where(held, N, 0)
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, inter)
+    w_rows = w_ptr + e * stride_we + cols[:, None].to(tl.int64) * stride_wn
+    s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_N // SCALE_BLOCK) * stride_sn
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < tl.where(held, k_hi, 0)
+        a = _activation(part_up_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP, DTYPE)
+        if FP8:
+            a = a * tl.load(s_row + k // SCALE_BLOCK * stride_sk, mask=k_ok, other=0.0)
+        w = tl.load(w_rows + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(w * a[None, :], 1)
+    tl.store(part_ptr + (split * num_pairs + pair).to(tl.int64) * N + cols, acc, mask=cols < N)
+
+
+@triton.jit
+def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, N, stride_o,
+             TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < N
+    dtype = out_ptr.dtype.element_ty
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for j in range(TOP_K):
+        pair = token * TOP_K + j
+        y = tl.zeros([BLOCK_N], tl.float32)
+        for s in range(SPLIT):
+            y += tl.load(part_ptr + (s * num_pairs + pair).to(tl.int64) * N + cols, mask=ok, other=0.0)
+        w = _round(tl.load(route_w_ptr + pair), dtype)
+        held = tl.load(local_ptr + pair) < num_local
+        total += tl.where(held, _round(_round(y, dtype) * w, dtype), 0.0)
+    tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, total.to(dtype), mask=ok)
+
+
+def _scales(scale: torch.Tensor | None, gated: bool, w: torch.Tensor):
+    """(scale tensor, strides (expert, row block, column block), the up half's offset); the weight stands
+    in when the experts are not FP8 (never read then)."""
+    if scale is None:
+        return w, (0, 0, 0), 0
+    s = scale.flatten(1, 2) if gated else scale  # w13: [E, 2, nbo, nbi] -> gate and up row blocks
+    return s, (s.stride(0), s.stride(1), s.stride(2)), scale.stride(1) if gated else 0
+
+
+GATE_UP = GemvConfig()
+DOWN = GemvConfig()
+
+
+def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor, local: torch.Tensor,
+             num_local: int, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
+             block: tuple[int, int] = (128, 128), gate_up: GemvConfig | None = None,
+             down: GemvConfig | None = None) -> torch.Tensor:
+    """``fused_moe``'s contract (x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; route_w: [T, top_k]; local:
+    [T * top_k] local slot or ``num_local``) for a few pairs: three launches, nothing sorted or zeroed."""
+    cfg1, cfg2 = gate_up or GATE_UP, down or DOWN
+    num_tokens, top_k = route_w.shape
+    num_pairs = local.numel()
+    inter, hidden = w13.shape[1] // 2, w13.shape[2]
+    fp8 = w13_scale is not None
+    if fp8:
+        assert block[0] == block[1] and block[0] % cfg1.block_n == 0 and block[0] % cfg2.block_n == 0
+    k1 = triton.cdiv(triton.cdiv(hidden, cfg1.split_k), cfg1.block_k) * cfg1.block_k
+    split1 = triton.cdiv(hidden, k1)
+    part_up = torch.empty(split1, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
+    s, strides, up = _scales(w13_scale, True, w13)
+    _gate_up[(num_pairs, triton.cdiv(inter, cfg1.block_n), split1)](
+        x, w13, s, part_up, local, num_local, num_pairs, inter, hidden, k1, x.stride(0), w13.stride(0),
+        w13.stride(1), *strides, up, TOP_K=top_k, FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg1.block_n,
+        BLOCK_K=cfg1.block_k, num_warps=cfg1.num_warps)
+    k2 = triton.cdiv(triton.cdiv(inter, cfg2.split_k), cfg2.block_k) * cfg2.block_k
+    split2 = triton.cdiv(inter, k2)
+    part_down = torch.empty(split2, num_pairs, hidden, dtype=torch.float32, device=x.device)
+    s, strides, _ = _scales(w2_scale, False, w2)
+    dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
+    _down[(num_pairs, triton.cdiv(hidden, cfg2.block_n), split2)](
+        part_up, w2, s, part_down, local, num_local, num_pairs, hidden, inter, k2, w2.stride(0), w2.stride(1),
+        *strides, SPLIT_UP=split1, FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k,
+        DTYPE=dtype, num_warps=cfg2.num_warps)
+    out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
+    _combine[(num_tokens, triton.cdiv(hidden, 256))](
+        part_down, route_w.reshape(-1).contiguous(), local, out, num_local, num_pairs, hidden, out.stride(0),
+        TOP_K=top_k, SPLIT=split2, BLOCK_N=256, num_warps=4)
+    return out

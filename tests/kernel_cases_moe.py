@@ -1,0 +1,125 @@
+"""The small-batch MoE kernels, the expert-load counting kernel and the start-up check's judgement of them
+(run by ``tests/test_kernels.py`` with the other kernel cases: on a GPU, or under Triton's interpreter)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from kernel_cases import DEVICE, DTYPES, _dequant, _eager_moe, _moe_case, rel_err, tol
+
+from moeserve.kernels import triton_available
+from moeserve.model.synthetic import tiny_config
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install triton)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cfg", [(16, 128, 1, 4), (16, 64, 3, 4), (32, 128, 2, 8), (64, 32, 4, 2)])
+def test_moe_gemv_configs(dtype, cfg):
+    """Every tile and split of the split-K path computes the same function (odd sizes: ragged tiles)."""
+    from moeserve.kernels.moe_gemv import GemvConfig, moe_gemv
+
+    x, w13, w2, _, _, weights, ids = _moe_case(dtype, 3, 7, 3, hidden=200, inter=72)
+    local_of = torch.tensor([0, 1, 7, 2, 3, 7, 4], device=DEVICE)  # two experts served elsewhere
+    keep = torch.tensor([0, 1, 3, 4, 6], device=DEVICE)
+    config = GemvConfig(*cfg)
+    out = moe_gemv(x, w13[keep], w2[keep], weights, local_of[ids.flatten()], 5, gate_up=config, down=config)
+    ref = _eager_moe(x, w13[keep], w2[keep], weights, ids, local_of.clamp(max=5))
+    assert out.shape == x.shape and rel_err(out, ref) < tol(dtype)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="float8 tensors need a GPU (the interpreter has no float8)")
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_moe_gemv_fp8(split_k):
+    from moeserve.kernels.moe_gemv import GemvConfig, moe_gemv
+
+    x, w13, w2, s13, s2, weights, ids = _moe_case(torch.bfloat16, 5, 6, 2, hidden=512, inter=384, fp8=True)
+    config = GemvConfig(16, 128, split_k, 4)
+    out = moe_gemv(x, w13, w2, weights, ids.flatten(), 6, s13, s2, (128, 128), gate_up=config, down=config)
+    ref = _eager_moe(x, _dequant(w13, s13, True), _dequant(w2, s2, False), weights, ids,
+                     torch.arange(6, device=DEVICE))
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.parametrize("placement", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_expert_count_kernel(placement, padded):
+    """The one-launch count gives the eager counter's counts, phases, slots and padding weights exactly."""
+    from moeserve.experts.load_counter import ExpertLoadCounter
+
+    phy2log = torch.tensor([[0, 1, 2, 5], [3, 4, 5, 1]]) if placement else None  # experts 1, 5 have copies
+    counters = [ExpertLoadCounter([3, 4], 6, DEVICE, phy2log, fused=fused) for fused in (False, True)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        ids = torch.randint(0, 6, (2000 + step, 2), generator=gen).to(DEVICE)
+        weights = (torch.arange(ids.shape[0], device=DEVICE) < 1500).long() if padded else None
+        for c in counters:
+            c.begin_step(700)
+            c.count(4 - step % 2, ids, first_token=11, weights=weights)
+    eager, fused = counters
+    assert torch.equal(eager.logical, fused.logical) and torch.equal(eager.physical, fused.physical)
+    assert int(fused.logical.sum()) == (3 * 1500 * 2 if padded else (2000 + 2001 + 2002) * 2)
+    assert (fused.physical is fused.logical) == (not placement)
+
+
+def _check_engine(tmp_path, dtype="float32"):
+    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.engine import Engine
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    return Engine(EngineConfig(model=str(tmp_path), device=DEVICE.type, dtype=dtype, load_format="dummy",
+                               skip_tokenizer_init=True, block_size=16, kv_cache_memory=8 << 20, max_num_seqs=8,
+                               max_num_batched_tokens=64))
+
+
+def test_a_router_near_tie_is_no_fault(tmp_path, monkeypatch):
+    """Experts with equal scores (every gate row made the same): a router kernel that breaks the ties the
+    other way picks other experts than the eager router, and the check still passes it."""
+    import moeserve.kernels.router as router
+    from moeserve.experts.gate import router_logits
+    from moeserve.stages.op_checks import capture_inputs, check_kind
+    from moeserve.stages.selfcheck import CheckPlans
+
+    right = router.fused_route
+
+    def ties_high(logits, spec, bias=None):  # the same scores; among equal ones, the highest index
+        weights, ids = right(logits.flip(-1), spec, None if bias is None else bias.flip(-1))
+        return weights, logits.shape[-1] - 1 - ids
+
+    engine = _check_engine(tmp_path)
+    runner, model = engine.runner, engine.runner.model
+    for moe in model.moe_layers().values():
+        with torch.no_grad():
+            moe.gate_weight[:] = moe.gate_weight[0]  # every expert ties with every other
+            if moe.e_score_correction_bias is not None:
+                moe.e_score_correction_bias.fill_(0.1)
+    model.use_kernels(False)
+    with capture_inputs(model) as inputs:
+        CheckPlans(runner, runner.num_blocks).run(runner)
+    monkeypatch.setattr(router, "fused_route", ties_high)
+    moe, (x,) = inputs["router"][0]
+    with torch.inference_mode():
+        picked = ties_high(router_logits(x, moe.gate_weight), moe.spec, moe.e_score_correction_bias)[1]
+        eager = moe.route(x)[1]
+    assert not torch.equal(picked.sort(1).values, eager.sort(1).values)  # the ties were broken differently
+    result = check_kind(model, "router", inputs["router"])
+    assert result.ok, result.describe()
+
+
+def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
+    """A router that picks the wrong experts is turned off; the other kernels stay on."""
+    import moeserve.kernels.router as router
+
+    right = router.fused_route
+
+    def worst(logits, spec, bias=None):  # the lowest-scoring experts
+        return right(-logits, spec, None if bias is None else -bias)
+
+    monkeypatch.setattr(router, "fused_route", worst)
+    engine = _check_engine(tmp_path)
+    model = engine.runner.model
+    moe = next(iter(model.moe_layers().values()))
+    assert not moe.fused_router and moe.fused and model.norm.fused
+    assert "router kernel differs" in (engine.runner.fast_path_error or "")
