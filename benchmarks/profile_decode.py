@@ -19,7 +19,8 @@ from collections import defaultdict
 import torch
 
 CLASSES = [  # (class, pattern over the kernel name), first match wins
-    ("moe (fused)", r"_moe_gemm"), ("mla decode (fused)", r"_mla_decode"), ("rmsnorm (fused)", r"_rms_norm"),
+    ("moe (fused)", r"_moe_gemm|_gate_up|_down|_combine"), ("router (fused)", r"_route"),
+    ("expert count", r"_count"), ("rope (fused)", r"_rope"), ("mla decode (fused)", r"_mla_decode"), ("rmsnorm (fused)", r"_rms_norm"),
     ("attention (sdpa)", r"flash|fmha|attention|softmax"),
     ("matmul", r"gemm|nvjet|cutlass|sm90|xmma|matmul|splitK|Kernel2"),
     ("nccl", r"nccl"), ("copy / index", r"copy|index|gather|scatter|cat|Cat"),
@@ -93,6 +94,7 @@ def profile_steps(engine, steps: int) -> dict:
             engine.step()
         torch.cuda.synchronize()
     per_class: dict[str, float] = defaultdict(float)
+    per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     count = 0
     busy_us = 0.0
     for evt in prof.events():
@@ -102,10 +104,15 @@ def profile_steps(engine, steps: int) -> dict:
         dur = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
         busy_us += dur
         per_class[classify(evt.name)] += dur
+        per_kernel[evt.name[:80]][0] += dur
+        per_kernel[evt.name[:80]][1] += 1
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]
     return {"step_ms": step_ms, "kernels_per_step": count / steps, "gpu_busy_ms_per_step": busy_us / steps / 1e3,
             "busy_fraction": busy_us / steps / 1e3 / step_ms,
             "ms_per_step_by_class": {k: round(v / steps / 1e3, 3) for k, v in sorted(per_class.items(),
-                                                                                key=lambda kv: -kv[1])}}
+                                                                                key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": k, "ms_per_step": round(v[0] / steps / 1e3, 3), "launches_per_step": v[1] / steps}
+                            for k, v in top]}
 
 
 def main() -> None:
@@ -116,13 +123,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--mode", choices=["fast", "eager"], default="fast")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--expert-bytes", type=float, default=2.0, help="bytes per routed-expert weight (FP8: 1)")
     args = p.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model, "runs": []}
     for batch in [int(b) for b in args.batches.split(",")]:
+        start = time.perf_counter()
         engine = build_engine(args.model, batch, args.mode)
+        build_s = time.perf_counter() - start
         fill(engine, batch, args.input_len, args.steps)
-        floor = hbm_floor_ms(engine.model_config, batch, args.input_len)
-        run = {"batch": batch, **profile_steps(engine, args.steps), "hbm_floor": floor}
+        floor = hbm_floor_ms(engine.model_config, batch, args.input_len, expert_bytes=args.expert_bytes)
+        run = {"batch": batch, "build_s": build_s, "fast_path_error": engine.runner.fast_path_error,
+               "graphs": engine.runner.graphs is not None, **profile_steps(engine, args.steps), "hbm_floor": floor}
         run["fraction_of_floor"] = floor["floor_ms"] / run["step_ms"]
         results["runs"].append(run)
         print(json.dumps(run), flush=True)

@@ -230,8 +230,8 @@ def _run(engine, prompts, params) -> tuple[list[list[int]], list[list[dict[int, 
 
 
 def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
-    """The start-up check: a kernel that computes the wrong thing (here the norm, doubled) is caught, the
-    engine serves with the eager ops, and its tokens are the eager tokens."""
+    """The start-up check: a kernel that computes the wrong thing (here the norm, doubled) is caught and
+    turned off alone, and the engine's tokens are the eager tokens."""
     import json
 
     import moeserve.kernels.rmsnorm as rmsnorm
@@ -248,8 +248,10 @@ def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     monkeypatch.setattr(rmsnorm, "rms_norm", wrong)
     engine = _engine(tmp_path, False, "float32")
-    assert engine.runner.fast_path_error is not None and "differs" in engine.runner.fast_path_error
-    assert engine.runner.graphs is None
+    assert engine.runner.fast_path_error is not None and "rmsnorm kernel differs" in engine.runner.fast_path_error
+    model = engine.runner.model
+    assert not model.norm.fused and all(m.fused for m in model.moe_layers().values())  # the norm alone is off
+    assert (engine.runner.graphs is not None) == (DEVICE.type == "cuda")  # graphs of the kernels that passed
     tokens, _ = _run(engine, prompts, params)
     monkeypatch.setattr(rmsnorm, "rms_norm", right)
     assert tokens == _run(_engine(tmp_path, True, "float32"), prompts, params)[0]

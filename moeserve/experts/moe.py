@@ -25,6 +25,12 @@ from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 from moeserve.model.layers import MLP
 
 
+# FP8 experts above this many tokens a step: dequantize + grouped GEMM. Measured on one H200 at V3's shapes
+# (benchmarks/bench_moe_kernels.py paths): the fused kernel 11.7 ms a layer at 2048 tokens against 16.7,
+# 34.5 at 8192 against 25.6
+FP8_FUSED_MAX_TOKENS = 4096
+
+
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Which logical experts this rank holds, in physical-slot order (``phy2log``).
@@ -210,8 +216,13 @@ class MoE(nn.Module):
         self.tokens_per_expert.index_add_(0, ids.flatten(), ones.flatten())
 
     def routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Same contract as ``routed``, by the fused Triton kernel; FP8 experts are read as they are stored."""
+        """Same contract as ``routed``, by the fused Triton kernel; FP8 experts are read as they are stored,
+        except in steps of more than ``FP8_FUSED_MAX_TOKENS`` tokens, where dequantizing every local expert
+        once and two bf16 grouped GEMMs on tensor cores cost less."""
         from moeserve.kernels.fused_moe import fused_moe
+
+        if self.fp8_block is not None and x.shape[0] > FP8_FUSED_MAX_TOKENS and self.use_grouped_mm(x):
+            return self.routed_grouped(x, weights, ids)
 
         return fused_moe(x, self.w13, self.w2, weights, self.local_slots(ids), self.placement.num_local,
                          self.w13_scale_inv, self.w2_scale_inv, self.fp8_block or (128, 128))

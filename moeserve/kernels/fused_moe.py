@@ -20,7 +20,11 @@ import triton.language as tl
 from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_gemv import moe_gemv
 
-GEMV_MAX_PAIRS = 64  # up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted
+# Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
+# one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
+# experts past 256 (the matrix-vector path streams FP8 at up to 91% of the copy bandwidth)
+GEMV_MAX_PAIRS = 64
+FP8_GEMV_MAX_PAIRS = 256
 
 
 @triton.jit
@@ -162,7 +166,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: tor
     weights; local: [T * top_k] local expert of each pair (``num_local`` = served elsewhere).
     FP8 experts: w13/w2 float8 with ``w13_scale`` [E, 2, ceil(I/128), ceil(H/128)], ``w2_scale``
     [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x)."""
-    run = moe_gemv if local.numel() <= GEMV_MAX_PAIRS else fused_moe_sorted
+    limit = GEMV_MAX_PAIRS if w13_scale is None else FP8_GEMV_MAX_PAIRS
+    run = moe_gemv if local.numel() <= limit else fused_moe_sorted
     return run(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block)
 
 
