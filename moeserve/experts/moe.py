@@ -24,7 +24,6 @@ from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 from moeserve.model.layers import MLP
 
-
 # FP8 experts above this many tokens a step: dequantize + grouped GEMM. Measured on one H200 at V3's shapes
 # (benchmarks/bench_moe_kernels.py paths): the fused kernel 11.7 ms a layer at 2048 tokens against 16.7,
 # 34.5 at 8192 against 25.6
