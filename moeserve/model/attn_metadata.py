@@ -9,6 +9,7 @@ Every layer shares one block table per sequence, so this metadata is built once 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -20,14 +21,12 @@ class AttnMetadata:
     num_decode_tokens: int  # the first Nd tokens are the decode sequences', one each
     block_size: int
     decode_block_tables: torch.Tensor  # [Bd, nb] the blocks of each decode sequence's context
-    decode_context_valid: torch.Tensor  # [Bd, nb * block_size] bool: which of those slots hold its tokens
+    decode_context_lens: torch.Tensor  # [Bd] context length of each decode sequence (read on the device)
     prefill_query_index: torch.Tensor  # [Bp, Qp] index into the T new tokens (padded with 0)
     prefill_query_valid: torch.Tensor  # [Bp, Qp] bool
     prefill_context_slots: torch.Tensor  # [Bp, Lp]
     prefill_mask: torch.Tensor  # [Bp, Qp, Lp] bool: may query i attend to context token j
     logits_index: torch.Tensor  # [B] index of each sequence's last new token
-    # [Bd] context length of each decode sequence (read on the device by the paged decode kernel)
-    decode_context_lens: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -36,6 +35,16 @@ class AttnMetadata:
     @property
     def num_prefill_seqs(self) -> int:
         return int(self.prefill_query_index.shape[0])
+
+    @cached_property
+    def decode_context_valid(self) -> torch.Tensor:
+        """[Bd, nb * block_size] bool: which slots of ``decode_block_tables`` hold each sequence's tokens.
+
+        NOTE: derived on the device from ``decode_context_lens`` (a static-size arange, no host sync), so a
+        CUDA graph that captures it replays it for any lengths; built once per step, on first use."""
+        width = self.decode_block_tables.shape[1] * self.block_size
+        j = torch.arange(width, device=self.decode_context_lens.device)
+        return j.unsqueeze(0) < self.decode_context_lens.unsqueeze(1)
 
 
 def _context_slots(block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int
@@ -75,7 +84,6 @@ def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, 
     dec_lens = context_lens[:num_decode]
     num_dec_blocks = -(-int(dec_lens.max()) // block_size) if num_decode else 0
     dec_tables = block_tables[:num_decode, :num_dec_blocks]
-    dec_valid = torch.arange(num_dec_blocks * block_size, device=device).unsqueeze(0) < dec_lens.unsqueeze(1)
 
     p_tables, p_computed, p_q = block_tables[num_decode:], num_computed[num_decode:], query_lens[num_decode:]
     p_ctx_slots, p_ctx_valid = _context_slots(p_tables, context_lens[num_decode:], block_size)
@@ -90,8 +98,7 @@ def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, 
     mask = mask | ((~q_valid).unsqueeze(2) & (j == 0).view(1, 1, -1))
     return AttnMetadata(
         positions=positions, slot_mapping=slot_mapping, num_decode_tokens=num_decode,
-        block_size=block_size, decode_block_tables=dec_tables, decode_context_valid=dec_valid,
+        block_size=block_size, decode_block_tables=dec_tables, decode_context_lens=dec_lens,
         prefill_query_index=q_index, prefill_query_valid=q_valid,
         prefill_context_slots=p_ctx_slots, prefill_mask=mask, logits_index=cu_q[1:] - 1,
-        decode_context_lens=dec_lens,
     )

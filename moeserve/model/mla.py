@@ -113,7 +113,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
-        if self.fused and self.kernel_fits and meta.decode_context_lens is not None:
+        if self.fused and self.kernel_fits:
             from moeserve.kernels.mla_decode import mla_decode
 
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
