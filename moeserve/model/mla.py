@@ -50,8 +50,9 @@ class MLA(nn.Module):
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
         self.linear = PackedLinear()
         self.fused = False  # the paged decode kernel (kernels/mla_decode.py); set by DeepseekModel.use_kernels
-        # the kernel tiles the latent and rope parts whole: powers of two of at least 16
-        self.kernel_fits = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.rope_dim))
+        # the kernel tiles the latent and rope parts padded to powers of two (96 -> 128); its tiles are sized
+        # for DeepSeek's widths (512 + 64) and no larger
+        self.kernel_fits = self.kv_lora_rank <= 512 and self.rope_dim <= 64
 
     def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """rows[index] for index [B, L] -> [B, L, D], into a grow-only scratch buffer.
