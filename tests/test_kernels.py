@@ -1,4 +1,4 @@
-"""The fused kernels' tests (``tests/kernel_cases.py``), run in a process of their own.
+"""The fused kernels' tests (``tests/kernel_cases*.py``), run in a process of their own.
 
 On a CUDA device they run as they are; elsewhere (CI) under Triton's CPU interpreter, which must be switched
 on (``TRITON_INTERPRET=1``) before Triton is first imported -- so not in this process, where other tests
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-CASES = Path(__file__).with_name("kernel_cases.py")
+CASES = sorted(Path(__file__).parent.glob("kernel_cases*.py"))
 
 
 def _interpreter_broken() -> str | None:
@@ -39,8 +39,8 @@ def test_kernel_cases() -> None:
         if (why := _interpreter_broken()) is not None:
             pytest.skip(why)
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(CASES)],
-                          env=env, capture_output=True, text=True, timeout=1200, cwd=CASES.parent.parent)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *map(str, CASES)],
+                          env=env, capture_output=True, text=True, timeout=1200, cwd=CASES[0].parent.parent)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     print(f"kernel cases ({'GPU' if torch.cuda.is_available() else 'CPU, Triton interpreter'}): {summary}")
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]

@@ -149,13 +149,10 @@ def graph_metadata(inputs: torch.Tensor, tables: torch.Tensor, batch: int, block
     """The metadata a graph of ``batch`` rows captures, over views of its static buffers: ``inputs`` [4, >= B]
     (``decode_rows``' rows) and ``tables`` [>= B, max_blocks] (the full width: past a sequence's blocks the
     kernels and the eager mask read only up to its context length)."""
-    device = inputs.device
-    empty = torch.zeros(0, 0, dtype=torch.long, device=device)
     return AttnMetadata(
         positions=inputs[1, :batch], slot_mapping=inputs[2, :batch], num_decode_tokens=batch,
         block_size=block_size, decode_block_tables=tables[:batch], decode_context_lens=inputs[3, :batch],
-        prefill_query_index=empty, prefill_query_valid=empty.bool(), prefill_context_slots=empty,
-        prefill_mask=empty.bool().unsqueeze(0), logits_index=torch.arange(batch, device=device))
+        logits_index=torch.arange(batch, device=inputs.device))
 
 
 def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
