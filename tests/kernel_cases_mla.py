@@ -20,8 +20,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16] if GPU else [torch.float
 WIDTHS = [(32, 16, 32), (32, 32, 64), (128, 64, 128)]
 # (cached prefix, new tokens) per sequence: lengths off the tiles, prefixes, a chunk shorter than its prefix
 SEQS = [[(0, 37)], [(0, 5), (0, 40), (23, 17), (64, 33)], [(100, 20), (7, 1)]]
+LONG = [(0, 1000), (3000, 700), (513, 2048)]  # on a GPU, at DeepSeek's widths
 if GPU:
-    SEQS.append([(0, 1000), (3000, 700), (513, 2048)])
+    SEQS.append(LONG)
 
 
 def tol(dtype: torch.dtype) -> float:
@@ -68,9 +69,9 @@ def _sdpa_reference(q_nope, q_pe, k_nope, k_pe, v, query_start, context_start, s
 def test_mla_prefill(dtype, widths, seqs, tiles):
     from moeserve.kernels.mla_prefill import default_config, mla_prefill
 
-    if GPU and widths[0] < 128 and len(seqs) == 3 and seqs[0][1] == 1000:
+    if seqs is LONG and widths != WIDTHS[-1]:
         pytest.skip("the long case at DeepSeek's widths only")
-    config = default_config() if tiles == "default" else (16, 16, 2, 1)
+    config = default_config(dtype) if tiles == "default" else (16, 16, 2, 1)
     q_nope, q_pe, k_nope, k_pe, v, query_start, context_start = _varlen_case(dtype, seqs, widths)
     out = torch.full((q_nope.shape[0], q_nope.shape[1], widths[2]), 7.0, dtype=dtype, device=DEVICE)
     max_q = max(n for _, n in seqs)
