@@ -74,11 +74,12 @@ def _eager_decode(q, cache, tables, lens, page, latent, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("splits", [1, 4])
-def test_mla_decode(dtype, splits):
+@pytest.mark.parametrize("latent,rope", [(64, 16), (96, 32), (40, 8)])  # 96 + 32: the embedded model's
+def test_mla_decode(dtype, splits, latent, rope):
     from moeserve.kernels.mla_decode import mla_decode
 
-    page, latent, lens = 16, 64, [1, 37, 16, 100]
-    q, cache, tables, ctx = _paged_case(dtype, lens, page, latent)
+    page, lens = 16, [1, 37, 16, 100]
+    q, cache, tables, ctx = _paged_case(dtype, lens, page, latent, rope)
     out = mla_decode(q, cache, tables, ctx, page, latent, 0.3, num_splits=splits)
     assert out.shape == (len(lens), q.shape[1], latent) and out.dtype == dtype
     assert rel_err(out, _eager_decode(q, cache, tables, ctx, page, latent, 0.3)) < tol(dtype)
@@ -182,15 +183,20 @@ def _engine(path, eager_ops: bool, dtype: str):
     return engine
 
 
+# the embedded default model's MLA widths (kv_lora_rank 96, not a power of two), on a GPU only (interpreter time)
+MLA_DIMS = [{}] if DEVICE.type == "cpu" else [{}, dict(kv_lora_rank=96, qk_rope_head_dim=32, v_head_dim=64)]
+
+
 @pytest.mark.parametrize("dtype", ["float32"] if DEVICE.type == "cpu" else ["float32", "bfloat16"])
-def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype):
+@pytest.mark.parametrize("mla_dims", MLA_DIMS, ids=lambda d: "x".join(map(str, d.values())) or "tiny")
+def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype, mla_dims):
     """The whole engine (prefill chunks, mixed and decode steps; CUDA graphs on a GPU) against its eager ops:
     float32 gives the same greedy tokens; bf16 agrees up to the first near tie (reported with its gap)."""
     import json
 
     from moeserve.coordinator.sampling import SamplingParams
 
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config(**mla_dims)))
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 256, (n,), generator=gen).tolist() for n in (5, 40, 17)]
     params = SamplingParams(max_tokens=6 if DEVICE.type == "cpu" else 24, temperature=0.0, ignore_eos=True,

@@ -1,4 +1,4 @@
-"""The fused kernels' tests (``tests/kernel_cases.py``), run in a process of their own.
+"""The fused kernels' tests (``tests/kernel_cases*.py``), run in a process of their own.
 
 On a CUDA device they run as they are; elsewhere (CI) under Triton's CPU interpreter, which must be switched
 on (``TRITON_INTERPRET=1``) before Triton is first imported -- so not in this process, where other tests

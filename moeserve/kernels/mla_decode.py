@@ -4,7 +4,9 @@ Reference: the middle of ``MLA._decode`` (``moeserve/model/mla.py``, the eager p
 query against every cached row (latent and rope parts together), softmax, and the probability-weighted sum
 of the cached latents. The kernel reads each sequence's rows through its block table, only up to its
 context length (read on the device, so a CUDA graph replays it for any length), in ``num_splits`` pieces
-whose partial results are merged by their log-sum-exp in a second small kernel.
+whose partial results are merged by their log-sum-exp in a second small kernel. Latent and rope widths
+that are not powers of two (the embedded default model's kv_lora_rank 96) are tiled padded to the next one,
+the padding masked off.
 """
 
 from __future__ import annotations
@@ -23,25 +25,27 @@ TOKEN_BLOCK = 32  # cached rows per loop step
 def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
                       num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
                       NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                      LATENT_P: tl.constexpr, ROPE_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
                       PRECISION: tl.constexpr):
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = heads < num_heads
-    d_lat = tl.arange(0, LATENT)
-    d_pe = tl.arange(0, ROPE)
+    d_lat = tl.arange(0, LATENT_P)  # padded to a power of two; columns past LATENT (ROPE) load zeros
+    d_pe = tl.arange(0, ROPE_P)
+    lat_ok = d_lat < LATENT
+    pe_ok = d_pe < ROPE
     q_row = q_ptr + b * stride_qb + heads[:, None] * stride_qh
-    q_lat = tl.load(q_row + d_lat[None, :], mask=head_ok[:, None], other=0.0)  # [H, LATENT]
-    q_pe = tl.load(q_row + LATENT + d_pe[None, :], mask=head_ok[:, None], other=0.0)  # [H, ROPE]
+    q_lat = tl.load(q_row + d_lat[None, :], mask=head_ok[:, None] & lat_ok[None, :], other=0.0)  # [H, LATENT_P]
+    q_pe = tl.load(q_row + LATENT + d_pe[None, :], mask=head_ok[:, None] & pe_ok[None, :], other=0.0)
     ctx = tl.load(lens_ptr + b)
     chunk = tl.cdiv(tl.cdiv(ctx, NUM_SPLITS), BLOCK_T) * BLOCK_T
     start = split * chunk
     end = tl.minimum(start + chunk, ctx)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, LATENT], tl.float32)
+    acc = tl.zeros([BLOCK_H, LATENT_P], tl.float32)
     row_width = LATENT + ROPE
     for t0 in range(start, end, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -49,8 +53,8 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
         block = tl.load(tables_ptr + b * stride_tb + t // PAGE, mask=t_ok, other=0)
         slot = block.to(tl.int64) * PAGE + t % PAGE
         rows = cache_ptr + slot[:, None] * row_width
-        k_lat = tl.load(rows + d_lat[None, :], mask=t_ok[:, None], other=0.0)  # [T, LATENT]
-        k_pe = tl.load(rows + LATENT + d_pe[None, :], mask=t_ok[:, None], other=0.0)  # [T, ROPE]
+        k_lat = tl.load(rows + d_lat[None, :], mask=t_ok[:, None] & lat_ok[None, :], other=0.0)  # [T, LATENT_P]
+        k_pe = tl.load(rows + LATENT + d_pe[None, :], mask=t_ok[:, None] & pe_ok[None, :], other=0.0)
         s = tl.dot(q_lat, tl.trans(k_lat), input_precision=PRECISION) \
             + tl.dot(q_pe, tl.trans(k_pe), input_precision=PRECISION)  # [H, T] float32
         s = tl.where(t_ok[None, :], s * scale, float("-inf"))
@@ -62,14 +66,15 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
         m_i = m_new
     out_row = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
     has = l_i > 0
-    tl.store(out_row + d_lat[None, :], acc / tl.where(has, l_i, 1.0)[:, None], mask=head_ok[:, None])
+    tl.store(out_row + d_lat[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
+             mask=head_ok[:, None] & lat_ok[None, :])
     lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
     tl.store(lse_ptr + (b * num_heads + heads) * NUM_SPLITS + split, lse, mask=head_ok)
 
 
 @triton.jit
 def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-                      num_heads, NUM_SPLITS: tl.constexpr, LATENT: tl.constexpr):
+                      num_heads, NUM_SPLITS: tl.constexpr, LATENT: tl.constexpr, LATENT_P: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -77,10 +82,17 @@ def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_p
     m = tl.max(lse, 0)
     w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
     w = w / tl.sum(w, 0)
-    d = tl.arange(0, LATENT)
-    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :])
+    d = tl.arange(0, LATENT_P)
+    d_ok = d < LATENT
+    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
+                    mask=d_ok[None, :], other=0.0)
     out = tl.sum(parts * w[:, None], 0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def padded(width: int) -> int:
+    """The tile width of a latent or rope part: the next power of two, at least 16 (a tensor-core K)."""
+    return max(16, triton.next_power_of_2(width))
 
 
 def num_splits_for(batch: int, num_heads: int, num_sms: int = 132) -> int:
@@ -104,10 +116,10 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     _mla_decode_split[grid](
         q, cache, block_tables, context_lens, parts, lse, scale, num_heads,
         q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
-        NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, BLOCK_H=HEAD_BLOCK,
-        BLOCK_T=TOKEN_BLOCK, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+        NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, LATENT_P=padded(latent_dim),
+        ROPE_P=padded(rope), BLOCK_H=HEAD_BLOCK, BLOCK_T=TOKEN_BLOCK, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     _mla_decode_merge[(batch, num_heads)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
-        num_heads, NUM_SPLITS=splits, LATENT=latent_dim, num_warps=4)
+        num_heads, NUM_SPLITS=splits, LATENT=latent_dim, LATENT_P=padded(latent_dim), num_warps=4)
     return out

@@ -3,14 +3,81 @@
 A step holds B sequences; sequence b contributes ``query_lens[b]`` new tokens at positions
 ``num_computed[b] ..`` and attends to ``num_computed[b] + query_lens[b]`` cached tokens. Decode sequences
 (one new token) come first: they use MLA's absorbed form; the rest (prefill chunks) the expanded form.
-Every layer shares one block table per sequence, so this metadata is built once per step.
+Every layer shares one block table per sequence, so this metadata is built once per step; the forms only
+one path reads (the eager decode's mask, the eager prefill's padded tensors, the prefill kernel's packed
+ones) are built on first use, so a step builds what its layers read and nothing else.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class PaddedPrefill:
+    """The prefill sequences padded to [Bp, Qp] queries and [Bp, Lp] context rows: the eager SDPA's form."""
+
+    query_index: torch.Tensor  # [Bp, Qp] index into the T new tokens (padded with 0)
+    query_valid: torch.Tensor  # [Bp, Qp] bool
+    context_slots: torch.Tensor  # [Bp, Lp] cache slot of each context token (padded with 0)
+    mask: torch.Tensor  # [Bp, Qp, Lp] bool: may query i attend to context token j
+
+
+@dataclass
+class PrefillMetadata:
+    """The step's Bp prefill sequences; their new tokens follow the decode tokens, one run per sequence."""
+
+    block_tables: torch.Tensor  # [Bp, max_blocks]
+    num_computed: torch.Tensor  # [Bp] tokens already cached: the prefix a chunk attends to before its own
+    query_start: torch.Tensor  # [Bp + 1] where each sequence's new tokens start among the step's T tokens
+    max_query_len: int
+    max_context_len: int
+    num_context_tokens: int  # the context lengths (num_computed + new tokens) summed
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.num_computed.shape[0])
+
+    @cached_property
+    def context_lens(self) -> torch.Tensor:  # [Bp]
+        return self.num_computed + self.query_start.diff()
+
+    @cached_property
+    def context_start(self) -> torch.Tensor:
+        """[Bp + 1] where each sequence's context starts among the packed rows of ``context_rows``."""
+        return F.pad(torch.cumsum(self.context_lens, 0), (1, 0))
+
+    @cached_property
+    def context_rows(self) -> torch.Tensor:
+        """[Nc] cache slot of every context token, packed (varlen): sequence b's cached prefix, then its new
+        tokens, are rows ``context_start[b]:context_start[b + 1]``. The prefill kernel's form."""
+        device, n = self.num_computed.device, self.num_context_tokens
+        seq = torch.repeat_interleave(torch.arange(self.num_seqs, device=device), self.context_lens, output_size=n)
+        j = torch.arange(n, device=device) - self.context_start[seq]
+        return self.block_tables[seq, j // self.block_size] * self.block_size + j % self.block_size
+
+    @cached_property
+    def padded(self) -> PaddedPrefill:
+        device = self.num_computed.device
+        query_lens = self.query_start.diff()
+        i = torch.arange(self.max_query_len, device=device)
+        q_valid = i.unsqueeze(0) < query_lens.unsqueeze(1)  # [Bp, Qp]
+        q_index = torch.where(q_valid, self.query_start[:-1].unsqueeze(1) + i, torch.zeros_like(i))
+        j = torch.arange(self.max_context_len, device=device)
+        ctx_valid = j.unsqueeze(0) < self.context_lens.unsqueeze(1)  # [Bp, Lp]
+        block_idx = (j // self.block_size).clamp(max=self.block_tables.shape[1] - 1)
+        slots = self.block_tables[:, block_idx] * self.block_size + (j % self.block_size)
+        causal = j.view(1, 1, -1) <= (self.num_computed.view(-1, 1, 1) + i.view(1, -1, 1))  # [Bp, Qp, Lp]
+        mask = causal & ctx_valid.unsqueeze(1) & q_valid.unsqueeze(2)
+        # padded query rows attend to slot 0 only, so softmax never sees an all-masked row
+        mask = mask | ((~q_valid).unsqueeze(2) & (j == 0).view(1, 1, -1))
+        return PaddedPrefill(query_index=q_index, query_valid=q_valid,
+                             context_slots=torch.where(ctx_valid, slots, torch.zeros_like(slots)), mask=mask)
 
 
 @dataclass
@@ -20,14 +87,9 @@ class AttnMetadata:
     num_decode_tokens: int  # the first Nd tokens are the decode sequences', one each
     block_size: int
     decode_block_tables: torch.Tensor  # [Bd, nb] the blocks of each decode sequence's context
-    decode_context_valid: torch.Tensor  # [Bd, nb * block_size] bool: which of those slots hold its tokens
-    prefill_query_index: torch.Tensor  # [Bp, Qp] index into the T new tokens (padded with 0)
-    prefill_query_valid: torch.Tensor  # [Bp, Qp] bool
-    prefill_context_slots: torch.Tensor  # [Bp, Lp]
-    prefill_mask: torch.Tensor  # [Bp, Qp, Lp] bool: may query i attend to context token j
+    decode_context_lens: torch.Tensor  # [Bd] context length of each decode sequence (read on the device)
     logits_index: torch.Tensor  # [B] index of each sequence's last new token
-    # [Bd] context length of each decode sequence (read on the device by the paged decode kernel)
-    decode_context_lens: torch.Tensor | None = None
+    prefill: PrefillMetadata | None = None  # None: no prefill sequence in the step
 
     @property
     def num_tokens(self) -> int:
@@ -35,18 +97,30 @@ class AttnMetadata:
 
     @property
     def num_prefill_seqs(self) -> int:
-        return int(self.prefill_query_index.shape[0])
+        return 0 if self.prefill is None else self.prefill.num_seqs
+
+    @cached_property
+    def decode_context_valid(self) -> torch.Tensor:
+        """[Bd, nb * block_size] bool: which slots of ``decode_block_tables`` hold each sequence's tokens.
+
+        NOTE: derived on the device from ``decode_context_lens`` (a static-size arange, no host sync), so a
+        CUDA graph that captures it replays it for any lengths; built once per step, on first use."""
+        width = self.decode_block_tables.shape[1] * self.block_size
+        j = torch.arange(width, device=self.decode_context_lens.device)
+        return j.unsqueeze(0) < self.decode_context_lens.unsqueeze(1)
 
 
-def _context_slots(block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """block_tables: [B, max_blocks], lengths: [B] -> (slots [B, L], valid [B, L]) with L = max(lengths)."""
-    max_len = int(lengths.max()) if lengths.numel() else 0
-    j = torch.arange(max_len, device=block_tables.device)
-    valid = j.unsqueeze(0) < lengths.unsqueeze(1)
-    block_idx = (j // block_size).clamp(max=block_tables.shape[1] - 1) if max_len else j
-    slots = block_tables[:, block_idx] * block_size + (j % block_size)
-    return torch.where(valid, slots, torch.zeros_like(slots)), valid
+def _host_sizes(num_computed: torch.Tensor, query_lens: torch.Tensor) -> dict[str, int]:
+    """The sizes the step's tensors are built with, read back in one transfer (one host sync on a device)."""
+    is_decode = query_lens == 1
+    context_lens = num_computed + query_lens
+    maxes = torch.stack([torch.where(is_decode, context_lens, 0), torch.where(is_decode, 0, query_lens),
+                         torch.where(is_decode, 0, context_lens)])
+    sums = torch.stack([query_lens, is_decode.long(), is_decode.long().cumprod(0),
+                        torch.where(is_decode, 0, context_lens)]).sum(1)
+    values = torch.cat([F.pad(maxes, (0, 1)).amax(1), sums]).tolist()
+    return dict(zip(("max_decode_context", "max_query", "max_context", "num_tokens", "num_decode",
+                     "num_leading_decode", "num_context_tokens"), values))
 
 
 def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, query_lens: torch.Tensor,
@@ -58,40 +132,26 @@ def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, 
     Sequences with ``query_lens == 1`` must come first.
     """
     device = block_tables.device
-    num_seqs = int(query_lens.shape[0])
-    is_decode = query_lens == 1
-    num_decode = int(is_decode.sum())
-    if num_decode and not bool(is_decode[:num_decode].all()):
+    sizes = _host_sizes(num_computed, query_lens)
+    num_decode = sizes["num_decode"]
+    if sizes["num_leading_decode"] != num_decode:
         raise ValueError("decode sequences (query_len == 1) must come before prefill sequences")
-    cu_q = torch.zeros(num_seqs + 1, dtype=torch.long, device=device)
-    cu_q[1:] = torch.cumsum(query_lens, 0)
-    num_tokens = int(cu_q[-1])
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
-    offset = torch.arange(num_tokens, device=device) - cu_q[seq_of_token]
+    query_start = F.pad(torch.cumsum(query_lens, 0), (1, 0))
+    seq_of_token = torch.repeat_interleave(torch.arange(query_lens.shape[0], device=device), query_lens,
+                                           output_size=sizes["num_tokens"])
+    offset = torch.arange(sizes["num_tokens"], device=device) - query_start[seq_of_token]
     positions = num_computed[seq_of_token] + offset
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-    context_lens = num_computed + query_lens
-
-    dec_lens = context_lens[:num_decode]
-    num_dec_blocks = -(-int(dec_lens.max()) // block_size) if num_decode else 0
-    dec_tables = block_tables[:num_decode, :num_dec_blocks]
-    dec_valid = torch.arange(num_dec_blocks * block_size, device=device).unsqueeze(0) < dec_lens.unsqueeze(1)
-
-    p_tables, p_computed, p_q = block_tables[num_decode:], num_computed[num_decode:], query_lens[num_decode:]
-    p_ctx_slots, p_ctx_valid = _context_slots(p_tables, context_lens[num_decode:], block_size)
-    max_q = int(p_q.max()) if p_q.numel() else 0
-    i = torch.arange(max_q, device=device)
-    q_valid = i.unsqueeze(0) < p_q.unsqueeze(1)  # [Bp, Qp]
-    q_index = torch.where(q_valid, cu_q[num_decode:-1].unsqueeze(1) + i, torch.zeros_like(i))
-    j = torch.arange(p_ctx_slots.shape[1], device=device)
-    causal = j.view(1, 1, -1) <= (p_computed.view(-1, 1, 1) + i.view(1, -1, 1))  # [Bp, Qp, Lp]
-    mask = causal & p_ctx_valid.unsqueeze(1) & q_valid.unsqueeze(2)
-    # padded query rows attend to slot 0 only, so softmax never sees an all-masked row
-    mask = mask | ((~q_valid).unsqueeze(2) & (j == 0).view(1, 1, -1))
+    num_dec_blocks = -(-sizes["max_decode_context"] // block_size)
+    prefill = None
+    if num_decode < query_lens.shape[0]:
+        prefill = PrefillMetadata(
+            block_tables=block_tables[num_decode:], num_computed=num_computed[num_decode:],
+            query_start=query_start[num_decode:], max_query_len=sizes["max_query"],
+            max_context_len=sizes["max_context"], num_context_tokens=sizes["num_context_tokens"],
+            block_size=block_size)
     return AttnMetadata(
-        positions=positions, slot_mapping=slot_mapping, num_decode_tokens=num_decode,
-        block_size=block_size, decode_block_tables=dec_tables, decode_context_valid=dec_valid,
-        prefill_query_index=q_index, prefill_query_valid=q_valid,
-        prefill_context_slots=p_ctx_slots, prefill_mask=mask, logits_index=cu_q[1:] - 1,
-        decode_context_lens=dec_lens,
-    )
+        positions=positions, slot_mapping=slot_mapping, num_decode_tokens=num_decode, block_size=block_size,
+        decode_block_tables=block_tables[:num_decode, :num_dec_blocks],
+        decode_context_lens=(num_computed + query_lens)[:num_decode], logits_index=query_start[1:] - 1,
+        prefill=prefill)

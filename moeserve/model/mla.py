@@ -3,8 +3,9 @@
 The cache holds, per token and layer, only the normalised compressed latent ``c_kv`` [kv_lora_rank] and the
 rotated decoupled key ``k_pe`` [qk_rope_head_dim] -- never per-head K/V.
 
-* Prefill chunks use the expanded form: context latents are up-projected by ``kv_b_proj`` into per-head
-  keys/values and attended with SDPA under a causal mask.
+* Prefill chunks use the expanded form: context latents (a chunk's cached prefix and its new rows) are
+  up-projected by ``kv_b_proj`` into per-head keys/values and attended causally: eagerly with SDPA under a
+  dense mask, or with the flash-attention kernel (``kernels/mla_prefill.py``) over the packed contexts.
 * Decode uses the absorbed form: ``q_nope`` is multiplied into ``W_UK`` so scores are taken directly against
   the latents, and the latent output is multiplied by ``W_UV``. No per-head K/V is ever built.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
-from moeserve.model.attn_metadata import AttnMetadata
+from moeserve.model.attn_metadata import AttnMetadata, PaddedPrefill, PrefillMetadata
 from moeserve.model.config import ModelConfig
 from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
@@ -49,9 +50,13 @@ class MLA(nn.Module):
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
         self.linear = PackedLinear()
-        self.fused = False  # the paged decode kernel (kernels/mla_decode.py); set by DeepseekModel.use_kernels
-        # the kernel tiles the latent and rope parts whole: powers of two of at least 16
-        self.kernel_fits = all(d >= 16 and d & (d - 1) == 0 for d in (self.kv_lora_rank, self.rope_dim))
+        # the paged decode and the prefill kernels (kernels/mla_*.py); set by DeepseekModel.use_kernels
+        self.fused = False
+        # the kernel tiles the latent and rope parts padded to powers of two (96 -> 128); its tiles are sized
+        # for DeepSeek's widths (512 + 64) and no larger
+        self.kernel_fits = self.kv_lora_rank <= 512 and self.rope_dim <= 64
+        # the prefill kernel's tiles hold DeepSeek's head widths (nope 128 + rope 64, v 128) and no larger
+        self.prefill_kernel_fits = self.nope_dim <= 128 and self.rope_dim <= 64 and self.v_dim <= 128
 
     def _gather(self, rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """rows[index] for index [B, L] -> [B, L, D], into a grow-only scratch buffer.
@@ -113,7 +118,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
-        if self.fused and self.kernel_fits and meta.decode_context_lens is not None:
+        if self.fused and self.kernel_fits:
             from moeserve.kernels.mla_decode import mla_decode
 
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
@@ -132,20 +137,46 @@ class MLA(nn.Module):
 
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                  out: torch.Tensor) -> None:
-        """Expanded MLA over padded prefill chunks; writes rows of ``out`` [T, H, v] in place."""
-        slots = meta.prefill_context_slots
-        # [Bp, L, kv_lora + rope]; plain indexing where autograd must see it (the no-cache training mode)
-        context = kv_cache[slots] if kv_cache.requires_grad else self._gather(kv_cache, slots)
+        """Expanded MLA over the prefill chunks; writes their rows of ``out`` [T, H, v] in place."""
+        assert meta.prefill is not None
+        if self.fused and self.prefill_kernel_fits and not kv_cache.requires_grad:
+            self._prefill_fused(q_nope, q_pe, kv_cache, meta.prefill, out)
+        else:
+            self._prefill_eager(q_nope, q_pe, kv_cache, meta.prefill.padded, out)
+
+    def _up_project(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """context [..., L, kv_lora + rope] -> (k_nope [..., L, H, nope], k_pe [..., L, rope], v [..., L, H, v]),
+        views of one kv_b_proj product (k_pe is shared by every head)."""
         latent, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.linear(latent, self.kv_b_proj, "kv_b_proj").unflatten(-1, (self.num_heads,
                                                                              self.nope_dim + self.v_dim))
-        kv = kv.transpose(1, 2)  # [Bp, H, L, nope + v]
-        k = torch.cat([kv[..., :self.nope_dim], k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)], dim=-1)
-        v = kv[..., self.nope_dim:].contiguous()
-        idx = meta.prefill_query_index  # [Bp, Qp]
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        return k_nope, k_pe, v
+
+    def _prefill_fused(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                       prefill: PrefillMetadata, out: torch.Tensor) -> None:
+        """The flash-attention kernel (kernels/mla_prefill.py) over the packed contexts: no mask is built."""
+        from moeserve.kernels.mla_prefill import mla_prefill
+
+        # [Nc, kv_lora + rope]: each sequence's cached prefix and new rows, read through its block table
+        k_nope, k_pe, v = self._up_project(self._gather(kv_cache, prefill.context_rows))
+        mla_prefill(q_nope, q_pe, k_nope, k_pe, v, prefill.query_start, prefill.context_start,
+                    prefill.max_query_len, self.scale, out=out)
+
+    def _prefill_eager(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                       padded: PaddedPrefill, out: torch.Tensor) -> None:
+        """SDPA over the chunks padded to [Bp, Qp] queries and [Bp, Lp] context rows, under a dense mask."""
+        slots = padded.context_slots
+        # [Bp, L, kv_lora + rope]; plain indexing where autograd must see it (the no-cache training mode)
+        context = kv_cache[slots] if kv_cache.requires_grad else self._gather(kv_cache, slots)
+        k_nope, k_pe, v = self._up_project(context)
+        k = torch.cat([k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)],
+                      dim=-1)  # [Bp, H, L, nope + rope]
+        v = v.transpose(1, 2).contiguous()  # [Bp, H, L, v]
+        idx = padded.query_index  # [Bp, Qp]
         q = torch.cat([q_nope[idx], q_pe[idx]], dim=-1).transpose(1, 2).contiguous()  # [Bp, H, Qp, nope + rope]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=meta.prefill_mask.unsqueeze(1),
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=padded.mask.unsqueeze(1),
                                            scale=self.scale)  # [Bp, H, Qp, v]
         o = o.transpose(1, 2)  # [Bp, Qp, H, v]
-        valid = meta.prefill_query_valid
+        valid = padded.query_valid
         out[idx[valid]] = o[valid].to(out.dtype)

@@ -62,19 +62,9 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch)
 
     # ---- capture ----
-    def _metadata(self, batch: int) -> AttnMetadata:
-        device = self.inputs.device
-        empty = torch.zeros(0, 0, dtype=torch.long, device=device)
-        return AttnMetadata(
-            positions=self.inputs[1, :batch], slot_mapping=self.inputs[2, :batch], num_decode_tokens=batch,
-            block_size=self.block_size, decode_block_tables=self.tables[:batch],
-            decode_context_valid=empty.bool(), prefill_query_index=empty, prefill_query_valid=empty.bool(),
-            prefill_context_slots=empty, prefill_mask=empty.bool().unsqueeze(0),
-            logits_index=torch.arange(batch, device=device), decode_context_lens=self.inputs[3, :batch])
-
     def _forward(self, batch: int) -> torch.Tensor:
         model = self.runner.model
-        meta = self._metadata(batch)
+        meta = graph_metadata(self.inputs, self.tables, batch, self.block_size)
         h = model.embed(self.inputs[0, :batch]) if self.hidden_in is None else self.hidden_in[:batch]
         h = model.forward_layers(h, meta, self.runner.flat_caches)
         return model.logits(h) if model.slice.has_head else h
@@ -153,6 +143,16 @@ class DecodeGraphs:
         self.graphs[batch].replay()
         assert self.out is not None
         return self.out[:num_real]
+
+
+def graph_metadata(inputs: torch.Tensor, tables: torch.Tensor, batch: int, block_size: int) -> AttnMetadata:
+    """The metadata a graph of ``batch`` rows captures, over views of its static buffers: ``inputs`` [4, >= B]
+    (``decode_rows``' rows) and ``tables`` [>= B, max_blocks] (the full width: past a sequence's blocks the
+    kernels and the eager mask read only up to its context length)."""
+    return AttnMetadata(
+        positions=inputs[1, :batch], slot_mapping=inputs[2, :batch], num_decode_tokens=batch,
+        block_size=block_size, decode_block_tables=tables[:batch], decode_context_lens=inputs[3, :batch],
+        logits_index=torch.arange(batch, device=inputs.device))
 
 
 def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
