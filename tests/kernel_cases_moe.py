@@ -84,7 +84,7 @@ def test_a_router_near_tie_is_no_fault(tmp_path, monkeypatch):
 
     right = router.fused_route
 
-    def ties_high(logits, spec, bias=None):  # the same scores; among equal ones, the highest index
+    def ties_high(logits, spec, bias=None, count=None):  # the same scores; among equal ones, the highest index
         weights, ids = right(logits.flip(-1), spec, None if bias is None else bias.flip(-1))
         return weights, logits.shape[-1] - 1 - ids
 
@@ -114,8 +114,8 @@ def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
 
     right = router.fused_route
 
-    def worst(logits, spec, bias=None):  # the lowest-scoring experts
-        return right(-logits, spec, None if bias is None else -bias)
+    def worst(logits, spec, bias=None, count=None):  # the lowest-scoring experts
+        return right(-logits, spec, None if bias is None else -bias, count)
 
     monkeypatch.setattr(router, "fused_route", worst)
     engine = _check_engine(tmp_path)
@@ -123,3 +123,29 @@ def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
     moe = next(iter(model.moe_layers().values()))
     assert not moe.fused_router and moe.fused and model.norm.fused
     assert "router kernel differs" in (engine.runner.fast_path_error or "")
+
+
+@pytest.mark.parametrize("share_rank", [0, 1])
+@pytest.mark.parametrize("padded", [False, True])
+def test_router_counts_as_it_routes(share_rank, padded):
+    """The router kernel's own count (no EP placement) equals the counter's eager count of its picks, for
+    this rank's share of the tokens, phases and padding weights included."""
+    from moeserve.experts.gate import GateSpec
+    from moeserve.experts.load_counter import ExpertLoadCounter
+    from moeserve.kernels.router import fused_route
+
+    spec = GateSpec(num_experts=64, scoring_func="sigmoid", topk_method="noaux_tc", top_k=6, n_group=8,
+                    topk_group=4, norm_topk_prob=True)
+    logits = torch.randn(37, 64, device=DEVICE)
+    bias = torch.randn(64, device=DEVICE) * 0.1
+    weights = (torch.arange(37, device=DEVICE) < 30).long() if padded else None
+    fused, eager = (ExpertLoadCounter([5, 7], 64, DEVICE, share_rank=share_rank, share_size=2, fused=f)
+                    for f in (True, False))
+    for c in (fused, eager):
+        c.begin_step(20)
+    target = fused.router_target(7, 37, weights)
+    assert target is not None
+    _, ids = fused_route(logits, spec, bias, target)
+    first, n = eager.share(37)
+    eager.count(7, ids[first:first + n], first, None if weights is None else weights[first:first + n])
+    assert torch.equal(fused.logical, eager.logical) and int(fused.logical.sum()) > 0

@@ -110,6 +110,16 @@ class ExpertLoadCounter:
         num_physical = self.num_physical
         self.physical.view(-1).index_add_(0, ((layer * 2 + phase) * num_physical + slot).flatten(), ones)
 
+    def router_target(self, layer_id: int, num_tokens: int, weights: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None:
+        """What the router kernel needs to count a step of ``num_tokens`` itself (``kernels/router.py``'s
+        ``count``), or None where the pairs must be counted here: eager counting, or an EP placement (the
+        physical slot of a pair needs the whole placement)."""
+        if not self.fused or self.has_placement:
+            return None
+        first, n = self.share(num_tokens)
+        return self.logical[self.index[layer_id]], self.num_decode_tokens, weights, first, first + n
+
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(logical, physical) cumulative counts, copied to the host (waits for the device: call it
         between steps, every few steps, not inside one)."""

@@ -186,21 +186,25 @@ class MoE(nn.Module):
         """x: [T, hidden] -> [T, hidden]. Only experts held here contribute to the routed part."""
         if self.all_to_all is not None:
             return self.all_to_all.forward(self, x)
-        weights, ids = self.route(x)
+        count = self.load_counter.router_target(self.layer_id, x.shape[0], self.count_weights) \
+            if self.fused_router and self.load_counter is not None else None
+        weights, ids = self.route(x, count)
         self.last_expert_ids = ids
-        self.count_tokens(ids)
+        if count is None:  # else the router kernel counted the pairs as it chose them
+            self.count_tokens(ids)
         out = (self.routed_fused if self.fused else self.routed_eager)(x, weights, ids)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return self.shard.all_reduce(out)
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k])."""
+    def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``
+        (the router kernel only): the counter's target, ``ExpertLoadCounter.router_target``."""
         logits = router_logits(x, self.gate_weight)
         if self.fused_router:
             from moeserve.kernels.router import fused_route
 
-            return fused_route(logits, self.spec, self.e_score_correction_bias)
+            return fused_route(logits, self.spec, self.e_score_correction_bias, count)
         return route(logits, self.spec, self.e_score_correction_bias)
 
     def count_tokens(self, ids: torch.Tensor) -> None:

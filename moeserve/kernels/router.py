@@ -21,7 +21,9 @@ METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 @triton.jit
 def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr, BLOCK_E: tl.constexpr,
            TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
-           METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, scaling):
+           METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, scaling,
+           count_ptr, count_weight_ptr, num_decode_ptr, share_lo, share_hi, COUNT: tl.constexpr,
+           HAS_COUNT_WEIGHT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     ok = e < E
@@ -65,15 +67,29 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
         w_all = w_all / (tl.sum(w_all, 0) + 1e-20)
     tl.store(ids_ptr + t * TOP_K + kk, id_all, mask=kk < TOP_K)
     tl.store(weights_ptr + t * TOP_K + kk, w_all * scaling, mask=kk < TOP_K)
+    if COUNT:  # the expert-load counter's logical counts of this layer: [2 (prefill, decode), E]
+        mine = (t >= share_lo) & (t < share_hi)
+        phase = tl.where(t < tl.load(num_decode_ptr), 1, 0).to(tl.int64)
+        if HAS_COUNT_WEIGHT:
+            one = tl.zeros([BLOCK_K], tl.int64) + tl.load(count_weight_ptr + t).to(tl.int64)
+        else:
+            one = tl.full([BLOCK_K], 1, tl.int64)
+        tl.atomic_add(count_ptr + phase * E + id_all, one, mask=kk < tl.where(mine, TOP_K, 0))
 
 
-def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None
+def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None,
+                count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``route``'s contract: logits [T, E] float32 -> (weights [T, top_k] float32, ids [T, top_k] int64)."""
+    """``route``'s contract: logits [T, E] float32 -> (weights [T, top_k] float32, ids [T, top_k] int64).
+
+    ``count``: (counts [2, E] int64 of one layer, num_decode_tokens as a device scalar, weights [>= T] or
+    None, first, last): each pair of the tokens [first, last) also adds its token's weight to its expert's
+    count in the token's phase, in the same launch (``ExpertLoadCounter.count``'s logical counts)."""
     tokens, experts = logits.shape
     weights = torch.empty(tokens, spec.top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(tokens, spec.top_k, dtype=torch.long, device=logits.device)
     method = METHODS[spec.topk_method]
+    counts, num_decode, count_weights, lo, hi = count or (logits, logits, None, 0, 0)
     if tokens:
         _route[(tokens,)](logits, bias if bias is not None else logits, weights, ids, logits.stride(0),
                           E=experts, BLOCK_E=triton.next_power_of_2(experts), TOP_K=spec.top_k,
@@ -81,6 +97,7 @@ def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None 
                           N_GROUP=spec.n_group, TOPK_GROUP=spec.topk_group, SIGMOID=spec.scoring_func != "softmax",
                           METHOD=method, HAS_BIAS=bias is not None and method == 2,
                           NORM=spec.norm_topk_prob and spec.top_k > 1, scaling=spec.routed_scaling_factor,
-                          num_warps=1 if experts <= 64 else 4)
+                          count_ptr=counts, count_weight_ptr=logits if count_weights is None else count_weights,
+                          num_decode_ptr=num_decode, share_lo=lo, share_hi=hi, COUNT=count is not None,
+                          HAS_COUNT_WEIGHT=count_weights is not None, num_warps=1 if experts <= 64 else 4)
     return weights, ids
-
