@@ -123,6 +123,34 @@ def test_bad_requests_get_typed_errors(server, body, status, code) -> None:
     assert err["code"] == code and err["message"]
 
 
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("path,fields,param,message", [
+    ("/v1/completions", {"max_tokens": -1}, "max_tokens", "field 'max_tokens': must be an integer >= 1, got -1"),
+    ("/v1/completions", {"temperature": -1}, "temperature", "field 'temperature': must be >= 0 (0 = greedy), "
+                                                            "got -1.0"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs", "field 'logprobs': must be in [0, 20], got 21"),
+    ("/v1/completions", {"top_p": 0}, "top_p", "field 'top_p': must be in (0, 1], got 0.0"),
+    ("/v1/chat/completions", {"max_tokens": -1}, "max_tokens", "field 'max_tokens': must be an integer >= 1, "
+                                                               "got -1"),
+    ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens",
+     "field 'max_completion_tokens': must be an integer >= 1, got 0"),
+    ("/v1/chat/completions", {"temperature": -1}, "temperature", "field 'temperature': must be >= 0 (0 = greedy), "
+                                                                 "got -1.0"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs",
+     "field 'top_logprobs': must be in [0, 20], got 50"),
+])
+def test_400s_name_the_field_at_fault(server, path, fields, param, message) -> None:
+    """As OpenAI answers: ``param`` is the request's field, the message says what it allows (not
+    SamplingParams' internal names)."""
+    base = {"model": MODEL, "messages": USER} if "chat" in path else {"model": MODEL, "prompt": "x"}
+    r = post(server, path, {**base, **fields})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": "bad_request"}
+
+
 def test_auth_health_metrics_and_audit(server, client) -> None:
     assert httpx.get(server.http_url + "/health").status_code == 200  # no key needed
     for path in ("/v1/models", "/metrics", "/openapi.json"):

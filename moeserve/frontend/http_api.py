@@ -158,7 +158,7 @@ class HttpApi:
         cap = svc.limits.max_tokens or svc.model.max_model_len  # a request that names no max_tokens gets
         for p_index, ids in enumerate(prompts):                 # a default within the server's limit
             for j in range(body.n):
-                default = min(cap, svc.model.max_model_len - len(ids)) if chat else min(cap, 16)
+                default = max(1, min(cap, svc.model.max_model_len - len(ids))) if chat else min(cap, 16)
                 params = body.params(j, default)
                 if setup.structured_output is not None:
                     params = dataclasses.replace(params, structured_output=setup.structured_output)

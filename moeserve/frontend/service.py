@@ -9,7 +9,7 @@ ticket. Leaving ``generate`` early (cancelled, client gone) aborts the request i
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -95,13 +95,18 @@ def check_structured_output(spec: str, has_tokenizer: bool) -> None:
         raise BadRequest(f"structured_output: {e}", "structured_output") from None
 
 
-def sampling_params(fields: dict[str, Any]) -> SamplingParams:
+def sampling_params(fields: dict[str, Any], names: Mapping[str, str] | None = None, prefix: str = "") -> SamplingParams:
+    """``fields`` as SamplingParams, or a BadRequest naming the request's field at fault: ``prefix`` + its
+    name in ``names`` (where the request calls a SamplingParams field otherwise), else the field's own."""
     try:
         return SamplingParams.from_dict(fields)
     except SamplingParamsError as e:
-        raise BadRequest(str(e), "params") from None
+        if e.field is None:
+            raise BadRequest(str(e), prefix.rstrip(".") or None) from None
+        param = prefix + (names or {}).get(e.field, e.field)
+        raise BadRequest(e.describe(param), param) from None
     except Exception as e:  # noqa: BLE001 - anything else a strange dict can raise is still a bad request
-        raise BadRequest(f"invalid sampling parameters: {type(e).__name__}", "params") from None
+        raise BadRequest(f"invalid sampling parameters: {type(e).__name__}", prefix.rstrip(".") or None) from None
 
 
 class GenerationService:
