@@ -140,10 +140,12 @@ USER = [{"role": "user", "content": "x"}]
                                                                  "got -1.0"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs",
      "field 'top_logprobs': must be in [0, 20], got 50"),
+    ("/v1/completions", {"n": 0}, "n", "field 'n': Input should be greater than or equal to 1"),
+    ("/v1/chat/completions", {"n": 0}, "n", "field 'n': Input should be greater than or equal to 1"),
 ])
 def test_400s_name_the_field_at_fault(server, path, fields, param, message) -> None:
-    """As OpenAI answers: ``param`` is the request's field, the message says what it allows (not
-    SamplingParams' internal names)."""
+    """As OpenAI answers: ``param`` is the request's field, the message says what it allows (not a 200 with
+    no choices for n=0, not SamplingParams' internal names)."""
     base = {"model": MODEL, "messages": USER} if "chat" in path else {"model": MODEL, "prompt": "x"}
     r = post(server, path, {**base, **fields})
     assert r.status_code == 400, r.text

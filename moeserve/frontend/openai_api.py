@@ -46,7 +46,7 @@ class _Sampling(_Body):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # choices; over the server's --max-n is a limit_exceeded 400
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
