@@ -11,6 +11,7 @@ import time
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.engine import Engine
@@ -49,8 +50,8 @@ def alone(engine: Engine, ids: list[int], n: int) -> list[int]:
     return engine.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0].output_token_ids
 
 
-def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(server, path: str, body, key: str | None = KEY, headers: dict | None = None, **kw) -> httpx.Response:
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.http_url + path, content=data, headers=headers, timeout=60, **kw)
 
@@ -171,6 +172,28 @@ def test_auth_health_metrics_and_audit(server, client) -> None:
     assert records and all({"time", "request_id", "key_id", "prompt_sha256", "prompt_tokens",
                             "completion_tokens"} <= set(r) for r in records)
     assert "audit me" not in server.audit_path.read_text()
+
+
+def http_outcomes(server) -> dict[str, float]:
+    """moeserve_requests_total{protocol="http"} by outcome, from a real /metrics scrape."""
+    text = httpx.get(server.http_url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "moeserve_requests" for s in family.samples
+            if s.name == "moeserve_requests_total" and s.labels["protocol"] == "http"}
+
+
+def test_client_mistakes_are_not_server_errors(server) -> None:
+    """A 404 (another model) or 415 (a form body) is the client's: outcome client_error, never the "error"
+    that the MoeserveErrorRate alert reads (deploy/prometheus/alerts.yml)."""
+    before = http_outcomes(server)
+    assert post(server, "/v1/completions", {"model": "other", "prompt": "x"}).status_code == 404
+    assert post(server, "/v1/chat/completions", b"model=x", headers={
+        "Content-Type": "application/x-www-form-urlencoded"}).status_code == 415
+    assert post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}).status_code == 400
+    after = http_outcomes(server)
+    assert after["client_error"] - before.get("client_error", 0) == 2
+    assert after["bad_request"] - before.get("bad_request", 0) == 1
+    assert after.get("error", 0) == before.get("error", 0) == 0
 
 
 def test_disconnect_mid_stream_frees_the_blocks(server) -> None:

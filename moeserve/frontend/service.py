@@ -167,10 +167,8 @@ class GenerationService:
         return self.admission.admit(len(requests), tokens)
 
     def refused(self, error: FrontendError, protocol: str) -> None:
-        """Count a request refused before it ran."""
-        outcome = {"busy": "busy", "unavailable": "unavailable", "unauthorized": "unauthorized"}.get(
-            error.code, "bad_request" if error.status == 400 else "error")
-        self.metrics.outcome(outcome, protocol)
+        """Count a request refused before it ran (4xx apart from 5xx: ``FrontendError.outcome``)."""
+        self.metrics.outcome(error.outcome, protocol)
 
     # ---- routing ----
     def route(self, token_ids: list[int]) -> tuple[int, list[int]]:
