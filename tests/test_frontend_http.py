@@ -5,20 +5,23 @@ returns the block pool to its starting count."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import httpx
+import jinja2
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from moeserve.coordinator.config import EngineConfig
+from moeserve.coordinator.config import EngineConfig, default_model_path
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.limits import ServerLimits
 from moeserve.frontend.server import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
+from moeserve.model.tokenizer import Tokenizer
 
 KEY = "sekret-key"
 MODEL = "moeserve-default"
@@ -141,6 +144,10 @@ USER = [{"role": "user", "content": "x"}]
                                                                  "got -1.0"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs",
      "field 'top_logprobs': must be in [0, 20], got 50"),
+    ("/v1/chat/completions", {"chat_template_kwargs": ["thinking"]}, "chat_template_kwargs",
+     "field 'chat_template_kwargs': Input should be a valid dictionary"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages",
+     "chat_template_kwargs may not set 'messages', which the server sets"),
     ("/v1/completions", {"n": 0}, "n", "field 'n': Input should be greater than or equal to 1"),
     ("/v1/chat/completions", {"n": 0}, "n", "field 'n': Input should be greater than or equal to 1"),
 ])
@@ -225,3 +232,32 @@ def test_busy_then_draining() -> None:
         assert httpx.get(s.http_url + "/health").status_code == 503
         r = httpx.post(s.http_url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+THINKING_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt and thinking %}<think>\n{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path) -> None:
+    """vLLM's chat_template_kwargs, as R1/V3.1 apps send them: {"thinking": true} is a variable of the
+    template (here one that opens <think> when it is set, as DeepSeek-V3.1's does)."""
+    model = default_model_path()
+    for f in model.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tcfg, "chat_template": THINKING_TEMPLATE}))
+    tok = Tokenizer.from_dir(tmp_path)
+    bos = tok.decode([tok.bos_token_id], skip_special_tokens=False)
+    want = {flag: len(tok.encode(jinja2.Template(THINKING_TEMPLATE).render(
+        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, bos_token=bos, thinking=flag),
+        add_bos=False)) for flag in (True, False)}
+    assert want[True] > want[False]
+    cfg = ServerConfig(engine=dataclasses.replace(ENGINE, model=str(tmp_path)), port=0, rpc_port=0,
+                       served_model_name=MODEL)
+    with BackgroundServer(cfg) as s:
+        client = openai.OpenAI(base_url=s.http_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for kwargs, thinking in (({"thinking": True}, True), ({"thinking": False}, False), ({}, False), (None, False)):
+            r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
+            assert r.usage.prompt_tokens == want[thinking], kwargs

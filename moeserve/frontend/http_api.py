@@ -147,7 +147,7 @@ class HttpApi:
         if chat:
             tools = [t.model_dump(by_alias=True, exclude_none=True) for t in body.tools] if body.tools else None
             text = self.template.render([m.as_template_input() for m in body.messages], body.add_generation_prompt,
-                                        tools)
+                                        tools, body.chat_template_kwargs)
             tok = svc.tokenizer
             prompts: list[list[int]] = [tok.encode(text, add_bos=False) if tok is not None else []]
         else:

@@ -156,6 +156,7 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
     def params(self, index: int, default_max_tokens: int) -> SamplingParams:
         top = (self.top_logprobs or 0) if self.logprobs else None
