@@ -25,7 +25,8 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate, updates_until_finished
+from moeserve.coordinator.async_engine import updates_until_finished
+from moeserve.coordinator.engine_driver import EngineSnapshot, EngineUpdate
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
@@ -57,9 +58,9 @@ def decode_item(body: dict[str, Any]) -> EngineUpdate | Exception:
 def replica_main(spec: dict[str, Any]) -> int:
     import torch
 
-    from moeserve.coordinator.async_engine import EngineDriver
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
+    from moeserve.coordinator.engine_driver import EngineDriver
 
     torch.set_num_threads(spec["num_threads"])
     ctx = zmq.Context()

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate
+from moeserve.coordinator.engine_driver import EngineSnapshot, EngineUpdate
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams, SamplingParamsError
 from moeserve.coordinator.structured import StructuredOutputError, compile_spec
