@@ -36,16 +36,36 @@ async def updates_until_finished(queue: asyncio.Queue, forget: Callable[[], obje
             abort()
 
 
+class EngineLoopError(RuntimeError):
+    """The engine loop stopped on an error: every request it held, and every later one, fails with this (the
+    front end's typed ``engine_error``). ``cause`` names the error in one line."""
+
+    def __init__(self, cause: str):
+        super().__init__(f"the engine failed: {cause}")
+        self.cause = cause
+
+    @classmethod
+    def of(cls, error: BaseException) -> EngineLoopError:
+        if isinstance(error, EngineLoopError):
+            return cls(error.cause)
+        loop_error = cls(f"{type(error).__name__}: {error}")
+        loop_error.__cause__ = error
+        return loop_error
+
+
 class AsyncEngine:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, fault_after_steps: int | None = None):
+        """``fault_after_steps``: the test fault injection (engine_driver.injected_fault_steps)."""
         self.engine = engine
-        self.driver = EngineDriver(engine, self._publish)
+        self.driver = EngineDriver(engine, self._publish, fault_after_steps)
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.on_fatal: Callable[[Exception], None] | None = None  # called on the event loop
+        self.error: EngineLoopError | None = None  # set (in the engine thread) once the loop has failed
+        # called on the event loop once the loop has failed, after every request it held was failed
+        self.on_fatal: Callable[[EngineLoopError], None] | None = None
 
     async def __aenter__(self) -> AsyncEngine:
         self.start()
@@ -75,15 +95,28 @@ class AsyncEngine:
 
     # ---- the engine thread ----
     def _run(self) -> None:
-        while not self._stopping and self.driver.fatal is None:
-            if not self.driver.has_work():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                self.driver.check_workers()
-                continue
-            self.driver.run_once()
-        if self.driver.fatal is not None and self.on_fatal is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self.on_fatal, self.driver.fatal)
+        try:
+            while not self._stopping:
+                if not self.driver.has_work():
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    self.driver.check_workers()
+                    continue
+                self.driver.run_once()
+        except Exception as e:  # noqa: BLE001 - whatever raises stops the loop, said to every request it holds
+            self.error = EngineLoopError.of(e)  # NOTE: set before _failed runs, so stream() sees one or the other
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(self._failed, self.error)
+            except RuntimeError:  # the event loop is closed: nobody is waiting
+                pass
+
+    def _failed(self, error: EngineLoopError) -> None:
+        """On the event loop: fail every request (those whose add the engine had not yet read too), then say so."""
+        for stream in self._streams.values():
+            stream.put_nowait(EngineLoopError.of(error))
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _publish(self, batch: list[tuple[str, EngineUpdate | Exception]]) -> None:
         assert self._loop is not None
@@ -101,7 +134,10 @@ class AsyncEngine:
     # ---- the asyncio side ----
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      trace_experts: bool = False) -> AsyncIterator[EngineUpdate]:
-        """Stream the updates of one request. Raises RequestError at once for a request that cannot run."""
+        """Stream the updates of one request. Raises RequestError at once for a request that cannot run, and
+        EngineLoopError (at once, or while it runs) once the engine loop has failed."""
+        if self.error is not None:
+            raise EngineLoopError.of(self.error)
         if request_id in self._streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         self.engine._validate(prompt_token_ids, params)

@@ -6,9 +6,10 @@ publish stats.
 
 from __future__ import annotations
 
+import os
 import queue
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,10 +92,32 @@ class ExpertTracer:
 Publish = Callable[[list[tuple[str, "EngineUpdate | Exception"]]], None]
 
 
-class EngineDriver:
-    """The engine loop's body, without threads: commands in, batches of updates out through ``publish``."""
+class InjectedFault(RuntimeError):
+    """The test fault injection (``FAULT_ENV``): what the engine step raises once the set number of steps ran."""
 
-    def __init__(self, engine: Engine, publish: Publish):
+
+FAULT_ENV = "MOESERVE_TEST_FAULT_AFTER_STEPS"
+
+
+def injected_fault_steps(environ: Mapping[str, str] = os.environ) -> int | None:
+    """TEST FAULT INJECTION, off unless ``MOESERVE_TEST_FAULT_AFTER_STEPS=N`` is set: the engine step after
+    N steps raises ``InjectedFault`` (tests of the engine-failure path set it; read once when a loop starts)."""
+    raw = environ.get(FAULT_ENV, "")
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{FAULT_ENV} must be a number of engine steps, got {raw!r}")
+    return int(raw)
+
+
+class EngineDriver:
+    """The engine loop's body, without threads: commands in, batches of updates out through ``publish``.
+
+    Whatever raises here (a step, a worker found dead, a bug) propagates to the owner of the loop, which
+    fails every request it holds and stops: the engine's state after a half-done step is not trusted.
+    ``fault_after_steps``: the test fault injection (``injected_fault_steps``); None in service."""
+
+    def __init__(self, engine: Engine, publish: Publish, fault_after_steps: int | None = None):
         self.engine = engine
         self.publish = publish
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -105,7 +128,8 @@ class EngineDriver:
         self._arrival: dict[str, float] = {}  # requests not yet scheduled -> engine arrival time
         self._traced: set[str] = set()
         self.snapshot = EngineSnapshot.of(engine)
-        self.fatal: Exception | None = None  # a stage worker died: the engine cannot step any more
+        self.num_steps = 0
+        self.fault_after_steps = fault_after_steps
 
     def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
             trace_experts: bool = False) -> None:
@@ -154,13 +178,11 @@ class EngineDriver:
         if self.tracer is not None:
             self.tracer.enabled = bool(self._traced)
         t0 = time.monotonic()
-        try:
-            outputs = self.engine.step()
-        except Exception as e:  # noqa: BLE001 - a failed step fails every request in flight
-            self.fail_all(e)
-            if self.engine.workers_failed(e):
-                self.fatal = e
-            return
+        if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
+            raise InjectedFault(f"test fault injection: {FAULT_ENV}={self.fault_after_steps} made engine step "
+                                f"{self.num_steps + 1} raise")
+        self.num_steps += 1
+        outputs = self.engine.step()
         started = [rid for rid in self._arrival
                    if (r := self.engine.requests.get(rid)) is None or r.status is not RequestStatus.WAITING]
         queue_s = {rid: t0 - self._arrival.pop(rid) for rid in started}
@@ -178,16 +200,5 @@ class EngineDriver:
             self.publish(batch)
 
     def check_workers(self) -> None:
-        """Between steps: notice a stage worker that died while the engine was idle."""
-        try:
-            self.engine.check_workers()
-        except Exception as e:  # noqa: BLE001 - the same path as a failed step
-            self.fail_all(e)
-            self.fatal = e
-
-    def fail_all(self, error: Exception) -> None:
-        rids = list(self.engine.requests)
-        for rid in rids:
-            self.engine.abort(rid)
-            self._forget(rid)
-        self.publish([(rid, RuntimeError(f"engine step failed: {error}")) for rid in rids])
+        """Between steps: raise if a stage worker died while the engine was idle (as a step would)."""
+        self.engine.check_workers()

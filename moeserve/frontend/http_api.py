@@ -67,7 +67,7 @@ class HttpApi:
         app = self.app
 
         @app.get("/health", responses={200: {"model": Health, "description": "ready"},
-                                       503: {"model": Health, "description": "loading or draining"}})
+                                       503: {"model": Health, "description": "loading, draining or failed"}})
         async def health() -> JSONResponse:
             state = self.service.state
             return JSONResponse({"status": state}, 200 if state == "ready" else 503)

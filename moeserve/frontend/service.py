@@ -120,7 +120,8 @@ class GenerationService:
         self.admission = Admission(limits)
         self.routing = routing
         self.backends: list[Backend] = []
-        self.state = "loading"  # loading -> ready -> draining
+        self.state = "loading"  # loading -> ready -> draining; or failed (the engine loop failed)
+        self.failure: str | None = None  # why, once failed
         self._indexes: list[PrefixIndex] = []
         self._loads: list[int] = []
         self._routed = 0
@@ -160,7 +161,13 @@ class GenerationService:
             check_structured_output(params.structured_output, self.tokenizer is not None)
         return GenerateRequest(request_id, token_ids, params, trace_experts, key_id, protocol)
 
+    def fail(self, cause: str) -> None:
+        """The engine failed: /health turns 503 ("failed") and every new request gets a 503 at once."""
+        self.state, self.failure = "failed", cause
+
     def admit(self, requests: Sequence[GenerateRequest]) -> Ticket:
+        if self.failure is not None:
+            raise Unavailable(f"{self.failure}; the server is stopping")
         if self.state != "ready":
             raise Unavailable(f"the server is {self.state}; retry later")
         tokens = sum(len(r.prompt_token_ids) + r.params.max_tokens for r in requests)
