@@ -120,9 +120,10 @@ def expect_failed_and_exit(proc: subprocess.Popen, url: str, fault_steps: int) -
 
 
 def test_engine_loop_failure_fails_requests_health_503_and_exit() -> None:
-    """TEST FAULT INJECTION: the engine step raises after 60 steps, while an SSE stream, a JSON request and
-    an RPC stream run; each fails at once with engine_error, then expect_failed_and_exit."""
-    proc, url, rpc = start(env={**os.environ, FAULT_ENV: "60"})
+    """TEST FAULT INJECTION: the engine step raises after 100 steps (time to start all three), while an SSE
+    stream, a JSON request and an RPC stream run; each fails at once with engine_error, then
+    expect_failed_and_exit."""
+    proc, url, rpc = start(env={**os.environ, FAULT_ENV: "100"})
     try:
         with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as sse, \
                 Client(rpc, timeout_s=60) as c, ThreadPoolExecutor(1) as pool:
@@ -133,7 +134,7 @@ def test_engine_loop_failure_fails_requests_health_503_and_exit() -> None:
             whole = pool.submit(httpx.post, url + "/v1/completions", json=LONG, timeout=60)
             chunks = sse_until_done(lines)
             assert chunks[-1]["error"]["code"] == "engine_error", chunks[-1]
-            line = expect_failed_and_exit(proc, url, 60)
+            line = expect_failed_and_exit(proc, url, 100)
             assert chunks[-1]["error"]["message"] in line
             with pytest.raises(RpcError) as e:
                 list(frames)
