@@ -98,7 +98,8 @@ def test_expert_load_command_writes_safetensors(server, tmp_path) -> None:
 def test_alert_rules_pass_promtool() -> None:
     subprocess.run(["promtool", "check", "rules", str(RULES)], check=True, timeout=60)
     # their unit tests: the error-rate alert pages for the server's failures, not for a client's 4xx
-    subprocess.run(["promtool", "test", "rules", str(RULES.with_name("alerts_test.yml"))], check=True, timeout=60)
+    tests = RULES.with_name("alerts_test.yml")
+    subprocess.run(["promtool", "test", "rules", str(tests)], check=True, timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus (Debian package) is not installed")

@@ -131,7 +131,8 @@ USER = [{"role": "user", "content": "x"}]
 
 
 @pytest.mark.parametrize("path,fields,param,message", [
-    ("/v1/completions", {"max_tokens": -1}, "max_tokens", "field 'max_tokens': must be an integer >= 1, got -1"),
+    ("/v1/completions", {"max_tokens": -1}, "max_tokens",
+     "field 'max_tokens': must be an integer >= 1, got -1"),
     ("/v1/completions", {"temperature": -1}, "temperature", "field 'temperature': must be >= 0 (0 = greedy), "
                                                             "got -1.0"),
     ("/v1/completions", {"logprobs": 21}, "logprobs", "field 'logprobs': must be in [0, 20], got 21"),
@@ -140,8 +141,8 @@ USER = [{"role": "user", "content": "x"}]
                                                                "got -1"),
     ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens",
      "field 'max_completion_tokens': must be an integer >= 1, got 0"),
-    ("/v1/chat/completions", {"temperature": -1}, "temperature", "field 'temperature': must be >= 0 (0 = greedy), "
-                                                                 "got -1.0"),
+    ("/v1/chat/completions", {"temperature": -1}, "temperature",
+     "field 'temperature': must be >= 0 (0 = greedy), got -1.0"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs",
      "field 'top_logprobs': must be in [0, 20], got 50"),
     ("/v1/chat/completions", {"chat_template_kwargs": ["thinking"]}, "chat_template_kwargs",
@@ -250,14 +251,16 @@ def test_chat_template_kwargs_reach_the_template(tmp_path) -> None:
     tok = Tokenizer.from_dir(tmp_path)
     bos = tok.decode([tok.bos_token_id], skip_special_tokens=False)
     want = {flag: len(tok.encode(jinja2.Template(THINKING_TEMPLATE).render(
-        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, bos_token=bos, thinking=flag),
+        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, bos_token=bos,
+        thinking=flag),
         add_bos=False)) for flag in (True, False)}
     assert want[True] > want[False]
     cfg = ServerConfig(engine=dataclasses.replace(ENGINE, model=str(tmp_path)), port=0, rpc_port=0,
                        served_model_name=MODEL)
     with BackgroundServer(cfg) as s:
         client = openai.OpenAI(base_url=s.http_url + "/v1", api_key="none", max_retries=0, timeout=60)
-        for kwargs, thinking in (({"thinking": True}, True), ({"thinking": False}, False), ({}, False), (None, False)):
+        cases = (({"thinking": True}, True), ({"thinking": False}, False), ({}, False), (None, False))
+        for kwargs, thinking in cases:
             r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                                max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
             assert r.usage.prompt_tokens == want[thinking], kwargs

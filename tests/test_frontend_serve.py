@@ -125,7 +125,8 @@ def test_engine_loop_failure_fails_requests_health_503_and_exit() -> None:
     expect_failed_and_exit."""
     proc, url, rpc = start(env={**os.environ, FAULT_ENV: "100"})
     try:
-        with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as sse, \
+        streamed = {**LONG, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=streamed, timeout=60) as sse, \
                 Client(rpc, timeout_s=60) as c, ThreadPoolExecutor(1) as pool:
             lines = sse.iter_lines()
             assert next(lines).startswith("data: ")  # a token: the request runs

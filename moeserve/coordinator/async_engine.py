@@ -103,8 +103,9 @@ class AsyncEngine:
                     self.driver.check_workers()
                     continue
                 self.driver.run_once()
-        except Exception as e:  # noqa: BLE001 - whatever raises stops the loop, said to every request it holds
-            self.error = EngineLoopError.of(e)  # NOTE: set before _failed runs, so stream() sees one or the other
+        except Exception as e:  # noqa: BLE001 - whatever raises stops the loop; every request hears why
+            # NOTE: set before _failed runs on the event loop, so a new stream() sees one or the other
+            self.error = EngineLoopError.of(e)
             assert self._loop is not None
             try:
                 self._loop.call_soon_threadsafe(self._failed, self.error)
@@ -112,7 +113,7 @@ class AsyncEngine:
                 pass
 
     def _failed(self, error: EngineLoopError) -> None:
-        """On the event loop: fail every request (those whose add the engine had not yet read too), then say so."""
+        """On the event loop: fail every request (those not yet added to the engine too), then say so."""
         for stream in self._streams.values():
             stream.put_nowait(EngineLoopError.of(error))
         if self.on_fatal is not None:

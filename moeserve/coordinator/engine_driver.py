@@ -93,7 +93,7 @@ Publish = Callable[[list[tuple[str, "EngineUpdate | Exception"]]], None]
 
 
 class InjectedFault(RuntimeError):
-    """The test fault injection (``FAULT_ENV``): what the engine step raises once the set number of steps ran."""
+    """The test fault injection (``FAULT_ENV``): what the engine step raises once the set steps ran."""
 
 
 FAULT_ENV = "MOESERVE_TEST_FAULT_AFTER_STEPS"
@@ -101,7 +101,7 @@ FAULT_ENV = "MOESERVE_TEST_FAULT_AFTER_STEPS"
 
 def injected_fault_steps(environ: Mapping[str, str] = os.environ) -> int | None:
     """TEST FAULT INJECTION, off unless ``MOESERVE_TEST_FAULT_AFTER_STEPS=N`` is set: the engine step after
-    N steps raises ``InjectedFault`` (tests of the engine-failure path set it; read once when a loop starts)."""
+    N steps raises ``InjectedFault`` (tests of the engine-failure path set it; read once as a loop starts)."""
     raw = environ.get(FAULT_ENV, "")
     if not raw:
         return None
@@ -179,8 +179,8 @@ class EngineDriver:
             self.tracer.enabled = bool(self._traced)
         t0 = time.monotonic()
         if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
-            raise InjectedFault(f"test fault injection: {FAULT_ENV}={self.fault_after_steps} made engine step "
-                                f"{self.num_steps + 1} raise")
+            raise InjectedFault(f"test fault injection: {FAULT_ENV}={self.fault_after_steps} made engine "
+                                f"step {self.num_steps + 1} raise")
         self.num_steps += 1
         outputs = self.engine.step()
         started = [rid for rid in self._arrival

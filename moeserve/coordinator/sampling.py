@@ -51,7 +51,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _fail(name: str, value: Any, allowed: str) -> SamplingParamsError:
-    return SamplingParamsError(f"SamplingParams.{name}={value!r} is invalid: must be {allowed}", name, value, allowed)
+    message = f"SamplingParams.{name}={value!r} is invalid: must be {allowed}"
+    return SamplingParamsError(message, name, value, allowed)
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ class SamplingParams:
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
             ("seed", self.seed is None or 0 <= self.seed < 2**64, "an integer in [0, 2**64)"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"in [0, {MAX_LOGPROBS}]"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
         )
         for name, ok, allowed in checks:

@@ -58,7 +58,7 @@ class ChatTemplate:
                                         tools=tools, **self.special, **extra)
         except TemplateError as e:
             raise BadRequest(f"the chat template rejected the messages: {e}", "messages") from None
-        except Exception as e:  # noqa: BLE001 - template code on a client's values (a number where it adds text)
+        except Exception as e:  # noqa: BLE001 - template code on a client's values (adding a number to text)
             where = "chat_template_kwargs" if extra else "messages"
             raise BadRequest(f"the chat template failed on this request's {where}: {type(e).__name__}: {e}",
                              where) from None

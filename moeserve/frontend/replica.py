@@ -91,7 +91,7 @@ def replica_main(spec: dict[str, Any]) -> int:
                     "block_size": engine.kv.block_size}))
     try:
         return _serve(engine, commands, out, index)
-    except Exception as e:  # noqa: BLE001 - whatever raises in the loop: the front end fails our requests, stops
+    except Exception as e:  # noqa: BLE001 - whatever raises: the front end fails our requests and stops
         out.send(_pack({"type": "failed", "index": index, "message": f"{type(e).__name__}: {e}"}))
         return 1
     finally:

@@ -199,7 +199,7 @@ class Server:
         """Whatever raised in the engine loop (a step, a stage worker gone, a bug): the requests it held have
         failed with engine_error; now /health turns 503 and new requests get 503 at once, and serve_forever
         ends the process after failure_grace_s. One line names the cause (with -v, its traceback too)."""
-        verbose = logging.getLogger().isEnabledFor(logging.INFO)  # moeserve -v (this logger is at INFO anyway)
+        verbose = logging.getLogger().isEnabledFor(logging.INFO)  # moeserve -v (ours is at INFO anyway)
         logger.error("%s; the server stops in %g s", error, self.config.failure_grace_s,
                      exc_info=error.__cause__ if verbose and error.__cause__ is not None else None)
         self.engine_error = error

@@ -95,7 +95,8 @@ def check_structured_output(spec: str, has_tokenizer: bool) -> None:
         raise BadRequest(f"structured_output: {e}", "structured_output") from None
 
 
-def sampling_params(fields: dict[str, Any], names: Mapping[str, str] | None = None, prefix: str = "") -> SamplingParams:
+def sampling_params(fields: dict[str, Any], names: Mapping[str, str] | None = None,
+                    prefix: str = "") -> SamplingParams:
     """``fields`` as SamplingParams, or a BadRequest naming the request's field at fault: ``prefix`` + its
     name in ``names`` (where the request calls a SamplingParams field otherwise), else the field's own."""
     try:
@@ -106,7 +107,8 @@ def sampling_params(fields: dict[str, Any], names: Mapping[str, str] | None = No
         param = prefix + (names or {}).get(e.field, e.field)
         raise BadRequest(e.describe(param), param) from None
     except Exception as e:  # noqa: BLE001 - anything else a strange dict can raise is still a bad request
-        raise BadRequest(f"invalid sampling parameters: {type(e).__name__}", prefix.rstrip(".") or None) from None
+        raise BadRequest(f"invalid sampling parameters: {type(e).__name__}",
+                         prefix.rstrip(".") or None) from None
 
 
 class GenerationService:
