@@ -1,6 +1,7 @@
 """Expert load over HTTP, end to end against a real ``moeserve serve --tp 2`` (two gloo stage workers):
 ``/metrics`` series, ``GET /v1/expert_load``, ``moeserve expert-load``, a real Prometheus scraping the server
-(Debian's ``prometheus``), ``promtool check rules`` on deploy/, and the dashboard in a real headless Chromium.
+(Debian's ``prometheus``), ``promtool check rules`` and ``promtool test rules`` on deploy/, and the dashboard
+in a real headless Chromium.
 
 Set MOESERVE_UPDATE_SCREENSHOT=1 to write the dashboard's screenshot to docs/images/dashboard.png.
 """
@@ -96,6 +97,9 @@ def test_expert_load_command_writes_safetensors(server, tmp_path) -> None:
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package prometheus) is not installed")
 def test_alert_rules_pass_promtool() -> None:
     subprocess.run(["promtool", "check", "rules", str(RULES)], check=True, timeout=60)
+    # their unit tests: the error-rate alert pages for the server's failures, not for a client's 4xx
+    tests = RULES.with_name("alerts_test.yml")
+    subprocess.run(["promtool", "test", "rules", str(tests)], check=True, timeout=60)
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus (Debian package) is not installed")

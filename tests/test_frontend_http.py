@@ -5,19 +5,23 @@ returns the block pool to its starting count."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
 import httpx
+import jinja2
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from moeserve.coordinator.config import EngineConfig
+from moeserve.coordinator.config import EngineConfig, default_model_path
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.limits import ServerLimits
 from moeserve.frontend.server import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
+from moeserve.model.tokenizer import Tokenizer
 
 KEY = "sekret-key"
 MODEL = "moeserve-default"
@@ -49,8 +53,8 @@ def alone(engine: Engine, ids: list[int], n: int) -> list[int]:
     return engine.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0].output_token_ids
 
 
-def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(server, path: str, body, key: str | None = KEY, headers: dict | None = None, **kw) -> httpx.Response:
+    headers = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     return httpx.post(server.http_url + path, content=data, headers=headers, timeout=60, **kw)
 
@@ -123,6 +127,41 @@ def test_bad_requests_get_typed_errors(server, body, status, code) -> None:
     assert err["code"] == code and err["message"]
 
 
+USER = [{"role": "user", "content": "x"}]
+
+
+@pytest.mark.parametrize("path,fields,param,message", [
+    ("/v1/completions", {"max_tokens": -1}, "max_tokens",
+     "field 'max_tokens': must be an integer >= 1, got -1"),
+    ("/v1/completions", {"temperature": -1}, "temperature", "field 'temperature': must be >= 0 (0 = greedy), "
+                                                            "got -1.0"),
+    ("/v1/completions", {"logprobs": 21}, "logprobs", "field 'logprobs': must be in [0, 20], got 21"),
+    ("/v1/completions", {"top_p": 0}, "top_p", "field 'top_p': must be in (0, 1], got 0.0"),
+    ("/v1/chat/completions", {"max_tokens": -1}, "max_tokens", "field 'max_tokens': must be an integer >= 1, "
+                                                               "got -1"),
+    ("/v1/chat/completions", {"max_completion_tokens": 0}, "max_completion_tokens",
+     "field 'max_completion_tokens': must be an integer >= 1, got 0"),
+    ("/v1/chat/completions", {"temperature": -1}, "temperature",
+     "field 'temperature': must be >= 0 (0 = greedy), got -1.0"),
+    ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, "top_logprobs",
+     "field 'top_logprobs': must be in [0, 20], got 50"),
+    ("/v1/chat/completions", {"chat_template_kwargs": ["thinking"]}, "chat_template_kwargs",
+     "field 'chat_template_kwargs': Input should be a valid dictionary"),
+    ("/v1/chat/completions", {"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs.messages",
+     "chat_template_kwargs may not set 'messages', which the server sets"),
+    ("/v1/completions", {"n": 0}, "n", "field 'n': Input should be greater than or equal to 1"),
+    ("/v1/chat/completions", {"n": 0}, "n", "field 'n': Input should be greater than or equal to 1"),
+])
+def test_400s_name_the_field_at_fault(server, path, fields, param, message) -> None:
+    """As OpenAI answers: ``param`` is the request's field, the message says what it allows (not a 200 with
+    no choices for n=0, not SamplingParams' internal names)."""
+    base = {"model": MODEL, "messages": USER} if "chat" in path else {"model": MODEL, "prompt": "x"}
+    r = post(server, path, {**base, **fields})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == {"message": message, "type": "invalid_request_error", "param": param,
+                                 "code": "bad_request"}
+
+
 def test_auth_health_metrics_and_audit(server, client) -> None:
     assert httpx.get(server.http_url + "/health").status_code == 200  # no key needed
     for path in ("/v1/models", "/metrics", "/openapi.json"):
@@ -141,6 +180,28 @@ def test_auth_health_metrics_and_audit(server, client) -> None:
     assert records and all({"time", "request_id", "key_id", "prompt_sha256", "prompt_tokens",
                             "completion_tokens"} <= set(r) for r in records)
     assert "audit me" not in server.audit_path.read_text()
+
+
+def http_outcomes(server) -> dict[str, float]:
+    """moeserve_requests_total{protocol="http"} by outcome, from a real /metrics scrape."""
+    text = httpx.get(server.http_url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    return {s.labels["outcome"]: s.value for family in text_string_to_metric_families(text)
+            if family.name == "moeserve_requests" for s in family.samples
+            if s.name == "moeserve_requests_total" and s.labels["protocol"] == "http"}
+
+
+def test_client_mistakes_are_not_server_errors(server) -> None:
+    """A 404 (another model) or 415 (a form body) is the client's: outcome client_error, never the "error"
+    that the MoeserveErrorRate alert reads (deploy/prometheus/alerts.yml)."""
+    before = http_outcomes(server)
+    assert post(server, "/v1/completions", {"model": "other", "prompt": "x"}).status_code == 404
+    assert post(server, "/v1/chat/completions", b"model=x", headers={
+        "Content-Type": "application/x-www-form-urlencoded"}).status_code == 415
+    assert post(server, "/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}).status_code == 400
+    after = http_outcomes(server)
+    assert after["client_error"] - before.get("client_error", 0) == 2
+    assert after["bad_request"] - before.get("bad_request", 0) == 1
+    assert after.get("error", 0) == before.get("error", 0) == 0
 
 
 def test_disconnect_mid_stream_frees_the_blocks(server) -> None:
@@ -172,3 +233,34 @@ def test_busy_then_draining() -> None:
         assert httpx.get(s.http_url + "/health").status_code == 503
         r = httpx.post(s.http_url + "/v1/completions", json={"model": MODEL, "prompt": "x"}, timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+THINKING_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['content'] }}\n{% endfor %}"
+                     "{% if add_generation_prompt and thinking %}<think>\n{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template(tmp_path) -> None:
+    """vLLM's chat_template_kwargs, as R1/V3.1 apps send them: {"thinking": true} is a variable of the
+    template (here one that opens <think> when it is set, as DeepSeek-V3.1's does)."""
+    model = default_model_path()
+    for f in model.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").unlink()
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**tcfg, "chat_template": THINKING_TEMPLATE}))
+    tok = Tokenizer.from_dir(tmp_path)
+    bos = tok.decode([tok.bos_token_id], skip_special_tokens=False)
+    want = {flag: len(tok.encode(jinja2.Template(THINKING_TEMPLATE).render(
+        messages=[{"role": "user", "content": "hi"}], add_generation_prompt=True, bos_token=bos,
+        thinking=flag),
+        add_bos=False)) for flag in (True, False)}
+    assert want[True] > want[False]
+    cfg = ServerConfig(engine=dataclasses.replace(ENGINE, model=str(tmp_path)), port=0, rpc_port=0,
+                       served_model_name=MODEL)
+    with BackgroundServer(cfg) as s:
+        client = openai.OpenAI(base_url=s.http_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        cases = (({"thinking": True}, True), ({"thinking": False}, False), ({}, False), (None, False))
+        for kwargs, thinking in cases:
+            r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                               max_tokens=1, extra_body={"chat_template_kwargs": kwargs})
+            assert r.usage.prompt_tokens == want[thinking], kwargs

@@ -122,6 +122,17 @@ def test_resume_after_reconnect(server, alone) -> None:
         assert e.value.code == "not_found"
 
 
+def test_bad_params_name_the_field(server) -> None:
+    with Client(server.rpc_address, timeout_s=TIMEOUT_S) as c:
+        for params, message in (
+                ({"max_tokens": -1}, "field 'params.max_tokens': must be an integer >= 1, got -1"),
+                ({"top_k": -2}, "field 'params.top_k': must be -1 or 0 (off) or an integer >= 1, got -2"),
+                ({"best_of": 2}, "unknown field 'params.best_of'")):
+            with pytest.raises(RpcError) as e:
+                c.complete("x", **params)
+            assert (e.value.code, e.value.message) == ("bad_request", message)
+
+
 def test_reader_that_never_reads_delays_nobody(server, alone) -> None:
     ctx = zmq.Context()
     stalled = ctx.socket(zmq.DEALER)

@@ -116,3 +116,16 @@ def test_chat_template_default_when_missing() -> None:
     t = ChatTemplate(None)
     assert t.is_default and DEFAULT_CHAT_TEMPLATE
     assert t.render([{"role": "user", "content": "hi"}]) == "<|user|>\nhi\n<|assistant|>\n"
+
+
+def test_chat_template_kwargs_add_variables_only() -> None:
+    t = ChatTemplate(None)
+    t.template = t.template.environment.from_string("{{ bos_token }}{{ 'T' if thinking }}{{ n + 1 if n }}")
+    assert t.render([], extra={"thinking": True}) == "T" and t.render([]) == ""
+    for key in ("messages", "bos_token", "namespace", "raise_exception"):
+        with pytest.raises(BadRequest) as e:
+            t.render([], extra={key: 1})
+        assert e.value.param == f"chat_template_kwargs.{key}"
+    with pytest.raises(BadRequest) as e:  # template code on a client's value: the request's 400, not a 500
+        t.render([], extra={"n": "one"})
+    assert e.value.param == "chat_template_kwargs" and "TypeError" in e.value.message

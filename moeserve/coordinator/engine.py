@@ -216,13 +216,6 @@ class Engine:
             check()
         self.expert_load.idle()
 
-    @staticmethod
-    def workers_failed(error: Exception) -> bool:
-        """Whether a step's error means the stage workers are gone (the engine cannot go on)."""
-        from moeserve.coordinator.executor import WorkerError
-
-        return isinstance(error, WorkerError)
-
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.in_flight)
 

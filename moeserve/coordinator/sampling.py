@@ -7,6 +7,7 @@ ids -> greedy rows take argmax here -> temperature -> top-k -> top-p -> min-p ->
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -27,7 +28,22 @@ _FLOAT_FIELDS = (
 
 
 class SamplingParamsError(ValueError):
-    """Invalid sampling parameters; the message names the field and what it allows."""
+    """Invalid sampling parameters; the message names the field and what it allows. ``field``, ``value`` and
+    ``allowed`` let a front end say the same in its own request's names (``describe``)."""
+
+    def __init__(self, message: str, field: str | None = None, value: Any = None, allowed: str | None = None):
+        super().__init__(message)
+        self.field, self.value, self.allowed = field, value, allowed
+
+    def describe(self, param: str) -> str:
+        """The error in one line, naming ``param`` (the request's name for ``field``)."""
+        if self.allowed is None:
+            return f"unknown field {param!r}" if self.field is not None else str(self)
+        try:
+            shown = json.dumps(self.value)  # a request's values are JSON (or msgpack) values
+        except (TypeError, ValueError):
+            shown = repr(self.value)
+        return f"field {param!r}: must be {self.allowed}, got {shown}"
 
 
 def _is_int(v: Any) -> bool:
@@ -35,7 +51,8 @@ def _is_int(v: Any) -> bool:
 
 
 def _fail(name: str, value: Any, allowed: str) -> SamplingParamsError:
-    return SamplingParamsError(f"SamplingParams.{name}={value!r} is invalid: must be {allowed}")
+    message = f"SamplingParams.{name}={value!r} is invalid: must be {allowed}"
+    return SamplingParamsError(message, name, value, allowed)
 
 
 @dataclass(frozen=True)
@@ -83,10 +100,10 @@ class SamplingParams:
             raise _fail("ignore_eos", self.ignore_eos, "a bool")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
-            raise _fail("stop", self.stop, "a non-empty string or a list/tuple of non-empty strings")
+            raise _fail("stop", self.stop, "a non-empty string or a list of non-empty strings")
         ids = self.stop_token_ids
         if not isinstance(ids, (tuple, list)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise _fail("stop_token_ids", ids, "a list/tuple of integers >= 0")
+            raise _fail("stop_token_ids", ids, "a list of integers >= 0")
         object.__setattr__(self, "stop", tuple(stop))
         object.__setattr__(self, "stop_token_ids", tuple(ids))
 
@@ -100,8 +117,9 @@ class SamplingParams:
             ("repetition_penalty", self.repetition_penalty > 0.0, "> 0"),
             ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
             ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**64, "None or an integer in [0, 2**64)"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "None or in [0, 20]"),
+            ("seed", self.seed is None or 0 <= self.seed < 2**64, "an integer in [0, 2**64)"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+             f"in [0, {MAX_LOGPROBS}]"),
             ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
         )
         for name, ok, allowed in checks:
@@ -119,7 +137,8 @@ class SamplingParams:
             raise SamplingParamsError(f"SamplingParams must be built from a dict, got {type(d).__name__}")
         unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
         if unknown:
-            raise SamplingParamsError(f"unknown SamplingParams field(s): {', '.join(map(str, unknown))}")
+            raise SamplingParamsError(f"unknown SamplingParams field(s): {', '.join(map(str, unknown))}",
+                                      str(unknown[0]))
         return cls(**d)
 
     @property

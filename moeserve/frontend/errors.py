@@ -15,6 +15,15 @@ class FrontendError(Exception):
         self.param = param
         self.request_id = request_id
 
+    @property
+    def outcome(self) -> str:
+        """The ``moeserve_requests_total`` outcome of a request refused with this error. A client's mistake
+        (4xx: ``bad_request``, ``unauthorized``, ``client_error`` for the others, such as 404 and 415) is
+        counted apart from the server's failures (5xx: ``unavailable``, ``error``), which alone feed the
+        error-rate alert (deploy/prometheus/alerts.yml); ``busy`` (429) is load, neither."""
+        named = {400: "bad_request", 401: "unauthorized", 429: "busy", 503: "unavailable"}
+        return named.get(self.status, "client_error" if self.status < 500 else "error")
+
 
 class BadRequest(FrontendError):
     """A request that is wrong as sent: bad types, unknown or missing fields, values out of range."""

@@ -67,7 +67,7 @@ class HttpApi:
         app = self.app
 
         @app.get("/health", responses={200: {"model": Health, "description": "ready"},
-                                       503: {"model": Health, "description": "loading or draining"}})
+                                       503: {"model": Health, "description": "loading, draining or failed"}})
         async def health() -> JSONResponse:
             state = self.service.state
             return JSONResponse({"status": state}, 200 if state == "ready" else 503)
@@ -147,7 +147,7 @@ class HttpApi:
         if chat:
             tools = [t.model_dump(by_alias=True, exclude_none=True) for t in body.tools] if body.tools else None
             text = self.template.render([m.as_template_input() for m in body.messages], body.add_generation_prompt,
-                                        tools)
+                                        tools, body.chat_template_kwargs)
             tok = svc.tokenizer
             prompts: list[list[int]] = [tok.encode(text, add_bos=False) if tok is not None else []]
         else:
@@ -158,7 +158,7 @@ class HttpApi:
         cap = svc.limits.max_tokens or svc.model.max_model_len  # a request that names no max_tokens gets
         for p_index, ids in enumerate(prompts):                 # a default within the server's limit
             for j in range(body.n):
-                default = min(cap, svc.model.max_model_len - len(ids)) if chat else min(cap, 16)
+                default = max(1, min(cap, svc.model.max_model_len - len(ids))) if chat else min(cap, 16)
                 params = body.params(j, default)
                 if setup.structured_output is not None:
                     params = dataclasses.replace(params, structured_output=setup.structured_output)

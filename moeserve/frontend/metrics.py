@@ -7,12 +7,14 @@ from collections.abc import Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from moeserve.coordinator.async_engine import EngineSnapshot
+from moeserve.coordinator.engine_driver import EngineSnapshot
 from moeserve.kvstore.metrics import tier_families
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-OUTCOMES = ("ok", "aborted", "bad_request", "unauthorized", "busy", "unavailable", "error")
+# finished: ok, aborted; refused for the client's mistake (4xx): bad_request, unauthorized, client_error;
+# busy (429); failed on the server's side (5xx): unavailable, error (FrontendError.outcome)
+OUTCOMES = ("ok", "aborted", "bad_request", "unauthorized", "client_error", "busy", "unavailable", "error")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 

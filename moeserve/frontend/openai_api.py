@@ -46,7 +46,7 @@ class _Sampling(_Body):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
+    n: int = Field(1, ge=1)  # choices; over the server's --max-n is a limit_exceeded 400
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -67,7 +67,9 @@ class _Sampling(_Body):
     structured_outputs: StructuredOutputs | None = None
 
     def sampling(self, default_max_tokens: int, max_tokens: int | None, top_logprobs: int | None,
-                 index: int) -> SamplingParams:
+                 index: int, names: dict[str, str]) -> SamplingParams:
+        """Choice ``index``'s SamplingParams; ``names``: this request's field for a SamplingParams field
+        of another name (an invalid value is a 400 naming the field the client sent)."""
         if self.logit_bias:
             raise BadRequest("logit_bias is not supported", "logit_bias")
         fields: dict[str, Any] = {"max_tokens": default_max_tokens if max_tokens is None else max_tokens}
@@ -79,7 +81,7 @@ class _Sampling(_Body):
         if self.seed is not None:  # choice i of n draws with seed + i, so choices differ but reproduce
             fields["seed"] = (self.seed + index) % 2**64
         fields["logprobs"] = top_logprobs
-        return sampling_params(fields)
+        return sampling_params(fields, names)
 
 
 class CompletionRequest(_Sampling):
@@ -114,7 +116,7 @@ class CompletionRequest(_Sampling):
         return list(p)  # type: ignore[arg-type]
 
     def params(self, index: int, default_max_tokens: int = 16) -> SamplingParams:
-        return self.sampling(default_max_tokens, self.max_tokens, self.logprobs, index)
+        return self.sampling(default_max_tokens, self.max_tokens, self.logprobs, index, {})
 
 
 class TextPart(_Body):
@@ -154,13 +156,17 @@ class ChatRequest(_Sampling):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: more variables for the chat template
 
     def params(self, index: int, default_max_tokens: int) -> SamplingParams:
         top = (self.top_logprobs or 0) if self.logprobs else None
         if self.top_logprobs is not None and not self.logprobs:
             raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self.sampling(default_max_tokens, max_tokens, top, index)
+        names = {"logprobs": "top_logprobs"}
+        max_tokens = self.max_tokens
+        if self.max_completion_tokens is not None:
+            max_tokens, names["max_tokens"] = self.max_completion_tokens, "max_completion_tokens"
+        return self.sampling(default_max_tokens, max_tokens, top, index, names)
 
 
 def prompt_problem(value: Any) -> str:

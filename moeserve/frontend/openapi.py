@@ -122,7 +122,8 @@ ERRORS = {
     404: "a model id this server does not serve",
     415: "a body whose Content-Type is not application/json",
     429: "busy: over --max-queued-requests or --max-tokens-in-flight; retry after Retry-After seconds",
-    503: "loading or draining: no new requests; retry after Retry-After seconds",
+    503: "loading, draining, or the engine failed (the server is stopping): no new requests; retry after "
+         "Retry-After seconds",
 }
 
 

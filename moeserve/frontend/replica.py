@@ -3,7 +3,8 @@ the front end over ZeroMQ (ipc) with msgpack maps -- never pickle.
 
 front end -> replica (PUSH, one per replica): ``add`` {request_id, token_ids, params, trace}, ``abort``
 {request_id}, ``stop``. replica -> front end (one shared PULL): ``ready`` {index, num_blocks, block_size},
-``updates`` {index, items: [[request_id, update | {error}]], snapshot}, ``snapshot``, ``failed`` {message}.
+``updates`` {index, items: [[request_id, update | {error}]], snapshot}, ``snapshot``, ``failed`` {message}
+(at start, or when its loop raised: the front end then fails the replica's requests and stops).
 ``ReplicaBackend`` gives the front end the same ``stream`` interface as ``AsyncEngine``.
 """
 
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -25,7 +26,14 @@ import msgpack
 import zmq
 import zmq.asyncio
 
-from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate, updates_until_finished
+from moeserve.coordinator.async_engine import EngineLoopError, updates_until_finished
+from moeserve.coordinator.engine import Engine
+from moeserve.coordinator.engine_driver import (
+    EngineDriver,
+    EngineSnapshot,
+    EngineUpdate,
+    injected_fault_steps,
+)
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
@@ -52,14 +60,21 @@ def decode_item(body: dict[str, Any]) -> EngineUpdate | Exception:
     return EngineUpdate(RequestOutput(**body["output"]), body["queue_s"], body["expert_ids"])
 
 
+def _send_nowait(sock: zmq.asyncio.Socket, body: dict[str, Any]) -> None:
+    """Send without waiting; a replica that is gone (EAGAIN: no peer) just does not get it."""
+    try:
+        sent = asyncio.ensure_future(sock.send(_pack(body), flags=zmq.NOBLOCK))
+    except zmq.ZMQError:
+        return
+    sent.add_done_callback(lambda f: f.cancelled() or f.exception())  # NOTE: the error is read, not logged
+
+
 # ---- the replica process ----
 
 def replica_main(spec: dict[str, Any]) -> int:
     import torch
 
-    from moeserve.coordinator.async_engine import EngineDriver
     from moeserve.coordinator.config import EngineConfig
-    from moeserve.coordinator.engine import Engine
 
     torch.set_num_threads(spec["num_threads"])
     ctx = zmq.Context()
@@ -72,36 +87,46 @@ def replica_main(spec: dict[str, Any]) -> int:
     except Exception as e:  # noqa: BLE001 - reported to the front end, which fails the start
         out.send(_pack({"type": "failed", "index": index, "message": f"{type(e).__name__}: {e}"}))
         return 1
-    pending: list[list[Any]] = []
-    driver = EngineDriver(engine, lambda batch: pending.extend([rid, encode_item(x)] for rid, x in batch))
     out.send(_pack({"type": "ready", "index": index, "num_blocks": engine.kv.num_blocks,
                     "block_size": engine.kv.block_size}))
-    parent, last_report = os.getppid(), 0.0
     try:
-        while True:
-            if commands.poll(0 if driver.has_work() else 100):
-                while commands.poll(0):
-                    cmd = _unpack(commands.recv())
-                    if cmd["type"] == "stop":
-                        return 0
-                    if cmd["type"] == "add":
-                        driver.add(cmd["request_id"], cmd["token_ids"], SamplingParams.from_dict(cmd["params"]),
-                                   cmd["trace"])
-                    else:
-                        driver.abort(cmd["request_id"])
-            if driver.has_work():
-                driver.run_once()
-            now = time.monotonic()
-            if pending or now - last_report > 0.5:
-                out.send(_pack({"type": "updates", "index": index, "items": pending,
-                                "snapshot": dataclasses.astuple(driver.snapshot)}))
-                pending.clear()
-                last_report = now
-                if os.getppid() != parent:
-                    return 0  # the front end is gone
+        return _serve(engine, commands, out, index)
+    except Exception as e:  # noqa: BLE001 - whatever raises: the front end fails our requests and stops
+        out.send(_pack({"type": "failed", "index": index, "message": f"{type(e).__name__}: {e}"}))
+        return 1
     finally:
         engine.close()
         ctx.destroy(linger=0)
+
+
+def _serve(engine: Engine, commands: zmq.Socket, out: zmq.Socket, index: int) -> int:
+    """The replica's loop: commands in, the driver's updates out (every 0.5 s at least, with its snapshot).
+    Returns 0 on ``stop`` or when the front end is gone; raises whatever the loop raises."""
+    pending: list[list[Any]] = []
+    driver = EngineDriver(engine, lambda batch: pending.extend([rid, encode_item(x)] for rid, x in batch),
+                          injected_fault_steps())  # None unless a test sets the fault injection
+    parent, last_report = os.getppid(), 0.0
+    while True:
+        if commands.poll(0 if driver.has_work() else 100):
+            while commands.poll(0):
+                cmd = _unpack(commands.recv())
+                if cmd["type"] == "stop":
+                    return 0
+                if cmd["type"] == "add":
+                    driver.add(cmd["request_id"], cmd["token_ids"], SamplingParams.from_dict(cmd["params"]),
+                               cmd["trace"])
+                else:
+                    driver.abort(cmd["request_id"])
+        if driver.has_work():
+            driver.run_once()
+        now = time.monotonic()
+        if pending or now - last_report > 0.5:
+            out.send(_pack({"type": "updates", "index": index, "items": pending,
+                            "snapshot": dataclasses.astuple(driver.snapshot)}))
+            pending.clear()
+            last_report = now
+            if os.getppid() != parent:
+                return 0  # the front end is gone
 
 
 # ---- the front end's side ----
@@ -113,9 +138,10 @@ class ReplicaBackend:
         self.proc = proc
         self.snapshot = EngineSnapshot()
         self.streams: dict[str, asyncio.Queue] = {}
+        self.error: EngineLoopError | None = None  # the replica failed: its requests and later ones get this
 
     def _send(self, body: dict[str, Any]) -> None:
-        self.sock.send(_pack(body), flags=zmq.NOBLOCK)
+        _send_nowait(self.sock, body)
 
     def deliver(self, items: list[list[Any]]) -> None:
         for rid, body in items:
@@ -123,8 +149,15 @@ class ReplicaBackend:
             if stream is not None:
                 stream.put_nowait(decode_item(body))
 
+    def fail(self, error: EngineLoopError) -> None:
+        self.error = error
+        for stream in self.streams.values():
+            stream.put_nowait(EngineLoopError.of(error))
+
     async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                      trace_experts: bool = False) -> AsyncIterator[EngineUpdate]:
+        if self.error is not None:
+            raise EngineLoopError.of(self.error)
         if request_id in self.streams:
             raise RequestError(f"request id {request_id!r} is already in use")
         if self.proc.poll() is not None:
@@ -141,10 +174,13 @@ class ReplicaBackend:
 
 
 class ReplicaSet:
-    """Spawns ``count`` replica processes and routes their messages to ``ReplicaBackend``s."""
+    """Spawns ``count`` replica processes and routes their messages to ``ReplicaBackend``s. A replica whose
+    loop failed (or that exited) fails its requests, then ``on_fatal`` is called, as AsyncEngine's."""
 
-    def __init__(self, engine: dict[str, Any], count: int, num_threads: int):
+    def __init__(self, engine: dict[str, Any], count: int, num_threads: int,
+                 on_fatal: Callable[[EngineLoopError], None] | None = None):
         self.engine, self.count, self.num_threads = engine, count, num_threads
+        self.on_fatal = on_fatal
         self.ctx = zmq.asyncio.Context()
         self.tmp = tempfile.mkdtemp(prefix="moeserve-replicas-")
         self.inbox = self.ctx.socket(zmq.PULL)
@@ -181,20 +217,31 @@ class ReplicaSet:
 
     async def _read(self) -> None:
         while True:
+            if not await self.inbox.poll(500):
+                dead = next((b for b in self.backends if b.error is None and b.proc.poll() is not None), None)
+                if dead is not None:  # killed, or gone without a word
+                    self._failed(dead, f"replica {dead.index} exited with code {dead.proc.returncode}")
+                continue
             msg = _unpack(await self.inbox.recv())
             backend = self.backends[msg["index"]]
             if msg["type"] == "updates":
                 backend.snapshot = EngineSnapshot(*msg["snapshot"])
                 backend.deliver(msg["items"])
+            elif msg["type"] == "failed" and backend.error is None:
+                self._failed(backend, f"replica {backend.index}: {msg['message']}")
+
+    def _failed(self, backend: ReplicaBackend, cause: str) -> None:
+        error = EngineLoopError(cause)
+        backend.fail(error)
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     async def stop(self) -> None:
         if self._reader is not None:
             self._reader.cancel()
         for b in self.backends:
-            try:
-                b.sock.send(_pack({"type": "stop"}), flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
+            if b.proc.poll() is None:
+                _send_nowait(b.sock, {"type": "stop"})
         for b in self.backends:
             try:
                 await asyncio.to_thread(b.proc.wait, 10)

@@ -143,7 +143,7 @@ class RpcServer:
         old = self._streams.get(key)
         if old is not None and not old.done:
             raise BadRequest(f"request id {msg.request_id!r} is already running", "request_id", msg.request_id)
-        params = sampling_params(msg.params)
+        params = sampling_params(msg.params, prefix="params.")
         if "reasoning" in msg.return_fields and self.reasoning_parser is None:
             raise BadRequest("return 'reasoning' needs a server started with --reasoning-parser", "return",
                              msg.request_id)

@@ -3,7 +3,9 @@ the same ``GenerationService``, in front of one in-process engine or N replica p
 
 Start-up order: HTTP and RPC listen at once (/health says 503 "loading"); the engines load; one real
 one-token generation per replica must work; then the state is "ready". SIGTERM / SIGINT drain: new
-requests get 503 while those in flight finish (up to ``drain_timeout_s``), then everything stops.
+requests get 503 while those in flight finish (up to ``drain_timeout_s``), then everything stops. If the
+engine loop fails, the requests it held fail (engine_error), /health says 503 "failed" and new requests get
+503 for ``failure_grace_s``, then the process exits non-zero after one error line naming the cause.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 import uvicorn
 import zmq
 
+from moeserve.coordinator.async_engine import EngineLoopError
 from moeserve.coordinator.config import EngineConfig
+from moeserve.coordinator.engine_driver import injected_fault_steps
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.dashboard import routes as expert_load_routes
 from moeserve.errors import UserError
@@ -54,6 +58,7 @@ class ServerConfig:
     routing: str = "affinity"
     limits: ServerLimits = field(default_factory=ServerLimits)
     drain_timeout_s: float = 30.0
+    failure_grace_s: float = 2.0  # once the engine failed: /health says 503 "failed" this long, then the exit
     replica_threads: int = 0  # torch threads per replica process; 0 = the cores split evenly
     reasoning_parser: str | None = None  # "deepseek_r1": <think>...</think> -> reasoning_content
     tool_call_parser: str | None = None  # "deepseek_v3": the model's tool calls -> tool_calls
@@ -173,7 +178,7 @@ class Server:
 
         engine = self._prebuilt_engine or await asyncio.to_thread(Engine, self.config.engine)
         self._set_capacity(engine.kv.num_blocks)
-        ae = AsyncEngine(engine)
+        ae = AsyncEngine(engine, injected_fault_steps())  # None unless a test sets the fault injection
         ae.on_fatal = self._engine_failed
         ae.start()
         self._engines.append(ae)
@@ -185,16 +190,20 @@ class Server:
         cores = os.cpu_count() or 1
         threads = self.config.replica_threads or max(1, cores // self.config.replicas)
         engine = dataclasses.asdict(dataclasses.replace(self.config.engine, load_progress=False))
-        self._replica_set = ReplicaSet(engine, self.config.replicas, threads)
+        self._replica_set = ReplicaSet(engine, self.config.replicas, threads, on_fatal=self._engine_failed)
         backends = await self._replica_set.start()
         self._set_capacity(self._replica_set.num_blocks)
         return backends
 
-    def _engine_failed(self, error: Exception) -> None:
-        """The engine's stage workers are gone: requests in flight have failed; stop serving."""
-        logger.error("the engine failed: %s", error)
+    def _engine_failed(self, error: EngineLoopError) -> None:
+        """Whatever raised in the engine loop (a step, a stage worker gone, a bug): the requests it held have
+        failed with engine_error; now /health turns 503 and new requests get 503 at once, and serve_forever
+        ends the process after failure_grace_s. One line names the cause (with -v, its traceback too)."""
+        verbose = logging.getLogger().isEnabledFor(logging.INFO)  # moeserve -v (ours is at INFO anyway)
+        logger.error("%s; the server stops in %g s", error, self.config.failure_grace_s,
+                     exc_info=error.__cause__ if verbose and error.__cause__ is not None else None)
         self.engine_error = error
-        self.service.state = "draining"
+        self.service.fail(str(error))
         self.stopped.set()
 
     def _set_capacity(self, num_blocks: int) -> None:
@@ -246,13 +255,15 @@ class Server:
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         for w in waiters:
             w.cancel()
-        if self.load_error is None and self.engine_error is None:
+        if self.engine_error is not None:  # fail requests (done), say unhealthy (done), let /health be seen
+            await asyncio.sleep(self.config.failure_grace_s)
+        elif self.load_error is None:
             await self.drain()
         await self.stop()
         if self.load_error is not None:
             raise SystemExit(f"moeserve serve: loading failed: {self.load_error}")
         if self.engine_error is not None:
-            raise SystemExit(f"moeserve serve: the engine failed: {self.engine_error}")
+            raise SystemExit(1)  # the cause is the one line _engine_failed logged
 
 
 def _url_host(host: str) -> str:

@@ -9,11 +9,11 @@ ticket. Leaving ``generate`` early (cancelled, client gone) aborts the request i
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from moeserve.coordinator.async_engine import EngineSnapshot, EngineUpdate
+from moeserve.coordinator.engine_driver import EngineSnapshot, EngineUpdate
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams, SamplingParamsError
 from moeserve.coordinator.structured import StructuredOutputError, compile_spec
@@ -95,13 +95,20 @@ def check_structured_output(spec: str, has_tokenizer: bool) -> None:
         raise BadRequest(f"structured_output: {e}", "structured_output") from None
 
 
-def sampling_params(fields: dict[str, Any]) -> SamplingParams:
+def sampling_params(fields: dict[str, Any], names: Mapping[str, str] | None = None,
+                    prefix: str = "") -> SamplingParams:
+    """``fields`` as SamplingParams, or a BadRequest naming the request's field at fault: ``prefix`` + its
+    name in ``names`` (where the request calls a SamplingParams field otherwise), else the field's own."""
     try:
         return SamplingParams.from_dict(fields)
     except SamplingParamsError as e:
-        raise BadRequest(str(e), "params") from None
+        if e.field is None:
+            raise BadRequest(str(e), prefix.rstrip(".") or None) from None
+        param = prefix + (names or {}).get(e.field, e.field)
+        raise BadRequest(e.describe(param), param) from None
     except Exception as e:  # noqa: BLE001 - anything else a strange dict can raise is still a bad request
-        raise BadRequest(f"invalid sampling parameters: {type(e).__name__}", "params") from None
+        raise BadRequest(f"invalid sampling parameters: {type(e).__name__}",
+                         prefix.rstrip(".") or None) from None
 
 
 class GenerationService:
@@ -115,7 +122,8 @@ class GenerationService:
         self.admission = Admission(limits)
         self.routing = routing
         self.backends: list[Backend] = []
-        self.state = "loading"  # loading -> ready -> draining
+        self.state = "loading"  # loading -> ready -> draining; or failed (the engine loop failed)
+        self.failure: str | None = None  # why, once failed
         self._indexes: list[PrefixIndex] = []
         self._loads: list[int] = []
         self._routed = 0
@@ -155,17 +163,21 @@ class GenerationService:
             check_structured_output(params.structured_output, self.tokenizer is not None)
         return GenerateRequest(request_id, token_ids, params, trace_experts, key_id, protocol)
 
+    def fail(self, cause: str) -> None:
+        """The engine failed: /health turns 503 ("failed") and every new request gets a 503 at once."""
+        self.state, self.failure = "failed", cause
+
     def admit(self, requests: Sequence[GenerateRequest]) -> Ticket:
+        if self.failure is not None:
+            raise Unavailable(f"{self.failure}; the server is stopping")
         if self.state != "ready":
             raise Unavailable(f"the server is {self.state}; retry later")
         tokens = sum(len(r.prompt_token_ids) + r.params.max_tokens for r in requests)
         return self.admission.admit(len(requests), tokens)
 
     def refused(self, error: FrontendError, protocol: str) -> None:
-        """Count a request refused before it ran."""
-        outcome = {"busy": "busy", "unavailable": "unavailable", "unauthorized": "unauthorized"}.get(
-            error.code, "bad_request" if error.status == 400 else "error")
-        self.metrics.outcome(outcome, protocol)
+        """Count a request refused before it ran (4xx apart from 5xx: ``FrontendError.outcome``)."""
+        self.metrics.outcome(error.outcome, protocol)
 
     # ---- routing ----
     def route(self, token_ids: list[int]) -> tuple[int, list[int]]:

@@ -1,0 +1,204 @@
+"""EngineDriver: the engine loop's body without threads or asyncio, which both ``AsyncEngine``'s thread
+(coordinator/async_engine.py) and a replica process (frontend/replica.py) run. Its loop reads as numbered
+steps: receive commands -> step (schedule, run, sample, process) -> publish the step's updates as one batch ->
+publish stats.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moeserve.coordinator.engine import Engine
+from moeserve.coordinator.outputs import RequestOutput
+from moeserve.coordinator.request import RequestError, RequestStatus
+from moeserve.coordinator.sampling import SamplingParams
+
+
+@dataclass
+class EngineUpdate:
+    """One step's output for one request, with what the front end may return besides tokens."""
+
+    output: RequestOutput
+    queue_s: float | None = None  # on the first update: engine arrival -> the step that first scheduled it
+    expert_ids: list[list[list[int]]] | None = None  # [new tokens][moe layers][top_k], when asked
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """Load and cache figures after the latest step (read by the router, /metrics and tests)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    num_kv_blocks_used: int = 0
+    num_kv_blocks_total: int = 0
+    num_prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, cumulative
+    num_prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
+    num_unfinished: int = 0  # requests the engine holds (running + waiting)
+    kv_tiers: dict = field(default_factory=dict)  # host tier and store counters (TierManager.snapshot)
+
+    @classmethod
+    def of(cls, engine: Engine) -> EngineSnapshot:
+        kv = engine.kv
+        tiers = getattr(kv, "tiers", None)
+        return cls(len(engine.scheduler.running), len(engine.scheduler.waiting),
+                   kv.num_blocks - kv.num_free_blocks, kv.num_blocks,
+                   int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
+                   len(engine.requests), tiers.snapshot() if tiers is not None else {})
+
+
+class ExpertTracer:
+    """Wraps a single-process ``ModelRunner`` to keep, after each step, the routed expert ids of the sampled
+    positions: ``last`` is [sample rows, moe layers, top_k] (a sampled row's expert ids are those its last
+    position was routed to in the forward pass that produced the token). Distributed runners are not wrapped:
+    stage workers do not return traces yet."""
+
+    def __init__(self, runner: Any, model: Any):
+        self._runner = runner
+        self._moe = list(model.moe_layers().values())
+        self.enabled = False
+        self.last: torch.Tensor | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def submit(self, plan: Any) -> Any:
+        """The engine's interface to a single-process runner: it runs the step at once (pipeline depth 1),
+        so the trace of the latest submit belongs to the batch the engine collects next."""
+        handle = self._runner.submit(plan)
+        self._record(plan)
+        return handle
+
+    def execute(self, plan: Any) -> torch.Tensor:
+        logits = self._runner.execute(plan)
+        self._record(plan)
+        return logits
+
+    def _record(self, plan: Any) -> None:
+        self.last = None
+        if self.enabled and self._moe:
+            ends = torch.tensor(plan.query_lens).cumsum(0) - 1  # [B] last position of each sequence
+            rows = ends[torch.tensor(plan.sample_rows, dtype=torch.long)]
+            self.last = torch.stack([m.last_expert_ids[rows.to(m.last_expert_ids.device)].cpu()
+                                     for m in self._moe], dim=1)
+
+
+Publish = Callable[[list[tuple[str, "EngineUpdate | Exception"]]], None]
+
+
+class InjectedFault(RuntimeError):
+    """The test fault injection (``FAULT_ENV``): what the engine step raises once the set steps ran."""
+
+
+FAULT_ENV = "MOESERVE_TEST_FAULT_AFTER_STEPS"
+
+
+def injected_fault_steps(environ: Mapping[str, str] = os.environ) -> int | None:
+    """TEST FAULT INJECTION, off unless ``MOESERVE_TEST_FAULT_AFTER_STEPS=N`` is set: the engine step after
+    N steps raises ``InjectedFault`` (tests of the engine-failure path set it; read once as a loop starts)."""
+    raw = environ.get(FAULT_ENV, "")
+    if not raw:
+        return None
+    if not raw.isdigit():
+        raise ValueError(f"{FAULT_ENV} must be a number of engine steps, got {raw!r}")
+    return int(raw)
+
+
+class EngineDriver:
+    """The engine loop's body, without threads: commands in, batches of updates out through ``publish``.
+
+    Whatever raises here (a step, a worker found dead, a bug) propagates to the owner of the loop, which
+    fails every request it holds and stops: the engine's state after a half-done step is not trusted.
+    ``fault_after_steps``: the test fault injection (``injected_fault_steps``); None in service."""
+
+    def __init__(self, engine: Engine, publish: Publish, fault_after_steps: int | None = None):
+        self.engine = engine
+        self.publish = publish
+        self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.tracer: ExpertTracer | None = None
+        if engine.model is not None:
+            self.tracer = ExpertTracer(engine.runner, engine.model)
+            engine.runner = self.tracer  # type: ignore[assignment]
+        self._arrival: dict[str, float] = {}  # requests not yet scheduled -> engine arrival time
+        self._traced: set[str] = set()
+        self.snapshot = EngineSnapshot.of(engine)
+        self.num_steps = 0
+        self.fault_after_steps = fault_after_steps
+
+    def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+            trace_experts: bool = False) -> None:
+        self.commands.put(("add", request_id, prompt_token_ids, params, trace_experts))
+
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished() or not self.commands.empty()
+
+    def run_once(self) -> None:
+        self.receive()                                              # 1. receive adds and aborts
+        if self.engine.has_unfinished():
+            self.step()                                             # 2-3. step and publish
+        self.snapshot = EngineSnapshot.of(self.engine)              # 4. stats
+
+    def receive(self) -> None:
+        batch: list[tuple[str, EngineUpdate | Exception]] = []
+        while True:
+            try:
+                cmd = self.commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd[0] == "add":
+                _, rid, ids, params, trace = cmd
+                try:
+                    self.engine.add_request(rid, prompt_token_ids=ids, params=params)
+                except RequestError as e:
+                    batch.append((rid, e))
+                    continue
+                self._arrival[rid] = time.monotonic()
+                if trace:
+                    self._traced.add(rid)
+            else:
+                self.engine.abort(cmd[1])
+                self._forget(cmd[1])
+        if batch:
+            self.publish(batch)
+
+    def _forget(self, rid: str) -> None:
+        self._arrival.pop(rid, None)
+        self._traced.discard(rid)
+
+    def step(self) -> None:
+        if self.tracer is not None:
+            self.tracer.enabled = bool(self._traced)
+        t0 = time.monotonic()
+        if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
+            raise InjectedFault(f"test fault injection: {FAULT_ENV}={self.fault_after_steps} made engine "
+                                f"step {self.num_steps + 1} raise")
+        self.num_steps += 1
+        outputs = self.engine.step()
+        started = [rid for rid in self._arrival
+                   if (r := self.engine.requests.get(rid)) is None or r.status is not RequestStatus.WAITING]
+        queue_s = {rid: t0 - self._arrival.pop(rid) for rid in started}
+        trace = self.tracer.last if self.tracer is not None else None
+        if trace is not None and trace.shape[0] != len(outputs):
+            trace = None  # NOTE: outputs follow the sample rows of the step; if not, no trace this step
+        batch: list[tuple[str, EngineUpdate | Exception]] = []
+        for row, out in enumerate(outputs):
+            rid = out.request_id
+            experts = trace[row].tolist() if trace is not None and rid in self._traced else None
+            batch.append((rid, EngineUpdate(out, queue_s.get(rid), [experts] if experts is not None else None)))
+            if out.finished:
+                self._forget(rid)
+        if batch:
+            self.publish(batch)
+
+    def check_workers(self) -> None:
+        """Between steps: raise if a stage worker died while the engine was idle (as a step would)."""
+        self.engine.check_workers()
