@@ -54,7 +54,7 @@ class MLA(nn.Module):
         self.fused = False
         # the kernel tiles the latent and rope parts padded to powers of two (96 -> 128); its tiles are sized
         # for DeepSeek's widths (512 + 64) and no larger
-        self.kernel_fits = self.kv_lora_rank <= 512 and self.rope_dim <= 64
+        self.decode_kernel_fits = self.kv_lora_rank <= 512 and self.rope_dim <= 64
         # the prefill kernel's tiles hold DeepSeek's head widths (nope 128 + rope 64, v 128) and no larger
         self.prefill_kernel_fits = self.nope_dim <= 128 and self.rope_dim <= 64 and self.v_dim <= 128
 
@@ -118,7 +118,7 @@ class MLA(nn.Module):
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
-        if self.fused and self.kernel_fits:
+        if self.fused and self.decode_kernel_fits:
             from moeserve.kernels.mla_decode import mla_decode
 
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
