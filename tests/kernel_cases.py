@@ -164,7 +164,7 @@ def test_sort_pairs_pads_each_expert_run():
     pairs = sort_pairs(local, 5, 4)
     used = int(pairs.num_padded)
     assert used == 12  # experts 0, 1, 2 each padded to one block of 4
-    ids = pairs.pair_ids[:used].view(3, 4).tolist()
+    ids = pairs.pair_ids[:used].view(3, 4).sort(1).values.tolist()  # any order inside an expert's run
     assert ids == [[1, 7, 7, 7], [5, 7, 7, 7], [0, 2, 4, 7]]
     assert pairs.block_expert[:3].tolist() == [0, 1, 2]
 

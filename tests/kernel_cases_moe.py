@@ -149,3 +149,22 @@ def test_router_counts_as_it_routes(share_rank, padded):
     first, n = eager.share(37)
     eager.count(7, ids[first:first + n], first, None if weights is None else weights[first:first + n])
     assert torch.equal(fused.logical, eager.logical) and int(fused.logical.sum()) > 0
+
+
+@pytest.mark.parametrize("num_pairs,num_local,block_m", [(7, 5, 4), (384, 64, 32), (1000, 257, 16), (6, 64, 16),
+                                                         (4096, 256, 32), (65, 3, 64)])
+def test_align_kernel_matches_the_tensor_ops(num_pairs, num_local, block_m, monkeypatch):
+    """The one-launch alignment: the same runs, padding, block experts and row count as the tensor-op path
+    (the order of the pairs inside a run may differ)."""
+    from moeserve.kernels import fused_moe
+    from moeserve.kernels.moe_align import align_pairs
+
+    local = torch.randint(0, num_local + 1, (num_pairs,), device=DEVICE)
+    pair_ids, block_expert, num_padded = align_pairs(local, num_local, block_m)
+    monkeypatch.setattr(fused_moe, "ALIGN_MAX_PAIRS", 0)
+    ref = fused_moe.sort_pairs(local, num_local, block_m)
+    used = int(ref.num_padded)
+    assert int(num_padded) == used
+    assert torch.equal(block_expert[:used // block_m], ref.block_expert[:used // block_m])
+    runs, ref_runs = pair_ids[:used].view(-1, block_m), ref.pair_ids[:used].view(-1, block_m)
+    assert torch.equal(runs.sort(1).values, ref_runs.sort(1).values)

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import dot_precision
+from moeserve.kernels.moe_align import MAX_PAIRS as ALIGN_MAX_PAIRS
+from moeserve.kernels.moe_align import align_pairs
 from moeserve.kernels.moe_gemv import moe_gemv
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
@@ -111,6 +113,8 @@ def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs
     """local: [P] local expert slot of each pair (``num_local`` for pairs served elsewhere) -> the pairs
     sorted by expert with padded runs. Fixed shapes, no host synchronisation."""
     num_pairs = local.numel()
+    if num_pairs <= ALIGN_MAX_PAIRS:  # decode-sized steps: one launch (kernels/moe_align.py)
+        return SortedPairs(*align_pairs(local, num_local, block_m), block_m)
     device = local.device
     counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
     counts.index_add_(0, local, torch.ones_like(local))
