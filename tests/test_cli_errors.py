@@ -105,6 +105,22 @@ def test_bad_expert_placement_files(tmp_path: Path) -> None:
                    "placement file", "logical experts placed on no rank: 2-7")
 
 
+# ---- cache and store ----
+
+def test_kv_cache_memory_that_holds_no_block() -> None:
+    # the embedded model in float32: 5 layers x 128 values x 4 bytes = 2560 bytes a token, 16 tokens a block
+    for command, *rest in (("generate", "hi"), ("serve", "--port", "0", "--rpc-port", "0")):
+        one_line_error(moeserve(command, "--kv-cache-memory", "1", *rest), command,
+                       "--kv-cache-memory of 1 bytes holds no cache block", "give --kv-cache-memory 40960 or more")
+
+
+def test_kv_store_url_with_a_bad_port() -> None:
+    for port in ("notaport", "99999"):
+        line = one_line_error(moeserve("generate", "--kv-store", f"redis://:s3cret@host:{port}/0", "hi"),
+                              "generate", f"the port '{port}' is not a port number", "redis://:***@host")
+        assert "s3cret" not in line  # the password is not echoed
+
+
 # ---- serving ----
 
 def test_port_in_use() -> None:

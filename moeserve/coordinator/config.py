@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from moeserve.dtypes import DTYPES
+from moeserve.kvstore.store import check_store_url
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 LOAD_FORMATS = ("auto", "dummy")  # as in moeserve.model.loader (not imported: this module stays light)
@@ -70,8 +71,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.ep_dispatch not in ("allreduce", "alltoall"):
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
-        if self.kv_store and self.kv_store.split("://")[0] not in ("redis", "rediss", "unix", "memory"):
-            raise ValueError("kv_store must be redis://[user:password@]host:port/db")
+        if self.kv_store:
+            check_store_url(self.kv_store)  # StoreConfigError, a ValueError without the password
         if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
             raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
         if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_layers_per_step < 1:

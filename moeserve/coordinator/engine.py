@@ -24,7 +24,7 @@ from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moeserve.dtypes import dtype_name
 from moeserve.kvstore.cache_manager import KVCacheManager
-from moeserve.kvstore.latent_cache import free_device_memory, num_blocks_for_budget
+from moeserve.kvstore.latent_cache import blocks_in_budget, free_device_memory
 from moeserve.kvstore.tier_setup import build_tiers, open_kv_store, worker_options
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
@@ -65,17 +65,13 @@ class _Batch:
 
 def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
     """Capacity of the latent cache in blocks, from the memory budget (``per_token``: bytes one token
-    takes in the cache of the rank holding the most layers)."""
-    block_size = config.effective_block_size
-    budget = config.kv_cache_memory
+    takes in the cache of the rank holding the most layers); CacheBudgetError (a UserError) if not one."""
+    budget, source = config.kv_cache_memory, "--kv-cache-memory"
     if not budget:
         free = free_device_memory(config.torch_device)
         budget = int(free * config.gpu_memory_utilization) if free is not None else DEFAULT_CPU_KV_BYTES
-    num_blocks = num_blocks_for_budget(budget, block_size, per_token)
-    if num_blocks < 1:
-        raise ValueError(f"kv cache budget of {budget} bytes holds no block of {block_size} tokens "
-                         f"({per_token} bytes per token)")
-    return num_blocks
+        source = "the free device memory x --gpu-memory-utilization" if free is not None else "the CPU default"
+    return blocks_in_budget(budget, config.effective_block_size, per_token, source)
 
 
 def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher: Launcher | None = None):
