@@ -47,6 +47,15 @@ def test_generate_prompts_file_and_seed(ckpt_factory, tmp_path: Path) -> None:
     assert [json.loads(line)["prompt"] for line in a.stdout.splitlines()] == ["def f(x):", "class A:"]
 
 
+def test_generate_unseeded_differs_between_runs() -> None:
+    # --help: the seed defaults to unseeded, i.e. a fresh one each run (--seed makes runs equal: above)
+    args = ["generate", "--temperature", "1.0", "--max-tokens", "24", "--ignore-eos", "--json", "def f(x):",
+            "import os", "class A:"]
+    a, b = moeserve(*args), moeserve(*args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout != b.stdout
+
+
 def test_generate_streams_text_in_order(ckpt_factory) -> None:
     ckpt = ckpt_factory("v3_noaux_norm")
     proc = moeserve("generate", "--model", str(ckpt), "--temperature", "0", "--max-tokens", "6", "AAA", "BBB")

@@ -30,7 +30,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 0  # per-step token budget; 0 = by device (2048 on CPU, 8192 on GPUs)
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
-    seed: int = 0
+    seed: int | None = 0  # the engine's sampling RNG; None: a fresh seed each run (dummy weights then use 0)
     load_progress: bool = False
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on random weights)
     pp: int = 1  # pipeline stages (worker processes are spawned when pp * tp > 1)
@@ -112,6 +112,11 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.is_accelerator else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def weights_seed(self) -> int:
+        """The seed of dummy weights (and so of their cache fingerprint): the same on every rank and run."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def effective_keep_fp8(self) -> bool:

@@ -90,7 +90,7 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
     dtype = dtype_name(config.torch_dtype)
-    options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.seed,
+    options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.weights_seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
                    max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens,
@@ -104,7 +104,10 @@ class Engine:
     def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
                  tokenizer: Tokenizer | None = None, launcher: Launcher | None = None):
         self.config = config
-        torch.manual_seed(config.seed)
+        if config.seed is None:  # unseeded: a fresh seed each run, logged so that a run can be repeated
+            logger.info("sampling seed %d (unseeded)", torch.seed())
+        else:
+            torch.manual_seed(config.seed)
         self.model: DeepseekModel | None = None
         self.plan = None  # the ParallelPlan of a distributed engine
         if config.is_distributed:
@@ -115,7 +118,7 @@ class Engine:
                                              progress=config.load_progress,
                                              max_positions=config.max_model_len or None,
                                              load_format=config.load_format, keep_fp8=config.effective_keep_fp8,
-                                             dummy_seed=config.seed)
+                                             dummy_seed=config.weights_seed)
             self.model_config = self.model.config
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:

@@ -90,7 +90,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="skip store loads measured to be slower than recomputing the tokens (default on)")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
-                        "default: unseeded; dummy weights use 0)")
+                        "default: unseeded, a fresh seed each run; dummy weights use 0)")
 
 
 def engine_config(args: argparse.Namespace, progress: bool = True):
@@ -102,7 +102,7 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
+            max_model_len=args.max_model_len, seed=args.seed, load_progress=progress, pp=args.pp, tp=args.tp,
             ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
             skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
             expert_placement=args.expert_placement, enforce_eager=args.enforce_eager,
