@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from moeserve.dtypes import DTYPES
+from moeserve.dtypes import DTYPES, serving_dtype
 from moeserve.kvstore.store import check_store_url
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -109,9 +109,7 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.is_accelerator else torch.float32
-        return DTYPES[self.dtype]
+        return serving_dtype(self.dtype, self.device)
 
     @property
     def weights_seed(self) -> int:
