@@ -105,7 +105,14 @@ def test_bad_expert_placement_files(tmp_path: Path) -> None:
                    "placement file", "logical experts placed on no rank: 2-7")
 
 
-# ---- cache and store ----
+# ---- context, cache and store ----
+
+def test_max_model_len_past_the_model_positions() -> None:
+    # the embedded model has 512 positions; MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1 allows more (tests/test_cli.py)
+    one_line_error(moeserve("generate", "--max-model-len", "100000", "hi"), "generate",
+                   "--max-model-len 100000 is more than the model's max_position_embeddings (512)",
+                   "MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1")
+
 
 def test_kv_cache_memory_that_holds_no_block() -> None:
     # the embedded model in float32: 5 layers x 128 values x 4 bytes = 2560 bytes a token, 16 tokens a block

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig, long_context_note
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
 from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
@@ -123,7 +123,9 @@ class Engine:
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = config.context_length(self.model_config)  # the rotary tables are built this long
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            logger.warning("%s", long_context_note(self.model_config, self.max_model_len))
         kv_store = open_kv_store(config)  # before any rank starts: a wrong password stops here
         if self.model is None:
             self.plan, num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)

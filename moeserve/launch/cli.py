@@ -37,7 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per engine step, at most (long prompts are prefilled in chunks of this budget); "
                         "0 = 2048 on CPU, 8192 on GPUs")
     g.add_argument("--max-model-len", type=int, default=0,
-                   help="context length: prompt + generated tokens; 0 = the model's max_position_embeddings")
+                   help="context length: prompt + generated tokens, at most the model's max_position_embeddings "
+                        "(past it only with MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1, as vLLM's variable); 0 = that")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages (pp x tp > 1 spawns pp x tp local ranks)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     g.add_argument("--ep", type=int, default=0,
@@ -95,7 +96,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace, progress: bool = True):
     """The EngineConfig of the engine flags; a value it refuses is a UserError (one line, exit 1)."""
-    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.config import ALLOW_LONG_ENV, EngineConfig
 
     try:
         return EngineConfig(
@@ -111,7 +112,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule,
             expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,
             eplb_interval=args.eplb_interval, eplb_threshold=args.eplb_threshold,
-            eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step)
+            eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step,
+            allow_long_max_model_len=os.environ.get(ALLOW_LONG_ENV, "").strip().lower() in ("1", "true"))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
 

@@ -33,6 +33,7 @@ def check_engine(config: EngineConfig, need_tokenizer: bool = True, local_ranks:
     model_config = check_model_dir(config.model_path, config.load_format)
     if need_tokenizer and not config.skip_tokenizer_init:
         check_tokenizer(config.model_path)
+    config.context_length(model_config)  # ContextLengthError: a --max-model-len past the model's positions
     check_kv_cache(config, check_layout(config, model_config))
     return model_config
 
