@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs moeserve and its test extras into the current Python environment.
+# Installs moeserve and its test extras (pinned by scripts/test-constraints.txt) into the current Python environment.
 # torch is installed first on its own so that an existing (or CPU) build is kept: the project does not cap it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,4 +8,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     # CPU build where the machine offers one (pip's find-links); otherwise the registry's default build.
     "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
 fi
-"$PY" -m pip install -q -e ".[test]"
+# the test tools at the versions of scripts/test-constraints.txt (its header says how to move them)
+"$PY" -m pip install -q -c scripts/test-constraints.txt -e ".[test]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import oracle
 
+from moeserve.coordinator.config import default_model_path
 from moeserve.launch.cli import HelpFormatter, build_parser, subparsers
 from moeserve.model.tokenizer import Tokenizer
 
@@ -45,6 +47,34 @@ def test_generate_prompts_file_and_seed(ckpt_factory, tmp_path: Path) -> None:
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout  # the seed makes sampling reproducible
     assert [json.loads(line)["prompt"] for line in a.stdout.splitlines()] == ["def f(x):", "class A:"]
+
+
+def test_generate_unseeded_differs_between_runs() -> None:
+    # --help: the seed defaults to unseeded, i.e. a fresh one each run (--seed makes runs equal: above)
+    args = ["generate", "--temperature", "1.0", "--max-tokens", "24", "--ignore-eos", "--json", "def f(x):",
+            "import os", "class A:"]
+    a, b = moeserve(*args), moeserve(*args)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout != b.stdout
+
+
+def test_max_model_len_past_the_positions_with_the_override(ckpt_factory) -> None:
+    """MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1 lets --max-model-len pass max_position_embeddings (512 here; without
+    it: tests/test_cli_errors.py): generation goes past position 512 (the rotary tables are built 1024 long)
+    and one warning says which RoPE scaling applies."""
+    env = dict(os.environ, MOESERVE_ALLOW_LONG_MAX_MODEL_LEN="1")
+    for model, note in ((default_model_path(), "no RoPE scaling (rope type default), so none applies"),
+                        (ckpt_factory("v2_qlora_group_yarn"), "RoPE scaling is yarn, factor 4 (from 128 to 512")):
+        tok, prompt = Tokenizer.from_dir(model), "def f(x):\n"
+        while len(tok.encode(prompt)) < 500:
+            prompt += "    return x + 1\n"
+        proc = subprocess.run([sys.executable, "-m", "moeserve.launch.cli", "generate", "--model", str(model),
+                               "--max-model-len", "1024", "--max-tokens", "40", "--ignore-eos", "--temperature", "0",
+                               "--json", prompt], capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert len(json.loads(proc.stdout)["token_ids"]) == 40  # positions 500.. past 540
+        warnings = [line for line in proc.stderr.splitlines() if "WARNING" in line]
+        assert len(warnings) == 1 and note in warnings[0], proc.stderr
 
 
 def test_generate_streams_text_in_order(ckpt_factory) -> None:

@@ -105,6 +105,29 @@ def test_bad_expert_placement_files(tmp_path: Path) -> None:
                    "placement file", "logical experts placed on no rank: 2-7")
 
 
+# ---- context, cache and store ----
+
+def test_max_model_len_past_the_model_positions() -> None:
+    # the embedded model has 512 positions; MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1 allows more (tests/test_cli.py)
+    one_line_error(moeserve("generate", "--max-model-len", "100000", "hi"), "generate",
+                   "--max-model-len 100000 is more than the model's max_position_embeddings (512)",
+                   "MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1")
+
+
+def test_kv_cache_memory_that_holds_no_block() -> None:
+    # the embedded model in float32: 5 layers x 128 values x 4 bytes = 2560 bytes a token, 16 tokens a block
+    for command, *rest in (("generate", "hi"), ("serve", "--port", "0", "--rpc-port", "0")):
+        one_line_error(moeserve(command, "--kv-cache-memory", "1", *rest), command,
+                       "--kv-cache-memory of 1 bytes holds no cache block", "give --kv-cache-memory 40960 or more")
+
+
+def test_kv_store_url_with_a_bad_port() -> None:
+    for port in ("notaport", "99999"):
+        line = one_line_error(moeserve("generate", "--kv-store", f"redis://:s3cret@host:{port}/0", "hi"),
+                              "generate", f"the port '{port}' is not a port number", "redis://:***@host")
+        assert "s3cret" not in line  # the password is not echoed
+
+
 # ---- serving ----
 
 def test_port_in_use() -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,6 @@ from moeserve.coordinator.plan import (
     split_layers,
 )
 from moeserve.experts.moe import ExpertPlacement
-from moeserve.launch import cli
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel, ModelSlice
 
@@ -275,18 +272,6 @@ def test_deepseek_v3_fp8_fits_8_x_141gb() -> None:
         make_plan(v3, dims, dtype_bytes=2, memory_per_rank=141 * 10**9)  # bf16 experts do not fit
 
 
-def test_plan_command_fp8(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["plan", "--model", str(V3_CONFIG_DIR), "--tp", "8", "--ep", "8", "--memory-per-rank", "141GB"]
-    assert cli.main([*args, "--device", "cuda"]) == 0
-    out = capsys.readouterr().out
-    assert "routed experts FP8" in out and "kv capacity per replica" in out
-    assert cli.main([*args, "--device", "cuda", "--json"]) == 0
-    ranks = json.loads(capsys.readouterr().out)["ranks"]
-    assert all(80e9 < r["weight_bytes"] < 95e9 for r in ranks)
-    assert cli.main(args) == 1  # on cpu the experts are not kept FP8: 170 GB per rank
-    assert "more than memory_per_rank = 141000000000 bytes" in capsys.readouterr().err
-
-
 def test_kv_capacity(tiny: ModelConfig) -> None:
     plan = make_plan(tiny, ParallelDims(pp=2), 2, kv_cache_bytes_per_rank=1_000_000)
     per_token = [n * tiny.kv_cache_dim * 2 for n in plan.stage_layers]  # the latent, every layer of a stage
@@ -326,28 +311,3 @@ def test_uneven_experts_with_placement_file_and_pp_layers(tiny: ModelConfig, tmp
     assert [plan.stage_of_layer(i) for i in (0, 4)] == [0, 0]
     with pytest.raises(ValueError, match="entries"):
         ParallelPlan(tiny, ParallelDims(), 2, (5,), (tuple(range(8)),), plan.rank_weights)
-
-
-# ---- the command ----
-
-def moeserve(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moeserve.launch.cli", *args], capture_output=True, text=True,
-                          timeout=120)
-
-
-def test_plan_command() -> None:
-    ok = moeserve("plan", "--pp", "2", "--tp", "1", "--ep", "1")
-    assert ok.returncode == 0, ok.stderr
-    assert "pp 2 x tp 1 (ep 1) = 2 rank(s)" in ok.stdout
-    assert "0-2" in ok.stdout and "3-4" in ok.stdout and "0-7" in ok.stdout  # stages and experts
-    bad = moeserve("plan", "--tp", "3")
-    assert bad.returncode == 1 and "num_attention_heads (4) is not divisible by tp (3)" in bad.stderr
-
-
-def test_plan_command_json(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["plan", "--pp", "2", "--tp", "2", "--kv-cache-memory", "1000000", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert [s["layers"] for s in out["stages"]] == [[0, 3], [3, 5]]
-    assert [r["experts"] for r in out["ranks"]] == [[0, 1, 2, 3], [4, 5, 6, 7]] * 2
-    assert out["kv_capacity_tokens"] == 1_000_000 // (3 * 128 * 2)
-    assert cli.main(["plan", "--pp-layers", "3,2"]) == 1  # one stage given two counts

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from moeserve.dtypes import DTYPES
+from moeserve.dtypes import DTYPES, serving_dtype
+from moeserve.errors import UserError
+from moeserve.kvstore.store import check_store_url
+
+if TYPE_CHECKING:
+    from moeserve.model.config import ModelConfig
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 LOAD_FORMATS = ("auto", "dummy")  # as in moeserve.model.loader (not imported: this module stays light)
+ALLOW_LONG_ENV = "MOESERVE_ALLOW_LONG_MAX_MODEL_LEN"  # as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN
+
+
+class ContextLengthError(UserError, ValueError):
+    """A --max-model-len past the model's max_position_embeddings, not allowed explicitly."""
 
 
 def default_model_path() -> Path:
@@ -29,7 +40,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 0  # per-step token budget; 0 = by device (2048 on CPU, 8192 on GPUs)
     max_model_len: int = 0  # 0 = the model's max_position_embeddings
-    seed: int = 0
+    allow_long_max_model_len: bool = False  # max_model_len may pass max_position_embeddings (env ALLOW_LONG_ENV)
+    seed: int | None = 0  # the engine's sampling RNG; None: a fresh seed each run (dummy weights then use 0)
     load_progress: bool = False
     skip_tokenizer_init: bool = False  # token ids in and out only (benchmarks on random weights)
     pp: int = 1  # pipeline stages (worker processes are spawned when pp * tp > 1)
@@ -70,8 +82,8 @@ class EngineConfig:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.ep_dispatch not in ("allreduce", "alltoall"):
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
-        if self.kv_store and self.kv_store.split("://")[0] not in ("redis", "rediss", "unix", "memory"):
-            raise ValueError("kv_store must be redis://[user:password@]host:port/db")
+        if self.kv_store:
+            check_store_url(self.kv_store)  # StoreConfigError, a ValueError without the password
         if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
             raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
         if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_layers_per_step < 1:
@@ -108,9 +120,23 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.bfloat16 if self.is_accelerator else torch.float32
-        return DTYPES[self.dtype]
+        return serving_dtype(self.dtype, self.device)
+
+    def context_length(self, model: ModelConfig) -> int:
+        """The context length for ``model``: max_model_len, or the model's max_position_embeddings. Past
+        those positions only with allow_long_max_model_len (see ``long_context_note``), as vLLM does."""
+        positions = model.max_position_embeddings
+        if self.max_model_len > positions and not self.allow_long_max_model_len:
+            raise ContextLengthError(
+                f"--max-model-len {self.max_model_len} is more than the model's max_position_embeddings "
+                f"({positions}): positions past it were not trained and may give wrong output; lower it, or "
+                f"set {ALLOW_LONG_ENV}=1 to run it anyway")
+        return self.max_model_len or positions
+
+    @property
+    def weights_seed(self) -> int:
+        """The seed of dummy weights (and so of their cache fingerprint): the same on every rank and run."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def effective_keep_fp8(self) -> bool:
@@ -133,3 +159,15 @@ class EngineConfig:
     @property
     def effective_block_size(self) -> int:
         return self.block_size or (64 if self.is_accelerator else 16)
+
+
+def long_context_note(model: ModelConfig, max_model_len: int) -> str:
+    """What RoPE scaling covers a context past the model's positions (``allow_long_max_model_len``)."""
+    positions, rope = model.max_position_embeddings, model.rope
+    head = f"max_model_len {max_model_len} is past the model's {positions} positions, as {ALLOW_LONG_ENV}=1 allows: "
+    if rope.rope_type == "yarn":
+        return (head + f"config.json's RoPE scaling is yarn, factor {rope.factor:g} (from "
+                f"{rope.original_max_position_embeddings} to {positions} positions); it is applied as it is, "
+                f"so positions past {positions} are beyond it and quality may degrade")
+    return (head + f"config.json gives no RoPE scaling (rope type {rope.rope_type}), so none applies: positions "
+            f"past {positions} are untrained and quality will degrade")

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig, long_context_note
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
 from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
@@ -24,7 +24,7 @@ from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from moeserve.dtypes import dtype_name
 from moeserve.kvstore.cache_manager import KVCacheManager
-from moeserve.kvstore.latent_cache import free_device_memory, num_blocks_for_budget
+from moeserve.kvstore.latent_cache import blocks_in_budget, free_device_memory
 from moeserve.kvstore.tier_setup import build_tiers, open_kv_store, worker_options
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
@@ -65,17 +65,13 @@ class _Batch:
 
 def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
     """Capacity of the latent cache in blocks, from the memory budget (``per_token``: bytes one token
-    takes in the cache of the rank holding the most layers)."""
-    block_size = config.effective_block_size
-    budget = config.kv_cache_memory
+    takes in the cache of the rank holding the most layers); CacheBudgetError (a UserError) if not one."""
+    budget, source = config.kv_cache_memory, "--kv-cache-memory"
     if not budget:
         free = free_device_memory(config.torch_device)
         budget = int(free * config.gpu_memory_utilization) if free is not None else DEFAULT_CPU_KV_BYTES
-    num_blocks = num_blocks_for_budget(budget, block_size, per_token)
-    if num_blocks < 1:
-        raise ValueError(f"kv cache budget of {budget} bytes holds no block of {block_size} tokens "
-                         f"({per_token} bytes per token)")
-    return num_blocks
+        source = "the free device memory x --gpu-memory-utilization" if free is not None else "the CPU default"
+    return blocks_in_budget(budget, config.effective_block_size, per_token, source)
 
 
 def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher: Launcher | None = None):
@@ -94,7 +90,7 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
     dtype = dtype_name(config.torch_dtype)
-    options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.seed,
+    options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.weights_seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
                    max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens,
@@ -108,7 +104,10 @@ class Engine:
     def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
                  tokenizer: Tokenizer | None = None, launcher: Launcher | None = None):
         self.config = config
-        torch.manual_seed(config.seed)
+        if config.seed is None:  # unseeded: a fresh seed each run, logged so that a run can be repeated
+            logger.info("sampling seed %d (unseeded)", torch.seed())
+        else:
+            torch.manual_seed(config.seed)
         self.model: DeepseekModel | None = None
         self.plan = None  # the ParallelPlan of a distributed engine
         if config.is_distributed:
@@ -119,12 +118,14 @@ class Engine:
                                              progress=config.load_progress,
                                              max_positions=config.max_model_len or None,
                                              load_format=config.load_format, keep_fp8=config.effective_keep_fp8,
-                                             dummy_seed=config.seed)
+                                             dummy_seed=config.weights_seed)
             self.model_config = self.model.config
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
-        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.max_model_len = config.context_length(self.model_config)  # the rotary tables are built this long
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            logger.warning("%s", long_context_note(self.model_config, self.max_model_len))
         kv_store = open_kv_store(config)  # before any rank starts: a wrong password stops here
         if self.model is None:
             self.plan, num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)

@@ -156,8 +156,15 @@ class StructuredOutput:
             import llguidance
 
             vocab = GrammarVocabulary(self._tokenizer.backend, self.vocab_size, self.eos_token_ids)
-            self._ll_tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(vocab), n_vocab=self.vocab_size,
-                                                        eos_token=list(self.eos_token_ids) or None)
+            wrapper = llguidance.TokenizerWrapper(vocab)
+            try:
+                self._ll_tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.vocab_size,
+                                                            eos_token=list(self.eos_token_ids) or None)
+            except TypeError:
+                # NOTE: llguidance < 1.7 takes one EOS id (the newest wheel for glibc < 2.31 is 1.6.1): a
+                # finished grammar then allows the first of the model's EOS ids only
+                self._ll_tokenizer = llguidance.LLTokenizer(wrapper, n_vocab=self.vocab_size,
+                                                            eos_token=vocab.eos_token_id)
         return self._ll_tokenizer
 
     def matcher(self, spec_text: str) -> Any:

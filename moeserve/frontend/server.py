@@ -108,7 +108,7 @@ class Server:
         path = config.engine.model_path
         self.tokenizer = None if config.engine.skip_tokenizer_init else Tokenizer.from_dir(path)
         mc = ModelConfig.from_hf(path)
-        model_len = config.engine.max_model_len or mc.max_position_embeddings
+        model_len = config.engine.context_length(mc)
         info = ModelInfo(config.model_name, model_len, mc.vocab_size, config.engine.effective_block_size, 0)
         self.keys = ApiKeys.from_args(config.api_key)
         self.audit = AuditLog(config.audit_log)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from moeserve.errors import UserError
+
+
+class CacheBudgetError(UserError, ValueError):
+    """A latent-cache budget that holds not one block (the flags that set it are the user's to change)."""
+
 
 def free_device_memory(device: torch.device) -> int | None:
     """Free bytes on an accelerator, or None for the CPU (where the budget must be given)."""
@@ -21,6 +27,19 @@ def num_blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_token: i
     if bytes_per_token <= 0:
         raise ValueError("bytes_per_token must be positive")
     return max(0, budget_bytes // (block_size * bytes_per_token))
+
+
+def blocks_in_budget(budget_bytes: int, block_size: int, bytes_per_token: int,
+                     source: str = "--kv-cache-memory") -> int:
+    """``num_blocks_for_budget``, which must be at least 1: else CacheBudgetError naming where the budget
+    came from (``source``) and the bytes one block takes."""
+    num_blocks = num_blocks_for_budget(budget_bytes, block_size, bytes_per_token)
+    if num_blocks < 1:
+        need = block_size * bytes_per_token
+        raise CacheBudgetError(f"{source} of {budget_bytes} bytes holds no cache block: one block of {block_size} "
+                               f"tokens takes {need} bytes ({bytes_per_token} per token on the rank with the most "
+                               f"layers); give --kv-cache-memory {need} or more")
+    return num_blocks
 
 
 def allocate_latent_caches(layer_ids: list[int], num_blocks: int, block_size: int, dim: int,

@@ -52,13 +52,30 @@ class KVStore(Protocol):
     def stats(self) -> StoreStats: ...
 
 
+STORE_SCHEMES = ("redis", "rediss", "unix", "memory")
+
+
 def redact(url: str) -> str:
-    """The URL without its password (for logs and errors)."""
+    """The URL without its password (for logs and errors); the host and port as written, even a bad port."""
     parts = urlsplit(url)
     if parts.password is None:
         return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
     return parts._replace(netloc=netloc).geturl()
+
+
+def check_store_url(url: str) -> None:
+    """StoreConfigError (naming the URL without its password) unless ``url`` is a store URL whose port, if
+    any, is a number in 0..65535. A store that cannot be reached is not an error here: see ``check``."""
+    parts = urlsplit(url)
+    if parts.scheme not in STORE_SCHEMES:
+        raise StoreConfigError(f"--kv-store must be redis://[user:password@]host:port/db, got {redact(url)!r}")
+    try:
+        parts.port  # noqa: B018 - urllib parses the port only when asked
+    except ValueError:
+        port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
+        raise StoreConfigError(f"--kv-store {redact(url)}: the port {port!r} is not a port number "
+                               "(0-65535)") from None
 
 
 class MemoryStore:
@@ -102,8 +119,7 @@ class RedisStore:
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        if urlsplit(url).scheme not in ("redis", "rediss", "unix"):
-            raise StoreConfigError(f"--kv-store must be redis://[user:password@]host:port/db, got {redact(url)!r}")
+        check_store_url(url)
         self.url = redact(url)
         self.breaker = breaker or CircuitBreaker()
         self._stats = StoreStats()

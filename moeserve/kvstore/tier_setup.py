@@ -40,7 +40,7 @@ def dtype_name(config: Any) -> str:
 
 
 def stage_layouts(config: Any, stage_layers: list[int], kv_dim: int) -> tuple[BlockLayout, ...]:
-    fingerprint = model_fingerprint(config.model_path, config.load_format, config.seed)
+    fingerprint = model_fingerprint(config.model_path, config.load_format, config.weights_seed)
     layouts, start = [], 0
     for stage, n in enumerate(stage_layers):
         layouts.append(BlockLayout(fingerprint, dtype_name(config), config.effective_block_size, stage, start, n,
@@ -82,7 +82,7 @@ def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:
     if url and url == os.environ.get(STORE_ENV):  # the ranks read it from the environment they inherit
         url = FROM_ENV
     return dict(kv_host_blocks=host_blocks(config, bytes_per_token), kv_store=url,
-                kv_fingerprint=model_fingerprint(config.model_path, config.load_format, config.seed),
+                kv_fingerprint=model_fingerprint(config.model_path, config.load_format, config.weights_seed),
                 kv_salt=config.kv_store_salt, kv_store_timeout_s=config.kv_store_timeout,
                 kv_store_probe_s=config.kv_store_probe_interval)
 

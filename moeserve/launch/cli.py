@@ -37,7 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per engine step, at most (long prompts are prefilled in chunks of this budget); "
                         "0 = 2048 on CPU, 8192 on GPUs")
     g.add_argument("--max-model-len", type=int, default=0,
-                   help="context length: prompt + generated tokens; 0 = the model's max_position_embeddings")
+                   help="context length: prompt + generated tokens, at most the model's max_position_embeddings "
+                        "(past it only with MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1, as vLLM's variable); 0 = that")
     g.add_argument("--pp", type=int, default=1, help="pipeline stages (pp x tp > 1 spawns pp x tp local ranks)")
     g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
     g.add_argument("--ep", type=int, default=0,
@@ -90,19 +91,19 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="skip store loads measured to be slower than recomputing the tokens (default on)")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
-                        "default: unseeded; dummy weights use 0)")
+                        "default: unseeded, a fresh seed each run; dummy weights use 0)")
 
 
 def engine_config(args: argparse.Namespace, progress: bool = True):
     """The EngineConfig of the engine flags; a value it refuses is a UserError (one line, exit 1)."""
-    from moeserve.coordinator.config import EngineConfig
+    from moeserve.coordinator.config import ALLOW_LONG_ENV, EngineConfig
 
     try:
         return EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
             kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len, seed=args.seed or 0, load_progress=progress, pp=args.pp, tp=args.tp,
+            max_model_len=args.max_model_len, seed=args.seed, load_progress=progress, pp=args.pp, tp=args.tp,
             ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
             skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
             expert_placement=args.expert_placement, enforce_eager=args.enforce_eager,
@@ -111,7 +112,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule,
             expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,
             eplb_interval=args.eplb_interval, eplb_threshold=args.eplb_threshold,
-            eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step)
+            eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step,
+            allow_long_max_model_len=os.environ.get(ALLOW_LONG_ENV, "").strip().lower() in ("1", "true"))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
 

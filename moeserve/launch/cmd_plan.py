@@ -18,7 +18,6 @@ if TYPE_CHECKING:
     from moeserve.coordinator.plan import ParallelPlan
 
 NEEDS_ENGINE_ARGS = False
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 SIZE_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
               "TI": 2**40}
 
@@ -45,7 +44,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--pp-layers", default="", help="layers per stage by hand, e.g. 14,13")
     p.add_argument("--placement", type=Path, default=None,
                    help='JSON file {"phy2log": [[experts of EP rank 0], ...]} (default: contiguous)')
-    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bfloat16", help="weight and cache dtype")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="weight and cache dtype; auto = what a run on --device uses: float32 on cpu, bfloat16 "
+                        "on cuda and npu (default: auto)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or npu: decides the --keep-fp8 default")
     p.add_argument("--keep-fp8", action=argparse.BooleanOptionalAction, default=None,
                    help="FP8 checkpoints: count routed experts as float8 + block scales (default: on unless cpu)")
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from moeserve.comm.topology import ParallelDims
     from moeserve.coordinator.config import default_model_path
     from moeserve.coordinator.plan import format_plan, make_plan, parse_pp_layers
+    from moeserve.dtypes import serving_dtype
     from moeserve.model.config import ModelConfig
 
     try:
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
         dims = ParallelDims.from_args(args.pp, args.tp, args.ep, args.replicas)
         pp_layers = parse_pp_layers(args.pp_layers, config.num_hidden_layers, dims.pp) if args.pp_layers else None
         keep_fp8 = args.device.split(":")[0] != "cpu" if args.keep_fp8 is None else args.keep_fp8
-        plan = make_plan(config, dims, DTYPE_BYTES[args.dtype], kv_cache_bytes_per_rank=args.kv_cache_memory,
+        dtype_bytes = serving_dtype(args.dtype, args.device).itemsize  # the dtype serve and generate pick
+        plan = make_plan(config, dims, dtype_bytes, kv_cache_bytes_per_rank=args.kv_cache_memory,
                          memory_per_rank=args.memory_per_rank, pp_layers=pp_layers,
                          placement_file=args.placement, keep_fp8=keep_fp8)
     except ValueError as e:  # ConfigError, InfeasiblePlanError and bad settings are all ValueErrors

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.errors import UserError
+from moeserve.kvstore.latent_cache import blocks_in_budget
 from moeserve.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.plan import ParallelPlan
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -28,7 +33,8 @@ def check_engine(config: EngineConfig, need_tokenizer: bool = True, local_ranks:
     model_config = check_model_dir(config.model_path, config.load_format)
     if need_tokenizer and not config.skip_tokenizer_init:
         check_tokenizer(config.model_path)
-    check_layout(config, model_config)
+    config.context_length(model_config)  # ContextLengthError: a --max-model-len past the model's positions
+    check_kv_cache(config, check_layout(config, model_config))
     return model_config
 
 
@@ -97,9 +103,10 @@ def check_tokenizer(path: Path) -> None:
                         "send and receive token ids only")
 
 
-def check_layout(config: EngineConfig, model_config: ModelConfig) -> None:
+def check_layout(config: EngineConfig, model_config: ModelConfig) -> ParallelPlan:
     """The pp x tp x ep layout, the hand-given layer split and the expert placement file fit the model, as
-    the engine will plan them (the placement file is checked against the layout even in one process)."""
+    the engine will plan them (the placement file is checked against the layout even in one process);
+    returns that plan."""
     from moeserve.coordinator.plan import make_plan, parse_pp_layers
 
     placement = Path(config.expert_placement) if config.expert_placement else None
@@ -111,11 +118,19 @@ def check_layout(config: EngineConfig, model_config: ModelConfig) -> None:
         pp_layers = parse_pp_layers(config.pp_layers, model_config.num_hidden_layers, dims.pp) \
             if config.pp_layers else None
         dtype_bytes = torch.empty((), dtype=config.torch_dtype).element_size()
-        make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers, placement_file=placement,
-                  keep_fp8=config.effective_keep_fp8)
+        return make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers, placement_file=placement,
+                         keep_fp8=config.effective_keep_fp8)
     except ValueError as e:  # InfeasiblePlanError, a bad --pp-layers text, a bad placement file
         raise UserError(f"layout {dims.describe()}: {e} (moeserve plan shows a layout without loading "
                         "anything)") from e
+
+
+def check_kv_cache(config: EngineConfig, plan: ParallelPlan) -> None:
+    """A given --kv-cache-memory holds at least one block on the rank with the most layers, as the engine
+    sizes the cache (a budget from free device memory is known only once the weights are loaded)."""
+    if config.kv_cache_memory:
+        per_token = max(plan.cache_bytes_per_token(stage) for stage in range(plan.dims.pp))
+        blocks_in_budget(config.kv_cache_memory, config.effective_block_size, per_token)
 
 
 def check_ports(host: str, ports: list[tuple[str, int]]) -> None:
