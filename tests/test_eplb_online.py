@@ -54,4 +54,6 @@ def test_tokens_identical_across_rebalances(ckpt_factory, single, ep: int, redun
     assert changes == len(applied)  # every applied rebalance changed the placement between two steps
     assert view is not None and view.phy2log is not None
     assert view.phy2log.shape == (ep, (8 + redundant) // ep)
-    assert 0 < int(view.physical_total.sum()) <= int(view.total.sum())  # slots count since the last swap
+    assert int(view.physical_total.sum()) <= int(view.total.sum())  # slots count since the last swap
+    if engine.stats.num_steps - applied[-1].step > 1:  # a swap at the very end leaves nothing counted since
+        assert int(view.physical_total.sum()) > 0
