@@ -9,7 +9,9 @@ Every layer shares one block table per sequence, so this metadata is built once 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -38,10 +40,31 @@ class AttnMetadata:
         return int(self.prefill_query_index.shape[0])
 
 
-def _context_slots(block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int
+class MetadataSizes(NamedTuple):
+    """The sizes ``build_attn_metadata`` needs on the host, computed from the plan's lists: with them it reads
+    no value back from the device (each such read waits for every kernel queued before it)."""
+
+    num_decode: int
+    num_tokens: int
+    max_decode_context: int  # over the decode sequences
+    max_prefill_query: int
+    max_prefill_context: int
+
+    @classmethod
+    def of(cls, num_computed: np.ndarray, query_lens: np.ndarray) -> MetadataSizes:
+        """From host arrays [B]; checks that the decode sequences come first."""
+        is_decode = query_lens == 1
+        num_decode = int(is_decode.sum())
+        if num_decode and not bool(is_decode[:num_decode].all()):
+            raise ValueError("decode sequences (query_len == 1) must come before prefill sequences")
+        context = num_computed + query_lens
+        return cls(num_decode, int(query_lens.sum()), int(context[:num_decode].max(initial=0)),
+                   int(query_lens[num_decode:].max(initial=0)), int(context[num_decode:].max(initial=0)))
+
+
+def _context_slots(block_tables: torch.Tensor, lengths: torch.Tensor, block_size: int, max_len: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """block_tables: [B, max_blocks], lengths: [B] -> (slots [B, L], valid [B, L]) with L = max(lengths)."""
-    max_len = int(lengths.max()) if lengths.numel() else 0
+    """block_tables: [B, max_blocks], lengths: [B] -> (slots [B, L], valid [B, L]) with L = max_len."""
     j = torch.arange(max_len, device=block_tables.device)
     valid = j.unsqueeze(0) < lengths.unsqueeze(1)
     block_idx = (j // block_size).clamp(max=block_tables.shape[1] - 1) if max_len else j
@@ -50,36 +73,37 @@ def _context_slots(block_tables: torch.Tensor, lengths: torch.Tensor, block_size
 
 
 def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, query_lens: torch.Tensor,
-                        block_size: int) -> AttnMetadata:
+                        block_size: int, sizes: MetadataSizes | None = None) -> AttnMetadata:
     """Build the metadata of one step.
 
     block_tables: [B, max_blocks] physical block ids (padding entries are never read);
     num_computed: [B] tokens already in the cache; query_lens: [B] new tokens this step (>= 1).
-    Sequences with ``query_lens == 1`` must come first.
+    Sequences with ``query_lens == 1`` must come first. ``sizes``: the same lists' sizes from the host (the
+    runner's hot path); without them they are read back from the tensors.
     """
     device = block_tables.device
     num_seqs = int(query_lens.shape[0])
-    is_decode = query_lens == 1
-    num_decode = int(is_decode.sum())
-    if num_decode and not bool(is_decode[:num_decode].all()):
-        raise ValueError("decode sequences (query_len == 1) must come before prefill sequences")
+    if sizes is None:
+        sizes = MetadataSizes.of(num_computed.cpu().numpy(), query_lens.cpu().numpy())
+    num_decode, num_tokens = sizes.num_decode, sizes.num_tokens
     cu_q = torch.zeros(num_seqs + 1, dtype=torch.long, device=device)
     cu_q[1:] = torch.cumsum(query_lens, 0)
-    num_tokens = int(cu_q[-1])
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens,
+                                           output_size=num_tokens)
     offset = torch.arange(num_tokens, device=device) - cu_q[seq_of_token]
     positions = num_computed[seq_of_token] + offset
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
     context_lens = num_computed + query_lens
 
     dec_lens = context_lens[:num_decode]
-    num_dec_blocks = -(-int(dec_lens.max()) // block_size) if num_decode else 0
+    num_dec_blocks = -(-sizes.max_decode_context // block_size)
     dec_tables = block_tables[:num_decode, :num_dec_blocks]
     dec_valid = torch.arange(num_dec_blocks * block_size, device=device).unsqueeze(0) < dec_lens.unsqueeze(1)
 
     p_tables, p_computed, p_q = block_tables[num_decode:], num_computed[num_decode:], query_lens[num_decode:]
-    p_ctx_slots, p_ctx_valid = _context_slots(p_tables, context_lens[num_decode:], block_size)
-    max_q = int(p_q.max()) if p_q.numel() else 0
+    p_ctx_slots, p_ctx_valid = _context_slots(p_tables, context_lens[num_decode:], block_size,
+                                              sizes.max_prefill_context)
+    max_q = sizes.max_prefill_query
     i = torch.arange(max_q, device=device)
     q_valid = i.unsqueeze(0) < p_q.unsqueeze(1)  # [Bp, Qp]
     q_index = torch.where(q_valid, cu_q[num_decode:-1].unsqueeze(1) + i, torch.zeros_like(i))
