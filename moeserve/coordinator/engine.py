@@ -6,6 +6,7 @@ This file builds the engine and takes its requests; ``Engine.step()`` and async 
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
@@ -165,14 +166,17 @@ class Engine(EngineStep):
         return self.scheduler.has_unfinished() or bool(self.in_flight)
 
     def close(self) -> None:
-        """Stop stage workers, if any, and the KV store's writer (idempotent)."""
+        """Stop stage workers, if any, and the KV store's writer, and give the device memory back: the
+        runner's model, latent cache and CUDA graphs, and the batches in flight (idempotent; the engine
+        cannot step afterwards). A second engine built in the same process then has the whole device."""
         if self.kv.tiers is not None:
             self.kv.tiers.close()
         self.in_flight.clear()
-        shutdown = getattr(self.runner, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
-            self.runner.shutdown = lambda: None  # type: ignore[method-assign]
+        self.runner.shutdown()
+        self.model = None
+        gc.collect()  # the model's modules hold reference cycles
+        if self.config.torch_device.type == "cuda" and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     # ---- convenience ----
     def generate(self, prompts: list[str | list[int]] | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]

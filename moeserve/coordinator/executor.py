@@ -315,6 +315,9 @@ class DistributedExecutor:
         return [stats[r] for r in sorted(stats)]
 
     def shutdown(self) -> None:
+        """Stop every rank (idempotent)."""
+        if self.ctx.closed:
+            return
         frame = encode(ShutdownMsg("engine closed"))
         for spec in self.specs:
             try:

@@ -191,7 +191,10 @@ class BlockMover:
             cache.index_copy_(0, idx, data[:, j].to(self.device, non_blocking=self.pin))
 
     def close(self) -> None:
+        """Stop the writer and let go of the cache tensors and the host pool (the engine is closing)."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=5)
             self._writer = None
+        self.caches = []
+        self.host = None

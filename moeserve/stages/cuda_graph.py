@@ -165,6 +165,13 @@ class DecodeGraphs:
         assert self.out is not None
         return self.out[:num_real]
 
+    def release(self) -> None:
+        """Free the graphs (and with them their memory pool) and the static buffers (Engine.close)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.out = self.hidden_in = None
+
 
 def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
     """A decode plan's graph inputs: [4, B] rows of token id, position, cache slot and context length

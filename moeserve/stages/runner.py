@@ -132,6 +132,18 @@ class ModelRunner:
     def _index(self, rows: list[int]) -> torch.Tensor:
         return to_device(torch.tensor(rows, dtype=torch.long), self.device)
 
+    def shutdown(self) -> None:
+        """Give back the device memory this runner holds: the CUDA graphs and their pool, the latent cache
+        and the model (idempotent; the runner cannot run steps afterwards). The caller drops its own
+        references to the model and runs ``gc`` / ``torch.cuda.empty_cache()`` (Engine.close)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        self.kv_caches.clear()
+        self.flat_caches.clear()
+        self.expert_load = None
+        self.__dict__.pop("model", None)
+
     def expert_counts(self) -> dict[int, torch.Tensor]:
         """layer id -> tokens routed to each logical expert so far (a view; see MoE.tokens_per_expert)."""
         return {i: moe.tokens_per_expert for i, moe in self.model.moe_layers().items()}
