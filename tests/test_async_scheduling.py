@@ -222,3 +222,15 @@ def test_plan_marks_tokens_still_on_the_device() -> None:
     fill_pending(ids, StepPlan([0, 0, 9], [1, 1, 1], [3, 3, 3], [[0]] * 3, [0, 1, 2], [0, 1], [0, 1]),
                  torch.tensor([7, 8, 99]))  # rows 0..k-1 from rows 0..k-1: a plain copy
     assert ids.tolist() == [7, 8, 9]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_streams_equal_synchronous_on_cuda(ckpt, alone) -> None:
+    """The same streams on a GPU (float32, fused kernels and CUDA graphs where they apply): the pinned
+    copies, the double-buffered graph inputs and the placeholders written into them on the device."""
+    arrivals = mixed_arrivals(alone)
+    eos = alone[1].output_token_ids[4]
+    cuda = dict(device="cuda", dtype="float32", block_size=16, kv_cache_memory=8 << 20)
+    sync = with_eos(make_engine(ckpt, async_scheduling=False, **cuda), eos)
+    overlapped = with_eos(make_engine(ckpt, async_scheduling=True, **cuda), eos)
+    assert same(run(overlapped, arrivals), run(sync, arrivals))
