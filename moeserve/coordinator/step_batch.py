@@ -56,12 +56,10 @@ class StepBatch:
     sched: SchedulerOutput
     plan: StepPlan
     to_sample: list[Request]  # the requests that get a token from this batch, in sample-row order
-    start_time: float = field(default_factory=time.perf_counter)
     handle: Any = None  # the runner's, until the logits are collected
     sampled_reqs: list[Request] = field(default_factory=list)  # the rows sampled (to_sample less finished)
     token_ids: torch.Tensor | None = None  # [len(sampled_reqs)] long on the device: read by the next batch
     host: HostCopy | None = None  # token ids, logprobs (and top logprobs) on their way to the host
-    num_top_logprobs: int = 0
 
     @property
     def is_sampled(self) -> bool:
