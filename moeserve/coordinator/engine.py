@@ -24,6 +24,7 @@ from moeserve.coordinator.sampling import Sampler, SamplingParams
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig
 from moeserve.coordinator.step_batch import EngineStats, StepBatch
 from moeserve.kvstore.cache_manager import KVCacheManager
+from moeserve.kvstore.latent_cache import empty_device_cache
 from moeserve.kvstore.tier_setup import build_tiers, open_kv_store
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
@@ -175,8 +176,7 @@ class Engine(EngineStep):
         self.runner.shutdown()
         self.model = None
         gc.collect()  # the model's modules hold reference cycles
-        if self.config.torch_device.type == "cuda" and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+        empty_device_cache(self.config.torch_device)
 
     # ---- convenience ----
     def generate(self, prompts: list[str | list[int]] | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams]
