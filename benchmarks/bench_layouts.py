@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 BF16_UNIT_ROUNDOFF = 2.0 ** -8
@@ -49,20 +50,25 @@ def gpu_memory_used() -> list[int]:
 
 def record_top2(engine):
     """Wrap the engine's sampler so that every sampled row's (top-2 gap, top logit) is kept per request.
-    Returns (the record, a function that removes the wrapping)."""
-    stash: dict[str, list] = {}
+    Returns (the record, a function that removes the wrapping).
+
+    Batches are sampled and processed in the same order (with async scheduling a batch is sampled before
+    the one before it is processed), so the rows of each sampling wait in a queue for their processing; a
+    row whose request had already finished (its extra token, discarded) is not kept."""
+    stash: deque[list[tuple[float, float]]] = deque()
     record: dict[str, list[tuple[float, float]]] = {}
     sample, process = engine.sampler.sample, engine._process
 
     def sample_and_keep(logits, batch):
         top2 = logits.float().topk(2, dim=-1).values
-        stash["rows"] = list(zip((top2[:, 0] - top2[:, 1]).tolist(), top2[:, 0].tolist()))
+        stash.append(list(zip((top2[:, 0] - top2[:, 1]).tolist(), top2[:, 0].tolist())))
         return sample(logits, batch)
 
-    def process_and_keep(reqs, sampled):
-        for req, row in zip(reqs, stash["rows"]):
-            record.setdefault(req.request_id, []).append(row)
-        return process(reqs, sampled)
+    def process_and_keep(reqs, host):
+        for req, row in zip(reqs, stash.popleft()):
+            if not req.is_finished:
+                record.setdefault(req.request_id, []).append(row)
+        return process(reqs, host)
 
     engine.sampler.sample, engine._process = sample_and_keep, process_and_keep
 

@@ -3,9 +3,12 @@
 Builds the engine on dummy weights of a config (DeepSeek-V2-Lite by default), fills ``batch`` sequences
 with ``--input-len``-token prompts, then times ``--steps`` decode steps under the torch profiler (kernels
 inside CUDA graphs are traced too) and again without it (the step time reported). ``--mode eager`` runs the
-landed eager path (no fused kernels, no graphs) for the "before" column.
+landed eager path (no fused kernels, no graphs) for the "before" column. ``--no-async-scheduling`` runs the
+synchronous step (the host's work between two steps leaves the GPU idle) for comparison with the default
+async scheduling; ``busy_fraction`` is the GPU's busy time over the step time. Each batch size builds its own
+engine and closes it (Engine.close gives the memory back).
 
-    python benchmarks/profile_decode.py --batches 1,64 --mode fast --json-out profile.json
+    python benchmarks/profile_decode.py --batches 1,64,256 --mode fast --json-out profile.json
 """
 
 from __future__ import annotations
@@ -56,12 +59,13 @@ def hbm_floor_ms(config, batch: int, context: int, bandwidth: float = 4.8e12, dt
     return {"weights_gb": weights / 1e9, "cache_gb": cache / 1e9, "floor_ms": (weights + cache) / bandwidth * 1e3}
 
 
-def build_engine(model: str, batch: int, mode: str):
+def build_engine(model: str, batch: int, mode: str, async_scheduling: bool | None = None):
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
 
     cfg = EngineConfig(model=model, device="cuda", load_format="dummy", skip_tokenizer_init=True,
-                       max_num_seqs=batch, enforce_eager=mode == "eager", max_model_len=4096)
+                       max_num_seqs=batch, enforce_eager=mode == "eager", max_model_len=4096,
+                       async_scheduling=async_scheduling)
     engine = Engine(cfg)
     if mode == "eager":
         engine.runner.model.use_kernels(False)
@@ -84,11 +88,15 @@ def profile_steps(engine, steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
+    engine.stats.phase_s = dict.fromkeys(engine.stats.phase_s, 0.0)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - start) / steps * 1e3
+    # where the host's time goes per step (EngineStats.phase_s): with async scheduling, all but "wait"
+    # overlaps the GPU
+    phases = {k: round(v / steps * 1e3, 3) for k, v in engine.stats.phase_s.items()}
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
@@ -107,7 +115,8 @@ def profile_steps(engine, steps: int) -> dict:
         per_kernel[evt.name[:80]][0] += dur
         per_kernel[evt.name[:80]][1] += 1
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]
-    return {"step_ms": step_ms, "kernels_per_step": count / steps, "gpu_busy_ms_per_step": busy_us / steps / 1e3,
+    return {"step_ms": step_ms, "host_phase_ms_per_step": phases,
+            "kernels_per_step": count / steps, "gpu_busy_ms_per_step": busy_us / steps / 1e3,
             "busy_fraction": busy_us / steps / 1e3 / step_ms,
             "ms_per_step_by_class": {k: round(v / steps / 1e3, 3) for k, v in sorted(per_class.items(),
                                                                                 key=lambda kv: -kv[1])},
@@ -122,24 +131,27 @@ def main() -> None:
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--mode", choices=["fast", "eager"], default="fast")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="the engine's async scheduling (default: on, as on any CUDA device)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--expert-bytes", type=float, default=2.0, help="bytes per routed-expert weight (FP8: 1)")
     args = p.parse_args()
-    results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model, "runs": []}
+    results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model,
+               "async_scheduling": args.async_scheduling, "runs": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         start = time.perf_counter()
-        engine = build_engine(args.model, batch, args.mode)
+        engine = build_engine(args.model, batch, args.mode, args.async_scheduling)
         build_s = time.perf_counter() - start
         fill(engine, batch, args.input_len, args.steps)
         floor = hbm_floor_ms(engine.model_config, batch, args.input_len, expert_bytes=args.expert_bytes)
-        run = {"batch": batch, "build_s": build_s, "fast_path_error": engine.runner.fast_path_error,
-               "graphs": engine.runner.graphs is not None, **profile_steps(engine, args.steps), "hbm_floor": floor}
+        run = {"batch": batch, "build_s": build_s, "async_scheduling": engine.async_scheduling,
+               "fast_path_error": engine.runner.fast_path_error, "graphs": engine.runner.graphs is not None,
+               **profile_steps(engine, args.steps), "hbm_floor": floor}
         run["fraction_of_floor"] = floor["floor_ms"] / run["step_ms"]
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
         engine.close()
         del engine
-        torch.cuda.empty_cache()
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(results, f, indent=2)

@@ -58,6 +58,8 @@ ALLOWED = {
     ("coordinator/config.py", '"cuda"'): "validates --device against the device types moeserve supports",
     ("kvstore/latent_cache.py", '"cuda"'): "free-memory query, one branch per device type (npu has its own)",
     ("kvstore/latent_cache.py", "torch.cuda."): "free-memory query, one branch per device type (npu has its own)",
+    ("device_copy.py", '"cuda"'): "pinned non-blocking copies and events on CUDA; other devices copy plainly",
+    ("device_copy.py", "torch.cuda."): "pinned non-blocking copies and events on CUDA; other devices copy plainly",
     ("launch/cmd_bench.py", '"cuda"'): "peak device memory of the benchmark, guarded by device type",
     ("launch/cmd_bench.py", "torch.cuda."): "peak device memory of the benchmark, guarded by device type",
     ("launch/cmd_check.py", '"cuda"'): "`moeserve check` reports what this machine has, CUDA included",

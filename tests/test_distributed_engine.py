@@ -22,8 +22,8 @@ def run(ckpt, **parallel) -> list[list[int]]:
     engine = Engine(EngineConfig(model=str(ckpt), block_size=4, kv_cache_memory=1 << 22, max_num_seqs=8,
                                  max_num_batched_tokens=32, **parallel))
     try:
-        if engine.plan is not None:  # each rank loaded exactly the share the plan gives it
-            planned = {r: w.total for r, w in enumerate(engine.plan.rank_weights)}
+        if engine.parallel_plan is not None:  # each rank loaded exactly the share the plan gives it
+            planned = {r: w.total for r, w in enumerate(engine.parallel_plan.rank_weights)}
             assert engine.runner.loaded_bytes == planned
         results = test_engine.run_staggered(engine)
         assert engine.kv.num_free_blocks == engine.kv.num_blocks

@@ -26,10 +26,10 @@ def tally_plans(engine: Engine) -> dict[str, int]:
     seen = {"prefill": 0, "decode": 0}
     submit = engine.runner.submit
 
-    def counting_submit(plan):
+    def counting_submit(plan, prev_token_ids=None):
         seen["decode"] += sum(1 for q in plan.query_lens if q == 1)
         seen["prefill"] += sum(q for q in plan.query_lens if q > 1)
-        return submit(plan)
+        return submit(plan, prev_token_ids)
 
     engine.runner.submit = counting_submit  # type: ignore[method-assign]
     return seen

@@ -53,6 +53,8 @@ class EngineConfig:
     ep_dispatch: str = "allreduce"  # how tokens reach expert-parallel experts: allreduce or alltoall
     expert_placement: str = ""  # JSON file mapping each EP rank's physical slots to logical experts
     enforce_eager: bool = False  # no CUDA graphs: every decode step launches its kernels one by one
+    # schedule step N+1 while the device runs step N (one process only); None = on for CUDA devices
+    async_scheduling: bool | None = None
     kv_host_memory: int = -1  # bytes per rank of the host tier (evicted blocks come back); -1 auto, 0 off
     kv_store: str = ""  # the shared store: redis://[user:password@]host:port/db (empty: none)
     kv_store_salt: str = ""  # a tenant's salt: only engines with the same salt share stored blocks
@@ -95,6 +97,8 @@ class EngineConfig:
             raise ValueError(f"expert_load_interval must be >= 1, got {self.expert_load_interval}")
         if self.keep_fp8 not in (None, True, False):
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be true, false or None (auto), got {self.async_scheduling!r}")
 
     @property
     def parallel_dims(self):
@@ -155,6 +159,15 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return not self.enforce_eager and self.torch_device.type == "cuda" and self.ep_dispatch == "allreduce"
+
+    @property
+    def effective_async_scheduling(self) -> bool:
+        """Whether the engine schedules and launches step N+1 before step N's sampled ids reach the host.
+        Auto: on for CUDA devices, where the host's work per step would otherwise leave the GPU idle; off on
+        CPUs (nothing to overlap: the host runs the model) and NPUs. Never with stage workers: pipeline
+        parallelism already keeps several batches in flight."""
+        wanted = self.torch_device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+        return wanted and not self.is_distributed
 
     @property
     def effective_block_size(self) -> int:

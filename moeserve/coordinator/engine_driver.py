@@ -68,15 +68,15 @@ class ExpertTracer:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runner, name)
 
-    def submit(self, plan: Any) -> Any:
-        """The engine's interface to a single-process runner: it runs the step at once (pipeline depth 1),
-        so the trace of the latest submit belongs to the batch the engine collects next."""
-        handle = self._runner.submit(plan)
+    def submit(self, plan: Any, prev_token_ids: torch.Tensor | None = None) -> Any:
+        """The engine's interface to a single-process runner. While tracing, the engine steps synchronously
+        (``Engine.sync_steps``), so the trace of the latest submit belongs to the batch it finishes next."""
+        handle = self._runner.submit(plan, prev_token_ids)
         self._record(plan)
         return handle
 
-    def execute(self, plan: Any) -> torch.Tensor:
-        logits = self._runner.execute(plan)
+    def execute(self, plan: Any, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self._runner.execute(plan, prev_token_ids)
         self._record(plan)
         return logits
 
@@ -176,7 +176,7 @@ class EngineDriver:
 
     def step(self) -> None:
         if self.tracer is not None:
-            self.tracer.enabled = bool(self._traced)
+            self.tracer.enabled = self.engine.sync_steps = bool(self._traced)
         t0 = time.monotonic()
         if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
             raise InjectedFault(f"test fault injection: {FAULT_ENV}={self.fault_after_steps} made engine "

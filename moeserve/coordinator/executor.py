@@ -236,11 +236,14 @@ class DistributedExecutor:
                 self.check_alive()
                 raise WorkerError(f"{self._where(spec.rank)} is unreachable ({e})") from e
 
-    def submit(self, plan: StepPlan) -> int:
-        """Send a step plan to every rank without waiting; returns its step id for ``collect``."""
+    def submit(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> int:
+        """Send a step plan to every rank without waiting; returns its step id for ``collect``. (Stage
+        workers take no placeholder tokens: async scheduling is for one process.)"""
+        if plan.pending_rows or prev_token_ids is not None:
+            raise ValueError("stage workers take no placeholder tokens (async scheduling is one-process only)")
         self.step_id += 1
         self._broadcast(encode(StepPlanMsg(self.step_id, plan.token_ids, plan.query_lens, plan.num_computed,
-                                           plan.block_tables, plan.sample_rows)))
+                                           [list(t) for t in plan.block_tables], plan.sample_rows)))
         return self.step_id
 
     def collect(self, step_id: int) -> torch.Tensor:
@@ -253,8 +256,8 @@ class DistributedExecutor:
                 self._kv_counters[msg.rank] = msg
         return self._logits.pop(step_id)
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        return self.collect(self.submit(plan))
+    def execute(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self.collect(self.submit(plan, prev_token_ids))
 
     def kv_save(self, msg: KvSaveMsg) -> None:
         """Have every rank copy computed blocks to its host tier / the store (kvstore/transport.py)."""
@@ -312,6 +315,9 @@ class DistributedExecutor:
         return [stats[r] for r in sorted(stats)]
 
     def shutdown(self) -> None:
+        """Stop every rank (idempotent)."""
+        if self.ctx.closed:
+            return
         frame = encode(ShutdownMsg("engine closed"))
         for spec in self.specs:
             try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
-from moeserve.coordinator.sampling import check_stop
+from moeserve.coordinator.sampling_params import stop_reason
 from moeserve.coordinator.structured import StructuredOutput, StructuredOutputError, advance, spec_after
 from moeserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -58,39 +58,63 @@ class OutputProcessor:
             return None
         return self.structured.bitmask([r.grammar if r.grammar_after is None else None for r in reqs])
 
+    def process_batch(self, reqs: list[Request], token_ids: list[int], logprobs: list[float],
+                      top: tuple[list[list[float]], list[list[int]]] | None, now: float, max_model_len: int
+                      ) -> list[RequestOutput]:
+        """The outputs of one sampled batch (``top``: the rows' top logprobs, values and ids): one per
+        request, except a request that finished before it (with async scheduling, the batch that was in
+        flight computed a token for it; that token is discarded). Finishing requests get their status."""
+        outputs = []
+        for row, req in enumerate(reqs):
+            if req.status is RequestStatus.FINISHED:
+                continue
+            top_row = None
+            if top is not None and req.params.logprobs:
+                n = req.params.logprobs
+                top_row = dict(zip(top[1][row][:n], top[0][row][:n]))
+            outputs.append(self.process(req, token_ids[row], logprobs[row], top_row, now, max_model_len))
+        return outputs
+
     def process(self, req: Request, token_id: int, logprob: float, top: dict[int, float] | None,
                 now: float, max_model_len: int) -> RequestOutput:
+        """Append one sampled token: detokenize, check the stop conditions, and stream what is safe to.
+        NOTE: the hot path of every step (once per request): sizes are read once, not through properties."""
         req.append_token(token_id, logprob, now)
-        if req.grammar_after is None:
+        num_tokens = len(req.token_ids)
+        num_prompt = len(req.prompt_token_ids)
+        delta = ""
+        if req.grammar is not None and req.grammar_after is None:
             advance(req.grammar, token_id, req.request_id)
-        delta = req.detokenizer.step([token_id]) if req.detokenizer is not None else ""
-        req.output_text += delta
-        after = req.grammar_after
-        if after is not None and req.output_text.find(after, max(0, len(req.output_text) - len(delta) - len(after))) >= 0:
-            req.grammar_after = None  # the grammar applies from the next token on
-        reason, cut = check_stop(req.params, req.output_token_ids, req.output_text, self.eos_token_ids, len(delta))
-        if reason is None and req.num_tokens >= max_model_len:
+        if req.detokenizer is not None:
+            delta = req.detokenizer.step([token_id])
+            req.output_text += delta
+            after = req.grammar_after
+            if after is not None and req.output_text.find(after, max(0, len(req.output_text) - len(delta) - len(after))) >= 0:
+                req.grammar_after = None  # the grammar applies from the next token on
+        reason, cut = stop_reason(req.params, token_id, num_tokens - num_prompt, req.output_text,
+                                  self.eos_token_ids, len(delta))
+        if reason is None and num_tokens >= max_model_len:
             reason = "length"
-        if reason is not None:
+        finished = reason is not None
+        if finished:
             if cut is None and req.detokenizer is not None:
                 req.output_text += req.detokenizer.finish()
             elif cut is not None:
                 req.output_text = req.output_text[:cut]
             req.status, req.finish_reason = RequestStatus.FINISHED, reason
-        text = self._emit(req)
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=[token_id], text_delta=text, finished=req.is_finished,
-            finish_reason=req.finish_reason, num_prompt_tokens=req.num_prompt_tokens,
-            num_output_tokens=req.num_output_tokens, logprobs=[logprob],
+            request_id=req.request_id, new_token_ids=[token_id], text_delta=self._emit(req, finished),
+            finished=finished, finish_reason=reason, num_prompt_tokens=num_prompt,
+            num_output_tokens=num_tokens - num_prompt, logprobs=[logprob],
             top_logprobs=[top] if top is not None else None,
-            output_token_ids=list(req.output_token_ids) if req.is_finished else None,
-            output_text=req.output_text if req.is_finished else None)
+            output_token_ids=req.token_ids[num_prompt:] if finished else None,
+            output_text=req.output_text if finished else None)
 
     @staticmethod
-    def _emit(req: Request) -> str:
+    def _emit(req: Request, finished: bool) -> str:
         """The next streamable text; holds back a tail that could still become a stop string."""
         end = len(req.output_text)
-        if not req.is_finished and req.params.stop:
+        if not finished and req.params.stop:
             end -= max(len(s) for s in req.params.stop) - 1
         if end <= req.num_text_emitted:
             return ""

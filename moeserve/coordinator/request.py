@@ -43,6 +43,9 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)  # prompt + output
+    # tokens sampled for this request in batches whose outputs have not been processed yet (vLLM's name):
+    # with async scheduling the next batch is scheduled before the last one's ids reach the host
+    num_output_placeholders: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -56,6 +59,12 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        """The tokens this request holds once the batches in flight are processed: what the scheduler plans
+        for."""
+        return len(self.token_ids) + self.num_output_placeholders
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -1,149 +1,40 @@
-"""Sampling parameters, the batched sampler and the stop-condition check.
+"""The batched sampler and the per-step batch it reads.
 
 Order of operations in :meth:`Sampler.sample` (per row, all batched):
-grammar mask (structured output: tokens the request's grammar does not allow get -inf) -> penalties (repetition over prompt+output, presence/frequency over output) -> min_tokens blocking of stop/eos
-ids -> greedy rows take argmax here -> temperature -> top-k -> top-p -> min-p -> draw.
+grammar mask (structured output: tokens the request's grammar does not allow get -inf) -> penalties
+(repetition over prompt+output, presence/frequency over output) -> min_tokens blocking of stop/eos ids ->
+greedy rows take argmax here -> temperature -> top-k -> top-p -> min-p -> draw.
+
+``SamplingParams`` and ``check_stop`` live in ``sampling_params.py`` and are importable from here too.
 """
 
 from __future__ import annotations
 
-import json
-import math
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import chain
-from typing import Any
 
+import numpy as np
 import torch
 
-from moeserve.coordinator.structured import unpack_bitmask
-
-GREEDY_EPS = 1e-5  # a temperature below this is greedy
-MAX_LOGPROBS = 20
-_INT_FIELDS = ("max_tokens", "top_k", "min_tokens")
-_OPT_INT_FIELDS = ("seed", "logprobs")
-_FLOAT_FIELDS = (
-    "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"
+from moeserve.coordinator.sampling_params import (
+    GREEDY_EPS,
+    MAX_LOGPROBS,
+    SamplingParams,
+    SamplingParamsError,
+    check_stop,
 )
+from moeserve.coordinator.structured import unpack_bitmask
+from moeserve.device_copy import to_device
+
+__all__ = ["GREEDY_EPS", "MAX_LOGPROBS", "Sampler", "SamplerOutput", "SamplingBatch", "SamplingParams",
+           "SamplingParamsError", "check_stop", "make_sampling_batch"]
 
 
-class SamplingParamsError(ValueError):
-    """Invalid sampling parameters; the message names the field and what it allows. ``field``, ``value`` and
-    ``allowed`` let a front end say the same in its own request's names (``describe``)."""
-
-    def __init__(self, message: str, field: str | None = None, value: Any = None, allowed: str | None = None):
-        super().__init__(message)
-        self.field, self.value, self.allowed = field, value, allowed
-
-    def describe(self, param: str) -> str:
-        """The error in one line, naming ``param`` (the request's name for ``field``)."""
-        if self.allowed is None:
-            return f"unknown field {param!r}" if self.field is not None else str(self)
-        try:
-            shown = json.dumps(self.value)  # a request's values are JSON (or msgpack) values
-        except (TypeError, ValueError):
-            shown = repr(self.value)
-        return f"field {param!r}: must be {self.allowed}, got {shown}"
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _fail(name: str, value: Any, allowed: str) -> SamplingParamsError:
-    message = f"SamplingParams.{name}={value!r} is invalid: must be {allowed}"
-    return SamplingParamsError(message, name, value, allowed)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings (OpenAI/vLLM semantics); validated on construction.
-
-    ``temperature`` below 1e-5 means greedy. ``top_k`` -1 or 0 is off. ``stop`` also accepts one string or a
-    list (normalised to a tuple). ``logprobs``: None = no top logprobs, N in 0..20 = top-N of the raw model
-    distribution (0 = only the sampled token's logprob, which is always returned).
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_k: int = -1
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None
-    min_tokens: int = 0
-    structured_output: str | None = None  # a grammar spec as JSON text (coordinator/structured.py)
-
-    def __post_init__(self) -> None:
-        self._check_types()
-        self._check_ranges()
-
-    def _check_types(self) -> None:
-        for name in _INT_FIELDS + _OPT_INT_FIELDS:
-            v = getattr(self, name)
-            if not _is_int(v) and not (v is None and name in _OPT_INT_FIELDS):
-                raise _fail(name, v, "an integer" + (" or None" if name in _OPT_INT_FIELDS else ""))
-        for name in _FLOAT_FIELDS:
-            v = getattr(self, name)
-            if not (_is_int(v) or isinstance(v, float)) or not math.isfinite(v):
-                raise _fail(name, v, "a finite number")
-            object.__setattr__(self, name, float(v))
-        if self.structured_output is not None and not isinstance(self.structured_output, str):
-            raise _fail("structured_output", self.structured_output, "None or a JSON text (see structured.py)")
-        if not isinstance(self.ignore_eos, bool):
-            raise _fail("ignore_eos", self.ignore_eos, "a bool")
-        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (tuple, list)) or not all(isinstance(s, str) and s for s in stop):
-            raise _fail("stop", self.stop, "a non-empty string or a list of non-empty strings")
-        ids = self.stop_token_ids
-        if not isinstance(ids, (tuple, list)) or not all(_is_int(i) and i >= 0 for i in ids):
-            raise _fail("stop_token_ids", ids, "a list of integers >= 0")
-        object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "stop_token_ids", tuple(ids))
-
-    def _check_ranges(self) -> None:
-        checks: tuple[tuple[str, bool, str], ...] = (
-            ("max_tokens", self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", self.temperature >= 0.0, ">= 0 (0 = greedy)"),
-            ("top_k", self.top_k >= -1, "-1 or 0 (off) or an integer >= 1"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
-            ("min_p", 0.0 <= self.min_p <= 1.0, "in [0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0.0, "> 0"),
-            ("presence_penalty", -2.0 <= self.presence_penalty <= 2.0, "in [-2, 2]"),
-            ("frequency_penalty", -2.0 <= self.frequency_penalty <= 2.0, "in [-2, 2]"),
-            ("seed", self.seed is None or 0 <= self.seed < 2**64, "an integer in [0, 2**64)"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-             f"in [0, {MAX_LOGPROBS}]"),
-            ("min_tokens", 0 <= self.min_tokens <= self.max_tokens, "in [0, max_tokens]"),
-        )
-        for name, ok, allowed in checks:
-            if not ok:
-                raise _fail(name, getattr(self, name), allowed)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SamplingParams:
-        """Build from a plain dict (JSON/msgpack); unknown keys and wrong types raise SamplingParamsError.
-
-        Lists become tuples for ``stop``/``stop_token_ids``; a single string ``stop`` is one stop string.
-        None is accepted only for ``seed`` and ``logprobs``.
-        """
-        if not isinstance(d, dict):
-            raise SamplingParamsError(f"SamplingParams must be built from a dict, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)}, key=str)
-        if unknown:
-            raise SamplingParamsError(f"unknown SamplingParams field(s): {', '.join(map(str, unknown))}",
-                                      str(unknown[0]))
-        return cls(**d)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_EPS
+# the columns of a row of per-request sampling values (``SamplingParams.sampling_row``)
+TEMPERATURE, GREEDY, TOP_K, TOP_P, MIN_P, REPETITION, PRESENCE, FREQUENCY, MIN_TOKENS, LOGPROBS = range(10)
+NUM_COLUMNS = 10
 
 
 @dataclass(frozen=True)
@@ -151,18 +42,13 @@ class SamplingBatch:
     """Per-step sampling state for B rows; built by :func:`make_sampling_batch`, all tensors on one device.
 
     Padded id tensors are [B, L] long (pad 0) with a [B, L] bool mask; None when no row needs them.
-    Greedy rows hold temperature 1 and filters off so batched maths on them is harmless.
+    Greedy rows hold temperature 1 and filters off so batched maths on them is harmless. The per-row
+    values travel to the device in one copy, and only when a sampling path reads them (``rows``).
     """
 
     size: int
-    temperature: torch.Tensor  # [B] float32
-    greedy: torch.Tensor  # [B] bool
-    top_k: torch.Tensor  # [B] long, 0 = off
-    top_p: torch.Tensor  # [B] float32
-    min_p: torch.Tensor  # [B] float32
-    repetition_penalty: torch.Tensor  # [B] float32
-    presence_penalty: torch.Tensor  # [B] float32
-    frequency_penalty: torch.Tensor  # [B] float32
+    host_rows: torch.Tensor  # [NUM_COLUMNS, B] float32 on the host (columns named above)
+    device: torch.device
     output_ids: tuple[torch.Tensor, torch.Tensor] | None  # (ids, mask) [B, L]
     prompt_ids: tuple[torch.Tensor, torch.Tensor] | None  # (ids, mask) [B, Lp]; only for repetition
     blocked_ids: tuple[torch.Tensor, torch.Tensor] | None  # (ids, mask) [B, S]; stop/eos ids under min_tokens
@@ -177,12 +63,49 @@ class SamplingBatch:
     # structured output: (rows [R] long, packed allowed-token bitmask [R, ceil(vocab/32)] int32), or None
     token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    @functools.cached_property
+    def rows(self) -> torch.Tensor:
+        """[NUM_COLUMNS, B] float32 on the device."""
+        return to_device(self.host_rows, self.device)
+
+    @property
+    def temperature(self) -> torch.Tensor:  # [B] float32
+        return self.rows[TEMPERATURE]
+
+    @property
+    def greedy(self) -> torch.Tensor:  # [B] bool
+        return self.rows[GREEDY] > 0
+
+    @property
+    def top_k(self) -> torch.Tensor:  # [B] long, 0 = off
+        return self.rows[TOP_K].long()
+
+    @property
+    def top_p(self) -> torch.Tensor:  # [B] float32
+        return self.rows[TOP_P]
+
+    @property
+    def min_p(self) -> torch.Tensor:  # [B] float32
+        return self.rows[MIN_P]
+
+    @property
+    def repetition_penalty(self) -> torch.Tensor:  # [B] float32
+        return self.rows[REPETITION]
+
+    @property
+    def presence_penalty(self) -> torch.Tensor:  # [B] float32
+        return self.rows[PRESENCE]
+
+    @property
+    def frequency_penalty(self) -> torch.Tensor:  # [B] float32
+        return self.rows[FREQUENCY]
+
     @property
     def need_penalties(self) -> bool:
         return self.need_repetition or self.need_presence_frequency or self.blocked_ids is not None
 
 
-def _pad(rows: Sequence[Sequence[int]], device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad(rows: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad ragged id lists into (ids [B, L] long, mask [B, L] bool) without a per-token Python loop."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
     flat = torch.tensor(list(chain.from_iterable(rows)), dtype=torch.long)
@@ -190,68 +113,68 @@ def _pad(rows: Sequence[Sequence[int]], device: torch.device | str) -> tuple[tor
     mask = torch.arange(width)[None, :] < lengths[:, None]
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     ids[mask] = flat
-    return ids.to(device), mask.to(device)
+    return to_device(ids, device), to_device(mask, device)
 
 
-def _row_tensors(params: Sequence[SamplingParams], device: torch.device | str) -> dict[str, torch.Tensor]:
-    """Per-row [B] tensors; greedy rows get temperature 1 and every filter off."""
-    g = [p.greedy for p in params]
-
-    def col(values: Sequence[float | bool | int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    return {
-        "temperature": col([1.0 if gr else p.temperature for p, gr in zip(params, g)]),
-        "greedy": col(g, torch.bool),
-        "top_k": col([0 if gr or p.top_k < 1 else p.top_k for p, gr in zip(params, g)], torch.long),
-        "top_p": col([1.0 if gr else p.top_p for p, gr in zip(params, g)]),
-        "min_p": col([0.0 if gr else p.min_p for p, gr in zip(params, g)]),
-        "repetition_penalty": col([p.repetition_penalty for p in params]),
-        "presence_penalty": col([p.presence_penalty for p in params]),
-        "frequency_penalty": col([p.frequency_penalty for p in params]),
-    }
+def _blocked(params: Sequence[SamplingParams], num_outputs: np.ndarray, min_tokens: np.ndarray,
+             eos_token_ids: tuple[int, ...]) -> list[tuple[int, ...]] | None:
+    """Per row, the ids blocked while it has fewer than min_tokens outputs (None when no row has any)."""
+    rows = np.flatnonzero(num_outputs < min_tokens)
+    if not rows.size:
+        return None
+    blocked: list[tuple[int, ...]] = [()] * len(params)
+    for i in rows.tolist():
+        p = params[i]
+        blocked[i] = p.stop_token_ids + (() if p.ignore_eos else eos_token_ids)
+    return blocked if any(blocked) else None
 
 
 def make_sampling_batch(
     params: list[SamplingParams],
-    output_token_ids: list[list[int]],
-    prompt_token_ids: list[list[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    prompt_token_ids: Sequence[Sequence[int]],
     generators: list[torch.Generator | None],
     device: torch.device | str,
     eos_token_ids: tuple[int, ...] = (),
     token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None,
+    num_output_tokens: Sequence[int] | None = None,
 ) -> SamplingBatch:
     """Pure: per-row tensors and flags for one step. All lists have length B, row i = request i.
 
     ``eos_token_ids`` (optional) are blocked, with ``stop_token_ids``, while a row has fewer than
     ``min_tokens`` outputs (eos only unless ``ignore_eos``). Generators may live on any device.
     ``token_bitmask`` (rows, packed bitmask) from ``StructuredOutput.bitmask`` is moved to ``device``.
+    ``num_output_tokens``: how many outputs each row has before this one (default: the lengths of
+    ``output_token_ids``, which are then read only for the penalties: the engine passes empty lists when no
+    row has one). Per-row values are gathered once into a numpy array; no tensor is made per row.
     """
     if not (len(output_token_ids) == len(prompt_token_ids) == len(generators) == len(params)):
         raise ValueError("params, output_token_ids, prompt_token_ids and generators must have equal lengths")
-    sampled = [p for p in params if not p.greedy]
-    need_rep = any(p.repetition_penalty != 1.0 for p in params)
-    pres_freq = any(p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 for p in params)
-    blocked = [
-        (p.stop_token_ids + (() if p.ignore_eos else eos_token_ids)) if len(o) < p.min_tokens else ()
-        for p, o in zip(params, output_token_ids)
-    ]
+    device = torch.device(device)
+    rows = np.array([p.sampling_row for p in params], dtype=np.float32).reshape(len(params), NUM_COLUMNS)
+    sampled = rows[:, GREEDY] == 0
+    need_rep = bool((rows[:, REPETITION] != 1.0).any())
+    pres_freq = bool(((rows[:, PRESENCE] != 0.0) | (rows[:, FREQUENCY] != 0.0)).any())
+    num_outputs = np.fromiter(map(len, output_token_ids), np.int64, len(params)) if num_output_tokens is None \
+        else np.asarray(num_output_tokens, dtype=np.int64)
+    blocked = _blocked(params, num_outputs, rows[:, MIN_TOKENS], eos_token_ids)
     return SamplingBatch(
         size=len(params),
-        **_row_tensors(params, device),
+        host_rows=torch.from_numpy(np.ascontiguousarray(rows.T)),
+        device=device,
         output_ids=_pad(output_token_ids, device) if (need_rep or pres_freq) else None,
         prompt_ids=_pad(prompt_token_ids, device) if need_rep else None,
-        blocked_ids=_pad(blocked, device) if any(blocked) else None,
-        seeded=tuple((i, g) for i, g in enumerate(generators) if g is not None and not params[i].greedy),
-        all_greedy=not sampled,
+        blocked_ids=_pad(blocked, device) if blocked is not None else None,
+        seeded=tuple((i, g) for i, g in enumerate(generators) if g is not None and sampled[i]),
+        all_greedy=not sampled.any(),
         need_repetition=need_rep,
         need_presence_frequency=pres_freq,
-        need_top_k=any(p.top_k > 0 for p in sampled),
-        need_top_p=any(p.top_p < 1.0 for p in sampled),
-        need_min_p=any(p.min_p > 0.0 for p in sampled),
-        num_top_logprobs=max((p.logprobs or 0 for p in params), default=0),
-        token_bitmask=None if token_bitmask is None else (token_bitmask[0].to(device),
-                                                          token_bitmask[1].to(device, non_blocking=True)),
+        need_top_k=bool((rows[sampled, TOP_K] > 0).any()),
+        need_top_p=bool((rows[sampled, TOP_P] < 1.0).any()),
+        need_min_p=bool((rows[sampled, MIN_P] > 0.0).any()),
+        num_top_logprobs=int(rows[:, LOGPROBS].max(initial=0)),
+        token_bitmask=None if token_bitmask is None else (to_device(token_bitmask[0], device),
+                                                          to_device(token_bitmask[1], device)),
     )
 
 
@@ -313,7 +236,7 @@ class Sampler:
             allowed = unpack_bitmask(bitmask, logits.shape[1])  # [R, vocab] bool
             if rows.numel() == logits.shape[0]:  # every row constrained (rows are ascending): no gather
                 return logits.masked_fill_(~allowed, float("-inf"))
-            ninf = torch.tensor(float("-inf"), device=logits.device)
+            ninf = torch.full((), float("-inf"), device=logits.device)
             return logits.index_put_((rows,), torch.where(allowed, logits[rows], ninf))
 
     @staticmethod
@@ -363,34 +286,6 @@ class Sampler:
         for row, gen in batch.seeded:  # loop over seeded requests only
             e = torch.empty(probs.shape[1], dtype=torch.float32, device=gen.device)
             e.exponential_(generator=gen)
-            noise[row] = e.to(probs.device)
+            noise[row] = to_device(e, probs.device)
         noise.clamp_min_(torch.finfo(torch.float32).tiny)  # E == 0 would make 0/0 = NaN win the argmax
         return (probs / noise).argmax(dim=-1)
-
-
-def check_stop(
-    params: SamplingParams,
-    output_ids: list[int],
-    text: str,
-    eos_ids: tuple[int, ...],
-    num_new_text_chars: int,
-) -> tuple[str | None, int | None]:
-    """Return (finish_reason, truncate_text_at) after a token was appended.
-
-    Stop conditions are checked first, and only once len(output_ids) >= min_tokens: the last token in
-    ``stop_token_ids`` or in ``eos_ids`` (unless ignore_eos) -> ("stop", None); a stop string ending within
-    the last ``num_new_text_chars`` chars of ``text`` (only that tail, plus len(stop) - 1 chars, is
-    searched) -> ("stop", i) where text[:i] is the output without the stop string (earliest match wins).
-    Then len(output_ids) >= max_tokens -> ("length", None). Otherwise (None, None).
-    """
-    if output_ids and len(output_ids) >= params.min_tokens:
-        last = output_ids[-1]
-        if last in params.stop_token_ids or (not params.ignore_eos and last in eos_ids):
-            return "stop", None
-        starts = [text.find(s, max(0, len(text) - num_new_text_chars - len(s) + 1)) for s in params.stop]
-        hits = [i for i in starts if i >= 0 and num_new_text_chars > 0]
-        if hits:
-            return "stop", min(hits)  # earliest stop string: text[:i] excludes it
-    if len(output_ids) >= params.max_tokens:
-        return "length", None
-    return None, None

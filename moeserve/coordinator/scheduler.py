@@ -9,6 +9,11 @@ the whole cache alone always makes progress, so the loop never deadlocks.
 With pipeline parallelism the engine keeps several batches in flight: ``schedule(busy=...)`` leaves out the
 requests of those batches (never scheduling or preempting them) and can cap the batch size, so the running
 requests split into interleaved batches. Once no batch is in flight the single-batch guarantee above holds.
+
+With async scheduling the engine schedules the next batch before the last one's sampled ids reach the host:
+a request counts those tokens as ``num_output_placeholders``, so that it is scheduled to decode the token
+still on the device (the runner fills it in there); one sure to stop at that token (it reaches max_tokens) is
+not scheduled again.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class ScheduledRequest:
     def completes_sequence(self) -> bool:
         """True when this chunk reaches the request's last token, so a new token is sampled after it."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens
+        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens_with_placeholders
 
 
 @dataclass
@@ -94,18 +99,19 @@ class Scheduler:
         return victim
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, busy: frozenset[str], max_seqs: int) -> int:
+        allocate = self.kv.allocate_slots
         i = 0
         while i < len(self.running) and budget > 0 and len(out.scheduled) < max_seqs:
             req = self.running[i]
             i += 1
-            if req.request_id in busy:
+            if (busy and req.request_id in busy) or _stops_in_flight(req):
                 continue
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
+            table = allocate(req.request_id, req.num_computed_tokens + num_new)
             while table is None:
                 if self._preempt_newest(out, busy) is req:
                     return budget
-                table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+                table = allocate(req.request_id, req.num_computed_tokens + num_new)
             out.scheduled.append(ScheduledRequest(req, num_new, table))
             budget -= num_new
         return budget
@@ -114,6 +120,7 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.scheduled) < max_seqs):
             req = self.waiting[0]
+            assert not req.num_output_placeholders, "a waiting request's last outputs are processed"
             if req.num_computed_tokens == 0 and not self.kv.holds(req.request_id):
                 req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.token_ids)  # cached prefix
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -136,11 +143,29 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
         if not out.preempted:  # a step that had to preempt admits nobody new
             self._schedule_waiting(out, budget, cap)
-        out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        if any(s.num_new_tokens != 1 for s in out.scheduled):
+            out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return out
 
     def advance(self, out: SchedulerOutput) -> None:
-        """Record that the scheduled tokens were computed."""
+        """Record that the scheduled tokens were computed (a request finished meanwhile is skipped: with async
+        scheduling, the token it was scheduled for is discarded).
+
+        Every computed token must be known on the host by now (full blocks are registered by their tokens):
+        the engine advances a batch after processing the outputs of the batch before it."""
+        block_size = self.kv.block_size
         for s in out.scheduled:
-            s.request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_full_blocks(s.request.request_id, s.request.token_ids, s.request.num_computed_tokens)
+            req = s.request
+            if req.status is RequestStatus.FINISHED:
+                continue
+            before = req.num_computed_tokens
+            req.num_computed_tokens += s.num_new_tokens
+            assert req.num_computed_tokens <= len(req.token_ids), "a computed token is still a placeholder"
+            if req.num_computed_tokens // block_size != before // block_size:  # NOTE: only then a block filled
+                self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens)
+
+
+def _stops_in_flight(req: Request) -> bool:
+    """Whether a token still on the device is sure to be the request's last (it reaches max_tokens; the
+    prompt and max_tokens fit the context, so max_model_len stops no request earlier)."""
+    return req.num_output_placeholders > 0 and req.num_tokens_with_placeholders >= req.max_total_tokens

@@ -45,6 +45,7 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._tables: dict[str, list[int]] = {}
+        self._views: dict[str, BlockTable] = {}  # the last table handed out, while it is unchanged
         self._hashes: dict[str, list[int]] = {}  # request -> prefix hashes of its registered full blocks
         self.num_prefix_query_tokens = 0  # prompt tokens looked up at admission, cumulative
         self.num_prefix_hit_tokens = 0  # of which were found in the device cache
@@ -127,14 +128,19 @@ class KVCacheManager:
         Returns the request's table, or None (and allocates nothing) when too few blocks are free.
         """
         table = self._tables.setdefault(request_id, [])
-        missing = blocks_needed(num_total_tokens, self.block_size) - len(table)
-        if missing > self.pool.num_free:
+        missing = -(-num_total_tokens // self.block_size) - len(table)
+        if missing <= 0:
+            view = self._views.get(request_id)
+            if view is not None:  # NOTE: most decode steps: no new block, no new tuple
+                return view
+        elif missing > self.pool.num_free:
             if not table:
                 del self._tables[request_id]
             return None
-        if missing > 0:
+        else:
             table.extend(self.pool.allocate(missing))
-        return BlockTable(tuple(table))
+        view = self._views[request_id] = BlockTable(tuple(table))
+        return view
 
     def table(self, request_id: str) -> BlockTable:
         return BlockTable(tuple(self._tables.get(request_id, ())))
@@ -143,6 +149,7 @@ class KVCacheManager:
         """Release every block of the request (idempotent). Its cached blocks stay reusable until evicted;
         the tail goes first (freed in reverse, so it is reused before the shared head)."""
         blocks = self._tables.pop(request_id, None)
+        self._views.pop(request_id, None)
         self._hashes.pop(request_id, None)
         if blocks:
             self.pool.free(blocks[::-1])

@@ -22,6 +22,15 @@ def free_device_memory(device: torch.device) -> int | None:
     return None
 
 
+def empty_device_cache(device: torch.device) -> None:
+    """Give the allocator's cached free blocks back to the device (after an engine closes), so that another
+    engine or process can take them; nothing to do on the CPU."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    elif device.type == "npu":  # pragma: no cover - needs torch_npu
+        torch.npu.empty_cache()  # type: ignore[attr-defined]
+
+
 def num_blocks_for_budget(budget_bytes: int, block_size: int, bytes_per_token: int) -> int:
     """How many blocks fit in ``budget_bytes`` when one token costs ``bytes_per_token`` (all layers)."""
     if bytes_per_token <= 0:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block
 from moeserve.kvstore.store import KVStore, StoreError
 
@@ -76,6 +77,7 @@ class BlockMover:
         self.host = torch.empty((host_blocks, *self.block_shape), dtype=first.dtype, pin_memory=self.pin) \
             if host_blocks else None
         self.counters = MoverCounters()
+        self._saved: torch.Event | None = None  # recorded after the latest copies into host slots
         self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
         self._pending = 0
         self._lock = threading.Lock()
@@ -95,6 +97,8 @@ class BlockMover:
             if self.pin:  # into pinned slots without waiting for the device (ordered before later kernels)
                 for i, (_, slot) in enumerate(pairs):
                     self.host[slot].copy_(data[i], non_blocking=True)
+                self._saved = torch.Event(device=self.device)
+                self._saved.record()
             else:
                 self.host[torch.tensor([s for _, s in pairs])] = data
         chosen = [i for i, flag in enumerate(to_store) if flag]
@@ -118,7 +122,7 @@ class BlockMover:
 
     def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
-        idx = torch.tensor(list(blocks), device=self.device)
+        idx = to_device(torch.tensor(list(blocks)), self.device)
         return torch.stack([c.index_select(0, idx) for c in self.caches], dim=1)
 
     def _write_loop(self) -> None:
@@ -158,6 +162,9 @@ class BlockMover:
              store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int]) -> LoadReport:
         if host_slots:
             assert self.host is not None, "a host-tier load on a rank without a host pool"
+            if self._saved is not None:  # NOTE: the engine runs ahead of the device: let the saves land first
+                self._saved.synchronize()
+                self._saved = None
             self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
         if not store_hashes or self.store is None:
             return LoadReport(0, 0, 0)
@@ -174,7 +181,7 @@ class BlockMover:
 
     def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
         """``data`` [n, L, block_size, kv_dim] on the host -> device blocks."""
-        idx = torch.tensor(list(blocks), device=self.device)
+        idx = to_device(torch.tensor(list(blocks)), self.device)
         if self.pin:  # layer-major in pinned memory: one asynchronous copy per layer
             staged = torch.empty((len(self.caches), *data.shape[:1], *data.shape[2:]), dtype=data.dtype,
                                  pin_memory=True)
@@ -184,7 +191,10 @@ class BlockMover:
             cache.index_copy_(0, idx, data[:, j].to(self.device, non_blocking=self.pin))
 
     def close(self) -> None:
+        """Stop the writer and let go of the cache tensors and the host pool (the engine is closing)."""
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=5)
             self._writer = None
+        self.caches = []
+        self.host = None

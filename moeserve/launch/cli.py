@@ -75,6 +75,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="no CUDA graphs: launch every decode kernel one by one (graphs are captured at start "
                         "for batch sizes up to --max-num-seqs on CUDA devices)")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch each decode step while the device still runs the one before, and "
+                        "process its outputs afterwards (as vLLM's --async-scheduling and SGLang's overlap "
+                        "scheduler); steps of requests with penalties or structured output run synchronously "
+                        "(default: on for cuda, off for cpu and npu; one process only)")
     kv = p.add_argument_group("kv store")
     kv.add_argument("--kv-host-memory", type=int, default=-1, metavar="BYTES",
                     help="host memory per rank for cache blocks evicted from the device, which come back instead "
@@ -107,6 +112,7 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             ep=args.ep, pp_layers=args.pp_layers, load_format=args.load_format, keep_fp8=args.keep_fp8,
             skip_tokenizer_init=args.skip_tokenizer_init, ep_dispatch=args.ep_dispatch,
             expert_placement=args.expert_placement, enforce_eager=args.enforce_eager,
+            async_scheduling=args.async_scheduling,
             kv_host_memory=args.kv_host_memory, kv_store=args.kv_store,
             kv_store_salt=args.kv_store_salt, kv_store_timeout=args.kv_store_timeout,
             kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule,

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -110,45 +112,56 @@ class AttnMetadata:
         return j.unsqueeze(0) < self.decode_context_lens.unsqueeze(1)
 
 
-def _host_sizes(num_computed: torch.Tensor, query_lens: torch.Tensor) -> dict[str, int]:
-    """The sizes the step's tensors are built with, read back in one transfer (one host sync on a device)."""
-    is_decode = query_lens == 1
-    context_lens = num_computed + query_lens
-    maxes = torch.stack([torch.where(is_decode, context_lens, 0), torch.where(is_decode, 0, query_lens),
-                         torch.where(is_decode, 0, context_lens)])
-    sums = torch.stack([query_lens, is_decode.long(), is_decode.long().cumprod(0),
-                        torch.where(is_decode, 0, context_lens)]).sum(1)
-    values = torch.cat([F.pad(maxes, (0, 1)).amax(1), sums]).tolist()
-    return dict(zip(("max_decode_context", "max_query", "max_context", "num_tokens", "num_decode",
-                     "num_leading_decode", "num_context_tokens"), values))
+class MetadataSizes(NamedTuple):
+    """The sizes ``build_attn_metadata`` needs on the host, computed from the plan's lists: with them it reads
+    no value back from the device (each such read waits for every kernel queued before it)."""
+
+    num_decode: int
+    num_tokens: int
+    max_decode_context: int  # over the decode sequences
+    max_prefill_query: int
+    max_prefill_context: int
+    num_prefill_context_tokens: int  # the prefill sequences' context lengths summed
+
+    @classmethod
+    def of(cls, num_computed: np.ndarray, query_lens: np.ndarray) -> MetadataSizes:
+        """From host arrays [B]; checks that the decode sequences come first."""
+        is_decode = query_lens == 1
+        num_decode = int(is_decode.sum())
+        if num_decode and not bool(is_decode[:num_decode].all()):
+            raise ValueError("decode sequences (query_len == 1) must come before prefill sequences")
+        context = num_computed + query_lens
+        return cls(num_decode, int(query_lens.sum()), int(context[:num_decode].max(initial=0)),
+                   int(query_lens[num_decode:].max(initial=0)), int(context[num_decode:].max(initial=0)),
+                   int(context[num_decode:].sum()))
 
 
 def build_attn_metadata(block_tables: torch.Tensor, num_computed: torch.Tensor, query_lens: torch.Tensor,
-                        block_size: int) -> AttnMetadata:
+                        block_size: int, sizes: MetadataSizes | None = None) -> AttnMetadata:
     """Build the metadata of one step.
 
     block_tables: [B, max_blocks] physical block ids (padding entries are never read);
     num_computed: [B] tokens already in the cache; query_lens: [B] new tokens this step (>= 1).
-    Sequences with ``query_lens == 1`` must come first.
+    Sequences with ``query_lens == 1`` must come first. ``sizes``: the same lists' sizes from the host (the
+    runner's hot path); without them they are read back from the tensors.
     """
     device = block_tables.device
-    sizes = _host_sizes(num_computed, query_lens)
-    num_decode = sizes["num_decode"]
-    if sizes["num_leading_decode"] != num_decode:
-        raise ValueError("decode sequences (query_len == 1) must come before prefill sequences")
+    if sizes is None:
+        sizes = MetadataSizes.of(num_computed.cpu().numpy(), query_lens.cpu().numpy())
+    num_decode = sizes.num_decode
     query_start = F.pad(torch.cumsum(query_lens, 0), (1, 0))
     seq_of_token = torch.repeat_interleave(torch.arange(query_lens.shape[0], device=device), query_lens,
-                                           output_size=sizes["num_tokens"])
-    offset = torch.arange(sizes["num_tokens"], device=device) - query_start[seq_of_token]
+                                           output_size=sizes.num_tokens)
+    offset = torch.arange(sizes.num_tokens, device=device) - query_start[seq_of_token]
     positions = num_computed[seq_of_token] + offset
     slot_mapping = block_tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-    num_dec_blocks = -(-sizes["max_decode_context"] // block_size)
+    num_dec_blocks = -(-sizes.max_decode_context // block_size)
     prefill = None
     if num_decode < query_lens.shape[0]:
         prefill = PrefillMetadata(
             block_tables=block_tables[num_decode:], num_computed=num_computed[num_decode:],
-            query_start=query_start[num_decode:], max_query_len=sizes["max_query"],
-            max_context_len=sizes["max_context"], num_context_tokens=sizes["num_context_tokens"],
+            query_start=query_start[num_decode:], max_query_len=sizes.max_prefill_query,
+            max_context_len=sizes.max_prefill_context, num_context_tokens=sizes.num_prefill_context_tokens,
             block_size=block_size)
     return AttnMetadata(
         positions=positions, slot_mapping=slot_mapping, num_decode_tokens=num_decode, block_size=block_size,

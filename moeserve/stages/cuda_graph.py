@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from moeserve.model.attn_metadata import AttnMetadata
-from moeserve.stages.step_plan import StepPlan, pad_tables
+from moeserve.stages.step_plan import StepPlan, fill_pending, pad_tables
 
 if TYPE_CHECKING:
     from moeserve.stages.runner import ModelRunner
@@ -41,10 +41,14 @@ class DecodeGraphs:
         self.block_size = runner.block_size
         model, device = runner.model, runner.device
         big = self.buckets[-1]
-        # NOTE: inputs are staged in pinned host buffers and copied asynchronously; a stage worker may get the
-        # next plan before the device has run the last copy, so ``run`` first waits for ``copied``
-        self.host = torch.zeros(4, big, dtype=torch.long, pin_memory=True)  # token, position, slot, length
-        self.host_tables = torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, pin_memory=True)
+        # NOTE: inputs are staged in pinned host buffers and copied asynchronously. The engine queues step N+1
+        # while the device runs step N, so two sets of staging buffers alternate, and a set is written again
+        # only once the copies out of it two steps ago have run (``copied``): usually long done.
+        self.staging = [(torch.zeros(4, big, dtype=torch.long, pin_memory=True),  # token, position, slot, length
+                         torch.zeros(big, max_blocks_per_seq, dtype=torch.int32, pin_memory=True))
+                        for _ in range(2)]
+        self.copied: list[torch.cuda.Event | None] = [None, None]
+        self.num_runs = 0
         self.inputs = torch.zeros(4, big, dtype=torch.long, device=device)
         self.tables = torch.full((big, max_blocks_per_seq), sink_block, dtype=torch.int32, device=device)
         self.counted = torch.zeros(big, dtype=torch.long, device=device)  # 1 for real rows: the MoE counters skip padding
@@ -53,7 +57,6 @@ class DecodeGraphs:
         self.out: torch.Tensor | None = None  # logits [big, vocab] or hidden [big, hidden], filled by the graphs
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_bytes = 0
-        self.copied: torch.cuda.Event | None = None  # recorded after the last step's host-to-device copies
 
     def fits(self, plan: StepPlan) -> bool:
         return all(q == 1 for q in plan.query_lens) and len(plan.query_lens) <= self.buckets[-1]
@@ -69,14 +72,15 @@ class DecodeGraphs:
         h = model.forward_layers(h, meta, self.runner.flat_caches)
         return model.logits(h) if model.slice.has_head else h
 
-    def _set_padding(self, batch: int, num_real: int) -> None:
-        """Rows [num_real, batch) of the host staging buffers: token 0 at position 0 in the sink block."""
-        host = self.host.numpy()
+    def _set_padding(self, buf: int, batch: int, num_real: int) -> None:
+        """Rows [num_real, batch) of staging buffer set ``buf``: token 0 at position 0 in the sink block."""
+        rows, tables = self.staging[buf]
+        host = rows.numpy()
         host[0, num_real:batch] = 0
         host[1, num_real:batch] = 0
         host[2, num_real:batch] = self.sink_block * self.block_size
         host[3, num_real:batch] = 1
-        self.host_tables.numpy()[num_real:batch, 0] = self.sink_block
+        tables.numpy()[num_real:batch, 0] = self.sink_block
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -102,8 +106,8 @@ class DecodeGraphs:
     def _capture_all(self, pool) -> None:
         device = self.inputs.device
         for batch in reversed(self.buckets):
-            self._set_padding(batch, 0)
-            self._stage(batch, 0)
+            self._set_padding(0, batch, 0)
+            self._stage(0, batch, 0)
             for _ in range(2):  # compiles the kernels and settles the allocator before capture
                 out = self._forward(batch)
             if self.out is None:  # sized by the largest bucket, outside the pool; every graph writes into it
@@ -116,33 +120,47 @@ class DecodeGraphs:
             self.graphs[batch] = graph
 
     # ---- replay ----
-    def _stage(self, batch: int, num_real: int) -> None:
+    def _stage(self, buf: int, batch: int, num_real: int) -> None:
         """Copy the staged inputs of ``batch`` rows to the device buffers the graphs read."""
-        self.inputs[:, :batch].copy_(self.host[:, :batch], non_blocking=True)
+        self.inputs[:, :batch].copy_(self.staging[buf][0][:, :batch], non_blocking=True)
         self.counted[:batch].fill_(0)
         self.counted[:num_real].fill_(1)
 
-    def run(self, plan: StepPlan, hidden: torch.Tensor | None) -> torch.Tensor:
-        """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows."""
+    def run(self, plan: StepPlan, hidden: torch.Tensor | None,
+            prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Replay the graph of the plan's bucket -> logits (or hidden states) of the plan's real rows.
+        ``prev_token_ids``: the previous batch's sampled ids on the device, for the plan's placeholders."""
         num_real = len(plan.query_lens)
         batch = self.bucket(num_real)
-        if self.copied is not None:
-            self.copied.synchronize()  # the staging buffers are free again
+        buf = self.num_runs % 2
+        self.num_runs += 1
+        copied = self.copied[buf]
+        if copied is not None:
+            copied.synchronize()  # this set's copies of two steps ago have run: it is free again
         padded = pad_tables(plan.block_tables)
         width = padded.shape[1]
-        self.host_tables.numpy()[:num_real, :width] = padded
-        self.host.numpy()[:, :num_real] = decode_rows(plan, padded, self.block_size)
-        self._set_padding(batch, num_real)
-        self._stage(batch, num_real)
-        self.tables[:batch, :width].copy_(self.host_tables[:batch, :width], non_blocking=True)
-        self.copied = torch.cuda.Event()
-        self.copied.record()
+        rows, tables = self.staging[buf]
+        tables.numpy()[:num_real, :width] = padded
+        rows.numpy()[:, :num_real] = decode_rows(plan, padded, self.block_size)
+        self._set_padding(buf, batch, num_real)
+        self._stage(buf, batch, num_real)
+        self.tables[:batch, :width].copy_(tables[:batch, :width], non_blocking=True)
+        self.copied[buf] = event = torch.cuda.Event()
+        event.record()
+        fill_pending(self.inputs[0], plan, prev_token_ids)
         if self.hidden_in is not None:
             assert hidden is not None
             self.hidden_in[:num_real].copy_(hidden)
         self.graphs[batch].replay()
         assert self.out is not None
         return self.out[:num_real]
+
+    def release(self) -> None:
+        """Free the graphs (and with them their memory pool) and the static buffers (Engine.close)."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.out = self.hidden_in = None
 
 
 def graph_metadata(inputs: torch.Tensor, tables: torch.Tensor, batch: int, block_size: int) -> AttnMetadata:

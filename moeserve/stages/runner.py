@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
+from moeserve.device_copy import to_device
 from moeserve.experts.load_counter import attach_counter
 from moeserve.kernels import kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
-from moeserve.model.attn_metadata import AttnMetadata, build_attn_metadata
+from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cuda_graph import DecodeGraphs
 from moeserve.stages.selfcheck import check_fast_path, warm_up
-from moeserve.stages.step_plan import StepPlan, pad_tables
+from moeserve.stages.step_plan import StepPlan, fill_pending, pad_tables
 
 logger = logging.getLogger(__name__)
 
@@ -77,44 +79,66 @@ class ModelRunner:
         return self.model.cache_bytes_per_token(self.cache_dtype)
 
     def metadata(self, plan: StepPlan) -> AttnMetadata:
-        return build_attn_metadata(
-            torch.from_numpy(pad_tables(plan.block_tables)).to(self.device), torch.tensor(plan.num_computed, device=self.device),
-            torch.tensor(plan.query_lens, device=self.device), self.block_size)
+        """The step's attention metadata, copied to the device without waiting for its queued work."""
+        lens = np.array([plan.num_computed, plan.query_lens], dtype=np.int64)  # [2, B]
+        dev = to_device(torch.from_numpy(lens), self.device)
+        tables = to_device(torch.from_numpy(pad_tables(plan.block_tables)), self.device)
+        return build_attn_metadata(tables, dev[0], dev[1], self.block_size, MetadataSizes.of(lens[0], lens[1]))
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the whole model for the step; returns float32 logits [len(sample_rows), vocab]."""
-        logits, _ = self.execute_stage(plan, None)
+    def execute(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the whole model for the step; returns float32 logits [len(sample_rows), vocab].
+        ``prev_token_ids``: the previous batch's sampled ids on the device, for the plan's placeholders."""
+        logits, _ = self.execute_stage(plan, None, prev_token_ids)
         assert logits is not None, "execute() needs a model slice with the LM head"
         return logits
 
-    def submit(self, plan: StepPlan) -> torch.Tensor:
-        """The engine's pipelined interface (see DistributedExecutor): one process runs the step at once."""
-        return self.execute(plan)
+    def submit(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The engine's pipelined interface (see DistributedExecutor): the step's kernels are queued at once
+        (on a CPU, run); the handle is the logits tensor."""
+        return self.execute(plan, prev_token_ids)
 
     def collect(self, handle: torch.Tensor) -> torch.Tensor:
         return handle
 
     @torch.inference_mode()
-    def execute_stage(self, plan: StepPlan, hidden: torch.Tensor | None
-                      ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def execute_stage(self, plan: StepPlan, hidden: torch.Tensor | None,
+                      prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Run this slice's layers on ``hidden`` [T, hidden] (or on the embedded tokens when None).
 
         Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
+        Nothing here reads a value back from the device: the engine queues the next step meanwhile.
         """
         if self.graphs is not None and self.graphs.fits(plan):
             if self.expert_load is not None:  # decode graphs: every token is a decode token
                 self.expert_load.begin_step(len(plan.token_ids))
-            out = self.graphs.run(plan, hidden)
+            out = self.graphs.run(plan, hidden, prev_token_ids)
             if not self.model.slice.has_head:
                 return None, out
-            return out[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)], out
+            return out if plan.samples_every_row else out[self._index(plan.sample_rows)], out
         meta = self.metadata(plan)
         if self.expert_load is not None:
             self.expert_load.begin_step(meta.num_decode_tokens)
         if hidden is None:
-            hidden = self.model.embed(torch.tensor(plan.token_ids, dtype=torch.long, device=self.device))
+            token_ids = to_device(torch.tensor(plan.token_ids, dtype=torch.long), self.device)
+            fill_pending(token_ids, plan, prev_token_ids)
+            hidden = self.model.embed(token_ids)
         h = self.model.forward_layers(hidden, meta, self.flat_caches)
         if not self.model.slice.has_head:
             return None, h
-        rows = meta.logits_index[torch.tensor(plan.sample_rows, dtype=torch.long, device=self.device)]
+        rows = meta.logits_index if plan.samples_every_row else meta.logits_index[self._index(plan.sample_rows)]
         return self.model.logits(h[rows]), h
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        return to_device(torch.tensor(rows, dtype=torch.long), self.device)
+
+    def shutdown(self) -> None:
+        """Give back the device memory this runner holds: the CUDA graphs and their pool, the latent cache
+        and the model (idempotent; the runner cannot run steps afterwards). The caller drops its own
+        references to the model and runs ``gc`` / ``torch.cuda.empty_cache()`` (Engine.close)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+        self.kv_caches.clear()
+        self.flat_caches.clear()
+        self.expert_load = None
+        self.__dict__.pop("model", None)

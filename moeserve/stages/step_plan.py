@@ -1,12 +1,16 @@
 """The plan of one step as plain data (lists of ints), so that it can travel to stage workers as a msgpack
-message, and the array form of its block tables."""
+message, the array form of its block tables, and how its placeholder tokens are filled in on the device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import chain
 
 import numpy as np
+import torch
+
+from moeserve.device_copy import to_device
 
 
 @dataclass
@@ -14,11 +18,19 @@ class StepPlan:
     token_ids: list[int]  # [T] new tokens of every sequence, concatenated (decode sequences first)
     query_lens: list[int]  # [B]
     num_computed: list[int]  # [B] tokens already cached per sequence
-    block_tables: list[list[int]]  # [B][n_blocks]
+    block_tables: Sequence[Sequence[int]]  # [B][n_blocks]
     sample_rows: list[int]  # sequences whose last new token's logits are needed
+    # async scheduling (one process only): token_ids[pending_rows[i]] is a placeholder for the token that
+    # the batch before sampled in its row pending_src[i]; the runner copies it there on the device
+    pending_rows: list[int] = field(default_factory=list)  # ascending
+    pending_src: list[int] = field(default_factory=list)
+
+    @property
+    def samples_every_row(self) -> bool:
+        return len(self.sample_rows) == len(self.query_lens)
 
 
-def pad_tables(block_tables: list[list[int]]) -> np.ndarray:
+def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
     """Ragged block tables -> [B, max_blocks] int64, zero-padded (padding entries are never read).
 
     NOTE: one flat array and one masked assignment; a tensor per row cost about 30 us each, 8 ms a step at
@@ -27,3 +39,19 @@ def pad_tables(block_tables: list[list[int]]) -> np.ndarray:
     out = np.zeros((len(block_tables), int(lengths.max(initial=0))), dtype=np.int64)
     out[np.arange(out.shape[1]) < lengths[:, None]] = np.fromiter(chain.from_iterable(block_tables), np.int64)
     return out
+
+
+def fill_pending(token_ids: torch.Tensor, plan: StepPlan, prev_token_ids: torch.Tensor | None) -> None:
+    """Write the previous batch's sampled ids (``prev_token_ids`` [R], on the device) into the plan's
+    placeholder positions of ``token_ids`` [>= T] (on the device), in place and without a host sync."""
+    rows, src = plan.pending_rows, plan.pending_src
+    if not rows:
+        return
+    if prev_token_ids is None:
+        raise ValueError("the plan has placeholder tokens but no previous sampled ids were given")
+    k = len(rows)
+    if rows[-1] == k - 1 and src == list(range(k)):  # the common case: rows 0..k-1 from rows 0..k-1
+        token_ids[:k].copy_(prev_token_ids[:k])
+        return
+    index = to_device(torch.tensor([rows, src], dtype=torch.long), token_ids.device)
+    token_ids.index_copy_(0, index[0], prev_token_ids.index_select(0, index[1]))
