@@ -57,22 +57,33 @@ def _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8: tl.const
 
 
 @triton.jit
+def _pair_tile(local_ptr, num_local, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se, stride_sn,
+               SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's pair, weight rows and reduction range: (pair, cols, held, row_ok, k_lo, k_hi, weight
+    row pointers, scale row pointer). A pair served elsewhere reads nothing and writes zeros."""
+    pair = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    expert = tl.load(local_ptr + pair)
+    held = expert < num_local
+    e = tl.where(held, expert, 0).to(tl.int64)
+    row_ok = cols < tl.where(held, N, 0)
+    k_lo = tl.program_id(2) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    w_rows = w_ptr + e * stride_we + cols[:, None].to(tl.int64) * stride_wn
+    s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_N // SCALE_BLOCK) * stride_sn
+    return pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row
+
+
+@triton.jit
 def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, K, k_per_split,
              stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sk, up_scale_offset,
              TOP_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
-    pair = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
+        local_ptr, num_local, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se, stride_sn,
+        SCALE_BLOCK, BLOCK_N)
     split = tl.program_id(2)
-    expert = tl.load(local_ptr + pair)
-    held = expert < num_local
-    e = tl.where(held, expert, 0).to(tl.int64)
-    row_ok = cols < tl.where(held, N, 0)  # a pair served elsewhere reads nothing and writes zeros
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
     a_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
-    w_rows = w_ptr + e * stride_we + cols[:, None].to(tl.int64) * stride_wn
-    s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_N // SCALE_BLOCK) * stride_sn
     gate = _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK, BLOCK_K)
     up = _tile_dot(a_row, w_rows + N * stride_wn, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8,
                    SCALE_BLOCK, BLOCK_K)
@@ -98,17 +109,10 @@ def _activation(part_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP: tl.constexp
 def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, inter, k_per_split,
           stride_we, stride_wn, stride_se, stride_sn, stride_sk, SPLIT_UP: tl.constexpr, FP8: tl.constexpr,
           SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    pair = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
+        local_ptr, num_local, N, inter, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se, stride_sn,
+        SCALE_BLOCK, BLOCK_N)
     split = tl.program_id(2)
-    expert = tl.load(local_ptr + pair)
-    held = expert < num_local
-    e = tl.where(held, expert, 0).to(tl.int64)
-    row_ok = cols < tl.where(held, N, 0)
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, inter)
-    w_rows = w_ptr + e * stride_we + cols[:, None].to(tl.int64) * stride_wn
-    s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_N // SCALE_BLOCK) * stride_sn
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N], tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
