@@ -121,8 +121,11 @@ class DecodeGraphs:
 
     # ---- replay ----
     def _stage(self, buf: int, batch: int, num_real: int) -> None:
-        """Copy the staged inputs of ``batch`` rows to the device buffers the graphs read."""
-        self.inputs[:, :batch].copy_(self.staging[buf][0][:, :batch], non_blocking=True)
+        """Copy the staged inputs of ``batch`` rows to the device buffers the graphs read.
+
+        NOTE: whole buffers, or whole rows, only: a strided slice of pinned memory (``[:, :batch]``) is first
+        made contiguous in ordinary pageable memory, and a copy from there may wait for the device."""
+        self.inputs.copy_(self.staging[buf][0], non_blocking=True)  # [4, max batch], 8 bytes each
         self.counted[:batch].fill_(0)
         self.counted[:num_real].fill_(1)
 
@@ -144,7 +147,7 @@ class DecodeGraphs:
         rows.numpy()[:, :num_real] = decode_rows(plan, padded, self.block_size)
         self._set_padding(buf, batch, num_real)
         self._stage(buf, batch, num_real)
-        self.tables[:batch, :width].copy_(tables[:batch, :width], non_blocking=True)
+        self.tables[:batch].copy_(tables[:batch], non_blocking=True)  # whole rows: contiguous (see _stage)
         self.copied[buf] = event = torch.cuda.Event()
         event.record()
         fill_pending(self.inputs[0], plan, prev_token_ids)
