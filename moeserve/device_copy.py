@@ -41,7 +41,11 @@ class HostCopy:
             self.event = torch.cuda.Event()
             self.event.record()
         else:
-            self.host = [t.cpu() for t in tensors]  # the tensors themselves on the CPU
+            self.host = [t.to("cpu", copy=True) for t in tensors]  # a copy on the CPU too: the source may change
+
+    def ready(self) -> bool:
+        """Whether ``wait`` would return at once."""
+        return self.event is None or self.event.query()
 
     def wait(self) -> list[torch.Tensor]:
         """The host tensors, once their copies have run."""

@@ -12,6 +12,7 @@ import torch
 from moeserve.comm.messages import ExpertLoadMsg, MessageError
 from moeserve.coordinator.expert_load import LoadAggregator, LoadView
 from moeserve.coordinator.rebalancer import EplbConfig, Rebalancer
+from moeserve.device_copy import HostCopy
 from moeserve.model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,9 @@ def moe_layer_ids(config: ModelConfig) -> tuple[int, ...]:
 class ExpertLoadMonitor:
     """Every ``interval`` steps: read the in-process runner's counters, or ask every stage worker for
     theirs (``request_expert_load``; the replies come back through ``receive`` while the engine collects
-    later steps, so the step that asks waits for nothing)."""
+    later steps, so the step that asks waits for nothing). The in-process counters are copied to the host
+    without a sync (``HostCopy``) and taken at a later step, once the copy has landed: reading them at once
+    would wait for every kernel queued, including the next step's, and leave the GPU idle after."""
 
     def __init__(self, runner: Any, config: ModelConfig, interval: int, phy2log: torch.Tensor | None = None,
                  eplb: EplbConfig | None = None):
@@ -41,6 +44,7 @@ class ExpertLoadMonitor:
         self._steps_since_request = 0
         self._seq = 0
         self._pending: set[int] = set()
+        self._local: tuple[HostCopy, tuple[int, ...], int] | None = None  # copy, layer ids, step asked at
         self.rebalancer: Rebalancer | None = None
         if eplb is not None and self.distributed and phy2log is not None and self.enabled:
             self.rebalancer = Rebalancer(runner, self.aggregator, eplb)
@@ -57,7 +61,9 @@ class ExpertLoadMonitor:
     def on_step(self, step: int) -> None:
         self.step = step
         self._steps_since_request += 1
-        if self.enabled and self._steps_since_request >= self.interval and not self._pending:
+        self._take_local(wait=False)
+        if self.enabled and self._steps_since_request >= self.interval and not self._pending \
+                and self._local is None:
             self.request()
         if self.rebalancer is not None:
             self.rebalancer.on_step(step)
@@ -73,8 +79,10 @@ class ExpertLoadMonitor:
             return
         if self.distributed:
             self.runner.poll_messages()
+        self._take_local(wait=True)
         if self._steps_since_request and not self._pending:
             self.request()
+            self._take_local(wait=True)
         if self.rebalancer is not None and (self.rebalancer.staging or self.rebalancer.requested):
             self.rebalancer.on_step(self.step)
 
@@ -82,7 +90,9 @@ class ExpertLoadMonitor:
         """Close a window now and wait for every rank's answer (tests, and callers between steps)."""
         if not self.enabled:
             return self.view
+        self._take_local(wait=True)
         self.request()
+        self._take_local(wait=True)
         deadline = time.monotonic() + timeout_s
         while self._pending:
             if time.monotonic() > deadline:
@@ -95,14 +105,25 @@ class ExpertLoadMonitor:
         self._steps_since_request = 0
         if not self.distributed:
             counter = getattr(self.runner, "expert_load", None)
-            if counter is not None:
-                logical, physical = counter.snapshot()
-                self.aggregator.update(0, counter.layer_ids, logical, physical)
-            self.aggregator.close_window(self.step)
+            if counter is None:
+                self.aggregator.close_window(self.step)
+            else:
+                self._local = (HostCopy([counter.logical, counter.physical]), counter.layer_ids, self.step)
             return
         self._seq += 1
         self._pending = set(range(len(self.runner.specs)))
         self.runner.request_expert_load(self._seq)
+
+    def _take_local(self, wait: bool) -> None:
+        """The in-process counters asked for, into the window of the step that asked, once they have
+        landed (``wait``: now)."""
+        if self._local is None or not (wait or self._local[0].ready()):
+            return
+        copy, layer_ids, step = self._local
+        self._local = None
+        logical, physical = copy.wait()
+        self.aggregator.update(0, layer_ids, logical, physical)
+        self.aggregator.close_window(step)
 
     def receive(self, msg: ExpertLoadMsg) -> None:
         """A rank's answer (called by the executor while it waits for logits)."""
