@@ -5,8 +5,12 @@ with ``--input-len``-token prompts, then times ``--steps`` decode steps under th
 inside CUDA graphs are traced too) and again without it (the step time reported). ``--mode eager`` runs the
 landed eager path (no fused kernels, no graphs) for the "before" column. ``--no-async-scheduling`` runs the
 synchronous step (the host's work between two steps leaves the GPU idle) for comparison with the default
-async scheduling; ``busy_fraction`` is the GPU's busy time over the step time. Each batch size builds its own
-engine and closes it (Engine.close gives the memory back).
+async scheduling; ``busy_fraction`` is the GPU's busy time over the step time. Where the rest goes:
+``gpu_idle`` splits the GPU's idle time into short gaps (between the kernels of a graph) and long ones (the
+GPU waiting for the host), with the longest and the activities around them; ``cuda_api_ms_per_step`` is the
+host's time in CUDA runtime calls (a synchronize there is the host waiting for the GPU inside a step);
+``--trace-dir`` writes the profiled steps as Chrome traces. Each batch size builds its own engine and
+closes it (Engine.close gives the memory back).
 
     python benchmarks/profile_decode.py --batches 1,64,256 --mode fast --json-out profile.json
 """
@@ -84,15 +88,18 @@ def fill(engine, batch: int, input_len: int, steps: int) -> None:
         engine.step()
 
 
-def profile_steps(engine, steps: int) -> dict:
+def profile_steps(engine, steps: int, trace: str | None = None) -> dict:
+    """Time ``steps`` decode steps, then profile as many. The timed window starts with a step already in
+    flight and ends when the last step's outputs are in: with async scheduling each step finishes the batch
+    the step before launched, so a window that started on an idle GPU would count the first launch's host
+    time as GPU idle."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.synchronize()
+    engine.step()
     engine.stats.phase_s = dict.fromkeys(engine.stats.phase_s, 0.0)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
-    torch.cuda.synchronize()
     step_ms = (time.perf_counter() - start) / steps * 1e3
     # where the host's time goes per step (EngineStats.phase_s): with async scheduling, all but "wait"
     # overlaps the GPU
@@ -100,7 +107,9 @@ def profile_steps(engine, steps: int) -> dict:
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
-        torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
     per_class: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     count = 0
@@ -121,7 +130,42 @@ def profile_steps(engine, steps: int) -> dict:
             "ms_per_step_by_class": {k: round(v / steps / 1e3, 3) for k, v in sorted(per_class.items(),
                                                                                 key=lambda kv: -kv[1])},
             "top_kernels": [{"name": k, "ms_per_step": round(v[0] / steps / 1e3, 3), "launches_per_step": v[1] / steps}
-                            for k, v in top]}
+                            for k, v in top],
+            "gpu_idle": idle_gaps(prof.events(), steps), "cuda_api_ms_per_step": cuda_api_time(prof.events(), steps)}
+
+
+def idle_gaps(events, steps: int, host_gap_us: float = 30.0) -> dict:
+    """Where the GPU sits idle between its activities (kernels, copies), per step: in short gaps (the
+    launch latency between the kernels of a CUDA graph) or in long ones (>= ``host_gap_us``: the GPU waits
+    for the host to queue more work). The longest gaps come with the activities around them."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name[:60]) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    short = 0.0
+    long: list[tuple[float, str, str]] = []
+    end, before = (spans[0][1], spans[0][2]) if spans else (0.0, "")
+    for start, stop, name in spans[1:]:
+        gap = start - end
+        if gap >= host_gap_us:
+            long.append((gap, before, name))
+        elif gap > 0:
+            short += gap
+        if stop > end:  # activities may overlap (a copy on another stream): the idle time is past them all
+            end, before = stop, name
+    long.sort(reverse=True)
+    return {"short_gaps_ms_per_step": round(short / steps / 1e3, 3),
+            "long_gaps_ms_per_step": round(sum(g for g, _, _ in long) / steps / 1e3, 3),
+            "long_gaps_per_step": len(long) / steps,
+            "longest": [{"us": round(g, 1), "after": b, "before": a} for g, b, a in long[:6]]}
+
+
+def cuda_api_time(events, steps: int) -> dict[str, float]:
+    """Host time per step in CUDA runtime calls, by name: a stream or event synchronize, a copy from pageable
+    memory or a pinned allocation here means the host waited for the device inside a step."""
+    per_call: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+            per_call[e.name] += e.time_range.elapsed_us()
+    return {k: round(v / steps / 1e3, 3) for k, v in sorted(per_call.items(), key=lambda kv: -kv[1])[:10]}
 
 
 def main() -> None:
@@ -134,6 +178,7 @@ def main() -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="the engine's async scheduling (default: on, as on any CUDA device)")
     p.add_argument("--json-out", default=None)
+    p.add_argument("--trace-dir", default=None, help="write each batch's profiled steps as a Chrome trace here")
     p.add_argument("--expert-bytes", type=float, default=2.0, help="bytes per routed-expert weight (FP8: 1)")
     args = p.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model,
@@ -146,7 +191,8 @@ def main() -> None:
         floor = hbm_floor_ms(engine.model_config, batch, args.input_len, expert_bytes=args.expert_bytes)
         run = {"batch": batch, "build_s": build_s, "async_scheduling": engine.async_scheduling,
                "fast_path_error": engine.runner.fast_path_error, "graphs": engine.runner.graphs is not None,
-               **profile_steps(engine, args.steps), "hbm_floor": floor}
+               **profile_steps(engine, args.steps, args.trace_dir and f"{args.trace_dir}/decode_{batch}.json"),
+               "hbm_floor": floor}
         run["fraction_of_floor"] = floor["floor_ms"] / run["step_ms"]
         results["runs"].append(run)
         print(json.dumps(run), flush=True)
