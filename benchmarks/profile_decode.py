@@ -22,6 +22,7 @@ import json
 import re
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -109,6 +110,7 @@ def profile_steps(engine, steps: int, trace: str | None = None) -> dict:
             engine.step()
     torch.cuda.synchronize()
     if trace:
+        Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(trace)
     per_class: dict[str, float] = defaultdict(float)
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
