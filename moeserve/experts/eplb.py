@@ -183,7 +183,6 @@ def num_moves(current: torch.Tensor, new: torch.Tensor) -> int:
 def plan_dry_run(view: Any, num_redundant: int | None = None) -> dict[str, Any] | None:
     """What the planner would do with a ``LoadView``'s load since start (one placement for every layer,
     as the engine uses): the placement, the balancedness now and predicted, and the slots that move."""
-
     if view.phy2log is None or not len(view.layer_ids) or int(view.total.sum()) == 0:
         return None
     current = view.phy2log
@@ -197,6 +196,7 @@ def plan_dry_run(view: Any, num_redundant: int | None = None) -> dict[str, Any] 
     after = balancedness(rank_loads(weight, new))
     return {"phy2log": new[0].tolist(), "balancedness_now": float(now[0]), "balancedness_after": float(after[0]),
             "moves": num_moves(current, new[0]) if new.shape[1:] == current.shape else new[0].numel()}
+
 
 def balancedness(rank_load: torch.Tensor) -> torch.Tensor:
     """rank_load: [layers, ranks] -> [layers] mean / max over ranks (1.0 where a layer had no load)."""

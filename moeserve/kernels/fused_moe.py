@@ -20,19 +20,13 @@ import triton.language as tl
 from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_align import MAX_PAIRS as ALIGN_MAX_PAIRS
 from moeserve.kernels.moe_align import align_pairs
-from moeserve.kernels.moe_gemv import moe_gemv
+from moeserve.kernels.moe_gemv import moe_gemv, round_as, scale_args
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
 # one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
 # experts past 256 (the matrix-vector path streams FP8 at up to 91% of the copy bandwidth)
 GEMV_MAX_PAIRS = 64
 FP8_GEMV_MAX_PAIRS = 256
-
-
-@triton.jit
-def _round(x, dtype: tl.constexpr):
-    """Round float32 ``x`` to ``dtype`` and back, as an eager op in that dtype would."""
-    return x.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -78,25 +72,14 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
                 acc_up += tl.dot(a, w_up, input_precision=PRECISION)
     dtype = out_ptr.dtype.element_ty
     if GATED:  # silu(gate) * up, rounded where the eager ops round
-        gate = _round(acc, dtype)
-        acc = _round(gate / (1.0 + tl.exp(-gate)), dtype) * _round(acc_up, dtype)
+        gate = round_as(acc, dtype)
+        acc = round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(acc_up, dtype)
     if MUL_ROUTE:
-        route_w = _round(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
-        acc = _round(acc, dtype) * route_w[:, None]
+        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
+        acc = round_as(acc, dtype) * route_w[:, None]
     out_row = tl.where(row_ok, pair, 0).to(tl.int64)
     tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(dtype),
              mask=row_ok[:, None] & col_ok[None, :])
-
-
-def _scale_args(scale: torch.Tensor | None, gated: bool, block: tuple[int, int], block_k: int, w: torch.Tensor):
-    """(scale tensor, its three strides, the up half's offset) for the kernels; the weight stands in when
-    the experts are not FP8 (never read then)."""
-    if scale is None:
-        return w, (0, 0, 0), 0
-    # gate and up have their own block grids: scale [E, 2, nbo, nbi] for w13, [E, nbo, nbi] for w2
-    s = scale.flatten(1, 2) if gated else scale
-    assert block_k <= block[1] and block[1] % block_k == 0 and block[0] == block[1]
-    return s, (s.stride(0), s.stride(1), s.stride(2)), scale.stride(1) if gated else 0
 
 
 @dataclass
@@ -153,7 +136,9 @@ def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: t
     n = w.shape[1] // 2 if gated else w.shape[1]
     k = w.shape[2]
     fp8 = scale is not None
-    s, strides, up_offset = _scale_args(scale, gated, block, block_k, w)
+    if fp8:
+        assert block_k <= block[1] and block[1] % block_k == 0 and block[0] == block[1]
+    s, strides, up_offset = scale_args(scale, gated, w)
     grid = (pairs.block_expert.numel(), triton.cdiv(n, block_n))
     _moe_gemm[grid](a, w, s, out, pairs.pair_ids, pairs.block_expert, pairs.num_padded, route_w,
                     route_w.numel(), n, k, a.stride(0), w.stride(0), w.stride(1), *strides, out.stride(0),

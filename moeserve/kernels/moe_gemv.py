@@ -35,7 +35,8 @@ class GemvConfig:
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
+def round_as(x, dtype: tl.constexpr):
+    """Round float32 ``x`` to ``dtype`` and back, as an eager op in that dtype would."""
     return x.to(dtype).to(tl.float32)
 
 
@@ -101,8 +102,8 @@ def _activation(part_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP: tl.constexp
         row = part_ptr + (s * num_pairs + pair).to(tl.int64) * 2 * inter
         gate += tl.load(row + k, mask=k_ok, other=0.0)
         up += tl.load(row + inter + k, mask=k_ok, other=0.0)
-    gate = _round(gate, dtype)
-    return _round(_round(gate / (1.0 + tl.exp(-gate)), dtype) * _round(up, dtype), dtype)
+    gate = round_as(gate, dtype)
+    return round_as(round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(up, dtype), dtype)
 
 
 @triton.jit
@@ -139,13 +140,13 @@ def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, N,
         y = tl.zeros([BLOCK_N], tl.float32)
         for s in range(SPLIT):
             y += tl.load(part_ptr + (s * num_pairs + pair).to(tl.int64) * N + cols, mask=ok, other=0.0)
-        w = _round(tl.load(route_w_ptr + pair), dtype)
+        w = round_as(tl.load(route_w_ptr + pair), dtype)
         held = tl.load(local_ptr + pair) < num_local
-        total += tl.where(held, _round(_round(y, dtype) * w, dtype), 0.0)
+        total += tl.where(held, round_as(round_as(y, dtype) * w, dtype), 0.0)
     tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, total.to(dtype), mask=ok)
 
 
-def _scales(scale: torch.Tensor | None, gated: bool, w: torch.Tensor):
+def scale_args(scale: torch.Tensor | None, gated: bool, w: torch.Tensor):
     """(scale tensor, strides (expert, row block, column block), the up half's offset); the weight stands
     in when the experts are not FP8 (never read then)."""
     if scale is None:
@@ -179,7 +180,7 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torc
     k1 = triton.cdiv(triton.cdiv(hidden, cfg1.split_k), cfg1.block_k) * cfg1.block_k
     split1 = triton.cdiv(hidden, k1)
     part_up = torch.empty(split1, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
-    s, strides, up = _scales(w13_scale, True, w13)
+    s, strides, up = scale_args(w13_scale, True, w13)
     _gate_up[(num_pairs, triton.cdiv(inter, cfg1.block_n), split1)](
         x, w13, s, part_up, local, num_local, num_pairs, inter, hidden, k1, x.stride(0), w13.stride(0),
         w13.stride(1), *strides, up, TOP_K=top_k, FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg1.block_n,
@@ -187,7 +188,7 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torc
     k2 = triton.cdiv(triton.cdiv(inter, cfg2.split_k), cfg2.block_k) * cfg2.block_k
     split2 = triton.cdiv(inter, k2)
     part_down = torch.empty(split2, num_pairs, hidden, dtype=torch.float32, device=x.device)
-    s, strides, _ = _scales(w2_scale, False, w2)
+    s, strides, _ = scale_args(w2_scale, False, w2)
     dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
     _down[(num_pairs, triton.cdiv(hidden, cfg2.block_n), split2)](
         part_up, w2, s, part_down, local, num_local, num_pairs, hidden, inter, k2, w2.stride(0), w2.stride(1),

@@ -81,7 +81,8 @@ def _check_kernels(runner: ModelRunner, plans: CheckPlans) -> tuple[list[OpResul
 
 
 def _agree_across_ranks(runner: ModelRunner, failed: set[str], kinds: list[str]) -> set[str]:
-    """The union of every tensor-parallel rank's failed kinds (all ranks must run the same kernels)."""
+    """The union of every tensor-parallel rank's failed ``kinds`` (all ranks must run the same kernels, and
+    capture graphs or not alike)."""
     flags = torch.tensor([k in failed for k in kinds], dtype=torch.long, device=runner.device)
     if runner.model.slice.tp.size > 1:
         flags = runner.model.slice.tp.all_reduce(flags)
@@ -136,10 +137,7 @@ def _check_graphs(runner: ModelRunner, plans: CheckPlans, fast: list[torch.Tenso
             reason = f"the CUDA graph's decode differs from the fused eager step by {err:.2e} (relative L2)"
     except Exception as e:  # noqa: BLE001  (a capture that fails: decode without graphs)
         reason = f"CUDA graph capture failed: {type(e).__name__}: {e}"
-    flag = torch.tensor([reason is not None], dtype=torch.long, device=runner.device)
-    if runner.model.slice.tp.size > 1:
-        flag = runner.model.slice.tp.all_reduce(flag)
-    if int(flag) and reason is None:
+    if _agree_across_ranks(runner, set() if reason is None else {"graphs"}, ["graphs"]) and reason is None:
         reason = "another tensor-parallel rank of this stage failed its graph check"
     if reason is not None:
         runner.graphs = None
