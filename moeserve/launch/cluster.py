@@ -34,13 +34,8 @@ from typing import Any
 import torch.distributed as dist
 
 import moeserve
-from moeserve.coordinator.executor import (
-    DistributedExecutor,
-    ReplicaLayout,
-    WorkerError,
-    spawn_workers,
-    stop_processes,
-)
+from moeserve.coordinator.executor import DistributedExecutor, ReplicaLayout, WorkerError
+from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
 from moeserve.errors import UserError
 from moeserve.stages.worker import WorkerSpec
 
