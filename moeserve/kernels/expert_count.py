@@ -17,7 +17,7 @@ import triton.language as tl
 BLOCK = 1024  # pairs per program
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "first_token"])
 def _count(ids_ptr, slot_ptr, weight_ptr, num_decode_ptr, logical_ptr, physical_ptr, num_pairs, first_token,
            layer, num_logical, num_physical, TOP_K: tl.constexpr, HAS_WEIGHT: tl.constexpr,
            HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr):

@@ -29,7 +29,7 @@ GEMV_MAX_PAIRS = 64
 FP8_GEMV_MAX_PAIRS = 256
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_padded_ptr, route_w_ptr,
               num_pairs, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_om,
               up_scale_offset, A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTE: tl.constexpr,

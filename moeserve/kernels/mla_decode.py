@@ -21,7 +21,8 @@ HEAD_BLOCK = 16  # heads per program: the smallest M of a tensor-core product
 TOKEN_BLOCK = 32  # cached rows per loop step
 
 
-@triton.jit
+# block tables and lengths are slices of the step metadata: not specialized on alignment or width
+@triton.jit(do_not_specialize=["tables_ptr", "lens_ptr", "stride_tb"])
 def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
                       num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
                       NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,

@@ -55,7 +55,8 @@ def _attend(acc, m_i, l_i, q_nope, q_pe, kn_ptr, kp_ptr, v_ptr, stride_kn, strid
     return acc, m_i, l_i
 
 
-@triton.jit
+# the per-sequence offsets are slices of the step metadata at any offset: not specialized on alignment
+@triton.jit(do_not_specialize=["q_start_ptr", "ctx_start_ptr"])
 def _mla_prefill(qn_ptr, qp_ptr, kn_ptr, kp_ptr, v_ptr, out_ptr, q_start_ptr, ctx_start_ptr, qk_scale,
                  stride_qnt, stride_qnh, stride_qpt, stride_qph, stride_knt, stride_knh, stride_kpt,
                  stride_vt, stride_vh, stride_ot, stride_oh,

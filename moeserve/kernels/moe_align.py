@@ -17,7 +17,7 @@ import triton.language as tl
 MAX_PAIRS = 4096  # larger steps sort with tensor ops
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_padded"])
 def _align(local_ptr, cursor_ptr, pair_ids_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_local,
            max_padded, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
            BLOCK_B: tl.constexpr, BM: tl.constexpr):

@@ -75,7 +75,7 @@ def _pair_tile(local_ptr, num_local, N, K, k_per_split, w_ptr, s_ptr, stride_we,
     return pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, K, k_per_split,
              stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sk, up_scale_offset,
              TOP_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -106,7 +106,7 @@ def _activation(part_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP: tl.constexp
     return round_as(round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(up, dtype), dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, inter, k_per_split,
           stride_we, stride_wn, stride_se, stride_sn, stride_sk, SPLIT_UP: tl.constexpr, FP8: tl.constexpr,
           SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
@@ -127,7 +127,7 @@ def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, 
     tl.store(part_ptr + (split * num_pairs + pair).to(tl.int64) * N + cols, acc, mask=cols < N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, N, stride_o,
              TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     token = tl.program_id(0)

@@ -18,7 +18,7 @@ from moeserve.experts.gate import GateSpec
 METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["share_lo", "share_hi"])
 def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr, BLOCK_E: tl.constexpr,
            TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
            METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, scaling,

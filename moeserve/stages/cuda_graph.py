@@ -105,10 +105,12 @@ class DecodeGraphs:
 
     def _capture_all(self, pool) -> None:
         device = self.inputs.device
-        for batch in reversed(self.buckets):
+        for i, batch in enumerate(reversed(self.buckets)):
             self._set_padding(0, batch, 0)
             self._stage(0, batch, 0)
-            for _ in range(2):  # compiles the kernels and settles the allocator before capture
+            # eager runs before capture compile this size's kernel variants and settle the allocator; the
+            # largest size, first, grows the allocator and takes two, each smaller one fits in what it left
+            for _ in range(2 if i == 0 else 1):
                 out = self._forward(batch)
             if self.out is None:  # sized by the largest bucket, outside the pool; every graph writes into it
                 self.out = torch.empty(batch, *out.shape[1:], dtype=out.dtype, device=device)
