@@ -5,7 +5,7 @@
 # Results land in $OUT (default out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export TRITON_CACHE_DIR=$(mktemp -d /tmp/triton-cache-XXXX)
 timeout 200 python3 benchmarks/ttft_cold.py --model benchmarks/configs/deepseek_v2_lite --prompts 64 2>&1 |
@@ -14,7 +14,7 @@ timeout 200 python3 benchmarks/ttft_cold.py --model benchmarks/configs/deepseek_
     grep '^{' | tee "$OUT/first_use_v3.json"
 for run in 1 2; do
     python3 -m moeserve.launch.cli serve --model benchmarks/configs/deepseek_v2_lite --load-format dummy \
-        --skip-tokenizer-init --device cuda --port 8011 > "$OUT/serve_$run.log" 2>&1 &
+        --skip-tokenizer-init --device cuda --port 8011 -v > "$OUT/serve_$run.log" 2>&1 &
     timeout 60 python3 benchmarks/serve_first_requests.py --port 8011 | tee "$OUT/serve_$run.txt"
     kill %1 2>/dev/null; wait
 done

@@ -12,6 +12,7 @@ no shared prefix) with ``--max-tokens`` greedy tokens, one after another, and pr
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import time
 import urllib.error
@@ -29,8 +30,13 @@ def wait_healthy(base: str, timeout: float) -> float:
     raise SystemExit(f"no /health 200 within {timeout:.0f} s")
 
 
-def complete(base: str, prompt: list[int], max_tokens: int) -> float:
-    body = json.dumps({"model": "default", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+def served_model(base: str) -> str:
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as resp:
+        return json.loads(resp.read())["data"][0]["id"]
+
+
+def complete(base: str, model: str, prompt: list[int], max_tokens: int) -> float:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                        "ignore_eos": True}).encode()
     req = urllib.request.Request(f"{base}/v1/completions", body, {"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -48,10 +54,12 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=60.0)
     args = p.parse_args()
     base = f"http://127.0.0.1:{args.port}"
+    print(f"polling from {datetime.datetime.now().isoformat(sep=' ', timespec='milliseconds')}")
     print(f"start to /health 200: {wait_healthy(base, args.timeout):.1f} s")
+    model = served_model(base)
     for i in range(args.requests):
         prompt = [(1000 * (i + 1) + 7 * j) % 30000 + 100 for j in range(args.input_len)]
-        print(f"request {i}: {complete(base, prompt, args.max_tokens):.3f} s")
+        print(f"request {i}: {complete(base, model, prompt, args.max_tokens):.3f} s")
 
 
 if __name__ == "__main__":

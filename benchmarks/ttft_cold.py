@@ -67,7 +67,10 @@ class CompileLog:
 
     def _hook(self, *args, **kwargs) -> bool:
         if not kwargs.get("already_compiled", False):
-            self.events[self.phase].append(str(kwargs.get("repr", kwargs.get("key", "?"))))
+            name = str(kwargs.get("repr", "?")).split("(")[0]
+            detail = kwargs.get("compile") or {}
+            self.events[self.phase].append(f"{name} signature={detail.get('signature')} "
+                                           f"constants={detail.get('constants')} attrs={detail.get('configs')}")
         return False
 
 

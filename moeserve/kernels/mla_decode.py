@@ -110,6 +110,9 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     (>= 1) -> [B, H, latent] in q's dtype: softmax(scale * q . rows) . rows[:, :latent]."""
     batch, num_heads, width = q.shape
     rope = width - latent_dim
+    # one table dtype (the CUDA graphs' int32) for every caller: a second would be a second compiled variant,
+    # built the first time an eager step decodes
+    block_tables = block_tables.to(torch.int32)
     splits = num_splits or num_splits_for(batch, num_heads)
     parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
