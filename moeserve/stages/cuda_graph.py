@@ -26,8 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 def decode_buckets(max_batch: int) -> list[int]:
-    """Batch sizes with a graph: 1, 2, 4, then every multiple of 8 up to ``max_batch`` (as vLLM does)."""
-    sizes = [b for b in (1, 2, 4) if b < max_batch] + list(range(8, max_batch + 1, 8))
+    """Batch sizes with a graph: 1, 2, 4, then steps of 8 up to 64, 16 up to 128, 32 up to 256 and 64 beyond,
+    up to ``max_batch``: a step pads at most a quarter of its rows (or 7), which a memory-bound decode step
+    barely feels, and start-up captures 19 graphs for 256 sequences rather than 35."""
+    sizes = [b for b in (1, 2, 4) if b < max_batch]
+    size, step = 8, 8
+    while size <= max_batch:
+        sizes.append(size)
+        step = 8 if size < 64 else 16 if size < 128 else 32 if size < 256 else 64
+        size += step
     if not sizes or sizes[-1] < max_batch:
         sizes.append(max_batch)
     return sizes
