@@ -179,17 +179,12 @@ def main() -> None:
     p.add_argument("--mode", choices=["fast", "eager"], default="fast")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="the engine's async scheduling (default: on, as on any CUDA device)")
-    p.add_argument("--dense-gemv", action=argparse.BooleanOptionalAction, default=True,
-                   help="the split-K kernel for linears of a few rows (off: the library GEMM)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--trace-dir", default=None, help="write each batch's profiled steps as a Chrome trace here")
     p.add_argument("--expert-bytes", type=float, default=2.0, help="bytes per routed-expert weight (FP8: 1)")
     args = p.parse_args()
-    from moeserve.model.cpu_linear import PackedLinear
-
-    PackedLinear.small_rows_enabled = args.dense_gemv
     results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model,
-               "async_scheduling": args.async_scheduling, "dense_gemv": args.dense_gemv, "runs": []}
+               "async_scheduling": args.async_scheduling, "runs": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         start = time.perf_counter()
         engine = build_engine(args.model, batch, args.mode, args.async_scheduling)

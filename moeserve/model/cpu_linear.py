@@ -21,21 +21,6 @@ AVAILABLE = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
              and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_reorder_linear_weight"))
 
 
-class SmallRowsLinearOwner:
-    """A module whose linears (``self.linear``) may take the GPU kernel for a few rows: ``fused_linear`` is
-    that kernel's switch, the flag the start-up check turns on or off with the other fused kinds."""
-
-    linear: PackedLinear
-
-    @property
-    def fused_linear(self) -> bool:
-        return self.linear.small_rows_kernel
-
-    @fused_linear.setter
-    def fused_linear(self, on: bool) -> None:
-        self.linear.small_rows_kernel = on
-
-
 class PackedLinear:
     """One module's packed weights, by name. ``layer(x, weight, name)`` is ``F.linear(x, weight)``.
 
@@ -43,22 +28,12 @@ class PackedLinear:
     be repacked at every call)."""
 
     enabled = AVAILABLE  # the switch for every instance (benchmarks and tests turn it off to compare)
-    small_rows_enabled = True  # the switch for every instance's GPU kernel of a few rows (benchmarks compare)
 
     def __init__(self, pack: bool = True) -> None:
         self.pack = pack
         self._packs: dict[Hashable, tuple[tuple[int, int], torch.Tensor]] = {}
-        # on a GPU with the fused kernels on (the owner's ``fused_linear``): a few rows (decode at batch 1-4)
-        # go to the split-K kernel of ``kernels/dense_gemv.py``, which streams the weight at bandwidth
-        self.small_rows_kernel = False
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, name: Hashable) -> torch.Tensor:
-        if self.small_rows_kernel and self.small_rows_enabled and x.dim() == 2:
-            from moeserve.kernels.dense_gemv import MAX_ROWS, dense_gemv
-
-            if x.shape[0] <= MAX_ROWS and x.dtype == weight.dtype and weight.is_contiguous() and \
-                    x.stride(-1) == 1 and not torch.is_grad_enabled():
-                return dense_gemv(x, weight)
         if not (self.enabled and self.pack and x.device.type == "cpu" and x.dtype == torch.bfloat16
                 and weight.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and
                                                             (x.requires_grad or weight.requires_grad))):

@@ -18,7 +18,7 @@ from moeserve.experts.ep_dispatch import check_dispatch
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
-from moeserve.model.cpu_linear import PackedLinear, SmallRowsLinearOwner
+from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.fp8 import DequantBuffer, routed_fp8_block
 from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLA
@@ -152,8 +152,6 @@ class DeepseekModel(nn.Module):
             for flag in ("fused", "fused_router"):
                 if hasattr(module, flag):
                     setattr(module, flag, on)
-            if isinstance(module, SmallRowsLinearOwner):
-                module.fused_linear = on
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab] (each tp rank computes its

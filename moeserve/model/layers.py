@@ -10,7 +10,7 @@ from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.model.config import RopeConfig, yarn_get_mscale
-from moeserve.model.cpu_linear import PackedLinear, SmallRowsLinearOwner
+from moeserve.model.cpu_linear import PackedLinear
 
 
 class RMSNorm(nn.Module):
@@ -113,7 +113,7 @@ class RotaryEmbedding(nn.Module):
         return out.to(x.dtype)
 
 
-class MLP(nn.Module, SmallRowsLinearOwner):
+class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). gate and up are kept as one fused weight.
 
     Tensor parallel: the intermediate dimension is split over the shard's ranks (gate/up by rows, down by

@@ -19,11 +19,11 @@ from torch import nn
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.model.attn_metadata import AttnMetadata, PaddedPrefill, PrefillMetadata
 from moeserve.model.config import ModelConfig
-from moeserve.model.cpu_linear import PackedLinear, SmallRowsLinearOwner
+from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
 
 
-class MLA(nn.Module, SmallRowsLinearOwner):
+class MLA(nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype | None = None,
                  shard: ShardInfo = SINGLE):
         super().__init__()

@@ -17,19 +17,18 @@ from torch import nn
 
 from moeserve.experts.gate import router_logits
 from moeserve.experts.moe import MoE
-from moeserve.model.cpu_linear import SmallRowsLinearOwner
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLA
 
 # kind -> (module class, the flag that turns its kernel on)
-KINDS: dict[str, tuple[type, str]] = {
+KINDS: dict[str, tuple[type[nn.Module], str]] = {
     "rmsnorm": (RMSNorm, "fused"), "rope": (RotaryEmbedding, "fused"), "mla": (MLA, "fused"),
-    "router": (MoE, "fused_router"), "moe": (MoE, "fused"), "linear": (SmallRowsLinearOwner, "fused_linear"),
+    "router": (MoE, "fused_router"), "moe": (MoE, "fused"),
 }
 # relative L2 distance allowed between a kernel and its eager reference, by kind and dtype
 _ROUNDED_ONCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _SUMMED = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-TOLERANCE = {"rmsnorm": _ROUNDED_ONCE, "rope": _ROUNDED_ONCE, "mla": _SUMMED, "moe": _SUMMED, "linear": _SUMMED}
+TOLERANCE = {"rmsnorm": _ROUNDED_ONCE, "rope": _ROUNDED_ONCE, "mla": _SUMMED, "moe": _SUMMED}
 # the router's scores are float32 on both paths: the picked experts' scores may differ by rounding only
 ROUTER_TOLERANCE = 1e-4
 # tokens the expert check runs with besides the captured ones: enough pairs for the sorted (GEMM) path
@@ -63,8 +62,8 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def present_kinds(model: nn.Module) -> set[str]:
-    modules = list(model.modules())
-    return {kind for kind, (cls, _) in KINDS.items() if any(isinstance(m, cls) for m in modules)}
+    classes = {type(m) for m in model.modules()}
+    return {kind for kind, (cls, _) in KINDS.items() if cls in classes}
 
 
 def set_kinds(model: nn.Module, on: set[str]) -> None:
@@ -113,8 +112,7 @@ def check_kind(model: nn.Module, kind: str, calls: list[tuple[nn.Module, tuple]]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     if kind == "router":
         return OpResult(kind, max(_router_error(m, args[0]) for m, args in calls), ROUTER_TOLERANCE)
-    check = {"rmsnorm": _norm_pair, "rope": _call_pair, "mla": _call_pair, "moe": _experts_pair,
-             "linear": _linear_pair}[kind]
+    check = {"rmsnorm": _norm_pair, "rope": _call_pair, "mla": _call_pair, "moe": _experts_pair}[kind]
     error = 0.0
     for module, args in calls:
         for fast, ref in check(module, KINDS[kind][1], args):
@@ -147,19 +145,6 @@ def _norm_pair(module: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Te
     residual = x.roll(1, 0).contiguous()
     fast, ref = _both(module, flag, lambda: torch.cat(module.add_norm(x, residual), -1))  # type: ignore[operator]
     return [_both(module, flag, lambda: module(x)), (fast, ref)]
-
-
-def _linear_pair(module: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The module's first weight that takes its input (MLA: the query projection; an MLP: gate and up) on
-    the first one and three rows of that input: the few-rows kernel against the library GEMM."""
-    x = args[0]
-    weight = next((p for p in module.parameters(recurse=False)
-                   if p.dim() == 2 and p.shape[1] == x.shape[-1] and p.dtype == x.dtype), None)
-    if weight is None or x.dim() != 2 or not isinstance(module, SmallRowsLinearOwner):
-        return []
-    linear = module.linear
-    return [_both(module, flag, lambda rows=rows: linear(x[:rows].contiguous(), weight.detach(), "check"))
-            for rows in (1, 3)]
 
 
 def _experts_pair(moe: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
