@@ -99,26 +99,49 @@ def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = Tr
                        ranks_share_store=True), caches
 
 
+def load_prefix(tiers: TierManager, hashes: list[int], tokens: list[tuple[int, ...]], pool: BlockPool) -> list[int]:
+    """What the cache manager does with a connector: plan, allocate, load (on the worker's thread), wait, and
+    free what did not arrive. Returns the blocks that hold the first blocks of the prefix."""
+    plan = tiers.plan_load(hashes, tokens, None)
+    if plan is None:
+        return []
+    blocks = pool.allocate(min(plan.num_blocks, pool.num_free))
+    tiers.begin_load("r", plan, blocks)
+    tiers.send_ops()
+    done = tiers.finished_loads()
+    while not done:
+        tiers.wait(5.0)
+        done = tiers.finished_loads()
+    assert [d.request_id for d in done] == ["r"]
+    pool.free(blocks[done[0].num_blocks:][::-1])
+    return blocks[:done[0].num_blocks]
+
+
+def save(tiers: TierManager, blocks: list[int], hashes: list[int], tokens: list[tuple[int, ...]]) -> None:
+    tiers.save(blocks, hashes, tokens)
+    tiers.send_ops()
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+
+
 def test_blocks_come_back_from_host_and_store_bit_equal() -> None:
     store = MemoryStore()
     tiers, caches = make_tiers(4, store)
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     hashes = block_hashes([t for block in tokens for t in block], 4)
     want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]
-    tiers.save([0, 1, 2], hashes, tokens)
-    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    save(tiers, [0, 1, 2], hashes, tokens)
     for cache in caches.values():
         cache.zero_()
     pool = BlockPool(8)
     pool.allocate(5)  # blocks 0..4 in use: the load gets 5, 6, 7
-    got = tiers.load_prefix(hashes, tokens, pool)
+    got = load_prefix(tiers, hashes, tokens, pool)
     assert got == [5, 6, 7] and tiers.stats.host_hit_tokens == 12
     for block, w in zip(got, want):
         assert torch.equal(torch.stack([caches[i][block] for i in range(2)]), w)
     # the host index forgets them: they come from the store, and still bit-equal
     tiers.host = HostIndex(4)
     pool2 = BlockPool(8)
-    got2 = tiers.load_prefix(hashes, tokens, pool2)
+    got2 = load_prefix(tiers, hashes, tokens, pool2)
     assert len(got2) == 3 and tiers.stats.store_hit_tokens == 12
     for block, w in zip(got2, want):
         assert torch.equal(torch.stack([caches[i][block] for i in range(2)]), w)
@@ -129,14 +152,13 @@ def test_a_corrupt_stored_block_ends_the_prefix_and_frees_the_rest() -> None:
     tiers, _ = make_tiers(0, store)
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     hashes = block_hashes([t for block in tokens for t in block], 4)
-    tiers.save([0, 1, 2], hashes, tokens)
-    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    save(tiers, [0, 1, 2], hashes, tokens)
     key = LAYOUT.key(hashes[1])
     value = bytearray(store.get([key])[0] or b"")
     value[-1] ^= 0xFF
     store.put([(key, bytes(value))])
     pool = BlockPool(8)
-    assert len(tiers.load_prefix(hashes, tokens, pool)) == 1
+    assert len(load_prefix(tiers, hashes, tokens, pool)) == 1
     assert pool.num_free == 7 and tiers.stats.corrupt_blocks == 1
 
 
@@ -145,12 +167,11 @@ def test_cost_rule_skips_loads_slower_than_recomputing() -> None:
     tiers, _ = make_tiers(0, store)
     tokens = [(1, 2, 3, 4)]
     hashes = block_hashes([1, 2, 3, 4], 4)
-    tiers.save([0], hashes, tokens)
-    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    save(tiers, [0], hashes, tokens)
     tiers.store_s_per_block, tiers.prefill_s_per_token = 1.0, 0.001  # a block loads in 1 s, computes in 4 ms
-    assert tiers.load_prefix(hashes, tokens, BlockPool(4)) == [] and tiers.stats.loads_skipped == 1
+    assert load_prefix(tiers, hashes, tokens, BlockPool(4)) == [] and tiers.stats.loads_skipped == 1
     tiers.store_s_per_block = 0.001
-    assert len(tiers.load_prefix(hashes, tokens, BlockPool(4))) == 1
+    assert len(load_prefix(tiers, hashes, tokens, BlockPool(4))) == 1
 
 
 def test_a_full_write_queue_drops_instead_of_waiting() -> None:

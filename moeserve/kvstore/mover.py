@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class LoadReport:
-    num_store_loaded: int  # stored blocks loaded, from the first
+    num_store_loaded: int  # stored (or remote) blocks loaded, from the first
     bytes_read: int
     num_corrupt: int
+    error: str = ""  # why blocks asked for did not come
 
 
 @dataclass
@@ -158,14 +159,19 @@ class BlockMover:
         return False
 
     # ---- load ----
-    def load(self, host_slots: Sequence[int], host_blocks: Sequence[int], store_hashes: Sequence[int],
-             store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int]) -> LoadReport:
-        if host_slots:
-            assert self.host is not None, "a host-tier load on a rank without a host pool"
-            if self._saved is not None:  # NOTE: the engine runs ahead of the device: let the saves land first
-                self._saved.synchronize()
-                self._saved = None
-            self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
+    def load_host(self, host_slots: Sequence[int], host_blocks: Sequence[int]) -> None:
+        """Host-pool slots -> device blocks (at once: a later save may reuse the slots)."""
+        if not host_slots:
+            return
+        assert self.host is not None, "a host-tier load on a rank without a host pool"
+        if self._saved is not None:  # NOTE: the engine runs ahead of the device: let the saves land first
+            self._saved.synchronize()
+            self._saved = None
+        self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
+
+    def load_store(self, store_hashes: Sequence[int], store_tokens: Sequence[Sequence[int]],
+                   store_blocks: Sequence[int]) -> LoadReport:
+        """Stored blocks -> device blocks (the loader thread): how many, from the first, arrived."""
         if not store_hashes or self.store is None:
             return LoadReport(0, 0, 0)
         buf = torch.empty((len(store_hashes), *self.block_shape), dtype=self.caches[0].dtype, pin_memory=self.pin)
@@ -173,11 +179,17 @@ class BlockMover:
             n, nbytes, corrupt = read_blocks(self.store, self.layout, store_hashes, store_tokens, buf)
         except StoreError as e:
             logger.warning("loading %d stored blocks failed (%s): recomputing them", len(store_hashes), e)
-            return LoadReport(0, 0, 0)
+            return LoadReport(0, 0, 0, str(e))
         self.counters.corrupt_blocks += corrupt
         if n:
             self._to_device(buf[:n], store_blocks[:n])
         return LoadReport(n, nbytes, corrupt)
+
+    def load(self, host_slots: Sequence[int], host_blocks: Sequence[int], store_hashes: Sequence[int],
+             store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int]) -> LoadReport:
+        """Both at once, in the calling thread."""
+        self.load_host(host_slots, host_blocks)
+        return self.load_store(store_hashes, store_tokens, store_blocks)
 
     def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
         """``data`` [n, L, block_size, kv_dim] on the host -> device blocks."""

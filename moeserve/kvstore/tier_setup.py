@@ -1,5 +1,6 @@
-"""Building the host tier and the shared store from the engine's config: the coordinator's ``TierManager``
-and each rank's ``BlockMover`` (one process, or stage workers)."""
+"""Building the KV connector from the engine's config -- the host tier and the shared store (the
+coordinator's ``TierManager`` and each rank's ``BlockMover``, one process or stage workers), or a decode
+instance's ``RemoteConnector`` -- and a prefill instance's transfer server."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 from typing import Any
 
 from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
+from moeserve.kvstore.connector import KVConnector
+from moeserve.kvstore.disagg import PrefillSide, RemoteConnector
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.store import KVStore, StoreConfigError, open_store, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
@@ -56,6 +59,31 @@ def open_kv_store(config: Any) -> KVStore | None:
     store = open_store(config.kv_store, config.kv_store_timeout, config.kv_store_probe_interval)
     logger.info("KV store: %s", redact(config.kv_store))
     return store
+
+
+def build_connector(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,
+                    store: KVStore | None) -> KVConnector | None:
+    """The engine's KV connector: a decode instance's ``RemoteConnector``, else the host tier and the store
+    (``build_tiers``)."""
+    if config.disaggregation_mode != "decode":
+        return build_tiers(config, kv_dim, stage_layers, bytes_per_token, runner, store)
+    layout = stage_layouts(config, stage_layers, kv_dim)[0]  # one process (EngineConfig checks it)
+    mover = BlockMover(runner.kv_caches, layout, 0, None)
+    logger.info("decode instance: prompt blocks come from prefill instances (%s)", config.kv_transfer_backend)
+    return RemoteConnector(LocalTransport(mover), layout, config.kv_transfer_timeout)
+
+
+def build_prefill_side(config: Any, kv_dim: int, runner: Any) -> PrefillSide | None:
+    """A prefill instance's transfer server (None for other roles)."""
+    if config.disaggregation_mode != "prefill":
+        return None
+    layout = stage_layouts(config, [len(runner.kv_caches)], kv_dim)[0]
+    bind = config.kv_transfer_addr
+    if bind.endswith(":0"):
+        bind = bind[:-2] + ":*"  # ZeroMQ's any free port
+    side = PrefillSide(runner.kv_caches, layout, bind, config.kv_transfer_hold)
+    logger.info("prefill instance: KV transfer server at %s", side.address)
+    return side
 
 
 def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,

@@ -48,7 +48,7 @@ from moeserve.dtypes import DTYPES
 from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
 from moeserve.kvstore.tier_setup import worker_mover
-from moeserve.kvstore.transport import apply_kv_message
+from moeserve.kvstore.transport import KvWorker
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
@@ -138,7 +138,8 @@ class StageWorker:
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
-        self.kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store
+        kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store
+        self.kv_worker = KvWorker(kv_mover, spec.rank) if kv_mover is not None else None
         self.mover = ExpertMover(self.runner, spec.model, spec.load_format, spec.seed,
                                  spec.dims.coord(spec.rank).tp_rank)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
@@ -191,7 +192,9 @@ class StageWorker:
         sock.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
         launcher = os.getppid()
         while True:
-            if not sock.poll(0 if self.mover.active else 1000):
+            self._send_kv_reports(sock)
+            busy = self.mover.active or (self.kv_worker is not None and self.kv_worker.num_pending > 0)
+            if not sock.poll(0 if self.mover.active else 5 if busy else 1000):
                 if self.mover.active:  # idle: stage the next layers of a new expert placement
                     self._stage_placement(sock)
                     continue
@@ -201,8 +204,8 @@ class StageWorker:
                 continue
             msg = decode(sock.recv())
             if isinstance(msg, ShutdownMsg):
-                if self.kv_mover is not None:
-                    self.kv_mover.close()  # finishes the queued store writes (bounded)
+                if self.kv_worker is not None:
+                    self.kv_worker.close()  # finishes the queued store writes (bounded)
                 return
             if isinstance(msg, StatsRequestMsg):
                 sock.send(encode(self.stats()))
@@ -211,10 +214,9 @@ class StageWorker:
                 self.timing = True
                 continue
             if isinstance(msg, (KvSaveMsg, KvLoadMsg)):
-                assert self.kv_mover is not None, "a KV tier message for a rank without tiers"
-                reply = apply_kv_message(self.kv_mover, msg, self.spec.rank)
-                if reply is not None:
-                    sock.send(encode(reply))
+                assert self.kv_worker is not None, "a KV tier message for a rank without tiers"
+                self.kv_worker.submit(msg)
+                self._send_kv_reports(sock)
                 continue
             if isinstance(msg, ExpertLoadRequestMsg):
                 sock.send(encode(self.expert_load(msg.seq)))
@@ -228,6 +230,12 @@ class StageWorker:
                                     copy=False)
             if self.mover.active:  # a few layers of a new expert placement after each step
                 self._stage_placement(sock)
+
+    def _send_kv_reports(self, sock: zmq.Socket) -> None:
+        """The KV loads this rank finished (its loader thread's reports) go to the coordinator."""
+        if self.kv_worker is not None:
+            for report in self.kv_worker.poll():
+                sock.send(encode(report))
 
     def _placement(self, sock: zmq.Socket, msg: PlacementMsg | PlacementSwapMsg) -> None:
         if isinstance(msg, PlacementSwapMsg):
