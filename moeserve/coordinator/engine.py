@@ -171,6 +171,7 @@ class Engine(EngineStep):
         if check is not None:
             check()
         self.expert_load.idle()
+        self._kv_step_end()  # idle: saves still queued go out; blocks decode instances pulled are freed
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.in_flight)

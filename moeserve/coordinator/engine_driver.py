@@ -202,5 +202,7 @@ class EngineDriver:
             self.publish(batch)
 
     def check_workers(self) -> None:
-        """Between steps: raise if a stage worker died while the engine was idle (as a step would)."""
+        """Between steps: raise if a stage worker died while the engine was idle (as a step would); the
+        engine's idle housekeeping (KV transfers) runs, and the snapshot catches up with it."""
         self.engine.check_workers()
+        self.snapshot = EngineSnapshot.of(self.engine)

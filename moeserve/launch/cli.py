@@ -17,6 +17,7 @@ from moeserve.launch import (
     cmd_generate,
     cmd_launch,
     cmd_plan,
+    cmd_router,
     cmd_serve,
 )
 
@@ -162,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and print the traceback with an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_chat, cmd_expert_load):
+    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_router, cmd_chat,
+                   cmd_expert_load):
         p = module.add_parser(sub)
         if getattr(module, "NEEDS_ENGINE_ARGS", False):
             add_engine_args(p)
