@@ -8,13 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis_server import RedisServer
 
 from moeserve.kvstore.block_format import HEADER_BYTES, BlockLayout, decode_block, encode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.prefix import ROOT_HASH, block_hashes, chain_hash
-from moeserve.kvstore.store import MemoryStore, redact
+from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError, redact
 from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
 from moeserve.kvstore.transport import LocalTransport
 
@@ -201,3 +202,26 @@ def test_cluster_toml_kvstore_table(tmp_path) -> None:
     cfg.write_text('[kvstore]\nadress = "redis://h:1/0"\n')
     with pytest.raises(ClusterError, match="adress"):
         merged_settings(parser.parse_args(["launch", "cluster", "--config", str(cfg)]), defaults)
+
+
+@pytest.mark.skipif(RedisServer.unavailable() is not None, reason="needs redis-server")
+def test_store_reads_values_in_place_over_a_password_and_a_db(tmp_path) -> None:
+    """RedisStore.read_into (the RESP reader, kvstore/resp_reader.py) against a real redis-server with a
+    password and db 3: values land in the given parts, in order; a missing key is -1, a value of another
+    length is skipped (the parts keep their bytes) and the next value still lands; a wrong password is a
+    StoreError."""
+    with RedisServer(tmp_path, password="pw") as server:
+        url = server.url.removesuffix("/0") + "/3"
+        store = RedisStore(url, read_connections=2)
+        store.put([("a", b"0123456789"), ("b", b"xyz"), ("c", bytes(range(256)) * 300)])
+        parts = [[memoryview(bytearray(4)), memoryview(bytearray(6))] for _ in range(4)]
+        parts[3] = [memoryview(bytearray(76_800))]
+        assert store.read_into(["a", "missing", "b", "c"], parts) == [10, -1, 3, 76_800]
+        assert bytes(parts[0][0]) + bytes(parts[0][1]) == b"0123456789"
+        assert bytes(parts[2][0]) == bytes(4)  # 3 bytes for 10 bytes of parts: not written
+        assert bytes(parts[3][0]) == bytes(range(256)) * 300
+        assert store.read_into(["a"], [[memoryview(bytearray(10))]]) == [10]  # a pooled connection again
+        assert store.stats().bytes_read == 10 + 3 + 76_800 + 10
+        wrong = RedisStore(url.replace(":pw@", ":nope@"))
+        with pytest.raises(StoreError, match="refused"):
+            wrong.read_into(["a"], [[memoryview(bytearray(10))]])

@@ -61,6 +61,7 @@ class EngineConfig:
     kv_store_timeout: float = 1.0  # seconds for each store call
     kv_store_probe_interval: float = 5.0  # seconds between probes of a store whose breaker is open
     kv_load_cost_rule: bool = True  # skip store loads estimated slower than recomputing
+    kv_store_connections: int = 4  # connections (and threads) per rank reading a store load's chunks in parallel
     # prefill/decode disaggregation (kvstore/disagg.py): "" colocated, "prefill" or "decode"
     disaggregation_mode: str = ""
     kv_transfer_backend: str = "zmq"  # how a decode instance pulls latent blocks from a prefill instance
@@ -92,8 +93,8 @@ class EngineConfig:
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
         if self.kv_store:
             check_store_url(self.kv_store)  # StoreConfigError, a ValueError without the password
-        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
-            raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
+        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0 or self.kv_store_connections < 1:
+            raise ValueError("kv_store_timeout, kv_store_probe_interval and kv_store_connections must be positive")
         self._check_disaggregation()
         if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_layers_per_step < 1:
             raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_layers_per_step >= 1")

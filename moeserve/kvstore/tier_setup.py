@@ -56,7 +56,8 @@ def open_kv_store(config: Any) -> KVStore | None:
     """The coordinator's store client, checked at start (a wrong or missing password stops here)."""
     if not config.kv_store:
         return None
-    store = open_store(config.kv_store, config.kv_store_timeout, config.kv_store_probe_interval)
+    store = open_store(config.kv_store, config.kv_store_timeout, config.kv_store_probe_interval,
+                       config.kv_store_connections)
     logger.info("KV store: %s", redact(config.kv_store))
     return store
 
@@ -99,7 +100,7 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
                 num_host * config.effective_block_size * bytes_per_token >> 20,
                 "; shared store on" if store is not None else "")
     if hasattr(runner, "kv_caches"):  # one process: this process's runner holds the cache
-        mover = BlockMover(runner.kv_caches, layouts[0], num_host, store)
+        mover = BlockMover(runner.kv_caches, layouts[0], num_host, store, read_threads=config.kv_store_connections)
         return TierManager(tier_config, LocalTransport(mover), store, ranks_share_store=True)
     return TierManager(tier_config, runner, store)
 
@@ -112,7 +113,7 @@ def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:
     return dict(kv_host_blocks=host_blocks(config, bytes_per_token), kv_store=url,
                 kv_fingerprint=model_fingerprint(config.model_path, config.load_format, config.weights_seed),
                 kv_salt=config.kv_store_salt, kv_store_timeout_s=config.kv_store_timeout,
-                kv_store_probe_s=config.kv_store_probe_interval)
+                kv_store_probe_s=config.kv_store_probe_interval, kv_store_connections=config.kv_store_connections)
 
 
 def worker_mover(spec: Any, caches: dict, kv_dim: int) -> BlockMover | None:
@@ -128,5 +129,7 @@ def worker_mover(spec: Any, caches: dict, kv_dim: int) -> BlockMover | None:
         url = os.environ.get(STORE_ENV, "")
         if not url:
             raise StoreConfigError(f"{STORE_ENV} is not set on node {spec.node}: every node needs the store's URL")
-    store = open_store(url, spec.kv_store_timeout_s, spec.kv_store_probe_s) if url else None
-    return BlockMover(caches, layout, spec.kv_host_blocks, store, writes=coord.tp_rank == 0)
+    store = open_store(url, spec.kv_store_timeout_s, spec.kv_store_probe_s, spec.kv_store_connections) \
+        if url else None
+    return BlockMover(caches, layout, spec.kv_host_blocks, store, writes=coord.tp_rank == 0,
+                      read_threads=spec.kv_store_connections)

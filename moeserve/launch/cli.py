@@ -93,6 +93,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-store-timeout", type=float, default=1.0, help="seconds for each store call")
     kv.add_argument("--kv-store-probe-interval", type=float, default=5.0,
                     help="seconds between probes of a failing store (its circuit breaker is open meanwhile)")
+    kv.add_argument("--kv-store-connections", type=int, default=4,
+                    help="connections per rank over which a store load's chunks are read in parallel")
     kv.add_argument("--kv-load-cost-rule", action=argparse.BooleanOptionalAction, default=True,
                     help="skip store loads measured to be slower than recomputing the tokens (default on)")
     pd = p.add_argument_group("prefill/decode disaggregation")
@@ -128,6 +130,7 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             kv_host_memory=args.kv_host_memory, kv_store=args.kv_store,
             kv_store_salt=args.kv_store_salt, kv_store_timeout=args.kv_store_timeout,
             kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule,
+            kv_store_connections=args.kv_store_connections,
             disaggregation_mode=args.disaggregation_mode, kv_transfer_backend=args.kv_transfer_backend,
             kv_transfer_addr=args.kv_transfer_addr, kv_transfer_timeout=args.kv_transfer_timeout,
             expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,

@@ -92,6 +92,7 @@ class WorkerSpec:
     kv_salt: str = ""
     kv_store_timeout_s: float = 1.0
     kv_store_probe_s: float = 5.0
+    kv_store_connections: int = 4
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
