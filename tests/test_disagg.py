@@ -155,6 +155,46 @@ def test_a_mismatched_model_fingerprint_is_refused(deployment) -> None:
     with pytest.raises(RouterSetupError, match="model fingerprint mismatch"):
         router._check({"http://p": {"mode": "prefill", "fingerprint": "a" * 32},
                        "http://d": {"mode": "decode", "fingerprint": "b" * 32}})
+    with pytest.raises(RouterSetupError, match="kv-transfer-backend"):
+        router._check({"http://p": {"mode": "prefill", "fingerprint": "a" * 32, "backend": "zmq"},
+                       "http://d": {"mode": "decode", "fingerprint": "a" * 32, "backend": "nixl"}})
+
+
+def nixl_missing() -> str | None:
+    from moeserve.kvstore.nixl_transfer import NixlUnavailable, _nixl_api
+
+    try:
+        _nixl_api()
+    except NixlUnavailable as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.skipif(nixl_missing() is not None, reason="the nixl package is not installed")
+def test_the_nixl_backend_reads_the_same_blocks(reference) -> None:
+    """Both roles with --kv-transfer-backend nixl: descriptors over the control socket, the bytes by a NIXL
+    read (UCX between two processes of this machine); the tokens are the colocated ones."""
+    common = ("--kv-cache-memory", str(32 << 20), "--kv-host-memory", "0", "--kv-transfer-backend", "nixl")
+    popen = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prefill, p_url, _ = serve_subprocess(*common, "--disaggregation-mode", "prefill", **popen)
+    try:
+        decode, d_url, _ = serve_subprocess(*common, "--disaggregation-mode", "decode", **popen)
+        try:
+            pair = {"p_url": p_url, "d_url": d_url}
+            assert prefill_then_decode(pair, PROMPTS[0], lambda: None) == reference[0]
+            block_bytes = 16 * 128 * 4 * 5
+            assert metric(d_url, "moeserve_kv_transfer_bytes_total", role="decode") == 3 * block_bytes
+            assert metric(d_url, "moeserve_kv_transfer_failures_total", role="decode") == 0
+            deadline = time.monotonic() + 5  # the prefill side counts the read once released
+            while metric(p_url, "moeserve_kv_transfer_bytes_total", role="prefill") != 3 * block_bytes:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        finally:
+            decode.kill()
+            decode.wait(30)
+    finally:
+        prefill.kill()
+        prefill.wait(30)
 
 
 def prefill_then_decode(deployment, prompt: list[int], between) -> str:  # noqa: ANN001

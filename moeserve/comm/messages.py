@@ -213,6 +213,7 @@ class KvLoadMsg:
     remote_fingerprint: str = ""
     remote_blocks: list[int] = dataclasses.field(default_factory=list)
     remote_timeout_s: float = 10.0
+    remote_backend: str = "zmq"  # how the bytes come: in the answer's frames (zmq) or by a NIXL read (nixl)
 
 
 @dataclass

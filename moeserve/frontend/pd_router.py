@@ -128,6 +128,10 @@ class DisaggRouter:
             raise RouterSetupError("model fingerprint mismatch: every instance must serve the same model ("
                                    + ", ".join(f"{u} has {p}" for u, p in prints.items()) + ")")
         self.fingerprint = str(next(iter(prints.values())))
+        backends = {inst.url: infos[inst.url].get("backend") for inst in [*self.prefill, *self.decode]}
+        if len(set(backends.values())) != 1:
+            raise RouterSetupError("every instance must use one --kv-transfer-backend ("
+                                   + ", ".join(f"{u} has {b}" for u, b in backends.items()) + ")")
 
     async def _watch(self) -> None:
         while True:

@@ -13,6 +13,7 @@ itself (a retry, never a failed request).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -20,8 +21,11 @@ from typing import Any
 from moeserve.comm.messages import KvLoadMsg
 from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.connector import LoadDone, LoadPlan, PendingLoad, QueuedConnector
+from moeserve.kvstore.nixl_transfer import NixlAgent
 from moeserve.kvstore.remote import HeldTransfers, KvTransferServer, TransferStats
 from moeserve.kvstore.transport import KvTransport
+
+logger = logging.getLogger(__name__)
 
 MODES = ("prefill", "decode")
 BACKENDS = ("zmq", "nixl")
@@ -106,10 +110,11 @@ class RemotePlan:
 class RemoteConnector(QueuedConnector):
     """The decode side: a request's prompt blocks come from the prefill instance that computed them."""
 
-    def __init__(self, transport: KvTransport, layout: BlockLayout, timeout_s: float):
+    def __init__(self, transport: KvTransport, layout: BlockLayout, timeout_s: float, backend: str = "zmq"):
         super().__init__(transport.num_ranks, transport)
         self.layout = layout
         self.timeout_s = timeout_s
+        self.backend = backend
         self.stats = TransferStats("decode")
 
     def plan_load(self, hashes: Sequence[int], tokens: Sequence[tuple[int, ...]],
@@ -125,7 +130,7 @@ class RemoteConnector(QueuedConnector):
         self._queue_load(lambda load_id: KvLoadMsg(
             load_id, [], [], [], [], [], remote_addr=plan.remote_addr, remote_id=plan.transfer_id,
             remote_hashes=hashes, remote_fingerprint=self.layout.fingerprint, remote_blocks=list(blocks),
-            remote_timeout_s=self.timeout_s), request_id, len(blocks))
+            remote_timeout_s=self.timeout_s, remote_backend=self.backend), request_id, len(blocks))
 
     def _finish(self, pending: PendingLoad, state: object) -> LoadDone:
         replies = list(pending.replies.values())
@@ -133,9 +138,7 @@ class RemoteConnector(QueuedConnector):
         errors = sorted({r.error for r in replies if r.error})
         self.stats.record(sum(r.bytes_read for r in replies), pending.seconds, not errors)
         if errors:
-            import logging
-
-            logging.getLogger(__name__).warning("KV transfer for %s failed (%s): computing the prompt here",
+            logger.warning("KV transfer for %s failed (%s): computing the prompt here",
                                                 pending.request_id, "; ".join(errors))
         return LoadDone(pending.request_id, got)
 
@@ -157,9 +160,10 @@ class RemoteConnector(QueuedConnector):
 class PrefillSide:
     """The prefill side: holds finished requests' blocks (``HeldTransfers``) for the transfer server."""
 
-    def __init__(self, caches: dict, layout: BlockLayout, bind: str, hold_s: float):
+    def __init__(self, caches: dict, layout: BlockLayout, bind: str, hold_s: float, backend: str = "zmq"):
         self.held = HeldTransfers(hold_s)
-        self.server = KvTransferServer(caches, layout, self.held, bind)
+        nixl = NixlAgent([caches[i] for i in sorted(caches)], "prefill") if backend == "nixl" else None
+        self.server = KvTransferServer(caches, layout, self.held, bind, nixl)
 
     @property
     def address(self) -> str:

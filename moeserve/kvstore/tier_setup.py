@@ -12,6 +12,7 @@ from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
 from moeserve.kvstore.connector import KVConnector
 from moeserve.kvstore.disagg import PrefillSide, RemoteConnector
 from moeserve.kvstore.mover import BlockMover
+from moeserve.kvstore.nixl_transfer import NixlAgent
 from moeserve.kvstore.store import KVStore, StoreConfigError, open_store, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
 from moeserve.kvstore.transport import LocalTransport
@@ -70,8 +71,10 @@ def build_connector(config: Any, kv_dim: int, stage_layers: list[int], bytes_per
         return build_tiers(config, kv_dim, stage_layers, bytes_per_token, runner, store)
     layout = stage_layouts(config, stage_layers, kv_dim)[0]  # one process (EngineConfig checks it)
     mover = BlockMover(runner.kv_caches, layout, 0, None)
+    nixl = NixlAgent(mover.caches, "decode") if config.kv_transfer_backend == "nixl" else None
     logger.info("decode instance: prompt blocks come from prefill instances (%s)", config.kv_transfer_backend)
-    return RemoteConnector(LocalTransport(mover), layout, config.kv_transfer_timeout)
+    return RemoteConnector(LocalTransport(mover, nixl), layout, config.kv_transfer_timeout,
+                           config.kv_transfer_backend)
 
 
 def build_prefill_side(config: Any, kv_dim: int, runner: Any) -> PrefillSide | None:
@@ -82,7 +85,7 @@ def build_prefill_side(config: Any, kv_dim: int, runner: Any) -> PrefillSide | N
     bind = config.kv_transfer_addr
     if bind.endswith(":0"):
         bind = bind[:-2] + ":*"  # ZeroMQ's any free port
-    side = PrefillSide(runner.kv_caches, layout, bind, config.kv_transfer_hold)
+    side = PrefillSide(runner.kv_caches, layout, bind, config.kv_transfer_hold, config.kv_transfer_backend)
     logger.info("prefill instance: KV transfer server at %s", side.address)
     return side
 

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from moeserve.comm.messages import KvLoadedMsg, KvLoadMsg, KvSaveMsg
 from moeserve.kvstore.mover import BlockMover, LoadReport
+from moeserve.kvstore.nixl_transfer import NixlAgent
 from moeserve.kvstore.remote import pull_remote_blocks
 
 
@@ -47,9 +48,11 @@ def counters_of(mover: BlockMover, rank: int, load_id: int = 0, report: LoadRepo
 class KvWorker:
     """One rank's loads and saves (see the module docstring)."""
 
-    def __init__(self, mover: BlockMover, rank: int):
+    def __init__(self, mover: BlockMover, rank: int, nixl: NixlAgent | None = None):
+        """``nixl``: this rank's NIXL agent, for remote loads by NIXL (a decode instance's)."""
         self.mover = mover
         self.rank = rank
+        self.nixl = nixl
         self._loads: queue.Queue[KvLoadMsg | None] = queue.Queue()
         self._done: queue.Queue[KvLoadedMsg] = queue.Queue()
         self.num_pending = 0  # loads not yet reported by ``poll``
@@ -73,7 +76,7 @@ class KvWorker:
                 return
             start = time.perf_counter()
             if msg.remote_addr:
-                report = pull_remote_blocks(self.mover, msg)
+                report = pull_remote_blocks(self.mover, msg, self.nixl)
             else:
                 report = self.mover.load_store([int(h, 16) for h in msg.store_hashes], msg.store_tokens,
                                                msg.store_blocks)
@@ -92,6 +95,8 @@ class KvWorker:
     def close(self) -> None:
         self._loads.put(None)
         self._thread.join(timeout=10)
+        if self.nixl is not None:
+            self.nixl.close()
         self.mover.close()
 
 
@@ -100,9 +105,9 @@ class LocalTransport:
 
     num_ranks = 1
 
-    def __init__(self, mover: BlockMover):
+    def __init__(self, mover: BlockMover, nixl: NixlAgent | None = None):
         self.mover = mover
-        self.worker = KvWorker(mover, 0)
+        self.worker = KvWorker(mover, 0, nixl)
 
     def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
         self.worker.submit(msg)

@@ -102,8 +102,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="serve one role: prefill (computes prompts, holds their latent blocks for a decode "
                          "instance to pull) or decode (pulls them, streams the tokens); behind `moeserve router "
                          "--prefill URL --decode URL` (default: both, colocated)")
-    pd.add_argument("--kv-transfer-backend", default="zmq", choices=("zmq",),
-                    help="how latent blocks move between instances (ZeroMQ: msgpack control, raw byte frames)")
+    pd.add_argument("--kv-transfer-backend", default="zmq", choices=("zmq", "nixl"),
+                    help="how latent blocks move between instances: zmq (msgpack control, raw byte frames on the "
+                         "same socket) or nixl (a NIXL read between registered caches: UCX over shared memory or "
+                         "TCP, CUDA IPC or RDMA on GPUs; needs the nixl package); both roles give the same")
     pd.add_argument("--kv-transfer-addr", default="tcp://127.0.0.1:0",
                     help="a prefill instance's transfer server address (port 0: any free port)")
     pd.add_argument("--kv-transfer-timeout", type=float, default=10.0,
