@@ -30,14 +30,12 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client.parser import text_string_to_metric_families
 
 from moeserve.errors import UserError
+from moeserve.frontend.pd_metrics import router_metrics
 from moeserve.frontend.router import PrefixIndex, choose_replica
 
 CHUNK_CHARS = 128  # the affinity index hashes the prompt text in chunks of this many characters
-TRANSFER_FAMILIES = ("moeserve_kv_transfer_bytes", "moeserve_kv_transfer_seconds", "moeserve_kv_transfers",
-                     "moeserve_kv_transfer_failures")
 
 
 class RouterSetupError(UserError):
@@ -275,26 +273,9 @@ class DisaggRouter:
 
     async def metrics_text(self) -> str:
         """The router's own series, then each instance's transfer families labelled with its URL."""
-        lines = ["# TYPE moeserve_router_requests counter"]
-        lines += [f'moeserve_router_requests_total{{role="{r}",instance="{u}",outcome="{o}"}} {n}'
-                  for (r, u, o), n in sorted(self.counts.items())]
-        lines.append("# TYPE moeserve_router_instance_up gauge")
-        lines += [f'moeserve_router_instance_up{{role="{i.role}",instance="{i.url}"}} {int(i.up)}'
-                  for i in [*self.prefill, *self.decode]]
-        texts = await asyncio.gather(*(self._scrape(i) for i in [*self.prefill, *self.decode]))
-        typed: set[str] = set()
-        for inst, text in zip([*self.prefill, *self.decode], texts):
-            for family in text_string_to_metric_families(text):
-                if family.name not in TRANSFER_FAMILIES:
-                    continue
-                if family.name not in typed:
-                    typed.add(family.name)
-                    lines.append(f"# TYPE {family.name} {family.type}")
-                for s in family.samples:
-                    labels = {**s.labels, "instance": inst.url}
-                    shown = ",".join(f'{k}="{v}"' for k, v in labels.items())
-                    lines.append(f"{s.name}{{{shown}}} {s.value}")
-        return "\n".join(lines) + "\n"
+        instances = [*self.prefill, *self.decode]
+        texts = await asyncio.gather(*(self._scrape(i) for i in instances))
+        return router_metrics(self.counts, [(i.role, i.url, i.up) for i in instances], texts)
 
     async def _scrape(self, inst: Instance) -> str:
         if not inst.up:

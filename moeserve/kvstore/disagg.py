@@ -22,7 +22,8 @@ from moeserve.comm.messages import KvLoadMsg
 from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.connector import LoadDone, LoadPlan, PendingLoad, QueuedConnector
 from moeserve.kvstore.nixl_transfer import NixlAgent
-from moeserve.kvstore.remote import HeldTransfers, KvTransferServer, TransferStats
+from moeserve.kvstore.remote import TransferStats
+from moeserve.kvstore.transfer_server import HeldTransfers, KvTransferServer
 from moeserve.kvstore.transport import KvTransport
 
 logger = logging.getLogger(__name__)
