@@ -143,9 +143,8 @@ def test_a_mismatched_model_fingerprint_is_refused(deployment) -> None:
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(addr)
-    sock.send(msgpack.packb({"op": "pull", "transfer_id": "x", "hashes": [], "fingerprint": "0" * 32,
-                             "dtype": "float32", "block_size": 16, "layer_start": 0, "num_layers": 5,
-                             "kv_dim": 128}))
+    sock.send(msgpack.packb({"op": "resolve", "transfer_id": "x", "hashes": [], "fingerprint": "0" * 32,
+                             "dtype": "float32", "block_size": 16, "kv_dim": 128}))
     assert sock.poll(10_000)
     head = msgpack.unpackb(sock.recv_multipart()[0])
     sock.close()
@@ -195,6 +194,35 @@ def test_the_nixl_backend_reads_the_same_blocks(reference) -> None:
     finally:
         prefill.kill()
         prefill.wait(30)
+
+
+def test_a_pp2_prefill_instance_hands_over_to_a_tp2_decode_instance(reference) -> None:
+    """Roles on other layouts (engines in this process, their ranks as processes): each stage of the prefill
+    instance serves its layers, each decode rank pulls its own (tp ranks each their copy); same tokens."""
+    from moeserve.kvstore.disagg import KvTransferParams
+
+    kw = dict(kv_cache_memory=32 << 20, kv_host_memory=0)
+    prefill = Engine(EngineConfig(pp=2, disaggregation_mode="prefill", **kw))
+    try:
+        decode = Engine(EngineConfig(tp=2, disaggregation_mode="decode", **kw))
+        try:
+            assert prefill.prefill_side is not None and len(prefill.prefill_side.server.sources) == 2
+            for i in (0, 1):
+                tid = uuid.uuid4().hex
+                once = KvTransferParams(tid, do_remote_decode=True).to_json()
+                prefill.generate([PROMPTS[i]], SamplingParams(max_tokens=1, temperature=0.0, kv_transfer=once))
+                pull = KvTransferParams(tid, remote_addr=prefill.prefill_side.address,
+                                        fingerprint=prefill.fingerprint).to_json()
+                out = decode.generate([PROMPTS[i]], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                                   ignore_eos=True, kv_transfer=pull))
+                assert out[0].output_text == reference[i]
+            snap = decode.kv.connector.snapshot()  # type: ignore[union-attr]
+            block_bytes = 16 * 128 * 4 * 5
+            assert snap["transfer_failures"] == 0 and snap["transfer_bytes"] == 2 * (3 + 2) * block_bytes
+        finally:
+            decode.close()
+    finally:
+        prefill.close()
 
 
 def prefill_then_decode(deployment, prompt: list[int], between) -> str:  # noqa: ANN001

@@ -233,7 +233,18 @@ class KvLoadedMsg:
     error: str = ""  # why the remote blocks did not come (refused, timed out, ...)
 
 
-MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
+@dataclass
+class KvServerMsg:
+    """A prefill instance's rank serves its stage's layers of held blocks here (kvstore/transfer_server.py);
+    sent once, before ReadyMsg, by tp rank 0 of each stage."""
+
+    rank: int
+    address: str
+    layer_start: int
+    num_layers: int
+
+
+MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (KvServerMsg, StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
                                                                 ShutdownMsg, StatsRequestMsg, StatsMsg,
                                                                 PreflightMsg, KvSaveMsg, KvLoadMsg,
                                                                 KvLoadedMsg,

@@ -113,8 +113,6 @@ class EngineConfig:
             raise ValueError(f"disaggregation_mode must be prefill or decode, got {self.disaggregation_mode!r}")
         if self.kv_transfer_backend not in ("zmq", "nixl"):
             raise ValueError(f"kv_transfer_backend must be zmq or nixl, got {self.kv_transfer_backend!r}")
-        if self.disaggregation_mode and self.is_distributed:
-            raise ValueError("--disaggregation-mode runs one-process instances for now (pp = tp = 1)")
         if not self.kv_transfer_addr.startswith("tcp://") or self.kv_transfer_timeout <= 0 \
                 or self.kv_transfer_hold <= 0:
             raise ValueError("kv_transfer_addr must be tcp://host:port; kv_transfer_timeout and kv_transfer_hold "

@@ -79,7 +79,7 @@ class Engine(EngineStep):
         connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner,
                                     kv_store)
         self.kv = KVCacheManager(num_blocks, config.effective_block_size, connector=connector)
-        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, self.runner)
+        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, stage_layers, self.runner)
         self.fingerprint = model_fingerprint(config.model_path, config.load_format, config.weights_seed) \
             if config.disaggregation_mode else ""
         self.expert_load = ExpertLoadMonitor(self.runner, self.model_config, config.expert_load_interval,

@@ -27,6 +27,7 @@ from moeserve.comm.messages import (
     KvLoadedMsg,
     KvLoadMsg,
     KvSaveMsg,
+    KvServerMsg,
     LogitsMsg,
     PreflightMsg,
     ReadyMsg,
@@ -107,6 +108,8 @@ class DistributedExecutor:
         self.preflight: PreflightMsg | None = None
         self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
         self._kv_reports: list[KvLoadedMsg] = []  # finished loads, until kv_poll
+        # a prefill instance's stage block servers: (address, first layer, number of layers)
+        self.kv_block_servers: list[tuple[str, int, int]] = []
         self._kv_polled = 0.0
         # statistics and placement messages go to their handler whenever they arrive (coordinator/load_monitor.py)
         self.sinks: dict[type, Callable[[Any], None]] = {}
@@ -115,6 +118,8 @@ class DistributedExecutor:
                 msg = self._receive(startup_timeout_s, "start")
                 if isinstance(msg, ReadyMsg):
                     self.loaded_bytes[msg.rank] = msg.loaded_bytes
+                elif isinstance(msg, KvServerMsg):
+                    self.kv_block_servers.append((msg.address, msg.layer_start, msg.num_layers))
                 elif isinstance(msg, PreflightMsg):
                     self.preflight = msg
                     logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",

@@ -22,8 +22,8 @@ from moeserve.comm.messages import KvLoadMsg
 from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.connector import LoadDone, LoadPlan, PendingLoad, QueuedConnector
 from moeserve.kvstore.nixl_transfer import NixlAgent
-from moeserve.kvstore.remote import TransferStats
-from moeserve.kvstore.transfer_server import HeldTransfers, KvTransferServer
+from moeserve.kvstore.remote import TransferStats, layout_fields, send_release
+from moeserve.kvstore.transfer_server import HeldTransfers, KvBlockServer, KvTransferServer
 from moeserve.kvstore.transport import KvTransport
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,7 @@ class RemoteConnector(QueuedConnector):
         self.timeout_s = timeout_s
         self.backend = backend
         self.stats = TransferStats("decode")
+        self._release_sockets: dict = {}  # prefill transfer address -> a DEALER (kvstore/remote.py)
 
     def plan_load(self, hashes: Sequence[int], tokens: Sequence[tuple[int, ...]],
                   kv_transfer: str | None) -> RemotePlan | None:
@@ -131,17 +132,19 @@ class RemoteConnector(QueuedConnector):
         self._queue_load(lambda load_id: KvLoadMsg(
             load_id, [], [], [], [], [], remote_addr=plan.remote_addr, remote_id=plan.transfer_id,
             remote_hashes=hashes, remote_fingerprint=self.layout.fingerprint, remote_blocks=list(blocks),
-            remote_timeout_s=self.timeout_s, remote_backend=self.backend), request_id, len(blocks))
+            remote_timeout_s=self.timeout_s, remote_backend=self.backend), request_id, plan)
 
     def _finish(self, pending: PendingLoad, state: object) -> LoadDone:
+        """Every rank has its layers (or failed): the prefill instance's hold can go."""
+        assert isinstance(state, RemotePlan)
+        send_release(self._release_sockets, state.remote_addr, state.transfer_id)
         replies = list(pending.replies.values())
-        got = pending.num_loaded
         errors = sorted({r.error for r in replies if r.error})
         self.stats.record(sum(r.bytes_read for r in replies), pending.seconds, not errors)
         if errors:
-            logger.warning("KV transfer for %s failed (%s): computing the prompt here",
-                                                pending.request_id, "; ".join(errors))
-        return LoadDone(pending.request_id, got)
+            logger.warning("KV transfer for %s failed (%s): computing the prompt here", pending.request_id,
+                           "; ".join(errors))
+        return LoadDone(pending.request_id, pending.num_loaded)
 
     def save(self, blocks: Sequence[int], hashes: Sequence[int], tokens: Sequence[tuple[int, ...]]) -> None:
         """Nothing: a decode instance keeps its blocks in its own prefix cache only."""
@@ -153,18 +156,31 @@ class RemoteConnector(QueuedConnector):
         return self.stats.snapshot()
 
     def close(self) -> None:
+        for sock in self._release_sockets.values():
+            sock.close()
         close = getattr(self.transport, "close", None)
         if close is not None:
             close()
 
 
-class PrefillSide:
-    """The prefill side: holds finished requests' blocks (``HeldTransfers``) for the transfer server."""
+def block_server(caches: dict, layout: BlockLayout, bind: str, backend: str) -> KvBlockServer:
+    """A rank's block server (its layers of held blocks), with a NIXL agent for the nixl backend."""
+    nixl = NixlAgent([caches[i] for i in sorted(caches)], "prefill") if backend == "nixl" else None
+    return KvBlockServer(caches, layout, bind, nixl)
 
-    def __init__(self, caches: dict, layout: BlockLayout, bind: str, hold_s: float, backend: str = "zmq"):
+
+class PrefillSide:
+    """The prefill side: holds finished requests' blocks (``HeldTransfers``) and answers at the transfer
+    address (``KvTransferServer``); the layers are served by each stage's ``KvBlockServer`` (``sources``:
+    the stage workers', or ``local`` for a one-process instance)."""
+
+    def __init__(self, layout: BlockLayout, bind: str, hold_s: float, block_bytes: int,
+                 sources: list[tuple[str, int, int]], local: KvBlockServer | None = None):
         self.held = HeldTransfers(hold_s)
-        nixl = NixlAgent([caches[i] for i in sorted(caches)], "prefill") if backend == "nixl" else None
-        self.server = KvTransferServer(caches, layout, self.held, bind, nixl)
+        self.local = local
+        if local is not None:
+            sources = [(local.address, min(local.caches), len(local.caches))]
+        self.server = KvTransferServer(layout_fields(layout), self.held, bind, sources, block_bytes)
 
     @property
     def address(self) -> str:
@@ -175,3 +191,5 @@ class PrefillSide:
 
     def close(self) -> None:
         self.server.close()
+        if self.local is not None:
+            self.local.close()

@@ -53,19 +53,21 @@ class NixlAgent:
     def metadata(self) -> bytes:
         return bytes(self.agent.get_agent_metadata())
 
-    def descriptors(self, blocks: Sequence[int]) -> list[list[int]]:
-        """[address, length, device] of each layer's row of each block, layer-major."""
+    def descriptors(self, blocks: Sequence[int], caches: Sequence[torch.Tensor] | None = None) -> list[list[int]]:
+        """[address, length, device] of each layer's row of each block, layer-major (``caches``: those layers
+        of the registered ones; default all)."""
         out = []
-        for cache in self.caches:
+        for cache in self.caches if caches is None else caches:
             row = cache[0].numel() * cache.element_size()
             dev = cache.device.index or 0
             out += [[cache[b].data_ptr(), row, dev] for b in blocks]
         return out
 
-    def read(self, remote_metadata: bytes, remote: list[list[int]], blocks: Sequence[int], timeout_s: float) -> str:
-        """READ ``remote`` (descriptors, as ``descriptors`` gives them) into this rank's ``blocks``: "" when
-        done, else why not."""
-        local = self.descriptors(blocks)
+    def read(self, remote_metadata: bytes, remote: list[list[int]], blocks: Sequence[int], timeout_s: float,
+             caches: Sequence[torch.Tensor] | None = None) -> str:
+        """READ ``remote`` (descriptors, as ``descriptors`` gives them) into this rank's ``blocks`` of
+        ``caches`` (default all layers): "" when done, else why not."""
+        local = self.descriptors(blocks, caches)
         if len(local) != len(remote) or any(lr[1] != rr[1] for lr, rr in zip(local, remote)):
             return "the remote blocks do not match this cache's layout"
         name = self._remotes.get(remote_metadata)

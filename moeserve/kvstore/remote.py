@@ -37,9 +37,9 @@ TRANSFER_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 
 
 def layout_fields(layout: BlockLayout) -> dict:
-    """What both sides must agree on for the bytes to mean the same latents."""
+    """What both sides must agree on for the bytes to mean the same latents (the layers are asked apart)."""
     return {"fingerprint": layout.fingerprint, "dtype": layout.dtype, "block_size": layout.block_size,
-            "layer_start": layout.layer_start, "num_layers": layout.num_layers, "kv_dim": layout.kv_dim}
+            "kv_dim": layout.kv_dim}
 
 
 @dataclass
@@ -73,79 +73,111 @@ class TransferStats:
 
 # ---- the decode side: pull ----
 
-def pull_remote_blocks(mover: BlockMover, msg: KvLoadMsg, nixl: NixlAgent | None = None) -> LoadReport:
-    """Pull the blocks of ``msg`` (its ``remote_*`` fields) into this rank's cache: how many, from the first,
-    arrived. A refusal, a timeout or a broken answer loads nothing (the engine recomputes). With ``nixl``
-    (``msg.remote_backend == "nixl"``) the answer holds descriptors and the bytes come by a NIXL read."""
+class TransferFailed(RuntimeError):
+    """A pull that did not work (refused, timed out, broken): the decode instance computes the prompt."""
+
+
+def ask(addr: str, body: dict, deadline: float) -> list:
+    """One request to a transfer server and its answer's frames (the header parsed, checked ok, first)."""
     ctx: zmq.Context = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 500)  # the release after a NIXL read still goes out as the socket closes
-    start = time.monotonic()
+    sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(msg.remote_addr)
-        sock.send(msgpack.packb({"op": "pull", "transfer_id": msg.remote_id, "hashes": msg.remote_hashes,
-                                 "backend": msg.remote_backend, **layout_fields(mover.layout)}, use_bin_type=True))
-        if not sock.poll(int(msg.remote_timeout_s * 1000)):
-            return LoadReport(0, 0, 0, f"no answer from {msg.remote_addr} within {msg.remote_timeout_s:.1f} s")
+        sock.connect(addr)
+        sock.send(msgpack.packb(body, use_bin_type=True))
+        if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            raise TransferFailed(f"no answer from {addr} in time")
         frames = sock.recv_multipart(copy=False)
-        if msg.remote_backend != "nixl":
-            return _copy_in(mover, msg, frames)
-        assert nixl is not None, "a NIXL pull on a rank without a NIXL agent"
-        report = _read_nixl(mover, msg, frames, nixl, msg.remote_timeout_s - (time.monotonic() - start))
-        sock.send(msgpack.packb({"op": "release", "transfer_id": msg.remote_id}, use_bin_type=True))
-        return report
     except zmq.ZMQError as e:
-        return LoadReport(0, 0, 0, f"transfer from {msg.remote_addr} failed: {e}")
+        raise TransferFailed(f"transfer from {addr} failed: {e}") from e
     finally:
         sock.close()
-
-
-def _read_nixl(mover: BlockMover, msg: KvLoadMsg, frames: list, nixl: NixlAgent, timeout_s: float) -> LoadReport:
     try:
         head = msgpack.unpackb(frames[0].bytes, raw=False)
-        ok, error, n = bool(head["ok"]), str(head.get("error", "")), int(head.get("num_blocks", 0))
-        agent, descs = bytes(head.get("agent", b"")), [[int(x) for x in d] for d in head.get("descs", [])]
+        ok, error = bool(head["ok"]), str(head.get("error", ""))
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
-        return LoadReport(0, 0, 0, f"malformed transfer header: {e}")
+        raise TransferFailed(f"malformed transfer header from {addr}: {e}") from e
     if not ok:
-        return LoadReport(0, 0, 0, error or "refused")
-    n = min(n, len(msg.remote_blocks))
-    if n == 0:
-        return LoadReport(0, 0, 0)
-    per_layer = len(descs) // len(mover.caches)
-    mine = [d for layer in range(len(mover.caches)) for d in descs[layer * per_layer:layer * per_layer + n]]
-    why = nixl.read(agent, mine, msg.remote_blocks[:n], max(0.1, timeout_s))
-    if why:
-        return LoadReport(0, 0, 0, why)
-    return LoadReport(n, sum(d[1] for d in mine), 0)
+        raise TransferFailed(error or "refused")
+    return [head, *frames[1:]]
 
 
-def _copy_in(mover: BlockMover, msg: KvLoadMsg, frames: list) -> LoadReport:
+def pull_remote_blocks(mover: BlockMover, msg: KvLoadMsg, nixl: NixlAgent | None = None) -> LoadReport:
+    """Pull this rank's layers of the blocks of ``msg`` (its ``remote_*`` fields): ask the prefill instance
+    which held blocks match and where their layers are, then read each overlapping stage's layers straight
+    into this rank's cache (frames, or a NIXL read when ``msg.remote_backend`` is nixl). Returns how many
+    blocks, from the first, arrived; a refusal, a timeout or a broken answer loads nothing."""
+    deadline = time.monotonic() + msg.remote_timeout_s
+    mine = layout_fields(mover.layout)
     try:
-        head = msgpack.unpackb(frames[0].bytes, raw=False)
-        ok, error, n = bool(head["ok"]), str(head.get("error", "")), int(head.get("num_blocks", 0))
-    except (ValueError, KeyError, TypeError, msgpack.UnpackException) as e:
-        return LoadReport(0, 0, 0, f"malformed transfer header: {e}")
-    if not ok:
-        return LoadReport(0, 0, 0, error or "refused")
-    n = min(n, len(msg.remote_blocks))
-    layout = mover.layout
-    per_layer = n * layout.block_size * layout.kv_dim * mover.caches[0].element_size()
-    if len(frames) != 1 + len(mover.caches) or any(len(f.buffer) != per_layer for f in frames[1:]):
-        return LoadReport(0, 0, 0, "the transfer's frames do not match the cache layout")
-    if n == 0:
-        return LoadReport(0, 0, 0)
-    idx = to_device(torch.tensor(list(msg.remote_blocks[:n])), mover.device)
-    for cache, frame in zip(mover.caches, frames[1:]):
-        with warnings.catch_warnings():  # a read-only buffer: it is only copied from
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(frame.buffer, dtype=cache.dtype).view(n, *cache.shape[1:])
-        cache.index_copy_(0, idx, to_device(src, mover.device))
+        head = ask(msg.remote_addr, {"op": "resolve", "transfer_id": msg.remote_id, "hashes": msg.remote_hashes,
+                                     **mine}, deadline)[0]
+        n = min(int(head["num_blocks"]), len(msg.remote_blocks))
+        remote_blocks = [int(b) for b in head["blocks"][:n]]
+        if n == 0:
+            return LoadReport(0, 0, 0)
+        start = mover.layout.layer_start
+        end = start + mover.layout.num_layers
+        covered, nbytes = 0, 0
+        for addr, first, count in head["sources"]:
+            lo, hi = max(int(first), start), min(int(first) + int(count), end)
+            if lo >= hi:
+                continue
+            body = {"op": "descs" if msg.remote_backend == "nixl" else "read", "blocks": remote_blocks,
+                    "layer_start": lo, "layer_end": hi, **mine}
+            frames = ask(str(addr), body, deadline)
+            layers = [mover.caches[mover.layers.index(i)] for i in range(lo, hi)]
+            nbytes += _copy_in(layers, msg.remote_blocks[:n], frames) if msg.remote_backend != "nixl" else \
+                _read_nixl(nixl, layers, msg.remote_blocks[:n], frames[0], deadline)
+            covered += hi - lo
+        if covered != end - start:
+            raise TransferFailed(f"the prefill instance's stages do not cover layers {start}-{end}")
+    except TransferFailed as e:
+        return LoadReport(0, 0, 0, str(e))
     if mover.device.type != "cpu":  # the report says the blocks are in: let the copies land first
         landed = torch.Event(device=mover.device)
         landed.record()
         landed.synchronize()
-    return LoadReport(n, per_layer * len(mover.caches), 0)
+    return LoadReport(n, nbytes, 0)
+
+
+def _copy_in(layers: list[torch.Tensor], blocks: list[int], frames: list) -> int:
+    n = len(blocks)
+    per_layer = n * layers[0][0].numel() * layers[0].element_size()
+    if len(frames) != 1 + len(layers) or any(len(f.buffer) != per_layer for f in frames[1:]):
+        raise TransferFailed("the transfer's frames do not match the cache layout")
+    idx = to_device(torch.tensor(blocks), layers[0].device)
+    for cache, frame in zip(layers, frames[1:]):
+        with warnings.catch_warnings():  # a read-only buffer: it is only copied from
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(frame.buffer, dtype=cache.dtype).view(n, *cache.shape[1:])
+        cache.index_copy_(0, idx, to_device(src, cache.device))
+    return per_layer * len(layers)
+
+
+def _read_nixl(nixl: NixlAgent | None, layers: list[torch.Tensor], blocks: list[int], head: dict,
+               deadline: float) -> int:
+    if nixl is None:
+        raise TransferFailed("a NIXL pull on a rank without a NIXL agent")
+    descs = [[int(x) for x in d] for d in head.get("descs", [])]
+    why = nixl.read(bytes(head.get("agent", b"")), descs, blocks, max(0.1, deadline - time.monotonic()), layers)
+    if why:
+        raise TransferFailed(why)
+    return sum(d[1] for d in descs)
+
+
+def send_release(sockets: dict[str, zmq.Socket], addr: str, transfer_id: str) -> None:
+    """Tell a prefill instance its hold can go (no answer awaited; one DEALER per address, kept)."""
+    sock = sockets.get(addr)
+    if sock is None:
+        sock = sockets[addr] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.connect(addr)
+    try:
+        sock.send(msgpack.packb({"op": "release", "transfer_id": transfer_id}, use_bin_type=True), zmq.NOBLOCK)
+    except zmq.ZMQError:
+        pass  # the hold expires instead
 
 
 def header(ok: bool, error: str, num_blocks: int = 0) -> bytes:

@@ -1,6 +1,8 @@
 """A prefill instance's side of the KV transfer (kvstore/remote.py has the wire and the puller's side):
-``HeldTransfers`` keeps finished requests' blocks by transfer id until a decode instance has pulled them (or
-their time is up), and ``KvTransferServer`` answers pulls on a ROUTER socket in a thread."""
+``HeldTransfers`` keeps finished requests' blocks by transfer id until the decode instance has them all (or
+their time is up); the coordinator's ``KvTransferServer`` says which blocks match and where their layers are;
+each stage's ``KvBlockServer`` (on tp rank 0 of the stage, or in the one process) serves its layers. Each is a
+ROUTER socket answered on a thread."""
 
 from __future__ import annotations
 
@@ -76,25 +78,17 @@ class HeldTransfers:
             return len(self._held)
 
 
-class KvTransferServer:
-    """A prefill instance's side: a ROUTER socket on a thread, serving pulls of held blocks."""
+class _RouterThread:
+    """A ROUTER socket answered on a thread: ``_answer`` turns a request's frames into the reply's."""
 
-    def __init__(self, caches: dict[int, torch.Tensor], layout: BlockLayout, held: HeldTransfers, bind: str,
-                 nixl: NixlAgent | None = None):
-        """``nixl``: this instance's NIXL agent (its caches registered), to answer NIXL pulls."""
-        self.caches = [caches[i] for i in sorted(caches)]
-        self.layout = layout
-        self.held = held
-        self.nixl = nixl
-        self._lent: dict[str, tuple[int, float]] = {}  # NIXL pulls answered, until released: bytes, start
-        self.stats = TransferStats("prefill")
+    def __init__(self, bind: str, name: str):
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(bind)
         self.address = str(self._sock.getsockopt_string(zmq.LAST_ENDPOINT))
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="kv-transfer-server", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
@@ -102,75 +96,115 @@ class KvTransferServer:
             if not self._sock.poll(200):
                 continue
             identity, *frames = self._sock.recv_multipart()
-            start = time.perf_counter()
             try:
-                reply = self._answer(frames)
-            except Exception as e:  # noqa: BLE001 - a bad pull gets an error answer; the server goes on
+                if len(frames) != 1:
+                    raise ValueError("a request is one msgpack frame")
+                body = msgpack.unpackb(frames[0], raw=False)
+                if not isinstance(body, dict):
+                    raise ValueError("a request is a msgpack map")
+                reply = self._answer(body)
+            except Exception as e:  # noqa: BLE001 - a bad request gets an error answer; the server goes on
                 reply = [header(False, f"{type(e).__name__}: {e}")]
             self._sock.send_multipart([identity, *reply], copy=False)
-            if len(reply) > 1:  # frames sent: a ZeroMQ transfer, done
-                nbytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in reply[1:])
-                self.stats.record(nbytes, time.perf_counter() - start, True)
 
-    def _answer(self, frames: list[bytes]) -> list:
-        if len(frames) != 1:
-            return [header(False, "a pull is one msgpack frame")]
-        pull = msgpack.unpackb(frames[0], raw=False)
-        if isinstance(pull, dict) and pull.get("op") == "release":
-            self._release(str(pull.get("transfer_id")))
-            return [header(True, "")]
-        if not isinstance(pull, dict) or pull.get("op") != "pull":
-            return [header(False, "not a pull")]
-        mine = layout_fields(self.layout)
-        theirs = {k: pull.get(k) for k in mine}
-        if theirs != mine:
-            what = "model fingerprint" if theirs["fingerprint"] != mine["fingerprint"] else "cache layout"
-            return [header(False, f"{what} mismatch: this prefill instance has {mine}, the puller {theirs}")]
-        tid, hashes = str(pull.get("transfer_id")), [str(h) for h in pull.get("hashes", [])]
-        if pull.get("backend") == "nixl":
-            return self._descriptors(tid, hashes)
-        held = self.held.take(tid)
-        if held is None:
-            return [header(False, f"unknown or expired transfer id {tid!r}")]
-        try:
-            return self._blocks(held, hashes)
-        finally:
-            self.held.done(held)
-
-    def _descriptors(self, tid: str, hashes: list[str]) -> list:
-        """A NIXL pull: where the held blocks are (the hold stays until ``release``)."""
-        if self.nixl is None:
-            return [header(False, "this prefill instance has no NIXL agent (--kv-transfer-backend nixl)")]
-        held = self.held.peek(tid)
-        if held is None:
-            return [header(False, f"unknown or expired transfer id {tid!r}")]
-        first, n = _matching(held, hashes)
-        blocks = held.blocks[first:first + n]
-        descs = self.nixl.descriptors(blocks)
-        self._lent[tid] = (sum(d[1] for d in descs), time.perf_counter())
-        return [msgpack.packb({"ok": True, "error": "", "num_blocks": n, "agent": self.nixl.metadata,
-                               "descs": descs}, use_bin_type=True)]
-
-    def _release(self, tid: str) -> None:
-        held = self.held.take(tid)
-        if held is not None:
-            self.held.done(held)
-        lent = self._lent.pop(tid, None)
-        if lent is not None:
-            self.stats.record(lent[0], time.perf_counter() - lent[1], True)
-
-    def _blocks(self, held: _Held, hashes: list[str]) -> list:
-        first, n = _matching(held, hashes)
-        if n == 0:
-            return [header(True, "", 0), *(b"" for _ in self.caches)]
-        idx = to_device(torch.tensor(held.blocks[first:first + n]), self.caches[0].device)
-        layers = [c.index_select(0, idx).cpu().contiguous() for c in self.caches]
-        return [header(True, "", n), *(t.view(torch.uint8).numpy() for t in layers)]
+    def _answer(self, body: dict) -> list:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         self._ctx.destroy(linger=0)
+
+
+def check_layout(mine: dict, body: dict) -> str:
+    """"" when the request's model and cache layout are this side's, else what differs."""
+    theirs = {k: body.get(k) for k in mine}
+    if theirs == mine:
+        return ""
+    what = "model fingerprint" if theirs["fingerprint"] != mine["fingerprint"] else "cache layout"
+    return f"{what} mismatch: this prefill instance has {mine}, the puller {theirs}"
+
+
+class KvTransferServer(_RouterThread):
+    """A prefill instance's transfer address (its coordinator): ``resolve`` says which held blocks match a
+    decode rank's hashes and where their layers are served (``sources``: ``KvBlockServer``s, one per stage);
+    ``release`` lets the hold go once the decode instance has them all."""
+
+    def __init__(self, layout_fields_: dict, held: HeldTransfers, bind: str,
+                 sources: list[tuple[str, int, int]], block_bytes: int):
+        """``layout_fields_``: fingerprint, dtype, block size and kv_dim a puller must have; ``sources``:
+        (address, first layer, number of layers) of each stage's block server; ``block_bytes``: one block's
+        latent over every layer (what a transfer moves per block)."""
+        self.mine = layout_fields_
+        self.held = held
+        self.sources = sources
+        self.block_bytes = block_bytes
+        self.stats = TransferStats("prefill")
+        self._resolved: dict[str, tuple[int, float]] = {}  # transfer -> (bytes handed over, when resolved)
+        super().__init__(bind, "kv-transfer-server")
+
+    def _answer(self, body: dict) -> list:
+        tid = str(body.get("transfer_id"))
+        if body.get("op") == "release":
+            held = self.held.take(tid)
+            if held is not None:
+                self.held.done(held)
+            resolved = self._resolved.pop(tid, None)
+            if resolved is not None:
+                self.stats.record(resolved[0], time.perf_counter() - resolved[1], True)
+            return [header(True, "")]
+        if body.get("op") != "resolve":
+            return [header(False, "not a transfer request")]
+        why = check_layout(self.mine, body)
+        if why:
+            return [header(False, why)]
+        held = self.held.peek(tid)
+        if held is None:
+            return [header(False, f"unknown or expired transfer id {tid!r}")]
+        first, n = _matching(held, [str(h) for h in body.get("hashes", [])])
+        self._resolved.setdefault(tid, (n * self.block_bytes, time.perf_counter()))
+        return [msgpack.packb({"ok": True, "error": "", "num_blocks": n, "blocks": held.blocks[first:first + n],
+                               "sources": [list(src) for src in self.sources]}, use_bin_type=True)]
+
+
+class KvBlockServer(_RouterThread):
+    """Serves one rank's layers of given blocks: ``read`` answers with one raw frame per layer asked for
+    (``[n, block_size, kv_dim]``, sent from the gathered tensor without a copy); ``descs`` (NIXL) with the
+    agent's metadata and an ``[address, length, device]`` descriptor per layer and block."""
+
+    def __init__(self, caches: dict[int, torch.Tensor], layout: BlockLayout, bind: str,
+                 nixl: NixlAgent | None = None):
+        self.caches = dict(caches)
+        self.mine = layout_fields(layout)
+        self.nixl = nixl
+        super().__init__(bind, "kv-block-server")
+
+    def _answer(self, body: dict) -> list:
+        why = check_layout(self.mine, body)
+        if why:
+            return [header(False, why)]
+        start, end = int(body.get("layer_start", -1)), int(body.get("layer_end", -1))
+        if not (start < end and all(i in self.caches for i in range(start, end))):
+            return [header(False, f"layers {start}-{end} are not this rank's ({min(self.caches)}-"
+                                  f"{max(self.caches) + 1})")]
+        blocks = [int(b) for b in body.get("blocks", [])]
+        layers = [self.caches[i] for i in range(start, end)]
+        if body.get("op") == "descs":
+            if self.nixl is None:
+                return [header(False, "this prefill instance has no NIXL agent (--kv-transfer-backend nixl)")]
+            descs = self.nixl.descriptors(blocks, layers)
+            return [msgpack.packb({"ok": True, "error": "", "num_blocks": len(blocks), "agent": self.nixl.metadata,
+                                   "descs": descs}, use_bin_type=True)]
+        if body.get("op") != "read":
+            return [header(False, "not a read")]
+        if not blocks:
+            return [header(True, "", 0), *(b"" for _ in layers)]
+        idx = to_device(torch.tensor(blocks), layers[0].device)
+        data = [c.index_select(0, idx).cpu().contiguous() for c in layers]
+        return [header(True, "", len(blocks)), *(t.view(torch.uint8).numpy() for t in data)]
+
+    def close(self) -> None:
+        super().close()
         if self.nixl is not None:
             self.nixl.close()
 

@@ -29,6 +29,7 @@ from moeserve.comm.messages import (
     ExpertLoadRequestMsg,
     KvLoadMsg,
     KvSaveMsg,
+    KvServerMsg,
     LogitsMsg,
     PlacementMsg,
     PlacementReadyMsg,
@@ -47,7 +48,7 @@ from moeserve.comm.topology import ParallelDims
 from moeserve.dtypes import DTYPES
 from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
-from moeserve.kvstore.tier_setup import worker_mover
+from moeserve.kvstore.tier_setup import worker_block_server, worker_mover, worker_nixl
 from moeserve.kvstore.transport import KvWorker
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
@@ -93,6 +94,9 @@ class WorkerSpec:
     kv_store_timeout_s: float = 1.0
     kv_store_probe_s: float = 5.0
     kv_store_connections: int = 4
+    disaggregation_mode: str = ""  # prefill: tp rank 0 serves its stage's layers; decode: ranks pull theirs
+    kv_transfer_backend: str = "zmq"
+    kv_transfer_addr: str = "tcp://127.0.0.1:0"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -139,8 +143,9 @@ class StageWorker:
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
-        kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store
-        self.kv_worker = KvWorker(kv_mover, spec.rank) if kv_mover is not None else None
+        kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store, decode role
+        self.kv_worker = KvWorker(kv_mover, spec.rank, worker_nixl(spec, kv_mover)) if kv_mover is not None else None
+        self.block_server = worker_block_server(spec, self.runner.kv_caches, config.kv_cache_dim)  # prefill role
         self.mover = ExpertMover(self.runner, spec.model, spec.load_format, spec.seed,
                                  spec.dims.coord(spec.rank).tp_rank)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
@@ -190,6 +195,9 @@ class StageWorker:
     def serve(self, sock: zmq.Socket) -> None:
         if self.preflight is not None and self.spec.rank == 0:
             sock.send(encode(self.preflight))
+        if self.block_server is not None:
+            caches = self.block_server.caches
+            sock.send(encode(KvServerMsg(self.spec.rank, self.block_server.address, min(caches), len(caches))))
         sock.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
         launcher = os.getppid()
         while True:
@@ -207,6 +215,8 @@ class StageWorker:
             if isinstance(msg, ShutdownMsg):
                 if self.kv_worker is not None:
                     self.kv_worker.close()  # finishes the queued store writes (bounded)
+                if self.block_server is not None:
+                    self.block_server.close()
                 return
             if isinstance(msg, StatsRequestMsg):
                 sock.send(encode(self.stats()))
