@@ -1,16 +1,19 @@
-"""Instance-to-instance KV transfer over ZeroMQ (``--kv-transfer-backend zmq``): a prefill instance's
-``KvTransferServer`` (kvstore/transfer_server.py) hands the latent blocks it holds for a transfer to the decode instance that pulls them
-(``pull_remote_blocks``, run by a rank's loader thread, kvstore/transport.py).
+"""Instance-to-instance KV transfer, the decode side (``pull_remote_blocks``, run by each decode rank's
+loader thread, kvstore/transport.py) and the wire; the prefill side is kvstore/transfer_server.py.
 
-With ``--kv-transfer-backend nixl`` the answer carries descriptors instead of bytes and the puller reads them
-by NIXL, then sends ``release`` (kvstore/nixl_transfer.py).
+Wire (ZeroMQ DEALER -> ROUTER, msgpack maps; no tensor and no pickle in a control message):
 
-Wire (one DEALER -> ROUTER exchange per transfer): the pull is one msgpack map -- the transfer id, the chain
-hashes of the blocks wanted (32 hex digits each), the puller's model fingerprint and cache layout; no tensor,
-no pickle. The answer is a msgpack header (``ok``, ``error``, ``num_blocks``) followed, when ok, by one raw
-frame per layer: ``[num_blocks, block_size, kv_dim]`` in the cache dtype, C order, sent from the gathered
-tensor without a copy and read into the puller's cache with ``torch.frombuffer``. The server answers the
-longest run of held blocks matching the hashes from the first, then lets the hold go (one pull per transfer).
+1. ``resolve`` to the prefill instance's transfer address: the transfer id, the chain hashes of the blocks
+   wanted (32 hex digits each) and the puller's model fingerprint and cache layout. The answer: the held
+   blocks matching the hashes from the first (their block ids there) and the ``sources`` -- for each stage of
+   the prefill instance, the address of its block server and its layer range.
+2. ``read`` (``--kv-transfer-backend zmq``) to each source whose layers overlap this rank's: the block ids and
+   the layers. The answer is a msgpack header and one raw frame per layer, ``[n, block_size, kv_dim]`` in the
+   cache dtype, sent from the gathered tensor without a copy and read into the cache with
+   ``torch.frombuffer``. With ``nixl``, ``descs`` instead: the answer carries the source's NIXL agent
+   metadata and descriptors, and the bytes come by a NIXL read (kvstore/nixl_transfer.py).
+3. ``release`` to the transfer address, from the decode coordinator once every rank has its layers: the hold
+   goes.
 """
 
 from __future__ import annotations
