@@ -131,6 +131,14 @@ def test_router_streams_the_tokens_of_one_colocated_engine(deployment, reference
         assert time.monotonic() < deadline, "the router does not show the prefill instance's transfers"
         time.sleep(0.2)
     assert metric(r_url, "moeserve_kv_transfer_seconds_count", role="decode") == 3
+    # a chat completion through the router: the decode instance's own answer, computed without a transfer
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "def fib(n): " * 12}], "max_tokens": 6,
+            "temperature": 0}
+    routed = httpx.post(r_url + "/v1/chat/completions", json=chat, timeout=120)
+    alone = httpx.post(d_url + "/v1/chat/completions", json=chat, timeout=120)
+    assert routed.status_code == 200 and alone.status_code == 200, routed.text
+    assert routed.json()["choices"][0]["message"] == alone.json()["choices"][0]["message"]
+    assert metric(d_url, "moeserve_kv_transfer_seconds_count", role="decode") == 4
 
 
 def test_a_mismatched_model_fingerprint_is_refused(deployment) -> None:
