@@ -81,7 +81,7 @@ def release(e: Engine) -> None:
 
 
 def flush(e: Engine) -> None:
-    mover = getattr(e.kv.tiers.transport, "mover", None) if e.kv.tiers else None
+    mover = getattr(e.kv.connector.transport, "mover", None) if e.kv.connector else None
     if mover is not None:
         mover.flush(120)
 
@@ -98,7 +98,7 @@ def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
     b = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
     cold = [ttft(b, rand(gen, vocab, length + SUFFIX)) for _ in prefixes]
     hit = [ttft(b, p + rand(gen, vocab, SUFFIX)) for p in prefixes]
-    snap = b.kv.tiers.snapshot()
+    snap = b.kv.connector.snapshot()
     release(b)
     del b
     gbps = snap["store_bytes_read"] / snap["load_s_sum"] / 1e9 if snap["load_s_sum"] else 0.0
@@ -121,7 +121,7 @@ def phase_host(args, length: int, gen: torch.Generator) -> dict:
         cold.append(ttft(c, p + rand(gen, vocab, SUFFIX)))
         ttft(c, rand(gen, vocab, length + SUFFIX))  # evicts p's blocks from the device
         hit.append(ttft(c, p + rand(gen, vocab, SUFFIX)))
-    stats, device_hits = c.kv.tiers.stats, c.kv.num_prefix_hit_tokens
+    stats, device_hits = c.kv.connector.stats, c.kv.num_prefix_hit_tokens
     release(c)
     del c
     return {"ttft_cold_s": cold, "ttft_host_s": hit, "host_hit_tokens": stats.host_hit_tokens,
@@ -134,7 +134,7 @@ def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Genera
     ids = rand(gen, e.model_config.vocab_size, 8 * e.config.effective_block_size + 1)
     ttft(e, ids)
     flush(e)
-    layout = e.kv.tiers.config.layouts[0]
+    layout = e.kv.connector.config.layouts[0]
     per_token_latent = e.model_config.num_hidden_layers * e.model_config.kv_cache_dim * e.config.torch_dtype.itemsize
     release(e)  # workers finish their writes
     del e

@@ -74,8 +74,8 @@ def write_then_read(url: str, salt: str, a: dict, b: dict) -> tuple[Engine, list
     assert all(url not in spec.to_json() for spec in specs if url == os.environ.get(STORE_ENV))
     try:
         out_a = [generate(ea, [p])[0] for p in PROMPTS]
-        if hasattr(ea.kv.tiers.transport, "mover"):  # one process: wait for its writer
-            assert ea.kv.tiers.transport.mover.flush()
+        if hasattr(ea.kv.connector.transport, "mover"):  # one process: wait for its writer
+            assert ea.kv.connector.transport.mover.flush()
     finally:
         ea.close()  # stage workers finish their queued writes before they exit
     eb = engine(kv_store=url, kv_store_salt=salt, kv_load_cost_rule=False, **b)
@@ -95,9 +95,9 @@ def test_host_tier_brings_evicted_blocks_back() -> None:
     try:
         assert e.kv.num_blocks == 4
         first = [generate(e, [p])[0] for p in prompts]
-        assert e.kv.tiers.stats.host_hit_tokens == 0 and e.kv.tiers.stats.host_bytes_written > 0
+        assert e.kv.connector.stats.host_hit_tokens == 0 and e.kv.connector.stats.host_bytes_written > 0
         again = [generate(e, [p])[0] for p in prompts]
-        assert e.kv.tiers.stats.host_hit_tokens == 3 * 2 * BS and e.kv.num_prefix_hit_tokens == 0
+        assert e.kv.connector.stats.host_hit_tokens == 3 * 2 * BS and e.kv.num_prefix_hit_tokens == 0
         assert again == first
     finally:
         e.close()
@@ -108,7 +108,7 @@ def test_engine_b_serves_engine_a_prefixes_from_the_store(redis: RedisServer, re
     eb, out_a, out_b = write_then_read(redis.url, "one-process", {}, {})
     assert out_a == reference and out_b == reference
     # prompt 1 is a prefix of prompts 0 and 2: after B loaded prompt 0, prompt 1's block is in its device cache
-    stats = eb.kv.tiers.stats
+    stats = eb.kv.connector.stats
     assert stats.store_hit_tokens + eb.kv.num_prefix_hit_tokens + stats.host_hit_tokens == loadable_tokens(PROMPTS)
     assert stats.store_hit_tokens >= 3 * BS and stats.corrupt_blocks == 0
 
@@ -121,9 +121,9 @@ def test_pp2_and_tp2_each_stage_stores_and_loads_its_layers(redis: RedisServer, 
     monkeypatch.setenv(STORE_ENV, redis.url)
     eb, out_a, out_b = write_then_read(redis.url, "pp2", {"pp": 2}, {"pp": 2, "tp": 2})
     assert out_a == reference and out_b == reference
-    assert eb.kv.tiers.stats.store_hit_tokens >= 3 * BS
+    assert eb.kv.connector.stats.store_hit_tokens >= 3 * BS
     keys = redis.cli("--scan", "--pattern", "moeserve:kv1:*").split()
-    layouts = eb.kv.tiers.config.layouts
+    layouts = eb.kv.connector.config.layouts
     full = {h for p in PROMPTS for h in block_hashes(p, BS)}
     for layout in layouts:  # every full block of every prompt, once per stage
         assert {layout.key(h) for h in full} <= set(keys)
@@ -136,8 +136,8 @@ def test_a_corrupted_stored_value_is_a_miss(redis: RedisServer, reference) -> No
 
     ea = engine(kv_store=redis.url, kv_store_salt="corrupt", kv_host_memory=0)
     generate(ea, [PROMPTS[2]])
-    assert ea.kv.tiers.transport.mover.flush()
-    layout = ea.kv.tiers.config.layouts[0]
+    assert ea.kv.connector.transport.mover.flush()
+    layout = ea.kv.connector.config.layouts[0]
     ea.close()
     client = redis_py.Redis.from_url(redis.url)
     key = layout.key(block_hashes(PROMPTS[2], BS)[1])
@@ -147,7 +147,7 @@ def test_a_corrupted_stored_value_is_a_miss(redis: RedisServer, reference) -> No
     eb = engine(kv_store=redis.url, kv_store_salt="corrupt", kv_host_memory=0, kv_load_cost_rule=False)
     try:
         assert generate(eb, [PROMPTS[2]]) == [reference[2]]
-        assert eb.kv.tiers.stats.store_hit_tokens == BS and eb.kv.tiers.stats.corrupt_blocks == 1
+        assert eb.kv.connector.stats.store_hit_tokens == BS and eb.kv.connector.stats.corrupt_blocks == 1
     finally:
         eb.close()
 

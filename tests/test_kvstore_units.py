@@ -8,13 +8,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from redis_server import RedisServer
 
 from moeserve.kvstore.block_format import HEADER_BYTES, BlockLayout, decode_block, encode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.prefix import ROOT_HASH, block_hashes, chain_hash
-from moeserve.kvstore.store import MemoryStore, redact
+from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError, redact
 from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
 from moeserve.kvstore.transport import LocalTransport
 
@@ -99,26 +100,49 @@ def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = Tr
                        ranks_share_store=True), caches
 
 
+def load_prefix(tiers: TierManager, hashes: list[int], tokens: list[tuple[int, ...]], pool: BlockPool) -> list[int]:
+    """What the cache manager does with a connector: plan, allocate, load (on the worker's thread), wait, and
+    free what did not arrive. Returns the blocks that hold the first blocks of the prefix."""
+    plan = tiers.plan_load(hashes, tokens, None)
+    if plan is None:
+        return []
+    blocks = pool.allocate(min(plan.num_blocks, pool.num_free))
+    tiers.begin_load("r", plan, blocks)
+    tiers.send_ops()
+    done = tiers.finished_loads()
+    while not done:
+        tiers.wait(5.0)
+        done = tiers.finished_loads()
+    assert [d.request_id for d in done] == ["r"]
+    pool.free(blocks[done[0].num_blocks:][::-1])
+    return blocks[:done[0].num_blocks]
+
+
+def save(tiers: TierManager, blocks: list[int], hashes: list[int], tokens: list[tuple[int, ...]]) -> None:
+    tiers.save(blocks, hashes, tokens)
+    tiers.send_ops()
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+
+
 def test_blocks_come_back_from_host_and_store_bit_equal() -> None:
     store = MemoryStore()
     tiers, caches = make_tiers(4, store)
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     hashes = block_hashes([t for block in tokens for t in block], 4)
     want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]
-    tiers.save([0, 1, 2], hashes, tokens)
-    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    save(tiers, [0, 1, 2], hashes, tokens)
     for cache in caches.values():
         cache.zero_()
     pool = BlockPool(8)
     pool.allocate(5)  # blocks 0..4 in use: the load gets 5, 6, 7
-    got = tiers.load_prefix(hashes, tokens, pool)
+    got = load_prefix(tiers, hashes, tokens, pool)
     assert got == [5, 6, 7] and tiers.stats.host_hit_tokens == 12
     for block, w in zip(got, want):
         assert torch.equal(torch.stack([caches[i][block] for i in range(2)]), w)
     # the host index forgets them: they come from the store, and still bit-equal
     tiers.host = HostIndex(4)
     pool2 = BlockPool(8)
-    got2 = tiers.load_prefix(hashes, tokens, pool2)
+    got2 = load_prefix(tiers, hashes, tokens, pool2)
     assert len(got2) == 3 and tiers.stats.store_hit_tokens == 12
     for block, w in zip(got2, want):
         assert torch.equal(torch.stack([caches[i][block] for i in range(2)]), w)
@@ -129,14 +153,13 @@ def test_a_corrupt_stored_block_ends_the_prefix_and_frees_the_rest() -> None:
     tiers, _ = make_tiers(0, store)
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     hashes = block_hashes([t for block in tokens for t in block], 4)
-    tiers.save([0, 1, 2], hashes, tokens)
-    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    save(tiers, [0, 1, 2], hashes, tokens)
     key = LAYOUT.key(hashes[1])
     value = bytearray(store.get([key])[0] or b"")
     value[-1] ^= 0xFF
     store.put([(key, bytes(value))])
     pool = BlockPool(8)
-    assert len(tiers.load_prefix(hashes, tokens, pool)) == 1
+    assert len(load_prefix(tiers, hashes, tokens, pool)) == 1
     assert pool.num_free == 7 and tiers.stats.corrupt_blocks == 1
 
 
@@ -145,12 +168,11 @@ def test_cost_rule_skips_loads_slower_than_recomputing() -> None:
     tiers, _ = make_tiers(0, store)
     tokens = [(1, 2, 3, 4)]
     hashes = block_hashes([1, 2, 3, 4], 4)
-    tiers.save([0], hashes, tokens)
-    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    save(tiers, [0], hashes, tokens)
     tiers.store_s_per_block, tiers.prefill_s_per_token = 1.0, 0.001  # a block loads in 1 s, computes in 4 ms
-    assert tiers.load_prefix(hashes, tokens, BlockPool(4)) == [] and tiers.stats.loads_skipped == 1
+    assert load_prefix(tiers, hashes, tokens, BlockPool(4)) == [] and tiers.stats.loads_skipped == 1
     tiers.store_s_per_block = 0.001
-    assert len(tiers.load_prefix(hashes, tokens, BlockPool(4))) == 1
+    assert len(load_prefix(tiers, hashes, tokens, BlockPool(4))) == 1
 
 
 def test_a_full_write_queue_drops_instead_of_waiting() -> None:
@@ -180,3 +202,26 @@ def test_cluster_toml_kvstore_table(tmp_path) -> None:
     cfg.write_text('[kvstore]\nadress = "redis://h:1/0"\n')
     with pytest.raises(ClusterError, match="adress"):
         merged_settings(parser.parse_args(["launch", "cluster", "--config", str(cfg)]), defaults)
+
+
+@pytest.mark.skipif(RedisServer.unavailable() is not None, reason="needs redis-server")
+def test_store_reads_values_in_place_over_a_password_and_a_db(tmp_path) -> None:
+    """RedisStore.read_into (the RESP reader, kvstore/resp_reader.py) against a real redis-server with a
+    password and db 3: values land in the given parts, in order; a missing key is -1, a value of another
+    length is skipped (the parts keep their bytes) and the next value still lands; a wrong password is a
+    StoreError."""
+    with RedisServer(tmp_path, password="pw") as server:
+        url = server.url.removesuffix("/0") + "/3"
+        store = RedisStore(url, read_connections=2)
+        store.put([("a", b"0123456789"), ("b", b"xyz"), ("c", bytes(range(256)) * 300)])
+        parts = [[memoryview(bytearray(4)), memoryview(bytearray(6))] for _ in range(4)]
+        parts[3] = [memoryview(bytearray(76_800))]
+        assert store.read_into(["a", "missing", "b", "c"], parts) == [10, -1, 3, 76_800]
+        assert bytes(parts[0][0]) + bytes(parts[0][1]) == b"0123456789"
+        assert bytes(parts[2][0]) == bytes(4)  # 3 bytes for 10 bytes of parts: not written
+        assert bytes(parts[3][0]) == bytes(range(256)) * 300
+        assert store.read_into(["a"], [[memoryview(bytearray(10))]]) == [10]  # a pooled connection again
+        assert store.stats().bytes_read == 10 + 3 + 76_800 + 10
+        wrong = RedisStore(url.replace(":pw@", ":nope@"))
+        with pytest.raises(StoreError, match="refused"):
+            wrong.read_into(["a"], [[memoryview(bytearray(10))]])

@@ -195,7 +195,10 @@ class KvSaveMsg:
 
 @dataclass
 class KvLoadMsg:
-    """Fill fresh device blocks from host-pool slots, then from the store; every rank answers KvLoadedMsg."""
+    """Fill fresh device blocks from host-pool slots, then from the store, or from a prefill instance
+    (``remote_*``: its transfer address, the transfer id it holds the blocks under, the index of the first
+    block asked for, their chain hashes, this model's fingerprint, and the device blocks they go to); every
+    rank answers KvLoadedMsg once done. Load id 0 asks only for the rank's counters."""
 
     load_id: int
     host_slots: list[int]
@@ -203,6 +206,14 @@ class KvLoadMsg:
     store_hashes: list[str]
     store_tokens: list[list[int]]
     store_blocks: list[int]
+    remote_addr: str = ""
+    remote_id: str = ""
+    remote_first: int = 0
+    remote_hashes: list[str] = dataclasses.field(default_factory=list)
+    remote_fingerprint: str = ""
+    remote_blocks: list[int] = dataclasses.field(default_factory=list)
+    remote_timeout_s: float = 10.0
+    remote_backend: str = "zmq"  # how the bytes come: in the answer's frames (zmq) or by a NIXL read (nixl)
 
 
 @dataclass
@@ -211,16 +222,29 @@ class KvLoadedMsg:
 
     load_id: int
     rank: int
-    num_store_loaded: int  # stored blocks loaded, from the first
+    num_store_loaded: int  # stored (or remote) blocks loaded, from the first
     bytes_read: int
     num_corrupt: int
     writes_dropped: int
     blocks_written: int
     bytes_written: int
     store_errors: int
+    load_s: float = 0.0  # how long this rank took to load
+    error: str = ""  # why the remote blocks did not come (refused, timed out, ...)
 
 
-MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
+@dataclass
+class KvServerMsg:
+    """A prefill instance's rank serves its stage's layers of held blocks here (kvstore/transfer_server.py);
+    sent once, before ReadyMsg, by tp rank 0 of each stage."""
+
+    rank: int
+    address: str
+    layer_start: int
+    num_layers: int
+
+
+MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (KvServerMsg, StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
                                                                 ShutdownMsg, StatsRequestMsg, StatsMsg,
                                                                 PreflightMsg, KvSaveMsg, KvLoadMsg,
                                                                 KvLoadedMsg,

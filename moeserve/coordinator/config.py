@@ -61,6 +61,13 @@ class EngineConfig:
     kv_store_timeout: float = 1.0  # seconds for each store call
     kv_store_probe_interval: float = 5.0  # seconds between probes of a store whose breaker is open
     kv_load_cost_rule: bool = True  # skip store loads estimated slower than recomputing
+    kv_store_connections: int = 4  # connections (and threads) per rank reading a store load's chunks in parallel
+    # prefill/decode disaggregation (kvstore/disagg.py): "" colocated, "prefill" or "decode"
+    disaggregation_mode: str = ""
+    kv_transfer_backend: str = "zmq"  # how a decode instance pulls latent blocks from a prefill instance
+    kv_transfer_addr: str = "tcp://127.0.0.1:0"  # a prefill instance's transfer server (port 0: any free one)
+    kv_transfer_timeout: float = 10.0  # seconds a decode instance waits for a transfer before computing itself
+    kv_transfer_hold: float = 60.0  # seconds a prefill instance holds a request's blocks for the pull
     expert_load_interval: int = 16  # steps between gathers of the ranks' expert-load counters
     num_redundant_experts: int = 0  # extra expert slots over the EP ranks, for copies of hot experts
     eplb_interval: int = 0  # steps between online rebalancing checks; 0 = only when asked (POST /admin/rebalance)
@@ -86,8 +93,9 @@ class EngineConfig:
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
         if self.kv_store:
             check_store_url(self.kv_store)  # StoreConfigError, a ValueError without the password
-        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0:
-            raise ValueError("kv_store_timeout and kv_store_probe_interval must be positive")
+        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0 or self.kv_store_connections < 1:
+            raise ValueError("kv_store_timeout, kv_store_probe_interval and kv_store_connections must be positive")
+        self._check_disaggregation()
         if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_layers_per_step < 1:
             raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_layers_per_step >= 1")
         if not 0 < self.eplb_threshold <= 1 or not 0 <= self.eplb_hysteresis < 1:
@@ -99,6 +107,16 @@ class EngineConfig:
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be true, false or None (auto), got {self.async_scheduling!r}")
+
+    def _check_disaggregation(self) -> None:
+        if self.disaggregation_mode not in ("", "prefill", "decode"):
+            raise ValueError(f"disaggregation_mode must be prefill or decode, got {self.disaggregation_mode!r}")
+        if self.kv_transfer_backend not in ("zmq", "nixl"):
+            raise ValueError(f"kv_transfer_backend must be zmq or nixl, got {self.kv_transfer_backend!r}")
+        if not self.kv_transfer_addr.startswith("tcp://") or self.kv_transfer_timeout <= 0 \
+                or self.kv_transfer_hold <= 0:
+            raise ValueError("kv_transfer_addr must be tcp://host:port; kv_transfer_timeout and kv_transfer_hold "
+                             "must be positive")
 
     @property
     def parallel_dims(self):

@@ -23,9 +23,11 @@ from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig
 from moeserve.coordinator.step_batch import EngineStats, StepBatch
+from moeserve.kvstore.block_format import model_fingerprint
 from moeserve.kvstore.cache_manager import KVCacheManager
+from moeserve.kvstore.disagg import KvTransferError, check_transfer
 from moeserve.kvstore.latent_cache import empty_device_cache
-from moeserve.kvstore.tier_setup import build_tiers, open_kv_store
+from moeserve.kvstore.tier_setup import build_connector, build_prefill_side, open_kv_store
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.model.loader import load_model
@@ -74,8 +76,12 @@ class Engine(EngineStep):
             num_blocks, self.runner = local_runner(config, self.model, self.max_model_len)
             stage_layers = [self.model_config.num_hidden_layers]
         per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
-        tiers = build_tiers(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner, kv_store)
-        self.kv = KVCacheManager(num_blocks, config.effective_block_size, tiers=tiers)
+        connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner,
+                                    kv_store)
+        self.kv = KVCacheManager(num_blocks, config.effective_block_size, connector=connector)
+        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, stage_layers, self.runner)
+        self.fingerprint = model_fingerprint(config.model_path, config.load_format, config.weights_seed) \
+            if config.disaggregation_mode else ""
         self.expert_load = ExpertLoadMonitor(self.runner, self.model_config, config.expert_load_interval,
                                              self._phy2log(), EplbConfig.of(config))
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)
@@ -133,6 +139,11 @@ class Engine(EngineStep):
             raise RequestError("the prompt is empty")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need a tokenizer")
+        if params.kv_transfer is not None:
+            try:
+                check_transfer(params.kv_transfer, self.config.disaggregation_mode, self.fingerprint)
+            except KvTransferError as e:
+                raise RequestError(str(e)) from None
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_ids if not 0 <= t < vocab]
         if bad:
@@ -160,6 +171,7 @@ class Engine(EngineStep):
         if check is not None:
             check()
         self.expert_load.idle()
+        self._kv_step_end()  # idle: saves still queued go out; blocks decode instances pulled are freed
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self.in_flight)
@@ -168,8 +180,10 @@ class Engine(EngineStep):
         """Stop stage workers, if any, and the KV store's writer, and give the device memory back: the
         runner's model, latent cache and CUDA graphs, and the batches in flight (idempotent; the engine
         cannot step afterwards). A second engine built in the same process then has the whole device."""
-        if self.kv.tiers is not None:
-            self.kv.tiers.close()
+        if self.kv.connector is not None:
+            self.kv.connector.close()
+        if self.prefill_side is not None:
+            self.prefill_side.close()
         self.in_flight.clear()
         self.runner.shutdown()
         self.model = None

@@ -41,16 +41,18 @@ class EngineSnapshot:
     num_prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache, cumulative
     num_prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     num_unfinished: int = 0  # requests the engine holds (running + waiting)
-    kv_tiers: dict = field(default_factory=dict)  # host tier and store counters (TierManager.snapshot)
+    kv_tiers: dict = field(default_factory=dict)  # KV connector counters (KVConnector.snapshot)
 
     @classmethod
     def of(cls, engine: Engine) -> EngineSnapshot:
         kv = engine.kv
-        tiers = getattr(kv, "tiers", None)
+        tiers = getattr(kv, "connector", None)
+        side = getattr(engine, "prefill_side", None)
+        kv_counters = {**(tiers.snapshot() if tiers is not None else {}), **(side.snapshot() if side else {})}
         return cls(len(engine.scheduler.running), len(engine.scheduler.waiting),
                    kv.num_blocks - kv.num_free_blocks, kv.num_blocks,
                    int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
-                   len(engine.requests), tiers.snapshot() if tiers is not None else {})
+                   len(engine.requests), kv_counters)
 
 
 class ExpertTracer:
@@ -200,5 +202,7 @@ class EngineDriver:
             self.publish(batch)
 
     def check_workers(self) -> None:
-        """Between steps: raise if a stage worker died while the engine was idle (as a step would)."""
+        """Between steps: raise if a stage worker died while the engine was idle (as a step would); the
+        engine's idle housekeeping (KV transfers) runs, and the snapshot catches up with it."""
         self.engine.check_workers()
+        self.snapshot = EngineSnapshot.of(self.engine)

@@ -27,6 +27,7 @@ from moeserve.coordinator.scheduler import Scheduler
 from moeserve.coordinator.step_batch import EngineStats, StepBatch, build_step_plan, sampling_batch_of
 from moeserve.device_copy import HostCopy, to_device
 from moeserve.kvstore.cache_manager import KVCacheManager
+from moeserve.kvstore.disagg import KvTransferParams, PrefillSide
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class EngineStep:
     sync_steps: bool
     _sync_request_ids: set[str]  # requests whose sampling reads their outputs so far
     _step_start: float
+    prefill_side: PrefillSide | None  # a prefill instance's held blocks and transfer server
 
     def step(self) -> list[RequestOutput]:
         """Run one step; returns the outputs of the batch it finishes.
@@ -64,14 +66,30 @@ class EngineStep:
         self._step_start = time.perf_counter()
         try:
             if self._can_overlap():
-                return self._step_overlapped()
-            if self.in_flight and self.in_flight[0].is_sampled:  # launched by an overlapped step
-                return self._finish(self.in_flight.popleft())
-            self._fill_pipeline()
-            return self._finish(self.in_flight.popleft()) if self.in_flight else []
+                outputs = self._step_overlapped()
+            elif self.in_flight and self.in_flight[0].is_sampled:  # launched by an overlapped step
+                outputs = self._finish(self.in_flight.popleft())
+            else:
+                self._fill_pipeline()
+                outputs = self._finish(self.in_flight.popleft()) if self.in_flight else []
         except BaseException:
             self.in_flight.clear()  # a failed step's batches are gone; the caller fails their requests
             raise
+        self._kv_step_end()
+        return outputs
+
+    def _kv_step_end(self) -> None:
+        """The KV loads and saves no batch has carried yet go to the ranks; with nothing else to run, wait
+        briefly for a load to finish. A prefill instance frees the blocks decode instances have pulled."""
+        if self.prefill_side is not None:
+            for blocks in self.prefill_side.held.take_released():
+                self.kv.release(blocks)
+        connector = self.kv.connector
+        if connector is None:
+            return
+        connector.send_ops()
+        if not self.in_flight and self.scheduler.loading and not self.scheduler.running:
+            connector.wait(0.05)
 
     def _can_overlap(self) -> bool:
         return self.async_scheduling and not self.sync_steps and not self._sync_request_ids
@@ -124,6 +142,8 @@ class EngineStep:
         return StepBatch(sched, plan, to_sample)
 
     def _launch(self, batch: StepBatch, prev: StepBatch | None) -> None:
+        if self.kv.connector is not None:  # this step's loads and saves reach the ranks ahead of its plan
+            self.kv.connector.send_ops()
         batch.handle = self.runner.submit(batch.plan, prev.token_ids if prev is not None else None)
 
     def _sample(self, batch: StepBatch) -> None:
@@ -177,8 +197,8 @@ class EngineStep:
         self.stats.num_preemptions += len(sched.preempted)
         self.stats.num_generated_tokens += num_outputs
         self.stats.step_times.append(seconds)
-        if self.kv.tiers is not None:  # the cost rule's prefill speed
-            self.kv.tiers.observe_step(sched.num_batched_tokens, seconds)
+        if self.kv.connector is not None:  # the cost rule's prefill speed
+            self.kv.connector.observe_step(sched.num_batched_tokens, seconds)
         self.expert_load.on_step(self.stats.num_steps)
         if sched.preempted:
             logger.info("preempted %d request(s) (cache full); they will be recomputed", len(sched.preempted))
@@ -186,7 +206,10 @@ class EngineStep:
     def _retire(self, req: Request) -> None:
         """A finished or aborted request leaves: its cache blocks are free at once. (A batch in flight may
         still compute one token for it: that token is discarded, and the device writes it before any later
-        batch can reuse the blocks.)"""
+        batch can reuse the blocks.) A prefill instance holds a finished request's full blocks for the pull."""
+        if self.prefill_side is not None and req.params.kv_transfer and req.finish_reason != "abort":
+            transfer_id = KvTransferParams.from_json(req.params.kv_transfer).transfer_id
+            self.prefill_side.held.hold(transfer_id, *self.kv.hold(req.request_id))
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
         self._sync_request_ids.discard(req.request_id)

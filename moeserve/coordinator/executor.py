@@ -27,6 +27,7 @@ from moeserve.comm.messages import (
     KvLoadedMsg,
     KvLoadMsg,
     KvSaveMsg,
+    KvServerMsg,
     LogitsMsg,
     PreflightMsg,
     ReadyMsg,
@@ -106,6 +107,9 @@ class DistributedExecutor:
         self.loaded_bytes: dict[int, int] = {}
         self.preflight: PreflightMsg | None = None
         self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
+        self._kv_reports: list[KvLoadedMsg] = []  # finished loads, until kv_poll
+        # a prefill instance's stage block servers: (address, first layer, number of layers)
+        self.kv_block_servers: list[tuple[str, int, int]] = []
         self._kv_polled = 0.0
         # statistics and placement messages go to their handler whenever they arrive (coordinator/load_monitor.py)
         self.sinks: dict[type, Callable[[Any], None]] = {}
@@ -114,6 +118,8 @@ class DistributedExecutor:
                 msg = self._receive(startup_timeout_s, "start")
                 if isinstance(msg, ReadyMsg):
                     self.loaded_bytes[msg.rank] = msg.loaded_bytes
+                elif isinstance(msg, KvServerMsg):
+                    self.kv_block_servers.append((msg.address, msg.layer_start, msg.num_layers))
                 elif isinstance(msg, PreflightMsg):
                     self.preflight = msg
                     logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",
@@ -191,6 +197,11 @@ class DistributedExecutor:
             error = self._root_cause(msg.rank, msg.message)
             assert error is not None
             raise error
+        if isinstance(msg, KvLoadedMsg):  # a rank's finished load (or only its counters: load id 0)
+            self._kv_counters[msg.rank] = msg
+            if msg.load_id:
+                self._kv_reports.append(msg)
+            return None
         sink = self.sinks.get(type(msg))
         if sink is not None:  # statistics ride along with whatever we wait for
             sink(msg)
@@ -221,30 +232,26 @@ class DistributedExecutor:
             msg = self._receive(self.step_timeout_s, f"step {step_id}")
             if isinstance(msg, LogitsMsg):
                 self._logits[msg.step_id] = msg.tensor()
-            elif isinstance(msg, KvLoadedMsg):  # a rank's store counters (kv_counters)
-                self._kv_counters[msg.rank] = msg
         return self._logits.pop(step_id)
 
     def execute(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.collect(self.submit(plan, prev_token_ids))
 
-    def kv_save(self, msg: KvSaveMsg) -> None:
-        """Have every rank copy computed blocks to its host tier / the store (kvstore/transport.py)."""
+    @property
+    def num_ranks(self) -> int:
+        return len(self.specs)
+
+    def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
+        """Send a KV save or load to every rank, in order with the step plans (kvstore/transport.py)."""
         self._broadcast(encode(msg))
 
-    def kv_load(self, msg: KvLoadMsg) -> list[KvLoadedMsg]:
-        """Have every rank load blocks into its cache; waits for every rank's answer."""
-        self._broadcast(encode(msg))
-        replies: dict[int, KvLoadedMsg] = {}
-        while len(replies) < len(self.specs):
-            reply = self._receive(self.step_timeout_s, "kv load")
-            if isinstance(reply, KvLoadedMsg):
-                self._kv_counters[reply.rank] = reply
-                if reply.load_id == msg.load_id:
-                    replies[reply.rank] = reply
-            elif isinstance(reply, LogitsMsg):
-                self._logits[reply.step_id] = reply.tensor()
-        return list(replies.values())
+    def kv_poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
+        """The ranks' load reports that arrived (waiting up to ``timeout_s`` for one)."""
+        if not self._kv_reports and timeout_s > 0 and self.sock.poll(int(timeout_s * 1000)):
+            self.poll_messages()
+        self.poll_messages()
+        reports, self._kv_reports = self._kv_reports, []
+        return reports
 
     def kv_counters(self) -> list[KvLoadedMsg]:
         """Every rank's latest store counters. Every 2 s this asks again without waiting (an empty load, id 0):

@@ -72,6 +72,9 @@ class SamplingParams:
     logprobs: int | None = None
     min_tokens: int = 0
     structured_output: str | None = None  # a grammar spec as JSON text (coordinator/structured.py)
+    # prefill/decode disaggregation: this request's KvTransferParams as JSON text (kvstore/disagg.py), as
+    # vLLM's kv_transfer_params; None for a colocated request
+    kv_transfer: str | None = None
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -102,6 +105,8 @@ class SamplingParams:
             object.__setattr__(self, name, float(v))
         if self.structured_output is not None and not isinstance(self.structured_output, str):
             raise _fail("structured_output", self.structured_output, "None or a JSON text (see structured.py)")
+        if self.kv_transfer is not None and not isinstance(self.kv_transfer, str):
+            raise _fail("kv_transfer", self.kv_transfer, "None or a JSON text (see kvstore/disagg.py)")
         if not isinstance(self.ignore_eos, bool):
             raise _fail("ignore_eos", self.ignore_eos, "a bool")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop

@@ -10,6 +10,9 @@ With pipeline parallelism the engine keeps several batches in flight: ``schedule
 requests of those batches (never scheduling or preempting them) and can cap the batch size, so the running
 requests split into interleaved batches. Once no batch is in flight the single-batch guarantee above holds.
 
+A request whose prefix the KV connector can load (host tier, store, a prefill instance) waits in ``loading``,
+holding its blocks, while the ranks load them; once they are in it goes back to the head of the queue.
+
 With async scheduling the engine schedules the next batch before the last one's sampled ids reach the host:
 a request counts those tokens as ``num_output_placeholders``, so that it is scheduled to decode the token
 still on the device (the runner fills it in there); one sure to stop at that token (it reaches max_tokens) is
@@ -70,12 +73,14 @@ class Scheduler:
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.loading: dict[str, Request] = {}  # waiting for their prefix's blocks (KV connector)
+        self._loaded: set[str] = set()  # requests that had a load since admission (or preemption): no second
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
 
     def remove(self, request: Request) -> None:
         """Drop a finished or aborted request and free its blocks at once."""
@@ -83,6 +88,8 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.loading.pop(request.request_id, None)
+        self._loaded.discard(request.request_id)
         self.kv.free(request.request_id)
 
     def _preempt_newest(self, out: SchedulerOutput, busy: frozenset[str]) -> Request:
@@ -91,6 +98,7 @@ class Scheduler:
         idx = next(i for i in range(len(self.running) - 1, -1, -1) if self.running[i].request_id not in busy)
         victim = self.running.pop(idx)
         self.kv.free(victim.request_id)
+        self._loaded.discard(victim.request_id)
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
         victim.status = RequestStatus.PREEMPTED
@@ -123,6 +131,11 @@ class Scheduler:
             assert not req.num_output_placeholders, "a waiting request's last outputs are processed"
             if req.num_computed_tokens == 0 and not self.kv.holds(req.request_id):
                 req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.token_ids)  # cached prefix
+                if req.request_id not in self._loaded and \
+                        self.kv.start_load(req.request_id, req.token_ids, req.params.kv_transfer):  # and a load
+                    self._loaded.add(req.request_id)
+                    self.loading[req.request_id] = self.waiting.popleft()
+                    continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
             if table is None:
@@ -139,6 +152,7 @@ class Scheduler:
         """Pick the next batch. ``busy``: ids of requests in batches still in flight (pipeline parallelism),
         which are neither scheduled nor preempted; ``max_seqs``: a cap on this batch's sequences."""
         out = SchedulerOutput()
+        self._take_loaded()
         cap = min(max_seqs or self.config.max_num_seqs, self.config.max_num_seqs)
         budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
         if not out.preempted:  # a step that had to preempt admits nobody new
@@ -146,6 +160,14 @@ class Scheduler:
         if any(s.num_new_tokens != 1 for s in out.scheduled):
             out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
         return out
+
+    def _take_loaded(self) -> None:
+        """Requests whose loads are done go back to the head of the queue, oldest first."""
+        done = self.kv.finish_loads()
+        for request_id, num_cached in sorted(done, key=lambda d: self.loading[d[0]].arrival_time, reverse=True):
+            req = self.loading.pop(request_id)
+            req.num_computed_tokens = num_cached
+            self.waiting.appendleft(req)
 
     def advance(self, out: SchedulerOutput) -> None:
         """Record that the scheduled tokens were computed (a request finished meanwhile is skipped: with async

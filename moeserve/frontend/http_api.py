@@ -56,6 +56,8 @@ class HttpApi:
         self.model_name = model_name
         self.template = ChatTemplate(service.tokenizer)
         self.created = int(time.time())
+        # this instance's role in prefill/decode disaggregation, for `moeserve router` (set once loaded)
+        self.kv_transfer_info: dict[str, Any] = {"mode": ""}
         self._ids = itertools.count()
         self.app = FastAPI(title="moeserve", version=moeserve.__version__, docs_url=None, redoc_url=None,
                            openapi_url=None, description="OpenAI-compatible API of moeserve")
@@ -81,6 +83,11 @@ class HttpApi:
         async def metrics(request: Request) -> Response:
             self.keys.check_bearer(request.headers.get("authorization"))
             return Response(self.service.metrics.render(), media_type=CONTENT_TYPE)
+
+        @app.get("/v1/kv_transfer", include_in_schema=False)
+        async def kv_transfer(request: Request) -> JSONResponse:  # what `moeserve router` checks at start
+            self.keys.check_bearer(request.headers.get("authorization"))
+            return JSONResponse(self.kv_transfer_info)
 
         @app.get("/v1/models", responses={200: {"model": ModelList, "description": "the served model"},
                                           **error_responses(401)})

@@ -27,6 +27,7 @@ from moeserve.frontend.openai_tools import (
 )
 from moeserve.frontend.protocol import validation_message
 from moeserve.frontend.service import sampling_params
+from moeserve.kvstore.disagg import KvTransferError, KvTransferParams
 
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -65,6 +66,8 @@ class _Sampling(_Body):
     # structured output (openai_tools.py)
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
+    # prefill/decode disaggregation (vLLM's name; kvstore/disagg.py): set by `moeserve router`
+    kv_transfer_params: dict[str, Any] | None = None
 
     def sampling(self, default_max_tokens: int, max_tokens: int | None, top_logprobs: int | None,
                  index: int, names: dict[str, str]) -> SamplingParams:
@@ -81,6 +84,11 @@ class _Sampling(_Body):
         if self.seed is not None:  # choice i of n draws with seed + i, so choices differ but reproduce
             fields["seed"] = (self.seed + index) % 2**64
         fields["logprobs"] = top_logprobs
+        if self.kv_transfer_params is not None:
+            try:
+                fields["kv_transfer"] = KvTransferParams.from_dict(self.kv_transfer_params).to_json()
+            except KvTransferError as e:
+                raise BadRequest(str(e), "kv_transfer_params") from None
         return sampling_params(fields, names)
 
 

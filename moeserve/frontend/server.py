@@ -73,6 +73,8 @@ class ServerConfig:
             raise ValueError(f"tool_call_parser must be one of {TOOL_PARSERS}, got {self.tool_call_parser!r}")
         if self.routing not in POLICIES:
             raise ValueError(f"routing must be one of {POLICIES}, got {self.routing!r}")
+        if self.engine.disaggregation_mode and self.replicas != 1:
+            raise ValueError("--disaggregation-mode serves one replica per instance (start more instances)")
         for name in ("port", "rpc_port"):
             if not 0 <= getattr(self, name) < 65536:
                 raise ValueError(f"{name} must be in [0, 65536), got {getattr(self, name)}")
@@ -178,6 +180,10 @@ class Server:
 
         engine = self._prebuilt_engine or await asyncio.to_thread(Engine, self.config.engine)
         self._set_capacity(engine.kv.num_blocks)
+        side = engine.prefill_side
+        self.http.kv_transfer_info = {"mode": engine.config.disaggregation_mode, "fingerprint": engine.fingerprint,
+                                      "backend": engine.config.kv_transfer_backend,
+                                      "transfer_addr": side.address if side is not None else ""}
         ae = AsyncEngine(engine, injected_fault_steps())  # None unless a test sets the fault injection
         ae.on_fatal = self._engine_failed
         ae.start()

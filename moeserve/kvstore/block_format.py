@@ -53,8 +53,13 @@ class BlockLayout:
         return self.num_layers * self.block_size * self.kv_dim * DTYPE_SIZES[self.dtype]
 
     @property
+    def head_bytes(self) -> int:
+        """The header and the token ids: what comes before the latent."""
+        return HEADER_BYTES + 4 * self.block_size
+
+    @property
     def value_bytes(self) -> int:
-        return HEADER_BYTES + 4 * self.block_size + self.payload_bytes
+        return self.head_bytes + self.payload_bytes
 
     @property
     def key_prefix(self) -> str:
@@ -85,6 +90,27 @@ def encode_block(layout: BlockLayout, chain_hash: int, tokens: Sequence[int], pa
     return _head(layout, chain_hash, digest.digest()) + body + bytes(payload)
 
 
+def check_block(head: bytes | bytearray | memoryview, payload: Sequence[bytes | memoryview], layout: BlockLayout,
+                chain_hash: int, tokens: Sequence[int]) -> str:
+    """"" when a value read in parts -- ``head`` (its header and token ids), then ``payload`` (its latent,
+    in order) -- is this block for this layout, else why it is a miss."""
+    if len(head) != layout.head_bytes or sum(len(p) for p in payload) != layout.payload_bytes:
+        return f"{len(head) + sum(len(p) for p in payload)} bytes, expected {layout.value_bytes}"
+    view = memoryview(head)
+    checksum = bytes(view[HEADER_BYTES - 16:HEADER_BYTES])
+    if bytes(view[:HEADER_BYTES]) != _head(layout, chain_hash, checksum):
+        return "header does not match (version, model, layout or hash)"
+    if bytes(view[HEADER_BYTES:]) != struct.pack(f"<{len(tokens)}I", *tokens):
+        return "token ids differ (hash collision)"
+    digest = xxhash.xxh3_128(_head(layout, chain_hash, bytes(16)))
+    digest.update(view[HEADER_BYTES:])
+    for part in payload:
+        digest.update(part)
+    if digest.digest() != checksum:
+        return "checksum mismatch"
+    return ""
+
+
 def decode_block(value: bytes | None, layout: BlockLayout, chain_hash: int,
                  tokens: Sequence[int]) -> tuple[memoryview | None, str]:
     """(the payload, "") when ``value`` is this block for this layout, else (None, why it is a miss)."""
@@ -93,17 +119,8 @@ def decode_block(value: bytes | None, layout: BlockLayout, chain_hash: int,
     if len(value) != layout.value_bytes:
         return None, f"{len(value)} bytes, expected {layout.value_bytes}"
     view = memoryview(value)
-    checksum = bytes(view[HEADER_BYTES - 16:HEADER_BYTES])
-    if bytes(view[:HEADER_BYTES]) != _head(layout, chain_hash, checksum):
-        return None, "header does not match (version, model, layout or hash)"
-    body_end = HEADER_BYTES + 4 * layout.block_size
-    if bytes(view[HEADER_BYTES:body_end]) != struct.pack(f"<{len(tokens)}I", *tokens):
-        return None, "token ids differ (hash collision)"
-    digest = xxhash.xxh3_128(_head(layout, chain_hash, bytes(16)))
-    digest.update(view[HEADER_BYTES:])
-    if digest.digest() != checksum:
-        return None, "checksum mismatch"
-    return view[body_end:], ""
+    why = check_block(view[:layout.head_bytes], [view[layout.head_bytes:]], layout, chain_hash, tokens)
+    return (None, why) if why else (view[layout.head_bytes:], "")
 
 
 def model_fingerprint(model_dir: Path, load_format: str = "auto", seed: int = 0) -> str:

@@ -8,8 +8,10 @@ Automatic prefix caching: at admission ``match_prefix`` gives a request the cach
 cached prefix (whole blocks, never the last token: something must be computed to sample from), and after
 each step ``cache_full_blocks`` registers the request's newly computed full blocks for later requests.
 
-With ``tiers`` (kvstore/tiers.py) a device match is extended from the host pool and the shared store, and
-newly computed full blocks are written through to them.
+With a ``connector`` (kvstore/connector.py: the host tier and the shared store, or a prefill instance) a
+device match is extended by a load: ``start_load`` allocates the blocks the connector can fill and hands
+them over; the request holds them while they load, and ``finish_loads`` registers those that arrived and
+frees the rest. Newly computed full blocks are written through (``connector.save``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.prefix import ROOT_HASH, block_hashes
 
 if TYPE_CHECKING:
-    from moeserve.kvstore.tiers import TierManager
+    from moeserve.kvstore.connector import KVConnector
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 tiers: TierManager | None = None):
+                 connector: KVConnector | None = None):
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
@@ -49,7 +51,10 @@ class KVCacheManager:
         self._hashes: dict[str, list[int]] = {}  # request -> prefix hashes of its registered full blocks
         self.num_prefix_query_tokens = 0  # prompt tokens looked up at admission, cumulative
         self.num_prefix_hit_tokens = 0  # of which were found in the device cache
-        self.tiers = tiers if enable_prefix_caching else None
+        self.connector = connector if enable_prefix_caching else None
+        # request -> (the blocks being loaded, their hashes and tokens); and loading requests already freed
+        self._loading: dict[str, tuple[list[int], list[int], list[tuple[int, ...]]]] = {}
+        self._freed_while_loading: set[str] = set()
 
     @property
     def num_blocks(self) -> int:
@@ -82,26 +87,74 @@ class KVCacheManager:
         for b in blocks:
             self.pool.touch(b)
         self.num_prefix_hit_tokens += len(blocks) * bs
-        if self.tiers is not None and len(blocks) < max_blocks:
-            self._extend_from_tiers(token_ids, blocks, hashes, all_hashes)
         if blocks:
             self._tables[request_id] = blocks
             self._hashes[request_id] = hashes
         self.num_prefix_query_tokens += len(token_ids)
         return len(blocks) * bs
 
-    def _extend_from_tiers(self, token_ids: Sequence[int], blocks: list[int], hashes: list[int],
-                           all_hashes: list[int]) -> None:
-        """Append to a device match the blocks that the host pool and the store can fill (now computed)."""
-        assert self.tiers is not None
-        bs, start = self.block_size, len(blocks)
-        rest = all_hashes[start:]
-        tokens = [tuple(token_ids[i * bs:(i + 1) * bs]) for i in range(start, len(all_hashes))]
-        loaded = self.tiers.load_prefix(rest, tokens, self.pool)
-        for block, h, t in zip(loaded, rest, tokens):
-            self.pool.register(block, h, t)
-        blocks.extend(loaded)
-        hashes.extend(rest[:len(loaded)])
+    def start_load(self, request_id: str, token_ids: Sequence[int], kv_transfer: str | None = None) -> bool:
+        """After ``match_prefix``: if the connector can fill the following full blocks, allocate them and
+        start their load (True: the request waits for ``finish_loads``)."""
+        if self.connector is None:
+            return False
+        bs = self.block_size
+        start = len(self._tables.get(request_id, ()))
+        max_blocks = (len(token_ids) - 1) // bs
+        if start >= max_blocks:
+            return False
+        parent = self._hashes[request_id][-1] if start else ROOT_HASH
+        hashes = block_hashes(token_ids[:max_blocks * bs], bs, start=start, parent=parent)
+        tokens = [tuple(token_ids[i * bs:(i + 1) * bs]) for i in range(start, max_blocks)]
+        plan = self.connector.plan_load(hashes, tokens, kv_transfer)
+        n = min(plan.num_blocks, self.pool.num_free) if plan is not None else 0
+        if plan is None or n == 0:
+            return False
+        blocks = self.pool.allocate(n)
+        self._tables.setdefault(request_id, []).extend(blocks)
+        self._views.pop(request_id, None)
+        self._loading[request_id] = (blocks, hashes[:n], tokens[:n])
+        self.connector.begin_load(request_id, plan, blocks)
+        return True
+
+    def finish_loads(self) -> list[tuple[str, int]]:
+        """Loads that are done: (request, tokens now cached) for each request still here. The blocks that
+        arrived are registered (cached for others too); the rest are freed, to be recomputed."""
+        if self.connector is None or not self._loading:
+            return []
+        out = []
+        for done in self.connector.finished_loads():
+            blocks, hashes, tokens = self._loading.pop(done.request_id)
+            table = self._tables[done.request_id]
+            got = done.num_blocks
+            for block, h, t in zip(blocks[:got], hashes, tokens):
+                self.pool.register(block, h, t)
+            del table[len(table) - len(blocks) + got:]
+            self.pool.free(blocks[got:][::-1])
+            self._hashes.setdefault(done.request_id, []).extend(hashes[:got])
+            if done.request_id in self._freed_while_loading:
+                self._freed_while_loading.discard(done.request_id)
+                self.free(done.request_id)
+                continue
+            if not table:
+                del self._tables[done.request_id]
+            out.append((done.request_id, len(table) * self.block_size))
+        return out
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loading)
+
+    def hold(self, request_id: str) -> tuple[list[int], list[int]]:
+        """A reference to the request's registered full blocks (and their hashes), kept after the request is
+        freed: a prefill instance holds them for a decode instance to pull. Give them back with ``release``."""
+        hashes = list(self._hashes.get(request_id, ()))
+        blocks = self._tables.get(request_id, [])[:len(hashes)]
+        self.pool.share(blocks)
+        return blocks, hashes
+
+    def release(self, blocks: list[int]) -> None:
+        self.pool.free(blocks[::-1])
 
     def cache_full_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
         """Register the request's full blocks whose latents are now computed."""
@@ -118,8 +171,8 @@ class KVCacheManager:
                   for i in range(len(done), num_full)]
         for i, (h, t) in enumerate(zip(new, tokens), start=len(done)):
             self.pool.register(table[i], h, t)
-        if self.tiers is not None:
-            self.tiers.save(table[len(done):num_full], new, tokens)
+        if self.connector is not None:
+            self.connector.save(table[len(done):num_full], new, tokens)
         done.extend(new)
 
     def allocate_slots(self, request_id: str, num_total_tokens: int) -> BlockTable | None:
@@ -147,7 +200,11 @@ class KVCacheManager:
 
     def free(self, request_id: str) -> None:
         """Release every block of the request (idempotent). Its cached blocks stay reusable until evicted;
-        the tail goes first (freed in reverse, so it is reused before the shared head)."""
+        the tail goes first (freed in reverse, so it is reused before the shared head). A request whose
+        blocks are loading keeps them until the load is done (the ranks are still writing them)."""
+        if request_id in self._loading:
+            self._freed_while_loading.add(request_id)
+            return
         blocks = self._tables.pop(request_id, None)
         self._views.pop(request_id, None)
         self._hashes.pop(request_id, None)

@@ -8,6 +8,7 @@ from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from moeserve.kvstore.remote import TRANSFER_BUCKETS
 from moeserve.kvstore.tiers import LOAD_BUCKETS
 
 _COUNTERS = {  # name: (help, snapshot key)
@@ -58,6 +59,32 @@ def tier_families(snaps: Sequence[Any]) -> Iterator[Any]:
             g.add_metric([i], (s.kv_tiers or {}).get(key, 0))
         yield g
     yield _load_histogram(rows)
+    yield from transfer_families(rows)
+
+
+def transfer_families(rows: list[tuple[str, Any]]) -> Iterator[Any]:
+    """Prefill/decode transfers (kvstore/remote.py ``TransferStats``), per replica and role: a prefill
+    instance counts what it served, a decode instance what it pulled."""
+    rows = [(i, s.kv_tiers) for i, s in rows if (s.kv_tiers or {}).get("transfer_role")]
+    if not rows:
+        return
+    labels = ["replica", "role"]
+    nbytes = CounterMetricFamily("moeserve_kv_transfer_bytes", "latent bytes moved between instances", labels=labels)
+    count = CounterMetricFamily("moeserve_kv_transfers", "KV transfers between instances", labels=labels)
+    failed = CounterMetricFamily("moeserve_kv_transfer_failures", "KV transfers refused, timed out or broken "
+                                 "(the decode instance computed the prompt itself)", labels=labels)
+    hist = HistogramMetricFamily("moeserve_kv_transfer_seconds", "time of one KV transfer", labels=labels)
+    for i, t in rows:
+        key = [i, t["transfer_role"]]
+        nbytes.add_metric(key, t["transfer_bytes"])
+        count.add_metric(key, t["transfers"])
+        failed.add_metric(key, t["transfer_failures"])
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, TRANSFER_BUCKETS), "+Inf"], t["transfer_s_buckets"]):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        hist.add_metric(key, buckets, sum_value=t["transfer_s_sum"])
+    yield from (nbytes, count, failed, hist)
 
 
 def _load_histogram(rows: list[tuple[str, Any]]) -> HistogramMetricFamily:

@@ -4,8 +4,8 @@
 - ``save``: copy computed device blocks into host-pool slots, and (on the rank that writes for its stage, tp
   rank 0) queue them for the store. The store queue is bounded: when full, the blocks are dropped (counted),
   so that a slow store never slows a step (256 MiB of blocks by default). A background thread encodes and writes them.
-- ``load``: copy host-pool slots into device blocks, and read stored blocks (``read_blocks``) into a
-  preallocated host buffer, then into device blocks. Reports how many stored blocks, from the first, it loaded:
+- ``load_host``: copy host-pool slots into device blocks; ``load_store``: read stored blocks into device
+  blocks (kvstore/store_load.py: chunks in parallel, received in place). Reports how many stored blocks, from the first, it loaded:
   a missing, corrupt or timed-out block ends the prefix there (the coordinator recomputes the rest).
 """
 
@@ -14,24 +14,25 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from moeserve.device_copy import to_device
-from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block
+from moeserve.kvstore.block_format import BlockLayout, encode_block
 from moeserve.kvstore.store import KVStore, StoreError
+from moeserve.kvstore.store_load import StoreLoader
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class LoadReport:
-    num_store_loaded: int  # stored blocks loaded, from the first
+    num_store_loaded: int  # stored (or remote) blocks loaded, from the first
     bytes_read: int
     num_corrupt: int
+    error: str = ""  # why blocks asked for did not come
 
 
 @dataclass
@@ -41,30 +42,13 @@ class MoverCounters:
     corrupt_blocks: int = 0
 
 
-def read_blocks(store: KVStore, layout: BlockLayout, hashes: Sequence[int], tokens: Sequence[Sequence[int]],
-                out: torch.Tensor) -> tuple[int, int, int]:
-    """Batched get into a preallocated buffer: ``out`` [>= len(hashes), num_layers, block_size, kv_dim] on the
-    host. Returns (blocks decoded from the first, bytes read, corrupt values); raises StoreError."""
-    values = store.get([layout.key(h) for h in hashes])
-    nbytes = sum(len(v) for v in values if v is not None)
-    for i, (h, toks, value) in enumerate(zip(hashes, tokens, values)):
-        payload, why = decode_block(value, layout, h, toks)
-        if payload is None:
-            if value is not None:
-                logger.warning("stored block %s is not usable (%s): recomputing it", layout.key(h), why)
-            return i, nbytes, int(value is not None)
-        with warnings.catch_warnings():  # a read-only buffer: it is only copied from
-            warnings.simplefilter("ignore", UserWarning)
-            src = torch.frombuffer(payload, dtype=torch.uint8)
-        out[i].view(torch.uint8).view(-1).copy_(src)
-    return len(hashes), nbytes, 0
-
-
 class BlockMover:
     def __init__(self, caches: dict[int, torch.Tensor], layout: BlockLayout, host_blocks: int,
-                 store: KVStore | None, writes: bool = True, write_queue_bytes: int = 256 << 20):
+                 store: KVStore | None, writes: bool = True, write_queue_bytes: int = 256 << 20,
+                 read_threads: int = 4):
         """``caches``: layer id -> [num_blocks, block_size, kv_dim] (this rank's); ``layout``: this stage's
-        stored form; ``writes``: whether this rank writes its stage's blocks to the store."""
+        stored form; ``writes``: whether this rank writes its stage's blocks to the store; ``read_threads``:
+        the chunks of a store load read in parallel (kvstore/store_load.py)."""
         self.layers = sorted(caches)
         self.caches = [caches[i] for i in self.layers]
         first = self.caches[0]
@@ -77,6 +61,7 @@ class BlockMover:
         self.host = torch.empty((host_blocks, *self.block_shape), dtype=first.dtype, pin_memory=self.pin) \
             if host_blocks else None
         self.counters = MoverCounters()
+        self.loader = StoreLoader(self.caches, layout, store, read_threads) if store is not None else None
         self._saved: torch.Event | None = None  # recorded after the latest copies into host slots
         self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
         self._pending = 0
@@ -158,26 +143,34 @@ class BlockMover:
         return False
 
     # ---- load ----
-    def load(self, host_slots: Sequence[int], host_blocks: Sequence[int], store_hashes: Sequence[int],
-             store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int]) -> LoadReport:
-        if host_slots:
-            assert self.host is not None, "a host-tier load on a rank without a host pool"
-            if self._saved is not None:  # NOTE: the engine runs ahead of the device: let the saves land first
-                self._saved.synchronize()
-                self._saved = None
-            self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
-        if not store_hashes or self.store is None:
+    def load_host(self, host_slots: Sequence[int], host_blocks: Sequence[int]) -> None:
+        """Host-pool slots -> device blocks (at once: a later save may reuse the slots)."""
+        if not host_slots:
+            return
+        assert self.host is not None, "a host-tier load on a rank without a host pool"
+        if self._saved is not None:  # NOTE: the engine runs ahead of the device: let the saves land first
+            self._saved.synchronize()
+            self._saved = None
+        self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
+
+    def load_store(self, store_hashes: Sequence[int], store_tokens: Sequence[Sequence[int]],
+                   store_blocks: Sequence[int]) -> LoadReport:
+        """Stored blocks -> device blocks (the loader thread): how many, from the first, arrived."""
+        if not store_hashes or self.loader is None:
             return LoadReport(0, 0, 0)
-        buf = torch.empty((len(store_hashes), *self.block_shape), dtype=self.caches[0].dtype, pin_memory=self.pin)
         try:
-            n, nbytes, corrupt = read_blocks(self.store, self.layout, store_hashes, store_tokens, buf)
+            r = self.loader.load(store_hashes, store_tokens, store_blocks)
         except StoreError as e:
             logger.warning("loading %d stored blocks failed (%s): recomputing them", len(store_hashes), e)
-            return LoadReport(0, 0, 0)
-        self.counters.corrupt_blocks += corrupt
-        if n:
-            self._to_device(buf[:n], store_blocks[:n])
-        return LoadReport(n, nbytes, corrupt)
+            return LoadReport(0, 0, 0, str(e))
+        self.counters.corrupt_blocks += r.num_corrupt
+        return LoadReport(r.num_ok, r.nbytes, r.num_corrupt)
+
+    def load(self, host_slots: Sequence[int], host_blocks: Sequence[int], store_hashes: Sequence[int],
+             store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int]) -> LoadReport:
+        """Both at once, in the calling thread."""
+        self.load_host(host_slots, host_blocks)
+        return self.load_store(store_hashes, store_tokens, store_blocks)
 
     def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
         """``data`` [n, L, block_size, kv_dim] on the host -> device blocks."""
@@ -196,5 +189,8 @@ class BlockMover:
             self._queue.put(None)
             self._writer.join(timeout=5)
             self._writer = None
+        if self.loader is not None:
+            self.loader.close()
+            self.loader = None
         self.caches = []
         self.host = None

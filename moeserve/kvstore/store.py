@@ -18,6 +18,7 @@ from typing import Protocol
 from urllib.parse import urlsplit
 
 from moeserve.kvstore.breaker import CLOSED, CircuitBreaker
+from moeserve.kvstore.resp_reader import RespPool
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,11 @@ class KVStore(Protocol):
     def put(self, items: Sequence[tuple[str, bytes]]) -> None:
         """Store values in one round trip."""
 
+    def read_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        """The values of ``keys`` in one round trip, value i written into ``dests[i]`` (its parts in order)
+        when its length is theirs. Returns each value's length (-1: missing; another length: not written).
+        Safe to call from several threads (a server store reads over several connections)."""
+
     def stats(self) -> StoreStats: ...
 
 
@@ -76,6 +82,19 @@ def check_store_url(url: str) -> None:
         port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
         raise StoreConfigError(f"--kv-store {redact(url)}: the port {port!r} is not a port number "
                                "(0-65535)") from None
+
+
+def copy_values_into(values: Sequence[bytes | None], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+    """``read_into`` from values already read (a copy each)."""
+    lengths = []
+    for value, parts in zip(values, dests):
+        lengths.append(-1 if value is None else len(value))
+        if value is not None and len(value) == sum(len(p) for p in parts):
+            offset = 0
+            for p in parts:
+                p[:] = value[offset:offset + len(p)]
+                offset += len(p)
+    return lengths
 
 
 class MemoryStore:
@@ -107,6 +126,9 @@ class MemoryStore:
             while self._bytes > self.capacity_bytes and self._values:
                 self._bytes -= len(self._values.popitem(last=False)[1])
 
+    def read_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        return copy_values_into(self.get(keys), dests)
+
     def stats(self) -> StoreStats:
         return StoreStats(**vars(self._stats))
 
@@ -114,7 +136,9 @@ class MemoryStore:
 class RedisStore:
     """Values in a Redis-protocol server (redis-server, Valkey): ``redis://[user:password@]host:port/db``."""
 
-    def __init__(self, url: str, timeout_s: float = 1.0, breaker: CircuitBreaker | None = None):
+    def __init__(self, url: str, timeout_s: float = 1.0, breaker: CircuitBreaker | None = None,
+                 read_connections: int = 4):
+        """``read_connections``: the pool ``read_into`` reads over (loads split into chunks read in parallel)."""
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -128,6 +152,9 @@ class RedisStore:
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
                                             health_check_interval=0)
+        self.read_connections = read_connections
+        # NOTE: TLS (rediss://) reads through redis-py and copies; plain TCP and unix sockets read in place
+        self._reader = RespPool(url, timeout_s, read_connections) if not url.startswith("rediss") else None
 
     def check(self) -> bool:
         """At start: raise StoreConfigError for a wrong or missing password; False (with a warning, the breaker
@@ -208,16 +235,28 @@ class RedisStore:
         with self._lock:
             self._stats.bytes_written += sum(len(v) for _, v in items)
 
+    def read_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        if not keys:
+            return []
+        reader = self._reader
+        if reader is None:
+            return copy_values_into(self.get(keys), dests)
+        lengths = self._call("get", lambda: reader.mget_into(keys, dests))
+        with self._lock:
+            self._stats.bytes_read += sum(n for n in lengths if n > 0)
+        return lengths
+
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(self._stats.bytes_read, self._stats.bytes_written, self._stats.errors,
                               self.breaker.state, self.breaker.num_opened)
 
 
-def open_store(url: str, timeout_s: float = 1.0, probe_interval_s: float = 5.0) -> KVStore:
+def open_store(url: str, timeout_s: float = 1.0, probe_interval_s: float = 5.0,
+               read_connections: int = 4) -> KVStore:
     """The store named by ``url``: ``redis://...`` (a server), or ``memory://`` (this process only)."""
     if url.startswith("memory://"):
         return MemoryStore()
-    store = RedisStore(url, timeout_s, CircuitBreaker(probe_interval_s=probe_interval_s))
+    store = RedisStore(url, timeout_s, CircuitBreaker(probe_interval_s=probe_interval_s), read_connections)
     store.check()
     return store

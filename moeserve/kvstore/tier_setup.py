@@ -1,5 +1,6 @@
-"""Building the host tier and the shared store from the engine's config: the coordinator's ``TierManager``
-and each rank's ``BlockMover`` (one process, or stage workers)."""
+"""Building the KV connector from the engine's config -- the host tier and the shared store (the
+coordinator's ``TierManager`` and each rank's ``BlockMover``, one process or stage workers), or a decode
+instance's ``RemoteConnector`` -- and a prefill instance's transfer server."""
 
 from __future__ import annotations
 
@@ -8,9 +9,13 @@ import os
 from typing import Any
 
 from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
+from moeserve.kvstore.connector import KVConnector
+from moeserve.kvstore.disagg import PrefillSide, RemoteConnector, block_server
 from moeserve.kvstore.mover import BlockMover
+from moeserve.kvstore.nixl_transfer import NixlAgent
 from moeserve.kvstore.store import KVStore, StoreConfigError, open_store, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
+from moeserve.kvstore.transfer_server import KvBlockServer
 from moeserve.kvstore.transport import LocalTransport
 
 logger = logging.getLogger(__name__)
@@ -53,9 +58,49 @@ def open_kv_store(config: Any) -> KVStore | None:
     """The coordinator's store client, checked at start (a wrong or missing password stops here)."""
     if not config.kv_store:
         return None
-    store = open_store(config.kv_store, config.kv_store_timeout, config.kv_store_probe_interval)
+    store = open_store(config.kv_store, config.kv_store_timeout, config.kv_store_probe_interval,
+                       config.kv_store_connections)
     logger.info("KV store: %s", redact(config.kv_store))
     return store
+
+
+def build_connector(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,
+                    store: KVStore | None) -> KVConnector | None:
+    """The engine's KV connector: a decode instance's ``RemoteConnector``, else the host tier and the store
+    (``build_tiers``). ``runner``: the one-process ModelRunner or the DistributedExecutor."""
+    if config.disaggregation_mode != "decode":
+        return build_tiers(config, kv_dim, stage_layers, bytes_per_token, runner, store)
+    layouts = stage_layouts(config, stage_layers, kv_dim)
+    logger.info("decode instance: prompt blocks come from prefill instances (%s)", config.kv_transfer_backend)
+    if hasattr(runner, "kv_caches"):  # one process: this process's runner holds the cache
+        mover = BlockMover(runner.kv_caches, layouts[0], 0, None)
+        nixl = NixlAgent(mover.caches, "decode") if config.kv_transfer_backend == "nixl" else None
+        transport: Any = LocalTransport(mover, nixl)
+    else:  # every stage worker pulls its own layers
+        transport = runner
+    return RemoteConnector(transport, layouts[0], config.kv_transfer_timeout, config.kv_transfer_backend)
+
+
+def build_prefill_side(config: Any, kv_dim: int, stage_layers: list[int], runner: Any) -> PrefillSide | None:
+    """A prefill instance's transfer server (None for other roles): over this process's caches, or with the
+    stage workers' block servers as its sources."""
+    if config.disaggregation_mode != "prefill":
+        return None
+    layouts = stage_layouts(config, stage_layers, kv_dim)
+    bind = any_port(config.kv_transfer_addr)
+    block_bytes = sum(layout.payload_bytes for layout in layouts)
+    if hasattr(runner, "kv_caches"):
+        local = block_server(runner.kv_caches, layouts[0], bind, config.kv_transfer_backend)
+        side = PrefillSide(layouts[0], bind, config.kv_transfer_hold, block_bytes, [], local)
+    else:
+        side = PrefillSide(layouts[0], bind, config.kv_transfer_hold, block_bytes, runner.kv_block_servers)
+    logger.info("prefill instance: KV transfer server at %s", side.address)
+    return side
+
+
+def any_port(addr: str) -> str:
+    """``tcp://host:0`` -> ZeroMQ's any free port."""
+    return addr[:-2] + ":*" if addr.endswith(":0") else addr
 
 
 def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,
@@ -71,7 +116,7 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
                 num_host * config.effective_block_size * bytes_per_token >> 20,
                 "; shared store on" if store is not None else "")
     if hasattr(runner, "kv_caches"):  # one process: this process's runner holds the cache
-        mover = BlockMover(runner.kv_caches, layouts[0], num_host, store)
+        mover = BlockMover(runner.kv_caches, layouts[0], num_host, store, read_threads=config.kv_store_connections)
         return TierManager(tier_config, LocalTransport(mover), store, ranks_share_store=True)
     return TierManager(tier_config, runner, store)
 
@@ -84,12 +129,14 @@ def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:
     return dict(kv_host_blocks=host_blocks(config, bytes_per_token), kv_store=url,
                 kv_fingerprint=model_fingerprint(config.model_path, config.load_format, config.weights_seed),
                 kv_salt=config.kv_store_salt, kv_store_timeout_s=config.kv_store_timeout,
-                kv_store_probe_s=config.kv_store_probe_interval)
+                kv_store_probe_s=config.kv_store_probe_interval, kv_store_connections=config.kv_store_connections,
+                disaggregation_mode=config.disaggregation_mode, kv_transfer_backend=config.kv_transfer_backend,
+                kv_transfer_addr=config.kv_transfer_addr)
 
 
 def worker_mover(spec: Any, caches: dict, kv_dim: int) -> BlockMover | None:
     """A stage worker's BlockMover (None when the tiers are off). Only tp rank 0 of a stage writes."""
-    if not spec.kv_host_blocks and not spec.kv_store:
+    if not spec.kv_host_blocks and not spec.kv_store and spec.disaggregation_mode != "decode":
         return None
     coord = spec.dims.coord(spec.rank)
     start = sum(spec.stage_layers[:coord.pp_stage])
@@ -100,5 +147,27 @@ def worker_mover(spec: Any, caches: dict, kv_dim: int) -> BlockMover | None:
         url = os.environ.get(STORE_ENV, "")
         if not url:
             raise StoreConfigError(f"{STORE_ENV} is not set on node {spec.node}: every node needs the store's URL")
-    store = open_store(url, spec.kv_store_timeout_s, spec.kv_store_probe_s) if url else None
-    return BlockMover(caches, layout, spec.kv_host_blocks, store, writes=coord.tp_rank == 0)
+    store = open_store(url, spec.kv_store_timeout_s, spec.kv_store_probe_s, spec.kv_store_connections) \
+        if url else None
+    return BlockMover(caches, layout, spec.kv_host_blocks, store, writes=coord.tp_rank == 0,
+                      read_threads=spec.kv_store_connections)
+
+
+def worker_nixl(spec: Any, mover: BlockMover) -> NixlAgent | None:
+    """A decode rank's NIXL agent (the nixl backend), over its caches."""
+    if spec.disaggregation_mode == "decode" and spec.kv_transfer_backend == "nixl":
+        return NixlAgent(mover.caches, "decode")
+    return None
+
+
+def worker_block_server(spec: Any, caches: dict, kv_dim: int) -> KvBlockServer | None:
+    """A prefill instance's stage worker serves its stage's layers of held blocks (tp rank 0 of each stage:
+    every tp rank holds the same latent). It binds on the transfer address's host (one machine)."""
+    coord = spec.dims.coord(spec.rank)
+    if spec.disaggregation_mode != "prefill" or coord.tp_rank != 0:
+        return None
+    start = sum(spec.stage_layers[:coord.pp_stage])
+    layout = BlockLayout(spec.kv_fingerprint, spec.dtype, spec.block_size, coord.pp_stage, start,
+                         spec.stage_layers[coord.pp_stage], kv_dim, spec.kv_salt)
+    host = spec.kv_transfer_addr.rpartition(":")[0]
+    return block_server(caches, layout, f"{host}:*", spec.kv_transfer_backend)

@@ -1,11 +1,12 @@
 """TierManager: the coordinator's view of the tiers below the device cache -- the host pool and the shared
 store -- and every decision about them (the ranks' ``BlockMover``s only copy what they are told).
 
-At admission the cache manager matches the device cache first; ``load_prefix`` then extends the match from
-the host pool (``HostIndex``: chain hash -> slot, LRU), then from the store (the longest prefix stored for
-every pipeline stage), loads those blocks into freshly allocated device blocks on every rank and returns the
-ones that arrived. After each step ``save`` writes newly computed full blocks through to the host pool and
-(through the ranks' bounded queues) to the store. A cost rule skips store loads that are estimated to take
+A ``KVConnector`` (kvstore/connector.py). At admission the cache manager matches the device cache first;
+``plan_load`` then extends the match from the host pool (``HostIndex``: chain hash -> slot, LRU), then from
+the store (the longest prefix stored for every pipeline stage); ``begin_load`` has every rank load those
+blocks into the device blocks the cache manager allocated, and ``finished_loads`` says how many arrived.
+``save`` writes newly computed full blocks through to the host pool and (through the ranks' bounded queues)
+to the store; loads and saves reach the ranks with the next step (``send_ops``). A cost rule skips store loads that are estimated to take
 longer than recomputing the same tokens (measured load time per block against measured prefill time per token).
 """
 
@@ -13,14 +14,13 @@ from __future__ import annotations
 
 import bisect
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moeserve.comm.messages import KvLoadMsg, KvSaveMsg
 from moeserve.kvstore.block_format import BlockLayout
-from moeserve.kvstore.block_pool import BlockPool
+from moeserve.kvstore.connector import LoadDone, LoadPlan, PendingLoad, QueuedConnector
 from moeserve.kvstore.store import KVStore, StoreError
 from moeserve.kvstore.transport import KvTransport
 
@@ -87,46 +87,54 @@ class TierStats:
     load_s_buckets: tuple[int, ...] = (0,) * (len(LOAD_BUCKETS) + 1)
 
 
-class TierManager:
+@dataclass(frozen=True)
+class TierLoadPlan:
+    """The blocks the host pool holds (its slots), then those the store holds, from the first."""
+
+    hashes: tuple[int, ...]
+    tokens: tuple[tuple[int, ...], ...]
+    host_slots: tuple[int, ...]
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.hashes)
+
+
+@dataclass
+class _TierLoad:
+    plan: TierLoadPlan
+    blocks: list[int]
+
+
+class TierManager(QueuedConnector):
+    """The host tier and the shared store as a ``KVConnector`` (kvstore/connector.py)."""
+
     def __init__(self, config: TierConfig, transport: KvTransport, store: KVStore | None,
                  ranks_share_store: bool = False):
         """``store``: the coordinator's client (lookups); ``ranks_share_store``: one process, whose mover uses
         that same client (its errors are counted once)."""
+        super().__init__(transport.num_ranks, transport)
         self.config = config
         self.ranks_share_store = ranks_share_store
-        self.transport = transport
         self.store = store
         self.host = HostIndex(config.host_blocks)
         self.stats = TierStats()
-        self._load_id = 0
         self.store_s_per_block: float | None = None  # measured: one stored block into the device, all ranks
         self.prefill_s_per_token: float | None = None  # measured from steps that were mostly prefill
-        self._load_s_since_step = 0.0
 
     # ---- loads ----
-    def load_prefix(self, hashes: Sequence[int], tokens: Sequence[tuple[int, ...]], pool: BlockPool) -> list[int]:
-        """Extend a device-cache match by the blocks ``hashes`` (their ``tokens``), in order: those found in the
-        host pool, then in the store, go into fresh device blocks. Returns the device blocks that now hold the
-        first ``len(result)`` of them (one reference each, not yet registered)."""
+    def plan_load(self, hashes: Sequence[int], tokens: Sequence[tuple[int, ...]],
+                  kv_transfer: str | None = None) -> TierLoadPlan | None:
         host_slots: list[int] = []
         for h, t in zip(hashes, tokens):
             slot = self.host.lookup(h, t)
             if slot is None:
                 break
             host_slots.append(slot)
-        num_store = self._store_prefix(hashes[len(host_slots):])
-        n = min(len(host_slots) + num_store, pool.num_free)
+        n = len(host_slots) + self._store_prefix(hashes[len(host_slots):])
         if n == 0:
-            return []
-        host_slots, num_store = host_slots[:n], n - min(n, len(host_slots))
-        blocks = pool.allocate(n)
-        got = self._load(host_slots, blocks, hashes[len(host_slots):n], tokens[len(host_slots):n])
-        used = len(host_slots) + got
-        pool.free(blocks[used:][::-1])
-        if got:  # write the stored blocks through to the host pool
-            self.save(blocks[len(host_slots):used], hashes[len(host_slots):used], tokens[len(host_slots):used],
-                      to_store=False)
-        return blocks[:used]
+            return None
+        return TierLoadPlan(tuple(hashes[:n]), tuple(tokens[:n]), tuple(host_slots))
 
     def _store_prefix(self, hashes: Sequence[int]) -> int:
         """How many of ``hashes``, from the first, are stored for every stage (0 when it is not worth it)."""
@@ -152,20 +160,24 @@ class TierManager:
             return True  # nothing measured yet: load, and measure
         return self.store_s_per_block < self.config.block_size * self.prefill_s_per_token
 
-    def _load(self, host_slots: list[int], blocks: list[int], store_hashes: Sequence[int],
-              store_tokens: Sequence[tuple[int, ...]]) -> int:
-        """Run the load on every rank; returns how many stored blocks every rank loaded."""
-        self._load_id += 1
-        nh = len(host_slots)
-        msg = KvLoadMsg(self._load_id, host_slots, blocks[:nh], [f"{h:032x}" for h in store_hashes],
-                        [list(t) for t in store_tokens], blocks[nh:nh + len(store_hashes)])
-        start = time.perf_counter()
-        replies = self.transport.kv_load(msg)
-        elapsed = time.perf_counter() - start
-        got = min(r.num_store_loaded for r in replies) if store_hashes else 0
-        if store_hashes and got < len(store_hashes):
-            logger.warning("%d of %d stored blocks could not be loaded: recomputing them",
-                           len(store_hashes) - got, len(store_hashes))
+    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int]) -> None:
+        assert isinstance(plan, TierLoadPlan) and len(blocks) <= plan.num_blocks
+        n, nh = len(blocks), min(len(blocks), len(plan.host_slots))
+        self._queue_load(lambda load_id: KvLoadMsg(
+            load_id, list(plan.host_slots[:nh]), list(blocks[:nh]), [f"{h:032x}" for h in plan.hashes[nh:n]],
+            [list(t) for t in plan.tokens[nh:n]], list(blocks[nh:n])), request_id, _TierLoad(plan, list(blocks)))
+
+    def _finish(self, pending: PendingLoad, state: object) -> LoadDone:
+        """Count a load every rank has done; write its stored blocks through to the host pool."""
+        load = state
+        assert isinstance(load, _TierLoad)
+        nh = min(len(load.blocks), len(load.plan.host_slots))
+        num_store = len(load.blocks) - nh
+        got = min(pending.num_loaded, num_store)
+        if got < num_store:
+            logger.warning("%d of %d stored blocks could not be loaded: recomputing them", num_store - got,
+                           num_store)
+        replies, elapsed = pending.replies.values(), pending.seconds
         s = self.stats
         s.host_hit_tokens += nh * self.config.block_size
         s.host_bytes_read += nh * self.config.block_bytes
@@ -176,12 +188,14 @@ class TierManager:
         buckets = list(s.load_s_buckets)
         buckets[bisect.bisect_left(LOAD_BUCKETS, elapsed)] += 1
         s.load_s_buckets = tuple(buckets)
-        self._load_s_since_step += elapsed
         if got and not nh:
             per_block = elapsed / got
             old = self.store_s_per_block
             self.store_s_per_block = per_block if old is None else (1 - EWMA) * old + EWMA * per_block
-        return got
+        if got:  # write the stored blocks through to the host pool
+            self.save(load.blocks[nh:nh + got], load.plan.hashes[nh:nh + got], load.plan.tokens[nh:nh + got],
+                      to_store=False)
+        return LoadDone(pending.request_id, nh + got)
 
     # ---- saves ----
     def save(self, blocks: Sequence[int], hashes: Sequence[int], tokens: Sequence[tuple[int, ...]],
@@ -193,14 +207,12 @@ class TierManager:
         if not blocks or (not store_ok and all(s < 0 for s in host_slots)):
             return
         self.stats.host_bytes_written += sum(s >= 0 for s in host_slots) * self.config.block_bytes
-        self.transport.kv_save(KvSaveMsg(list(blocks), host_slots, [f"{h:032x}" for h in hashes],
-                                         [list(t) for t in tokens], [store_ok] * len(blocks)))
+        self._ops.append(KvSaveMsg(list(blocks), host_slots, [f"{h:032x}" for h in hashes],
+                                   [list(t) for t in tokens], [store_ok] * len(blocks)))
 
     # ---- measurements ----
     def observe_step(self, num_tokens: int, seconds: float) -> None:
         """A finished step (its tokens and time); steps that are mostly prefill set the cost rule's speed."""
-        seconds = max(0.0, seconds - self._load_s_since_step)
-        self._load_s_since_step = 0.0
         if num_tokens < 2 * self.config.block_size or seconds <= 0:
             return
         per_token = seconds / num_tokens

@@ -1,60 +1,122 @@
-"""How the coordinator's ``TierManager`` reaches the ranks' ``BlockMover``s: directly in one process
-(``LocalTransport``), or as ``KvSaveMsg`` / ``KvLoadMsg`` through the stage workers' plan socket
-(``DistributedExecutor.kv_save`` / ``kv_load``; a worker answers with ``apply_kv_message``). Messages run in
-the order sent, between step plans, so a save always sees the step that computed its blocks."""
+"""The ranks' side of the KV connector (kvstore/connector.py), and how the coordinator reaches it.
+
+``KvWorker`` runs on each rank beside its ``BlockMover``: a ``KvSaveMsg`` runs at once (the next step plan
+may overwrite the blocks it copies), a ``KvLoadMsg`` goes to a background thread (host-pool slots are
+copied at once: a later save may reuse a slot), and each finished load is reported as a ``KvLoadedMsg``
+(``poll``). The coordinator reaches the workers through a ``KvTransport``: directly in one process
+(``LocalTransport``), or through the stage workers' plan socket (``DistributedExecutor.kv_submit`` /
+``kv_poll``; a worker process sends its reports back on that socket). Messages run in the order sent,
+between step plans, so a save always sees the step that computed its blocks.
+"""
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
 from typing import Protocol
 
 from moeserve.comm.messages import KvLoadedMsg, KvLoadMsg, KvSaveMsg
-from moeserve.kvstore.mover import BlockMover
+from moeserve.kvstore.mover import BlockMover, LoadReport
+from moeserve.kvstore.nixl_transfer import NixlAgent
+from moeserve.kvstore.remote import pull_remote_blocks
 
 
 class KvTransport(Protocol):
-    def kv_save(self, msg: KvSaveMsg) -> None: ...
+    num_ranks: int
 
-    def kv_load(self, msg: KvLoadMsg) -> list[KvLoadedMsg]:
-        """Every rank's answer, once each has loaded."""
+    def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
+        """Send a save or a load to every rank (in order with the step plans)."""
+
+    def kv_poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
+        """The load reports that arrived (waiting up to ``timeout_s`` for the first)."""
 
     def kv_counters(self) -> list[KvLoadedMsg]:
         """The latest store counters of every rank that has reported."""
 
 
-def counters_of(mover: BlockMover, rank: int, load_id: int = 0, loaded: int = 0, nbytes: int = 0,
-                corrupt: int = 0) -> KvLoadedMsg:
+def counters_of(mover: BlockMover, rank: int, load_id: int = 0, report: LoadReport | None = None,
+                load_s: float = 0.0) -> KvLoadedMsg:
     c = mover.counters
+    r = report or LoadReport(0, 0, 0)
     stats = mover.store.stats() if mover.store is not None and mover.writes else None
-    return KvLoadedMsg(load_id, rank, loaded, nbytes, corrupt, c.writes_dropped, c.blocks_written,
-                       stats.bytes_written if stats else 0, stats.errors if stats else 0)
+    return KvLoadedMsg(load_id, rank, r.num_store_loaded, r.bytes_read, r.num_corrupt, c.writes_dropped,
+                       c.blocks_written, stats.bytes_written if stats else 0, stats.errors if stats else 0,
+                       load_s, r.error)
 
 
-def apply_kv_message(mover: BlockMover, msg: KvSaveMsg | KvLoadMsg, rank: int) -> KvLoadedMsg | None:
-    """Run a save or a load on this rank; a load's answer (None for a save)."""
-    if isinstance(msg, KvSaveMsg):
-        mover.save(msg.blocks, msg.host_slots, [int(h, 16) for h in msg.hashes], msg.tokens, msg.to_store)
-        return None
-    report = mover.load(msg.host_slots, msg.host_blocks, [int(h, 16) for h in msg.store_hashes],
-                        msg.store_tokens, msg.store_blocks)
-    return counters_of(mover, rank, msg.load_id, report.num_store_loaded, report.bytes_read, report.num_corrupt)
+class KvWorker:
+    """One rank's loads and saves (see the module docstring)."""
+
+    def __init__(self, mover: BlockMover, rank: int, nixl: NixlAgent | None = None):
+        """``nixl``: this rank's NIXL agent, for remote loads by NIXL (a decode instance's)."""
+        self.mover = mover
+        self.rank = rank
+        self.nixl = nixl
+        self._loads: queue.Queue[KvLoadMsg | None] = queue.Queue()
+        self._done: queue.Queue[KvLoadedMsg] = queue.Queue()
+        self.num_pending = 0  # loads not yet reported by ``poll``
+        self._thread = threading.Thread(target=self._load_loop, name="kv-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
+        if isinstance(msg, KvSaveMsg):
+            self.mover.save(msg.blocks, msg.host_slots, [int(h, 16) for h in msg.hashes], msg.tokens, msg.to_store)
+        elif msg.load_id == 0:  # a counters request: answered at once
+            self._done.put(counters_of(self.mover, self.rank))
+        else:
+            self.mover.load_host(msg.host_slots, msg.host_blocks)
+            self.num_pending += 1
+            self._loads.put(msg)
+
+    def _load_loop(self) -> None:
+        while True:
+            msg = self._loads.get()
+            if msg is None:
+                return
+            start = time.perf_counter()
+            if msg.remote_addr:
+                report = pull_remote_blocks(self.mover, msg, self.nixl)
+            else:
+                report = self.mover.load_store([int(h, 16) for h in msg.store_hashes], msg.store_tokens,
+                                               msg.store_blocks)
+            self._done.put(counters_of(self.mover, self.rank, msg.load_id, report, time.perf_counter() - start))
+
+    def poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
+        out: list[KvLoadedMsg] = []
+        try:
+            out.append(self._done.get(timeout=timeout_s) if timeout_s > 0 else self._done.get_nowait())
+            while True:
+                out.append(self._done.get_nowait())
+        except queue.Empty:
+            self.num_pending -= sum(1 for r in out if r.load_id)
+            return out
+
+    def close(self) -> None:
+        self._loads.put(None)
+        self._thread.join(timeout=10)
+        if self.nixl is not None:
+            self.nixl.close()
+        self.mover.close()
 
 
 class LocalTransport:
     """One process: the engine's own runner holds the cache tensors."""
 
-    def __init__(self, mover: BlockMover):
+    num_ranks = 1
+
+    def __init__(self, mover: BlockMover, nixl: NixlAgent | None = None):
         self.mover = mover
+        self.worker = KvWorker(mover, 0, nixl)
 
-    def kv_save(self, msg: KvSaveMsg) -> None:
-        apply_kv_message(self.mover, msg, 0)
+    def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
+        self.worker.submit(msg)
 
-    def kv_load(self, msg: KvLoadMsg) -> list[KvLoadedMsg]:
-        reply = apply_kv_message(self.mover, msg, 0)
-        assert reply is not None
-        return [reply]
+    def kv_poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
+        return self.worker.poll(timeout_s)
 
     def kv_counters(self) -> list[KvLoadedMsg]:
         return [counters_of(self.mover, 0)]
 
     def close(self) -> None:
-        self.mover.close()
+        self.worker.close()

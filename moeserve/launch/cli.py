@@ -17,6 +17,7 @@ from moeserve.launch import (
     cmd_generate,
     cmd_launch,
     cmd_plan,
+    cmd_router,
     cmd_serve,
 )
 
@@ -92,8 +93,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     kv.add_argument("--kv-store-timeout", type=float, default=1.0, help="seconds for each store call")
     kv.add_argument("--kv-store-probe-interval", type=float, default=5.0,
                     help="seconds between probes of a failing store (its circuit breaker is open meanwhile)")
+    kv.add_argument("--kv-store-connections", type=int, default=4,
+                    help="connections per rank over which a store load's chunks are read in parallel")
     kv.add_argument("--kv-load-cost-rule", action=argparse.BooleanOptionalAction, default=True,
                     help="skip store loads measured to be slower than recomputing the tokens (default on)")
+    pd = p.add_argument_group("prefill/decode disaggregation")
+    pd.add_argument("--disaggregation-mode", default="", choices=("", "prefill", "decode"),
+                    help="serve one role: prefill (computes prompts, holds their latent blocks for a decode "
+                         "instance to pull) or decode (pulls them, streams the tokens); behind `moeserve router "
+                         "--prefill URL --decode URL` (default: both, colocated)")
+    pd.add_argument("--kv-transfer-backend", default="zmq", choices=("zmq", "nixl"),
+                    help="how latent blocks move between instances: zmq (msgpack control, raw byte frames on the "
+                         "same socket) or nixl (a NIXL read between registered caches: UCX over shared memory or "
+                         "TCP, CUDA IPC or RDMA on GPUs; needs the nixl package); both roles give the same")
+    pd.add_argument("--kv-transfer-addr", default="tcp://127.0.0.1:0",
+                    help="a prefill instance's transfer server address (port 0: any free port)")
+    pd.add_argument("--kv-transfer-timeout", type=float, default=10.0,
+                    help="seconds a decode instance waits for a transfer before computing the prompt itself")
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
                         "default: unseeded, a fresh seed each run; dummy weights use 0)")
@@ -116,6 +132,9 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             kv_host_memory=args.kv_host_memory, kv_store=args.kv_store,
             kv_store_salt=args.kv_store_salt, kv_store_timeout=args.kv_store_timeout,
             kv_store_probe_interval=args.kv_store_probe_interval, kv_load_cost_rule=args.kv_load_cost_rule,
+            kv_store_connections=args.kv_store_connections,
+            disaggregation_mode=args.disaggregation_mode, kv_transfer_backend=args.kv_transfer_backend,
+            kv_transfer_addr=args.kv_transfer_addr, kv_transfer_timeout=args.kv_transfer_timeout,
             expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,
             eplb_interval=args.eplb_interval, eplb_threshold=args.eplb_threshold,
             eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step,
@@ -149,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log at INFO level, and print the traceback with an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_chat, cmd_expert_load):
+    for module in (cmd_generate, cmd_bench, cmd_check, cmd_plan, cmd_launch, cmd_serve, cmd_router, cmd_chat,
+                   cmd_expert_load):
         p = module.add_parser(sub)
         if getattr(module, "NEEDS_ENGINE_ARGS", False):
             add_engine_args(p)

@@ -42,9 +42,9 @@ def peak_memory_bytes(device) -> int:
 def hit_counts(engine) -> dict[str, int]:
     """Prompt tokens looked up, and found per tier, so far."""
     kv = engine.kv
-    tiers = kv.tiers.stats if kv.tiers is not None else None
+    snap = kv.connector.snapshot() if kv.connector is not None else {}
     return {"query": kv.num_prefix_query_tokens, "device": kv.num_prefix_hit_tokens,
-            "host": tiers.host_hit_tokens if tiers else 0, "store": tiers.store_hit_tokens if tiers else 0}
+            "host": int(snap.get("host_hit_tokens", 0)), "store": int(snap.get("store_hit_tokens", 0))}
 
 
 def hit_rates(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:

@@ -29,6 +29,7 @@ from moeserve.comm.messages import (
     ExpertLoadRequestMsg,
     KvLoadMsg,
     KvSaveMsg,
+    KvServerMsg,
     LogitsMsg,
     PlacementMsg,
     PlacementReadyMsg,
@@ -47,8 +48,8 @@ from moeserve.comm.topology import ParallelDims
 from moeserve.dtypes import DTYPES
 from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
-from moeserve.kvstore.tier_setup import worker_mover
-from moeserve.kvstore.transport import apply_kv_message
+from moeserve.kvstore.tier_setup import worker_block_server, worker_mover, worker_nixl
+from moeserve.kvstore.transport import KvWorker
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
@@ -92,6 +93,10 @@ class WorkerSpec:
     kv_salt: str = ""
     kv_store_timeout_s: float = 1.0
     kv_store_probe_s: float = 5.0
+    kv_store_connections: int = 4
+    disaggregation_mode: str = ""  # prefill: tp rank 0 serves its stage's layers; decode: ranks pull theirs
+    kv_transfer_backend: str = "zmq"
+    kv_transfer_addr: str = "tcp://127.0.0.1:0"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -138,7 +143,9 @@ class StageWorker:
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
-        self.kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store
+        kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store, decode role
+        self.kv_worker = KvWorker(kv_mover, spec.rank, worker_nixl(spec, kv_mover)) if kv_mover is not None else None
+        self.block_server = worker_block_server(spec, self.runner.kv_caches, config.kv_cache_dim)  # prefill role
         self.mover = ExpertMover(self.runner, spec.model, spec.load_format, spec.seed,
                                  spec.dims.coord(spec.rank).tp_rank)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
@@ -188,10 +195,15 @@ class StageWorker:
     def serve(self, sock: zmq.Socket) -> None:
         if self.preflight is not None and self.spec.rank == 0:
             sock.send(encode(self.preflight))
+        if self.block_server is not None:
+            caches = self.block_server.caches
+            sock.send(encode(KvServerMsg(self.spec.rank, self.block_server.address, min(caches), len(caches))))
         sock.send(encode(ReadyMsg(self.spec.rank, self.loaded_bytes, len(self.runner.model.layers))))
         launcher = os.getppid()
         while True:
-            if not sock.poll(0 if self.mover.active else 1000):
+            self._send_kv_reports(sock)
+            busy = self.mover.active or (self.kv_worker is not None and self.kv_worker.num_pending > 0)
+            if not sock.poll(0 if self.mover.active else 5 if busy else 1000):
                 if self.mover.active:  # idle: stage the next layers of a new expert placement
                     self._stage_placement(sock)
                     continue
@@ -201,8 +213,10 @@ class StageWorker:
                 continue
             msg = decode(sock.recv())
             if isinstance(msg, ShutdownMsg):
-                if self.kv_mover is not None:
-                    self.kv_mover.close()  # finishes the queued store writes (bounded)
+                if self.kv_worker is not None:
+                    self.kv_worker.close()  # finishes the queued store writes (bounded)
+                if self.block_server is not None:
+                    self.block_server.close()
                 return
             if isinstance(msg, StatsRequestMsg):
                 sock.send(encode(self.stats()))
@@ -211,10 +225,9 @@ class StageWorker:
                 self.timing = True
                 continue
             if isinstance(msg, (KvSaveMsg, KvLoadMsg)):
-                assert self.kv_mover is not None, "a KV tier message for a rank without tiers"
-                reply = apply_kv_message(self.kv_mover, msg, self.spec.rank)
-                if reply is not None:
-                    sock.send(encode(reply))
+                assert self.kv_worker is not None, "a KV tier message for a rank without tiers"
+                self.kv_worker.submit(msg)
+                self._send_kv_reports(sock)
                 continue
             if isinstance(msg, ExpertLoadRequestMsg):
                 sock.send(encode(self.expert_load(msg.seq)))
@@ -228,6 +241,12 @@ class StageWorker:
                                     copy=False)
             if self.mover.active:  # a few layers of a new expert placement after each step
                 self._stage_placement(sock)
+
+    def _send_kv_reports(self, sock: zmq.Socket) -> None:
+        """The KV loads this rank finished (its loader thread's reports) go to the coordinator."""
+        if self.kv_worker is not None:
+            for report in self.kv_worker.poll():
+                sock.send(encode(report))
 
     def _placement(self, sock: zmq.Socket, msg: PlacementMsg | PlacementSwapMsg) -> None:
         if isinstance(msg, PlacementSwapMsg):

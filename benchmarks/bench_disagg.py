@@ -1,0 +1,180 @@
+"""Decode ITL under a mixed load: disaggregated (prefill instance + decode instance + router) against one
+colocated instance, in one run.
+
+The load, for ``--duration`` seconds: ``--chats`` clients that each stream short completions back to back
+(``--chat-len`` prompt tokens, ``--chat-tokens`` new tokens), plus a long prompt (``--long-len`` tokens,
+``--long-tokens`` new tokens) sent every ``--long-every`` seconds. The figure is the inter-token latency of the
+short chats' streams (client side, SSE arrival times): p50 and p99, and their ratio. Prompts are random token
+ids, the model's weights as given (``--load-format dummy`` for random ones).
+
+The two roles must not share compute for the comparison to mean anything: give each its own GPU
+(``--prefill-env CUDA_VISIBLE_DEVICES=0 --decode-env CUDA_VISIBLE_DEVICES=1``), or its own cores
+(``--prefill-cpus 0-7 --decode-cpus 8-15``: ``taskset``), or the GPU to decode and host cores to prefill
+(``--prefill-device cpu``). The colocated instance gets the decode instance's device and environment.
+
+Two H200s of one host, a role on each (or drop the env flags and give --prefill-device cpu for the host cores):
+    PYTHONPATH=. python benchmarks/bench_disagg.py --model benchmarks/configs/deepseek_v2_lite --load-format dummy \\
+        --device cuda --prefill-env CUDA_VISIBLE_DEVICES=0 --decode-env CUDA_VISIBLE_DEVICES=1 \\
+        --chats 16 --long-len 8192 --long-every 2 --duration 60 --json-out benchmarks/results/disagg_h200.json
+CPU, disjoint cores (the embedded model, its rotary table stretched: MOESERVE_ALLOW_LONG_MAX_MODEL_LEN=1):
+    PYTHONPATH=. python benchmarks/bench_disagg.py --prefill-cpus 0 --decode-cpus 1 --chats 4 --long-len 1024 \\
+        --long-every 3 --duration 30 --max-model-len 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from moeserve.frontend.testing import free_port
+
+
+def start(cmd: list[str], env_items: list[str], cpus: str, wait_url: str, timeout_s: float = 900) -> subprocess.Popen:
+    env = dict(os.environ, **dict(item.split("=", 1) for item in env_items))
+    prefix = ["taskset", "-c", cpus] if cpus else []
+    proc = subprocess.Popen([*prefix, sys.executable, "-m", "moeserve.launch.cli", *cmd], env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with code {proc.returncode}")
+        try:
+            if httpx.get(wait_url + "/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise TimeoutError(f"{cmd[0]} not up in {timeout_s} s")
+
+
+def serve_cmd(args, port: int, device: str, mode: str = "") -> list[str]:
+    cmd = ["serve", "--port", str(port), "--rpc-port", str(free_port()), "--device", device,
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--kv-host-memory", "0"]
+    if args.model:
+        cmd += ["--model", args.model, "--load-format", args.load_format]
+    if args.max_model_len:
+        cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.kv_cache_memory:
+        cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
+    if mode:
+        cmd += ["--disaggregation-mode", mode, "--kv-transfer-backend", args.kv_transfer_backend]
+    return cmd
+
+
+async def chat_client(url: str, model: str, args, rng: random.Random, stop: float, itls: list[float]) -> None:
+    async with httpx.AsyncClient(timeout=600) as client:
+        while time.monotonic() < stop:
+            body = {"model": model, "prompt": [rng.randrange(1000) for _ in range(args.chat_len)],
+                    "max_tokens": args.chat_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+            last = None
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    now = time.monotonic()
+                    if last is not None:
+                        itls.append(now - last)
+                    last = now
+
+
+async def long_client(url: str, model: str, args, rng: random.Random, stop: float) -> int:
+    sent = 0
+    async with httpx.AsyncClient(timeout=600) as client:
+        tasks = []
+        while time.monotonic() < stop:
+            body = {"model": model, "prompt": [rng.randrange(1000) for _ in range(args.long_len)],
+                    "max_tokens": args.long_tokens, "temperature": 0, "ignore_eos": True}
+            tasks.append(asyncio.create_task(client.post(url + "/v1/completions", json=body)))
+            sent += 1
+            await asyncio.sleep(args.long_every)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return sent
+
+
+async def load(url: str, args) -> dict:
+    model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
+    stop = time.monotonic() + args.duration
+    itls: list[float] = []
+    rng = random.Random(0)
+    results = await asyncio.gather(long_client(url, model, args, rng, stop),
+                                   *(chat_client(url, model, args, random.Random(i + 1), stop, itls)
+                                     for i in range(args.chats)))
+    itls.sort()
+    p50 = statistics.median(itls) if itls else 0.0
+    p99 = itls[int(0.99 * (len(itls) - 1))] if itls else 0.0
+    return {"itl_p50_s": p50, "itl_p99_s": p99, "p99_over_p50": p99 / p50 if p50 else 0.0,
+            "chat_tokens": len(itls), "long_prompts": results[0]}
+
+
+def run_disagg(args) -> dict:
+    p_port, d_port, r_port = free_port(), free_port(), free_port()
+    procs = []
+    try:
+        procs.append(start(serve_cmd(args, p_port, args.prefill_device or args.device, "prefill"),
+                           args.prefill_env, args.prefill_cpus, f"http://127.0.0.1:{p_port}"))
+        procs.append(start(serve_cmd(args, d_port, args.device, "decode"), args.decode_env, args.decode_cpus,
+                           f"http://127.0.0.1:{d_port}"))
+        procs.append(start(["router", "--prefill", f"http://127.0.0.1:{p_port}", "--decode",
+                            f"http://127.0.0.1:{d_port}", "--port", str(r_port)], [], "", f"http://127.0.0.1:{r_port}"))
+        return asyncio.run(load(f"http://127.0.0.1:{r_port}", args))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def run_colocated(args) -> dict:
+    port = free_port()
+    cpus = ",".join(c for c in (args.prefill_cpus, args.decode_cpus) if c)
+    proc = start(serve_cmd(args, port, args.device), args.decode_env, cpus, f"http://127.0.0.1:{port}")
+    try:
+        return asyncio.run(load(f"http://127.0.0.1:{port}", args))
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="")
+    p.add_argument("--load-format", default="auto")
+    p.add_argument("--device", default="cpu", help="the decode instance's (and the colocated one's) device")
+    p.add_argument("--prefill-device", default="", help="the prefill instance's device (default: --device)")
+    p.add_argument("--prefill-env", nargs="*", default=[], metavar="VAR=VALUE")
+    p.add_argument("--decode-env", nargs="*", default=[], metavar="VAR=VALUE")
+    p.add_argument("--prefill-cpus", default="", help="taskset core list of the prefill instance")
+    p.add_argument("--decode-cpus", default="", help="taskset core list of the decode instance")
+    p.add_argument("--kv-transfer-backend", default="zmq", choices=("zmq", "nixl"))
+    p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=int, default=0)
+    p.add_argument("--chats", type=int, default=8)
+    p.add_argument("--chat-len", type=int, default=128)
+    p.add_argument("--chat-tokens", type=int, default=64)
+    p.add_argument("--long-len", type=int, default=2048)
+    p.add_argument("--long-tokens", type=int, default=8)
+    p.add_argument("--long-every", type=float, default=2.0)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--modes", default="colocated,disagg")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    out = {"args": vars(args) | {"json_out": str(args.json_out)}}
+    for mode in args.modes.split(","):
+        out[mode] = run_disagg(args) if mode == "disagg" else run_colocated(args)
+        print(mode, json.dumps(out[mode]), flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

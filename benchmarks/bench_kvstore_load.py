@@ -1,0 +1,123 @@
+"""Store load rate alone: a prefix's stored blocks into a rank's cache, old path against new, in one run.
+
+Starts its own ``redis-server`` on a free loopback port, stores ``--prefix-len`` tokens of random latent in
+blocks of the given model shape, then loads them ``--repeats`` times with each path, interleaved:
+
+- ``redis-py``: the path before issue 21 (one ``MGET`` through redis-py + hiredis, each value parsed into a
+  new ``bytes``, checked, copied into a host buffer, then into the cache; on an accelerator through a pinned
+  buffer and a transposed staging copy). Kept here, as it was, as the baseline.
+- ``in-place xN``: kvstore/store_load.py: chunks read in parallel over N connections, each value received
+  with ``recv_into`` into the cache rows (CPU) or a pinned staging slot sent to the device as it arrives.
+
+GB/s counts the latent bytes loaded. Shapes: ``v2-lite`` (27 layers, 576 values, bf16, 64-token blocks: 1.99
+MB a block), ``embedded`` (the CPU test model: 5 layers, 128 values, float32, 16-token blocks: 40 KB).
+
+    PYTHONPATH=. python benchmarks/bench_kvstore_load.py --shape embedded --prefix-len 2048
+    PYTHONPATH=. python benchmarks/bench_kvstore_load.py --shape v2-lite --prefix-len 8192
+    PYTHONPATH=. python benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from redis_server import RedisServer  # noqa: E402
+
+from moeserve.device_copy import to_device  # noqa: E402
+from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block  # noqa: E402
+from moeserve.kvstore.prefix import block_hashes  # noqa: E402
+from moeserve.kvstore.store import RedisStore  # noqa: E402
+from moeserve.kvstore.store_load import StoreLoader  # noqa: E402
+
+SHAPES = {"v2-lite": (27, 576, "bfloat16", 64), "embedded": (5, 128, "float32", 16)}
+
+
+def old_path(store: RedisStore, layout: BlockLayout, caches: list[torch.Tensor], hashes, tokens, blocks) -> int:
+    """The load before issue 21 (mover.read_blocks + BlockMover._to_device), as it was."""
+    device, pin = caches[0].device, caches[0].device.type != "cpu"
+    buf = torch.empty((len(hashes), len(caches), *caches[0].shape[1:]), dtype=caches[0].dtype, pin_memory=pin)
+    values = store.get([layout.key(h) for h in hashes])
+    for i, (h, toks, value) in enumerate(zip(hashes, tokens, values)):
+        payload, why = decode_block(value, layout, h, toks)
+        assert payload is not None, why
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            src = torch.frombuffer(payload, dtype=torch.uint8)
+        buf[i].view(torch.uint8).view(-1).copy_(src)
+    idx = to_device(torch.tensor(list(blocks)), device)
+    data = buf
+    if pin:
+        staged = torch.empty((len(caches), data.shape[0], *data.shape[2:]), dtype=data.dtype, pin_memory=True)
+        staged.copy_(data.transpose(0, 1))
+        data = staged.transpose(0, 1)
+    for j, cache in enumerate(caches):
+        cache.index_copy_(0, idx, data[:, j].to(device, non_blocking=pin))
+    if pin:
+        torch.accelerator.synchronize(device)
+    return len(hashes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=SHAPES, default="embedded")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--prefix-len", type=int, default=2048)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--connections", default="1,2,4")
+    p.add_argument("--json-out", type=Path)
+    args = p.parse_args()
+    layers, dim, dtype_name, bs = SHAPES[args.shape]
+    dtype = getattr(torch, dtype_name)
+    device = torch.device(args.device)
+    n = args.prefix_len // bs
+    layout = BlockLayout("0" * 32, dtype_name, bs, 0, 0, layers, dim)
+    caches = [torch.zeros(n + 1, bs, dim, dtype=dtype, device=device) for _ in range(layers)]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100_000, (n * bs,), generator=gen).tolist()
+    hashes = block_hashes(ids, bs)
+    tokens = [ids[i * bs:(i + 1) * bs] for i in range(n)]
+    latent = torch.randn(n, layers, bs, dim, generator=gen).to(dtype)
+    blocks = list(range(1, n + 1))
+    with RedisServer(Path(tempfile.mkdtemp())) as server:
+        server.cli("config", "set", "maxmemory", "0")
+        store = RedisStore(server.url, timeout_s=30.0, read_connections=max(map(int, args.connections.split(","))))
+        raw = latent.view(torch.uint8).reshape(n, -1).numpy()
+        for lo in range(0, n, 16):
+            store.put([(layout.key(hashes[i]), encode_block(layout, hashes[i], tokens[i], raw[i].data))
+                       for i in range(lo, min(n, lo + 16))])
+        paths = {"redis-py": lambda: old_path(store, layout, caches, hashes, tokens, blocks)}
+        for c in map(int, args.connections.split(",")):
+            loader = StoreLoader(caches, layout, store, c)
+            paths[f"in-place x{c}"] = lambda loader=loader: loader.load(hashes, tokens, blocks).num_ok
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(args.repeats):
+            for name, run in paths.items():
+                for cache in caches:
+                    cache.zero_()
+                start = time.perf_counter()
+                assert run() == n
+                times[name].append(time.perf_counter() - start)
+                want = latent[:, 0].to(device)
+                assert torch.equal(caches[0][1:n + 1], want), name  # every path loads the same bytes
+    nbytes = n * layout.payload_bytes
+    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n,
+              "latent_bytes": nbytes,
+              "paths": {name: {"median_s": statistics.median(t), "gb_per_s": nbytes / statistics.median(t) / 1e9}
+                        for name, t in times.items()}}
+    print(json.dumps(result, indent=1))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Reading stored blocks straight into their destination: a minimal Redis-protocol (RESP2) ``MGET`` client
+whose bulk replies are received with ``socket.recv_into`` into caller-given buffers (the cache rows on a
+CPU, a pinned staging buffer on an accelerator), and a small pool of such connections.
+
+redis-py (with hiredis) parses every value into a new ``bytes`` object, which then has to be copied to where
+it goes: for latent blocks of megabytes that copy, and the allocation, are a large part of a load. Here the
+only copy is the kernel's, from the socket into the destination. Only ``MGET`` (and ``AUTH`` / ``SELECT``
+on connect) is spoken; every other call stays on redis-py (kvstore/store.py).
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
+
+
+class RespError(ConnectionError):
+    """The server's answer is not what the protocol says, or the server refused (an OSError: the store's
+    circuit breaker counts it as a failed call)."""
+
+
+def _command(*parts: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for p in parts:
+        out.append(b"$%d\r\n%s\r\n" % (len(p), p))
+    return b"".join(out)
+
+
+class RespConnection:
+    def __init__(self, url: str, timeout_s: float):
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            address: object = parts.path
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            address = (parts.hostname or "127.0.0.1", parts.port or 6379)
+        self.sock.settimeout(timeout_s)
+        self.sock.connect(address)  # type: ignore[arg-type]
+        self._buf = bytearray()
+        if parts.password is not None:
+            user = unquote(parts.username) if parts.username else None
+            auth = [b"AUTH", *([user.encode()] if user else []), unquote(parts.password).encode()]
+            self._simple(_command(*auth))
+        db = parts.path.strip("/") if parts.scheme != "unix" else ""
+        if db and db != "0":
+            self._simple(_command(b"SELECT", db.encode()))
+
+    def _simple(self, cmd: bytes) -> None:
+        self.sock.sendall(cmd)
+        line = self._line()
+        if not line.startswith(b"+"):
+            raise RespError(f"the store refused: {line.decode(errors='replace')}")
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            raise RespError("the store closed the connection")
+        self._buf += chunk
+
+    def _line(self) -> bytes:
+        while True:
+            end = self._buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self._buf[:end])
+                del self._buf[:end + 2]
+                return line
+            self._fill()
+
+    def _read_into(self, view: memoryview) -> None:
+        """Exactly ``len(view)`` bytes: what is buffered first, then straight from the socket."""
+        n = min(len(view), len(self._buf))
+        view[:n] = self._buf[:n]
+        del self._buf[:n]
+        while n < len(view):
+            got = self.sock.recv_into(view[n:])
+            if not got:
+                raise RespError("the store closed the connection")
+            n += got
+
+    def mget_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        """``MGET keys``; value i is received into ``dests[i]`` (its parts in order) when its length is
+        theirs. Returns each value's length (-1: missing; another length: skipped, its bytes not kept)."""
+        self.sock.sendall(_command(b"MGET", *(k.encode() for k in keys)))
+        head = self._line()
+        if head[:1] != b"*" or int(head[1:]) != len(keys):
+            raise RespError(f"unexpected MGET reply {head[:64]!r}")
+        lengths = []
+        for parts in dests:
+            line = self._line()
+            if line[:1] != b"$":
+                raise RespError(f"unexpected MGET value {line[:64]!r}")
+            size = int(line[1:])
+            lengths.append(size)
+            if size < 0:
+                continue
+            if size == sum(len(p) for p in parts):
+                for p in parts:
+                    self._read_into(p)
+            else:
+                self._read_into(memoryview(bytearray(size)))
+            self._read_into(memoryview(bytearray(2)))  # the value's \r\n
+        return lengths
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RespPool:
+    """Up to ``size`` connections, made when first needed; one that failed is dropped, not reused."""
+
+    def __init__(self, url: str, timeout_s: float, size: int):
+        self.url, self.timeout_s, self.size = url, timeout_s, size
+        self._idle: queue.LifoQueue[RespConnection] = queue.LifoQueue()
+
+    def mget_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = RespConnection(self.url, self.timeout_s)
+        try:
+            lengths = conn.mget_into(keys, dests)
+        except BaseException:
+            conn.close()
+            raise
+        self._idle.put(conn)
+        return lengths
+
+    def close(self) -> None:
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
