@@ -201,6 +201,6 @@ class DeepseekModel(nn.Module):
         return self.logits(h if all_logits else h[meta.logits_index])
 
     def cache_bytes_per_token(self, cache_dtype: torch.dtype | None = None) -> int:
-        """Latent-cache bytes one token takes across this slice's layers."""
+        """Latent-cache bytes one token takes across this slice's layers (and its MTP module's)."""
         dtype = cache_dtype or self.dtype
-        return len(self.layers) * self.config.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+        return (len(self.layers) + int(self.mtp is not None)) * self.config.kv_cache_dim * torch.empty((), dtype=dtype).element_size()

@@ -15,7 +15,7 @@ from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cuda_graph import DecodeGraphs
 from moeserve.stages.selfcheck import check_fast_path, warm_up
-from moeserve.stages.step_plan import StepPlan, fill_pending, pad_tables
+from moeserve.stages.step_plan import DraftPlan, StepPlan, fill_pending, pad_tables
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,15 @@ class ModelRunner:
         self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(fast), block_size,
                                                 model.config.kv_cache_dim, self.cache_dtype, device)
         self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
+        # the MTP module's latent cache (same block layout), and the hidden states its passes read: the last
+        # step's output [T, hidden] and the last pass's sampled outputs [S, hidden]
+        self.mtp_cache: torch.Tensor | None = None
+        if model.mtp is not None:
+            mtp_id = model.config.mtp_layer_id
+            self.mtp_cache = allocate_latent_caches([mtp_id], num_blocks + int(fast), block_size,
+                                                    model.config.kv_cache_dim, self.cache_dtype, device)[mtp_id]
+        self.step_hidden: torch.Tensor | None = None
+        self.draft_hidden: torch.Tensor | None = None
         self.expert_load = attach_counter(model, device)  # routed tokens per expert of this slice's MoE layers
         logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
                     num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
@@ -108,7 +117,8 @@ class ModelRunner:
         Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
         Nothing here reads a value back from the device: the engine queues the next step meanwhile.
         """
-        if self.graphs is not None and self.graphs.fits(plan):
+        # NOTE: the decode graphs return no hidden state, which the MTP module reads: with it, eager steps
+        if self.graphs is not None and self.mtp_cache is None and self.graphs.fits(plan):
             if self.expert_load is not None:  # decode graphs: every token is a decode token
                 self.expert_load.begin_step(len(plan.token_ids))
             out = self.graphs.run(plan, hidden, prev_token_ids)
@@ -125,8 +135,32 @@ class ModelRunner:
         h = self.model.forward_layers(hidden, meta, self.flat_caches)
         if not self.model.slice.has_head:
             return None, h
-        rows = meta.logits_index if plan.samples_every_row else meta.logits_index[self._index(plan.sample_rows)]
+        if self.mtp_cache is not None:
+            self.step_hidden = h
+        spec_rows = plan.logits_token_rows()
+        if spec_rows is not None:
+            rows = self._index(spec_rows)
+        else:
+            rows = meta.logits_index if plan.samples_every_row else meta.logits_index[self._index(plan.sample_rows)]
         return self.model.logits(h[rows]), h
+
+    @torch.inference_mode()
+    def draft(self, plan: DraftPlan) -> torch.Tensor:
+        """One MTP pass (see ``DraftPlan``); returns float32 logits [len(sample_rows), vocab] of the tokens
+        after next. Only on a slice with the LM head and the MTP module."""
+        assert self.mtp_cache is not None, "this runner holds no MTP module"
+        source = self.draft_hidden if plan.chained else self.step_hidden
+        assert source is not None, "an MTP pass needs the hidden states of a step before it"
+        step = plan.step
+        hidden = source[self._index(plan.hidden_rows)]
+        if not plan.chained:
+            hidden = self.model.norm(hidden)  # the main model's output after its final norm
+        meta = self.metadata(step)
+        token_ids = to_device(torch.tensor(step.token_ids, dtype=torch.long), self.device)
+        out = self.model.mtp_forward(token_ids, hidden, meta, self.mtp_cache.view(-1, self.mtp_cache.shape[-1]))
+        rows = meta.logits_index if step.samples_every_row else meta.logits_index[self._index(step.sample_rows)]
+        self.draft_hidden = out[rows]
+        return self.model.mtp_logits(self.draft_hidden)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         return to_device(torch.tensor(rows, dtype=torch.long), self.device)
@@ -140,5 +174,6 @@ class ModelRunner:
             self.graphs = None
         self.kv_caches.clear()
         self.flat_caches.clear()
+        self.mtp_cache = self.step_hidden = self.draft_hidden = None
         self.expert_load = None
         self.__dict__.pop("model", None)

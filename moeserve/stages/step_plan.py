@@ -24,10 +24,25 @@ class StepPlan:
     # the batch before sampled in its row pending_src[i]; the runner copies it there on the device
     pending_rows: list[int] = field(default_factory=list)  # ascending
     pending_src: list[int] = field(default_factory=list)
+    # speculative decoding: per sequence, how many of its new tokens are drafts to verify (empty: none). A
+    # sample row then gets logits at its last num_spec + 1 tokens (rows in that order, sequence by sequence)
+    num_spec: list[int] = field(default_factory=list)
 
     @property
     def samples_every_row(self) -> bool:
         return len(self.sample_rows) == len(self.query_lens)
+
+    def logits_token_rows(self) -> list[int] | None:
+        """The token rows whose logits the step returns, where drafts are verified (None: each sample row's
+        last token, the plain case)."""
+        if not any(self.num_spec):
+            return None
+        ends = np.cumsum(self.query_lens) - 1
+        rows: list[int] = []
+        for i in self.sample_rows:
+            end = int(ends[i])
+            rows.extend(range(end - self.num_spec[i], end + 1))
+        return rows
 
 
 def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
@@ -55,3 +70,18 @@ def fill_pending(token_ids: torch.Tensor, plan: StepPlan, prev_token_ids: torch.
         return
     index = to_device(torch.tensor([rows, src], dtype=torch.long), token_ids.device)
     token_ids.index_copy_(0, index[0], prev_token_ids.index_select(0, index[1]))
+
+
+@dataclass
+class DraftPlan:
+    """One pass of the MTP module on the last stage (model/mtp.py), after a step's tokens were verified.
+
+    ``step`` places the pass like a step plan: its token ids are the tokens t+1, its positions (num_computed,
+    query_lens, block tables) the positions t, where the module's own latent cache is written; logits come
+    back at the last token of each ``sample_rows`` sequence. ``hidden_rows`` [T]: where each row's hidden
+    state is -- a row of the verified step's output, or, ``chained``, a row of the previous pass's sampled
+    outputs (the module's own output stands in for the main model's at the next position)."""
+
+    step: StepPlan
+    hidden_rows: list[int]
+    chained: bool = False
