@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--fit-tokens", type=int, default=16384, help="positions of the closed-form eh_proj fit")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -121,7 +122,7 @@ Trained by `scripts/train_embedded_mtp.py` (recipe in `scripts/embedded/mtp.py`)
 | device | {device_name(torch.device("cpu"))} |
 | data | `.py` files under `{root}`, tokenized with this checkpoint's tokenizer ({len(train):,} train / {len(val):,} val tokens) |
 | module | layer {model.config.mtp_layer_id}: enorm, hnorm, eh_proj, one MoE decoder block, shared_head.norm ({n_params:,} parameters; embedding and head shared with the main model) |
-| init | block copied from layer {model.config.num_hidden_layers - 1}, eh_proj identity on the hidden half |
+| init | block copied from layer {model.config.num_hidden_layers - 1}, shared_head.norm from the final norm, eh_proj fitted by ridge regression on {args.fit_tokens} positions (R^2 {result['r2']:.3f}) |
 | loss | mean of cross-entropy with the data's token t+2 and with the main model's distribution at t+1 |
 | batch | {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} cosine to 0.1x, grad clip 1.0 |
 | steps | {result['steps']} in {result['seconds']:.0f} s |

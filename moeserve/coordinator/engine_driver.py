@@ -42,6 +42,11 @@ class EngineSnapshot:
     num_prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     num_unfinished: int = 0  # requests the engine holds (running + waiting)
     kv_tiers: dict = field(default_factory=dict)  # host tier and store counters (TierManager.snapshot)
+    # speculative decoding, cumulative: drafts verified, drafts accepted, verifications (a sequence's drafts
+    # in one step)
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    num_spec_verifies: int = 0
 
     @classmethod
     def of(cls, engine: Engine) -> EngineSnapshot:
@@ -50,7 +55,8 @@ class EngineSnapshot:
         return cls(len(engine.scheduler.running), len(engine.scheduler.waiting),
                    kv.num_blocks - kv.num_free_blocks, kv.num_blocks,
                    int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
-                   len(engine.requests), tiers.snapshot() if tiers is not None else {})
+                   len(engine.requests), tiers.snapshot() if tiers is not None else {},
+                   engine.stats.num_draft_tokens, engine.stats.num_accepted_tokens, engine.stats.num_spec_verifies)
 
 
 class ExpertTracer:

@@ -102,7 +102,10 @@ class EngineStep:
             outputs = self._process_verified(reqs, verified)
         for s, k, a in zip(sampled, num_spec, verified.num_accepted):
             s.num_rejected_tokens = k - a
-            s.request.spec_token_ids, s.request.spec_probs = [], None
+            req = s.request
+            req.spec_token_ids, req.spec_probs = [], None
+            req.num_draft_tokens += k
+            req.num_accepted_tokens += a
         with self.stats.phase("advance"):
             self.scheduler.advance(batch.sched)
         with self.stats.phase("draft"):
@@ -113,9 +116,12 @@ class EngineStep:
 
     def _process_verified(self, reqs: list[Request], verified) -> list[RequestOutput]:
         now, outputs = time.monotonic(), []
-        for req, ids, lps, tops in zip(reqs, verified.token_ids, verified.logprobs, verified.top):
+        for req, ids, lps, tops, k, a in zip(reqs, verified.token_ids, verified.logprobs, verified.top,
+                                             verified.num_spec, verified.num_accepted):
             req.num_output_placeholders -= 1
             out = self.outputs.process_tokens(req, ids, lps, tops, now, self.max_model_len)
+            out.num_draft_tokens = req.num_draft_tokens + k
+            out.num_accepted_draft_tokens = req.num_accepted_tokens + a
             outputs.append(out)
             if out.finished:
                 self._retire(req)

@@ -27,6 +27,10 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None = None
     output_token_ids: list[int] | None = None  # the whole output, on the final delta
     output_text: str | None = None  # the whole text, on the final delta
+    # speculative decoding, the request's so far: draft tokens verified, and accepted (OpenAI's usage names
+    # these completion_tokens_details.accepted / rejected_prediction_tokens)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
 
 class OutputProcessor:

@@ -159,8 +159,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
         if not out.preempted:  # a step that had to preempt admits nobody new
             self._schedule_waiting(out, budget, cap)
-        if any(s.num_new_tokens != 1 for s in out.scheduled):
-            out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        if any(s.num_new_tokens != 1 for s in out.scheduled):  # stable: decodes (with drafts or not) first
+            out.scheduled.sort(key=lambda s: s.num_new_tokens - s.num_spec_tokens != 1)
         return out
 
     def advance(self, out: SchedulerOutput) -> None:

@@ -50,6 +50,7 @@ class Verified:
     token_ids: list[list[int]]
     logprobs: list[list[float]]
     top: list[list[dict[int, float] | None]]
+    num_spec: list[int]  # drafts verified
     num_accepted: list[int]
 
 
@@ -126,7 +127,7 @@ class Speculator:
     def _assemble(reqs: list[Request], num_spec: list[int], host: list[torch.Tensor]) -> Verified:
         drawn, drawn_lp, accept, draft_lp = (h.tolist() for h in host[:4])
         top_values, top_ids = (host[4].tolist(), host[5].tolist()) if len(host) > 4 else (None, None)
-        out = Verified([], [], [], [])
+        out = Verified([], [], [], list(num_spec), [])
         row = drow = 0
         for req, k in zip(reqs, num_spec):
             a = 0

@@ -94,6 +94,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="seconds between probes of a failing store (its circuit breaker is open meanwhile)")
     kv.add_argument("--kv-load-cost-rule", action=argparse.BooleanOptionalAction, default=True,
                     help="skip store loads measured to be slower than recomputing the tokens (default on)")
+    g.add_argument("--speculative-config", default="", metavar="JSON",
+                   help='speculative decoding, as vLLM\'s flag: {"method": "mtp", "num_speculative_tokens": K} '
+                        "drafts K tokens a step with the model's multi-token-prediction module (DeepSeek-V3/R1) "
+                        '(optional: "adaptive": false keeps drafting whatever it measures)')
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
                         "default: unseeded, a fresh seed each run; dummy weights use 0)")
@@ -102,6 +106,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace, progress: bool = True):
     """The EngineConfig of the engine flags; a value it refuses is a UserError (one line, exit 1)."""
     from moeserve.coordinator.config import ALLOW_LONG_ENV, EngineConfig
+    from moeserve.coordinator.spec_config import SpeculativeConfig
 
     try:
         return EngineConfig(
@@ -119,7 +124,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,
             eplb_interval=args.eplb_interval, eplb_threshold=args.eplb_threshold,
             eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step,
-            allow_long_max_model_len=os.environ.get(ALLOW_LONG_ENV, "").strip().lower() in ("1", "true"))
+            allow_long_max_model_len=os.environ.get(ALLOW_LONG_ENV, "").strip().lower() in ("1", "true"),
+            speculative_config=SpeculativeConfig.parse(args.speculative_config))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
 

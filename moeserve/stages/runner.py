@@ -79,7 +79,8 @@ class ModelRunner:
             self.expert_load.physical.zero_()
 
     def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
-        graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks)
+        graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks,
+                              keep_hidden=self.mtp_cache is not None)
         graphs.capture()
         self.graphs = graphs
 
@@ -117,13 +118,15 @@ class ModelRunner:
         Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
         Nothing here reads a value back from the device: the engine queues the next step meanwhile.
         """
-        # NOTE: the decode graphs return no hidden state, which the MTP module reads: with it, eager steps
-        if self.graphs is not None and self.mtp_cache is None and self.graphs.fits(plan):
+        plan = plan.expanded()  # drafts to verify: decode rows
+        if self.graphs is not None and self.graphs.fits(plan):
             if self.expert_load is not None:  # decode graphs: every token is a decode token
                 self.expert_load.begin_step(len(plan.token_ids))
             out = self.graphs.run(plan, hidden, prev_token_ids)
             if not self.model.slice.has_head:
                 return None, out
+            if self.mtp_cache is not None:  # the MTP module's next pass reads the step's hidden states
+                self.step_hidden = self.graphs.hidden_rows(len(plan.query_lens))
             return out if plan.samples_every_row else out[self._index(plan.sample_rows)], out
         meta = self.metadata(plan)
         if self.expert_load is not None:
@@ -137,11 +140,7 @@ class ModelRunner:
             return None, h
         if self.mtp_cache is not None:
             self.step_hidden = h
-        spec_rows = plan.logits_token_rows()
-        if spec_rows is not None:
-            rows = self._index(spec_rows)
-        else:
-            rows = meta.logits_index if plan.samples_every_row else meta.logits_index[self._index(plan.sample_rows)]
+        rows = meta.logits_index if plan.samples_every_row else meta.logits_index[self._index(plan.sample_rows)]
         return self.model.logits(h[rows]), h
 
     @torch.inference_mode()

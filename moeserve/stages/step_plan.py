@@ -32,17 +32,30 @@ class StepPlan:
     def samples_every_row(self) -> bool:
         return len(self.sample_rows) == len(self.query_lens)
 
-    def logits_token_rows(self) -> list[int] | None:
-        """The token rows whose logits the step returns, where drafts are verified (None: each sample row's
-        last token, the plain case)."""
+    def expanded(self) -> StepPlan:
+        """The plan the model runs: each sequence that verifies k drafts becomes k + 1 decode rows (row j at
+        position c + j, attending to the c + j + 1 tokens before and at it, through the same block table).
+        Tokens, positions and cache slots stay those of the plan; the attention takes MLA's absorbed decode
+        form (and a CUDA graph's decode shape), and every row of a sampled verify sequence is a sample row, so
+        the logits come back at its last k + 1 positions, in order. The cache is written before attention
+        reads it, so row j sees the latents of rows < j of the same step."""
         if not any(self.num_spec):
-            return None
-        ends = np.cumsum(self.query_lens) - 1
-        rows: list[int] = []
-        for i in self.sample_rows:
-            end = int(ends[i])
-            rows.extend(range(end - self.num_spec[i], end + 1))
-        return rows
+            return self
+        query_lens: list[int] = []
+        num_computed: list[int] = []
+        tables: list[Sequence[int]] = []
+        sample_rows: list[int] = []
+        sampled = set(self.sample_rows)
+        for i, (q, c, table) in enumerate(zip(self.query_lens, self.num_computed, self.block_tables)):
+            rows = q if self.num_spec[i] else 1
+            assert not self.num_spec[i] or q == self.num_spec[i] + 1, "drafts ride on a decode only"
+            if i in sampled:
+                sample_rows.extend(range(len(query_lens), len(query_lens) + rows))
+            query_lens += [1] * q if rows > 1 else [q]
+            num_computed += list(range(c, c + q)) if rows > 1 else [c]
+            tables += [table] * rows
+        return StepPlan(self.token_ids, query_lens, num_computed, tables, sample_rows, self.pending_rows,
+                        self.pending_src)
 
 
 def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:

@@ -6,9 +6,12 @@ the data's token t+2 (the recipe), and with the main model's own distribution at
 t+2; self-distillation, which is what a drafter is scored on: agreeing with the main model). Only the MTP
 module's own tensors train; the embedding and the output head are the main model's, shared and frozen.
 
-The module starts from the main model: its decoder block is a copy of the last layer, ``eh_proj`` passes the
-hidden-state half through (identity) and the embedding half in small, and ``shared_head.norm`` is the final
-norm -- so the first step already predicts about what the main model would at t+1.
+The module starts from the main model, which makes a few minutes of training on a shared CPU enough: its
+decoder block is a copy of the last layer and ``shared_head.norm`` the final norm, so the module is the
+main model's last layer run once more; ``eh_proj`` is then fitted in closed form (ridge regression over
+``--fit-tokens`` positions) to map [enorm(emb(t+1)) ; hnorm(h_t)] to what the last layer reads at t+1 (the
+residual stream after the layers before it). Gradient steps on the loss below follow, for what time is
+left.
 """
 
 from __future__ import annotations
@@ -60,6 +63,34 @@ def init_from_main(model: DeepseekModel) -> None:
         mtp.shared_head_norm.weight.copy_(model.norm.weight)
 
 
+@torch.no_grad()
+def fit_eh_proj(model: DeepseekModel, batcher: Batcher, num_tokens: int, seq_len: int, ridge: float = 1e-2) -> float:
+    """Least squares: eh_proj := argmin_W |W x_t - r_{t+1}|^2 + ridge |W|^2 over windows of the training
+    stream, x_t = [rms(emb(t+1)) ; rms(h_t)] (the norms' weights are one at this point), r_{t+1} the residual
+    stream entering the last layer at t+1. Returns the fit's R^2."""
+    mtp = model.mtp
+    assert mtp is not None
+    batch = max(1, num_tokens // seq_len)
+    inputs, _ = batcher.sample(batch)
+    meta = causal_meta(batch, seq_len, torch.device("cpu"))
+    layers = list(model.decoder_layers().values())
+    h, residual = model.embed(inputs), None
+    for layer in layers[:-1]:
+        h, residual = layer(h, residual, meta, None)
+    stream = (h if residual is None else residual + h).view(batch, seq_len, -1)
+    h, residual = layers[-1](h, residual, meta, None)
+    final = model.norm(residual + h).view(batch, seq_len, -1)
+    emb = model.embed(inputs).view(batch, seq_len, -1)[:, 1:]
+    emb[:, 0] = 0.0  # the module zeroes the embedding at position 0
+    x = torch.cat([mtp.enorm(emb), mtp.hnorm(final[:, :-1])], -1).reshape(-1, 2 * final.shape[-1]).double()
+    y = stream[:, 1:].reshape(-1, final.shape[-1]).double()
+    gram = x.T @ x + ridge * x.shape[0] * torch.eye(x.shape[1], dtype=torch.float64)
+    w = torch.linalg.solve(gram, x.T @ y).T  # [hidden, 2 * hidden]
+    mtp.eh_proj.copy_(w.float())
+    resid = y - x @ w.T
+    return float(1 - resid.pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+
+
 def mtp_loss(model: DeepseekModel, inputs: torch.Tensor, targets: torch.Tensor, batch: int, seq_len: int,
              metas: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, agreement with the main model's argmax) on B windows of L tokens: rows t < L-1 of each."""
@@ -89,6 +120,9 @@ def train_mtp(model: DeepseekModel, train: np.ndarray, val: np.ndarray, args) ->
     val_batcher = Batcher(val, args.seq_len, torch.device("cpu"), args.seed + 1)
     metas: dict = {}
     evaluate = lambda b: _evaluate(model, b, args, metas)  # noqa: E731
+    t_fit = time.time()
+    r2 = fit_eh_proj(model, batcher, args.fit_tokens, args.seq_len)
+    log(f"mtp: eh_proj fitted on {args.fit_tokens} positions in {time.time() - t_fit:.0f} s (R^2 {r2:.3f})")
     before = evaluate(val_batcher)
     log(f"mtp: before training: val loss {before[0]:.3f}, agreement with the main model {before[1]:.3f}")
     t0, step = time.time(), 0
@@ -111,7 +145,7 @@ def train_mtp(model: DeepseekModel, train: np.ndarray, val: np.ndarray, args) ->
     seconds = time.time() - t0
     after = evaluate(val_batcher)
     log(f"mtp: after {step} steps ({seconds:.0f} s): val loss {after[0]:.3f}, agreement {after[1]:.3f}")
-    return dict(steps=step, seconds=seconds, before=before, after=after)
+    return dict(steps=step, seconds=seconds, before=before, after=after, r2=r2)
 
 
 def _evaluate(model: DeepseekModel, batcher: Batcher, args, metas: dict) -> tuple[float, float]:
