@@ -21,17 +21,18 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ckpt_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """Return ``make(variant, seed=0, shards=1) -> Path`` writing each checkpoint once per session.
+    """Return ``make(variant, seed=0, shards=1, mtp=False) -> Path`` writing each checkpoint once per session
+    (``mtp``: with a multi-token-prediction module, see ``oracle.write_checkpoint``).
 
     Checkpoints are float32; the same arguments always return the same directory.
     """
-    cache: dict[tuple[str, int, int], Path] = {}
+    cache: dict[tuple[str, int, int, bool], Path] = {}
 
-    def make(variant: str, seed: int = 0, shards: int = 1) -> Path:
-        key = (variant, seed, shards)
+    def make(variant: str, seed: int = 0, shards: int = 1, mtp: bool = False) -> Path:
+        key = (variant, seed, shards, mtp)
         if key not in cache:
-            out = tmp_path_factory.mktemp(f"ckpt_{variant}_s{seed}_x{shards}")
-            cache[key] = oracle.write_checkpoint(out, variant, seed=seed, shards=shards)
+            out = tmp_path_factory.mktemp(f"ckpt_{variant}_s{seed}_x{shards}{'_mtp' if mtp else ''}")
+            cache[key] = oracle.write_checkpoint(out, variant, seed=seed, shards=shards, mtp=mtp)
         return cache[key]
 
     return make

@@ -9,6 +9,7 @@ Public API:
     VARIANTS: dict[str, dict]                      named config overrides
     write_checkpoint(out_dir, variant, seed=0, dtype=torch.float32, shards=1) -> Path
     reference_outputs(ckpt_dir, prompt_ids, max_new_tokens) -> (prefill_logits, greedy_ids)
+    mtp_reference(ckpt_dir, prompt_ids) -> the MTP module's logits at every position but the last
 """
 
 from __future__ import annotations
@@ -211,7 +212,8 @@ def _shard_bytes(model: torch.nn.Module, shards: int) -> int:
 
 
 def write_checkpoint(
-    out_dir: Path, variant: str, seed: int = 0, dtype: torch.dtype = torch.float32, shards: int = 1
+    out_dir: Path, variant: str, seed: int = 0, dtype: torch.dtype = torch.float32, shards: int = 1,
+    mtp: bool = False,
 ) -> Path:
     """Write a tiny HF DeepSeek checkpoint for ``variant`` into ``out_dir`` and return it.
 
@@ -235,8 +237,128 @@ def write_checkpoint(
     model.save_pretrained(out_dir, max_shard_size=max_shard)
     if shards > 1:
         assert (out_dir / "model.safetensors.index.json").exists(), "sharding did not happen"
+    if mtp:
+        _add_mtp(out_dir, variant, seed, dtype)
     train_tokenizer(out_dir)
     return out_dir
+
+
+MTP_FILE = "model-mtp.safetensors"
+
+
+def _add_mtp(out_dir: Path, variant: str, seed: int, dtype: torch.dtype) -> None:
+    """Add a random MTP module as DeepSeek-V3 ships it: the tensors of layer ``num_hidden_layers`` (a decoder
+    block -- drawn by transformers as the extra layer of a deeper model --, ``enorm``, ``hnorm``, ``eh_proj``,
+    ``shared_head.norm``, and copies of the embedding and head under ``embed_tokens`` / ``shared_head.head``),
+    in a file of their own listed in the index; config.json gets ``num_nextn_predict_layers: 1``."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((out_dir / "config.json").read_text())
+    n, hidden = config["num_hidden_layers"], config["hidden_size"]
+    deeper = copy.deepcopy(VARIANTS[variant])
+    deeper["num_hidden_layers"] = n + 1
+    name = f"_mtp_{variant}"
+    VARIANTS[name] = deeper
+    try:
+        extra = build_model(name, seed + 1000).to(dtype)
+    finally:
+        del VARIANTS[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        extra.save_pretrained(tmp)
+        block = {k: v for k, v in load_file(str(Path(tmp) / "model.safetensors")).items()
+                 if k.startswith(f"model.layers.{n}.")}
+    main = _read_all(out_dir)
+    gen = torch.Generator().manual_seed(seed + 2000)
+    prefix = f"model.layers.{n}"
+
+    def near_one() -> torch.Tensor:
+        return (1.0 + 0.2 * torch.randn(hidden, generator=gen)).to(dtype)
+
+    block.update({
+        f"{prefix}.enorm.weight": near_one(), f"{prefix}.hnorm.weight": near_one(),
+        f"{prefix}.eh_proj.weight": (torch.randn(hidden, 2 * hidden, generator=gen) / (2 * hidden) ** 0.5).to(dtype),
+        f"{prefix}.shared_head.norm.weight": near_one(),
+        f"{prefix}.embed_tokens.weight": main["model.embed_tokens.weight"].clone(),
+        f"{prefix}.shared_head.head.weight": main["lm_head.weight"].clone(),
+    })
+    save_file({k: v.contiguous() for k, v in block.items()}, str(out_dir / MTP_FILE), metadata={"format": "pt"})
+    index_file = out_dir / "model.safetensors.index.json"
+    if index_file.exists():
+        index = json.loads(index_file.read_text())
+    else:
+        index = {"metadata": {}, "weight_map": dict.fromkeys(main, "model.safetensors")}
+    index["weight_map"].update(dict.fromkeys(block, MTP_FILE))
+    index_file.write_text(json.dumps(index, indent=2))
+    config["num_nextn_predict_layers"] = 1
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def _read_all(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(ckpt_dir).glob("model*.safetensors")):
+        if file.name != MTP_FILE:
+            out.update(load_file(str(file)))
+    return out
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _block_model(ckpt_dir: Path, layer: dict[str, torch.Tensor], shared_norm: torch.Tensor,
+                 head: torch.Tensor) -> torch.nn.Module:
+    """transformers' DeepSeek model of one layer holding the MTP block (its final norm is the shared head's
+    norm, its LM head the shared head): the decoder block of the reference."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    n = config["num_hidden_layers"]
+    is_moe = config.get("n_routed_experts") and n >= config.get("first_k_dense_replace", 0)
+    config.update(num_hidden_layers=1, first_k_dense_replace=0 if is_moe else 1, num_nextn_predict_layers=0)
+    tensors = {k.replace(f"model.layers.{n}.", "model.layers.0."): v for k, v in layer.items()}
+    tensors.update({"model.embed_tokens.weight": torch.zeros_like(head), "model.norm.weight": shared_norm,
+                    "lm_head.weight": head})
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
+        arch = {"deepseek_v2": "v2", "deepseek_v3": "v3"}[config["model_type"]]
+        model = _classes(arch)[1].from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def mtp_reference(ckpt_dir: Path, prompt_ids: list[int]) -> torch.Tensor:
+    """The MTP module of ``ckpt_dir`` on ``prompt_ids``, written from the DeepSeek-V3 report's equations:
+    for each position t < T-1, ``h'_t = eh_proj([enorm(emb(t+1)) ; hnorm(h_t)])`` (h_t: the main model's
+    output after its final norm, from transformers; the embedding zeroed at position 0 and put first, as
+    vLLM and SGLang load these checkpoints), then the decoder block (transformers' layer, causal over the
+    module's own positions 0..T-2), then ``shared_head.head(shared_head.norm(.))``. Returns float32 logits
+    [T-1, vocab]: row t predicts token t+2."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    n, eps = config["num_hidden_layers"], config.get("rms_norm_eps", 1e-6)
+    prefix = f"model.layers.{n}."
+    tensors = {k[len(prefix):]: v.float() for k, v in load_file(str(Path(ckpt_dir) / MTP_FILE)).items()
+               if k.startswith(prefix)}
+    main = _load_reference(ckpt_dir)
+    ids = torch.tensor([prompt_ids], dtype=torch.long)
+    h = main.model(ids).last_hidden_state[0, :-1]  # [T-1, hidden], after the final norm
+    e = tensors["embed_tokens.weight"][ids[0, 1:]].clone()  # [T-1, hidden], tokens t+1
+    e[0] = 0.0  # position 0
+    x = torch.cat([_rms_norm(e, tensors["enorm.weight"], eps), _rms_norm(h, tensors["hnorm.weight"], eps)], -1)
+    x = x @ tensors["eh_proj.weight"].T
+    layer = {prefix + k: v for k, v in tensors.items()
+             if k.split(".")[0] in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")}
+    block = _block_model(ckpt_dir, layer, tensors["shared_head.norm.weight"], tensors["shared_head.head.weight"])
+    positions = torch.arange(x.shape[0]).unsqueeze(0)
+    return block(inputs_embeds=x.unsqueeze(0), position_ids=positions).logits[0].float()
 
 
 def _load_reference(ckpt_dir: Path) -> torch.nn.Module:

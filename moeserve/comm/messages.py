@@ -30,6 +30,22 @@ class StepPlanMsg:
     num_computed: list[int]
     block_tables: list[list[int]]
     sample_rows: list[int]
+    num_spec: list[int]  # per sequence, draft tokens to verify (empty: none; see stages/step_plan.py)
+
+
+@dataclass
+class DraftPlanMsg:
+    """One pass of the MTP module on the last stage (``stages/step_plan.DraftPlan``); its ranks run it, the
+    first tp rank sends the logits back as a LogitsMsg with this step id. Other stages ignore it."""
+
+    step_id: int
+    token_ids: list[int]
+    query_lens: list[int]
+    num_computed: list[int]
+    block_tables: list[list[int]]
+    sample_rows: list[int]
+    hidden_rows: list[int]
+    chained: bool
 
 
 @dataclass
@@ -244,7 +260,7 @@ class KvServerMsg:
     num_layers: int
 
 
-MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (KvServerMsg, StepPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
+MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (KvServerMsg, StepPlanMsg, DraftPlanMsg, LogitsMsg, ReadyMsg, ErrorMsg,
                                                                 ShutdownMsg, StatsRequestMsg, StatsMsg,
                                                                 PreflightMsg, KvSaveMsg, KvLoadMsg,
                                                                 KvLoadedMsg,

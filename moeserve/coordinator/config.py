@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from moeserve.coordinator.spec_config import SpeculativeConfig
 from moeserve.dtypes import DTYPES, serving_dtype
 from moeserve.errors import UserError
 from moeserve.kvstore.store import check_store_url
@@ -74,8 +75,12 @@ class EngineConfig:
     eplb_threshold: float = 0.9  # rebalance when the ranks' balancedness (mean / max load) falls below this
     eplb_hysteresis: float = 0.05  # ... and the planner predicts at least this much better
     eplb_layers_per_step: int = 4  # MoE layers each rank stages (copies new expert weights for) per step
+    # speculative decoding (--speculative-config, e.g. {"method": "mtp", "num_speculative_tokens": 1}); None: off
+    speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.speculative_config, (str, dict)):  # the flag's JSON, or asdict() on the way to a replica
+            object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda", "npu"):
@@ -183,9 +188,10 @@ class EngineConfig:
         """Whether the engine schedules and launches step N+1 before step N's sampled ids reach the host.
         Auto: on for CUDA devices, where the host's work per step would otherwise leave the GPU idle; off on
         CPUs (nothing to overlap: the host runs the model) and NPUs. Never with stage workers: pipeline
-        parallelism already keeps several batches in flight."""
+        parallelism already keeps several batches in flight. Not with speculative decoding (its steps draft from
+        the verified tokens, on the host)."""
         wanted = self.torch_device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
-        return wanted and not self.is_distributed
+        return wanted and not self.is_distributed and self.speculative_config is None
 
     @property
     def effective_block_size(self) -> int:

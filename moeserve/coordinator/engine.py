@@ -22,6 +22,8 @@ from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig
+from moeserve.coordinator.spec_decode import Speculator
+from moeserve.coordinator.spec_policy import SpecPolicy
 from moeserve.coordinator.step_batch import EngineStats, StepBatch
 from moeserve.kvstore.block_format import model_fingerprint
 from moeserve.kvstore.cache_manager import KVCacheManager
@@ -30,7 +32,7 @@ from moeserve.kvstore.latent_cache import empty_device_cache
 from moeserve.kvstore.tier_setup import build_connector, build_prefill_side, open_kv_store
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
-from moeserve.model.loader import load_model
+from moeserve.model.loader import Checkpoint, MTPError, check_mtp, load_model
 from moeserve.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -40,6 +42,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["Engine", "EngineStats"]
+
+
+def _check_drafter(config: EngineConfig, model_config: ModelConfig, model: DeepseekModel | None) -> None:
+    """MTPError (one line) when speculative decoding is asked of a model without its MTP module."""
+    ckpt = Checkpoint(config.model_path) if model is None and config.load_format == "auto" else None
+    check_mtp(model_config, ckpt)
+    if model is not None and model.mtp is None:
+        raise MTPError("--speculative-config method 'mtp': the model given to the engine was built without "
+                       "its MTP module (load_model(..., with_mtp=True))")
 
 
 class Engine(EngineStep):
@@ -60,8 +71,11 @@ class Engine(EngineStep):
                                              progress=config.load_progress,
                                              max_positions=config.max_model_len or None,
                                              load_format=config.load_format, keep_fp8=config.effective_keep_fp8,
-                                             dummy_seed=config.weights_seed)
+                                             dummy_seed=config.weights_seed,
+                                             with_mtp=config.speculative_config is not None)
             self.model_config = self.model.config
+        if config.speculative_config is not None:
+            _check_drafter(config, self.model_config, self.model)
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
@@ -84,14 +98,19 @@ class Engine(EngineStep):
             if config.disaggregation_mode else ""
         self.expert_load = ExpertLoadMonitor(self.runner, self.model_config, config.expert_load_interval,
                                              self._phy2log(), EplbConfig.of(config))
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens), self.kv)
+        spec = config.speculative_config
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens,
+                                                   spec.num_lookahead_tokens if spec else 0), self.kv)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
+        self.speculator = Speculator(spec, self.sampler, self.outputs.eos_token_ids, config.torch_device) \
+            if spec else None
+        self.spec_policy = SpecPolicy(spec.probe_interval) if spec else None
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         # Batches in flight: with pp stages, pp batches keep every stage busy (each batch on another stage);
         # with async scheduling, the batch launched by the step before (sampled, not yet processed).
-        self.pipeline_depth = config.pp if self.model is None else 1
+        self.pipeline_depth = config.pp if self.model is None and spec is None else 1
         self.in_flight: deque[StepBatch] = deque()
         self.async_scheduling = config.effective_async_scheduling
         # set by a caller that reads the runner's state of each step right after it (the expert tracer of

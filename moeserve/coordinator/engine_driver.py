@@ -42,6 +42,11 @@ class EngineSnapshot:
     num_prefix_query_tokens: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     num_unfinished: int = 0  # requests the engine holds (running + waiting)
     kv_tiers: dict = field(default_factory=dict)  # KV connector counters (KVConnector.snapshot)
+    # speculative decoding, cumulative: drafts verified, drafts accepted, verifications (a sequence's drafts
+    # in one step)
+    num_spec_draft_tokens: int = 0
+    num_spec_accepted_tokens: int = 0
+    num_spec_verifies: int = 0
 
     @classmethod
     def of(cls, engine: Engine) -> EngineSnapshot:
@@ -52,7 +57,8 @@ class EngineSnapshot:
         return cls(len(engine.scheduler.running), len(engine.scheduler.waiting),
                    kv.num_blocks - kv.num_free_blocks, kv.num_blocks,
                    int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
-                   len(engine.requests), kv_counters)
+                   len(engine.requests), kv_counters,
+                   engine.stats.num_draft_tokens, engine.stats.num_accepted_tokens, engine.stats.num_spec_verifies)
 
 
 class ExpertTracer:

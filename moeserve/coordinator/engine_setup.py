@@ -57,7 +57,9 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
         if config.pp_layers else None
     plan = make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers, keep_fp8=config.effective_keep_fp8,
                      placement_file=Path(config.expert_placement) if config.expert_placement else None)
-    per_token = max(plan.stage_layers) * model_config.kv_cache_dim * dtype_bytes
+    # the last stage holds the MTP module's cache besides its layers' (speculative decoding)
+    mtp_layers = [0] * (dims.pp - 1) + [int(config.speculative_config is not None)]
+    per_token = max(n + m for n, m in zip(plan.stage_layers, mtp_layers)) * model_config.kv_cache_dim * dtype_bytes
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
     dtype = dtype_name(config.torch_dtype)
@@ -65,7 +67,7 @@ def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
                    max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens,
-                   **worker_options(config, per_token))
+                   mtp=config.speculative_config is not None, **worker_options(config, per_token))
     layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
                            config.effective_block_size, num_blocks, tuple(options.items()))
     return plan, num_blocks, (launcher or DistributedExecutor.local)(layout)

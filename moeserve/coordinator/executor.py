@@ -22,6 +22,7 @@ import torch
 import zmq
 
 from moeserve.comm.messages import (
+    DraftPlanMsg,
     ErrorMsg,
     ExpertLoadRequestMsg,
     KvLoadedMsg,
@@ -40,7 +41,7 @@ from moeserve.comm.messages import (
 )
 from moeserve.comm.topology import ParallelDims
 from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
-from moeserve.stages.step_plan import StepPlan
+from moeserve.stages.step_plan import DraftPlan, StepPlan
 from moeserve.stages.worker import WorkerSpec
 
 logger = logging.getLogger(__name__)
@@ -223,8 +224,18 @@ class DistributedExecutor:
             raise ValueError("stage workers take no placeholder tokens (async scheduling is one-process only)")
         self.step_id += 1
         self._broadcast(encode(StepPlanMsg(self.step_id, plan.token_ids, plan.query_lens, plan.num_computed,
-                                           [list(t) for t in plan.block_tables], plan.sample_rows)))
+                                           [list(t) for t in plan.block_tables], plan.sample_rows,
+                                           plan.num_spec)))
         return self.step_id
+
+    def draft(self, plan: DraftPlan) -> torch.Tensor:
+        """One MTP pass on the last stage (speculative decoding); waits for its logits."""
+        self.step_id += 1
+        step = plan.step
+        self._broadcast(encode(DraftPlanMsg(self.step_id, step.token_ids, step.query_lens, step.num_computed,
+                                            [list(t) for t in step.block_tables], step.sample_rows,
+                                            plan.hidden_rows, plan.chained)))
+        return self.collect(self.step_id)
 
     def collect(self, step_id: int) -> torch.Tensor:
         """The logits of a submitted step (results of later steps that arrive first are kept)."""

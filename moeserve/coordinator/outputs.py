@@ -27,6 +27,10 @@ class RequestOutput:
     top_logprobs: list[dict[int, float]] | None = None
     output_token_ids: list[int] | None = None  # the whole output, on the final delta
     output_text: str | None = None  # the whole text, on the final delta
+    # speculative decoding, the request's so far: draft tokens verified, and accepted (OpenAI's usage names
+    # these completion_tokens_details.accepted / rejected_prediction_tokens)
+    num_draft_tokens: int = 0
+    num_accepted_draft_tokens: int = 0
 
 
 class OutputProcessor:
@@ -109,6 +113,25 @@ class OutputProcessor:
             top_logprobs=[top] if top is not None else None,
             output_token_ids=req.token_ids[num_prompt:] if finished else None,
             output_text=req.output_text if finished else None)
+
+    def process_tokens(self, req: Request, token_ids: list[int], logprobs: list[float],
+                       tops: list[dict[int, float] | None], now: float, max_model_len: int) -> RequestOutput:
+        """Append several tokens (a verify step's accepted drafts and drawn token) one by one, as
+        ``process`` does, up to the first that finishes the request; one output with all of them."""
+        out = self.process(req, token_ids[0], logprobs[0], tops[0], now, max_model_len)
+        for token_id, logprob, top in zip(token_ids[1:], logprobs[1:], tops[1:]):
+            if out.finished:
+                break
+            more = self.process(req, token_id, logprob, top, now, max_model_len)
+            out.new_token_ids += more.new_token_ids
+            out.text_delta += more.text_delta
+            out.logprobs += more.logprobs
+            if out.top_logprobs is not None and more.top_logprobs is not None:
+                out.top_logprobs += more.top_logprobs
+            out.finished, out.finish_reason = more.finished, more.finish_reason
+            out.num_output_tokens = more.num_output_tokens
+            out.output_token_ids, out.output_text = more.output_token_ids, more.output_text
+        return out
 
     @staticmethod
     def _emit(req: Request, finished: bool) -> str:

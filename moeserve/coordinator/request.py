@@ -46,6 +46,12 @@ class Request:
     # tokens sampled for this request in batches whose outputs have not been processed yet (vLLM's name):
     # with async scheduling the next batch is scheduled before the last one's ids reach the host
     num_output_placeholders: int = 0
+    # speculative decoding (coordinator/spec_decode.py): the draft tokens the next step verifies, their draft
+    # distributions ([k, vocab] on the device; None when drafted greedily), and what was drafted / accepted
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_probs: torch.Tensor | None = None
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -215,10 +215,7 @@ class Sampler:
         if batch.num_top_logprobs > 0:
             n = min(batch.num_top_logprobs, logits.shape[1])
             top = tuple(torch.log_softmax(logits, dim=-1).topk(n, dim=-1))  # type: ignore[assignment]
-        if batch.token_bitmask is not None:
-            logits = self._apply_bitmask(logits, *batch.token_bitmask)
-        if batch.need_penalties:
-            logits = self._apply_penalties(logits, batch)
+        logits = self._prepare(logits, batch)
         if batch.all_greedy:  # fast path: argmax only
             best, ids = logits.max(dim=-1)
             return SamplerOutput(ids, best - torch.logsumexp(logits, dim=-1), top)
@@ -227,6 +224,30 @@ class Sampler:
         probs = torch.softmax(self._apply_filters(scaled, batch), dim=-1)
         ids = torch.where(batch.greedy, logits.argmax(dim=-1), self._draw(probs, batch))
         return SamplerOutput(ids, logp.gather(1, ids[:, None]).squeeze(1), top)
+
+    def _prepare(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The grammar mask and the penalties."""
+        if batch.token_bitmask is not None:
+            logits = self._apply_bitmask(logits, *batch.token_bitmask)
+        if batch.need_penalties:
+            logits = self._apply_penalties(logits, batch)
+        return logits
+
+    def distribution(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``sample`` draws from, for speculative decoding: (probs [B, vocab] float32 -- one-hot at the
+        argmax on greedy rows --, logp [B, vocab]: the log-probs whose entry at a drawn token is the
+        ``logprobs`` that ``sample`` reports)."""
+        logits = self._prepare(logits.float(), batch)
+        onehot = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[1]).float()
+        if batch.all_greedy:
+            return onehot, torch.log_softmax(logits, dim=-1)
+        scaled = logits / batch.temperature[:, None]
+        probs = torch.softmax(self._apply_filters(scaled, batch), dim=-1)
+        return torch.where(batch.greedy[:, None], onehot, probs), torch.log_softmax(scaled, dim=-1)
+
+    def draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """One token per row of ``probs`` [B, vocab] (seeded rows from their generators)."""
+        return self._draw(probs, batch)
 
     @staticmethod
     def _apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

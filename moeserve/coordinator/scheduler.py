@@ -32,6 +32,8 @@ from moeserve.kvstore.cache_manager import BlockTable, KVCacheManager
 class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    # slots held past a request's scheduled tokens (speculative decoding: where chained drafts are written)
+    num_lookahead_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -43,14 +45,16 @@ class SchedulerConfig:
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # including the draft tokens
     block_table: BlockTable
+    num_spec_tokens: int = 0  # draft tokens verified by this step (the last ones of num_new_tokens)
+    num_rejected_tokens: int = 0  # set once verified: draft tokens whose latents are not kept
 
     @property
     def completes_sequence(self) -> bool:
         """True when this chunk reaches the request's last token, so a new token is sampled after it."""
         r = self.request
-        return r.num_computed_tokens + self.num_new_tokens == r.num_tokens_with_placeholders
+        return r.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens == r.num_tokens_with_placeholders
 
 
 @dataclass
@@ -92,6 +96,14 @@ class Scheduler:
         self._loaded.discard(request.request_id)
         self.kv.free(request.request_id)
 
+    def _slots(self, req: Request, num_new: int) -> int:
+        """The cache slots a request holds once ``num_new`` tokens are scheduled: with lookahead, a few more
+        (never past the most tokens it can hold)."""
+        need = req.num_computed_tokens + num_new
+        if not self.config.num_lookahead_tokens:
+            return need
+        return max(need, min(need + self.config.num_lookahead_tokens, req.max_total_tokens))
+
     def _preempt_newest(self, out: SchedulerOutput, busy: frozenset[str]) -> Request:
         """Free the newest running request that is not in a batch still in flight. The request being
         scheduled is such a request, so there always is one, and it stands at or after that request."""
@@ -100,6 +112,7 @@ class Scheduler:
         self.kv.free(victim.request_id)
         self._loaded.discard(victim.request_id)
         victim.num_computed_tokens = 0
+        victim.spec_token_ids, victim.spec_probs = [], None
         victim.num_preemptions += 1
         victim.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(victim)
@@ -114,13 +127,16 @@ class Scheduler:
             i += 1
             if (busy and req.request_id in busy) or _stops_in_flight(req):
                 continue
-            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
-            table = allocate(req.request_id, req.num_computed_tokens + num_new)
+            num_known = req.num_tokens_with_placeholders - req.num_computed_tokens
+            num_spec = len(req.spec_token_ids) if num_known == 1 else 0  # drafts ride on a decode only
+            num_new = min(num_known + num_spec, budget)
+            num_spec = max(0, num_new - num_known)
+            table = allocate(req.request_id, self._slots(req, num_new))
             while table is None:
                 if self._preempt_newest(out, busy) is req:
                     return budget
-                table = allocate(req.request_id, req.num_computed_tokens + num_new)
-            out.scheduled.append(ScheduledRequest(req, num_new, table))
+                table = allocate(req.request_id, self._slots(req, num_new))
+            out.scheduled.append(ScheduledRequest(req, num_new, table, num_spec))
             budget -= num_new
         return budget
 
@@ -137,7 +153,7 @@ class Scheduler:
                     self.loading[req.request_id] = self.waiting.popleft()
                     continue
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            table = self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new)
+            table = self.kv.allocate_slots(req.request_id, self._slots(req, num_new))
             if table is None:
                 self.kv.free(req.request_id)  # give back the cached prefix; it is matched again next time
                 req.num_computed_tokens = 0
@@ -157,8 +173,8 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens, busy, cap)
         if not out.preempted:  # a step that had to preempt admits nobody new
             self._schedule_waiting(out, budget, cap)
-        if any(s.num_new_tokens != 1 for s in out.scheduled):
-            out.scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: decodes first
+        if any(s.num_new_tokens != 1 for s in out.scheduled):  # stable: decodes (with drafts or not) first
+            out.scheduled.sort(key=lambda s: s.num_new_tokens - s.num_spec_tokens != 1)
         return out
 
     def _take_loaded(self) -> None:
@@ -181,7 +197,7 @@ class Scheduler:
             if req.status is RequestStatus.FINISHED:
                 continue
             before = req.num_computed_tokens
-            req.num_computed_tokens += s.num_new_tokens
+            req.num_computed_tokens += s.num_new_tokens - s.num_rejected_tokens
             assert req.num_computed_tokens <= len(req.token_ids), "a computed token is still a placeholder"
             if req.num_computed_tokens // block_size != before // block_size:  # NOTE: only then a block filled
                 self.kv.cache_full_blocks(req.request_id, req.token_ids, req.num_computed_tokens)

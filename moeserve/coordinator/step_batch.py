@@ -23,7 +23,7 @@ from moeserve.device_copy import HostCopy
 from moeserve.stages.step_plan import StepPlan
 
 # the parts of Engine.step, in the order a synchronous step runs them (EngineStats.phase_s)
-PHASES = ("schedule", "launch", "collect", "sample", "advance", "wait", "process")
+PHASES = ("schedule", "launch", "collect", "sample", "advance", "wait", "process", "draft")
 
 
 @dataclass
@@ -33,11 +33,21 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     max_in_flight: int = 0  # most batches in flight at once (pipeline parallelism)
+    # speculative decoding: drafts verified, drafts accepted, and verifications (a sequence's drafts in a step)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_spec_verifies: int = 0
     step_times: list[float] = field(default_factory=list)
     # seconds the engine spent in each phase of its steps: where a step's time goes (see moeserve bench).
     # "launch" is the runner's submit: the model itself in one process on a CPU, kernel launches on a GPU;
     # "collect" waits for a distributed step's logits; "wait" for the sampled ids on the host.
     phase_s: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens a sequence gets per verify step (accepted drafts + the drawn one); 0 before any."""
+        n = self.num_spec_verifies
+        return (self.num_accepted_tokens + n) / n if n else 0.0
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -83,9 +93,11 @@ def build_step_plan(sched: SchedulerOutput, prev: StepBatch | None) -> StepPlan:
     for s in scheduled:
         r = s.request
         start = r.num_computed_tokens
-        known = r.token_ids[start:start + s.num_new_tokens]
+        known = r.token_ids[start:start + s.num_new_tokens - s.num_spec_tokens]
         token_ids += known
-        if len(known) < s.num_new_tokens:  # the one token still on the device (a decode)
+        if s.num_spec_tokens:  # drafts to verify follow the decode's token
+            token_ids += r.spec_token_ids[:s.num_spec_tokens]
+        elif len(known) < s.num_new_tokens:  # the one token still on the device (a decode)
             pending_rows.append(len(token_ids))
             pending_reqs.append(r)
             token_ids.append(0)
@@ -100,7 +112,8 @@ def build_step_plan(sched: SchedulerOutput, prev: StepBatch | None) -> StepPlan:
         num_computed=[s.request.num_computed_tokens for s in scheduled],
         block_tables=[s.block_table.block_ids for s in scheduled],
         sample_rows=[i for i, s in enumerate(scheduled) if s.completes_sequence],
-        pending_rows=pending_rows, pending_src=pending_src)
+        pending_rows=pending_rows, pending_src=pending_src,
+        num_spec=[s.num_spec_tokens for s in scheduled] if any(s.num_spec_tokens for s in scheduled) else [])
 
 
 def sampling_batch_of(reqs: list[Request], device: torch.device, eos_token_ids: tuple[int, ...],

@@ -46,7 +46,29 @@ class _EngineCollector:
             queries.add_metric([str(i)], s.num_prefix_query_tokens)
         yield hits
         yield queries
+        yield from _spec_families(snaps)
         yield from tier_families(snaps)  # host tier and shared store (kvstore/metrics.py)
+
+
+def _spec_families(snaps: Sequence[EngineSnapshot]):
+    """Speculative decoding (vLLM's names, under moeserve_): drafts verified and accepted, verifications, and
+    the mean acceptance length (tokens a sequence gets per verify step: accepted drafts + 1)."""
+    families = {
+        "moeserve_spec_decode_draft_tokens": ("draft tokens verified", lambda s: s.num_spec_draft_tokens),
+        "moeserve_spec_decode_accepted_tokens": ("draft tokens accepted", lambda s: s.num_spec_accepted_tokens),
+        "moeserve_spec_decode_verifications": ("sequence steps that verified drafts", lambda s: s.num_spec_verifies),
+    }
+    for name, (doc, get) in families.items():
+        c = CounterMetricFamily(name, doc, labels=["replica"])
+        for i, s in enumerate(snaps):
+            c.add_metric([str(i)], get(s))
+        yield c
+    g = GaugeMetricFamily("moeserve_spec_decode_mean_acceptance_length",
+                          "tokens per sequence per verify step so far (0 before any)", labels=["replica"])
+    for i, s in enumerate(snaps):
+        n = s.num_spec_verifies
+        g.add_metric([str(i)], (s.num_spec_accepted_tokens + n) / n if n else 0.0)
+    yield g
 
 
 class ServerMetrics:

@@ -18,6 +18,8 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
     num_chars: int = 0
+    num_draft_tokens: int = 0  # speculative decoding (FinalEvent)
+    num_accepted_draft_tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[Any] = field(default_factory=list)  # chat: content entries; completions: per-token tuples
 
@@ -91,6 +93,7 @@ class ResponseShape:
         state = self.choices[index]
         if isinstance(ev, FinalEvent):
             state.finish_reason = ev.finish_reason
+            state.num_draft_tokens, state.num_accepted_draft_tokens = ev.num_draft_tokens, ev.num_accepted_draft_tokens
             return None
         state.text.append(ev.text_delta)
         state.num_tokens += len(ev.token_ids)
@@ -132,9 +135,15 @@ class ResponseShape:
 
     def _usage(self) -> dict[str, Any]:
         out: dict[str, Any] = usage(self.num_prompt_tokens, sum(c.num_tokens for c in self.choices))
+        details: dict[str, int] = {}
         if self.parsers is not None and self.parsers[0].splitter is not None:
-            out["completion_tokens_details"] = {
-                "reasoning_tokens": sum(p.num_reasoning_tokens for p in self.parsers)}
+            details["reasoning_tokens"] = sum(p.num_reasoning_tokens for p in self.parsers)
+        drafts = sum(c.num_draft_tokens for c in self.choices)
+        if drafts:  # speculative decoding: OpenAI's names for predicted tokens kept and dropped
+            accepted = sum(c.num_accepted_draft_tokens for c in self.choices)
+            details.update(accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafts - accepted)
+        if details:
+            out["completion_tokens_details"] = details
         return out
 
     def usage_chunk(self) -> dict[str, Any]:

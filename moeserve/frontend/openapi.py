@@ -38,14 +38,16 @@ class ErrorBody(BaseModel):
 
 
 class CompletionTokensDetails(BaseModel):
-    reasoning_tokens: int
+    reasoning_tokens: int | None = None  # with --reasoning-parser
+    accepted_prediction_tokens: int | None = None  # with --speculative-config: drafts accepted
+    rejected_prediction_tokens: int | None = None  # ... and rejected
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    completion_tokens_details: CompletionTokensDetails | None = None  # with --reasoning-parser
+    completion_tokens_details: CompletionTokensDetails | None = None  # with --reasoning-parser / speculation
 
 
 class CompletionChoice(BaseModel):

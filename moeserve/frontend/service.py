@@ -83,6 +83,8 @@ class FinalEvent:
     text: str
     token_ids: list[int]
     timings: Timings
+    num_draft_tokens: int = 0  # speculative decoding: drafts verified for the request, and accepted
+    num_accepted_draft_tokens: int = 0
 
 
 def check_structured_output(spec: str, has_tokenizer: bool) -> None:
@@ -229,7 +231,7 @@ class GenerationService:
                     timings.e2e_s = now - arrival
                     outcome = "ok"
                     yield FinalEvent(reason, len(req.prompt_token_ids), len(out_ids), "".join(text), out_ids,
-                                     timings)
+                                     timings, out.num_draft_tokens, out.num_accepted_draft_tokens)
         except RequestError as e:
             outcome = "bad_request"
             raise BadRequest(str(e)) from None

@@ -110,6 +110,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                     help="a prefill instance's transfer server address (port 0: any free port)")
     pd.add_argument("--kv-transfer-timeout", type=float, default=10.0,
                     help="seconds a decode instance waits for a transfer before computing the prompt itself")
+    g.add_argument("--speculative-config", default="", metavar="JSON",
+                   help='speculative decoding, as vLLM\'s flag: {"method": "mtp", "num_speculative_tokens": K} '
+                        "drafts K tokens a step with the model's multi-token-prediction module (DeepSeek-V3/R1) "
+                        '(optional: "adaptive": false keeps drafting whatever it measures)')
     g.add_argument("--seed", type=int, default=None,
                    help="sampling seed: makes sampled output reproducible (each request is seeded with it; "
                         "default: unseeded, a fresh seed each run; dummy weights use 0)")
@@ -118,6 +122,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_config(args: argparse.Namespace, progress: bool = True):
     """The EngineConfig of the engine flags; a value it refuses is a UserError (one line, exit 1)."""
     from moeserve.coordinator.config import ALLOW_LONG_ENV, EngineConfig
+    from moeserve.coordinator.spec_config import SpeculativeConfig
 
     try:
         return EngineConfig(
@@ -138,7 +143,8 @@ def engine_config(args: argparse.Namespace, progress: bool = True):
             expert_load_interval=args.expert_load_interval, num_redundant_experts=args.num_redundant_experts,
             eplb_interval=args.eplb_interval, eplb_threshold=args.eplb_threshold,
             eplb_hysteresis=args.eplb_hysteresis, eplb_layers_per_step=args.eplb_layers_per_step,
-            allow_long_max_model_len=os.environ.get(ALLOW_LONG_ENV, "").strip().lower() in ("1", "true"))
+            allow_long_max_model_len=os.environ.get(ALLOW_LONG_ENV, "").strip().lower() in ("1", "true"),
+            speculative_config=SpeculativeConfig.parse(args.speculative_config))
     except (ValueError, TypeError) as e:
         raise UserError(str(e)) from e
 

@@ -18,6 +18,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per prompt (EOS ignored)")
     p.add_argument("--shared-prefix-len", type=int, default=0,
                    help="tokens every prompt starts with (before its --input-len random ones): prefix reuse")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --speculative-config: runs of each mode, alternated (without, with, without, ...); "
+                        "the medians are compared")
     p.add_argument("--json-out", type=Path, default=None,
                    help="also write the results to this JSON file (default: print only)")
     return p
@@ -74,6 +77,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     for i in range(num_prompts):
         ids = prefix + torch.randint(0, vocab, (input_len,), generator=gen).tolist()
         engine.add_request(f"bench-{i}", prompt_token_ids=ids, params=params)
+    steps_before = len(engine.stats.step_times)
     ttft: list[float] = []
     itl: list[float] = []
     last: dict[str, float] = {}
@@ -87,7 +91,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
             else:
                 itl.append(now - last[out.request_id])
             last[out.request_id] = now
-        bar.update(len(outs))
+        bar.update(sum(len(out.new_token_ids) for out in outs))
     bar.close()
     elapsed = time.perf_counter() - start
     out_tokens = num_prompts * output_len
@@ -102,7 +106,13 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
         "max_batches_in_flight": engine.stats.max_in_flight,
         "engine_phase_fraction": {k: v / elapsed for k, v in engine.stats.phase_s.items()},
         "prefix_hit_rate": hit_rates(hits_before, hit_counts(engine)),
+        "step_ms_p50": percentile(engine.stats.step_times[steps_before:], 50) * 1e3,  # decode steps, mostly
     }
+    if engine.speculator is not None:
+        stats = engine.stats
+        result["spec_decode"] = {"draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
+                                 "mean_acceptance_length": stats.mean_acceptance_length,
+                                 "draft_ms_per_step": engine.stats.phase_s["draft"] / max(1, stats.num_steps) * 1e3}
     if stage_stats is not None:
         result["stage_busy"] = stage_busy(engine, stage_stats(), elapsed)
     return result
@@ -131,6 +141,12 @@ def print_table(result: dict) -> None:
             ("preemptions", str(result["num_preemptions"]))]
     phases = ", ".join(f"{k} {v * 100:.0f}%" for k, v in result["engine_phase_fraction"].items())
     rows.append(("engine time", phases))
+    rows.append(("step p50", f"{result['step_ms_p50']:.2f} ms"))
+    spec = result.get("spec_decode")
+    if spec is not None:
+        rows.append(("spec decode", f"mean acceptance length {spec['mean_acceptance_length']:.2f} "
+                                    f"({spec['accepted_tokens']} of {spec['draft_tokens']} drafts accepted), "
+                                    f"draft {spec['draft_ms_per_step']:.2f} ms/step"))
     rates = result["prefix_hit_rate"]
     rows.append(("prefix hits", ", ".join(f"{tier} {rate * 100:.1f}%" for tier, rate in rates.items())
                  + " of prompt tokens"))
@@ -147,6 +163,10 @@ def run(args: argparse.Namespace) -> int:
 
     config = engine_config(args)
     check_engine(config)
+    if config.speculative_config is not None:
+        from moeserve.launch.bench_spec import compare_speculative
+
+        return compare_speculative(config, args)
     engine = Engine(config)
     try:
         result = run_benchmark(engine, args.num_prompts, args.input_len, args.output_len,

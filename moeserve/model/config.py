@@ -81,6 +81,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str = "bfloat16"
     quant_block_size: tuple[int, int] | None = None  # FP8 weight_scale_inv block, e.g. (128, 128)
+    # multi-token-prediction modules after the main layers (DeepSeek-V3/R1: 1, the tensors of layer
+    # ``num_hidden_layers``; see model/mtp.py)
+    num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
@@ -96,6 +99,8 @@ class ModelConfig:
             raise ConfigError(f"scoring_func {self.scoring_func!r} is not supported (supported: {SCORING_FUNCS})")
         if self.topk_method not in TOPK_METHODS:
             raise ConfigError(f"topk_method {self.topk_method!r} is not supported (supported: {TOPK_METHODS})")
+        if self.num_nextn_predict_layers < 0:
+            raise ConfigError(f"num_nextn_predict_layers must be >= 0, got {self.num_nextn_predict_layers}")
         if self.n_routed_experts:
             self._check_moe()
 
@@ -124,6 +129,11 @@ class ModelConfig:
     def kv_cache_dim(self) -> int:
         """Values cached per token per layer: the compressed latent plus the decoupled rope key."""
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def mtp_layer_id(self) -> int:
+        """The layer index of the (first) MTP module's tensors in the checkpoint."""
+        return self.num_hidden_layers
 
     def is_moe_layer(self, layer_id: int) -> bool:
         return (self.n_routed_experts > 0 and layer_id >= self.first_k_dense_replace
@@ -277,4 +287,5 @@ def _parse(raw: dict[str, Any]) -> ModelConfig:
         eos_token_ids=_eos_ids(raw),
         torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "bfloat16"),
         quant_block_size=_quant_block(raw),
+        num_nextn_predict_layers=_get(raw, "num_nextn_predict_layers", int, 0),
     )

@@ -22,6 +22,7 @@ from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.fp8 import DequantBuffer, routed_fp8_block
 from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLA
+from moeserve.model.mtp import MTPLayer
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,10 @@ class DecoderLayer(nn.Module):
 
 class DeepseekModel(nn.Module):
     def __init__(self, config: ModelConfig, model_slice: ModelSlice | None = None,
-                 dtype: torch.dtype = torch.float32, max_positions: int | None = None, keep_fp8: bool = False):
-        """``keep_fp8``: with a block-scaled FP8 config, hold the routed experts in float8 (see ``fp8.py``)."""
+                 dtype: torch.dtype = torch.float32, max_positions: int | None = None, keep_fp8: bool = False,
+                 with_mtp: bool = False):
+        """``keep_fp8``: with a block-scaled FP8 config, hold the routed experts in float8 (see ``fp8.py``).
+        ``with_mtp``: the slice with the LM head also builds the multi-token-prediction module (``mtp.py``)."""
         super().__init__()
         self.config = config
         self.slice = model_slice or ModelSlice.full(config)
@@ -109,6 +112,10 @@ class DeepseekModel(nn.Module):
         self.layers = nn.ModuleDict({
             str(i): DecoderLayer(config, i, rotary, self.slice, dtype, fp8_block, self.dequant)
             for i in self.slice.layer_ids})
+        self.mtp: MTPLayer | None = None
+        self.mtp_embed: nn.Parameter | None = None  # the embedding's copy on a last stage without one
+        if with_mtp and self.slice.has_head:
+            self._build_mtp(rotary, fp8_block)
         self._reserve_dequant()
         if self.slice.has_head:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -117,9 +124,20 @@ class DeepseekModel(nn.Module):
         self.rotary = rotary
         self.linear = PackedLinear()
 
+    def _build_mtp(self, rotary: RotaryEmbedding, fp8_block: tuple[int, int] | None) -> None:
+        config = self.config
+        if config.num_nextn_predict_layers < 1:
+            raise ValueError("this model has no multi-token-prediction module (config.json's "
+                             "num_nextn_predict_layers is 0)")
+        block = DecoderLayer(config, config.mtp_layer_id, rotary, self.slice, self.dtype, fp8_block, self.dequant)
+        self.mtp = MTPLayer(config, block, self.dtype)
+        if self.embed_tokens is None:
+            self.mtp_embed = nn.Parameter(torch.empty(self.local_vocab, config.hidden_size, dtype=self.dtype))
+
     def _reserve_dequant(self) -> None:
         """Allocate the FP8 experts' shared dequantization buffer now, before the cache is sized."""
-        numel = max((moe.dequant_numel for moe in self.moe_layers().values()), default=0)
+        mtp_moe = [self.mtp.block.mlp] if self.mtp is not None and isinstance(self.mtp.block.mlp, MoE) else []
+        numel = max((moe.dequant_numel for moe in [*self.moe_layers().values(), *mtp_moe]), default=0)
         if self.dequant is not None and numel:
             self.dequant.reserve(numel, self.dtype)
 
@@ -131,12 +149,29 @@ class DeepseekModel(nn.Module):
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         assert self.embed_tokens is not None, "this stage holds no embedding"
+        return self._embed_with(self.embed_tokens, token_ids)
+
+    def _embed_with(self, weight: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         if self.slice.tp.size == 1:
-            return F.embedding(token_ids, self.embed_tokens)
+            return F.embedding(token_ids, weight)
         local = token_ids - self.vocab_start
         held = (local >= 0) & (local < self.local_vocab)
-        h = F.embedding(torch.where(held, local, 0), self.embed_tokens) * held.unsqueeze(-1).to(self.dtype)
+        h = F.embedding(torch.where(held, local, 0), weight) * held.unsqueeze(-1).to(self.dtype)
         return self.slice.tp.all_reduce(h)  # one rank holds each row, the others add exact zeros
+
+    def mtp_forward(self, next_token_ids: torch.Tensor, hidden: torch.Tensor, meta: AttnMetadata,
+                    kv_cache: torch.Tensor | None) -> torch.Tensor:
+        """The MTP module on [T] tokens t+1 and [T, hidden] normed hidden states at t -> [T, hidden]."""
+        assert self.mtp is not None, "this slice holds no MTP module"
+        weight = self.embed_tokens if self.embed_tokens is not None else self.mtp_embed
+        assert weight is not None
+        return self.mtp(self._embed_with(weight, next_token_ids), hidden, meta, kv_cache)
+
+    def mtp_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] MTP outputs -> float32 logits [N, vocab] through the shared head."""
+        assert self.mtp is not None, "this slice holds no MTP module"
+        return self.slice.tp.all_gather(self.linear(self.mtp.shared_head_norm(h), self.lm_head, "lm_head").float(),
+                                        dim=-1)
 
     def forward_layers(self, h: torch.Tensor, meta: AttnMetadata,
                        kv_caches: dict[int, torch.Tensor] | None) -> torch.Tensor:
@@ -166,6 +201,6 @@ class DeepseekModel(nn.Module):
         return self.logits(h if all_logits else h[meta.logits_index])
 
     def cache_bytes_per_token(self, cache_dtype: torch.dtype | None = None) -> int:
-        """Latent-cache bytes one token takes across this slice's layers."""
+        """Latent-cache bytes one token takes across this slice's layers (and its MTP module's)."""
         dtype = cache_dtype or self.dtype
-        return len(self.layers) * self.config.kv_cache_dim * torch.empty((), dtype=dtype).element_size()
+        return (len(self.layers) + int(self.mtp is not None)) * self.config.kv_cache_dim * torch.empty((), dtype=dtype).element_size()

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
 # DeepSeek-V3 keeps embeddings, norms, the router and the LM head in high precision; every other matrix is FP8
-_HIGH_PRECISION = ("embed_tokens", "lm_head", "layernorm", "norm.weight", "mlp.gate.")
+_HIGH_PRECISION = ("embed_tokens", "lm_head", "layernorm", "norm.weight", "mlp.gate.", "eh_proj", "shared_head.head")
 
 
 def cdiv(a: int, b: int) -> int:

@@ -207,23 +207,43 @@ def load_dummy_weights(model: DeepseekModel, seed: int = 0, progress: bool = Fal
     return fill_weights(specs, DummyReader(shapes, model.config.quant_block_size, device, seed), progress)
 
 
+class MTPError(UserError, ValueError):
+    """Speculative decoding by MTP asked of a model that has no MTP module."""
+
+
+def check_mtp(config: ModelConfig, ckpt: Checkpoint | None) -> None:
+    """MTPError (one line) unless the model's config and, if given, checkpoint hold an MTP module."""
+    if config.num_nextn_predict_layers < 1:
+        raise MTPError("--speculative-config method 'mtp' needs a model with a multi-token-prediction module; "
+                       "this one has none (config.json: num_nextn_predict_layers is 0 or missing)")
+    name = f"model.layers.{config.mtp_layer_id}.eh_proj.weight"
+    if ckpt is not None and name not in ckpt.weight_map:
+        raise MTPError(f"--speculative-config method 'mtp' needs the MTP module's tensors, but the checkpoint "
+                       f"at {ckpt.path} has no {name} (config.json says num_nextn_predict_layers = "
+                       f"{config.num_nextn_predict_layers})")
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                model_slice: ModelSlice | None = None, progress: bool = False,
                max_positions: int | None = None, *, load_format: str = "auto", keep_fp8: bool = False,
-               dummy_seed: int = 0) -> DeepseekModel:
+               dummy_seed: int = 0, with_mtp: bool = False) -> DeepseekModel:
     """Build the (sliced) model on ``device`` and fill its weights.
 
     ``load_format``: "auto" reads the checkpoint at ``path``; "dummy" needs only ``path``/config.json and
     generates the weights on ``device`` from ``dummy_seed`` (see ``dummy.py``). ``keep_fp8``: with an FP8
     block-scaled config, hold the routed experts in float8 and dequantize them one layer at a time at compute
-    (otherwise every float8 tensor is dequantized to ``dtype`` on load).
+    (otherwise every float8 tensor is dequantized to ``dtype`` on load). ``with_mtp``: the slice with the LM
+    head also loads the multi-token-prediction module (MTPError if the model has none).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     ckpt = Checkpoint(path) if load_format == "auto" else None
     config = ckpt.config() if ckpt is not None else ModelConfig.from_hf(path)
+    if with_mtp:
+        check_mtp(config, ckpt)
     with torch.device(device):
-        model = DeepseekModel(config, model_slice, dtype=dtype, max_positions=max_positions, keep_fp8=keep_fp8)
+        model = DeepseekModel(config, model_slice, dtype=dtype, max_positions=max_positions, keep_fp8=keep_fp8,
+                              with_mtp=with_mtp)
     if ckpt is None:
         load_dummy_weights(model, seed=dummy_seed, progress=progress)
     else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.experts.moe import MoE
-from moeserve.model.deepseek import DeepseekModel
+from moeserve.model.deepseek import DecoderLayer, DeepseekModel
 from moeserve.model.layers import MLP
 from moeserve.model.mla import MLA
 
@@ -123,6 +123,34 @@ def _attn_specs(prefix: str, attn: MLA) -> list[WeightSpec]:
     return specs
 
 
+def _layer_specs(prefix: str, layer: DecoderLayer) -> list[WeightSpec]:
+    specs = [_spec(f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight.data),
+             _spec(f"{prefix}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.data)]
+    specs += _attn_specs(f"{prefix}.self_attn", layer.self_attn)
+    if isinstance(layer.mlp, MoE):
+        specs += _moe_specs(f"{prefix}.mlp", layer.mlp)
+    else:
+        specs += _mlp_specs(f"{prefix}.mlp", layer.mlp)
+    return specs
+
+
+def _mtp_specs(model: DeepseekModel, vocab_rows: Narrow | None) -> list[WeightSpec]:
+    """The MTP module's own tensors (layer ``num_hidden_layers``); its embedding and head are the main
+    model's (``model.embed_tokens``, ``lm_head``), read once more only by a last stage without the embedding."""
+    mtp = model.mtp
+    assert mtp is not None
+    prefix = f"model.layers.{mtp.layer_id}"
+    specs = [_spec(f"{prefix}.enorm.weight", mtp.enorm.weight.data),
+             _spec(f"{prefix}.hnorm.weight", mtp.hnorm.weight.data),
+             _spec(f"{prefix}.eh_proj.weight", mtp.eh_proj.data),
+             _spec(f"{prefix}.shared_head.norm.weight", mtp.shared_head_norm.weight.data)]
+    assert isinstance(mtp.block, DecoderLayer)
+    specs += _layer_specs(prefix, mtp.block)
+    if model.mtp_embed is not None:
+        specs.append(_spec("model.embed_tokens.weight", model.mtp_embed.data, narrow=vocab_rows))
+    return specs
+
+
 def weight_specs(model: DeepseekModel) -> list[WeightSpec]:
     specs: list[WeightSpec] = []
     tp = model.slice.tp
@@ -130,14 +158,9 @@ def weight_specs(model: DeepseekModel) -> list[WeightSpec]:
     if model.embed_tokens is not None:
         specs.append(_spec("model.embed_tokens.weight", model.embed_tokens.data, narrow=vocab_rows))
     for key, layer in model.decoder_layers().items():
-        prefix = f"model.layers.{key}"
-        specs.append(_spec(f"{prefix}.input_layernorm.weight", layer.input_layernorm.weight.data))
-        specs.append(_spec(f"{prefix}.post_attention_layernorm.weight", layer.post_attention_layernorm.weight.data))
-        specs += _attn_specs(f"{prefix}.self_attn", layer.self_attn)
-        if isinstance(layer.mlp, MoE):
-            specs += _moe_specs(f"{prefix}.mlp", layer.mlp)
-        else:
-            specs += _mlp_specs(f"{prefix}.mlp", layer.mlp)
+        specs += _layer_specs(f"model.layers.{key}", layer)
+    if model.mtp is not None:
+        specs += _mtp_specs(model, vocab_rows)
     if model.slice.has_head:
         specs.append(_spec("model.norm.weight", model.norm.weight.data))
         if model.lm_head is not model.embed_tokens:

@@ -41,7 +41,10 @@ def decode_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int, sink_block: int):
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int, sink_block: int,
+                 keep_hidden: bool = False):
+        """``keep_hidden``: on the last stage, the graphs also leave the step's hidden states (``hidden_rows``)
+        for the MTP module's pass after the step (speculative decoding)."""
         self.runner = runner
         self.buckets = decode_buckets(max_batch)
         self.sink_block = sink_block
@@ -62,6 +65,8 @@ class DecodeGraphs:
         self.hidden_in = None if model.slice.has_embedding else \
             torch.zeros(big, model.config.hidden_size, dtype=model.dtype, device=device)
         self.out: torch.Tensor | None = None  # logits [big, vocab] or hidden [big, hidden], filled by the graphs
+        self.keep_hidden = keep_hidden and model.slice.has_head
+        self.hidden_out: torch.Tensor | None = None  # [big, hidden] with keep_hidden
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool_bytes = 0
 
@@ -72,12 +77,13 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch)
 
     # ---- capture ----
-    def _forward(self, batch: int) -> torch.Tensor:
+    def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits or, before the last stage, hidden states; the hidden states)."""
         model = self.runner.model
         meta = graph_metadata(self.inputs, self.tables, batch, self.block_size)
         h = model.embed(self.inputs[0, :batch]) if self.hidden_in is None else self.hidden_in[:batch]
         h = model.forward_layers(h, meta, self.runner.flat_caches)
-        return model.logits(h) if model.slice.has_head else h
+        return (model.logits(h) if model.slice.has_head else h), h
 
     def _set_padding(self, buf: int, batch: int, num_real: int) -> None:
         """Rows [num_real, batch) of staging buffer set ``buf``: token 0 at position 0 in the sink block."""
@@ -118,14 +124,19 @@ class DecodeGraphs:
             # eager runs before capture compile this size's kernel variants and settle the allocator; the
             # largest size, first, grows the allocator and takes two, each smaller one fits in what it left
             for _ in range(2 if i == 0 else 1):
-                out = self._forward(batch)
+                out, h = self._forward(batch)
             if self.out is None:  # sized by the largest bucket, outside the pool; every graph writes into it
                 self.out = torch.empty(batch, *out.shape[1:], dtype=out.dtype, device=device)
-            del out
+                if self.keep_hidden:
+                    self.hidden_out = torch.empty(batch, h.shape[1], dtype=h.dtype, device=device)
+            del out, h
             torch.cuda.synchronize(device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.out[:batch].copy_(self._forward(batch))
+                out, h = self._forward(batch)
+                self.out[:batch].copy_(out)
+                if self.hidden_out is not None:
+                    self.hidden_out[:batch].copy_(h)
             self.graphs[batch] = graph
 
     # ---- replay ----
@@ -167,12 +178,17 @@ class DecodeGraphs:
         assert self.out is not None
         return self.out[:num_real]
 
+    def hidden_rows(self, num_real: int) -> torch.Tensor:
+        """The last replay's hidden states [num_real, hidden] (``keep_hidden``; overwritten by the next)."""
+        assert self.hidden_out is not None, "these graphs keep no hidden states"
+        return self.hidden_out[:num_real]
+
     def release(self) -> None:
         """Free the graphs (and with them their memory pool) and the static buffers (Engine.close)."""
         for graph in self.graphs.values():
             graph.reset()
         self.graphs.clear()
-        self.out = self.hidden_in = None
+        self.out = self.hidden_in = self.hidden_out = None
 
 
 def graph_metadata(inputs: torch.Tensor, tables: torch.Tensor, batch: int, block_size: int) -> AttnMetadata:

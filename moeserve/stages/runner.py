@@ -15,7 +15,7 @@ from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cuda_graph import DecodeGraphs
 from moeserve.stages.selfcheck import check_fast_path, warm_up
-from moeserve.stages.step_plan import StepPlan, fill_pending, pad_tables
+from moeserve.stages.step_plan import DraftPlan, StepPlan, fill_pending, pad_tables
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,15 @@ class ModelRunner:
         self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(fast), block_size,
                                                 model.config.kv_cache_dim, self.cache_dtype, device)
         self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
+        # the MTP module's latent cache (same block layout), and the hidden states its passes read: the last
+        # step's output [T, hidden] and the last pass's sampled outputs [S, hidden]
+        self.mtp_cache: torch.Tensor | None = None
+        if model.mtp is not None:
+            mtp_id = model.config.mtp_layer_id
+            self.mtp_cache = allocate_latent_caches([mtp_id], num_blocks + int(fast), block_size,
+                                                    model.config.kv_cache_dim, self.cache_dtype, device)[mtp_id]
+        self.step_hidden: torch.Tensor | None = None
+        self.draft_hidden: torch.Tensor | None = None
         self.expert_load = attach_counter(model, device)  # routed tokens per expert of this slice's MoE layers
         logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
                     num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
@@ -70,7 +79,8 @@ class ModelRunner:
             self.expert_load.physical.zero_()
 
     def _capture(self, max_num_seqs: int, max_model_len: int) -> None:
-        graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks)
+        graphs = DecodeGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks,
+                              keep_hidden=self.mtp_cache is not None)
         graphs.capture()
         self.graphs = graphs
 
@@ -108,12 +118,15 @@ class ModelRunner:
         Returns (logits of the sample rows if this slice holds the LM head else None, output hidden states).
         Nothing here reads a value back from the device: the engine queues the next step meanwhile.
         """
+        plan = plan.expanded()  # drafts to verify: decode rows
         if self.graphs is not None and self.graphs.fits(plan):
             if self.expert_load is not None:  # decode graphs: every token is a decode token
                 self.expert_load.begin_step(len(plan.token_ids))
             out = self.graphs.run(plan, hidden, prev_token_ids)
             if not self.model.slice.has_head:
                 return None, out
+            if self.mtp_cache is not None:  # the MTP module's next pass reads the step's hidden states
+                self.step_hidden = self.graphs.hidden_rows(len(plan.query_lens))
             return out if plan.samples_every_row else out[self._index(plan.sample_rows)], out
         meta = self.metadata(plan)
         if self.expert_load is not None:
@@ -125,8 +138,28 @@ class ModelRunner:
         h = self.model.forward_layers(hidden, meta, self.flat_caches)
         if not self.model.slice.has_head:
             return None, h
+        if self.mtp_cache is not None:
+            self.step_hidden = h
         rows = meta.logits_index if plan.samples_every_row else meta.logits_index[self._index(plan.sample_rows)]
         return self.model.logits(h[rows]), h
+
+    @torch.inference_mode()
+    def draft(self, plan: DraftPlan) -> torch.Tensor:
+        """One MTP pass (see ``DraftPlan``); returns float32 logits [len(sample_rows), vocab] of the tokens
+        after next. Only on a slice with the LM head and the MTP module."""
+        assert self.mtp_cache is not None, "this runner holds no MTP module"
+        source = self.draft_hidden if plan.chained else self.step_hidden
+        assert source is not None, "an MTP pass needs the hidden states of a step before it"
+        step = plan.step
+        hidden = source[self._index(plan.hidden_rows)]
+        if not plan.chained:
+            hidden = self.model.norm(hidden)  # the main model's output after its final norm
+        meta = self.metadata(step)
+        token_ids = to_device(torch.tensor(step.token_ids, dtype=torch.long), self.device)
+        out = self.model.mtp_forward(token_ids, hidden, meta, self.mtp_cache.view(-1, self.mtp_cache.shape[-1]))
+        rows = meta.logits_index if step.samples_every_row else meta.logits_index[self._index(step.sample_rows)]
+        self.draft_hidden = out[rows]
+        return self.model.mtp_logits(self.draft_hidden)
 
     def _index(self, rows: list[int]) -> torch.Tensor:
         return to_device(torch.tensor(rows, dtype=torch.long), self.device)
@@ -140,5 +173,6 @@ class ModelRunner:
             self.graphs = None
         self.kv_caches.clear()
         self.flat_caches.clear()
+        self.mtp_cache = self.step_hidden = self.draft_hidden = None
         self.expert_load = None
         self.__dict__.pop("model", None)

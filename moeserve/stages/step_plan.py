@@ -24,10 +24,38 @@ class StepPlan:
     # the batch before sampled in its row pending_src[i]; the runner copies it there on the device
     pending_rows: list[int] = field(default_factory=list)  # ascending
     pending_src: list[int] = field(default_factory=list)
+    # speculative decoding: per sequence, how many of its new tokens are drafts to verify (empty: none). A
+    # sample row then gets logits at its last num_spec + 1 tokens (rows in that order, sequence by sequence)
+    num_spec: list[int] = field(default_factory=list)
 
     @property
     def samples_every_row(self) -> bool:
         return len(self.sample_rows) == len(self.query_lens)
+
+    def expanded(self) -> StepPlan:
+        """The plan the model runs: each sequence that verifies k drafts becomes k + 1 decode rows (row j at
+        position c + j, attending to the c + j + 1 tokens before and at it, through the same block table).
+        Tokens, positions and cache slots stay those of the plan; the attention takes MLA's absorbed decode
+        form (and a CUDA graph's decode shape), and every row of a sampled verify sequence is a sample row, so
+        the logits come back at its last k + 1 positions, in order. The cache is written before attention
+        reads it, so row j sees the latents of rows < j of the same step."""
+        if not any(self.num_spec):
+            return self
+        query_lens: list[int] = []
+        num_computed: list[int] = []
+        tables: list[Sequence[int]] = []
+        sample_rows: list[int] = []
+        sampled = set(self.sample_rows)
+        for i, (q, c, table) in enumerate(zip(self.query_lens, self.num_computed, self.block_tables)):
+            rows = q if self.num_spec[i] else 1
+            assert not self.num_spec[i] or q == self.num_spec[i] + 1, "drafts ride on a decode only"
+            if i in sampled:
+                sample_rows.extend(range(len(query_lens), len(query_lens) + rows))
+            query_lens += [1] * q if rows > 1 else [q]
+            num_computed += list(range(c, c + q)) if rows > 1 else [c]
+            tables += [table] * rows
+        return StepPlan(self.token_ids, query_lens, num_computed, tables, sample_rows, self.pending_rows,
+                        self.pending_src)
 
 
 def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
@@ -55,3 +83,18 @@ def fill_pending(token_ids: torch.Tensor, plan: StepPlan, prev_token_ids: torch.
         return
     index = to_device(torch.tensor([rows, src], dtype=torch.long), token_ids.device)
     token_ids.index_copy_(0, index[0], prev_token_ids.index_select(0, index[1]))
+
+
+@dataclass
+class DraftPlan:
+    """One pass of the MTP module on the last stage (model/mtp.py), after a step's tokens were verified.
+
+    ``step`` places the pass like a step plan: its token ids are the tokens t+1, its positions (num_computed,
+    query_lens, block tables) the positions t, where the module's own latent cache is written; logits come
+    back at the last token of each ``sample_rows`` sequence. ``hidden_rows`` [T]: where each row's hidden
+    state is -- a row of the verified step's output, or, ``chained``, a row of the previous pass's sampled
+    outputs (the module's own output stands in for the main model's at the next position)."""
+
+    step: StepPlan
+    hidden_rows: list[int]
+    chained: bool = False

@@ -24,6 +24,7 @@ import zmq
 
 from moeserve.comm.groups import RankGroups, backend_for, init_groups, recv_hidden, send_hidden
 from moeserve.comm.messages import (
+    DraftPlanMsg,
     ErrorMsg,
     ExpertLoadMsg,
     ExpertLoadRequestMsg,
@@ -55,7 +56,7 @@ from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
 from moeserve.stages.expert_mover import ExpertMover
 from moeserve.stages.runner import ModelRunner
-from moeserve.stages.step_plan import StepPlan
+from moeserve.stages.step_plan import DraftPlan, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class WorkerSpec:
     cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
     max_num_seqs: int = 256  # the largest decode batch a graph is captured for
     warm_up_tokens: int = 0  # tokens of the warm-up prefill at start (where the fused kernels run)
+    mtp: bool = False  # the last stage loads the MTP module and runs its passes (speculative decoding)
     kv_host_blocks: int = 0  # host-tier slots (kvstore/tier_setup.py); 0 = none
     kv_store: str = ""  # the shared store's URL; empty = none
     kv_fingerprint: str = ""  # the model's fingerprint (stored blocks' keys)
@@ -139,7 +141,7 @@ class StageWorker:
         model = load_model(spec.model, DTYPES[spec.dtype], self.device,
                            spec.model_slice(self.groups, config.n_routed_experts),
                            max_positions=spec.max_positions or None, load_format=spec.load_format,
-                           keep_fp8=spec.keep_fp8, dummy_seed=spec.seed)
+                           keep_fp8=spec.keep_fp8, dummy_seed=spec.seed, with_mtp=spec.mtp)
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device,
                                   cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs,
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
@@ -173,7 +175,8 @@ class StageWorker:
         return ExpertLoadMsg.of(self.spec.rank, seq, list(counter.layer_ids), logical, physical)
 
     def run_step(self, msg: StepPlanMsg) -> torch.Tensor | None:
-        plan = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows)
+        plan = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows,
+                        num_spec=msg.num_spec)
         model = self.runner.model
         h = None
         if self.groups.prev_rank is not None:                                   # 1. receive
@@ -235,6 +238,9 @@ class StageWorker:
             if isinstance(msg, (PlacementMsg, PlacementSwapMsg)):
                 self._placement(sock, msg)
                 continue
+            if isinstance(msg, DraftPlanMsg):
+                self._draft(sock, msg)
+                continue
             logits = self.run_step(msg)
             if self.reports_logits and logits is not None:
                 sock.send_multipart(LogitsMsg.frames(msg.step_id, self.spec.rank, logits, self.wire_dtype),
@@ -247,6 +253,15 @@ class StageWorker:
         if self.kv_worker is not None:
             for report in self.kv_worker.poll():
                 sock.send(encode(report))
+
+    def _draft(self, sock: zmq.Socket, msg: DraftPlanMsg) -> None:
+        """An MTP pass: the last stage's ranks run it (the others have nothing to do)."""
+        if self.groups.next_rank is not None:
+            return
+        step = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows)
+        logits = self.runner.draft(DraftPlan(step, msg.hidden_rows, msg.chained))
+        if self.reports_logits:
+            sock.send_multipart(LogitsMsg.frames(msg.step_id, self.spec.rank, logits, self.wire_dtype), copy=False)
 
     def _placement(self, sock: zmq.Socket, msg: PlacementMsg | PlacementSwapMsg) -> None:
         if isinstance(msg, PlacementSwapMsg):
