@@ -20,7 +20,7 @@ from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
-from moeserve.model.cpu_linear import PackedLinear
+from moeserve.model.cpu_linear import PackedLinear, silu_and_mul
 from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 from moeserve.model.layers import MLP
 
@@ -292,8 +292,8 @@ class MoE(nn.Module):
         for slot, count in enumerate(counts[:-1]):
             if count == 0:
                 continue
-            gate, up = self.linear(xs[start:start + count], w13[slot], ("w13", slot)).chunk(2, dim=-1)
-            pieces.append(self.linear(F.silu(gate) * up, w2[slot], ("w2", slot)))
+            h = self.linear(xs[start:start + count], w13[slot], ("w13", slot))
+            pieces.append(self.linear(silu_and_mul(h), w2[slot], ("w2", slot)))
             start += count
         ys = torch.cat(pieces) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return out.index_add_(0, token_ids, ys.to(out.dtype))
