@@ -9,7 +9,9 @@ name the kernel each matmul took (``brg_matmul:avx10_1_512_amx`` / ``brg:avx512_
 
     python benchmarks/profile_cpu.py [--threads 2] [--prompts 32] [--input-len 128] [--json-out p.json]
 
-Times are wall times of this process; on a shared machine compare proportions, not totals.
+Times are wall times of this process; on a shared machine compare proportions, not totals. "inside ops" is
+the profiler's self time of every op in a step: the step's time less that is the Python and bookkeeping
+around the ops (one thread, however many cores).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     engine = build_engine(args.model, args.prompts, args.prompts * args.input_len)
     tables: dict[str, list] = {}
+    totals: dict[str, dict[str, float]] = {}
 
     @contextmanager
     def profiled(phase: str):
@@ -95,9 +98,12 @@ def child(args: argparse.Namespace) -> None:
         rows = [(e.key, str(e.input_shapes)[:120], e.count, e.self_cpu_time_total / 1e3)
                 for e in prof.key_averages(group_by_input_shape=True)]
         tables[phase] = sorted(rows, key=lambda r: -r[3])[:args.top]
+        steps = args.decode_steps if phase == "decode" else 1
+        totals[phase] = {"op_calls_per_step": sum(r[2] for r in rows) / steps,
+                         "op_self_ms_per_step": sum(r[3] for r in rows) / steps}
 
     seconds = run_phases(engine, args, profiled)
-    print(json.dumps({"seconds": seconds, "ops": tables}), flush=True)
+    print(json.dumps({"seconds": seconds, "ops": tables, "totals": totals}), flush=True)
 
 
 KERNEL = re.compile(r"onednn_verbose,(?:v1,)?primitive,exec,cpu,(\w+),([^,]+),[^,]*,([^,]*),[^,]*,[^,]*,([^,]*),"
@@ -154,8 +160,10 @@ def main() -> None:
     result["onednn"] = kernels
     result["amx_share_of_onednn_ms"] = {ph: round(amx_share(k), 3) for ph, k in kernels.items()}
     for phase in ("prefill", "decode"):
-        print(f"== {phase}: {result['seconds'][phase] * 1e3:.1f} ms per step; oneDNN time on AMX kernels: "
-              f"{result['amx_share_of_onednn_ms'].get(phase, 0):.0%}")
+        tot = result["totals"][phase]
+        print(f"== {phase}: {result['seconds'][phase] * 1e3:.1f} ms per step under the profiler, "
+              f"{tot['op_self_ms_per_step']:.1f} ms of it inside {tot['op_calls_per_step']:.0f} op calls; "
+              f"oneDNN time on AMX kernels: {result['amx_share_of_onednn_ms'].get(phase, 0):.0%}")
         for k in kernels.get(phase, [])[:12]:
             print(f"   {k['ms']:9.2f} ms {k['calls']:5d}x  {k['primitive']:<13} {k['kernel']:<28} {k['shape']}")
         print("   -- ops by self CPU time (ms):")
