@@ -311,5 +311,6 @@ class _RowGroup:
         if not with_candidates:
             return draw_full(logits, temperature, min_p, self.u, work)
         top_p = self.take(batch.top_p) if (host[TOP_P] < 1.0).any() else None
-        num = first_candidates(host[TOP_K].astype(np.int64).tolist(), logits.shape[1], logits.device.type == "cpu")
-        return draw_candidates(logits, temperature, self.take(batch.top_k), top_p, min_p, self.u, num, work)
+        candidates = first_candidates(host[TOP_K].astype(np.int64).tolist(), logits.shape[1],
+                                      logits.device.type == "cpu")
+        return draw_candidates(logits, temperature, self.take(batch.top_k), top_p, min_p, self.u, candidates, work)

@@ -125,24 +125,26 @@ def _kept(values: torch.Tensor, log_total: torch.Tensor, top_k: torch.Tensor, to
     return keep
 
 
-def first_candidates(host_top_k: list[int], vocab: int, on_cpu: bool) -> int:
-    """How many best tokens :func:`draw_candidates` starts from, given the rows' top-k (0 = off)."""
+def first_candidates(host_top_k: list[int], vocab: int, on_cpu: bool) -> tuple[int, bool]:
+    """(how many best tokens :func:`draw_candidates` starts from, whether it may have to widen them), given
+    the rows' top-k (0 = off): the largest top-k when every row has one (no row can need more), else at
+    least ``TOP_P_FIRST_CANDIDATES`` on the CPU and the whole vocabulary elsewhere (a device sorts fast,
+    and checking whether to widen would wait on it every step)."""
     if all(k > 0 for k in host_top_k):
-        return min(vocab, max(host_top_k))
-    if not on_cpu:
-        return vocab  # NOTE: a device sorts fast, and widening would wait on the device every step
-    return min(vocab, max(max(host_top_k), TOP_P_FIRST_CANDIDATES))
+        return min(vocab, max(host_top_k)), False
+    return (min(vocab, max(max(host_top_k), TOP_P_FIRST_CANDIDATES)), True) if on_cpu else (vocab, False)
 
 
 def draw_candidates(logits: torch.Tensor, temperature: torch.Tensor | None, top_k: torch.Tensor,
-                    top_p: torch.Tensor | None, min_p: torch.Tensor | None, u: torch.Tensor, num: int,
-                    work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    top_p: torch.Tensor | None, min_p: torch.Tensor | None, u: torch.Tensor,
+                    candidates: tuple[int, bool], work: torch.Tensor | None = None) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
     """Rows with top-k and/or top-p. ``top_k`` [R] long (0 = off), ``temperature`` / ``top_p`` / ``min_p``
-    [R] float32 or None (off for every row), ``num``: candidates to start from (:func:`first_candidates`);
-    widened while a row's kept tokens run past them. Returns (token ids [R] long, log-probs [R] under
-    log_softmax(logits / temperature), before any truncation). The best tokens of logits / temperature are
-    those of the logits (temperature > 0), so only the candidates are divided."""
-    vocab = logits.shape[1]
+    [R] float32 or None (off for every row), ``candidates``: (how many to start from, whether to widen them
+    while a row's kept tokens run past them), from :func:`first_candidates`. Returns (token ids [R] long,
+    log-probs [R] under log_softmax(logits / temperature), before any truncation). The best tokens of
+    logits / temperature are those of the logits (temperature > 0), so only the candidates are divided."""
+    vocab, (num, widen) = logits.shape[1], candidates
     top = logits.amax(-1, keepdim=True)
     log_total = torch.log(shifted_exp(logits, top, temperature, work).sum(-1))  # [R]
     while True:
@@ -150,9 +152,10 @@ def draw_candidates(logits: torch.Tensor, temperature: torch.Tensor | None, top_
         if temperature is not None:
             values = values / temperature[:, None]
         keep = _kept(values, log_total, top_k, top_p, min_p)
+        if num >= vocab or top_p is None or not widen:
+            break
         # a row is covered when its kept tokens end inside the candidates (or its top-k ends there)
-        open_rows = keep[:, -1] & ((top_k == 0) | (top_k > num))
-        if num >= vocab or not bool(open_rows.any()):
+        if not bool((keep[:, -1] & ((top_k == 0) | (top_k > num))).any()):
             break
         num = min(vocab, num * TOP_P_WIDEN)
     weights = torch.exp(values - values[:, :1]) * keep
