@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
-from moeserve.model.cpu_info import cpu_info, matmul_path, parse_cpuinfo
+import pytest
+
+from moeserve.model.cpu_info import (
+    cpu_info,
+    matmul_path,
+    numa_nodes,
+    parse_cpuinfo,
+    parse_lscpu_nodes,
+    rank_cpus,
+)
 
 XEON_AMX = """processor\t: 0
 vendor_id\t: GenuineIntel
@@ -54,3 +64,48 @@ def test_check_reports_the_cpu() -> None:
                 for line in out.splitlines() if line.strip())
     assert rows["cpu"].strip().startswith(info.model)
     assert "bfloat16: " in rows["cpu matmul"] and "float32: " in rows["cpu matmul"]
+
+
+# ----------------------------------------------------------------------------- NUMA nodes and binding
+
+# `lscpu --parse=CPU,NODE` of a two-socket host whose nodes interleave their CPU numbers (as many do)
+TWO_NODES = """# The following is the parsable format, which can be fed to other
+# programs. Each different item in every column has an unique ID
+# starting usually from zero.
+# CPU,Node
+0,0
+1,1
+2,0
+3,1
+4,0
+5,1
+6,0
+7,1
+"""
+NO_NUMA = "# CPU,Node\n0,\n1,\n"
+
+
+def test_parse_lscpu_nodes() -> None:
+    assert parse_lscpu_nodes(TWO_NODES) == {0: (0, 2, 4, 6), 1: (1, 3, 5, 7)}
+    assert parse_lscpu_nodes(NO_NUMA) == {0: (0, 1)}
+
+
+def test_rank_cpus_keep_each_rank_on_one_node() -> None:
+    nodes = parse_lscpu_nodes(TWO_NODES)
+    assert [rank_cpus(nodes, r, 2) for r in range(2)] == [(0, 2, 4, 6), (1, 3, 5, 7)]
+    four = [rank_cpus(nodes, r, 4) for r in range(4)]
+    assert four == [(0, 2), (1, 3), (4, 6), (5, 7)]
+    three = [rank_cpus(nodes, r, 3) for r in range(3)]  # node 0 holds ranks 0 and 2, node 1 rank 1
+    assert three == [(0, 2), (1, 3, 5, 7), (4, 6)]
+    assert rank_cpus({0: (0, 1)}, 2, 3) == (0,)  # more ranks than CPUs: one CPU each, shared
+    with pytest.raises(ValueError):
+        rank_cpus(nodes, 4, 4)
+
+
+def test_numa_nodes_of_this_machine_cover_its_cpus() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    nodes = numa_nodes()
+    assert sorted(c for cpus in nodes.values() for c in cpus) == allowed
+    first = allowed[0]
+    node = next(n for n, cpus in nodes.items() if first in cpus)
+    assert numa_nodes(allowed={first}) == {node: (first,)}  # nodes keep only the CPUs allowed

@@ -3,7 +3,8 @@
 Order of operations in :meth:`Sampler.sample` (per row, all batched):
 grammar mask (structured output: tokens the request's grammar does not allow get -inf) -> penalties
 (repetition over prompt+output, presence/frequency over output) -> min_tokens blocking of stop/eos ids ->
-greedy rows take argmax here -> temperature -> top-k -> top-p -> min-p -> draw.
+greedy rows take argmax here -> temperature -> top-k -> top-p -> min-p -> draw (one uniform per row, inverse
+CDF; only the best candidates when top-k / top-p is asked: sampling_draw.py).
 
 ``SamplingParams`` and ``check_stop`` live in ``sampling_params.py`` and are importable from here too.
 """
@@ -18,6 +19,13 @@ from itertools import chain
 import numpy as np
 import torch
 
+from moeserve.coordinator.sampling_draw import (
+    draw_candidates,
+    draw_full,
+    first_candidates,
+    inverse_cdf,
+    uniforms,
+)
 from moeserve.coordinator.sampling_params import (
     GREEDY_EPS,
     MAX_LOGPROBS,
@@ -197,7 +205,11 @@ def _counts(padded: tuple[torch.Tensor, torch.Tensor], vocab: int) -> torch.Tens
 
 
 class Sampler:
-    """Stateless batched sampler; randomness comes from the default generator or per-request generators."""
+    """Batched sampler; randomness comes from the default generator or per-request generators. Its only
+    state is a scratch buffer reused from step to step."""
+
+    def __init__(self) -> None:
+        self._scratch: torch.Tensor | None = None
 
     def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row from ``logits`` [B, vocab] float32 (not modified, except that the rows
@@ -214,16 +226,43 @@ class Sampler:
         top: tuple[torch.Tensor, torch.Tensor] | None = None
         if batch.num_top_logprobs > 0:
             n = min(batch.num_top_logprobs, logits.shape[1])
-            top = tuple(torch.log_softmax(logits, dim=-1).topk(n, dim=-1))  # type: ignore[assignment]
+            values, top_ids = logits.topk(n, dim=-1)  # no [B, vocab] log_softmax: shift the N values only
+            top = (values - torch.logsumexp(logits, dim=-1, keepdim=True), top_ids)
         logits = self._prepare(logits, batch)
         if batch.all_greedy:  # fast path: argmax only
             best, ids = logits.max(dim=-1)
             return SamplerOutput(ids, best - torch.logsumexp(logits, dim=-1), top)
-        scaled = logits / batch.temperature[:, None]
-        logp = torch.log_softmax(scaled, dim=-1)
-        probs = torch.softmax(self._apply_filters(scaled, batch), dim=-1)
-        ids = torch.where(batch.greedy, logits.argmax(dim=-1), self._draw(probs, batch))
-        return SamplerOutput(ids, logp.gather(1, ids[:, None]).squeeze(1), top)
+        ids, logprobs = self._sample_rows(logits, batch)
+        return SamplerOutput(ids, logprobs, top)
+
+    def _work(self, logits: torch.Tensor) -> torch.Tensor:
+        """A [R, V] float32 scratch like ``logits``, from one grow-only buffer (see sampling_draw.shifted_exp)."""
+        buf = self._scratch
+        if buf is None or buf.numel() < logits.numel() or buf.device != logits.device:
+            buf = self._scratch = torch.empty(logits.numel(), dtype=torch.float32, device=logits.device)
+        return buf[:logits.numel()].view(logits.shape)
+
+    def _sample_rows(self, logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B] and log-probs [B] of a batch with sampled rows. The rows go in up to three groups,
+        each batched: greedy (one argmax), sampled without top-k / top-p (inverse CDF over the vocabulary),
+        sampled with them (inverse CDF over the best candidates); see sampling_draw.py."""
+        host = batch.host_rows.numpy()
+        sampled, filtered = host[GREEDY] == 0, (host[TOP_K] > 0) | (host[TOP_P] < 1.0)
+        u = uniforms(batch.size, batch.seeded, logits.device)
+        ids = torch.empty(batch.size, dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(batch.size, dtype=torch.float32, device=logits.device)
+        for kind, mask in (("greedy", ~sampled), ("full", sampled & ~filtered), ("candidates", sampled & filtered)):
+            rows = np.flatnonzero(mask)
+            if not rows.size:
+                continue
+            group = _RowGroup(logits, batch, u, rows)
+            out = group.greedy() if kind == "greedy" else \
+                group.sample(kind == "candidates", self._work(group.logits))
+            if group.index is None:  # one group holds every row
+                return out
+            ids.index_copy_(0, group.index, out[0])
+            logprobs.index_copy_(0, group.index, out[1])
+        return ids, logprobs
 
     def _prepare(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """The grammar mask and the penalties."""
@@ -245,9 +284,29 @@ class Sampler:
         probs = torch.softmax(self._apply_filters(scaled, batch), dim=-1)
         return torch.where(batch.greedy[:, None], onehot, probs), torch.log_softmax(scaled, dim=-1)
 
-    def draw(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """One token per row of ``probs`` [B, vocab] (seeded rows from their generators)."""
-        return self._draw(probs, batch)
+    @staticmethod
+    def draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """One token per row of ``probs`` [B, vocab] (seeded rows from their generators): the inverse CDF at one
+        uniform per row, as ``sample`` draws."""
+        return inverse_cdf(probs.float(), uniforms(batch.size, batch.seeded, probs.device))
+
+    @staticmethod
+    def _apply_filters(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Top-k, then top-p (mass strictly before a token < p; the best token always stays), then min-p, over
+        the whole vocabulary with one sort: the rule ``sampling_draw._kept`` applies to the best candidates,
+        here for the distributions speculative decoding compares (off rows: top-k 0, top-p 1, min-p 0)."""
+        vocab = logits.shape[1]
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        k = torch.where(batch.top_k > 0, batch.top_k, vocab).clamp(max=vocab)
+        remove = torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        remove |= (before >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1.0)
+        remove[:, 0] = False
+        logits = logits.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        threshold = probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
+        return logits.masked_fill(probs < threshold, float("-inf"))
 
     @staticmethod
     def _apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
@@ -276,37 +335,29 @@ class Sampler:
             logits = logits.masked_fill(_counts(batch.blocked_ids, vocab) > 0, float("-inf"))
         return logits
 
-    @staticmethod
-    def _apply_filters(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Top-k, then top-p (mass strictly before a token < p; the best token always stays), then min-p."""
-        vocab = logits.shape[1]
-        if batch.need_top_k or batch.need_top_p:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            remove = torch.zeros_like(sorted_logits, dtype=torch.bool)
-            if batch.need_top_k:
-                k = torch.where(batch.top_k > 0, batch.top_k, vocab).clamp(max=vocab)
-                remove |= torch.arange(vocab, device=logits.device)[None, :] >= k[:, None]
-            if batch.need_top_p:
-                sorted_probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-                before = sorted_probs.cumsum(dim=-1) - sorted_probs
-                remove |= (before >= batch.top_p[:, None]) & (batch.top_p[:, None] < 1.0)
-            remove[:, 0] = False
-            logits = logits.masked_fill(torch.zeros_like(remove).scatter_(1, order, remove), float("-inf"))
-        if batch.need_min_p:
-            probs = torch.softmax(logits, dim=-1)
-            threshold = probs.max(dim=-1, keepdim=True).values * batch.min_p[:, None]
-            logits = logits.masked_fill(probs < threshold, float("-inf"))
-        return logits
 
-    @staticmethod
-    def _draw(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Exponential race argmax(probs / E), E ~ Exp(1): seeded rows draw E from their own generator."""
-        noise = torch.empty_like(probs)
-        if len(batch.seeded) < batch.size:
-            noise.exponential_()
-        for row, gen in batch.seeded:  # loop over seeded requests only
-            e = torch.empty(probs.shape[1], dtype=torch.float32, device=gen.device)
-            e.exponential_(generator=gen)
-            noise[row] = to_device(e, probs.device)
-        noise.clamp_min_(torch.finfo(torch.float32).tiny)  # E == 0 would make 0/0 = NaN win the argmax
-        return (probs / noise).argmax(dim=-1)
+class _RowGroup:
+    """Some rows of a step's batch (``rows``, ascending host indices) and the per-row values they read."""
+
+    def __init__(self, logits: torch.Tensor, batch: SamplingBatch, u: torch.Tensor, rows: np.ndarray) -> None:
+        self.batch, self.rows, self.host = batch, rows, batch.host_rows.numpy()[:, rows]
+        self.index = None if rows.size == batch.size else torch.from_numpy(rows).to(logits.device)
+        self.logits, self.u = self.take(logits), self.take(u)
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.index is None else t.index_select(0, self.index)
+
+    def greedy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        best, ids = self.logits.max(dim=-1)
+        return ids, best - torch.logsumexp(self.logits, dim=-1)
+
+    def sample(self, with_candidates: bool, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        host, batch, logits = self.host, self.batch, self.logits
+        temperature = self.take(batch.temperature) if (host[TEMPERATURE] != 1.0).any() else None
+        min_p = self.take(batch.min_p) if (host[MIN_P] > 0).any() else None
+        if not with_candidates:
+            return draw_full(logits, temperature, min_p, self.u, work)
+        top_p = self.take(batch.top_p) if (host[TOP_P] < 1.0).any() else None
+        candidates = first_candidates(host[TOP_K].astype(np.int64).tolist(), logits.shape[1],
+                                      logits.device.type == "cpu")
+        return draw_candidates(logits, temperature, self.take(batch.top_k), top_p, min_p, self.u, candidates, work)

@@ -20,7 +20,7 @@ from moeserve.experts.gate import GateSpec, route, router_logits
 from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.experts.placement import expert_placement
 from moeserve.model.config import ModelConfig
-from moeserve.model.cpu_linear import PackedLinear
+from moeserve.model.cpu_linear import PackedLinear, silu_and_mul
 from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 from moeserve.model.layers import MLP
 
@@ -287,13 +287,18 @@ class MoE(nn.Module):
             return out
         token_ids = order // top_k
         xs = x[token_ids]  # [N, H] in expert order
+        pair_weights = weights.flatten()[order].unsqueeze(-1).to(x.dtype)  # [N, 1]
         w13, w2 = self.expert_weights()
-        pieces, start = [], 0
+        start = 0
+        # NOTE: each expert's rows are weighted and added in place as they come: no [N, H] concatenation and
+        # product. index_add_ adds rows in index order, so the sums (and their rounding) are those of one
+        # index_add_ over all N rows in expert order.
         for slot, count in enumerate(counts[:-1]):
             if count == 0:
                 continue
-            gate, up = self.linear(xs[start:start + count], w13[slot], ("w13", slot)).chunk(2, dim=-1)
-            pieces.append(self.linear(F.silu(gate) * up, w2[slot], ("w2", slot)))
+            rows = slice(start, start + count)
+            h = self.linear(xs[rows], w13[slot], ("w13", slot))
+            y = self.linear(silu_and_mul(h), w2[slot], ("w2", slot))
+            out.index_add_(0, token_ids[rows], y.mul_(pair_weights[rows]).to(out.dtype))
             start += count
-        ys = torch.cat(pieces) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return out.index_add_(0, token_ids, ys.to(out.dtype))
+        return out

@@ -79,3 +79,55 @@ def matmul_path(info: CpuInfo, dtype_name: str) -> str:
         return f"oneDNN with weights packed once (PackedLinear), {info.isa(dtype_name)}"
     backend = "oneDNN/MKL" if torch.backends.mkldnn.is_available() else "ATen"
     return f"F.linear through {backend}, {info.isa(dtype_name)}"
+
+
+# ----------------------------------------------------------------------------- NUMA nodes and thread binding
+
+
+def parse_lscpu_nodes(text: str) -> dict[int, tuple[int, ...]]:
+    """``lscpu --parse=CPU,NODE`` output -> {node: its CPUs, ascending}. Comment lines start with ``#``; a CPU
+    with no node (a machine without NUMA) counts as node 0."""
+    nodes: dict[int, list[int]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        cpu, _, node = line.partition(",")
+        nodes.setdefault(int(node) if node.strip() else 0, []).append(int(cpu))
+    return {n: tuple(sorted(cpus)) for n, cpus in sorted(nodes.items())}
+
+
+def numa_nodes(allowed: set[int] | None = None) -> dict[int, tuple[int, ...]]:
+    """This machine's NUMA nodes, each with the CPUs of it this process may run on (``allowed``: default its
+    affinity); nodes left with none are dropped. One node holding every allowed CPU where ``lscpu`` is
+    missing."""
+    import os
+    import subprocess
+
+    allowed = set(os.sched_getaffinity(0)) if allowed is None else allowed
+    try:
+        text = subprocess.run(["lscpu", "--parse=CPU,NODE"], capture_output=True, text=True, check=True,
+                              timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {0: tuple(sorted(allowed))}
+    nodes = {n: tuple(c for c in cpus if c in allowed) for n, cpus in parse_lscpu_nodes(text).items()}
+    return {n: cpus for n, cpus in nodes.items() if cpus} or {0: tuple(sorted(allowed))}
+
+
+def rank_cpus(nodes: dict[int, tuple[int, ...]], local_rank: int, local_ranks: int) -> tuple[int, ...]:
+    """The CPUs of one of ``local_ranks`` ranks on a machine: rank r goes to node r mod (number of nodes), and
+    the ranks of a node split its CPUs into contiguous shares (the first ones one CPU larger when they do not
+    divide evenly), so that no rank's threads and memory straddle two nodes. A node with fewer CPUs than
+    ranks gives each rank one CPU (shared)."""
+    if not 0 <= local_rank < local_ranks:
+        raise ValueError(f"local rank {local_rank} is not in [0, {local_ranks})")
+    order = sorted(nodes)
+    node = order[local_rank % len(order)]
+    cpus = nodes[node]
+    sharing = len(range(local_rank % len(order), local_ranks, len(order)))  # ranks placed on this node
+    index = local_rank // len(order)
+    if sharing >= len(cpus):
+        return (cpus[index % len(cpus)],)
+    size, extra = divmod(len(cpus), sharing)
+    start = index * size + min(index, extra)
+    return cpus[start:start + size + (1 if index < extra else 0)]

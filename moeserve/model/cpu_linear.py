@@ -7,11 +7,17 @@ kernel gives the same result bit for bit, 20-30% faster on this project's CPU fo
 shapes of a decode step. The packed copy lives beside the weight (bf16 weights take twice the memory on
 CPU), and is remade when the weight changes (new storage or an in-place write). Everything else -- other
 devices and dtypes, autograd, a torch built without oneDNN -- goes through ``F.linear``.
+
+Large products go through in blocks of rows (``row_block``): a 4,096-token prefill's [4096, 5632] output
+is 46 MB, and oneDNN's one call for it ran at about 0.7 TFLOP/s of one AMX core where blocks whose output
+stays near the core's L2 ran at 1.0-1.2 (BENCHMARKS.md). The result can differ from one call's in the last
+bf16 bit (oneDNN may split a long reduction differently for another number of rows); float32 never goes
+through here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +25,38 @@ import torch.nn.functional as F
 _MKLDNN = getattr(torch.ops, "mkldnn", None)
 AVAILABLE = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
              and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_reorder_linear_weight"))
+
+
+# a block of rows of a large product writes at most this many bytes of output (about one core's L2)
+BLOCK_OUTPUT_BYTES = 4 << 20
+MIN_BLOCK_ROWS = 256
+
+
+def row_block(num_rows: int, out_features: int, element_size: int = 2) -> int:
+    """Rows per block for a product with ``out_features`` outputs per row: all rows when the whole output
+    fits in ``BLOCK_OUTPUT_BYTES`` (or the rows are few), else a multiple of 64 rows whose output does."""
+    rows = max(MIN_BLOCK_ROWS, BLOCK_OUTPUT_BYTES // max(1, out_features * element_size) // 64 * 64)
+    return num_rows if num_rows <= rows + rows // 2 else rows
+
+
+def by_row_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, block: int,
+                  out_features: int) -> torch.Tensor:
+    """``fn(x)`` for a row-wise ``fn`` on [T, in] -> [T, out_features], one block of rows at a time into one
+    output (what a block leaves in cache is used before the next block starts)."""
+    if x.shape[0] <= block:
+        return fn(x)
+    out = x.new_empty(x.shape[0], out_features)
+    for start in range(0, x.shape[0], block):
+        out[start:start + block] = fn(x[start:start + block])
+    return out
+
+
+def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
+    """[..., 2I] (gate | up) -> silu(gate) * up [..., I]: the product is taken in place in silu's output
+    (one [..., I] tensor made, not two) unless autograd must see it."""
+    gate, up = h.chunk(2, dim=-1)
+    act = F.silu(gate)
+    return act * up if act.requires_grad else act.mul_(up)
 
 
 class PackedLinear:
@@ -43,4 +81,11 @@ class PackedLinear:
         if hit is None or hit[0] != key:
             hit = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64))
             self._packs[name] = hit
-        return torch.ops.mkldnn._linear_pointwise(x, hit[1], None, "none", [], "")
+        packed = hit[1]
+        num_rows = x.numel() // x.shape[-1]
+        block = row_block(num_rows, weight.shape[0])
+        if num_rows <= block:
+            return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        out = by_row_blocks(lambda r: torch.ops.mkldnn._linear_pointwise(r, packed, None, "none", [], ""),
+                            x.reshape(num_rows, x.shape[-1]), block, weight.shape[0])
+        return out.view(*x.shape[:-1], weight.shape[0])

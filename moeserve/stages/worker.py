@@ -51,6 +51,7 @@ from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
 from moeserve.kvstore.tier_setup import worker_block_server, worker_mover, worker_nixl
 from moeserve.kvstore.transport import KvWorker
+from moeserve.model.cpu_info import numa_nodes, rank_cpus
 from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
@@ -303,10 +304,24 @@ def time_collectives(nbytes: int, device: torch.device, world_size: int) -> Pref
                         all_to_all.seconds)
 
 
+def bind_threads(spec: WorkerSpec) -> None:
+    """This rank's torch threads: ``num_threads``, or its share of the machine's cores. A CPU rank of a
+    one-machine world on a machine of several NUMA nodes is also bound to CPUs of one node
+    (``cpu_info.rank_cpus``), so that its threads, and the memory they touch first, stay on that node."""
+    ranks = max(1, spec.pp * spec.tp)
+    nodes = numa_nodes() if spec.device == "cpu" and spec.init_method.startswith("file://") else {}
+    if len(nodes) > 1:
+        cpus = rank_cpus(nodes, spec.rank % ranks, ranks)
+        os.sched_setaffinity(0, cpus)
+        torch.set_num_threads(spec.num_threads or len(cpus))
+        return
+    torch.set_num_threads(spec.num_threads or max(1, torch.get_num_threads() // ranks))
+
+
 def main(argv: list[str] | None = None) -> int:
     spec = WorkerSpec.from_json((argv or sys.argv[1:])[0])
     logging.basicConfig(level=logging.WARNING, format=f"[rank {spec.rank}] %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(spec.num_threads or max(1, torch.get_num_threads() // max(1, spec.pp * spec.tp)))
+    bind_threads(spec)
     ctx = zmq.Context()
     sock = coordinator_socket(ctx, spec)
     try:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# How moeserve and HF transformers scale with CPU cores: benchmarks/bench_cpu.py (moeserve and HF, no vLLM)
+# with 2 threads pinned to CPUs 0,1 and with MANY threads on CPUs 0..MANY-1, then benchmarks/profile_cpu.py
+# (one prefill and one decode step by op and by oneDNN kernel) at both counts; prints the ratios.
+# The GPUs are hidden: everything runs on the CPU. Needs torch, numpy, safetensors, tokenizers, transformers;
+# no network.
+#
+#   bash benchmarks/bench_cpu_scaling.sh [MANY=16] [OUT=/tmp/moeserve-cpu-scaling]
+#
+# Raw results land in OUT: bench_t2.json, bench_tMANY.json, profile_t2.json, profile_tMANY.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MANY=${1:-16}
+OUT=${2:-/tmp/moeserve-cpu-scaling}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES=""
+PROMPTS=${NUM_PROMPTS:-64} OUTPUT_LEN=${OUTPUT_LEN:-128}  # the workload (bench_cpu.py's); smaller for a quick try
+lscpu | grep -E "Model name|^CPU\(s\)|NUMA node"
+echo "AMX flags: $(grep -o 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+
+run() {  # run THREADS CPUS
+    local threads=$1 cpus=$2
+    echo "== $threads threads on CPUs $cpus"
+    OMP_NUM_THREADS=$threads taskset -c "$cpus" python3 benchmarks/bench_cpu.py --num-prompts "$PROMPTS" \
+        --input-len 128 --output-len "$OUTPUT_LEN" --vllm-python /nonexistent --json-out "$OUT/bench_t$threads.json"
+    OMP_NUM_THREADS=$threads taskset -c "$cpus" python3 benchmarks/profile_cpu.py --threads "$threads" \
+        --prompts "$PROMPTS" --input-len 64 --json-out "$OUT/profile_t$threads.json" | grep -E "^== "
+}
+run 2 0,1
+run "$MANY" "0-$((MANY - 1))"
+
+python3 - "$OUT" "$MANY" <<'PY'
+import json, sys
+out, many = sys.argv[1], sys.argv[2]
+b2, bm = (json.load(open(f"{out}/bench_t{t}.json")) for t in ("2", many))
+p2, pm = (json.load(open(f"{out}/profile_t{t}.json")) for t in ("2", many))
+tok = lambda r, e: r[e]["output_tokens_per_s"]
+print(f"\nbench_cpu.py output tok/s at 2 -> {many} threads:")
+for e in ("moeserve", "hf"):
+    print(f"  {e:<9} {tok(b2, e):9.1f} -> {tok(bm, e):9.1f}   x{tok(bm, e) / tok(b2, e):.2f}")
+for t, r in (("2", b2), (many, bm)):
+    print(f"  moeserve / HF at {t} threads: {tok(r, 'moeserve') / tok(r, 'hf'):.2f}x")
+print(f"profile_cpu.py step time at 2 -> {many} threads (one prefill step, then decode steps):")
+for ph in ("prefill", "decode"):
+    a, b = p2["seconds"][ph], pm["seconds"][ph]
+    k2, km = (sum(k["ms"] for k in p["onednn"].get(ph, [])) for p in (p2, pm))
+    print(f"  {ph:<8} {a * 1e3:8.1f} ms -> {b * 1e3:8.1f} ms   x{a / b:.2f};  oneDNN kernels {k2:.1f} -> {km:.1f} ms"
+          f" (x{k2 / km if km else 0:.2f})")
+PY
