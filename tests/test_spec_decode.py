@@ -163,7 +163,7 @@ def test_policy_turns_speculation_down_where_it_is_slower() -> None:
         on = policy.wants_drafts(200)  # bucket 256: drafts emit 1.2 tokens a step at twice the step time
         policy.observe(200, on, 240 if on else 200, 0.2 if on else 0.1)
         decisions.append(on)
-    assert decisions[:2] == [True, False] and sum(decisions[2:]) == 8  # then only the probes (every 8th) draft
+    assert decisions[:2] == [False, True] and sum(decisions[2:]) == 8  # then only the probes (every 8th) draft
     for _ in range(16):
         on = policy.wants_drafts(1)  # bucket 1: drafts emit 1.8 tokens a step at 1.3x the step time
         policy.observe(1, on, 2 if on else 1, 0.013 if on else 0.01)
