@@ -46,9 +46,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eval-batches", type=int, default=4)
     p.add_argument("--fit-tokens", type=int, default=16384, help="positions of the closed-form eh_proj fit")
+    p.add_argument("--generated", type=int, default=128, help="greedy continuations to train on (half of each batch)")
+    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens of each continuation")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (0: torch's default; on a CPU shared with other jobs one thread avoids "
+                        "OpenMP stalls)")
     return p.parse_args(argv)
 
 
@@ -126,7 +130,9 @@ Trained by `scripts/train_embedded_mtp.py` (recipe in `scripts/embedded/mtp.py`)
 | loss | mean of cross-entropy with the data's token t+2 and with the main model's distribution at t+1 |
 | batch | {args.batch_size} x {args.seq_len} tokens, AdamW lr {args.lr} cosine to 0.1x, grad clip 1.0 |
 | steps | {result['steps']} in {result['seconds']:.0f} s |
-| val loss / argmax agreement with the main model | before {result['before'][0]:.3f} / {result['before'][1]:.3f}, after {result['after'][0]:.3f} / {result['after'][1]:.3f} |
+| data mix | half stdlib windows, half the main model's greedy continuations of {result['generated']} stdlib prompts of {args.prompt_len} tokens |
+| val loss / argmax agreement with the main model (held-out stdlib text) | before {result['before'][0]:.3f} / {result['before'][1]:.3f}, after {result['after'][0]:.3f} / {result['after'][1]:.3f} |
+| argmax agreement on the main model's continuations of held-out prompts | before {result['before_gen'][1]:.3f}, after {result['after_gen'][1]:.3f} |
 | checkpoint growth | {grew:,} bytes (bfloat16) |
 | load-back check | max abs logit difference {diff:.4f} (bfloat16 rounding) |
 | total wall time | {time.time() - t0:.0f} s |

@@ -140,3 +140,31 @@ def test_rejection_sampling_follows_the_target() -> None:
     # the test can fail: the draft distribution itself is far from the target
     drafts = torch.bincount(torch.multinomial(q.expand(N, -1), 1).squeeze(1), minlength=VOCAB).float()
     assert chi2(drafts, p1) > 100 * CHI2_CRITICAL
+
+
+def test_embedded_model_drafts_with_its_trained_module() -> None:
+    """The default model's MTP module (scripts/train_embedded_mtp.py) drafts well enough to be accepted often
+    on code, and the greedy output stays the plain one."""
+    prompts = ["def fib(n):", "import os\nimport sys\n\n\ndef main(argv):", "class Stack:\n    def __init__(self):"]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    plain = Engine(EngineConfig(kv_cache_memory=1 << 24)).generate(prompts, params)
+    spec = SpeculativeConfig(num_speculative_tokens=2, adaptive=False)
+    eng = Engine(EngineConfig(kv_cache_memory=1 << 24, speculative_config=spec))
+    assert [o.output_token_ids for o in eng.generate(prompts, params)] == [o.output_token_ids for o in plain]
+    assert eng.stats.num_accepted_tokens > 0.2 * eng.stats.num_draft_tokens > 0
+
+
+def test_policy_turns_speculation_down_where_it_is_slower() -> None:
+    from moeserve.coordinator.spec_policy import SpecPolicy
+
+    policy = SpecPolicy(probe_interval=8)
+    decisions = []
+    for _ in range(64):
+        on = policy.wants_drafts(200)  # bucket 256: drafts emit 1.2 tokens a step at twice the step time
+        policy.observe(200, on, 240 if on else 200, 0.2 if on else 0.1)
+        decisions.append(on)
+    assert decisions[:2] == [False, True] and sum(decisions[2:]) == 8  # then only the probes (every 8th) draft
+    for _ in range(16):
+        on = policy.wants_drafts(1)  # bucket 1: drafts emit 1.8 tokens a step at 1.3x the step time
+        policy.observe(1, on, 2 if on else 1, 0.013 if on else 0.01)
+    assert policy.wants_drafts(1) and not policy.wants_drafts(256)

@@ -71,11 +71,21 @@ class Speculator:
         and the one after them. ``bitmask``: ``OutputProcessor.bitmask`` of the rows (one per row)."""
         rows = [r for r, k in zip(reqs, num_spec) for _ in range(k + 1)]
         batch = sampling_batch_of(rows, logits.device, self.eos_token_ids, bitmask, with_history)
+        if not any(num_spec):  # nothing to verify: the plain sampler, as without speculation
+            return self._plain(logits, reqs, batch)
         top = None
         if batch.num_top_logprobs > 0:
             n = min(batch.num_top_logprobs, logits.shape[1])
             top = torch.log_softmax(logits.float(), dim=-1).topk(n, dim=-1)
         probs, logp = self.sampler.distribution(logits, batch)
+        if batch.all_greedy:  # p one-hot: a draft is accepted iff it is the argmax, which replaces it if not
+            target = probs.argmax(dim=-1)
+            draft_rows, draft_ids, _ = self._drafts(reqs, num_spec, None)
+            copies = [target, logp.gather(1, target[:, None]).squeeze(1), target[draft_rows] == draft_ids,
+                      logp[draft_rows, draft_ids]]
+            if top is not None:
+                copies += [top.values, top.indices]
+            return self._assemble(reqs, num_spec, HostCopy(copies).wait())
         draft_rows, draft_ids, q = self._drafts(reqs, num_spec, probs)
         accept_p = probs[draft_rows, draft_ids]
         accept = self._uniforms(reqs, num_spec).to(probs.device) * q[draft_rows, draft_ids] <= accept_p
@@ -89,11 +99,21 @@ class Speculator:
         host = HostCopy(copies).wait()
         return self._assemble(reqs, num_spec, host)
 
-    def _drafts(self, reqs: list[Request], num_spec: list[int], probs: torch.Tensor
+    def _plain(self, logits: torch.Tensor, reqs: list[Request], batch: Any) -> Verified:
+        out = self.sampler.sample(logits, batch)
+        host = HostCopy([out.token_ids, out.logprobs, *(out.top_logprobs or ())]).wait()
+        ids, lps = host[0].tolist(), host[1].tolist()
+        top = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else None
+        tops = [[dict(zip(top[1][i][:r.params.logprobs], top[0][i][:r.params.logprobs]))
+                 if top is not None and r.params.logprobs else None] for i, r in enumerate(reqs)]
+        return Verified([[t] for t in ids], [[lp] for lp in lps], tops, [0] * len(reqs), [0] * len(reqs))
+
+    def _drafts(self, reqs: list[Request], num_spec: list[int], probs: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows of the drafts [D], their ids [D], q [R, vocab]: each draft row's draft distribution, one-hot
-        for greedy drafts, zero on the other rows)."""
-        q = torch.zeros_like(probs)
+        for greedy drafts, zero on the other rows; not built without ``probs``)."""
+        device = probs.device if probs is not None else self.device
+        q = torch.zeros_like(probs) if probs is not None else torch.zeros(0)
         rows: list[int] = []
         ids: list[int] = []
         greedy: list[bool] = []
@@ -103,13 +123,13 @@ class Speculator:
                 rows.extend(range(start, start + k))
                 ids.extend(req.spec_token_ids[:k])
                 greedy.extend([req.spec_probs is None] * k)
-                if req.spec_probs is not None:
+                if req.spec_probs is not None and probs is not None:
                     q[start:start + k] = req.spec_probs[:k]
             start += k + 1
-        draft_rows = to_device(torch.tensor(rows, dtype=torch.long), probs.device)
-        draft_ids = to_device(torch.tensor(ids, dtype=torch.long), probs.device)
-        if any(greedy):
-            pos = to_device(torch.tensor(greedy, dtype=torch.bool).nonzero().squeeze(1), probs.device)
+        draft_rows = to_device(torch.tensor(rows, dtype=torch.long), device)
+        draft_ids = to_device(torch.tensor(ids, dtype=torch.long), device)
+        if probs is not None and any(greedy):
+            pos = to_device(torch.tensor(greedy, dtype=torch.bool).nonzero().squeeze(1), device)
             q[draft_rows[pos], draft_ids[pos]] = 1.0
         return draft_rows, draft_ids, q
 

@@ -4,14 +4,17 @@ A verify step computes k + 1 tokens per sequence and an MTP pass besides; it pay
 by reading the weights (small batches) and the drafts are accepted often enough. Neither is known in
 advance on a given machine and model, so both are measured: the engine reports each pure decode step (no
 prefill chunk) as (batch size, with drafts or not, tokens emitted, seconds), and the policy keeps, per
-batch-size bucket (powers of two), a moving average of tokens per second of each mode. A bucket tries both
-modes first, then runs the faster one; every ``probe_interval`` steps in it runs the other once, so a change
-in acceptance (or in the machine's load) turns speculation back on or off.
+batch-size bucket (powers of two), a moving average of tokens per second of each mode. A bucket measures
+plain steps first (so nothing is drafted before a pure decode step was timed, e.g. while a large batch is
+still prefilling), then steps with drafts, then drafts only while they are ``MARGIN`` faster; every
+``probe_interval`` steps it runs the other mode once, so a change in acceptance (or in the machine's load)
+turns speculation back on or off.
 """
 
 from __future__ import annotations
 
 EMA_WEIGHT = 0.25  # of the newest step in the moving averages
+MARGIN = 0.05  # drafts must emit tokens this much faster than plain steps to be kept on
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -30,9 +33,11 @@ class SpecPolicy:
         bucket = batch_bucket(batch_size)
         n = self.steps[bucket] = self.steps.get(bucket, 0) + 1
         on, off = self.rate.get((bucket, True)), self.rate.get((bucket, False))
-        if on is None or off is None:
-            return on is None
-        better = on >= off
+        if off is None:
+            return False
+        if on is None:
+            return True
+        better = on > off * (1 + MARGIN)
         return (not better) if n % self.probe_interval == 0 else better
 
     def observe(self, batch_size: int, with_drafts: bool, num_tokens: int, seconds: float) -> None:
