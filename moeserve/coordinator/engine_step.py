@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +28,9 @@ from moeserve.coordinator.step_batch import EngineStats, StepBatch, build_step_p
 from moeserve.device_copy import HostCopy, to_device
 from moeserve.kvstore.cache_manager import KVCacheManager
 
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
+
 logger = logging.getLogger(__name__)
 
 
@@ -35,7 +38,7 @@ class EngineStep:
     """The part of ``Engine`` that runs steps. The Engine builds every attribute declared here."""
 
     config: EngineConfig
-    runner: Any  # the one-process ModelRunner or the DistributedExecutor: submit / collect / shutdown
+    executor: Executor  # runs the steps on the replica's ranks (coordinator/executor.py)
     scheduler: Scheduler
     kv: KVCacheManager
     sampler: Sampler
@@ -47,7 +50,7 @@ class EngineStep:
     pipeline_depth: int  # batches in flight: pp with pipeline-parallel stage workers, else 1
     in_flight: deque[StepBatch]  # launched, not yet processed (oldest first)
     async_scheduling: bool
-    # set by a caller that reads the runner's state of each step right after it (the expert tracer of
+    # set by a caller that reads the executor's state of each step right after it (the expert tracer of
     # async_engine.py): steps then run synchronously
     sync_steps: bool
     _sync_request_ids: set[str]  # requests whose sampling reads their outputs so far
@@ -124,13 +127,13 @@ class EngineStep:
         return StepBatch(sched, plan, to_sample)
 
     def _launch(self, batch: StepBatch, prev: StepBatch | None) -> None:
-        batch.handle = self.runner.submit(batch.plan, prev.token_ids if prev is not None else None)
+        batch.handle = self.executor.submit(batch.plan, prev.token_ids if prev is not None else None)
 
     def _sample(self, batch: StepBatch) -> None:
         """Collect the batch's logits and sample its rows on the device (rows of requests that finished or
         were aborted meanwhile are dropped); the sampled ids' copy to the host starts."""
         with self.stats.phase("collect"):
-            logits = self.runner.collect(batch.handle).to(self.config.torch_device).float()
+            logits = self.executor.collect(batch.handle).to(self.config.torch_device).float()
             batch.handle = None
         with self.stats.phase("sample"):
             reqs = batch.to_sample

@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
 from moeserve.kvstore.mover import BlockMover
-from moeserve.kvstore.store import KVStore, StoreConfigError, open_store, redact
+from moeserve.kvstore.store import STORE_ENV, KVStore, StoreConfigError, open_store, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
-from moeserve.kvstore.transport import LocalTransport
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
 
 logger = logging.getLogger(__name__)
 
-STORE_ENV = "MOESERVE_KV_STORE"  # the store's URL from the environment: its password stays off command lines
 FROM_ENV = f"env:{STORE_ENV}"  # what a stage worker's spec says when its URL is in that variable
 AUTO_HOST_CAP = 2 << 30  # the automatic host tier: at most 2 GiB per rank ...
 AUTO_HOST_RAM_FRACTION = 16  # ... and at most 1/16 of the machine's memory
@@ -58,10 +59,9 @@ def open_kv_store(config: Any) -> KVStore | None:
     return store
 
 
-def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,
+def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, executor: Executor,
                 store: KVStore | None) -> TierManager | None:
-    """The coordinator's TierManager, or None when there is neither a host tier nor a store. ``runner``: the
-    one-process ModelRunner (a BlockMover is made on its caches) or the DistributedExecutor."""
+    """The coordinator's TierManager, or None when there is neither a host tier nor a store."""
     num_host = host_blocks(config, bytes_per_token)
     if not num_host and store is None:
         return None
@@ -70,10 +70,7 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
     logger.info("host tier: %d blocks (%d MiB per rank)%s", num_host,
                 num_host * config.effective_block_size * bytes_per_token >> 20,
                 "; shared store on" if store is not None else "")
-    if hasattr(runner, "kv_caches"):  # one process: this process's runner holds the cache
-        mover = BlockMover(runner.kv_caches, layouts[0], num_host, store)
-        return TierManager(tier_config, LocalTransport(mover), store, ranks_share_store=True)
-    return TierManager(tier_config, runner, store)
+    return TierManager(tier_config, executor.kv_transport(layouts[0], num_host, store), store)
 
 
 def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:

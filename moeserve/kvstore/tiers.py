@@ -88,12 +88,9 @@ class TierStats:
 
 
 class TierManager:
-    def __init__(self, config: TierConfig, transport: KvTransport, store: KVStore | None,
-                 ranks_share_store: bool = False):
-        """``store``: the coordinator's client (lookups); ``ranks_share_store``: one process, whose mover uses
-        that same client (its errors are counted once)."""
+    def __init__(self, config: TierConfig, transport: KvTransport, store: KVStore | None):
+        """``store``: the coordinator's client (lookups)."""
         self.config = config
-        self.ranks_share_store = ranks_share_store
         self.transport = transport
         self.store = store
         self.host = HostIndex(config.host_blocks)
@@ -209,9 +206,7 @@ class TierManager:
 
     def close(self) -> None:
         """Stop the one-process mover's writer thread (stage workers stop with their process)."""
-        close = getattr(self.transport, "close", None)
-        if close is not None:
-            close()
+        self.transport.close()
 
     def snapshot(self) -> dict[str, float | int | list]:
         """Counters for /metrics (plain values: they cross from replica processes as msgpack)."""
@@ -225,7 +220,7 @@ class TierManager:
             "store_bytes_written": sum(r.bytes_written for r in ranks),
             "writes_dropped": sum(r.writes_dropped for r in ranks),
             "store_errors": (store.errors if store else 0)
-            + (0 if self.ranks_share_store else sum(r.store_errors for r in ranks)),
+            + (0 if self.transport.kv_shares_coordinator_store else sum(r.store_errors for r in ranks)),
             "corrupt_blocks": s.corrupt_blocks, "loads_skipped": s.loads_skipped,
             "breaker_state": store.breaker_state if store else 0,
             "breaker_opened": store.breaker_opened if store else 0,

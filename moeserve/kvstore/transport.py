@@ -1,6 +1,6 @@
 """How the coordinator's ``TierManager`` reaches the ranks' ``BlockMover``s: directly in one process
 (``LocalTransport``), or as ``KvSaveMsg`` / ``KvLoadMsg`` through the stage workers' plan socket
-(``DistributedExecutor.kv_save`` / ``kv_load``; a worker answers with ``apply_kv_message``). Messages run in
+(``RankExecutor.kv_save`` / ``kv_load``; a worker answers with ``apply_kv_message``). Messages run in
 the order sent, between step plans, so a save always sees the step that computed its blocks."""
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ from moeserve.kvstore.mover import BlockMover
 
 
 class KvTransport(Protocol):
+    # the ranks' movers use the coordinator's own store client (one process): its errors are counted once
+    kv_shares_coordinator_store: bool
+
     def kv_save(self, msg: KvSaveMsg) -> None: ...
 
     def kv_load(self, msg: KvLoadMsg) -> list[KvLoadedMsg]:
@@ -19,6 +22,9 @@ class KvTransport(Protocol):
 
     def kv_counters(self) -> list[KvLoadedMsg]:
         """The latest store counters of every rank that has reported."""
+
+    def close(self) -> None:
+        """Stop what the transport runs in this process (a mover's writer thread)."""
 
 
 def counters_of(mover: BlockMover, rank: int, load_id: int = 0, loaded: int = 0, nbytes: int = 0,
@@ -41,6 +47,8 @@ def apply_kv_message(mover: BlockMover, msg: KvSaveMsg | KvLoadMsg, rank: int) -
 
 class LocalTransport:
     """One process: the engine's own runner holds the cache tensors."""
+
+    kv_shares_coordinator_store = True
 
     def __init__(self, mover: BlockMover):
         self.mover = mover

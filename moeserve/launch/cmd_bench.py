@@ -8,6 +8,8 @@ import resource
 import time
 from pathlib import Path
 
+from moeserve.launch.engine_args import engine_config
+
 NEEDS_ENGINE_ARGS = True
 
 
@@ -65,9 +67,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine.stats.phase_s = dict.fromkeys(engine.stats.phase_s, 0.0)
-    stage_stats = getattr(engine.runner, "stage_stats", None)  # stage workers only
-    if stage_stats is not None:
-        stage_stats(reset=True)
+    engine.executor.stage_stats(reset=True)  # stage workers' busy time from here on (none in one process)
     prefix = torch.randint(0, vocab, (shared_prefix_len,), generator=gen).tolist()
     hits_before = hit_counts(engine)
     start = time.perf_counter()
@@ -103,8 +103,9 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
         "engine_phase_fraction": {k: v / elapsed for k, v in engine.stats.phase_s.items()},
         "prefix_hit_rate": hit_rates(hits_before, hit_counts(engine)),
     }
-    if stage_stats is not None:
-        result["stage_busy"] = stage_busy(engine, stage_stats(), elapsed)
+    stage_stats = engine.executor.stage_stats()
+    if stage_stats:
+        result["stage_busy"] = stage_busy(engine, stage_stats, elapsed)
     return result
 
 
@@ -142,7 +143,6 @@ def print_table(result: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moeserve.coordinator.engine import Engine
-    from moeserve.launch.cli import engine_config
     from moeserve.launch.preflight import check_engine
 
     config = engine_config(args)

@@ -11,6 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from moeserve.launch.cmd_generate import add_generation_args, generate, read_prompts, sampling_params
+from moeserve.launch.cmd_serve import add_server_args, serve_engine
+from moeserve.launch.engine_args import add_engine_args, engine_config
+
 NEEDS_ENGINE_ARGS = False  # added to the ``cluster`` subcommand below
 
 KVSTORE_KEYS = {"url": "kv_store", "host_memory": "kv_host_memory", "salt": "kv_store_salt",
@@ -23,10 +27,6 @@ KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a st
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from moeserve.launch.cli import add_engine_args
-    from moeserve.launch.cmd_generate import add_generation_args
-    from moeserve.launch.cmd_serve import add_server_args
-
     p = sub.add_parser("launch", help="launch moeserve across machines")
     launch_sub = p.add_subparsers(dest="launch_command", required=True)
     c = launch_sub.add_parser("cluster", help="run this node's part of a multi-node deployment",
@@ -141,11 +141,9 @@ def quiet_torch_cpp_logs() -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_torch_cpp_logs()
-    from moeserve.launch.cli import build_parser, engine_config
     from moeserve.launch.cluster import ClusterError, run_node
-    from moeserve.launch.cmd_generate import generate, read_prompts, sampling_params
 
-    defaults = vars(build_parser().parse_args(["launch", "cluster"]))
+    defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["cluster"]))
     try:
         cc, env = cluster_config(args, defaults)
     except ClusterError as e:
@@ -180,6 +178,4 @@ def preflight(cc, config, args: argparse.Namespace) -> None:
 
 def serve_work(args: argparse.Namespace):
     """Node 0's job without prompts: ``moeserve serve``'s front end over the cluster's engine."""
-    from moeserve.launch.cmd_serve import serve_engine
-
     return lambda engine: serve_engine(engine, args)
