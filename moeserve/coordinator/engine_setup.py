@@ -14,6 +14,7 @@ from moeserve.coordinator.inproc_executor import InProcessExecutor
 from moeserve.coordinator.mp_executor import MultiprocExecutor
 from moeserve.coordinator.plan import ParallelPlan, make_plan, parse_pp_layers
 from moeserve.dtypes import dtype_name
+from moeserve.errors import UserError
 from moeserve.kvstore.latent_cache import blocks_in_budget, free_device_memory
 from moeserve.kvstore.tier_setup import worker_options
 from moeserve.model.config import ModelConfig
@@ -60,7 +61,14 @@ def replica_layout(config: EngineConfig, model_config: ModelConfig) -> tuple[Par
 
 
 def default_launcher(config: EngineConfig, model: DeepseekModel | None = None) -> Launcher:
-    """One rank: in this process (``model``, if given, is used as it is). Several: processes here."""
+    """One rank: in this process (``model``, if given, is used as it is). Several: processes here (mp), or
+    Ray actors (``--distributed-executor-backend ray``; Ray is imported only then)."""
     if not config.is_distributed:
         return InProcessExecutor.launcher(model, progress=config.load_progress)
+    if config.distributed_executor_backend == "ray":
+        try:
+            from moeserve.coordinator.ray_executor import RayExecutor  # the optional extra moeserve[ray]
+        except ImportError as e:
+            raise UserError(f"--distributed-executor-backend ray needs Ray ({e}): pip install 'moeserve[ray]'") from e
+        return RayExecutor.launch
     return MultiprocExecutor.local

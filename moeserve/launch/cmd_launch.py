@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from moeserve.errors import UserError
 from moeserve.launch.cmd_generate import add_generation_args, generate, read_prompts, sampling_params
 from moeserve.launch.cmd_serve import add_server_args, serve_engine
 from moeserve.launch.engine_args import add_engine_args, engine_config
@@ -170,6 +171,9 @@ def preflight(cc, config, args: argparse.Namespace) -> None:
     serve, its ports), layout. A UserError here is one line and exit 1 on this node."""
     from moeserve.launch.preflight import check_engine, check_ports
 
+    if config.distributed_executor_backend != "mp":
+        raise UserError("launch cluster starts every node's ranks itself (--distributed-executor-backend mp); "
+                        "on a Ray cluster run moeserve serve --distributed-executor-backend ray instead")
     local_ranks = cc.procs_per_node or -(-config.pp * config.tp // cc.nnodes)
     check_engine(config, need_tokenizer=cc.node_rank == 0, local_ranks=local_ranks)
     if cc.node_rank == 0 and not (args.prompts or args.prompts_file):
