@@ -51,6 +51,7 @@ class RankExecutor(Executor):
 
     kv_shares_coordinator_store = False  # each rank has its own store client
     failure_grace_s = 0.5  # how long a failure waits for a rank killed by a signal to show (see _root_cause)
+    ranks_in_view = True  # every rank's death shows here at once (processes of this machine)
 
     def __init__(self, specs: list[WorkerSpec], coord_bind: str, startup_timeout_s: float = 600.0,
                  step_timeout_s: float = 120.0):
@@ -106,8 +107,8 @@ class RankExecutor(Executor):
         deadline = time.monotonic() + self.failure_grace_s
         found = self._failures(reported)
         while not any(e.killed for e in found) and time.monotonic() < deadline:
-            if found and self.failure_grace_s < 1:
-                break  # one machine: every rank is in view already
+            if found and self.ranks_in_view:
+                break
             time.sleep(0.1)
             found = self._failures(reported)
         found.sort(key=lambda e: not e.killed)

@@ -74,9 +74,13 @@ def connect() -> bool:
     return True
 
 
+RAY_ACCELERATORS = {"cuda": "GPU", "npu": "NPU"}  # device type -> the Ray resource of one of its devices
+
+
 def bundle(device: str) -> dict[str, float]:
-    kind = device.split(":")[0]
-    return {"CPU": 1.0} | ({"GPU": 1.0} if kind == "cuda" else {"NPU": 1.0} if kind == "npu" else {})
+    """One rank's share of a node: a CPU, and one device of the rank's type."""
+    accelerator = RAY_ACCELERATORS.get(device.split(":")[0])
+    return {"CPU": 1.0} | ({accelerator: 1.0} if accelerator else {})
 
 
 def free_local_port() -> int:
@@ -87,6 +91,7 @@ def free_local_port() -> int:
 
 class RayExecutor(RankExecutor):
     failure_grace_s = 2.0  # another node's actor death reaches the driver a moment after its peers' errors
+    ranks_in_view = False
 
     def __init__(self, layout: ReplicaLayout, startup_timeout_s: float = 600.0):
         self.owns_connection = connect()
@@ -109,15 +114,16 @@ class RayExecutor(RankExecutor):
         """Reserve the bundles, start one actor per rank, and write each rank's spec."""
         dims = layout.dims
         one = bundle(layout.device)
+        replica_id = uuid.uuid4().hex[:8]
         for stage in range(dims.pp):
-            group = placement_group([one] * dims.tp, strategy="STRICT_PACK", name=f"moeserve-stage-{stage}")
+            group = placement_group([one] * dims.tp, strategy="STRICT_PACK",
+                                    name=f"moeserve-{replica_id}-stage-{stage}")
             self.groups.append(group)
             if not group.wait(PLACEMENT_TIMEOUT_S):
                 raise WorkerError(f"the Ray cluster did not offer {dims.tp} x {one} on one node for pipeline "
                                   f"stage {stage} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster resources: "
                                   f"{ray.cluster_resources()})")
         actor = ray.remote(MoeserveRank)
-        replica_id = uuid.uuid4().hex[:8]
         for rank in range(dims.world_size):
             coord = dims.coord(rank)
             strategy = PlacementGroupSchedulingStrategy(self.groups[coord.pp_stage], coord.tp_rank)
@@ -125,7 +131,11 @@ class RayExecutor(RankExecutor):
                 name=f"moeserve-{replica_id}-rank-{rank}", namespace=NAMESPACE, max_restarts=0,
                 num_cpus=one["CPU"], num_gpus=one.get("GPU", 0), resources=_custom(one),
                 scheduling_strategy=strategy).remote())
-        self.places = [RankPlace(*w) for w in ray.get([a.where.remote() for a in self.actors])]
+        try:
+            self.places = [RankPlace(*w) for w in ray.get([a.where.remote() for a in self.actors])]
+        except RayError as e:  # e.g. moeserve (this version) is not importable on that node
+            raise WorkerError(f"a rank's Ray actor could not start: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
         driver_ip = ray.util.get_node_ip_address()
         node_index = {n: i for i, n in enumerate(dict.fromkeys(p.node_id for p in self.places))}
         rendezvous = f"tcp://{self.places[0].ip}:{ray.get(self.actors[0].free_port.remote())}"

@@ -248,6 +248,7 @@ class ClusterExecutor(MultiprocExecutor):
     launchers' ``failed`` reports and heartbeats)."""
 
     failure_grace_s = 2.0  # a rank's death on another node shows a moment after its peers' errors
+    ranks_in_view = False
 
     def __init__(self, plane: ControlPlane, specs: list[WorkerSpec], coord_bind: str, per_node: int,
                  env: dict[str, str]):
