@@ -179,12 +179,15 @@ class RayExecutor(RankExecutor):
 
     def _stop_ranks(self, grace_s: float = 10.0) -> None:
         """The loops were told to stop: wait for them, then kill every actor and free the bundles."""
-        if self.loops:
-            ray.wait(self.loops, num_returns=len(self.loops), timeout=grace_s)
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        for group in self.groups:
-            remove_placement_group(group)
+        try:
+            if self.loops:
+                ray.wait(self.loops, num_returns=len(self.loops), timeout=grace_s)
+            for actor in self.actors:
+                ray.kill(actor, no_restart=True)
+            for group in self.groups:
+                remove_placement_group(group)
+        except (RayError, ConnectionError) as e:  # the cluster itself is gone: its actors went with it
+            logger.warning("Ray: could not stop every rank's actor (%s)", e)
         self.actors, self.groups, self.loops = [], [], []
         if self.owns_connection:
             ray.shutdown()
