@@ -52,3 +52,14 @@ def test_ray_backend_without_ray_is_a_user_error(monkeypatch) -> None:
     monkeypatch.delitem(sys.modules, "moeserve.coordinator.ray_executor", raising=False)
     with pytest.raises(UserError, match=r"pip install 'moeserve\[ray\]'"):
         default_launcher(EngineConfig(pp=2, distributed_executor_backend="ray"))
+
+
+def test_launch_cluster_refuses_the_ray_backend(capsys) -> None:
+    """launch cluster starts every node's ranks itself: asking it for Ray actors is a one-line error, before
+    any node joins."""
+    from moeserve.launch.cli import main
+
+    code = main(["launch", "cluster", "--nnodes", "1", "--node-rank", "0", "--master-addr", "127.0.0.1",
+                 "--pp", "2", "--distributed-executor-backend", "ray", "--skip-tokenizer-init"])
+    err = capsys.readouterr().err
+    assert code == 1 and "moeserve serve --distributed-executor-backend ray" in err, err
