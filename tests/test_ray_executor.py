@@ -7,8 +7,11 @@ Ray (the ``moeserve[ray]`` extra) is not installed."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -133,6 +136,20 @@ def test_serve_on_ray_fails_requests_and_exits_when_an_actor_dies(ray_cluster) -
         if proc.poll() is None:
             proc.kill()
     assert our_live_actors() == []
+
+
+def test_generate_without_ray_address_starts_a_local_ray(ray_cluster) -> None:
+    """``moeserve generate`` with no RAY_ADDRESS starts a Ray of its own for the run (and stops it): greedy
+    tokens as one process's, on the embedded model."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "moeserve.launch.cli", "generate", "--temperature", "0", "--max-tokens", "8",
+            "--json", "--kv-cache-memory", str(32 << 20), "def fib(n):"]
+    ray_run = subprocess.run(argv + ["--pp", "2", "--distributed-executor-backend", "ray"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    one = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert ray_run.returncode == 0 and one.returncode == 0, ray_run.stderr[-3000:] + one.stderr[-2000:]
+    assert json.loads(ray_run.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+    assert our_live_actors(0) == []  # its actors were in its own Ray, which it stopped; none here either
 
 
 def test_node_that_dies_fails_the_step_naming_rank_and_node(ray_cluster, ckpt_factory) -> None:

@@ -69,7 +69,9 @@ def connect() -> bool:
     if ray.is_initialized():
         return False
     address = os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, logging_level=logging.WARNING, log_to_driver=True)
+    # NOTE: "local" starts a Ray of this process's own: without it, ray.init() joins any Ray that runs on this
+    # machine, which is not what an unset RAY_ADDRESS asks for
+    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True)
     logger.info("Ray: %s", "connected to " + address if address else "started a local instance")
     return True
 
