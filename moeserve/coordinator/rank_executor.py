@@ -166,9 +166,9 @@ class RankExecutor(Executor):
         for spec in self.specs:
             try:
                 self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame])
-            except zmq.ZMQError as e:  # EHOSTUNREACH: the rank's connection is gone
-                self.check_alive()
-                raise WorkerError(f"{self._where(spec.rank)} is unreachable ({e})") from e
+            except zmq.ZMQError as e:  # EHOSTUNREACH: the rank's connection is gone, the echo of its death,
+                error = self._root_cause()  # which on another node shows a moment later, through its launcher
+                raise (error or WorkerError(f"{self._where(spec.rank)} is unreachable ({e})")) from e
 
     def submit(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> int:
         """Send a step plan to every rank without waiting; returns its step id for ``collect``. (Stage
