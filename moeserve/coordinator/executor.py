@@ -132,7 +132,7 @@ class Executor(ABC):
     # ---- the KV connector's side on the ranks (kvstore/connector.py) ----
     @abstractmethod
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 1, nixl: bool = False) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
         """How the coordinator's KV connector reaches the ranks' BlockMovers: saves and loads in order with
         the step plans, the ranks' ``KvLoadedMsg`` reports polled. The arguments serve one process (its
         mover's layout, host slots, store client and reader threads; ``nixl``: a decode instance's NIXL

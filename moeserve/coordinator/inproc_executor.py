@@ -118,7 +118,7 @@ class InProcessExecutor(Executor):
                          "expert parallelism over several ranks)")
 
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 1, nixl: bool = False) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
         mover = BlockMover(self.runner.kv_caches, layout, num_host_blocks, store, read_threads=read_threads)
         return LocalTransport(mover, NixlAgent(mover.caches, "decode") if nixl else None)
 

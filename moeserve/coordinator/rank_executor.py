@@ -221,7 +221,7 @@ class RankExecutor(Executor):
         return list(self._kv_counters.values())
 
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 1, nixl: bool = False) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
         return self  # the ranks' movers answer KvSaveMsg / KvLoadMsg sent through the step channel
 
     def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:
