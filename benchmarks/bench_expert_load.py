@@ -40,13 +40,13 @@ class AlternatingRunner:
     def __getattr__(self, name: str):
         return getattr(self.runner, name)
 
-    def submit(self, plan, prev_token_ids=None):
+    def execute(self, plan, prev_token_ids=None):
         mode = "on" if self.calls % 2 else "off"
         self.calls += 1
         for moe in self.moe_layers:
             moe.load_counter = self.counter if mode == "on" else None
         start = time.perf_counter()
-        out = self.runner.submit(plan, prev_token_ids)
+        out = self.runner.execute(plan, prev_token_ids)
         if out.device.type == "cuda":  # the submit only queues the step's kernels: time them run
             torch.cuda.synchronize(out.device)
         if all(q == 1 for q in plan.query_lens):  # decode steps only
@@ -81,9 +81,9 @@ def bench_counters(args: argparse.Namespace) -> dict:
     engine = Engine(EngineConfig(model=str(model), dtype=args.dtype, device=args.device, max_num_seqs=len(ids),
                                  max_num_batched_tokens=len(ids) * args.input_len, skip_tokenizer_init=True,
                                  enforce_eager=True, async_scheduling=False))
-    moe_layers = list(engine.model.moe_layers().values())
-    runner = AlternatingRunner(engine.runner, moe_layers)
-    engine.runner = runner  # type: ignore[assignment]
+    moe_layers = list(engine.executor.runner.model.moe_layers().values())
+    runner = AlternatingRunner(engine.executor.runner, moe_layers)
+    engine.executor.runner = runner  # type: ignore[assignment]  (the in-process executor runs its steps)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     for _ in range(args.repeats):
         engine.generate(ids, params)

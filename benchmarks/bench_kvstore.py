@@ -109,7 +109,7 @@ def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
 
 def phase_host(args, length: int, gen: torch.Generator) -> dict:
     probe = make(args, kv_host_memory=0)
-    block_bytes = probe.config.effective_block_size * probe.runner.cache_bytes_per_token
+    block_bytes = probe.config.effective_block_size * probe.executor.runner.cache_bytes_per_token
     vocab, bs = probe.model_config.vocab_size, probe.config.effective_block_size
     release(probe)
     del probe

@@ -73,7 +73,7 @@ def build_engine(model: str, batch: int, mode: str, async_scheduling: bool | Non
                        async_scheduling=async_scheduling)
     engine = Engine(cfg)
     if mode == "eager":
-        engine.runner.model.use_kernels(False)
+        engine.executor.runner.model.use_kernels(False)
     return engine
 
 
@@ -192,7 +192,8 @@ def main() -> None:
         fill(engine, batch, args.input_len, args.steps)
         floor = hbm_floor_ms(engine.model_config, batch, args.input_len, expert_bytes=args.expert_bytes)
         run = {"batch": batch, "build_s": build_s, "async_scheduling": engine.async_scheduling,
-               "fast_path_error": engine.runner.fast_path_error, "graphs": engine.runner.graphs is not None,
+               "fast_path_error": engine.executor.runner.fast_path_error,
+               "graphs": engine.executor.runner.graphs is not None,
                **profile_steps(engine, args.steps, args.trace_dir and f"{args.trace_dir}/decode_{batch}.json"),
                "hbm_floor": floor}
         run["fraction_of_floor"] = floor["floor_ms"] / run["step_ms"]

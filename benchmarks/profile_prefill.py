@@ -58,7 +58,7 @@ def main() -> None:
     tokens = args.prompts * args.input_len
     print(json.dumps({"model": args.model, "tokens": tokens, "wall_ms": round(wall * 1e3, 1),
                       "prompt_tok_s": round(tokens / wall), "gpu_busy_ms": round(sum(ms.values()), 1),
-                      "fast_path_error": engine.runner.fast_path_error}))
+                      "fast_path_error": engine.executor.runner.fast_path_error}))
     for name in sorted(ms, key=ms.__getitem__, reverse=True)[:12]:
         print(f"{ms[name]:8.2f} ms {launches[name]:5d}x  {name}")
 

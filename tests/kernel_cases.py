@@ -179,7 +179,7 @@ def _engine(path, eager_ops: bool, dtype: str):
                                  skip_tokenizer_init=True, block_size=16, kv_cache_memory=8 << 20,
                                  max_num_seqs=8, max_num_batched_tokens=64, enforce_eager=eager_ops))
     if eager_ops:
-        engine.runner.model.use_kernels(False)
+        engine.executor.runner.model.use_kernels(False)
     return engine
 
 
@@ -202,11 +202,11 @@ def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype, mla_dims)
     params = SamplingParams(max_tokens=6 if DEVICE.type == "cpu" else 24, temperature=0.0, ignore_eos=True,
                             logprobs=2)
     fast_engine = _engine(tmp_path, False, dtype)
-    assert fast_engine.runner.fast_path_error is None  # the start-up check passed: kernels (and graphs) on
-    assert (fast_engine.runner.graphs is not None) == (DEVICE.type == "cuda")
+    assert fast_engine.executor.runner.fast_path_error is None  # the start-up check passed: kernels (and graphs) on
+    assert (fast_engine.executor.runner.graphs is not None) == (DEVICE.type == "cuda")
     # the start-up check and warm-up routed no request's tokens: the expert-load counts start at zero
-    assert int(fast_engine.runner.expert_load.logical.sum()) == 0
-    assert all(int(m.tokens_per_expert.sum()) == 0 for m in fast_engine.runner.model.moe_layers().values())
+    assert int(fast_engine.executor.runner.expert_load.logical.sum()) == 0
+    assert all(int(m.tokens_per_expert.sum()) == 0 for m in fast_engine.executor.runner.model.moe_layers().values())
     fast, _ = _run(fast_engine, prompts, params)
     ref, ref_top = _run(_engine(tmp_path, True, dtype), prompts, params)
     assert all(len(t) == params.max_tokens for t in fast)
@@ -254,10 +254,10 @@ def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     monkeypatch.setattr(rmsnorm, "rms_norm", wrong)
     engine = _engine(tmp_path, False, "float32")
-    assert engine.runner.fast_path_error is not None and "rmsnorm kernel differs" in engine.runner.fast_path_error
-    model = engine.runner.model
+    assert engine.executor.runner.fast_path_error is not None and "rmsnorm kernel differs" in engine.executor.runner.fast_path_error
+    model = engine.executor.runner.model
     assert not model.norm.fused and all(m.fused for m in model.moe_layers().values())  # the norm alone is off
-    assert (engine.runner.graphs is not None) == (DEVICE.type == "cuda")  # graphs of the kernels that passed
+    assert (engine.executor.runner.graphs is not None) == (DEVICE.type == "cuda")  # graphs of the kernels that passed
     tokens, _ = _run(engine, prompts, params)
     monkeypatch.setattr(rmsnorm, "rms_norm", right)
     assert tokens == _run(_engine(tmp_path, True, "float32"), prompts, params)[0]

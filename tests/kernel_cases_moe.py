@@ -89,7 +89,7 @@ def test_a_router_near_tie_is_no_fault(tmp_path, monkeypatch):
         return weights, logits.shape[-1] - 1 - ids
 
     engine = _check_engine(tmp_path)
-    runner, model = engine.runner, engine.runner.model
+    runner, model = engine.executor.runner, engine.executor.runner.model
     for moe in model.moe_layers().values():
         with torch.no_grad():
             moe.gate_weight[:] = moe.gate_weight[0]  # every expert ties with every other
@@ -119,10 +119,10 @@ def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
 
     monkeypatch.setattr(router, "fused_route", worst)
     engine = _check_engine(tmp_path)
-    model = engine.runner.model
+    model = engine.executor.runner.model
     moe = next(iter(model.moe_layers().values()))
     assert not moe.fused_router and moe.fused and model.norm.fused
-    assert "router kernel differs" in (engine.runner.fast_path_error or "")
+    assert "router kernel differs" in (engine.executor.runner.fast_path_error or "")
 
 
 @pytest.mark.parametrize("share_rank", [0, 1])

@@ -160,13 +160,13 @@ def test_no_token_computed_past_max_tokens(ckpt) -> None:
     for mode in (False, True):
         engine = make_engine(ckpt, async_scheduling=mode)
         seen = rows[mode] = [0]
-        submit = engine.runner.submit
+        submit = engine.executor.submit
 
         def counting(plan, prev=None, submit=submit, seen=seen):
             seen[0] += len(plan.token_ids)
             return submit(plan, prev)
 
-        engine.runner.submit = counting  # type: ignore[method-assign]
+        engine.executor.submit = counting  # type: ignore[method-assign]
         engine.generate(prompts()[:5], [greedy(n) for _, n in LENGTHS[:5]])
     assert rows[True] == rows[False]
 

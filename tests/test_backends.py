@@ -73,6 +73,7 @@ ALLOWED = {
     ("stages/selfcheck.py", '"cuda"'): "the warm-up waits for the device where it is a CUDA one",
     ("stages/selfcheck.py", "torch.cuda."): "the warm-up waits for the device where it is a CUDA one",
     ("stages/runner.py", '"cuda"'): "CUDA graphs are captured on CUDA devices only",
+    ("coordinator/ray_executor.py", '"cuda"'): "the one device-type -> Ray resource table (RAY_ACCELERATORS)",
 }
 
 CUDA_LITERAL = re.compile(r"cuda(:\d+)?")

@@ -43,7 +43,7 @@ def test_whole_bf16_engine_unchanged(ckpt_factory, monkeypatch) -> None:
     def run() -> list:
         engine = Engine(EngineConfig(model=str(ckpt), dtype="bfloat16", block_size=4, kv_cache_memory=1 << 22))
         outs = engine.generate(prompts, params)
-        packs = sum(len(m.linear._packs) for m in engine.model.modules() if hasattr(m, "linear")
+        packs = sum(len(m.linear._packs) for m in engine.executor.runner.model.modules() if hasattr(m, "linear")
                     and isinstance(m.linear, PackedLinear))
         return [(o.output_token_ids, o.logprobs) for o in outs], packs
 

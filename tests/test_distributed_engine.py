@@ -24,7 +24,7 @@ def run(ckpt, **parallel) -> list[list[int]]:
     try:
         if engine.parallel_plan is not None:  # each rank loaded exactly the share the plan gives it
             planned = {r: w.total for r, w in enumerate(engine.parallel_plan.rank_weights)}
-            assert engine.runner.loaded_bytes == planned
+            assert engine.executor.loaded_bytes == planned
         results = test_engine.run_staggered(engine)
         assert engine.kv.num_free_blocks == engine.kv.num_blocks
         return [results[i] for i in range(len(test_engine.LENGTHS))]
@@ -63,7 +63,7 @@ def test_rank_that_dies_fails_the_step(ckpt_factory) -> None:
     try:
         engine.add_request("a", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=50, temperature=0))
         engine.step()
-        engine.runner.procs[1].kill()
+        engine.executor.procs[1].kill()
         with pytest.raises(WorkerError, match="rank 1 exited"):
             for _ in range(50):
                 engine.step()
@@ -80,7 +80,7 @@ def test_pipeline_keeps_pp_batches_in_flight(ckpt_factory) -> None:
     engine = Engine(EngineConfig(model=str(ckpt_factory(VARIANT)), block_size=4, kv_cache_memory=1 << 22,
                                  max_num_seqs=8, max_num_batched_tokens=32, pp=2))
     try:
-        engine.runner.stage_stats(reset=True)
+        engine.executor.stage_stats(reset=True)
         for i in range(4):
             engine.add_request(f"r{i}", prompt_token_ids=[5 + i, 6, 7], params=SamplingParams(max_tokens=30,
                                                                                               temperature=0))
@@ -92,7 +92,7 @@ def test_pipeline_keeps_pp_batches_in_flight(ckpt_factory) -> None:
                 assert engine.abort("r3")
         assert engine.stats.max_in_flight == 2
         assert engine.kv.num_free_blocks == engine.kv.num_blocks
-        rows = stage_busy(engine, engine.runner.stage_stats(), elapsed=1e9)
+        rows = stage_busy(engine, engine.executor.stage_stats(), elapsed=1e9)
         assert [r["stage"] for r in rows] == [0, 1]
         assert all(r["steps"] > 10 and 0 < r["busy_fraction"] < 1 for r in rows)
     finally:
@@ -113,7 +113,7 @@ def test_ranks_outlive_neither_a_killed_launcher_nor_catch_its_group_signals(ckp
               "from moeserve.coordinator.config import EngineConfig\n"
               "from moeserve.coordinator.engine import Engine\n"
               "e = Engine(EngineConfig(model=sys.argv[1], block_size=4, kv_cache_memory=1 << 22, pp=2))\n"
-              "print(*[p.pid for p in e.runner.procs], flush=True)\n"
+              "print(*[p.pid for p in e.executor.procs], flush=True)\n"
               "time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, str(ckpt_factory(VARIANT))], stdout=subprocess.PIPE,
                             text=True, start_new_session=True)

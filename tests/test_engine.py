@@ -177,7 +177,9 @@ def test_closed_engines_release_model_and_cache(ckpt) -> None:
     for _ in range(2):
         engine = make_engine(ckpt, async_scheduling=True)
         assert engine.generate([prompts()[0]], greedy(4))[0].num_output_tokens == 4
-        model, cache = weakref.ref(engine.runner.model), weakref.ref(next(iter(engine.runner.kv_caches.values())))
+        runner = engine.executor.runner
+        model, cache = weakref.ref(runner.model), weakref.ref(next(iter(runner.kv_caches.values())))
+        del runner
         assert engine.kv.connector is not None  # the host tier's mover held the caches too
         engine.close()
         gc.collect()

@@ -24,14 +24,14 @@ VARIANT = "v3_noshared"
 def tally_plans(engine: Engine) -> dict[str, int]:
     """Count the prefill and decode tokens of every plan the engine submits (decode: query_len == 1)."""
     seen = {"prefill": 0, "decode": 0}
-    submit = engine.runner.submit
+    submit = engine.executor.submit
 
     def counting_submit(plan, prev_token_ids=None):
         seen["decode"] += sum(1 for q in plan.query_lens if q == 1)
         seen["prefill"] += sum(q for q in plan.query_lens if q > 1)
         return submit(plan, prev_token_ids)
 
-    engine.runner.submit = counting_submit  # type: ignore[method-assign]
+    engine.executor.submit = counting_submit  # type: ignore[method-assign]
     return seen
 
 

@@ -70,7 +70,7 @@ def write_then_read(url: str, salt: str, a: dict, b: dict) -> tuple[Engine, list
     """Engine A (layout ``a``) computes and stores the prompts, one by one; engine B (layout ``b``) serves them
     from the store. Returns B (closed) and both outputs."""
     ea = engine(kv_store=url, kv_store_salt=salt, kv_host_memory=0, **a)
-    specs = getattr(ea.runner, "specs", [])
+    specs = getattr(ea.executor, "specs", [])
     assert all(url not in spec.to_json() for spec in specs if url == os.environ.get(STORE_ENV))
     try:
         out_a = [generate(ea, [p])[0] for p in PROMPTS]

@@ -96,8 +96,7 @@ def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = Tr
     torch.manual_seed(0)
     caches = {i: torch.randn(8, 4, 3) for i in range(2)}
     mover = BlockMover(caches, LAYOUT, host_blocks, store)
-    return TierManager(TierConfig(4, host_blocks, (LAYOUT,), cost_rule), LocalTransport(mover), store,
-                       ranks_share_store=True), caches
+    return TierManager(TierConfig(4, host_blocks, (LAYOUT,), cost_rule), LocalTransport(mover), store), caches
 
 
 def load_prefix(tiers: TierManager, hashes: list[int], tokens: list[tuple[int, ...]], pool: BlockPool) -> list[int]:
@@ -185,9 +184,10 @@ def test_a_full_write_queue_drops_instead_of_waiting() -> None:
 
 
 def test_cluster_toml_kvstore_table(tmp_path) -> None:
-    from moeserve.launch.cli import build_parser, engine_config
+    from moeserve.launch.cli import build_parser
     from moeserve.launch.cluster import ClusterError
     from moeserve.launch.cmd_launch import merged_settings
+    from moeserve.launch.engine_args import engine_config
 
     parser = build_parser()
     defaults = vars(parser.parse_args(["launch", "cluster"]))

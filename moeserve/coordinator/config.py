@@ -6,18 +6,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from moeserve.coordinator.spec_config import SpeculativeConfig
-from moeserve.dtypes import DTYPES, serving_dtype
 from moeserve.errors import UserError
 from moeserve.kvstore.store import check_store_url
 
+# NOTE: torch is imported where it is used, not here: the command line makes its flags from this class
+# (launch/engine_args.py) and must answer --help, or a node's launcher set its C++ log level, before torch loads
 if TYPE_CHECKING:
+    import torch
+
     from moeserve.model.config import ModelConfig
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 LOAD_FORMATS = ("auto", "dummy")  # as in moeserve.model.loader (not imported: this module stays light)
+EXECUTOR_BACKENDS = ("mp", "ray")  # --distributed-executor-backend (coordinator/executor.py)
 ALLOW_LONG_ENV = "MOESERVE_ALLOW_LONG_MAX_MODEL_LEN"  # as vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN
 
 
@@ -49,6 +51,7 @@ class EngineConfig:
     tp: int = 1  # tensor-parallel ranks per stage
     ep: int = 0  # expert parallel degree: 0 = tp (experts spread over the stage), 1 = tensor-parallel experts
     pp_layers: str = ""  # a hand-given layer split, e.g. "14,13"
+    distributed_executor_backend: str = "mp"  # how several ranks start: mp (processes here) or ray (actors)
     load_format: str = "auto"  # auto: read the checkpoint; dummy: random weights from config.json alone
     keep_fp8: bool | None = None  # FP8 checkpoints: keep routed experts float8; None = on for accelerators
     ep_dispatch: str = "allreduce"  # how tokens reach expert-parallel experts: allreduce or alltoall
@@ -79,6 +82,8 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        from moeserve.dtypes import DTYPES
+
         if isinstance(self.speculative_config, (str, dict)):  # the flag's JSON, or asdict() on the way to a replica
             object.__setattr__(self, "speculative_config", SpeculativeConfig.parse(self.speculative_config))
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -94,6 +99,9 @@ class EngineConfig:
             raise ValueError("max_num_seqs must be positive and max_num_batched_tokens >= 0 (0 = by device)")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, got "
+                             f"{self.distributed_executor_backend!r}")
         if self.ep_dispatch not in ("allreduce", "alltoall"):
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
         if self.kv_store:
@@ -139,6 +147,8 @@ class EngineConfig:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         return torch.device(self.device)
 
     @property
@@ -147,6 +157,8 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        from moeserve.dtypes import serving_dtype
+
         return serving_dtype(self.dtype, self.device)
 
     def context_length(self, model: ModelConfig) -> int:

@@ -1,4 +1,4 @@
-"""The serving engine of one replica: scheduler, latent cache, model runner, sampler.
+"""The serving engine of one replica: scheduler, latent cache, executor (the ranks that run the model), sampler.
 
 This file builds the engine and takes its requests; ``Engine.step()`` and async scheduling
 (``EngineConfig.async_scheduling``, on for CUDA devices) are in ``engine_step.py``.
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeserve.coordinator.config import EngineConfig, long_context_note
-from moeserve.coordinator.engine_setup import distributed_runner, local_runner
+from moeserve.coordinator.engine_setup import default_launcher, replica_layout
 from moeserve.coordinator.engine_step import EngineStep
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
@@ -32,12 +32,11 @@ from moeserve.kvstore.latent_cache import empty_device_cache
 from moeserve.kvstore.tier_setup import build_connector, build_prefill_side, open_kv_store
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
-from moeserve.model.loader import Checkpoint, MTPError, check_mtp, load_model
+from moeserve.model.loader import Checkpoint, MTPError, check_mtp
 from moeserve.model.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from moeserve.coordinator.executor import Launcher
-    from moeserve.coordinator.plan import ParallelPlan
+    from moeserve.coordinator.executor import Executor, Launcher
 
 logger = logging.getLogger(__name__)
 
@@ -61,21 +60,10 @@ class Engine(EngineStep):
             logger.info("sampling seed %d (unseeded)", torch.seed())
         else:
             torch.manual_seed(config.seed)
-        self.model: DeepseekModel | None = None
-        self.parallel_plan: ParallelPlan | None = None  # the layer split and placement of a distributed engine
-        if config.is_distributed:
-            self.model_config = ModelConfig.from_hf(config.model_path)
-            self.config = config = with_redundant_slots(config, self.model_config.n_routed_experts)
-        else:
-            self.model = model or load_model(config.model_path, config.torch_dtype, config.torch_device,
-                                             progress=config.load_progress,
-                                             max_positions=config.max_model_len or None,
-                                             load_format=config.load_format, keep_fp8=config.effective_keep_fp8,
-                                             dummy_seed=config.weights_seed,
-                                             with_mtp=config.speculative_config is not None)
-            self.model_config = self.model.config
-        if config.speculative_config is not None:
-            _check_drafter(config, self.model_config, self.model)
+        self.model_config = model.config if model is not None else ModelConfig.from_hf(config.model_path)
+        self.config = config = with_redundant_slots(config, self.model_config.n_routed_experts)
+        if config.speculative_config is not None:  # before any rank loads: from the config and checkpoint
+            _check_drafter(config, self.model_config, model)
         self.tokenizer = tokenizer
         if tokenizer is None and not config.skip_tokenizer_init:
             self.tokenizer = Tokenizer.from_dir(config.model_path)
@@ -83,20 +71,18 @@ class Engine(EngineStep):
         if self.max_model_len > self.model_config.max_position_embeddings:
             logger.warning("%s", long_context_note(self.model_config, self.max_model_len))
         kv_store = open_kv_store(config)  # before any rank starts: a wrong password stops here
-        if self.model is None:
-            self.parallel_plan, num_blocks, self.runner = distributed_runner(config, self.model_config, launcher)
-            stage_layers = list(self.parallel_plan.stage_layers)
-        else:
-            num_blocks, self.runner = local_runner(config, self.model, self.max_model_len)
-            stage_layers = [self.model_config.num_hidden_layers]
+        # the parallel plan: the layer split and expert placement of several ranks (None for one)
+        self.parallel_plan, layout = replica_layout(config, self.model_config)
+        self.executor: Executor = (launcher or default_launcher(config, model))(layout)
+        stage_layers = list(layout.stage_layers)
         per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
-        connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.runner,
+        connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.executor,
                                     kv_store)
-        self.kv = KVCacheManager(num_blocks, config.effective_block_size, connector=connector)
-        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, stage_layers, self.runner)
+        self.kv = KVCacheManager(layout.num_blocks, config.effective_block_size, connector=connector)
+        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, stage_layers, self.executor)
         self.fingerprint = model_fingerprint(config.model_path, config.load_format, config.weights_seed) \
             if config.disaggregation_mode else ""
-        self.expert_load = ExpertLoadMonitor(self.runner, self.model_config, config.expert_load_interval,
+        self.expert_load = ExpertLoadMonitor(self.executor, self.model_config, config.expert_load_interval,
                                              self._phy2log(), EplbConfig.of(config))
         spec = config.speculative_config
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens,
@@ -110,10 +96,10 @@ class Engine(EngineStep):
         self.stats = EngineStats()
         # Batches in flight: with pp stages, pp batches keep every stage busy (each batch on another stage);
         # with async scheduling, the batch launched by the step before (sampled, not yet processed).
-        self.pipeline_depth = config.pp if self.model is None and spec is None else 1
+        self.pipeline_depth = config.pp if spec is None else 1  # a speculative step drafts from the one before
         self.in_flight: deque[StepBatch] = deque()
         self.async_scheduling = config.effective_async_scheduling
-        # set by a caller that reads the runner's state of each step right after it (the expert tracer of
+        # set by a caller that reads the executor's state of each step right after it (the expert tracer of
         # async_engine.py): steps then run synchronously
         self.sync_steps = False
         self._sync_request_ids: set[str] = set()  # requests whose sampling reads their outputs so far
@@ -186,9 +172,7 @@ class Engine(EngineStep):
 
     def check_workers(self) -> None:
         """Raise WorkerError if a stage worker has died (nothing to check in one process)."""
-        check = getattr(self.runner, "check_alive", None)
-        if check is not None:
-            check()
+        self.executor.check_alive()
         self.expert_load.idle()
         self._kv_step_end()  # idle: saves still queued go out; blocks decode instances pulled are freed
 
@@ -197,15 +181,14 @@ class Engine(EngineStep):
 
     def close(self) -> None:
         """Stop stage workers, if any, and the KV store's writer, and give the device memory back: the
-        runner's model, latent cache and CUDA graphs, and the batches in flight (idempotent; the engine
+        executor's ranks (in this process: the model, latent cache and CUDA graphs), and the batches in flight (idempotent; the engine
         cannot step afterwards). A second engine built in the same process then has the whole device."""
         if self.kv.connector is not None:
             self.kv.connector.close()
         if self.prefill_side is not None:
             self.prefill_side.close()
         self.in_flight.clear()
-        self.runner.shutdown()
-        self.model = None
+        self.executor.shutdown()
         gc.collect()  # the model's modules hold reference cycles
         empty_device_cache(self.config.torch_device)
 

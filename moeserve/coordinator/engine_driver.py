@@ -11,9 +11,6 @@ import queue
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
 
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.outputs import RequestOutput
@@ -61,42 +58,6 @@ class EngineSnapshot:
                    engine.stats.num_draft_tokens, engine.stats.num_accepted_tokens, engine.stats.num_spec_verifies)
 
 
-class ExpertTracer:
-    """Wraps a single-process ``ModelRunner`` to keep, after each step, the routed expert ids of the sampled
-    positions: ``last`` is [sample rows, moe layers, top_k] (a sampled row's expert ids are those its last
-    position was routed to in the forward pass that produced the token). Distributed runners are not wrapped:
-    stage workers do not return traces yet."""
-
-    def __init__(self, runner: Any, model: Any):
-        self._runner = runner
-        self._moe = list(model.moe_layers().values())
-        self.enabled = False
-        self.last: torch.Tensor | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._runner, name)
-
-    def submit(self, plan: Any, prev_token_ids: torch.Tensor | None = None) -> Any:
-        """The engine's interface to a single-process runner. While tracing, the engine steps synchronously
-        (``Engine.sync_steps``), so the trace of the latest submit belongs to the batch it finishes next."""
-        handle = self._runner.submit(plan, prev_token_ids)
-        self._record(plan)
-        return handle
-
-    def execute(self, plan: Any, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self._runner.execute(plan, prev_token_ids)
-        self._record(plan)
-        return logits
-
-    def _record(self, plan: Any) -> None:
-        self.last = None
-        if self.enabled and self._moe:
-            ends = torch.tensor(plan.query_lens).cumsum(0) - 1  # [B] last position of each sequence
-            rows = ends[torch.tensor(plan.sample_rows, dtype=torch.long)]
-            self.last = torch.stack([m.last_expert_ids[rows.to(m.last_expert_ids.device)].cpu()
-                                     for m in self._moe], dim=1)
-
-
 Publish = Callable[[list[tuple[str, "EngineUpdate | Exception"]]], None]
 
 
@@ -129,10 +90,6 @@ class EngineDriver:
         self.engine = engine
         self.publish = publish
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
-        self.tracer: ExpertTracer | None = None
-        if engine.model is not None:
-            self.tracer = ExpertTracer(engine.runner, engine.model)
-            engine.runner = self.tracer  # type: ignore[assignment]
         self._arrival: dict[str, float] = {}  # requests not yet scheduled -> engine arrival time
         self._traced: set[str] = set()
         self.snapshot = EngineSnapshot.of(engine)
@@ -183,8 +140,9 @@ class EngineDriver:
         self._traced.discard(rid)
 
     def step(self) -> None:
-        if self.tracer is not None:
-            self.tracer.enabled = self.engine.sync_steps = bool(self._traced)
+        # while a request asks for its experts, steps run synchronously, so that the executor's trace of
+        # the latest step belongs to the batch that step finishes (False: the executor keeps no trace)
+        self.engine.sync_steps = self.engine.executor.trace_experts(bool(self._traced)) and bool(self._traced)
         t0 = time.monotonic()
         if self.fault_after_steps is not None and self.num_steps >= self.fault_after_steps:
             raise InjectedFault(f"test fault injection: {FAULT_ENV}={self.fault_after_steps} made engine "
@@ -194,7 +152,7 @@ class EngineDriver:
         started = [rid for rid in self._arrival
                    if (r := self.engine.requests.get(rid)) is None or r.status is not RequestStatus.WAITING]
         queue_s = {rid: t0 - self._arrival.pop(rid) for rid in started}
-        trace = self.tracer.last if self.tracer is not None else None
+        trace = self.engine.executor.last_expert_ids()  # [sample rows, moe layers, top_k] or None
         if trace is not None and trace.shape[0] != len(outputs):
             trace = None  # NOTE: outputs follow the sample rows of the step; if not, no trace this step
         batch: list[tuple[str, EngineUpdate | Exception]] = []

@@ -1,24 +1,24 @@
-"""How an Engine is built: the size of its latent cache, and the runner that owns the model -- a
-``ModelRunner`` in this process, or the stage workers of a distributed replica."""
+"""How an Engine is built: the layout of its ranks, the size of its latent cache, and the executor that runs
+them (executor.py) -- one rank in this process, or stage workers started by the configured backend."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from moeserve.coordinator.config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from moeserve.coordinator.executor import Launcher, ReplicaLayout
+from moeserve.coordinator.inproc_executor import InProcessExecutor
+from moeserve.coordinator.mp_executor import MultiprocExecutor
+from moeserve.coordinator.plan import ParallelPlan, make_plan, parse_pp_layers
 from moeserve.dtypes import dtype_name
+from moeserve.errors import UserError
 from moeserve.kvstore.latent_cache import blocks_in_budget, free_device_memory
 from moeserve.kvstore.tier_setup import worker_options
 from moeserve.model.config import ModelConfig
 from moeserve.model.deepseek import DeepseekModel
-from moeserve.stages.runner import ModelRunner
-
-if TYPE_CHECKING:
-    from moeserve.coordinator.executor import Launcher
 
 logger = logging.getLogger(__name__)
 
@@ -34,40 +34,43 @@ def kv_cache_blocks(config: EngineConfig, per_token: int) -> int:
     return blocks_in_budget(budget, config.effective_block_size, per_token, source)
 
 
-def local_runner(config: EngineConfig, model: DeepseekModel, max_model_len: int) -> tuple[int, ModelRunner]:
-    """Size the cache and build the one-process runner: (number of blocks, runner)."""
-    num_blocks = kv_cache_blocks(config, model.cache_bytes_per_token())
-    runner = ModelRunner(model, num_blocks, config.effective_block_size, config.torch_device,
-                         cuda_graphs=config.use_cuda_graphs, max_num_seqs=config.max_num_seqs,
-                         max_model_len=max_model_len, warm_up_tokens=config.effective_max_num_batched_tokens)
-    logger.info("latent cache bytes per token: %d", runner.cache_bytes_per_token)
-    return num_blocks, runner
-
-
-def distributed_runner(config: EngineConfig, model_config: ModelConfig, launcher: Launcher | None = None):
-    """Plan the layout, size the cache, and start the stage workers of one replica: on this machine, or,
-    with a cluster ``launcher`` (launch/cluster.py), across the nodes of a cluster.
-    Returns (the ParallelPlan, number of blocks, the DistributedExecutor)."""
-    from moeserve.coordinator.executor import DistributedExecutor, ReplicaLayout
-    from moeserve.coordinator.plan import make_plan, parse_pp_layers
-
+def replica_layout(config: EngineConfig, model_config: ModelConfig) -> tuple[ParallelPlan | None, ReplicaLayout]:
+    """Plan the layout (several ranks: the layer split and the expert placement) and size the cache:
+    (the ParallelPlan, or None for one rank; the ReplicaLayout every rank is started from)."""
     dims = config.parallel_dims
     dtype_bytes = torch.empty((), dtype=config.torch_dtype).element_size()
-    pp_layers = parse_pp_layers(config.pp_layers, model_config.num_hidden_layers, dims.pp) \
-        if config.pp_layers else None
-    plan = make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers, keep_fp8=config.effective_keep_fp8,
-                     placement_file=Path(config.expert_placement) if config.expert_placement else None)
+    plan = None
+    stage_layers: tuple[int, ...] = (model_config.num_hidden_layers,)
+    if config.is_distributed:
+        pp_layers = parse_pp_layers(config.pp_layers, model_config.num_hidden_layers, dims.pp) \
+            if config.pp_layers else None
+        plan = make_plan(model_config, dims, dtype_bytes, pp_layers=pp_layers, keep_fp8=config.effective_keep_fp8,
+                         placement_file=Path(config.expert_placement) if config.expert_placement else None)
+        stage_layers = tuple(plan.stage_layers)
     # the last stage holds the MTP module's cache besides its layers' (speculative decoding)
     mtp_layers = [0] * (dims.pp - 1) + [int(config.speculative_config is not None)]
-    per_token = max(n + m for n, m in zip(plan.stage_layers, mtp_layers)) * model_config.kv_cache_dim * dtype_bytes
+    per_token = max(n + m for n, m in zip(stage_layers, mtp_layers)) * model_config.kv_cache_dim * dtype_bytes
     logger.info("latent cache bytes per token: %d on the largest stage (%s)", per_token, dims.describe())
     num_blocks = kv_cache_blocks(config, per_token)
-    dtype = dtype_name(config.torch_dtype)
     options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.weights_seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
                    max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens,
                    mtp=config.speculative_config is not None, **worker_options(config, per_token))
-    layout = ReplicaLayout(str(config.model_path), dims, tuple(plan.stage_layers), dtype, config.device,
+    layout = ReplicaLayout(str(config.model_path), dims, stage_layers, dtype_name(config.torch_dtype), config.device,
                            config.effective_block_size, num_blocks, tuple(options.items()))
-    return plan, num_blocks, (launcher or DistributedExecutor.local)(layout)
+    return plan, layout
+
+
+def default_launcher(config: EngineConfig, model: DeepseekModel | None = None) -> Launcher:
+    """One rank: in this process (``model``, if given, is used as it is). Several: processes here (mp), or
+    Ray actors (``--distributed-executor-backend ray``; Ray is imported only then)."""
+    if not config.is_distributed:
+        return InProcessExecutor.launcher(model, progress=config.load_progress)
+    if config.distributed_executor_backend == "ray":
+        try:
+            from moeserve.coordinator.ray_executor import RayExecutor  # the optional extra moeserve[ray]
+        except ImportError as e:
+            raise UserError(f"--distributed-executor-backend ray needs Ray ({e}): pip install 'moeserve[ray]'") from e
+        return RayExecutor.launch
+    return MultiprocExecutor.local

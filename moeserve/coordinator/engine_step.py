@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +31,9 @@ from moeserve.device_copy import HostCopy, to_device
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.disagg import KvTransferParams, PrefillSide
 
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +41,7 @@ class EngineStep:
     """The part of ``Engine`` that runs steps. The Engine builds every attribute declared here."""
 
     config: EngineConfig
-    runner: Any  # the one-process ModelRunner or the DistributedExecutor: submit / collect / shutdown
+    executor: Executor  # runs the steps on the replica's ranks (coordinator/executor.py)
     scheduler: Scheduler
     kv: KVCacheManager
     sampler: Sampler
@@ -50,7 +53,7 @@ class EngineStep:
     pipeline_depth: int  # batches in flight: pp with pipeline-parallel stage workers, else 1
     in_flight: deque[StepBatch]  # launched, not yet processed (oldest first)
     async_scheduling: bool
-    # set by a caller that reads the runner's state of each step right after it (the expert tracer of
+    # set by a caller that reads the executor's state of each step right after it (the expert tracer of
     # async_engine.py): steps then run synchronously
     sync_steps: bool
     _sync_request_ids: set[str]  # requests whose sampling reads their outputs so far
@@ -108,7 +111,7 @@ class EngineStep:
         with self.stats.phase("launch"):
             self._launch(batch, None)
         with self.stats.phase("collect"):
-            logits = self.runner.collect(batch.handle).to(self.config.torch_device).float()
+            logits = self.executor.collect(batch.handle).to(self.config.torch_device).float()
             batch.handle = None
         sampled = [batch.sched.scheduled[i] for i in batch.plan.sample_rows]
         num_spec = [s.num_spec_tokens for s in sampled]
@@ -154,7 +157,7 @@ class EngineStep:
         k = config.num_speculative_tokens
         num_drafts = {s.request: min(k, s.request.max_total_tokens - s.request.num_tokens - 1)
                       for s in batch.sched.scheduled if can_draft(s.request)}
-        self.speculator.draft(self.runner, batch.plan, batch.sched.scheduled, num_drafts)
+        self.speculator.draft(self.executor, batch.plan, batch.sched.scheduled, num_drafts)
 
     def _observe_speculation(self, batch: StepBatch, num_spec: list[int], num_accepted: list[int]) -> None:
         drafted = sum(num_spec)
@@ -221,13 +224,13 @@ class EngineStep:
     def _launch(self, batch: StepBatch, prev: StepBatch | None) -> None:
         if self.kv.connector is not None:  # this step's loads and saves reach the ranks ahead of its plan
             self.kv.connector.send_ops()
-        batch.handle = self.runner.submit(batch.plan, prev.token_ids if prev is not None else None)
+        batch.handle = self.executor.submit(batch.plan, prev.token_ids if prev is not None else None)
 
     def _sample(self, batch: StepBatch) -> None:
         """Collect the batch's logits and sample its rows on the device (rows of requests that finished or
         were aborted meanwhile are dropped); the sampled ids' copy to the host starts."""
         with self.stats.phase("collect"):
-            logits = self.runner.collect(batch.handle).to(self.config.torch_device).float()
+            logits = self.executor.collect(batch.handle).to(self.config.torch_device).float()
             batch.handle = None
         with self.stats.phase("sample"):
             reqs = batch.to_sample

@@ -1,55 +1,35 @@
-"""DistributedExecutor: runs step plans on stage worker processes (pp x tp ranks, on one node or many).
+"""The executor interface: how the engine runs the model of one replica, wherever its ranks live.
 
-Same contract as ``ModelRunner``: ``submit(plan)`` then ``collect(step_id)`` gives the sampled rows' logits.
-The coordinator binds one ZeroMQ ROUTER socket; each rank connects a DEALER (identity ``rank-N``), reports
-``ReadyMsg`` once loaded, then receives every step plan as a typed msgpack message; the last stage's first
-tp rank sends the logits back. Ranks run plans in the order sent, so several plans in flight keep all
-pipeline stages busy. A rank that dies or reports an error fails the step with ``WorkerError`` within
-seconds: local ranks are polled, remote nodes are watched through ``liveness`` (see launch/cluster.py).
+vLLM v1 names the same role ``Executor``. Four implementations, chosen at start and never asked which they
+are: ``InProcessExecutor`` (one rank, in the engine's process), ``MultiprocExecutor`` (one process per rank on
+this machine, ``--distributed-executor-backend mp``), ``ClusterExecutor`` (``moeserve launch cluster``: the
+ranks of every node, started by each node's launcher) and ``RayExecutor`` (Ray actors,
+``--distributed-executor-backend ray``). The last three share the ZeroMQ step channel of rank_executor.py.
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import zmq
 
-from moeserve.comm.messages import (
-    DraftPlanMsg,
-    ErrorMsg,
-    ExpertLoadRequestMsg,
-    KvLoadedMsg,
-    KvLoadMsg,
-    KvSaveMsg,
-    KvServerMsg,
-    LogitsMsg,
-    PreflightMsg,
-    ReadyMsg,
-    ShutdownMsg,
-    StatsMsg,
-    StatsRequestMsg,
-    StepPlanMsg,
-    decode,
-    encode,
-)
 from moeserve.comm.topology import ParallelDims
-from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
 from moeserve.stages.step_plan import DraftPlan, StepPlan
 from moeserve.stages.worker import WorkerSpec
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from moeserve.comm.messages import PreflightMsg, StatsMsg
+    from moeserve.kvstore.block_format import BlockLayout
+    from moeserve.kvstore.store import KVStore
+    from moeserve.kvstore.transport import KvTransport
 
 
 class WorkerError(RuntimeError):
-    """A stage worker died, timed out or failed. ``exit_code``: the rank's, where it exited (negative: the
-    signal that killed it)."""
+    """A rank died, timed out or failed. ``exit_code``: the rank's, where it exited (negative: the signal that
+    killed it). The message names the rank and, where known, its node."""
 
     def __init__(self, message: str, exit_code: int | None = None):
         super().__init__(message)
@@ -77,6 +57,9 @@ class ReplicaLayout:
         """Accelerator ranks on one machine take one device each, by local rank."""
         return "cpu" if self.device == "cpu" else f"{self.device.split(':')[0]}:{local_rank}"
 
+    def option(self, name: str) -> Any:
+        return dict(self.options)[name]
+
     def spec(self, rank: int, local_rank: int, init_method: str, coord_addr: str, **fields: Any) -> WorkerSpec:
         return WorkerSpec(rank=rank, pp=self.dims.pp, tp=self.dims.tp, ep=self.dims.ep, model=self.model,
                           dtype=self.dtype, device=self.device_of(local_rank), block_size=self.block_size,
@@ -84,232 +67,92 @@ class ReplicaLayout:
                           coord_addr=coord_addr, **dict(self.options), **fields)
 
 
-Launcher = Callable[[ReplicaLayout], "DistributedExecutor"]
+class Executor(ABC):
+    """Runs step plans on the ranks of one replica, and carries everything else the engine says to them.
 
+    Contract: ``submit`` returns at once with a handle; ``collect(handle)`` gives that step's logits
+    [len(sample_rows), vocab]; plans and messages run on every rank in the order they were given. Messages
+    the ranks send of their own accord (expert-load answers, placement readiness) go to ``sinks[type]``
+    whenever the executor reads what arrived: while collecting, and in ``poll_messages``. A dead rank shows
+    as ``WorkerError`` from any call, or from ``check_alive`` between steps."""
 
-class DistributedExecutor:
-    def __init__(self, specs: list[WorkerSpec], coord_bind: str, local_specs: list[WorkerSpec] | None = None,
-                 liveness: Callable[[], None] | None = None, startup_timeout_s: float = 600.0,
-                 step_timeout_s: float = 120.0, env: dict[str, str] | None = None):
-        """``specs``: every rank of the world; ``coord_bind``: the address to bind the ROUTER to;
-        ``local_specs``: the ranks to spawn here (default all); ``liveness``: raises WorkerError when a rank
-        this process does not own has failed (called about twice a second while waiting)."""
-        self.specs = specs
-        self.step_timeout_s = step_timeout_s
-        self.liveness = liveness
-        self.ctx = zmq.Context()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a plan for a rank that is gone is an error, not a drop
-        self.sock.bind(coord_bind)
-        self.local_specs = specs if local_specs is None else local_specs
-        self.procs = spawn_workers(self.local_specs, env)
-        self.step_id = 0
-        self._logits: dict[int, torch.Tensor] = {}
-        self.loaded_bytes: dict[int, int] = {}
-        self.preflight: PreflightMsg | None = None
-        self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
-        self._kv_reports: list[KvLoadedMsg] = []  # finished loads, until kv_poll
-        # a prefill instance's stage block servers: (address, first layer, number of layers)
-        self.kv_block_servers: list[tuple[str, int, int]] = []
-        self._kv_polled = 0.0
-        # statistics and placement messages go to their handler whenever they arrive (coordinator/load_monitor.py)
+    num_ranks: int = 1
+    preflight: PreflightMsg | None = None  # rank 0's timing of the collectives before loading (several ranks)
+
+    def __init__(self) -> None:
         self.sinks: dict[type, Callable[[Any], None]] = {}
-        try:
-            while len(self.loaded_bytes) < len(specs):
-                msg = self._receive(startup_timeout_s, "start")
-                if isinstance(msg, ReadyMsg):
-                    self.loaded_bytes[msg.rank] = msg.loaded_bytes
-                elif isinstance(msg, KvServerMsg):
-                    self.kv_block_servers.append((msg.address, msg.layer_start, msg.num_layers))
-                elif isinstance(msg, PreflightMsg):
-                    self.preflight = msg
-                    logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",
-                                msg.world_size, msg.nbytes, msg.all_reduce_s * 1e3, msg.all_to_all_s * 1e3)
-        except BaseException:
-            self.shutdown()
-            raise
 
-    @classmethod
-    def local(cls, layout: ReplicaLayout) -> DistributedExecutor:
-        """Spawn every rank of one replica on this machine (device index = rank for accelerators)."""
-        tmp = Path(tempfile.mkdtemp(prefix="moeserve-"))
-        coord = f"ipc://{tmp}/coordinator"
-        specs = [layout.spec(r, r, f"file://{tmp}/rendezvous", coord) for r in range(layout.dims.world_size)]
-        return cls(specs, coord)
+    # ---- steps ----
+    @abstractmethod
+    def submit(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> Any:
+        """Start a step; ``prev_token_ids``: the previous batch's sampled ids on the device, for the plan's
+        placeholders (async scheduling, which only one process supports)."""
 
-    def _where(self, rank: int) -> str:
-        spec = self.specs[rank]
-        return f"rank {rank} (node {spec.node})" if spec.node else f"rank {rank}"
-
-    def _failures(self, reported: int | None = None) -> list[WorkerError]:
-        """Ranks (other than ``reported``) that have died: here, or on another node (``liveness``)."""
-        found = [WorkerError(f"{self._where(spec.rank)} exited with code {proc.returncode}", proc.returncode)
-                 for spec, proc in zip(self.local_specs, self.procs)
-                 if proc.poll() is not None and spec.rank != reported]
-        if self.liveness is not None:
-            try:
-                self.liveness()
-            except WorkerError as e:
-                found.append(e)
-        return found
-
-    def _root_cause(self, reported: int | None = None, message: str = "") -> WorkerError | None:
-        """The failure to report. A rank that errs or exits is often the echo of another rank's death (a
-        broken connection), which shows a moment later, on another node through its launcher: wait briefly
-        for a rank killed by a signal, and name that one if it shows; else the first failure seen; else the
-        reporting rank's own error."""
-        deadline = time.monotonic() + (2.0 if self.liveness is not None else 0.5)
-        found = self._failures(reported)
-        while not any(e.killed for e in found) and time.monotonic() < deadline:
-            if found and self.liveness is None:
-                break  # one machine: every rank is in view already
-            time.sleep(0.1)
-            found = self._failures(reported)
-        found.sort(key=lambda e: not e.killed)
-        if found:
-            return found[0]
-        return WorkerError(f"{self._where(reported)} failed: {message}") if reported is not None else None
-
-    def check_alive(self) -> None:
-        """Raise WorkerError for a rank that has died, here or on another node (also between steps)."""
-        if self._failures():
-            error = self._root_cause()
-            if error is not None:
-                raise error
-
-    def _receive(self, timeout_s: float, what: str) -> object:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.sock.poll(500):
-                msg = self._read_one()
-                if msg is not None:
-                    return msg
-                continue
-            self.check_alive()
-        raise WorkerError(f"no answer from the stage workers within {timeout_s:.0f} s ({what})")
-
-    def _read_one(self) -> object | None:
-        """One message from the socket; an error raises, statistics go to their sink (None is returned)."""
-        _identity, frame, *data = self.sock.recv_multipart(copy=False)
-        msg = decode(frame.bytes)
-        if isinstance(msg, LogitsMsg):
-            msg.attach(data[0].buffer if data else b"")
-        if isinstance(msg, ErrorMsg):
-            error = self._root_cause(msg.rank, msg.message)
-            assert error is not None
-            raise error
-        if isinstance(msg, KvLoadedMsg):  # a rank's finished load (or only its counters: load id 0)
-            self._kv_counters[msg.rank] = msg
-            if msg.load_id:
-                self._kv_reports.append(msg)
-            return None
-        sink = self.sinks.get(type(msg))
-        if sink is not None:  # statistics ride along with whatever we wait for
-            sink(msg)
-            return None
-        return msg
-
-    def _broadcast(self, frame: bytes) -> None:
-        for spec in self.specs:
-            try:
-                self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame])
-            except zmq.ZMQError as e:  # EHOSTUNREACH: the rank's connection is gone
-                self.check_alive()
-                raise WorkerError(f"{self._where(spec.rank)} is unreachable ({e})") from e
-
-    def submit(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> int:
-        """Send a step plan to every rank without waiting; returns its step id for ``collect``. (Stage
-        workers take no placeholder tokens: async scheduling is for one process.)"""
-        if plan.pending_rows or prev_token_ids is not None:
-            raise ValueError("stage workers take no placeholder tokens (async scheduling is one-process only)")
-        self.step_id += 1
-        self._broadcast(encode(StepPlanMsg(self.step_id, plan.token_ids, plan.query_lens, plan.num_computed,
-                                           [list(t) for t in plan.block_tables], plan.sample_rows,
-                                           plan.num_spec)))
-        return self.step_id
-
-    def draft(self, plan: DraftPlan) -> torch.Tensor:
-        """One MTP pass on the last stage (speculative decoding); waits for its logits."""
-        self.step_id += 1
-        step = plan.step
-        self._broadcast(encode(DraftPlanMsg(self.step_id, step.token_ids, step.query_lens, step.num_computed,
-                                            [list(t) for t in step.block_tables], step.sample_rows,
-                                            plan.hidden_rows, plan.chained)))
-        return self.collect(self.step_id)
-
-    def collect(self, step_id: int) -> torch.Tensor:
-        """The logits of a submitted step (results of later steps that arrive first are kept)."""
-        while step_id not in self._logits:
-            msg = self._receive(self.step_timeout_s, f"step {step_id}")
-            if isinstance(msg, LogitsMsg):
-                self._logits[msg.step_id] = msg.tensor()
-        return self._logits.pop(step_id)
+    @abstractmethod
+    def collect(self, handle: Any) -> torch.Tensor:
+        """The logits of a submitted step."""
 
     def execute(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
         return self.collect(self.submit(plan, prev_token_ids))
 
-    @property
-    def num_ranks(self) -> int:
-        return len(self.specs)
+    @abstractmethod
+    def draft(self, plan: DraftPlan) -> torch.Tensor:
+        """One pass of the MTP module on the last stage (speculative decoding, after the step whose hidden
+        states it reads has been collected); waits for its logits [len(sample_rows), vocab]."""
 
-    def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
-        """Send a KV save or load to every rank, in order with the step plans (kvstore/transport.py)."""
-        self._broadcast(encode(msg))
-
-    def kv_poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
-        """The ranks' load reports that arrived (waiting up to ``timeout_s`` for one)."""
-        if not self._kv_reports and timeout_s > 0 and self.sock.poll(int(timeout_s * 1000)):
-            self.poll_messages()
-        self.poll_messages()
-        reports, self._kv_reports = self._kv_reports, []
-        return reports
-
-    def kv_counters(self) -> list[KvLoadedMsg]:
-        """Every rank's latest store counters. Every 2 s this asks again without waiting (an empty load, id 0):
-        the answers are picked up while collecting logits."""
-        now = time.monotonic()
-        if now - self._kv_polled > 2.0:
-            self._kv_polled = now
-            self._broadcast(encode(KvLoadMsg(0, [], [], [], [], [])))
-        return list(self._kv_counters.values())
-    def request_expert_load(self, seq: int) -> None:
-        """Ask every rank for its expert-load counters; each answers after the plans sent before this, and
-        the answers go to ``sinks[ExpertLoadMsg]`` whenever the executor next reads its socket."""
-        self._broadcast(encode(ExpertLoadRequestMsg(seq)))
-
-    def broadcast(self, msg: Any) -> None:
-        """Send a typed message to every rank, in order with the step plans."""
-        self._broadcast(encode(msg))
-
-    def poll_messages(self) -> None:
-        """Read what has arrived without waiting (between steps): statistics, and logits kept for later."""
-        while self.sock.poll(0):
-            msg = self._read_one()
-            if isinstance(msg, LogitsMsg):
-                self._logits[msg.step_id] = msg.tensor()
-
+    # ---- statistics ----
+    @abstractmethod
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
-        """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep
-        it from the first request on (``reset=True`` opens the window; before it they report zeros)."""
-        self._broadcast(encode(StatsRequestMsg(reset)))
-        stats: dict[int, StatsMsg] = {}
-        while len(stats) < len(self.specs):
-            msg = self._receive(self.step_timeout_s, "stats")
-            if isinstance(msg, StatsMsg):
-                stats[msg.rank] = msg
-            elif isinstance(msg, LogitsMsg):
-                self._logits[msg.step_id] = msg.tensor()
-        return [stats[r] for r in sorted(stats)]
+        """Per-rank busy time in the current window (``reset`` opens a new one); empty with one process, whose
+        busy time is the engine's own."""
 
+    @abstractmethod
+    def request_expert_load(self, seq: int) -> None:
+        """Ask every rank for its expert-load counters; the answers (``ExpertLoadMsg``, one per rank) go to
+        ``sinks[ExpertLoadMsg]`` once they have arrived, without the engine waiting for them."""
+
+    @abstractmethod
+    def poll_messages(self) -> None:
+        """Hand what has arrived to the sinks, without waiting (between steps)."""
+
+    def trace_experts(self, enabled: bool) -> bool:
+        """Keep the routed expert ids of each step's sampled rows (``last_expert_ids``); False where the ranks
+        cannot (stage workers do not return traces yet)."""
+        return False
+
+    def last_expert_ids(self) -> torch.Tensor | None:
+        """[sample rows, moe layers, top_k] of the latest step, while tracing."""
+        return None
+
+    # ---- messages to every rank ----
+    @abstractmethod
+    def broadcast(self, msg: Any) -> None:
+        """Send a typed message (an expert placement) to every rank, in order with the step plans."""
+
+    # ---- the KV connector's side on the ranks (kvstore/connector.py) ----
+    @abstractmethod
+    def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
+                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
+        """How the coordinator's KV connector reaches the ranks' BlockMovers: saves and loads in order with
+        the step plans, the ranks' ``KvLoadedMsg`` reports polled. The arguments serve one process (its
+        mover's layout, host slots, store client and reader threads; ``nixl``: a decode instance's NIXL
+        agent); stage workers have theirs from their specs."""
+
+    @abstractmethod
+    def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:
+        """A prefill instance's block servers, one per stage: (address, first layer, number of layers). Stage
+        workers start theirs with their spec and report them (``KvServerMsg``) before they are ready; one
+        process starts its own here, on ``bind_host`` (``tcp://host``) and any free port, with a NIXL agent
+        for ``backend`` nixl; it stops with ``shutdown``."""
+
+    # ---- health ----
+    @abstractmethod
+    def check_alive(self) -> None:
+        """Raise WorkerError naming a rank that has died (also between steps)."""
+
+    @abstractmethod
     def shutdown(self) -> None:
-        """Stop every rank (idempotent)."""
-        if self.ctx.closed:
-            return
-        frame = encode(ShutdownMsg("engine closed"))
-        for spec in self.specs:
-            try:
-                self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame], flags=zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
-        stop_processes(self.procs)
-        self.ctx.destroy(linger=0)
+        """Stop every rank and give back what they hold (idempotent)."""
+
+
+Launcher = Callable[[ReplicaLayout], Executor]

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeserve.comm.messages import ExpertLoadMsg, MessageError
 from moeserve.coordinator.expert_load import LoadAggregator, LoadView
 from moeserve.coordinator.rebalancer import EplbConfig, Rebalancer
-from moeserve.device_copy import HostCopy
 from moeserve.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -23,31 +25,27 @@ def moe_layer_ids(config: ModelConfig) -> tuple[int, ...]:
 
 
 class ExpertLoadMonitor:
-    """Every ``interval`` steps: read the in-process runner's counters, or ask every stage worker for
-    theirs (``request_expert_load``; the replies come back through ``receive`` while the engine collects
-    later steps, so the step that asks waits for nothing). The in-process counters are copied to the host
-    without a sync (``HostCopy``) and taken at a later step, once the copy has landed: reading them at once
-    would wait for every kernel queued, including the next step's, and leave the GPU idle after."""
+    """Every ``interval`` steps ask every rank for its counters (``Executor.request_expert_load``); the
+    answers come back through ``receive`` while the engine runs later steps, so the step that asks waits for
+    nothing. The window closes at the step that asked, once every rank has answered."""
 
-    def __init__(self, runner: Any, config: ModelConfig, interval: int, phy2log: torch.Tensor | None = None,
-                 eplb: EplbConfig | None = None):
-        """``eplb``: rebalance the placement online (a distributed engine with expert parallelism only)."""
+    def __init__(self, executor: Executor, config: ModelConfig, interval: int,
+                 phy2log: torch.Tensor | None = None, eplb: EplbConfig | None = None):
+        """``eplb``: rebalance the placement online (with expert parallelism, ``phy2log`` given, only)."""
         if interval < 1:
             raise ValueError(f"the expert-load interval must be >= 1 step, got {interval}")
         self.interval = interval
         self.aggregator = LoadAggregator(moe_layer_ids(config), config.n_routed_experts, phy2log)
-        self.runner = runner
-        self.distributed = hasattr(runner, "request_expert_load")
-        if self.distributed:
-            runner.sinks[ExpertLoadMsg] = self.receive
+        self.executor = executor
+        executor.sinks[ExpertLoadMsg] = self.receive
         self.step = 0
         self._steps_since_request = 0
         self._seq = 0
+        self._asked_at = 0  # the step the pending request was made at
         self._pending: set[int] = set()
-        self._local: tuple[HostCopy, tuple[int, ...], int] | None = None  # copy, layer ids, step asked at
         self.rebalancer: Rebalancer | None = None
-        if eplb is not None and self.distributed and phy2log is not None and self.enabled:
-            self.rebalancer = Rebalancer(runner, self.aggregator, eplb)
+        if eplb is not None and phy2log is not None and self.enabled:
+            self.rebalancer = Rebalancer(executor, self.aggregator, eplb)
             self.rebalancer.on_swap = self._placement_changed
 
     @property
@@ -61,9 +59,11 @@ class ExpertLoadMonitor:
     def on_step(self, step: int) -> None:
         self.step = step
         self._steps_since_request += 1
-        self._take_local(wait=False)
-        if self.enabled and self._steps_since_request >= self.interval and not self._pending \
-                and self._local is None:
+        if not self.enabled:
+            return
+        if self._pending:
+            self.executor.poll_messages()  # answers that have arrived (one process: a copy that has landed)
+        if self._steps_since_request >= self.interval and not self._pending:
             self.request()
         if self.rebalancer is not None:
             self.rebalancer.on_step(step)
@@ -77,12 +77,9 @@ class ExpertLoadMonitor:
         """Between steps with nothing to run: take the answers that came in, close a window left open."""
         if not self.enabled:
             return
-        if self.distributed:
-            self.runner.poll_messages()
-        self._take_local(wait=True)
+        self.executor.poll_messages()
         if self._steps_since_request and not self._pending:
             self.request()
-            self._take_local(wait=True)
         if self.rebalancer is not None and (self.rebalancer.staging or self.rebalancer.requested):
             self.rebalancer.on_step(self.step)
 
@@ -90,40 +87,25 @@ class ExpertLoadMonitor:
         """Close a window now and wait for every rank's answer (tests, and callers between steps)."""
         if not self.enabled:
             return self.view
-        self._take_local(wait=True)
+        self._wait_for_answers(timeout_s)  # to a request in flight
         self.request()
-        self._take_local(wait=True)
+        self._wait_for_answers(timeout_s)
+        return self.view
+
+    def _wait_for_answers(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while self._pending:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"ranks {sorted(self._pending)} did not send their expert load")
-            self.runner.poll_messages()
-            time.sleep(0.01)
-        return self.view
+            self.executor.poll_messages()
+            time.sleep(0.001)
 
     def request(self) -> None:
         self._steps_since_request = 0
-        if not self.distributed:
-            counter = getattr(self.runner, "expert_load", None)
-            if counter is None:
-                self.aggregator.close_window(self.step)
-            else:
-                self._local = (HostCopy([counter.logical, counter.physical]), counter.layer_ids, self.step)
-            return
         self._seq += 1
-        self._pending = set(range(len(self.runner.specs)))
-        self.runner.request_expert_load(self._seq)
-
-    def _take_local(self, wait: bool) -> None:
-        """The in-process counters asked for, into the window of the step that asked, once they have
-        landed (``wait``: now)."""
-        if self._local is None or not (wait or self._local[0].ready()):
-            return
-        copy, layer_ids, step = self._local
-        self._local = None
-        logical, physical = copy.wait()
-        self.aggregator.update(0, layer_ids, logical, physical)
-        self.aggregator.close_window(step)
+        self._asked_at = self.step
+        self._pending = set(range(self.executor.num_ranks))
+        self.executor.request_expert_load(self._seq)
 
     def receive(self, msg: ExpertLoadMsg) -> None:
         """A rank's answer (called by the executor while it waits for logits)."""
@@ -137,4 +119,4 @@ class ExpertLoadMonitor:
         else:
             self.aggregator.update(msg.rank, msg.layer_ids, logical, physical)
         if not self._pending:
-            self.aggregator.close_window(self.step)
+            self.aggregator.close_window(self._asked_at)

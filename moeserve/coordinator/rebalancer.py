@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,6 +26,9 @@ from moeserve.comm.messages import PlacementMsg, PlacementReadyMsg, PlacementSwa
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.expert_load import LoadAggregator, Rebalance
 from moeserve.experts.eplb import balancedness, num_moves, plan_placement, rank_loads
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +48,7 @@ class EplbConfig:
 def with_redundant_slots(config: EngineConfig, num_experts: int) -> EngineConfig:
     """With ``num_redundant_experts`` and no placement file, write the planner's placement for an even load
     (every rank ``(E + R) / ep`` slots) and point the config at it."""
-    if not config.num_redundant_experts or config.expert_placement or not num_experts:
+    if not config.num_redundant_experts or config.expert_placement or not num_experts or not config.is_distributed:
         return config
     ep = config.parallel_dims.ep
     slots, rest = divmod(num_experts + config.num_redundant_experts, ep)
@@ -59,7 +62,7 @@ def with_redundant_slots(config: EngineConfig, num_experts: int) -> EngineConfig
 
 
 class Rebalancer:
-    def __init__(self, executor: Any, aggregator: LoadAggregator, config: EplbConfig):
+    def __init__(self, executor: Executor, aggregator: LoadAggregator, config: EplbConfig):
         self.executor, self.aggregator, self.config = executor, aggregator, config
         executor.sinks[PlacementReadyMsg] = self.receive
         aggregator.eplb_interval_steps = config.interval
@@ -106,7 +109,7 @@ class Rebalancer:
             self._record("skipped", 0.0, measured, after)
             return False
         self._seq += 1
-        self._pending = set(range(len(self.executor.specs)))
+        self._pending = set(range(self.executor.num_ranks))
         self._errors = []
         self._staging = (new, time.monotonic(), measured, after)
         logger.info("rebalancing experts: balancedness %.3f -> %.3f predicted, %d slots move", measured, after,

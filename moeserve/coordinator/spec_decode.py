@@ -21,7 +21,7 @@ the prefix cache before its tokens are computed and verified).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,6 +33,9 @@ from moeserve.coordinator.spec_config import SpeculativeConfig
 from moeserve.coordinator.step_batch import sampling_batch_of
 from moeserve.device_copy import HostCopy, to_device
 from moeserve.stages.step_plan import DraftPlan, StepPlan
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
 
 
 def can_draft(req: Request) -> bool:
@@ -55,7 +58,7 @@ class Verified:
 
 
 class Speculator:
-    """The coordinator's side of MTP speculative decoding; ``runner.draft`` runs the module's passes."""
+    """The coordinator's side of MTP speculative decoding; ``Executor.draft`` runs the module's passes."""
 
     def __init__(self, config: SpeculativeConfig, sampler: Sampler, eos_token_ids: tuple[int, ...],
                  device: torch.device):
@@ -164,7 +167,7 @@ class Speculator:
         return out
 
     # ---- draft ----
-    def draft(self, runner: Any, plan: StepPlan, scheduled: list[ScheduledRequest], num_drafts: dict[Request, int]
+    def draft(self, executor: Executor, plan: StepPlan, scheduled: list[ScheduledRequest], num_drafts: dict[Request, int]
               ) -> None:
         """Run the MTP module over the rows the step computed and kept, and give each request of
         ``num_drafts`` (request -> k > 0, a decoding request that can take drafts) its k next drafts."""
@@ -174,12 +177,12 @@ class Speculator:
         draft_plan, sampled, tables = first
         drafts: dict[Request, list[int]] = {r: [] for r in sampled}
         probs: dict[Request, list[torch.Tensor]] = {r: [] for r in sampled}
-        logits = runner.draft(draft_plan)
+        logits = executor.draft(draft_plan)
         for j in range(1, max(num_drafts[r] for r in sampled) + 1):
             if j > 1:
                 live = [i for i, r in enumerate(sampled) if num_drafts[r] >= j]
                 sampled = [sampled[i] for i in live]
-                logits = runner.draft(self._chained_pass(sampled, drafts, tables, live, j))
+                logits = executor.draft(self._chained_pass(sampled, drafts, tables, live, j))
             tokens, q = self._sample_drafts(logits, sampled)
             for i, req in enumerate(sampled):
                 drafts[req].append(tokens[i])

@@ -158,9 +158,7 @@ class RemoteConnector(QueuedConnector):
     def close(self) -> None:
         for sock in self._release_sockets.values():
             sock.close()
-        close = getattr(self.transport, "close", None)
-        if close is not None:
-            close()
+        self.transport.close()
 
 
 def block_server(caches: dict, layout: BlockLayout, bind: str, backend: str) -> KvBlockServer:

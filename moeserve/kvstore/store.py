@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 from moeserve.kvstore.breaker import CLOSED, CircuitBreaker
 from moeserve.kvstore.resp_reader import RespPool
 
+STORE_ENV = "MOESERVE_KV_STORE"  # the store's URL from the environment: its password stays off command lines
+
 logger = logging.getLogger(__name__)
 
 

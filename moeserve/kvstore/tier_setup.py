@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
 from moeserve.kvstore.connector import KVConnector
 from moeserve.kvstore.disagg import PrefillSide, RemoteConnector, block_server
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.nixl_transfer import NixlAgent
-from moeserve.kvstore.store import KVStore, StoreConfigError, open_store, redact
+from moeserve.kvstore.store import STORE_ENV, KVStore, StoreConfigError, open_store, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
 from moeserve.kvstore.transfer_server import KvBlockServer
-from moeserve.kvstore.transport import LocalTransport
+
+if TYPE_CHECKING:
+    from moeserve.coordinator.executor import Executor
 
 logger = logging.getLogger(__name__)
 
-STORE_ENV = "MOESERVE_KV_STORE"  # the store's URL from the environment: its password stays off command lines
 FROM_ENV = f"env:{STORE_ENV}"  # what a stage worker's spec says when its URL is in that variable
 AUTO_HOST_CAP = 2 << 30  # the automatic host tier: at most 2 GiB per rank ...
 AUTO_HOST_RAM_FRACTION = 16  # ... and at most 1/16 of the machine's memory
@@ -64,36 +65,30 @@ def open_kv_store(config: Any) -> KVStore | None:
     return store
 
 
-def build_connector(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,
+def build_connector(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, executor: Executor,
                     store: KVStore | None) -> KVConnector | None:
-    """The engine's KV connector: a decode instance's ``RemoteConnector``, else the host tier and the store
-    (``build_tiers``). ``runner``: the one-process ModelRunner or the DistributedExecutor."""
+    """The engine's KV connector: a decode instance's ``RemoteConnector`` (every rank pulls its own layers),
+    else the host tier and the store (``build_tiers``)."""
     if config.disaggregation_mode != "decode":
-        return build_tiers(config, kv_dim, stage_layers, bytes_per_token, runner, store)
+        return build_tiers(config, kv_dim, stage_layers, bytes_per_token, executor, store)
     layouts = stage_layouts(config, stage_layers, kv_dim)
     logger.info("decode instance: prompt blocks come from prefill instances (%s)", config.kv_transfer_backend)
-    if hasattr(runner, "kv_caches"):  # one process: this process's runner holds the cache
-        mover = BlockMover(runner.kv_caches, layouts[0], 0, None)
-        nixl = NixlAgent(mover.caches, "decode") if config.kv_transfer_backend == "nixl" else None
-        transport: Any = LocalTransport(mover, nixl)
-    else:  # every stage worker pulls its own layers
-        transport = runner
+    transport = executor.kv_transport(layouts[0], 0, None, read_threads=config.kv_store_connections,
+                                      nixl=config.kv_transfer_backend == "nixl")
     return RemoteConnector(transport, layouts[0], config.kv_transfer_timeout, config.kv_transfer_backend)
 
 
-def build_prefill_side(config: Any, kv_dim: int, stage_layers: list[int], runner: Any) -> PrefillSide | None:
-    """A prefill instance's transfer server (None for other roles): over this process's caches, or with the
-    stage workers' block servers as its sources."""
+def build_prefill_side(config: Any, kv_dim: int, stage_layers: list[int], executor: Executor) -> PrefillSide | None:
+    """A prefill instance's transfer server (None for other roles), with the ranks' block servers as its
+    sources (``Executor.kv_block_sources``)."""
     if config.disaggregation_mode != "prefill":
         return None
     layouts = stage_layouts(config, stage_layers, kv_dim)
     bind = any_port(config.kv_transfer_addr)
     block_bytes = sum(layout.payload_bytes for layout in layouts)
-    if hasattr(runner, "kv_caches"):
-        local = block_server(runner.kv_caches, layouts[0], bind, config.kv_transfer_backend)
-        side = PrefillSide(layouts[0], bind, config.kv_transfer_hold, block_bytes, [], local)
-    else:
-        side = PrefillSide(layouts[0], bind, config.kv_transfer_hold, block_bytes, runner.kv_block_servers)
+    sources = executor.kv_block_sources(layouts[0], config.kv_transfer_addr.rpartition(":")[0],
+                                        config.kv_transfer_backend)
+    side = PrefillSide(layouts[0], bind, config.kv_transfer_hold, block_bytes, sources)
     logger.info("prefill instance: KV transfer server at %s", side.address)
     return side
 
@@ -103,10 +98,9 @@ def any_port(addr: str) -> str:
     return addr[:-2] + ":*" if addr.endswith(":0") else addr
 
 
-def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, runner: Any,
+def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_token: int, executor: Executor,
                 store: KVStore | None) -> TierManager | None:
-    """The coordinator's TierManager, or None when there is neither a host tier nor a store. ``runner``: the
-    one-process ModelRunner (a BlockMover is made on its caches) or the DistributedExecutor."""
+    """The coordinator's TierManager, or None when there is neither a host tier nor a store."""
     num_host = host_blocks(config, bytes_per_token)
     if not num_host and store is None:
         return None
@@ -115,10 +109,8 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
     logger.info("host tier: %d blocks (%d MiB per rank)%s", num_host,
                 num_host * config.effective_block_size * bytes_per_token >> 20,
                 "; shared store on" if store is not None else "")
-    if hasattr(runner, "kv_caches"):  # one process: this process's runner holds the cache
-        mover = BlockMover(runner.kv_caches, layouts[0], num_host, store, read_threads=config.kv_store_connections)
-        return TierManager(tier_config, LocalTransport(mover), store, ranks_share_store=True)
-    return TierManager(tier_config, runner, store)
+    transport = executor.kv_transport(layouts[0], num_host, store, read_threads=config.kv_store_connections)
+    return TierManager(tier_config, transport, store)
 
 
 def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:

@@ -109,13 +109,10 @@ class _TierLoad:
 class TierManager(QueuedConnector):
     """The host tier and the shared store as a ``KVConnector`` (kvstore/connector.py)."""
 
-    def __init__(self, config: TierConfig, transport: KvTransport, store: KVStore | None,
-                 ranks_share_store: bool = False):
-        """``store``: the coordinator's client (lookups); ``ranks_share_store``: one process, whose mover uses
-        that same client (its errors are counted once)."""
+    def __init__(self, config: TierConfig, transport: KvTransport, store: KVStore | None):
+        """``store``: the coordinator's client (lookups)."""
         super().__init__(transport.num_ranks, transport)
         self.config = config
-        self.ranks_share_store = ranks_share_store
         self.store = store
         self.host = HostIndex(config.host_blocks)
         self.stats = TierStats()
@@ -221,9 +218,7 @@ class TierManager(QueuedConnector):
 
     def close(self) -> None:
         """Stop the one-process mover's writer thread (stage workers stop with their process)."""
-        close = getattr(self.transport, "close", None)
-        if close is not None:
-            close()
+        self.transport.close()
 
     def snapshot(self) -> dict[str, float | int | list]:
         """Counters for /metrics (plain values: they cross from replica processes as msgpack)."""
@@ -237,7 +232,7 @@ class TierManager(QueuedConnector):
             "store_bytes_written": sum(r.bytes_written for r in ranks),
             "writes_dropped": sum(r.writes_dropped for r in ranks),
             "store_errors": (store.errors if store else 0)
-            + (0 if self.ranks_share_store else sum(r.store_errors for r in ranks)),
+            + (0 if self.transport.kv_shares_coordinator_store else sum(r.store_errors for r in ranks)),
             "corrupt_blocks": s.corrupt_blocks, "loads_skipped": s.loads_skipped,
             "breaker_state": store.breaker_state if store else 0,
             "breaker_opened": store.breaker_opened if store else 0,

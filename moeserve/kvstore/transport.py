@@ -3,10 +3,10 @@
 ``KvWorker`` runs on each rank beside its ``BlockMover``: a ``KvSaveMsg`` runs at once (the next step plan
 may overwrite the blocks it copies), a ``KvLoadMsg`` goes to a background thread (host-pool slots are
 copied at once: a later save may reuse a slot), and each finished load is reported as a ``KvLoadedMsg``
-(``poll``). The coordinator reaches the workers through a ``KvTransport``: directly in one process
-(``LocalTransport``), or through the stage workers' plan socket (``DistributedExecutor.kv_submit`` /
-``kv_poll``; a worker process sends its reports back on that socket). Messages run in the order sent,
-between step plans, so a save always sees the step that computed its blocks.
+(``poll``). The coordinator reaches the workers through a ``KvTransport`` (``Executor.kv_transport``):
+directly in one process (``LocalTransport``), or through the stage workers' plan socket
+(``RankExecutor.kv_submit`` / ``kv_poll``; a worker process sends its reports back on that socket). Messages
+run in the order sent, between step plans, so a save always sees the step that computed its blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from moeserve.kvstore.remote import pull_remote_blocks
 
 class KvTransport(Protocol):
     num_ranks: int
+    # the ranks' movers use the coordinator's own store client (one process): its errors are counted once
+    kv_shares_coordinator_store: bool
 
     def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
         """Send a save or a load to every rank (in order with the step plans)."""
@@ -33,6 +35,9 @@ class KvTransport(Protocol):
 
     def kv_counters(self) -> list[KvLoadedMsg]:
         """The latest store counters of every rank that has reported."""
+
+    def close(self) -> None:
+        """Stop what the transport runs in this process (a mover's writer thread)."""
 
 
 def counters_of(mover: BlockMover, rank: int, load_id: int = 0, report: LoadReport | None = None,
@@ -104,6 +109,7 @@ class LocalTransport:
     """One process: the engine's own runner holds the cache tensors."""
 
     num_ranks = 1
+    kv_shares_coordinator_store = True
 
     def __init__(self, mover: BlockMover, nixl: NixlAgent | None = None):
         self.mover = mover

@@ -34,7 +34,8 @@ from typing import Any
 import torch.distributed as dist
 
 import moeserve
-from moeserve.coordinator.executor import DistributedExecutor, ReplicaLayout, WorkerError
+from moeserve.coordinator.executor import ReplicaLayout, WorkerError
+from moeserve.coordinator.mp_executor import MultiprocExecutor
 from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
 from moeserve.errors import UserError
 from moeserve.stages.worker import WorkerSpec
@@ -242,15 +243,49 @@ def check_nodes(facts: dict[int, dict[str, str]]) -> None:
                                    f"{ref.get(key)!r}")
 
 
+class ClusterExecutor(MultiprocExecutor):
+    """Node 0's executor: starts node 0's ranks, and sees the other nodes' ranks die through the store (their
+    launchers' ``failed`` reports and heartbeats)."""
+
+    failure_grace_s = 2.0  # a rank's death on another node shows a moment after its peers' errors
+    ranks_in_view = False
+
+    def __init__(self, plane: ControlPlane, specs: list[WorkerSpec], coord_bind: str, per_node: int,
+                 env: dict[str, str]):
+        self.plane = plane
+        self._beats: dict[int, tuple[int, float]] = {}
+        super().__init__(specs, coord_bind, local_specs=specs[:per_node], env=env)
+
+    def _failures(self, reported: int | None = None) -> list[WorkerError]:
+        found = super()._failures(reported)
+        try:
+            self._check_nodes()
+        except WorkerError as e:
+            found.append(e)
+        return found
+
+    def _check_nodes(self) -> None:
+        """Raise WorkerError for a rank another node saw die, or a node whose heartbeat stopped."""
+        if self.plane.has("failed"):
+            failed = self.plane.get_json("failed")
+            raise WorkerError(failed["reason"], failed["code"])
+        now = time.monotonic()
+        for r in range(1, self.plane.cc.nnodes):
+            count = self.plane.store.add(f"hb/{r}", 0)
+            last = self._beats.get(r)
+            if last is None or last[0] != count:
+                self._beats[r] = (count, now)
+            elif now - last[1] > HEARTBEAT_TIMEOUT_S:
+                raise WorkerError(f"node {r} stopped answering (no heartbeat for {now - last[1]:.0f} s)")
+
+
 class ClusterLauncher:
-    """The engine's launcher on node 0: publishes every rank's spec, starts node 0's ranks, and watches the
-    other nodes through the store (their ``failed`` reports and heartbeats)."""
+    """The engine's launcher on node 0: publishes every rank's spec and starts the ClusterExecutor."""
 
     def __init__(self, plane: ControlPlane, env: dict[str, str]):
         self.plane, self.cc, self.env = plane, plane.cc, env
-        self._beats: dict[int, tuple[int, float]] = {}
 
-    def __call__(self, layout: ReplicaLayout) -> DistributedExecutor:
+    def __call__(self, layout: ReplicaLayout) -> ClusterExecutor:
         cc = self.cc
         per_node = cc.ranks_per_node(layout.dims.world_size)
         threads = max(1, (os.cpu_count() or 1) // per_node)
@@ -260,22 +295,7 @@ class ClusterLauncher:
         self.plane.set_json("specs", [s.to_json() for s in specs])
         # NOTE: bound to node 0's cluster address only, not every interface: the ranks connect there
         bind = f"tcp://{socket.gethostbyname(cc.master_addr)}:{cc.coordinator_port}"
-        return DistributedExecutor(specs, bind, local_specs=specs[:per_node],
-                                   liveness=self.check, env=dict(os.environ) | self.env)
-
-    def check(self) -> None:
-        """Raise WorkerError for a rank another node saw die, or a node whose heartbeat stopped."""
-        if self.plane.has("failed"):
-            failed = self.plane.get_json("failed")
-            raise WorkerError(failed["reason"], failed["code"])
-        now = time.monotonic()
-        for r in range(1, self.cc.nnodes):
-            count = self.plane.store.add(f"hb/{r}", 0)
-            last = self._beats.get(r)
-            if last is None or last[0] != count:
-                self._beats[r] = (count, now)
-            elif now - last[1] > HEARTBEAT_TIMEOUT_S:
-                raise WorkerError(f"node {r} stopped answering (no heartbeat for {now - last[1]:.0f} s)")
+        return ClusterExecutor(self.plane, specs, bind, per_node, dict(os.environ) | self.env)
 
 
 def supervise(plane: ControlPlane, procs: list[subprocess.Popen], specs: list[WorkerSpec]) -> int:
@@ -367,7 +387,7 @@ def _run_coordinator(plane: ControlPlane, engine_config, env: dict[str, str], wo
             raise
         plane.set_json("preflight", "ok")
         engine = Engine(engine_config, launcher=ClusterLauncher(plane, env))    # 4. ranks everywhere
-        preflight = engine.runner.preflight
+        preflight = engine.executor.preflight
         if preflight is not None:
             print(f"[node 0] preflight: {preflight.world_size} ranks, {preflight.nbytes >> 10} KiB: all-reduce "
                   f"{preflight.all_reduce_s * 1e3:.2f} ms, all-to-all {preflight.all_to_all_s * 1e3:.2f} ms",

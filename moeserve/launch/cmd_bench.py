@@ -8,6 +8,8 @@ import resource
 import time
 from pathlib import Path
 
+from moeserve.launch.engine_args import engine_config
+
 NEEDS_ENGINE_ARGS = True
 
 
@@ -68,9 +70,7 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine.stats.phase_s = dict.fromkeys(engine.stats.phase_s, 0.0)
-    stage_stats = getattr(engine.runner, "stage_stats", None)  # stage workers only
-    if stage_stats is not None:
-        stage_stats(reset=True)
+    engine.executor.stage_stats(reset=True)  # stage workers' busy time from here on (none in one process)
     prefix = torch.randint(0, vocab, (shared_prefix_len,), generator=gen).tolist()
     hits_before = hit_counts(engine)
     start = time.perf_counter()
@@ -113,8 +113,9 @@ def run_benchmark(engine, num_prompts: int, input_len: int, output_len: int, pro
         result["spec_decode"] = {"draft_tokens": stats.num_draft_tokens, "accepted_tokens": stats.num_accepted_tokens,
                                  "mean_acceptance_length": stats.mean_acceptance_length,
                                  "draft_ms_per_step": engine.stats.phase_s["draft"] / max(1, stats.num_steps) * 1e3}
-    if stage_stats is not None:
-        result["stage_busy"] = stage_busy(engine, stage_stats(), elapsed)
+    stage_stats = engine.executor.stage_stats()
+    if stage_stats:
+        result["stage_busy"] = stage_busy(engine, stage_stats, elapsed)
     return result
 
 
@@ -158,7 +159,6 @@ def print_table(result: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from moeserve.coordinator.engine import Engine
-    from moeserve.launch.cli import engine_config
     from moeserve.launch.preflight import check_engine
 
     config = engine_config(args)

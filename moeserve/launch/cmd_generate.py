@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from moeserve.errors import UserError
+from moeserve.launch.engine_args import engine_config
 
 NEEDS_ENGINE_ARGS = True
 
@@ -97,7 +98,6 @@ def sampling_params(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from moeserve.coordinator.engine import Engine
-    from moeserve.launch.cli import engine_config
     from moeserve.launch.preflight import check_engine
 
     prompts = read_prompts(args)

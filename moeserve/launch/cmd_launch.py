@@ -11,6 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from moeserve.errors import UserError
+from moeserve.launch.cmd_generate import add_generation_args, generate, read_prompts, sampling_params
+from moeserve.launch.cmd_serve import add_server_args, serve_engine
+from moeserve.launch.engine_args import add_engine_args, engine_config
+
 NEEDS_ENGINE_ARGS = False  # added to the ``cluster`` subcommand below
 
 KVSTORE_KEYS = {"url": "kv_store", "host_memory": "kv_host_memory", "salt": "kv_store_salt",
@@ -23,10 +28,6 @@ KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a st
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from moeserve.launch.cli import add_engine_args
-    from moeserve.launch.cmd_generate import add_generation_args
-    from moeserve.launch.cmd_serve import add_server_args
-
     p = sub.add_parser("launch", help="launch moeserve across machines")
     launch_sub = p.add_subparsers(dest="launch_command", required=True)
     c = launch_sub.add_parser("cluster", help="run this node's part of a multi-node deployment",
@@ -141,11 +142,9 @@ def quiet_torch_cpp_logs() -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_torch_cpp_logs()
-    from moeserve.launch.cli import build_parser, engine_config
     from moeserve.launch.cluster import ClusterError, run_node
-    from moeserve.launch.cmd_generate import generate, read_prompts, sampling_params
 
-    defaults = vars(build_parser().parse_args(["launch", "cluster"]))
+    defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["cluster"]))
     try:
         cc, env = cluster_config(args, defaults)
     except ClusterError as e:
@@ -172,6 +171,9 @@ def preflight(cc, config, args: argparse.Namespace) -> None:
     serve, its ports), layout. A UserError here is one line and exit 1 on this node."""
     from moeserve.launch.preflight import check_engine, check_ports
 
+    if config.distributed_executor_backend != "mp":
+        raise UserError("launch cluster starts every node's ranks itself (--distributed-executor-backend mp); "
+                        "on a Ray cluster run moeserve serve --distributed-executor-backend ray instead")
     local_ranks = cc.procs_per_node or -(-config.pp * config.tp // cc.nnodes)
     check_engine(config, need_tokenizer=cc.node_rank == 0, local_ranks=local_ranks)
     if cc.node_rank == 0 and not (args.prompts or args.prompts_file):
@@ -180,6 +182,4 @@ def preflight(cc, config, args: argparse.Namespace) -> None:
 
 def serve_work(args: argparse.Namespace):
     """Node 0's job without prompts: ``moeserve serve``'s front end over the cluster's engine."""
-    from moeserve.launch.cmd_serve import serve_engine
-
     return lambda engine: serve_engine(engine, args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from moeserve.errors import UserError
+from moeserve.launch.engine_args import engine_config
 
 NEEDS_ENGINE_ARGS = True
 
@@ -54,7 +55,6 @@ def server_config(args: argparse.Namespace):
     from moeserve.frontend.limits import ServerLimits
     from moeserve.frontend.load_metrics import LoadMetricsConfig
     from moeserve.frontend.server import ServerConfig
-    from moeserve.launch.cli import engine_config
 
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, max_tokens_in_flight=args.max_tokens_in_flight,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
@@ -70,7 +70,6 @@ def server_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from moeserve.launch.cli import engine_config
     from moeserve.launch.preflight import check_engine, check_ports
 
     # before the server's own imports, so that a wrong argument is reported at once

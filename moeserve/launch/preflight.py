@@ -7,6 +7,7 @@ argument is reported in about a second, before any weight is loaded or any worke
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,15 +28,27 @@ TOKENIZER_FILE = "tokenizer.json"
 def check_engine(config: EngineConfig, need_tokenizer: bool = True, local_ranks: int | None = None) -> ModelConfig:
     """Everything an engine of ``config`` needs, checked without loading it; returns the model's config.
 
-    ``local_ranks``: the ranks that run on this machine (default: pp x tp, or 1 in one process), each of
+    ``local_ranks``: the ranks that run on this machine (default: pp x tp with the mp backend; 1 in one
+    process, or with Ray, which places the ranks and needs only the coordinator's device here), each of
     which takes its own accelerator."""
-    check_device(config.device, local_ranks if local_ranks is not None else config.pp * config.tp)
+    check_executor_backend(config)
+    here = config.pp * config.tp if config.distributed_executor_backend == "mp" else 1
+    check_device(config.device, local_ranks if local_ranks is not None else here)
     model_config = check_model_dir(config.model_path, config.load_format)
     if need_tokenizer and not config.skip_tokenizer_init:
         check_tokenizer(config.model_path)
     config.context_length(model_config)  # ContextLengthError: a --max-model-len past the model's positions
     check_kv_cache(config, check_layout(config, model_config))
     return model_config
+
+
+def check_executor_backend(config: EngineConfig) -> None:
+    """``--distributed-executor-backend ray`` needs Ray installed (the optional extra), and several ranks."""
+    if config.distributed_executor_backend != "ray":
+        return
+    if importlib.util.find_spec("ray") is None:
+        raise UserError("--distributed-executor-backend ray needs Ray on this machine and on every node of "
+                        "the Ray cluster: pip install 'moeserve[ray]'")
 
 
 def check_device(device: str, num_ranks: int = 1) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.dummy import DummyReader
 from moeserve.model.loader import Checkpoint, _Reader, fill_weights
 from moeserve.model.weights import _expert_specs
+
+if TYPE_CHECKING:
+    from moeserve.stages.runner import ModelRunner
 
 
 @dataclass
@@ -58,7 +61,7 @@ def apply_placement(moe: MoE, placement: ExpertPlacement) -> bool:
 
 
 class ExpertMover:
-    def __init__(self, runner: Any, model_path: str, load_format: str, seed: int, ep_rank: int):
+    def __init__(self, runner: ModelRunner, model_path: str, load_format: str, seed: int, ep_rank: int):
         self.runner = runner
         self.model_path, self.load_format, self.seed = model_path, load_format, seed
         self.ep_rank = ep_rank
@@ -135,7 +138,7 @@ class ExpertMover:
                 for name, rows in staged.tensors.items():
                     getattr(moe, name)[staged.slots.to(rows.device)] = rows
                 in_place &= apply_placement(moe, ExpertPlacement.from_ranks(self.phy2log, self.ep_rank))
-        if not in_place and getattr(self.runner, "graphs", None) is not None:
+        if not in_place and self.runner.graphs is not None:
             self.runner.graphs = None  # NOTE: the captured graphs read the replaced tables: run eagerly
         counter = self.runner.expert_load
         if counter is not None:

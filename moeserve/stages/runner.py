@@ -102,14 +102,6 @@ class ModelRunner:
         assert logits is not None, "execute() needs a model slice with the LM head"
         return logits
 
-    def submit(self, plan: StepPlan, prev_token_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """The engine's pipelined interface (see DistributedExecutor): the step's kernels are queued at once
-        (on a CPU, run); the handle is the logits tensor."""
-        return self.execute(plan, prev_token_ids)
-
-    def collect(self, handle: torch.Tensor) -> torch.Tensor:
-        return handle
-
     @torch.inference_mode()
     def execute_stage(self, plan: StepPlan, hidden: torch.Tensor | None,
                       prev_token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:

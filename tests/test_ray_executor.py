@@ -1,0 +1,171 @@
+"""``--distributed-executor-backend ray`` on a real two-node Ray cluster on this machine (Ray's
+``cluster_utils``: a head and one more node, 2 logical CPUs each, shared by every test of this module):
+every layout gives the mp executor's greedy tokens (CPU float32), a Ray actor killed mid-run fails the step
+with a WorkerError naming the rank and its node, ``moeserve serve`` on Ray fails its requests and exits when
+a rank's actor dies, and no actor of ours is left alive after any of them. Skipped, with the reason, where
+Ray (the ``moeserve[ray]`` extra) is not installed."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'moeserve[ray]'): Ray executor untested")
+
+import test_distributed_engine  # noqa: E402  (tests/ is on sys.path: conftest.py)
+import test_engine  # noqa: E402
+from test_frontend_serve import LONG, sse_until_done, start  # noqa: E402
+
+from moeserve.coordinator.config import EngineConfig  # noqa: E402
+from moeserve.coordinator.engine import Engine  # noqa: E402
+from moeserve.coordinator.executor import WorkerError  # noqa: E402
+from moeserve.coordinator.ray_executor import NAMESPACE  # noqa: E402
+from moeserve.coordinator.sampling import SamplingParams  # noqa: E402
+
+VARIANT = test_distributed_engine.VARIANT
+REPO = str(Path(__file__).resolve().parent.parent)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Two Ray nodes on this machine; this process is connected as a driver. The nodes' worker processes
+    import moeserve from this checkout (PYTHONPATH), as the ranks of the other executors do."""
+    from ray.cluster_utils import Cluster
+
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + ([old_path] if old_path else []))
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level=logging.WARNING)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
+
+
+def config(ckpt: Path, **fields) -> EngineConfig:
+    return EngineConfig(model=str(ckpt), block_size=4, kv_cache_memory=1 << 22, **fields)
+
+
+def our_live_actors(wait_s: float = 15.0) -> list[dict]:
+    """moeserve's actors still alive, once the kills sent have landed (polled up to ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == NAMESPACE]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def mp_tokens(ckpt_factory) -> list[list[int]]:
+    """The mp executor's tokens for pp = 2 x tp = 2 with ep = 2: every layout gives these (test_distributed_engine
+    shows the same for one process)."""
+    return test_distributed_engine.run(ckpt_factory(VARIANT), pp=2, tp=2, ep=2)
+
+
+@pytest.mark.parametrize("pp, tp, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 2)])
+def test_ray_layout_equals_mp(ray_cluster, ckpt_factory, mp_tokens, pp: int, tp: int, ep: int) -> None:
+    """The ranks are Ray actors, the tp ranks of a stage on one node (with pp = 2 x tp = 2 each stage fills
+    one of the two nodes), each loads the plan's share, and the tokens are the mp executor's."""
+    engine = Engine(config(ckpt_factory(VARIANT), pp=pp, tp=tp, ep=ep, max_num_seqs=8, max_num_batched_tokens=32,
+                           distributed_executor_backend="ray"))
+    try:
+        nodes = [p.node_id for p in engine.executor.places]
+        stages = [{nodes[r] for r in range(s * tp, (s + 1) * tp)} for s in range(pp)]
+        assert all(len(s) == 1 for s in stages), nodes
+        if pp * tp == 4:
+            assert stages[0] != stages[1], nodes
+        assert len(our_live_actors(0)) == pp * tp
+        assert engine.executor.loaded_bytes == {r: w.total for r, w in enumerate(engine.parallel_plan.rank_weights)}
+        results = test_engine.run_staggered(engine)
+        assert engine.kv.num_free_blocks == engine.kv.num_blocks
+    finally:
+        engine.close()
+    assert [results[i] for i in range(len(test_engine.LENGTHS))] == mp_tokens
+    assert our_live_actors() == []
+
+
+def test_killed_actor_fails_the_step_naming_rank_and_node(ray_cluster, ckpt_factory) -> None:
+    engine = Engine(config(ckpt_factory(VARIANT), pp=2, distributed_executor_backend="ray"))
+    try:
+        engine.add_request("a", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=50, temperature=0))
+        engine.step()
+        ray.kill(engine.executor.actors[1])
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1 \(node \d+: .*Ray node .*\): its Ray actor died") as e:
+            for _ in range(50):
+                engine.step()
+        assert e.value.killed and time.monotonic() - t0 < 30  # a bound against a hang, not a speed test
+    finally:
+        engine.close()
+    assert our_live_actors() == []
+
+
+def test_serve_on_ray_fails_requests_and_exits_when_an_actor_dies(ray_cluster) -> None:
+    """``moeserve serve --distributed-executor-backend ray`` joins the cluster of RAY_ADDRESS; killing a
+    rank's actor while a stream runs ends the stream with engine_error naming the rank, /health turns 503,
+    and the server exits 1 leaving no actor behind."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc, url, _ = start("--pp", "2", "--distributed-executor-backend", "ray", env=env)
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as sse:
+            lines = sse.iter_lines()
+            assert next(lines).startswith("data: ")  # a token: the request runs
+            (rank1,) = [a["name"] for a in our_live_actors(0) if a["name"].endswith("-rank-1")]
+            ray.kill(ray.get_actor(rank1, namespace=NAMESPACE))
+            chunks = sse_until_done(lines)
+        assert chunks[-1]["error"]["code"] == "engine_error" and "rank 1" in chunks[-1]["error"]["message"]
+        assert httpx.get(url + "/health", timeout=5).status_code == 503
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert our_live_actors() == []
+
+
+def test_generate_without_ray_address_starts_a_local_ray(ray_cluster) -> None:
+    """``moeserve generate`` with no RAY_ADDRESS starts a Ray of its own for the run (and stops it): greedy
+    tokens as one process's, on the embedded model."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-m", "moeserve.launch.cli", "generate", "--temperature", "0", "--max-tokens", "8",
+            "--json", "--kv-cache-memory", str(32 << 20), "def fib(n):"]
+    ray_run = subprocess.run(argv + ["--pp", "2", "--distributed-executor-backend", "ray"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    one = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert ray_run.returncode == 0 and one.returncode == 0, ray_run.stderr[-3000:] + one.stderr[-2000:]
+    assert json.loads(ray_run.stdout)["token_ids"] == json.loads(one.stdout)["token_ids"]
+    assert our_live_actors(0) == []  # its actors were in its own Ray, which it stopped; none here either
+
+
+def test_node_that_dies_fails_the_step_naming_rank_and_node(ray_cluster, ckpt_factory) -> None:
+    """The non-head node goes (its raylet and every process on it killed): the ranks it held fail the step,
+    named with their node. Last in the module: the node is added back for nothing after it."""
+    engine = Engine(config(ckpt_factory(VARIANT), pp=2, tp=2, ep=2, distributed_executor_backend="ray"))
+    try:
+        (worker_node,) = ray_cluster.worker_nodes
+        lost = [r for r, p in enumerate(engine.executor.places) if p.node_id == worker_node.node_id]
+        assert len(lost) == 2, engine.executor.places
+        engine.add_request("a", prompt_token_ids=[5, 6, 7], params=SamplingParams(max_tokens=50, temperature=0))
+        engine.step()
+        ray_cluster.remove_node(worker_node, allow_graceful=False)
+        with pytest.raises(WorkerError, match=rf"rank [{lost[0]}{lost[1]}] \(node \d+: .*\): its Ray actor died"):
+            for _ in range(50):
+                engine.step()
+    finally:
+        engine.close()
+    assert our_live_actors() == []
