@@ -199,4 +199,5 @@ def test_closed_engine_gives_device_memory_back(ckpt) -> None:
         held = torch.cuda.memory_allocated() - start
         engine.close()
         left = torch.cuda.memory_allocated() - start
-        assert held > 1 << 30 and left < 64 << 20, (held, left)  # what stays: e.g. cuBLAS workspaces
+        # what stays is independent of the cache: cuBLAS keeps a 32 MiB workspace for each stream it ran on
+        assert held > 1 << 30 and left <= 128 << 20, (held, left)

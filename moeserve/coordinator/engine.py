@@ -78,7 +78,7 @@ class Engine(EngineStep):
         per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
         connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.executor,
                                     kv_store)
-        self.kv = KVCacheManager(layout.num_blocks, config.effective_block_size, connector=connector)
+        self.kv = KVCacheManager(self.executor.num_blocks or layout.num_blocks, config.effective_block_size, connector=connector)
         self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, stage_layers, self.executor)
         self.fingerprint = model_fingerprint(config.model_path, config.load_format, config.weights_seed) \
             if config.disaggregation_mode else ""

@@ -66,7 +66,9 @@ def default_launcher(config: EngineConfig, model: DeepseekModel | None = None) -
     """One rank: in this process (``model``, if given, is used as it is). Several: processes here (mp), or
     Ray actors (``--distributed-executor-backend ray``; Ray is imported only then)."""
     if not config.is_distributed:
-        return InProcessExecutor.launcher(model, progress=config.load_progress)
+        # the cache is sized once the weights are loaded, from the memory they left (unless a budget is given)
+        sized = None if config.kv_cache_memory else (lambda per_token: kv_cache_blocks(config, per_token))
+        return InProcessExecutor.launcher(model, progress=config.load_progress, size_cache=sized)
     if config.distributed_executor_backend == "ray":
         try:
             from moeserve.coordinator.ray_executor import RayExecutor  # the optional extra moeserve[ray]

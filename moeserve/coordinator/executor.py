@@ -77,6 +77,8 @@ class Executor(ABC):
     as ``WorkerError`` from any call, or from ``check_alive`` between steps."""
 
     num_ranks: int = 1
+    # the latent cache's capacity in blocks as the ranks allocated it (0: the layout's ``num_blocks``)
+    num_blocks: int = 0
     preflight: PreflightMsg | None = None  # rank 0's timing of the collectives before loading (several ranks)
 
     def __init__(self) -> None:

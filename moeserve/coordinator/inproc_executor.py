@@ -4,6 +4,7 @@ process: ``submit`` queues the step's kernels (on a CPU, runs it) and its handle
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,18 +28,30 @@ from moeserve.stages.step_plan import DraftPlan, StepPlan
 logger = logging.getLogger(__name__)
 
 
+def cache_bytes_per_token(model: DeepseekModel) -> int:
+    """Latent-cache bytes one token takes on this rank: the model's layers and, with speculative decoding,
+    the MTP module's layer."""
+    mtp = model.config.kv_cache_dim * torch.empty((), dtype=model.dtype).element_size() if model.mtp else 0
+    return model.cache_bytes_per_token() + mtp
+
+
 class InProcessExecutor(Executor):
     def __init__(self, runner: ModelRunner):
         super().__init__()
         self.runner = runner
+        self.num_blocks = runner.num_blocks
         self._tracing = False
         self._trace: torch.Tensor | None = None
         self._load: tuple[HostCopy, tuple[int, ...], int] | None = None  # counters asked for: copy, layers, seq
         self._block_server: KvBlockServer | None = None  # a prefill instance's (kv_block_sources)
 
     @classmethod
-    def launcher(cls, model: DeepseekModel | None = None, progress: bool = False):
-        """A Launcher that loads the model here (or takes ``model``, loaded already) and runs it."""
+    def launcher(cls, model: DeepseekModel | None = None, progress: bool = False,
+                 size_cache: Callable[[int], int] | None = None):
+        """A Launcher that loads the model here (or takes ``model``, loaded already) and runs it.
+        ``size_cache``: bytes one token takes -> cache blocks, called once the weights are on the device
+        (a budget from the free device memory must not count the memory the weights are about to take);
+        None: the layout's ``num_blocks``."""
         def launch(layout: ReplicaLayout) -> InProcessExecutor:
             device = torch.device(layout.device)
             loaded = model or load_model(layout.model, DTYPES[layout.dtype], device, progress=progress,
@@ -46,7 +59,8 @@ class InProcessExecutor(Executor):
                                          load_format=layout.option("load_format"),
                                          keep_fp8=layout.option("keep_fp8"), dummy_seed=layout.option("seed"),
                                          with_mtp=layout.option("mtp"))
-            runner = ModelRunner(loaded, layout.num_blocks, layout.block_size, device,
+            num_blocks = layout.num_blocks if size_cache is None else size_cache(cache_bytes_per_token(loaded))
+            runner = ModelRunner(loaded, num_blocks, layout.block_size, device,
                                  cuda_graphs=layout.option("cuda_graphs"),
                                  max_num_seqs=layout.option("max_num_seqs"),
                                  max_model_len=layout.option("max_positions"),
