@@ -18,7 +18,7 @@ import torch
 
 from moeserve.comm.topology import ParallelDims
 from moeserve.stages.step_plan import DraftPlan, StepPlan
-from moeserve.stages.worker import WorkerSpec
+from moeserve.stages.worker_spec import WorkerSpec
 
 if TYPE_CHECKING:
     from moeserve.comm.messages import PreflightMsg, StatsMsg

@@ -9,7 +9,7 @@ from pathlib import Path
 from moeserve.coordinator.executor import ReplicaLayout, WorkerError
 from moeserve.coordinator.rank_executor import RankExecutor
 from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
-from moeserve.stages.worker import WorkerSpec
+from moeserve.stages.worker_spec import WorkerSpec
 
 
 class MultiprocExecutor(RankExecutor):

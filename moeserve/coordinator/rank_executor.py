@@ -42,7 +42,7 @@ from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.store import KVStore
 from moeserve.kvstore.transport import KvTransport
 from moeserve.stages.step_plan import DraftPlan, StepPlan
-from moeserve.stages.worker import WorkerSpec
+from moeserve.stages.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 

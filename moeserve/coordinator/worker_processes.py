@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from moeserve.stages.worker import WorkerSpec
+from moeserve.stages.worker_spec import WorkerSpec
 
 
 def spawn_workers(specs: list[WorkerSpec], env: dict[str, str] | None = None) -> list[subprocess.Popen]:

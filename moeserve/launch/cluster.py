@@ -38,7 +38,7 @@ from moeserve.coordinator.executor import ReplicaLayout, WorkerError
 from moeserve.coordinator.mp_executor import MultiprocExecutor
 from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
 from moeserve.errors import UserError
-from moeserve.stages.worker import WorkerSpec
+from moeserve.stages.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 

@@ -10,19 +10,15 @@ rank, send the logits back to the coordinator). It keeps its busy time for ``Sta
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import zmq
 
-from moeserve.comm.groups import RankGroups, backend_for, init_groups, recv_hidden, send_hidden
+from moeserve.comm.groups import backend_for, init_groups, recv_hidden, send_hidden
 from moeserve.comm.messages import (
     DraftPlanMsg,
     ErrorMsg,
@@ -45,87 +41,18 @@ from moeserve.comm.messages import (
     encode,
 )
 from moeserve.comm.preflight_bench import sync, time_all_reduce, time_all_to_all
-from moeserve.comm.topology import ParallelDims
 from moeserve.dtypes import DTYPES
-from moeserve.experts.moe import ExpertPlacement
-from moeserve.experts.placement import expert_placement
 from moeserve.kvstore.tier_setup import worker_block_server, worker_mover, worker_nixl
 from moeserve.kvstore.transport import KvWorker
 from moeserve.model.cpu_info import numa_nodes, rank_cpus
-from moeserve.model.deepseek import ModelSlice
 from moeserve.model.loader import load_model
 from moeserve.model.weights import weight_specs
 from moeserve.stages.expert_mover import ExpertMover
 from moeserve.stages.runner import ModelRunner
 from moeserve.stages.step_plan import DraftPlan, StepPlan
+from moeserve.stages.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    rank: int
-    pp: int
-    tp: int
-    ep: int
-    model: str
-    dtype: str
-    device: str
-    block_size: int
-    num_blocks: int
-    stage_layers: tuple[int, ...]  # layers per stage
-    init_method: str  # torch.distributed rendezvous (file:// on one node, tcp://MASTER:PORT across nodes)
-    coord_addr: str  # the coordinator's ZeroMQ ROUTER: plans come from it, results go to it
-    timeout_s: float = 60.0  # every collective's timeout
-    node: int = 0  # the node this rank runs on (for error messages)
-    preflight_bytes: int = 1 << 20  # payload of the preflight all-reduce / all-to-all; 0 = skip
-    num_threads: int = 0  # CPU threads of this rank; 0 = the machine's share (cores / ranks on it)
-    load_format: str = "auto"  # auto | dummy (random weights from config.json, seeded by ``seed``)
-    keep_fp8: bool = False  # keep FP8 routed experts in float8
-    seed: int = 0
-    ep_dispatch: str = "allreduce"  # allreduce | alltoall
-    placement_file: str = ""  # expert placement (JSON); empty = contiguous
-    max_positions: int = 0  # rotary table length; 0 = the model's max_position_embeddings
-    cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
-    max_num_seqs: int = 256  # the largest decode batch a graph is captured for
-    warm_up_tokens: int = 0  # tokens of the warm-up prefill at start (where the fused kernels run)
-    mtp: bool = False  # the last stage loads the MTP module and runs its passes (speculative decoding)
-    kv_host_blocks: int = 0  # host-tier slots (kvstore/tier_setup.py); 0 = none
-    kv_store: str = ""  # the shared store's URL; empty = none
-    kv_fingerprint: str = ""  # the model's fingerprint (stored blocks' keys)
-    kv_salt: str = ""
-    kv_store_timeout_s: float = 1.0
-    kv_store_probe_s: float = 5.0
-    kv_store_connections: int = 4
-    disaggregation_mode: str = ""  # prefill: tp rank 0 serves its stage's layers; decode: ranks pull theirs
-    kv_transfer_backend: str = "zmq"
-    kv_transfer_addr: str = "tcp://127.0.0.1:0"
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> WorkerSpec:
-        raw = json.loads(text)
-        raw["stage_layers"] = tuple(raw["stage_layers"])
-        return cls(**raw)
-
-    @property
-    def dims(self) -> ParallelDims:
-        return ParallelDims(pp=self.pp, tp=self.tp, ep=self.ep)
-
-    def model_slice(self, groups: RankGroups, num_experts: int) -> ModelSlice:
-        coord = self.dims.coord(self.rank)
-        start = sum(self.stage_layers[:coord.pp_stage])
-        end = start + self.stage_layers[coord.pp_stage]
-        placement = None
-        if self.ep > 1 and num_experts:
-            per_rank = expert_placement(num_experts, self.ep, Path(self.placement_file) if self.placement_file
-                                        else None)
-            placement = ExpertPlacement.from_ranks(per_rank, coord.tp_rank)
-        expert_tp = self.dims.experts_tensor_parallel
-        return ModelSlice(start, end, sum(self.stage_layers), placement, groups.tp, expert_tp=expert_tp,
-                          ep_dispatch=self.ep_dispatch if not expert_tp else "allreduce")
 
 
 class StageWorker:
