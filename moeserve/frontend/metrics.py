@@ -33,10 +33,7 @@ class _EngineCollector:
             "moeserve_kv_blocks_total": ("latent-cache blocks", lambda s: s.num_kv_blocks_total),
         }
         for name, (doc, get) in gauges.items():
-            g = GaugeMetricFamily(name, doc, labels=["replica"])
-            for i, s in enumerate(snaps):
-                g.add_metric([str(i)], get(s))
-            yield g
+            yield per_replica(GaugeMetricFamily, name, doc, snaps, get)
         hits = CounterMetricFamily("moeserve_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
                                    labels=["replica"])
         queries = CounterMetricFamily("moeserve_prefix_cache_query_tokens",
@@ -50,6 +47,14 @@ class _EngineCollector:
         yield from tier_families(snaps)  # host tier and shared store (kvstore/metrics.py)
 
 
+def per_replica(family, name: str, doc: str, snaps: Sequence[EngineSnapshot], get):
+    """One metric family with a sample per replica (label ``replica``), each ``get(snapshot)``."""
+    metric = family(name, doc, labels=["replica"])
+    for i, s in enumerate(snaps):
+        metric.add_metric([str(i)], get(s))
+    return metric
+
+
 def _spec_families(snaps: Sequence[EngineSnapshot]):
     """Speculative decoding (vLLM's names, under moeserve_): drafts verified and accepted, verifications, and
     the mean acceptance length (tokens a sequence gets per verify step: accepted drafts + 1)."""
@@ -59,10 +64,7 @@ def _spec_families(snaps: Sequence[EngineSnapshot]):
         "moeserve_spec_decode_verifications": ("sequence steps that verified drafts", lambda s: s.num_spec_verifies),
     }
     for name, (doc, get) in families.items():
-        c = CounterMetricFamily(name, doc, labels=["replica"])
-        for i, s in enumerate(snaps):
-            c.add_metric([str(i)], get(s))
-        yield c
+        yield per_replica(CounterMetricFamily, name, doc, snaps, get)
     g = GaugeMetricFamily("moeserve_spec_decode_mean_acceptance_length",
                           "tokens per sequence per verify step so far (0 before any)", labels=["replica"])
     for i, s in enumerate(snaps):
