@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 def cache_bytes_per_token(model: DeepseekModel) -> int:
     """Latent-cache bytes one token takes on this rank: the model's layers and, with speculative decoding,
     the MTP module's layer."""
-    mtp = model.config.kv_cache_dim * torch.empty((), dtype=model.dtype).element_size() if model.mtp else 0
+    mtp = model.config.kv_cache_dim * torch.empty((), dtype=model.dtype).element_size() if model.mtp is not None else 0
     return model.cache_bytes_per_token() + mtp
 
 
