@@ -185,7 +185,7 @@ def test_a_full_write_queue_drops_instead_of_waiting() -> None:
 
 def test_cluster_toml_kvstore_table(tmp_path) -> None:
     from moeserve.launch.cli import build_parser
-    from moeserve.launch.cluster import ClusterError
+    from moeserve.launch.cluster_config import ClusterError
     from moeserve.launch.cmd_launch import merged_settings
     from moeserve.launch.engine_args import engine_config
 

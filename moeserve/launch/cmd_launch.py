@@ -58,7 +58,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def merged_settings(args: argparse.Namespace, parser_defaults: dict) -> tuple[dict, dict[str, str]]:
     """Command-line values win over the config file's; returns (cluster settings, [network] table)."""
-    from moeserve.launch.cluster import ClusterError, read_config
+    from moeserve.launch.cluster_config import ClusterError, read_config
 
     raw = read_config(args.config) if args.config else {}
     cluster = dict(raw.get("cluster", {}))
@@ -104,7 +104,7 @@ def same_kind(value: object, default: object) -> bool:
 
 
 def cluster_config(args: argparse.Namespace, parser_defaults: dict):
-    from moeserve.launch.cluster import ClusterConfig, ClusterError, network_env, node_rank_from_hosts
+    from moeserve.launch.cluster_config import ClusterConfig, ClusterError, network_env, node_rank_from_hosts
 
     cluster, extra = merged_settings(args, parser_defaults)
     hosts = list(cluster.get("hosts", []))
@@ -142,7 +142,8 @@ def quiet_torch_cpp_logs() -> None:
 
 def run(args: argparse.Namespace) -> int:
     quiet_torch_cpp_logs()
-    from moeserve.launch.cluster import ClusterError, run_node
+    from moeserve.launch.cluster import run_node
+    from moeserve.launch.cluster_config import ClusterError
 
     defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["cluster"]))
     try:
