@@ -91,9 +91,10 @@ class RankSupervisor:
             raise error
         if not self.budget.allow(self.clock()):
             p = self.policy
+            rank, node = rank_label(error)
             raise WorkerError(f"{error} -- {len(self.budget.times)} rank failures within {p.window_s:g} s, more "
-                              f"than --max-restarts {p.max_restarts}: not restarting again", error.exit_code,
-                              error.rank, error.node) from error
+                              f"than --max-restarts {p.max_restarts}: not restarting again (the last: rank {rank} "
+                              f"on node {node})", error.exit_code, error.rank, error.node) from error
 
     def recover(self, restart: Callable[[], list[Request]], error: WorkerError) -> list[Request]:
         """Restart the ranks (``restart``: ``Engine.restart_ranks``) after ``error``, again while new ranks
@@ -104,18 +105,24 @@ class RankSupervisor:
             self._admit(error)
             rank, node = rank_label(error)
             logger.warning("rank %s (node %s) failed: %s; restarting every rank of the replica", rank, node, error)
-            self.stats.restarts[f"{rank}/{node}"] = self.stats.restarts.get(f"{rank}/{node}", 0) + 1
             try:
                 requests = restart()
-                break
-            except RestartUnsupported:
-                raise
+            except RestartUnsupported as e:  # fail-stop: the rank's failure is what the engine stops on
+                logger.warning("%s", e)
+                raise error from None
             except WorkerError as e:  # the new ranks did not come up: another failure
+                self._count(rank, node)
                 error = e
+                continue
+            self._count(rank, node)
+            break
         seconds = self.clock() - start
         self.stats.last_recovery_s = seconds
         self.stats.recovery_s_total += seconds
         return requests
+
+    def _count(self, rank: str, node: str) -> None:
+        self.stats.restarts[f"{rank}/{node}"] = self.stats.restarts.get(f"{rank}/{node}", 0) + 1
 
     def split(self, requests: list[Request]) -> tuple[list[Request], list[Request]]:
         """The re-queued requests as (going on, to be ended): a stream mid-decode goes on only if resuming is
