@@ -1,6 +1,7 @@
 """``moeserve launch cluster`` across real hosts: network namespaces with their own addresses, joined by a
 bridge, each running the same command; gloo over TCP between them. Tokens equal one process; a node that
-never joins, a rank killed mid-run and SIGTERM on node 0 each end every node cleanly.
+never joins, a rank killed mid-run and SIGTERM on node 0 each end every node cleanly; a serving cluster
+replaces a killed rank through the nodes' launchers and its requests complete as without the fault.
 
 These run as root in CI; where namespaces cannot be made they skip and say why.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -162,11 +165,12 @@ def test_sigterm_on_node0_stops_every_node(ckpt: Path, tmp_path: Path) -> None:
 
 
 def test_serving_cluster_answers_then_fails_cleanly_when_a_rank_dies(ckpt: Path, tmp_path: Path) -> None:
-    """Node 0 serves the OpenAI API over the two-node pipeline; its answer equals one process. A rank killed
-    while the server is idle is noticed within seconds: node 0 exits non-zero, and so does every node."""
+    """Node 0 serves the OpenAI API over the two-node pipeline; its answer equals one process. With
+    --max-restarts 0, a rank killed while the server is idle is noticed within seconds: node 0 exits non-zero,
+    and so does every node."""
     with NetnsHosts(2) as hosts:
         procs = [hosts.popen(i, launch_args(hosts, ckpt, 29760, "--node-rank", str(i), "--pp", "2",
-                                            "--port", "8090", "--rpc-port", "8091"),
+                                            "--port", "8090", "--rpc-port", "8091", "--max-restarts", "0"),
                              tmp_path / f"node{i}") for i in range(2)]
         hosts.wait_healthy(0, 8090, 120)
         status, text = hosts.http(0, 8090, "/v1/completions", {"model": ckpt.name, "prompt": PROMPTS[0], "max_tokens": 10,
@@ -183,6 +187,43 @@ def test_sigterm_on_serving_node0_drains_and_stops_every_node(ckpt: Path, tmp_pa
                                             "--port", "8090", "--rpc-port", "8091"),
                              tmp_path / f"node{i}") for i in range(2)]
         hosts.wait_healthy(0, 8090, 120)
+        procs[0].send_signal(signal.SIGTERM)
+        codes = wait_all(procs, 60)
+        assert codes == [0, 0], (codes, (tmp_path / "node0.err").read_text(), (tmp_path / "node1.err").read_text())
+        assert hosts.wait_empty(10)
+
+
+@pytest.mark.slow  # about a minute on 2 cores
+def test_serving_cluster_replaces_a_killed_rank_and_its_requests_complete(ckpt: Path, tmp_path: Path) -> None:
+    """Node 1's rank SIGKILLed while four requests decode: node 1's launcher restarts its rank with node 0's
+    (a new torch.distributed group), /health says 503 meanwhile, the four answers equal those of the same
+    requests before the fault, and the restart is counted for rank 1 on node 1."""
+    with NetnsHosts(2) as hosts:
+        procs = [hosts.popen(i, launch_args(hosts, ckpt, 29780, "--node-rank", str(i), "--pp", "2",
+                                            "--port", "8090", "--rpc-port", "8091"),
+                             tmp_path / f"node{i}") for i in range(2)]
+        hosts.wait_healthy(0, 8090, 120)
+        bodies = [{"model": ckpt.name, "prompt": p, "max_tokens": 64, "temperature": 0, "ignore_eos": True}
+                  for p in [*PROMPTS, "while True:"]]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            reference = list(pool.map(lambda b: hosts.http(0, 8090, "/v1/completions", b, timeout=120), bodies))
+            assert all(status == 200 for status, _ in reference), reference
+            answers = [pool.submit(hosts.http, 0, 8090, "/v1/completions", b, 120) for b in bodies]
+            time.sleep(0.5)  # decoding
+            victim = hosts.worker_pids(1)
+            os.kill(victim[0], signal.SIGKILL)
+            health = [hosts.http(0, 8090, "/health")[0] for _ in range(6)]
+            hosts.wait_healthy(0, 8090, 60)
+            texts = [(status, json.loads(body)["choices"][0]["text"]) for status, body in reference]
+            assert [(status, json.loads(body)["choices"][0]["text"]) for status, body in
+                    (a.result() for a in answers)] == texts
+        assert 503 in health, health
+        metrics = hosts.http(0, 8090, "/metrics")[1]
+        assert 'moeserve_rank_restarts_total{node="1",rank="1",replica="0"} 1.0' in metrics, metrics
+        in_flight = [float(v) for v in re.findall(r'moeserve_(?:resumed|requeued)_requests_total\{replica="0"\} (\S+)',
+                                                  metrics)]
+        assert len(in_flight) == 2 and sum(in_flight) >= 1, metrics  # killed with requests in the engine
+        assert hosts.worker_pids(1) and hosts.worker_pids(1) != victim
         procs[0].send_signal(signal.SIGTERM)
         codes = wait_all(procs, 60)
         assert codes == [0, 0], (codes, (tmp_path / "node0.err").read_text(), (tmp_path / "node1.err").read_text())

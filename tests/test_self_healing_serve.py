@@ -144,6 +144,12 @@ def test_pp2_rank_killed_under_load_every_stream_gets_its_tokens_once() -> None:
         requeued = re.search(r'moeserve_requeued_requests_total\{replica="0"\} (\S+)', metrics)
         assert resumed and float(resumed.group(1)) >= 4 and requeued and float(requeued.group(1)) >= 1
         assert 'moeserve_requests_total{outcome="error"' not in metrics
+        idle = HealthWatch(url)  # a rank killed while the server is idle is replaced too
+        kill_rank(proc, 0)
+        idle.until_healthy(30)
+        assert run_all(url, rpc) == reference
+        metrics = httpx.get(url + "/metrics", timeout=10).text
+        assert re.search(r'moeserve_rank_restarts_total\{node="0",rank="0",replica="0"\} 1\.0', metrics), metrics
         assert proc.poll() is None
     finally:
         proc.kill()

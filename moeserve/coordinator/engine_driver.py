@@ -6,6 +6,7 @@ publish stats.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -20,7 +21,13 @@ from moeserve.coordinator.executor import WorkerError
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError, RequestStatus
 from moeserve.coordinator.sampling import SamplingParams
-from moeserve.coordinator.supervisor import RankSupervisor, RecoveryStats, RestartPolicy, StreamInterrupted
+from moeserve.coordinator.supervisor import (
+    GiveUp,
+    RankSupervisor,
+    RecoveryStats,
+    RestartPolicy,
+    StreamInterrupted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +68,7 @@ class EngineSnapshot:
     num_requeued_requests: int = 0
 
     @classmethod
-    def of(cls, engine: Engine, recovery: RecoveryStats | None = None, recovering: bool = False) -> EngineSnapshot:
+    def of(cls, engine: Engine, recovery: RecoveryStats | None = None) -> EngineSnapshot:
         kv = engine.kv
         tiers = getattr(kv, "connector", None)
         side = getattr(engine, "prefill_side", None)
@@ -72,7 +79,7 @@ class EngineSnapshot:
                    int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
                    len(engine.requests), kv_counters,
                    engine.stats.num_draft_tokens, engine.stats.num_accepted_tokens, engine.stats.num_spec_verifies,
-                   recovering, dict(r.restarts), r.last_recovery_s, r.recovery_s_total, r.num_resumed,
+                   False, dict(r.restarts), r.last_recovery_s, r.recovery_s_total, r.num_resumed,
                    r.num_requeued)
 
 
@@ -131,24 +138,36 @@ class EngineDriver:
         return self.engine.has_unfinished() or not self.commands.empty()
 
     def run_once(self) -> None:
-        self.receive()                                              # 1. receive adds and aborts
-        if self.engine.has_unfinished():
-            try:
+        try:
+            self.receive()                                          # 1. receive adds and aborts
+            if self.engine.has_unfinished():
                 self.step()                                         # 2-3. step and publish
-            except WorkerError as e:
-                self.recover(e)                                     #      (a rank died: replace it)
-        self._take_snapshot()                                       # 4. stats
+            self._take_snapshot()                                   # 4. stats (the KV counters ask the ranks)
+        except WorkerError as e:
+            self.recover(e)                                         # a rank died: replace them all
 
-    def _take_snapshot(self, recovering: bool = False) -> None:
-        self.snapshot = EngineSnapshot.of(self.engine, self.supervisor.stats, recovering)
+    def _take_snapshot(self) -> None:
+        self.snapshot = EngineSnapshot.of(self.engine, self.supervisor.stats)
 
     def recover(self, error: WorkerError) -> None:
         """A rank died: publish what the failed step had processed, restart the ranks, queue the requests
-        again (those mid-decode end instead when resuming is off). Raises once the supervisor gives up."""
+        again (those mid-decode end instead when resuming is off); again if a new rank dies before the
+        snapshot after it was taken. Raises (GiveUp) once the supervisor gives up."""
         self._publish_outputs(self.engine.take_processed(), {}, None)
-        self._take_snapshot(recovering=True)
+        self.snapshot = dataclasses.replace(self.snapshot, recovering=True)  # without asking the ranks
         if self.on_recovering is not None:
             self.on_recovering(self.snapshot)
+        while True:
+            try:
+                self._restart(error)
+                self._take_snapshot()
+                return
+            except GiveUp:
+                raise
+            except WorkerError as e:
+                error = e
+
+    def _restart(self, error: WorkerError) -> None:
         requests = self.supervisor.recover(self.engine.restart_ranks, error)
         going_on, ended = self.supervisor.split(requests)
         failed: list[tuple[str, EngineUpdate | Exception]] = []
@@ -160,12 +179,10 @@ class EngineDriver:
                 f"(--no-resume-streams): {error}")))
         if failed:
             self.publish(failed)
-        stats = self.supervisor.stats
         logger.warning("the replica's ranks are back after %.1f s: %d stream(s) resumed, %d request(s) queued "
-                       "again, %d stream(s) ended", stats.last_recovery_s,
+                       "again, %d stream(s) ended", self.supervisor.stats.last_recovery_s,
                        sum(r.num_output_tokens > 0 for r in going_on), sum(r.num_output_tokens == 0 for r in going_on),
                        len(ended))
-        self._take_snapshot()
 
     def receive(self) -> None:
         batch: list[tuple[str, EngineUpdate | Exception]] = []
@@ -229,6 +246,6 @@ class EngineDriver:
         engine's idle housekeeping (KV transfers) runs, and the snapshot catches up with it."""
         try:
             self.engine.check_workers()
+            self._take_snapshot()
         except WorkerError as e:
             self.recover(e)
-        self._take_snapshot()

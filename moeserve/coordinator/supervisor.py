@@ -53,6 +53,11 @@ class RestartBudget:
         return len(self.times) <= self.max_restarts
 
 
+class GiveUp(WorkerError):
+    """The supervisor restarts no more: the executor cannot, or the rank failed past --max-restarts. The
+    message names the failure (and the budget); the engine loop stops on it."""
+
+
 class StreamInterrupted(RuntimeError):
     """A stream that was mid-decode when a rank died, ended because resuming is off (``--no-resume-streams``):
     the front end's ``engine_error``, retryable (the service is up again)."""
@@ -87,12 +92,12 @@ class RankSupervisor:
 
     def _admit(self, error: WorkerError) -> None:
         """Raise (the error, said to be final) once the rank failed more often than the policy restarts."""
-        if isinstance(error, RestartUnsupported):
+        if isinstance(error, GiveUp):
             raise error
         if not self.budget.allow(self.clock()):
             p = self.policy
             rank, node = rank_label(error)
-            raise WorkerError(f"{error} -- {len(self.budget.times)} rank failures within {p.window_s:g} s, more "
+            raise GiveUp(f"{error} -- {len(self.budget.times)} rank failures within {p.window_s:g} s, more "
                               f"than --max-restarts {p.max_restarts}: not restarting again (the last: rank {rank} "
                               f"on node {node})", error.exit_code, error.rank, error.node) from error
 
@@ -109,7 +114,7 @@ class RankSupervisor:
                 requests = restart()
             except RestartUnsupported as e:  # fail-stop: the rank's failure is what the engine stops on
                 logger.warning("%s", e)
-                raise error from None
+                raise GiveUp(str(error), error.exit_code, error.rank, error.node) from error
             except WorkerError as e:  # the new ranks did not come up: another failure
                 self._count(rank, node)
                 error = e

@@ -4,7 +4,8 @@ Three channels, all opened from node 0's address (``--master-addr``):
 
 * ``master_port``: a torch.distributed ``TCPStore`` hosted by node 0's launcher, the control plane. Nodes
   join through it, exchange their preflight facts, receive the rank specs, send heartbeats, report a dead
-  rank (``failed``) and learn of the shutdown (``shutdown``).
+  rank (``failed/{generation}``), restart their ranks when node 0 restarts the replica (``restart/{generation}``,
+  node_ranks.py) and learn of the shutdown (``shutdown``).
 * ``master_port + 1``: the coordinator's ZeroMQ ROUTER (step plans and logits, msgpack; executor.py).
 * ``master_port + 2``: the ranks' own torch.distributed rendezvous (``tcp://``, hosted by rank 0).
 
@@ -12,7 +13,7 @@ A node's life: (1) export and print the network settings, (2) join the store wit
 (3) preflight: node 0 checks that every node joined and runs the same moeserve and torch and sees the same
 checkpoint, (4) node 0 plans the layout and publishes every rank's spec; each node starts its own ranks
 (which time an all-reduce and an all-to-all before loading weights), (5) node 0 serves while the other nodes
-supervise their ranks, (6) shutdown: node 0 sets ``shutdown`` and every node stops its ranks and exits.
+supervise their ranks (a dead rank: every node restarts its ranks, when node 0 serves), (6) shutdown: node 0 sets ``shutdown`` and every node stops its ranks and exits.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -32,20 +32,21 @@ from typing import Any
 import torch.distributed as dist
 
 import moeserve
-from moeserve.coordinator.executor import ReplicaLayout, RestartUnsupported, WorkerError
+from moeserve.coordinator.executor import ReplicaLayout, WorkerError
 from moeserve.coordinator.mp_executor import MultiprocExecutor
-from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
+from moeserve.coordinator.worker_processes import kill_processes, stop_processes
 from moeserve.launch.cluster_config import (
     ClusterConfig,
     ClusterError,
     print_network,
 )
+from moeserve.launch.node_ranks import NodeRanks, specs_key
 from moeserve.stages.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.5
 HEARTBEAT_TIMEOUT_S = 15.0  # a node whose heartbeat counter stands still this long is lost
+RESTART_ACK_S = 30.0  # how long node 0 waits for every node to kill its ranks before a restart
 
 
 def checkpoint_fingerprint(model: str) -> str:
@@ -154,7 +155,26 @@ class ClusterExecutor(MultiprocExecutor):
         super().__init__(specs, coord_bind, local_specs=specs[:per_node], env=env)
 
     def _kill_ranks(self) -> None:
-        raise RestartUnsupported("launch cluster does not restart its ranks yet: the cluster stops")
+        """Every node kills its ranks -- node 0 here, the others once they read ``restart/{generation}`` --
+        and node 0 waits until each has said so (node_ranks.py), before any rank of the next generation
+        starts."""
+        kill_processes(self.procs)
+        generation = self.specs[0].generation + 1
+        self.plane.store.set(f"restart/{generation}", "1")
+        deadline = time.monotonic() + RESTART_ACK_S
+        for node in range(1, self.plane.cc.nnodes):
+            while not self.plane.has(f"stopped/{generation}/{node}"):
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"node {node} did not stop its ranks for the restart within "
+                                      f"{RESTART_ACK_S:.0f} s", node=node)
+                time.sleep(0.05)
+
+    def _start_ranks(self) -> None:
+        """Node 0's ranks here; the other nodes start theirs from the specs published (after a restart)."""
+        generation = self.specs[0].generation
+        if generation:
+            self.plane.set_json(specs_key(generation), [s.to_json() for s in self.specs])
+        super()._start_ranks()
 
     def _failures(self, reported: int | None = None) -> list[WorkerError]:
         found = super()._failures(reported)
@@ -166,9 +186,10 @@ class ClusterExecutor(MultiprocExecutor):
 
     def _check_nodes(self) -> None:
         """Raise WorkerError for a rank another node saw die, or a node whose heartbeat stopped."""
-        if self.plane.has("failed"):
-            failed = self.plane.get_json("failed")
-            raise WorkerError(failed["reason"], failed["code"])
+        key = f"failed/{self.specs[0].generation}"
+        if self.plane.has(key):
+            failed = self.plane.get_json(key)
+            raise WorkerError(failed["reason"], failed["code"], failed["rank"], failed["node"])
         now = time.monotonic()
         for r in range(1, self.plane.cc.nnodes):
             count = self.plane.store.add(f"hb/{r}", 0)
@@ -192,40 +213,10 @@ class ClusterLauncher:
         specs = [layout.spec(r, r % per_node, f"tcp://{cc.master_addr}:{cc.dist_port}",
                              f"tcp://{cc.master_addr}:{cc.coordinator_port}", node=r // per_node, num_threads=threads)
                  for r in range(layout.dims.world_size)]
-        self.plane.set_json("specs", [s.to_json() for s in specs])
+        self.plane.set_json(specs_key(0), [s.to_json() for s in specs])
         # NOTE: bound to node 0's cluster address only, not every interface: the ranks connect there
         bind = f"tcp://{socket.gethostbyname(cc.master_addr)}:{cc.coordinator_port}"
         return ClusterExecutor(self.plane, specs, bind, per_node, dict(os.environ) | self.env)
-
-
-def supervise(plane: ControlPlane, procs: list[subprocess.Popen], specs: list[WorkerSpec]) -> int:
-    """Node r > 0 after starting its ranks: heartbeat, and stop everything when node 0 says so, when node 0
-    is gone, or when a local rank dies (which is reported to node 0 first)."""
-    node = plane.cc.node_rank
-    while True:
-        try:
-            plane.store.add(f"hb/{node}", 1)
-            if plane.has("shutdown"):
-                stop_processes(procs)
-                plane.store.set(f"bye/{node}", "1")
-                return 0
-        except (RuntimeError, OSError) as e:  # DistStoreError is a RuntimeError
-            logger.error("node %d lost node 0 (%s); stopping its ranks", node, e)
-            stop_processes(procs, grace_s=0)
-            return 1
-        for spec, proc in zip(specs, procs):
-            code = proc.poll()
-            if code == 0:  # the coordinator told it to stop (its shutdown may reach the store a moment later)
-                stop_processes(procs)
-                plane.store.set(f"bye/{node}", "1")
-                return 0
-            if code is not None and not plane.has("shutdown"):
-                reason = f"rank {spec.rank} (node {node}, {socket.gethostname()}) exited with code {code}"
-                plane.set_json("failed", {"reason": reason, "code": code})
-                logger.error("%s; stopping the other ranks of this node", reason)
-                stop_processes(procs, grace_s=0)
-                return 1
-        time.sleep(HEARTBEAT_S)
 
 
 class _Terminated(Exception):
@@ -245,19 +236,20 @@ def run_node(cc: ClusterConfig, engine_config, env: dict[str, str], work) -> int
     plane.set_json(f"node/{cc.node_rank}", node_facts(str(engine_config.model_path)))
     if cc.node_rank == 0:
         return _run_coordinator(plane, engine_config, env, work)
-    procs: list[subprocess.Popen] = []
+    ranks: NodeRanks | None = None
     try:
         plane.wait_for("preflight", cc.join_timeout_s + 30, "preflight result")  # 3. preflight
         verdict = plane.get_json("preflight")
         if verdict != "ok":
             raise ClusterError(verdict)
-        specs = [WorkerSpec.from_json(s) for s in plane.wait_for("specs", 600, "rank specs")]  # 4. ranks
+        specs = [WorkerSpec.from_json(s) for s in plane.wait_for(specs_key(0), 600, "rank specs")]  # 4. ranks
         per_node = cc.ranks_per_node(len(specs))
-        mine = specs[cc.node_rank * per_node:(cc.node_rank + 1) * per_node]
-        procs = spawn_workers(mine, dict(os.environ))
-        return supervise(plane, procs, mine)                                      # 5. supervise
+        ranks = NodeRanks(plane, specs, lambda s: s[cc.node_rank * per_node:(cc.node_rank + 1) * per_node],
+                          dict(os.environ))
+        return ranks.supervise()                                                  # 5. supervise
     except (ClusterError, _Terminated, KeyboardInterrupt) as e:
-        stop_processes(procs, grace_s=0)
+        if ranks is not None:
+            stop_processes(ranks.procs, grace_s=0)
         print(f"moeserve launch cluster: node {cc.node_rank}: {e}", file=sys.stderr)
         try:
             plane.store.set(f"bye/{cc.node_rank}", "1")  # node 0 need not wait for us
