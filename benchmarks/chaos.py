@@ -6,9 +6,9 @@ prompts, slow readers (a pause between chunks), clients that disconnect mid-stre
 must get a typed 4xx). Every greedy answer that completes is compared with the same prompt run alone on the
 same server before the chaos starts (``mismatched``).
 
-Faults (one every ``--fault-interval`` seconds on average, at random): SIGKILL of a random stage worker; the
-shared KV store (redis-server, if installed) SIGKILLed and started again a few seconds later; a forced expert
-rebalance (POST /admin/rebalance, where the layout has expert parallelism).
+Faults (one every ``--fault-interval`` seconds on average, in turn): SIGKILL of a random stage worker; the
+shared KV store (redis-server, if installed) SIGKILLed and started again a few seconds later; a rank again; a
+forced expert rebalance (POST /admin/rebalance, where the layout has expert parallelism).
 
 Reported: requests sent, completed (and of those mismatched), failed with a typed error, resumed (the server's
 ``moeserve_resumed_requests_total``), hung (no answer within ``--request-timeout``), HTTP 500s, disconnects
@@ -169,13 +169,14 @@ class Chaos:
             await self.one(client)
 
     async def faults(self, until: float) -> None:
-        """A fault every ``fault_interval`` s on average: a rank, the store, or a rebalance."""
-        kinds = ["kill_rank"] * 3 + (["kv_store"] if self.store is not None else []) + ["rebalance"]
-        while True:
+        """A fault every ``fault_interval`` s on average, in turn: a rank, the store, a rank, a rebalance."""
+        kinds = ["kill_rank", "kv_store", "kill_rank", "rebalance"] if self.store is not None else \
+            ["kill_rank", "kill_rank", "rebalance"]
+        for turn in range(1 << 30):
             await asyncio.sleep(self.rng.expovariate(1 / self.args.fault_interval))
             if time.monotonic() >= until or self.proc.poll() is not None:
                 return
-            kind = self.rng.choice(kinds)
+            kind = kinds[turn % len(kinds)]
             if kind == "kill_rank":
                 pids = rank_pids(self.proc.pid)
                 if pids:

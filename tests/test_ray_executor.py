@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'moes
 
 import test_distributed_engine  # noqa: E402  (tests/ is on sys.path: conftest.py)
 import test_engine  # noqa: E402
+import test_self_healing  # noqa: E402
 from test_frontend_serve import LONG, sse_until_done, start  # noqa: E402
 
 from moeserve.coordinator.config import EngineConfig  # noqa: E402
@@ -117,11 +118,11 @@ def test_killed_actor_fails_the_step_naming_rank_and_node(ray_cluster, ckpt_fact
 
 
 def test_serve_on_ray_fails_requests_and_exits_when_an_actor_dies(ray_cluster) -> None:
-    """``moeserve serve --distributed-executor-backend ray`` joins the cluster of RAY_ADDRESS; killing a
-    rank's actor while a stream runs ends the stream with engine_error naming the rank, /health turns 503,
-    and the server exits 1 leaving no actor behind."""
+    """``moeserve serve --distributed-executor-backend ray --max-restarts 0`` joins the cluster of RAY_ADDRESS;
+    killing a rank's actor while a stream runs ends the stream with engine_error naming the rank, /health
+    turns 503, and the server exits 1 leaving no actor behind."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
-    proc, url, _ = start("--pp", "2", "--distributed-executor-backend", "ray", env=env)
+    proc, url, _ = start("--pp", "2", "--distributed-executor-backend", "ray", "--max-restarts", "0", env=env)
     try:
         with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as sse:
             lines = sse.iter_lines()
@@ -135,6 +136,17 @@ def test_serve_on_ray_fails_requests_and_exits_when_an_actor_dies(ray_cluster) -
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert our_live_actors() == []
+
+
+def test_killed_actor_is_replaced_and_every_request_gets_its_tokens(ray_cluster, ckpt_factory) -> None:
+    """Self-healing on Ray: the engine loop replaces a killed actor (every rank gets a new actor in the same
+    placement groups) and every request gets the tokens of the mp executor without the fault."""
+    ckpt = ckpt_factory(VARIANT)
+    reference = test_self_healing.drive(ckpt, [], pp=2)[0]
+    got, driver = test_self_healing.drive(ckpt, [6], lambda e: ray.kill(e.executor.actors[-1]), pp=2,
+                                          distributed_executor_backend="ray")
+    assert got == reference and driver.snapshot.rank_restarts == {f"1/{driver.engine.executor.specs[1].node}": 1}
     assert our_live_actors() == []
 
 

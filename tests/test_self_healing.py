@@ -10,6 +10,7 @@ as a subprocess under concurrent HTTP and RPC streams.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,9 +47,15 @@ def test_next_generation_has_a_fresh_file_rendezvous() -> None:
     assert tcp.next_generation().init_method == "tcp://10.0.0.1:29502"  # rank 0 hosts it again
 
 
-def drive(ckpt: Path, kill: list[int], **config) -> tuple[dict[str, list], EngineDriver]:
-    """Run PROMPTS (the last one seeded) through an engine loop over stage workers, SIGKILLing the last rank at
-    each loop iteration in ``kill``; returns each request's published items (token ids, or an exception)."""
+def kill_last_rank(engine: Engine) -> None:
+    engine.executor.procs[-1].kill()  # type: ignore[attr-defined]
+
+
+def drive(ckpt: Path, kill: list[int], kill_rank: Callable[[Engine], None] = kill_last_rank,
+          **config) -> tuple[dict[str, list], EngineDriver]:
+    """Run PROMPTS (the last one seeded) through an engine loop over stage workers, killing the last rank
+    (``kill_rank``: SIGKILL) at each loop iteration in ``kill``; returns each request's published items
+    (token ids, or an exception)."""
     engine = Engine(EngineConfig(model=str(ckpt), block_size=4, kv_cache_memory=1 << 22, max_num_seqs=3,
                                  max_num_batched_tokens=32, kv_host_memory=0, **config))
     got: dict[str, list] = {}
@@ -68,7 +75,7 @@ def drive(ckpt: Path, kill: list[int], **config) -> tuple[dict[str, list], Engin
             driver.run_once()
             n += 1
             if n in kill:
-                engine.executor.procs[-1].kill()  # type: ignore[attr-defined]
+                kill_rank(engine)
         return got, driver
     finally:
         engine.close()

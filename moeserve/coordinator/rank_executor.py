@@ -101,13 +101,10 @@ class RankExecutor(Executor):
         a fresh rendezvous and wait for it to load. What old ranks still send is dropped; steps in flight are
         lost."""
         self._kill_ranks()
-        self.specs = [spec.next_generation() for spec in self.specs]
+        self.specs = self._next_specs()
         self._identities = frozenset(spec.identity for spec in self.specs)
-        self._logits.clear()
-        self.loaded_bytes.clear()
-        self._kv_counters.clear()
-        self._kv_reports.clear()
-        self._kv_block_servers.clear()
+        for kept in (self._logits, self.loaded_bytes, self._kv_counters, self._kv_reports, self._kv_block_servers):
+            kept.clear()
         self._start_ranks()
         self._await_ready()
 
@@ -122,6 +119,9 @@ class RankExecutor(Executor):
     @abstractmethod
     def _stop_ranks(self) -> None:
         """Stop the ranks (asked to stop already; called once, from ``shutdown``)."""
+
+    def _next_specs(self) -> list[WorkerSpec]:  # the next generation's (Ray places its actors anew)
+        return [spec.next_generation() for spec in self.specs]
 
     def _kill_ranks(self) -> None:
         """Kill every rank now, without asking (before ``restart``); the executors that can restart say how."""

@@ -27,6 +27,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeserve.coordinator.executor import ReplicaLayout, WorkerError
 from moeserve.coordinator.rank_executor import RankExecutor
+from moeserve.stages.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -97,40 +98,48 @@ class RayExecutor(RankExecutor):
 
     def __init__(self, layout: ReplicaLayout, startup_timeout_s: float = 600.0):
         self.owns_connection = connect()
+        self.layout = layout
+        self.replica_id = uuid.uuid4().hex[:8]
         self.groups: list[PlacementGroup] = []
         self.actors: list[Any] = []
         self.places: list[RankPlace] = []
         self.loops: list[Any] = []  # each rank's ``run`` task
+        self.coord_addr = f"tcp://{ray.util.get_node_ip_address()}:{free_local_port()}"
         try:
-            specs, coord_bind = self._place(layout)
+            self._reserve()
+            specs = self._start_actors(generation=0)
         except BaseException:
             self._stop_ranks()
             raise
-        super().__init__(specs, coord_bind, startup_timeout_s=startup_timeout_s)
+        super().__init__(specs, self.coord_addr, startup_timeout_s=startup_timeout_s)
 
     @classmethod
     def launch(cls, layout: ReplicaLayout) -> RayExecutor:
         return cls(layout)
 
-    def _place(self, layout: ReplicaLayout) -> tuple[list, str]:
-        """Reserve the bundles, start one actor per rank, and write each rank's spec."""
-        dims = layout.dims
-        one = bundle(layout.device)
-        replica_id = uuid.uuid4().hex[:8]
+    def _reserve(self) -> None:
+        """One placement group per pipeline stage, its tp bundles on one node; kept across restarts."""
+        dims, one = self.layout.dims, bundle(self.layout.device)
         for stage in range(dims.pp):
             group = placement_group([one] * dims.tp, strategy="STRICT_PACK",
-                                    name=f"moeserve-{replica_id}-stage-{stage}")
+                                    name=f"moeserve-{self.replica_id}-stage-{stage}")
             self.groups.append(group)
             if not group.wait(PLACEMENT_TIMEOUT_S):
                 raise WorkerError(f"the Ray cluster did not offer {dims.tp} x {one} on one node for pipeline "
                                   f"stage {stage} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster resources: "
                                   f"{ray.cluster_resources()})")
+
+    def _start_actors(self, generation: int) -> list[WorkerSpec]:
+        """One actor per rank in its stage's group; the ranks' specs of ``generation`` (rendezvous on rank 0's
+        node, at a port free there now)."""
+        layout, dims, one = self.layout, self.layout.dims, bundle(self.layout.device)
         actor = ray.remote(MoeserveRank)
+        suffix = f".g{generation}" if generation else ""
         for rank in range(dims.world_size):
             coord = dims.coord(rank)
             strategy = PlacementGroupSchedulingStrategy(self.groups[coord.pp_stage], coord.tp_rank)
             self.actors.append(actor.options(
-                name=f"moeserve-{replica_id}-rank-{rank}", namespace=NAMESPACE, max_restarts=0,
+                name=f"moeserve-{self.replica_id}-rank-{rank}{suffix}", namespace=NAMESPACE, max_restarts=0,
                 num_cpus=one["CPU"], num_gpus=one.get("GPU", 0), resources=_custom(one),
                 scheduling_strategy=strategy).remote())
         try:
@@ -141,15 +150,25 @@ class RayExecutor(RankExecutor):
         driver_ip = ray.util.get_node_ip_address()
         node_index = {n: i for i, n in enumerate(dict.fromkeys(p.node_id for p in self.places))}
         rendezvous = f"tcp://{self.places[0].ip}:{ray.get(self.actors[0].free_port.remote())}"
-        coord_addr = f"tcp://{driver_ip}:{free_local_port()}"
-        threads = int(one["CPU"])
-        specs = [layout.spec(rank, 0, rendezvous, coord_addr, node=node_index[p.node_id], num_threads=threads)
+        specs = [layout.spec(rank, 0, rendezvous, self.coord_addr, node=node_index[p.node_id],
+                             num_threads=int(one["CPU"]), generation=generation)
                  for rank, p in enumerate(self.places)]  # Ray gives each actor its own device, as index 0
         self._env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
         if all(p.ip == driver_ip for p in self.places):
             self._env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine, as the mp executor
         logger.info("Ray placed %d ranks on %d node(s)", len(specs), len(node_index))
-        return specs, coord_addr
+        return specs
+
+    def _kill_ranks(self) -> None:
+        """Kill every rank's actor (its bundle stays reserved for the next one)."""
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.loops:
+            ray.wait(self.loops, num_returns=len(self.loops), timeout=10)
+        self.actors, self.loops, self.places = [], [], []
+
+    def _next_specs(self) -> list[WorkerSpec]:
+        return self._start_actors(self.specs[0].generation + 1)
 
     def _start_ranks(self) -> None:
         self.loops = [a.run.remote(s.to_json(), self._env) for a, s in zip(self.actors, self.specs)]
@@ -167,16 +186,17 @@ class RayExecutor(RankExecutor):
         for rank, ref in enumerate(self.loops):
             if ref not in finished or rank == reported:
                 continue
+            where = dict(rank=rank, node=self.specs[rank].node)
             try:
                 code = ray.get(ref)
             except RayActorError as e:  # the actor, or its node, died
                 cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                found.append(WorkerError(f"{self._where(rank)}: its Ray actor died ({cause})", -9))
+                found.append(WorkerError(f"{self._where(rank)}: its Ray actor died ({cause})", -9, **where))
                 continue
             except RayError as e:
-                found.append(WorkerError(f"{self._where(rank)} failed in Ray: {type(e).__name__}: {e}", 1))
+                found.append(WorkerError(f"{self._where(rank)} failed in Ray: {type(e).__name__}: {e}", 1, **where))
                 continue
-            found.append(WorkerError(f"{self._where(rank)} exited with code {code}", code))
+            found.append(WorkerError(f"{self._where(rank)} exited with code {code}", code, **where))
         return found
 
     def _stop_ranks(self, grace_s: float = 10.0) -> None:
