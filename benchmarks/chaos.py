@@ -190,9 +190,14 @@ class Chaos:
                 await asyncio.sleep(self.rng.uniform(1, 5))
                 self.store.start()
             else:
+                asked = time.time()
                 async with httpx.AsyncClient(timeout=10) as c:
                     r = await c.post(self.url + "/admin/rebalance")
-                self.tally.fault("rebalance" if r.status_code == 202 else f"rebalance_{r.status_code}")
+                    self.tally.fault("rebalance" if r.status_code == 202 else f"rebalance_{r.status_code}")
+                    await asyncio.sleep(6)  # staged in the background, between steps
+                    for done in await rebalances(c, self.url):
+                        if done["time"] >= asked:
+                            self.tally.fault(f"rebalance_{done['result']}")
 
     async def run(self) -> dict:
         limits = httpx.Limits(max_connections=self.args.clients * 2)
@@ -206,6 +211,18 @@ class Chaos:
             metrics = (await client.get(self.url + "/metrics")).text if self.proc.poll() is None else ""
         return {"seconds": round(elapsed, 1), **asdict(self.tally), **server_figures(metrics),
                 "server_alive": self.proc.poll() is None}
+
+
+async def rebalances(client: httpx.AsyncClient, url: str) -> list[dict]:
+    """The replica's rebalances so far, from the dashboard's first event (since its ranks' latest start)."""
+    try:
+        async with client.stream("GET", url + "/dashboard/events") as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    return json.loads(line[6:]).get("rebalances", [])
+    except (httpx.HTTPError, ValueError):
+        pass
+    return []
 
 
 def server_figures(metrics: str) -> dict:

@@ -19,6 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from moeserve.client import Client, RpcError
 from moeserve.frontend.testing import rank_pids, serve_subprocess
@@ -159,6 +160,7 @@ def test_pp2_rank_killed_under_load_every_stream_gets_its_tokens_once() -> None:
     assert re.search(r"rank 1 \(node 0\) failed: rank 1 exited with code -9; restarting every rank", log), log
 
 
+@pytest.mark.slow  # about 30 s on 2 cores; test_self_healing.py covers both at the engine loop in CI's fast set
 def test_tp2_without_resume_streams_end_typed_then_max_restarts_stops_naming_the_rank() -> None:
     proc, url, rpc, err = start("--tp", "2", "--no-resume-streams", "--max-restarts", "1")
     try:
