@@ -9,6 +9,7 @@ are printed as a table row. Read the slope (seconds per GiB per rank) as the par
 checkpoint; the intercept is process start and rendezvous.
 
     python benchmarks/bench_restart.py --widths 256 1024 2048 --repeat 3
+    python benchmarks/bench_restart.py --model /path/to/DeepSeek-V3 --device cuda --pp 2 --tp 4   # a GPU host
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ def checkpoint(root: Path, width: int) -> Path:
     return path
 
 
-def measure(path: Path, repeat: int, pp: int) -> dict:
-    engine = Engine(EngineConfig(model=str(path), pp=pp, kv_cache_memory=1 << 24, skip_tokenizer_init=True,
-                                 kv_host_memory=0))
+def measure(path: Path, repeat: int, pp: int, tp: int = 1, device: str = "cpu") -> dict:
+    engine = Engine(EngineConfig(model=str(path), pp=pp, tp=tp, device=device, kv_cache_memory=1 << 24,
+                                 skip_tokenizer_init=True, kv_host_memory=0))
     try:
         seconds = []
         for _ in range(repeat):
@@ -54,14 +55,18 @@ def main() -> None:
     p.add_argument("--widths", type=int, nargs="+", default=[256, 1024, 2048])
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--pp", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda / npu (rank i takes device i)")
+    p.add_argument("--model", default=None, help="a real checkpoint to time instead of the random ones")
     p.add_argument("--dir", default=None, help="where the checkpoints are written (default: a temporary dir)")
     args = p.parse_args()
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-restart-"))
-    print("| hidden size | MiB per rank (largest) | restart s (median) | each |")
+    print("| checkpoint | MiB per rank (largest) | restart s (median) | each |")
     print("|---|---|---|---|")
-    for width in args.widths:
-        row = measure(checkpoint(root, width), args.repeat, args.pp)
-        print(f"| {width} | {row['max_bytes_per_rank'] / 2**20:.0f} | {row['restart_s']:.2f} | {row['all_s']} |",
+    paths = [Path(args.model)] if args.model else [checkpoint(root, width) for width in args.widths]
+    for path in paths:
+        row = measure(path, args.repeat, args.pp, args.tp, args.device)
+        print(f"| {path.name} | {row['max_bytes_per_rank'] / 2**20:.0f} | {row['restart_s']:.2f} | {row['all_s']} |",
               flush=True)
 
 
