@@ -196,6 +196,13 @@ class EngineConfig:
         return not self.enforce_eager and self.torch_device.type == "cuda" and self.ep_dispatch == "allreduce"
 
     @property
+    def max_decode_rows(self) -> int:
+        """The most rows a decode step runs, so the largest CUDA graph: a verify step with speculative decoding
+        runs each sequence's drafts as decode rows of their own (``StepPlan.expanded``)."""
+        spec = self.speculative_config
+        return self.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
+
+    @property
     def effective_async_scheduling(self) -> bool:
         """Whether the engine schedules and launches step N+1 before step N's sampled ids reach the host.
         Auto: on for CUDA devices, where the host's work per step would otherwise leave the GPU idle; off on
