@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeserve.experts.ep_dispatch import AllToAllDispatch
 from moeserve.experts.moe import ExpertPlacement, MoE
 from moeserve.model.dummy import DummyReader
 from moeserve.model.loader import Checkpoint, _Reader, fill_weights
@@ -38,26 +37,11 @@ class StagedLayer:
     tensors: dict[str, torch.Tensor]  # w13 / w2 (/ scales): [moved, ...] the new rows
 
 
-def apply_placement(moe: MoE, placement: ExpertPlacement) -> bool:
-    """Make ``moe`` route with ``placement`` (its weights must already match the new slots). The routing
-    tables are written in place, so captured CUDA graphs read the new ones; returns False when a table had
-    to be replaced instead (copies appeared or disappeared: graphs captured before must not be replayed)."""
-    moe.placement = placement
-    in_place = True
-    table = placement.holders() if placement.has_copies else None
-    new = {"log2local": placement.log2local(), "holders": None if table is None else table[0],
-           "num_copies": None if table is None else table[1]}
-    for name, value in new.items():
-        old = getattr(moe, name)
-        if old is not None and value is not None and old.shape == value.shape:
-            old.copy_(value)
-        else:
-            setattr(moe, name, None if value is None else value.to(moe.log2local.device))
-            in_place = in_place and old is None and value is None
-    if moe.all_to_all is not None:
-        moe.all_to_all = AllToAllDispatch(placement, moe.shard)
-    moe.linear._packs.clear()  # packed CPU weights of the old slots
-    return in_place
+def apply_placement(moe: MoE, placement: ExpertPlacement) -> None:
+    """Make ``moe`` route with ``placement`` (its weights must already match the new slots): its
+    ``ExpertMap`` is written in place, so captured CUDA graphs read the new tables."""
+    moe.expert_map.update(placement)
+    moe.slots_changed()
 
 
 class ExpertMover:
@@ -131,18 +115,15 @@ class ExpertMover:
         if seq != self.seq or self.todo or self.phy2log is None:
             raise RuntimeError(f"placement {seq} is not staged on rank {self.ep_rank}")
         moe_layers = self.runner.model.moe_layers()
-        in_place = True
+        counter = self.runner.expert_load
         with torch.no_grad():
             for layer_id, staged in self.staged.items():
                 moe = moe_layers[layer_id]
                 for name, rows in staged.tensors.items():
                     getattr(moe, name)[staged.slots.to(rows.device)] = rows
-                in_place &= apply_placement(moe, ExpertPlacement.from_ranks(self.phy2log, self.ep_rank))
-        if not in_place and self.runner.graphs is not None:
-            self.runner.graphs = None  # NOTE: the captured graphs read the replaced tables: run eagerly
-        counter = self.runner.expert_load
-        if counter is not None:
-            counter.set_placement(torch.tensor(self.phy2log, dtype=torch.long))
+                apply_placement(moe, ExpertPlacement.from_ranks(self.phy2log, self.ep_rank, moe.placement.num_logical))
+                if counter is not None:
+                    counter.placement_changed(layer_id)
         self.staged, self.phy2log = {}, None
 
 
