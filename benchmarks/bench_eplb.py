@@ -97,7 +97,7 @@ def main() -> None:
            for _ in range(args.num_prompts)]
     engine = Engine(EngineConfig(model=str(model), device=args.device, tp=args.ep, ep=args.ep,
                                  num_redundant_experts=args.num_redundant_experts, expert_load_interval=4,
-                                 eplb_layers_per_step=1, max_num_seqs=len(ids), skip_tokenizer_init=True,
+                                 max_num_seqs=len(ids), skip_tokenizer_init=True,
                                  kv_cache_memory=64 << 20))
     try:
         rebalancer = engine.expert_load.rebalancer

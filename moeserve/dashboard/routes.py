@@ -20,7 +20,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from moeserve.coordinator.expert_load import LoadView
-from moeserve.dashboard.state import dashboard_state, load_json
+from moeserve.dashboard.state import dashboard_states, load_json
 from moeserve.frontend.auth import ApiKeys
 from moeserve.frontend.errors import BadRequest, NotFound, Unavailable
 from moeserve.frontend.load_metrics import ExpertLoadCollector, LoadMetricsConfig
@@ -113,15 +113,16 @@ class ExpertLoadRoutes:
                                  headers={"Cache-Control": "no-cache"})
 
     async def _stream(self, request: Request) -> AsyncIterator[bytes]:
-        """One event per interval: the whole state (a page that connects late needs no history)."""
-        sent: LoadView | None = None
+        """One event per interval: the whole state (a page that connects late needs no history), of every
+        replica, after their sum when there are several."""
+        sent: list[LoadView] = []
         cached: dict[str, Any] = {}
         while not await request.is_disconnected():
             views = [v for v in load_views(self.service) if v is not None]
             if views:
-                if views[0] is not sent:
-                    sent = views[0]
-                    cached = await asyncio.to_thread(dashboard_state, sent)
+                if len(views) != len(sent) or any(a is not b for a, b in zip(views, sent)):
+                    sent = views
+                    cached = await asyncio.to_thread(dashboard_states, sent)
                 payload = json.dumps(cached, separators=(",", ":"))
                 yield b"event: load\ndata: " + payload.encode() + b"\n\n"
             else:

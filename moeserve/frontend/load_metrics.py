@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from moeserve.coordinator.expert_load import LoadView
 
 REBALANCE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-REBALANCE_RESULTS = ("applied", "skipped", "failed")
+REBALANCE_RESULTS = ("applied", "skipped", "failed", "backed-off")
 
 
 @dataclass(frozen=True)

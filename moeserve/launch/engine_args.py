@@ -107,8 +107,8 @@ FLAGS: dict[str, Flag] = {
     "eplb_interval": Flag("steps between online expert rebalancing checks (0: only on POST /admin/rebalance)"),
     "eplb_threshold": Flag("rebalance when the EP ranks' balancedness (mean / max load) falls below this"),
     "eplb_hysteresis": Flag("... and only when the planner predicts at least this much better balancedness"),
-    "eplb_layers_per_step": Flag("MoE layers whose new expert weights each rank copies in after a step while "
-                                 "rebalancing"),
+    "eplb_max_stall_ms": Flag("the longest a step may wait while expert weights move between ranks: a "
+                              "rebalance is cut into chunks of slots that fit"),
     "speculative_config": Flag('speculative decoding, as vLLM\'s flag: {"method": "mtp", "num_speculative_tokens": '
                                'K} drafts K tokens a step with the model\'s multi-token-prediction module '
                                '(DeepSeek-V3/R1) (optional: "adaptive": false keeps drafting whatever it measures)',
