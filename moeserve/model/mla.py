@@ -81,21 +81,42 @@ class MLA(nn.Module):
         torch.index_select(rows, 0, index.flatten(), out=out)
         return out.view(*index.shape, dim)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_lora_rank is None:
-            q = self.linear(x, self.q_proj, "q_proj")
-        else:
-            q = self.linear(self.q_a_layernorm(self.linear(x, self.q_a_proj, "q_a_proj")), self.q_b_proj, "q_b_proj")
+    def fuse_input_projections(self) -> None:
+        """Make the two projections of the layer's input -- the query's (``q_proj``, or ``q_a_proj`` with a
+        query LoRA) and the latent's (``kv_a_proj_with_mqa``) -- row blocks of one weight, so that a step runs
+        one GEMM for both: at decode sizes each is a small matrix-vector product whose launch and ramp weigh
+        more than its bytes. The two parameters become views of the fused weight (no memory is added); a
+        weight replaced afterwards (rather than copied into) turns the fused GEMM off again."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        fused = torch.cat([first.detach(), self.kv_a_proj_with_mqa.detach()])
+        first.data = fused[:first.shape[0]]
+        self.kv_a_proj_with_mqa.data = fused[first.shape[0]:]
+        self._input_proj = fused
+
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (the query projection's output -- q, or q_a before its norm --, the latent
+        projection's [T, kv_lora + rope])."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        fused = getattr(self, "_input_proj", None)
+        if fused is not None and first.data_ptr() == fused.data_ptr():
+            return self.linear(x, fused, "input_proj").split([first.shape[0], self.kv_a_proj_with_mqa.shape[0]], -1)
+        return self.linear(x, first, "q_proj" if self.q_lora_rank is None else "q_a_proj"), \
+            self.linear(x, self.kv_a_proj_with_mqa, "kv_a")
+
+    def _query(self, x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """-> [T, H, nope + rope] from ``projected``, the query projection's output for ``x``."""
+        q = projected if self.q_lora_rank is None else \
+            self.linear(self.q_a_layernorm(projected), self.q_b_proj, "q_b_proj")
         return q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
 
     def forward(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """x: [T, hidden]; kv_cache: [num_slots, kv_lora_rank + rope_dim] (flat view) or None (no cache:
         the step's own tokens are the whole context, as in training) -> [T, hidden]."""
-        q = self._query(x)  # [T, H, nope + rope]
+        projected, kv_a = self._project_input(x)
+        q = self._query(x, projected)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rotary(q_pe, meta.positions)
-        latent, k_pe = self.linear(x, self.kv_a_proj_with_mqa, "kv_a").split([self.kv_lora_rank, self.rope_dim],
-                                                                             dim=-1)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
         if kv_cache is None:
             kv_cache = new_rows  # slot_mapping is the identity in this mode

@@ -34,6 +34,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.cache_dtype = cache_dtype or model.dtype
         fast = kernels_apply(device)
+        if device.type == "cuda":  # one GEMM for each attention's query and latent projections
+            model.fuse_input_projections()
         layer_ids = [int(k) for k in model.layers]
         # with the fast path, one spare block past the manager's: a graph's padding rows and the start-up
         # check write there
