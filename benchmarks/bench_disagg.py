@@ -10,13 +10,14 @@ ids, the model's weights as given (``--load-format dummy`` for random ones).
 The two roles must not share compute for the comparison to mean anything: give each its own GPU
 (``--prefill-env CUDA_VISIBLE_DEVICES=0 --decode-env CUDA_VISIBLE_DEVICES=1``), or its own cores
 (``--prefill-cpus 0-7 --decode-cpus 8-15``: ``taskset``), or the GPU to decode and host cores to prefill
-(``--prefill-device cpu``). The colocated instance gets the decode instance's device and environment.
+(``--prefill-device cpu --dtype bfloat16``: the roles must share a cache dtype). The colocated instance gets
+the decode instance's device and environment.
 The router (``--router-cpus``) and this script's own load generator (``--client-cpus``) can be pinned too, so
 that neither takes the decode instance's cores; ``--profile-decode DIR`` records the decode instance (and the
 colocated one) with py-spy (``pip install py-spy``), and the decode instance's own ITL (its /metrics) is
 reported beside the client's.
 
-Two H200s of one host, a role on each (or drop the env flags and give --prefill-device cpu for the host cores):
+Two H200s of one host, a role on each (or drop the env flags and give --prefill-device cpu --dtype bfloat16 for the host cores):
     PYTHONPATH=. python benchmarks/bench_disagg.py --model benchmarks/configs/deepseek_v2_lite --load-format dummy \\
         --device cuda --prefill-env CUDA_VISIBLE_DEVICES=0 --decode-env CUDA_VISIBLE_DEVICES=1 \\
         --chats 16 --long-len 8192 --long-every 2 --duration 60 --json-out benchmarks/results/disagg_h200.json
@@ -80,6 +81,8 @@ def serve_cmd(args, port: int, device: str, mode: str = "") -> list[str]:
         cmd += ["--model", args.model, "--load-format", args.load_format]
     if args.max_model_len:
         cmd += ["--max-model-len", str(args.max_model_len)]
+    if args.dtype:  # NOTE: one dtype for both roles: a CPU prefill instance defaults to float32, a GPU to bf16
+        cmd += ["--dtype", args.dtype]
     if args.kv_cache_memory:
         cmd += ["--kv-cache-memory", str(args.kv_cache_memory)]
     if mode:
@@ -221,6 +224,7 @@ def main() -> None:
     p.add_argument("--profile-decode", type=Path, help="write py-spy profiles of the decode/colocated instance here")
     p.add_argument("--kv-transfer-backend", default="zmq", choices=("zmq", "nixl"))
     p.add_argument("--max-model-len", type=int, default=0)
+    p.add_argument("--dtype", default="", help="every instance's --dtype (default: each device's own)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=int, default=0)
     p.add_argument("--chats", type=int, default=8)

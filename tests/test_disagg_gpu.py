@@ -13,7 +13,7 @@ import subprocess
 import httpx
 import pytest
 import torch
-from test_disagg import metric, nixl_missing, start_router
+from disagg_helpers import metric, nixl_missing, start_router
 
 from moeserve.frontend.testing import serve_subprocess
 
