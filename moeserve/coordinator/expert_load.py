@@ -67,11 +67,12 @@ class LoadView:
     steps_since_rebalance: int = 0
     eplb_interval_steps: int = 0  # online rebalancing's interval (0: off)
     rank_base: torch.Tensor | None = None  # [layers, ep] what each rank served under earlier placements
+    num_ep_ranks: int = 1  # EP ranks when there is no one placement (replicas summed, each its own)
 
 
     @property
     def num_ranks(self) -> int:
-        return 1 if self.phy2log is None else int(self.phy2log.shape[1])
+        return self.num_ep_ranks if self.phy2log is None else int(self.phy2log.shape[1])
 
     def rank_load(self, which: str = "window") -> torch.Tensor:
         """[layers, ep] pairs each EP rank served (prefill + decode) in the latest window, since start
@@ -189,28 +190,27 @@ class LoadAggregator:
 
 
 def sum_views(views: list[LoadView]) -> LoadView:
-    """Several replicas' views as one: expert counts added; rank counts added by EP rank where every replica
-    has the same placement, else one column of all ranks (the replicas' slots hold different experts)."""
+    """Several replicas' views as one: expert counts added, and rank counts by EP rank (rank r of every
+    replica together). Where the replicas' placements differ (each rebalances on its own) the sum has no one
+    placement (``phy2log`` None): its physical counts are added slot by slot, which keeps each EP rank's
+    total right but not which expert a slot holds."""
     if len(views) == 1:
         return views[0]
     first = views[0]
-    if any(v.layer_ids != first.layer_ids or v.total.shape != first.total.shape for v in views):
-        raise ValueError("replicas with different MoE layers or experts cannot be summed")
+    if any(v.layer_ids != first.layer_ids or v.total.shape != first.total.shape
+           or v.physical_total.shape != first.physical_total.shape for v in views):
+        raise ValueError("replicas with different MoE layers, experts or slots cannot be summed")
     same = all(v.phy2log is not None and first.phy2log is not None and torch.equal(v.phy2log, first.phy2log)
                for v in views)
-    total = sum((v.total for v in views), torch.zeros_like(first.total))
-    window = sum((v.window for v in views), torch.zeros_like(first.window))
-    if same:
-        physical = sum((v.physical_total for v in views), torch.zeros_like(first.physical_total))
-        physical_window = sum((v.physical_window for v in views), torch.zeros_like(first.physical_window))
-        bases = [v.rank_base for v in views if v.rank_base is not None]
-        base = sum(bases, torch.zeros_like(bases[0])) if bases else None
-    else:  # one slot per expert, one rank: what every replica's ranks served together
-        physical, physical_window, base = total, window, None
+
+    def add(name: str) -> torch.Tensor:
+        return sum((getattr(v, name) for v in views), torch.zeros_like(getattr(first, name)))
+
+    bases = [v.rank_base for v in views if v.rank_base is not None]
     history = tuple(sorted((h for v in views for h in v.history), key=lambda h: h[0]))
-    return LoadView(max(v.step for v in views), max(v.time for v in views), first.layer_ids, total, window, physical,
-                    physical_window, first.phy2log if same else None,
-                    first.rank_ids if same else tuple((0,) for _ in first.layer_ids),
-                    max(v.window_s for v in views), history,
+    return LoadView(max(v.step for v in views), max(v.time for v in views), first.layer_ids, add("total"),
+                    add("window"), add("physical_total"), add("physical_window"), first.phy2log if same else None,
+                    first.rank_ids, max(v.window_s for v in views), history,
                     tuple(sorted((r for v in views for r in v.rebalances), key=lambda r: r.time)),
-                    min(v.steps_since_rebalance for v in views), first.eplb_interval_steps, base)
+                    min(v.steps_since_rebalance for v in views), first.eplb_interval_steps,
+                    sum(bases, torch.zeros_like(bases[0])) if bases else None, first.num_ranks)

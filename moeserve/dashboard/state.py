@@ -64,7 +64,8 @@ def dashboard_state(view: LoadView) -> dict[str, Any]:
     placement = None if view.phy2log is None else view.phy2log.tolist()
     return {
         "step": view.step, "time": view.time, "window_s": view.window_s, "window_steps": window_steps(view),
-        "layers": list(view.layer_ids), "num_experts": int(window.shape[-1]), "ranks": [list(r) for r in view.rank_ids],
+        "layers": list(view.layer_ids), "num_experts": int(window.shape[-1]), "num_ranks": view.num_ranks,
+        "ranks": [list(r) for r in view.rank_ids],
         "expert_window": window.tolist(), "expert_total": total.tolist(),
         "rank_window": view.rank_load("window").tolist(), "rank_total": view.rank_load("total").tolist(),
         "balancedness": view.balancedness().tolist(), "balancedness_total": view.balancedness("total").tolist(),

@@ -134,8 +134,9 @@ function layerBlock(cls, title) {
 function drawPlacement(s) {
   const placement = document.getElementById("placement"), plan = document.getElementById("plan");
   if (!s.placement) {
-    placement.textContent = "every rank holds every expert (no expert parallelism)";
-    plan.textContent = "nothing to plan (no expert parallelism)"; return;
+    placement.textContent = s.num_ranks > 1 ? "the replicas' placements differ (each rebalances on its own): pick a replica above"
+      : "every rank holds every expert (no expert parallelism)";
+    plan.textContent = s.num_ranks > 1 ? "see each replica" : "nothing to plan (no expert parallelism)"; return;
   }
   placement.replaceChildren(...s.placement.map((layer, i) => {
     const block = layerBlock("layer-placement", `layer ${s.layers[i]}: balancedness ${s.balancedness_placement[i].toFixed(3)} ` +
