@@ -93,7 +93,7 @@ def _alias_mlp(dst, src) -> None:
     else:  # older transformers: a ModuleList of MLPs
         _set(dst, "w13", torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight], 0) for e in experts]))
         _set(dst, "w2", torch.stack([e.down_proj.weight for e in experts]))
-    dst.log2local = dst.placement.log2local().to(DEVICE)
+    dst.expert_map.to(DEVICE)
     dst.tokens_per_expert = torch.zeros(dst.spec.num_experts, dtype=torch.long, device=DEVICE)
     _fuse(dst.shared_experts, src.shared_experts)
 

@@ -108,10 +108,15 @@ def whole_moe(raw: dict) -> MoE:
     return moe
 
 
-def shard_of(whole: MoE, raw: dict, rank: int, world: int, phy2log: list[int]) -> MoE:
-    """This rank's share of ``whole``: its routed experts, its tp slice of the shared experts."""
+def shard_of(whole: MoE, raw: dict, rank: int, world: int, phy2log: list[int],
+             every_rank: list[list[int]] | None = None) -> MoE:
+    """This rank's share of ``whole``: its routed experts, its tp slice of the shared experts. With
+    ``every_rank`` the layer's map knows the whole placement from the start (as workers build it), else it
+    gathers the other ranks' slots at its first forward."""
     shard = ShardInfo(rank, world, dist.group.WORLD)
-    part = make_moe(raw, ExpertPlacement(whole.spec.num_experts, tuple(phy2log)), shard, "alltoall")
+    placement = ExpertPlacement.from_ranks(every_rank, rank) if every_rank else \
+        ExpertPlacement(whole.spec.num_experts, tuple(phy2log))
+    part = make_moe(raw, placement, shard, "alltoall")
     with torch.no_grad():
         part.gate_weight.copy_(whole.gate_weight)
         part.e_score_correction_bias.copy_(whole.e_score_correction_bias)
@@ -126,7 +131,8 @@ def shard_of(whole: MoE, raw: dict, rank: int, world: int, phy2log: list[int]) -
     return part
 
 
-CASES = [("shared", RAW, False), ("no_shared", NO_SHARED, False), ("redundant", RAW, True)]
+CASES = [("shared", RAW, False), ("no_shared", NO_SHARED, False), ("redundant", RAW, True),
+         ("redundant_whole", RAW, True)]
 
 
 def _moe_worker(rank: int, world: int, token_counts: list[int], out: str) -> None:
@@ -134,7 +140,8 @@ def _moe_worker(rank: int, world: int, token_counts: list[int], out: str) -> Non
     for name, raw, redundant in CASES:
         phy2log = (REDUNDANT[world][rank] if redundant
                    else list(ExpertPlacement.contiguous(8, rank, world).local_logical_ids))
-        part = shard_of(whole_moe(raw), raw, rank, world, phy2log)
+        part = shard_of(whole_moe(raw), raw, rank, world, phy2log,
+                        REDUNDANT[world] if name == "redundant_whole" else None)
         for num_tokens in token_counts:
             x = torch.randn(num_tokens, 32, generator=torch.Generator().manual_seed(num_tokens))
             with torch.no_grad():

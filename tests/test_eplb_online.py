@@ -3,6 +3,8 @@ redundant slots, while requests are mid-prefill and decoding; the greedy tokens 
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import test_engine  # noqa: E402  (tests/ is on sys.path via conftest)
 import torch
@@ -21,14 +23,21 @@ def single(ckpt_factory) -> dict[int, list[int]]:
 
 
 @pytest.mark.parametrize("ep, redundant, forced", [(2, 2, False), (4, 4, True)], ids=["ep2-interval", "ep4-forced"])
-def test_tokens_identical_across_rebalances(ckpt_factory, single, ep: int, redundant: int, forced: bool) -> None:
+def test_tokens_identical_across_rebalances(ckpt_factory, single, tmp_path, ep: int, redundant: int,
+                                            forced: bool) -> None:
     """EP 2 rebalances on its own (--eplb-interval 3, threshold 1: whenever the plan is better); EP 4 is
-    forced every 4 steps, as POST /admin/rebalance does."""
+    forced every 4 steps, as POST /admin/rebalance does. Each layer is planned on its own and its moves are
+    cut into one-slot chunks (a stall bound of 1 us), each applied between two steps; the checkpoint's
+    weights are deleted once the ranks have loaded them, so every moved slot comes from another rank."""
+    model = tmp_path / "model"
+    shutil.copytree(ckpt_factory(VARIANT), model)
     automatic = {} if forced else {"eplb_interval": 3, "eplb_threshold": 1.0, "eplb_hysteresis": 0.0}
-    engine = Engine(EngineConfig(model=str(ckpt_factory(VARIANT)), block_size=4, kv_cache_memory=1 << 22,
+    engine = Engine(EngineConfig(model=str(model), block_size=4, kv_cache_memory=1 << 22,
                                  max_num_seqs=8, max_num_batched_tokens=32, tp=ep, ep=ep,
-                                 num_redundant_experts=redundant, expert_load_interval=2, eplb_layers_per_step=1,
+                                 num_redundant_experts=redundant, expert_load_interval=2, eplb_max_stall_ms=1e-3,
                                  **automatic))
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()  # moved experts must come from the ranks that hold them
     rebalancer = engine.expert_load.rebalancer
     assert rebalancer is not None
     step = engine.step
@@ -43,17 +52,26 @@ def test_tokens_identical_across_rebalances(ckpt_factory, single, ep: int, redun
     engine.step = step_and_rebalance  # type: ignore[method-assign]
     try:
         tokens = test_engine.run_staggered(engine)
+        while rebalancer.staging:  # the last chunks, while idle
+            engine.expert_load.idle()
         view = engine.expert_load.flush()
     finally:
         engine.close()
     assert tokens == single
-    applied = [r for r in engine.expert_load.aggregator.rebalances if r.result == "applied"]
-    assert applied, engine.expert_load.aggregator.rebalances
+    records = engine.expert_load.aggregator.rebalances
+    applied = [r for r in records if r.result == "applied"]
+    assert applied and not [r for r in records if r.result == "failed"], records
+    assert {r.layer for r in applied} <= set(view.layer_ids)
     seen = placements + [engine.expert_load.aggregator.phy2log]  # before each step, and at the end
-    changes = sum(1 for a, b in zip(seen, seen[1:]) if not torch.equal(a, b))
-    assert changes == len(applied)  # every applied rebalance changed the placement between two steps
+    changes = [i for i, (a, b) in enumerate(zip(seen, seen[1:])) if not torch.equal(a, b)]
+    # every chunk changed one layer's placement between two steps (or while idle, at the end)
+    assert len(changes) <= sum(r.chunks for r in applied)
+    for a, b in zip(seen, seen[1:]):
+        assert int((a != b).any(-1).any(-1).sum()) <= 1  # one layer at a time
+    assert any(r.chunks > 1 for r in applied)  # the stall bound cut some layer's move into chunks
+    for r in applied:
+        assert r.moves >= r.chunks >= 1 and r.max_stall_s > 0
     assert view is not None and view.phy2log is not None
-    assert view.phy2log.shape == (ep, (8 + redundant) // ep)
-    assert int(view.physical_total.sum()) <= int(view.total.sum())  # slots count since the last swap
-    if engine.stats.num_steps - applied[-1].step > 1:  # a swap at the very end leaves nothing counted since
-        assert int(view.physical_total.sum()) > 0
+    assert view.phy2log.shape == (len(view.layer_ids), ep, (8 + redundant) // ep)
+    assert len({tuple(layer.flatten().tolist()) for layer in view.phy2log}) > 1  # each layer its own placement
+    assert int(view.physical_total.sum()) <= int(view.total.sum())  # slots count since each layer's last move

@@ -51,11 +51,14 @@ def check_counts(ckpt, placement=None, **parallel) -> None:
         assert view.total[layer, 0].sum() == seen["prefill"] * top_k
         assert view.total[layer, 1].sum() == seen["decode"] * top_k
         assert torch.equal(view.physical_total[layer].sum(-1), view.total[layer].sum(-1))
-    if view.phy2log is not None:  # each slot's pairs are its logical expert's
-        by_expert = torch.zeros_like(view.total).index_add_(2, view.phy2log.flatten(), view.physical_total)
-        assert torch.equal(by_expert, view.total)
+    if view.phy2log is not None:  # each slot's pairs are its logical expert's, by the layer's own placement
+        assert view.phy2log.shape[0] == len(view.layer_ids)
+        for layer in range(len(view.layer_ids)):
+            by_expert = torch.zeros_like(view.total[layer]).index_add_(1, view.phy2log[layer].flatten(),
+                                                                       view.physical_total[layer])
+            assert torch.equal(by_expert, view.total[layer])
     if placement is not None:  # copies of an expert each serve some of its pairs
-        assert view.phy2log is not None and view.phy2log.tolist() == placement
+        assert view.phy2log is not None and view.phy2log.tolist() == [placement] * len(view.layer_ids)
 
 
 @pytest.mark.parametrize("parallel", [{}, {"tp": 2, "ep": 2}, {"pp": 2}, {"tp": 2, "ep": 1},

@@ -164,26 +164,22 @@ class ExpertLoadMsg:
 
 @dataclass
 class PlacementMsg:
-    """Start staging a new expert placement (``phy2log`` [ep][slots], the same for every MoE layer): each
-    rank loads the weights of its changed slots, ``layers_per_step`` layers after each step."""
+    """A chunk of one MoE layer's new expert placement (``phy2log`` [ep][slots], that layer's after the
+    chunk), in order with the step plans: every rank of the layer's stage copies the changed slots' weights
+    from the ranks holding them (point to point) and routes with it from the next step on."""
 
     seq: int
+    layer_id: int
     phy2log: list[list[int]]
-    layers_per_step: int
 
 
 @dataclass
 class PlacementReadyMsg:
     rank: int
     seq: int
-    error: str = ""  # why this rank could not stage the placement (it keeps the old one)
-
-
-@dataclass
-class PlacementSwapMsg:
-    """Serve with the staged placement from the next step plan on (sent to every rank at one step boundary)."""
-
-    seq: int
+    error: str = ""  # why this rank could not take the chunk (the coordinator stops rebalancing that layer)
+    seconds: float = 0.0  # how long the chunk held this rank up
+    nbytes: int = 0  # expert weight bytes this rank received
 
 
 @dataclass
@@ -265,8 +261,7 @@ MESSAGE_TYPES: dict[str, type] = {cls.__name__: cls for cls in (KvServerMsg, Ste
                                                                 PreflightMsg, KvSaveMsg, KvLoadMsg,
                                                                 KvLoadedMsg,
                                                                 ExpertLoadRequestMsg,
-                                                                ExpertLoadMsg, PlacementMsg, PlacementReadyMsg,
-                                                                PlacementSwapMsg)}
+                                                                ExpertLoadMsg, PlacementMsg, PlacementReadyMsg)}
 
 
 def encode(msg: Any) -> bytes:

@@ -77,7 +77,7 @@ class EngineConfig:
     eplb_interval: int = 0  # steps between online rebalancing checks; 0 = only when asked (POST /admin/rebalance)
     eplb_threshold: float = 0.9  # rebalance when the ranks' balancedness (mean / max load) falls below this
     eplb_hysteresis: float = 0.05  # ... and the planner predicts at least this much better
-    eplb_layers_per_step: int = 4  # MoE layers each rank stages (copies new expert weights for) per step
+    eplb_max_stall_ms: float = 20.0  # the longest a step may wait for expert weights being moved (chunks fit it)
     # self-healing (coordinator/supervisor.py): a dead rank restarts the replica's ranks, at most max_restarts
     # times within restart_window seconds; streams mid-decode resume (or end with a retryable error)
     max_restarts: int = 3
@@ -114,8 +114,8 @@ class EngineConfig:
         if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0 or self.kv_store_connections < 1:
             raise ValueError("kv_store_timeout, kv_store_probe_interval and kv_store_connections must be positive")
         self._check_disaggregation()
-        if self.num_redundant_experts < 0 or self.eplb_interval < 0 or self.eplb_layers_per_step < 1:
-            raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_layers_per_step >= 1")
+        if self.num_redundant_experts < 0 or self.eplb_interval < 0 or not self.eplb_max_stall_ms > 0:
+            raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_max_stall_ms > 0")
         if not 0 < self.eplb_threshold <= 1 or not 0 <= self.eplb_hysteresis < 1:
             raise ValueError(f"eplb_threshold must be in (0, 1] and eplb_hysteresis in [0, 1), got "
                              f"{self.eplb_threshold}, {self.eplb_hysteresis}")
@@ -202,6 +202,13 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return not self.enforce_eager and self.torch_device.type == "cuda" and self.ep_dispatch == "allreduce"
+
+    @property
+    def max_decode_rows(self) -> int:
+        """The most rows a decode step runs, so the largest CUDA graph: a verify step with speculative decoding
+        runs each sequence's drafts as decode rows of their own (``StepPlan.expanded``)."""
+        spec = self.speculative_config
+        return self.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
 
     @property
     def effective_async_scheduling(self) -> bool:

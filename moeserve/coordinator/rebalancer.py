@@ -1,12 +1,25 @@
-"""Online expert rebalancing (EPLB) of a distributed engine, driven from the coordinator.
+"""Online expert rebalancing (EPLB) of a distributed engine, driven from the coordinator, layer by layer.
 
 Every ``interval`` steps (or when asked: ``POST /admin/rebalance``) the rebalancer reads the load since
-start, asks the planner (``experts/eplb.py``) for a placement, and starts it only when the ranks' measured
-balancedness since the last rebalance is below ``threshold`` and the plan predicts at least ``hysteresis``
-better (a forced rebalance skips both checks). Starting sends ``PlacementMsg`` to every rank; each stages
-its changed slots a few layers per step, in the background, and answers ``PlacementReadyMsg``. When all have
-answered, the rebalancer sends ``PlacementSwapMsg`` between two step plans, so every rank serves the new
-routing map from the same step on. A rank that fails to stage leaves every rank on the old placement.
+start and asks the planner (``experts/eplb.py``) for each MoE layer's own placement, as DeepSeek's EPLB
+does. A layer moves only when it is worth it (a forced rebalance moves every layer whose plan differs):
+
+- its balancedness measured since its current placement began is below ``threshold``, over at least
+  ``min_pairs_per_slot`` pairs per physical slot; and
+- its predicted gain -- how much faster its heaviest rank gets, ``max_now / max_after - 1`` on the same
+  counts -- is at least ``hysteresis``. The plan of a layer that has just moved predicts no gain from the
+  counts that chose it, so it does not move back (no thrash by construction); and
+- it is not backing off: once a moved layer has served ``min_pairs_per_slot`` pairs per slot, its measured
+  balancedness is compared with the one before the move; a measured non-gain doubles the number of checks
+  the layer sits out (1, 2, 4, ...), a gain resets it (``eplb_policy.Backoff``).
+
+A layer's move is cut into chunks (``expert_moves.next_chunk``) so that no step waits longer than
+``max_stall_s``: the chunk size starts at one slot and follows the slowest rank's measured time per slot.
+Each chunk is one ``PlacementMsg`` sent in order with the step plans, at most one between two steps: every
+rank of the layer's stage copies the changed slots' weights point to point from the ranks holding them and
+routes with the chunk's placement from the next step on (``stages/expert_mover.py``), and answers
+``PlacementReadyMsg`` with the time it took. A chunk that fails on some rank stops that layer's move (the
+layer keeps the placement before the chunk).
 """
 
 from __future__ import annotations
@@ -14,18 +27,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from moeserve.comm.messages import PlacementMsg, PlacementReadyMsg, PlacementSwapMsg
+from moeserve.comm.messages import PlacementMsg, PlacementReadyMsg
 from moeserve.coordinator.config import EngineConfig
+from moeserve.coordinator.eplb_policy import Backoff, predicted_gain
 from moeserve.coordinator.expert_load import LoadAggregator, Rebalance
 from moeserve.experts.eplb import balancedness, num_moves, plan_placement, rank_loads
+from moeserve.experts.expert_moves import next_chunk
 
 if TYPE_CHECKING:
     from moeserve.coordinator.executor import Executor
@@ -36,13 +52,15 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EplbConfig:
     interval: int = 0  # steps between checks; 0 = only when asked
-    threshold: float = 0.9  # rebalance when the measured balancedness falls below this
-    hysteresis: float = 0.05  # ... and the plan predicts at least this much better
-    layers_per_step: int = 4  # MoE layers each rank stages after a step
+    threshold: float = 0.9  # a layer moves when its measured balancedness is below this ...
+    hysteresis: float = 0.05  # ... and the plan predicts its heaviest rank at least this much faster
+    max_stall_s: float = 0.02  # the longest a step may wait for one chunk of moved expert weights
+    min_pairs_per_slot: int = 4  # pairs a placement must have served per physical slot before it is judged
 
     @classmethod
     def of(cls, config: EngineConfig) -> EplbConfig:
-        return cls(config.eplb_interval, config.eplb_threshold, config.eplb_hysteresis, config.eplb_layers_per_step)
+        return cls(config.eplb_interval, config.eplb_threshold, config.eplb_hysteresis,
+                   config.eplb_max_stall_ms / 1e3)
 
 
 def with_redundant_slots(config: EngineConfig, num_experts: int) -> EngineConfig:
@@ -61,6 +79,30 @@ def with_redundant_slots(config: EngineConfig, num_experts: int) -> EngineConfig
     return dataclasses.replace(config, expert_placement=str(path))
 
 
+@dataclass
+class LayerMove:
+    """One layer on its way to ``target`` [ep, slots]."""
+
+    layer_id: int
+    target: torch.Tensor
+    before: float  # measured balancedness since the layer's placement began
+    after: float  # predicted
+    started: float = field(default_factory=time.monotonic)
+    moves: int = 0
+    chunks: int = 0
+    max_stall_s: float = 0.0
+
+
+@dataclass
+class Chunk:
+    seq: int
+    previous: torch.Tensor  # the layer's placement before the chunk
+    slots: int
+    pending: set[int]
+    stalls: list[float] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
 class Rebalancer:
     def __init__(self, executor: Executor, aggregator: LoadAggregator, config: EplbConfig):
         self.executor, self.aggregator, self.config = executor, aggregator, config
@@ -70,23 +112,29 @@ class Rebalancer:
         self.step = 0
         self._steps_since_check = 0
         self._seq = 0
-        self._pending: set[int] = set()
-        self._errors: list[str] = []
-        self._staging: tuple[torch.Tensor, float, float, float] | None = None  # plan, start, before, after
-        self.on_swap = lambda: None  # the load monitor restarts its window
+        self.queue: list[LayerMove] = []
+        self.inflight: Chunk | None = None
+        self.slots_per_chunk = 1  # grows to what the stall bound allows, from the measured time per slot
+        self.seconds_per_slot: float | None = None
+        self.backoff = Backoff(config.hysteresis / 2)
+        self.judging: dict[int, int] = {}  # layer -> index in aggregator.rebalances of its latest move
+        self.on_swap = lambda: None  # the load monitor ignores answers that counted the old slots
 
     @property
     def staging(self) -> bool:
-        return self._staging is not None
+        return bool(self.queue) or self.inflight is not None
 
     def request(self) -> None:
         self.requested = True
 
     def on_step(self, step: int) -> None:
         self.step = step
-        if self._staging is not None:
-            if not self._pending:
-                self._finish()
+        if self.inflight is not None:
+            if self.inflight.pending:
+                return
+            self._chunk_done()
+        if self.queue:
+            self._send_chunk()  # at most one chunk between two steps
             return
         self._steps_since_check += 1
         due = self.config.interval and self._steps_since_check >= self.config.interval
@@ -94,48 +142,113 @@ class Rebalancer:
             self.consider(force=self.requested)
 
     def consider(self, force: bool = False) -> bool:
-        """Plan, and start the new placement if it is worth it; True when one was started."""
+        """Plan every layer, and queue the moves worth making; True when one was queued."""
         self.requested, self._steps_since_check = False, 0
         view, current = self.aggregator.view, self.aggregator.phy2log
         if view is None or current is None or int(view.total.sum()) == 0:
             return False
-        weight = view.total.sum(1).sum(0, keepdim=True).double()  # [1, E]: one placement for every layer
-        measured = float(view.balancedness("placement").mean())  # since the current placement began
-        new = plan_placement(weight, current.shape[0], current.shape[1], current=current.unsqueeze(0))[0]
-        now = float(balancedness(rank_loads(weight, current.unsqueeze(0)))[0])
-        after = float(balancedness(rank_loads(weight, new.unsqueeze(0)))[0])
-        worth = measured < self.config.threshold and after - now >= self.config.hysteresis
-        if num_moves(current, new) == 0 or not (force or worth):
-            self._record("skipped", 0.0, measured, after)
+        self._judge()
+        weight = view.total.sum(1).double()  # [L, E] each layer's own load since start
+        num_layers, ep, slots = current.shape
+        new = plan_placement(weight, ep, slots, current=current)
+        now, after = balancedness(rank_loads(weight, current)), balancedness(rank_loads(weight, new))
+        measured = view.balancedness("placement")
+        served = view.rank_load("placement").sum(-1)
+        enough = served >= self.config.min_pairs_per_slot * ep * slots
+        queued = []
+        for i, layer_id in enumerate(view.layer_ids):
+            if num_moves(current[i], new[i]) == 0:
+                continue
+            gain = predicted_gain(float(now[i]), float(after[i]))
+            if not force:
+                if self.backoff.sits_out(layer_id):
+                    continue
+                if layer_id in self.judging or not bool(enough[i]) or float(measured[i]) >= self.config.threshold \
+                        or gain < self.config.hysteresis:
+                    continue
+            queued.append(LayerMove(layer_id, new[i], float(measured[i]), float(after[i])))
+        if not queued:
+            self._record(Rebalance(time.time(), self.step, "skipped", 0.0, float(measured.mean()),
+                                   float(after.mean())))
             return False
-        self._seq += 1
-        self._pending = set(range(self.executor.num_ranks))
-        self._errors = []
-        self._staging = (new, time.monotonic(), measured, after)
-        logger.info("rebalancing experts: balancedness %.3f -> %.3f predicted, %d slots move", measured, after,
-                    num_moves(current, new))
-        self.executor.broadcast(PlacementMsg(self._seq, new.tolist(), self.config.layers_per_step))
+        logger.info("rebalancing experts of %d layer(s): %s", len(queued),
+                    ", ".join(f"{m.layer_id}: {m.before:.3f} -> {m.after:.3f}" for m in queued))
+        self.queue += queued
         return True
 
-    def receive(self, msg: PlacementReadyMsg) -> None:
-        if msg.seq != self._seq:
+    def _judge(self) -> None:
+        """Compare each moved layer's measured balancedness with the one before its move, once it has
+        served enough pairs; a non-gain backs the layer off (exponentially), a gain clears its back-off."""
+        view = self.aggregator.view
+        if view is None or not self.judging:
             return
-        self._pending.discard(msg.rank)
-        if msg.error:
-            self._errors.append(f"rank {msg.rank}: {msg.error}")
+        measured = view.balancedness("placement")
+        served = view.rank_load("placement").sum(-1)
+        need = self.config.min_pairs_per_slot * self.aggregator.num_physical
+        for layer_id, index in list(self.judging.items()):
+            i = view.layer_ids.index(layer_id)
+            if int(served[i]) < need:
+                continue
+            del self.judging[layer_id]
+            record = self.aggregator.rebalances[index]
+            got = float(measured[i])
+            self.aggregator.rebalances[index] = dataclasses.replace(record, measured_after=got)
+            if not self.backoff.judge(layer_id, record.balancedness_before, got):
+                self._record(dataclasses.replace(record, time=time.time(), step=self.step, result="backed-off",
+                                                 measured_after=got))
 
-    def _finish(self) -> None:
-        assert self._staging is not None
-        new, start, before, after = self._staging
-        self._staging = None
-        if self._errors:
-            logger.warning("expert rebalance abandoned (every rank keeps the old placement): %s", self._errors)
-            self._record("failed", time.monotonic() - start, before, after)
-            return
-        self.executor.broadcast(PlacementSwapMsg(self._seq))  # between two step plans: every rank at once
-        seconds = time.monotonic() - start
-        self.aggregator.set_placement(new, Rebalance(time.time(), self.step, "applied", seconds, before, after))
+    def _send_chunk(self) -> None:
+        move = self.queue[0]
+        assert self.aggregator.phy2log is not None
+        i = self.aggregator.layer_ids.index(move.layer_id)
+        current = self.aggregator.phy2log[i]
+        nxt = next_chunk(current, move.target, self.slots_per_chunk, self.aggregator.num_logical)
+        self._seq += 1
+        self.inflight = Chunk(self._seq, current.clone(), num_moves(current, nxt), set(range(self.executor.num_ranks)))
+        self.executor.broadcast(PlacementMsg(self._seq, move.layer_id, nxt.tolist()))
+        self.aggregator.set_layer_placement(move.layer_id, nxt)
         self.on_swap()
 
-    def _record(self, result: str, seconds: float, before: float, after: float) -> None:
-        self.aggregator.rebalances.append(Rebalance(time.time(), self.step, result, seconds, before, after))
+    def receive(self, msg: PlacementReadyMsg) -> None:
+        chunk = self.inflight
+        if chunk is None or msg.seq != chunk.seq:
+            return
+        chunk.pending.discard(msg.rank)
+        chunk.stalls.append(msg.seconds)
+        if msg.error:
+            chunk.errors.append(f"rank {msg.rank}: {msg.error}")
+
+    def _chunk_done(self) -> None:
+        chunk, move = self.inflight, self.queue[0]
+        assert chunk is not None
+        self.inflight = None
+        if chunk.errors:
+            logger.warning("moving the experts of layer %d failed (it keeps its placement): %s", move.layer_id,
+                           chunk.errors)
+            self.aggregator.set_layer_placement(move.layer_id, chunk.previous)
+            self.on_swap()
+            self.queue.pop(0)
+            self._record(Rebalance(time.time(), self.step, "failed", time.monotonic() - move.started, move.before,
+                                   move.after, move.layer_id, move.moves, move.chunks + 1, move.max_stall_s))
+            return
+        stall = max(chunk.stalls, default=0.0)
+        move.moves, move.chunks = move.moves + chunk.slots, move.chunks + 1
+        move.max_stall_s = max(move.max_stall_s, stall)
+        if chunk.slots:
+            per_slot = stall / chunk.slots
+            # NOTE: the slowest rank's time per slot, fixed costs included (so an over-estimate): the next
+            # chunk takes as many slots as fit the bound, never fewer than one
+            self.seconds_per_slot = per_slot if self.seconds_per_slot is None else max(per_slot, 0.5 * (
+                per_slot + self.seconds_per_slot))
+            self.slots_per_chunk = max(1, math.floor(self.config.max_stall_s / max(self.seconds_per_slot, 1e-9)))
+        assert self.aggregator.phy2log is not None
+        i = self.aggregator.layer_ids.index(move.layer_id)
+        if not torch.equal(self.aggregator.phy2log[i], move.target):
+            return  # more chunks to go
+        self.queue.pop(0)
+        self.judging[move.layer_id] = len(self.aggregator.rebalances)
+        self._record(Rebalance(time.time(), self.step, "applied", time.monotonic() - move.started, move.before,
+                               move.after, move.layer_id, move.moves, move.chunks, move.max_stall_s))
+
+    def _record(self, rebalance: Rebalance) -> None:
+        self.aggregator.record(rebalance)

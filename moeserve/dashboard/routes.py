@@ -19,8 +19,8 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from moeserve.coordinator.expert_load import LoadView
-from moeserve.dashboard.state import dashboard_state, load_json
+from moeserve.coordinator.expert_load import LoadView, sum_views
+from moeserve.dashboard.state import dashboard_states, load_json
 from moeserve.frontend.auth import ApiKeys
 from moeserve.frontend.errors import BadRequest, NotFound, Unavailable
 from moeserve.frontend.load_metrics import ExpertLoadCollector, LoadMetricsConfig
@@ -30,11 +30,12 @@ EVENT_INTERVAL_S = 0.5  # the page updates at least once a second
 
 
 def load_views(service: Any) -> list[LoadView | None]:
-    """The latest expert-load view of each in-process engine (replica processes report none)."""
+    """The latest expert-load view of each replica: an in-process engine's own, or the one a replica process
+    sent last (``ReplicaBackend.load_view``; None until its first)."""
     views = []
     for backend in service.backends:
         monitor = getattr(getattr(backend, "engine", None), "expert_load", None)
-        views.append(None if monitor is None else monitor.view)
+        views.append(getattr(backend, "load_view", None) if monitor is None else monitor.view)
     return views
 
 
@@ -67,29 +68,49 @@ class ExpertLoadRoutes:
         key = request.query_params.get("key") if allow_query else None
         self.keys.check_bearer(header if header or key is None else f"Bearer {key}")
 
-    def view(self) -> LoadView:
-        views = [v for v in load_views(self.service) if v is not None]
-        if not views:
-            raise Unavailable("no expert-load statistics yet (the engine is loading, or runs in replica processes)")
-        return views[0]
+    def view(self, replica: int | None = None) -> LoadView:
+        """Replica ``replica``'s view, or (None) every replica's summed (``sum_views``)."""
+        views = load_views(self.service)
+        if replica is not None:
+            if not 0 <= replica < len(views):
+                raise BadRequest(f"replica must be in [0, {len(views)}), got {replica}")
+            chosen = views[replica]
+            if chosen is None:
+                raise Unavailable(f"no expert-load statistics from replica {replica} yet")
+            return chosen
+        live = [v for v in views if v is not None]
+        if not live:
+            raise Unavailable("no expert-load statistics yet (the engine is loading)")
+        return sum_views(live)
 
-    async def expert_load(self, request: Request, scope: Literal["total", "window"] = "total") -> JSONResponse:
-        """Routed tokens per MoE layer and expert: since start (``scope=total``) or in the latest window."""
+    async def expert_load(self, request: Request, scope: Literal["total", "window"] = "total",
+                          replica: int | None = None) -> JSONResponse:
+        """Routed tokens per MoE layer and expert: since start (``scope=total``) or in the latest window; of
+        one replica (``replica``) or, by default, of every replica summed."""
         self._auth(request)
-        return JSONResponse(load_json(self.view(), scope))
+        views = load_views(self.service)
+        body = load_json(self.view(replica), scope)
+        body.update({"replica": replica, "replicas": len(views),
+                     "replicas_reporting": sum(1 for v in views if v is not None)})
+        return JSONResponse(body)
 
     async def rebalance(self, request: Request) -> JSONResponse:
         """Ask the engine for an expert rebalance now (it plans at its next step boundary, then stages the
         new placement in the background); 202 with the rebalances so far."""
         self._auth(request)
-        rebalancers = [getattr(getattr(getattr(b, "engine", None), "expert_load", None), "rebalancer", None)
-                       for b in self.service.backends]
-        live = [r for r in rebalancers if r is not None]
+        live = []
+        for backend in self.service.backends:
+            monitor = getattr(getattr(backend, "engine", None), "expert_load", None)
+            if monitor is not None and monitor.rebalancer is not None:
+                live.append(monitor.rebalancer.request)
+            view = getattr(backend, "load_view", None)  # a replica process: the placement says EP is on
+            if monitor is None and view is not None and view.phy2log is not None:
+                live.append(backend.request_rebalance)
         if not live:
             raise BadRequest("online rebalancing needs expert parallelism over stage workers (--tp N with "
-                             "--ep N, N > 1) in one replica")
-        for rebalancer in live:
-            rebalancer.request()  # an idle engine takes it up within half a second
+                             "--ep N, N > 1)")
+        for request_rebalance in live:
+            request_rebalance()  # an idle engine takes it up within half a second
         view = self.view()
         return JSONResponse({"status": "requested", "rebalances": [r.__dict__ for r in view.rebalances]}, 202)
 
@@ -113,15 +134,16 @@ class ExpertLoadRoutes:
                                  headers={"Cache-Control": "no-cache"})
 
     async def _stream(self, request: Request) -> AsyncIterator[bytes]:
-        """One event per interval: the whole state (a page that connects late needs no history)."""
-        sent: LoadView | None = None
+        """One event per interval: the whole state (a page that connects late needs no history), of every
+        replica, after their sum when there are several."""
+        sent: list[LoadView] = []
         cached: dict[str, Any] = {}
         while not await request.is_disconnected():
             views = [v for v in load_views(self.service) if v is not None]
             if views:
-                if views[0] is not sent:
-                    sent = views[0]
-                    cached = await asyncio.to_thread(dashboard_state, sent)
+                if len(views) != len(sent) or any(a is not b for a, b in zip(views, sent)):
+                    sent = views
+                    cached = await asyncio.to_thread(dashboard_states, sent)
                 payload = json.dumps(cached, separators=(",", ":"))
                 yield b"event: load\ndata: " + payload.encode() + b"\n\n"
             else:

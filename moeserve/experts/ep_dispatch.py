@@ -1,29 +1,28 @@
-"""The expert-parallel MoE forward by all-to-all (``MoE(dispatch="alltoall")``).
+"""How a MoE layer's routed pairs reach the experts that serve them and come back: the dispatch step of
+``MoE.forward`` (route -> dispatch -> experts -> combine), one object per layer.
 
-The ranks of a stage all hold the same T tokens (attention is tensor-parallel). Each rank takes its 1/ep
-share of them, routes the share, sends each token to the ranks that own its experts (``comm/alltoall.py``),
-runs the rows it receives through its own experts -- with MoE's own expert compute, so the grouped-GEMM and
-any quantized path apply -- and sends the results back. One all-reduce then sums the shared experts'
-tensor-parallel partials and gathers the routed token shares, so every rank leaves with the full [T, H] and
-the rest of the model is unchanged.
+``ReduceDispatch`` (``dispatch="allreduce"``; also one rank, and tensor-parallel experts): every rank of
+the group routes all T tokens, runs the pairs it serves (``ExpertMap.local_slots``) and one all-reduce sums
+the routed partials with the shared experts' tensor-parallel partials.
 
-With every rank holding all tokens this moves more bytes than the all-reduce path; it is the building block
-for attention data parallelism, where each rank holds different tokens and only its own are dispatched.
+``AllToAllDispatch`` (``dispatch="alltoall"``): the ranks of a stage all hold the same T tokens (attention
+is tensor-parallel). Each rank takes its 1/ep share of them, routes the share, sends each token to the ranks
+that serve its pairs (``comm/alltoall.py``), runs the rows it receives through its own experts and sends the
+results back. One all-reduce then sums the shared experts' partials and gathers the routed token shares, so
+every rank leaves with the full [T, H]. With every rank holding all tokens this moves more bytes than the
+all-reduce path; it is the building block for attention data parallelism, where each rank holds different
+tokens and only its own are dispatched.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from moeserve.comm.alltoall import Dispatched, all_gather_rows, combine, dispatch
+from moeserve.comm.alltoall import DispatchLayout, all_gather_rows, combine, dispatch
 from moeserve.comm.shard import ShardInfo
-from moeserve.experts.gate import route, router_logits
-
-if TYPE_CHECKING:
-    from moeserve.experts.moe import ExpertPlacement, MoE
+from moeserve.experts.expert_map import ExpertMap, holder_table, pick_owner  # noqa: F401 - re-exported
 
 DISPATCH_MODES = ("allreduce", "alltoall")
 
@@ -43,105 +42,85 @@ def token_shares(num_tokens: int, ep: int) -> list[int]:
     return [base + (r < extra) for r in range(ep)]
 
 
-def holder_table(phy2log: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """phy2log: [ep, slots] logical expert in each physical slot -> (holders [num_logical, ep]: each row
-    starts with the ranks holding that expert, ascending; num_copies [num_logical])."""
-    ep = phy2log.shape[0]
-    holds = torch.zeros(num_logical, ep, dtype=torch.bool, device=phy2log.device)
-    holds[phy2log, torch.arange(ep, device=phy2log.device).unsqueeze(1).expand_as(phy2log)] = True
-    num_copies = holds.sum(1)
-    if bool((num_copies == 0).any()):
-        raise ValueError("every logical expert must be held by some rank of the EP group")
-    holders = torch.argsort((~holds).to(torch.int8), dim=1, stable=True)
-    return holders, num_copies
+@dataclass(frozen=True)
+class Rows:
+    """What this rank's experts run: ``x`` [R, H] rows, ``weights`` [R, k] and ``slots`` [R * k] the local
+    slot of each pair (``num_local``: not served here). ``layout`` (all-to-all only) brings them back;
+    ``peer_counts`` (all-to-all only) [num_logical] every rank's routed pairs per expert."""
+
+    x: torch.Tensor
+    weights: torch.Tensor
+    slots: torch.Tensor
+    layout: DispatchLayout | None = None
+    peer_counts: torch.Tensor | None = None
 
 
-def pick_owner(expert_ids: torch.Tensor, first_token: int, holders: torch.Tensor,
-               num_copies: torch.Tensor) -> torch.Tensor:
-    """expert_ids: [T, k] -> [T, k] the rank that runs each pair. Redundant copies of an expert take its
-    tokens in turn by global token index (``first_token`` is the index of this share's first token)."""
-    token = torch.arange(first_token, first_token + expert_ids.shape[0], device=expert_ids.device)
-    copy = token.unsqueeze(1) % num_copies[expert_ids]
-    return holders[expert_ids, copy]
+class ReduceDispatch:
+    """Every rank routes every token; each serves its own pairs; one all-reduce adds them up."""
+
+    routes_all = True
+
+    def __init__(self, expert_map: ExpertMap, shard: ShardInfo):
+        self.map, self.shard = expert_map, shard
+
+    def share(self, num_tokens: int) -> tuple[int, int]:
+        """(first token, number of tokens) this rank routes."""
+        return 0, num_tokens
+
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int) -> Rows:
+        return Rows(x, weights, self.map.local_slots(ids, first_token))
+
+    def combine(self, y: torch.Tensor, rows: Rows) -> torch.Tensor:
+        return y
+
+    def finish(self, x: torch.Tensor, routed: torch.Tensor, first_token: int,
+               shared: torch.Tensor | None) -> torch.Tensor:
+        """The layer's output [T, H], the same on every rank of the group."""
+        return self.shard.all_reduce(routed if shared is None else routed + shared)
 
 
 class AllToAllDispatch:
-    """The all-to-all path of one MoE layer: its EP group and, after the first call, the expert holders.
+    """Each rank routes its share of the tokens and sends every pair to the rank that serves it."""
 
-    Not an ``nn.Module``: it holds no weights; the MoE passes itself to ``forward``.
-    """
+    routes_all = False
 
-    def __init__(self, placement: ExpertPlacement, shard: ShardInfo):
-        self.placement = placement
-        self.shard = shard
-        self._holders: tuple[torch.Tensor, torch.Tensor] | None = None
+    def __init__(self, expert_map: ExpertMap, shard: ShardInfo):
+        self.map, self.shard = expert_map, shard
 
-    def holders(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # NOTE: a placement built from the whole layout (``ExpertPlacement.from_ranks``, as the workers do)
-        # knows every rank's slots. One given only its own share gathers the others' at the first forward
-        # (every rank of the group runs the same layers, so they all arrive here together). All ranks hold
-        # the same number of slots (``check_placement``), as all_gather needs.
-        if self._holders is None:
-            table = self.placement.holders()
-            if table is not None:
-                self._holders = table[0].to(device), table[1].to(device)
-        if self._holders is None:
-            local = torch.tensor(self.placement.local_logical_ids, dtype=torch.long, device=device)
-            parts = [torch.empty_like(local) for _ in range(self.shard.size)]
-            dist.all_gather(parts, local, group=self.shard.group)
-            self._holders = holder_table(torch.stack(parts), self.placement.num_logical)
-        return self._holders
+    def share(self, num_tokens: int) -> tuple[int, int]:
+        counts = token_shares(num_tokens, self.shard.size)
+        return sum(counts[:self.shard.rank]), counts[self.shard.rank]
 
-    def forward(self, moe: MoE, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden], the same on every rank of the group -> [T, hidden], the same on every rank.
-
-        ``moe.tokens_per_expert`` counts all T tokens, as on the all-reduce path; ``moe.last_expert_ids``
-        is this rank's share only ([T_share, top_k]).
-        """
-        if x.shape[0] == 0:  # the same on every rank: nothing to exchange
-            return x.new_zeros(x.shape)
-        counts = token_shares(x.shape[0], self.shard.size)
-        start = sum(counts[:self.shard.rank])
-        share = x[start:start + counts[self.shard.rank]]
-        weights, ids = self.route(moe, share)
-        moe.last_expert_ids = ids
-        if moe.load_counter is not None:
-            moe.load_counter.count(moe.layer_id, ids, start)
-        dest = pick_owner(ids, start, *self.holders(x.device))
-        histogram = torch.bincount(ids.flatten(), minlength=moe.spec.num_experts)
-        got = dispatch(share, dest, ids, weights, self.shard.group, stats=histogram)
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int) -> Rows:
+        """x: this rank's share [T_share, H] -> the rows sent here by every rank (itself included)."""
+        # NOTE: a map given only this rank's share gathers the others' at the first forward (every rank of
+        # the group runs the same layers, so they all arrive here together)
+        self.map.gather_whole(self.shard.group)
+        dest = self.map.owners(ids, first_token)
+        histogram = torch.bincount(ids.flatten(), minlength=self.map.num_logical)
+        got = dispatch(x, dest, ids, weights, self.shard.group, stats=histogram)
         assert got.peer_stats is not None
-        moe.tokens_per_expert += got.peer_stats.sum(0).to(moe.tokens_per_expert)
-        routed = combine(self.run_experts(moe, got), got.layout, self.shard.group)  # [T_share, H]
-        if moe.shared_experts is None:
-            return all_gather_rows(routed, counts, self.shard.group)
+        return Rows(got.x, got.weights, self.map.slots_here(got.expert_ids), got.layout, got.peer_stats.sum(0))
+
+    def combine(self, y: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """y: [R, H] results of the received rows -> [T_share, H] this rank's share, back in token order."""
+        assert rows.layout is not None
+        return combine(y, rows.layout, self.shard.group)
+
+    def finish(self, x: torch.Tensor, routed: torch.Tensor, first_token: int,
+               shared: torch.Tensor | None) -> torch.Tensor:
+        if shared is None:
+            return all_gather_rows(routed, token_shares(x.shape[0], self.shard.size), self.shard.group)
         # NOTE: one all-reduce both sums the shared experts' tensor-parallel partials and gathers the routed
         # shares (each rank adds zeros outside its rows): the bytes of reduce-scatter + all-gather, one call.
-        out = moe.shared_experts(x)
-        out[start:start + routed.shape[0]] += routed
-        return self.shard.all_reduce(out)
+        shared[first_token:first_token + routed.shape[0]] += routed
+        return self.shard.all_reduce(shared)
 
-    @staticmethod
-    def route(moe: MoE, share: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """share: [T_share, H] -> (weights, ids) [T_share, top_k]; an empty share (fewer tokens than ranks)
-        skips the router, whose group view cannot take zero rows."""
-        if share.shape[0] == 0:
-            top_k = moe.spec.top_k
-            return share.new_zeros((0, top_k), dtype=torch.float32), share.new_zeros((0, top_k), dtype=torch.long)
-        return route(router_logits(share, moe.gate_weight), moe.spec, moe.e_score_correction_bias)
 
-    @staticmethod
-    def run_experts(moe: MoE, got: Dispatched) -> torch.Tensor:
-        """Received rows [R, H] -> [R, H]: each row's sum over its pairs held here of weight * expert(row)."""
-        pair_row, pair_col = (got.expert_ids >= 0).nonzero(as_tuple=True)  # [P]
-        if not len(pair_row):
-            return torch.zeros_like(got.x)
-        ids = got.expert_ids[pair_row, pair_col].unsqueeze(1)  # [P, 1]: one expert per pair row
-        weights = got.weights[pair_row, pair_col].unsqueeze(1)
-        rows = got.x[pair_row]
-        expert_fn = moe.routed_grouped if moe.use_grouped_mm(rows) else moe.routed
-        # NOTE: each pair goes to its (row, top-k column) place and a row's columns are summed in a fixed
-        # order, not by index_add_, whose atomic adds on GPUs give a bf16 sum that varies from run to run
-        pairs = got.x.new_zeros((*got.expert_ids.shape, got.x.shape[-1]))  # [R, top_k, H]
-        pairs[pair_row, pair_col] = expert_fn(rows, weights, ids).to(pairs.dtype)
-        return pairs.sum(1)
+Dispatch = ReduceDispatch | AllToAllDispatch
+
+
+def make_dispatch(mode: str, expert_map: ExpertMap, shard: ShardInfo) -> Dispatch:
+    if mode == "alltoall" and shard.size > 1:
+        return AllToAllDispatch(expert_map, shard)
+    return ReduceDispatch(expert_map, shard)

@@ -181,21 +181,23 @@ def num_moves(current: torch.Tensor, new: torch.Tensor) -> int:
 
 
 def plan_dry_run(view: Any, num_redundant: int | None = None) -> dict[str, Any] | None:
-    """What the planner would do with a ``LoadView``'s load since start (one placement for every layer,
-    as the engine uses): the placement, the balancedness now and predicted, and the slots that move."""
+    """What the planner would do with a ``LoadView``'s load since start, each layer on its own (as the
+    rebalancer plans): per layer the placement, the balancedness now and predicted, the predicted gain
+    (how much faster the heaviest rank gets) and the slots that move."""
     if view.phy2log is None or not len(view.layer_ids) or int(view.total.sum()) == 0:
         return None
-    current = view.phy2log
-    num_ranks, slots = current.shape
-    weight = view.total.sum(1).sum(0, keepdim=True)  # [1, E]: every layer shares the placement
+    current = view.phy2log  # [L, R, S]
+    num_layers, num_ranks, slots = current.shape
+    weight = view.total.sum(1).double()  # [L, E]
     if num_redundant is not None:
         slots = (weight.shape[-1] + num_redundant) // num_ranks
-    new = plan_placement(weight, num_ranks, slots, current=current.unsqueeze(0) if slots == current.shape[1]
-                         else None)
-    now = balancedness(rank_loads(weight, current.unsqueeze(0)))
+    same = slots == current.shape[2]
+    new = plan_placement(weight, num_ranks, slots, current=current if same else None)
+    now = balancedness(rank_loads(weight, current))
     after = balancedness(rank_loads(weight, new))
-    return {"phy2log": new[0].tolist(), "balancedness_now": float(now[0]), "balancedness_after": float(after[0]),
-            "moves": num_moves(current, new[0]) if new.shape[1:] == current.shape else new[0].numel()}
+    moves = [num_moves(current[i], new[i]) if same else new[i].numel() for i in range(num_layers)]
+    return {"phy2log": new.tolist(), "balancedness_now": now.tolist(), "balancedness_after": after.tolist(),
+            "predicted_gain": (after / now.clamp(min=1e-12) - 1).tolist(), "moves": moves}
 
 
 def balancedness(rank_load: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ can sit inside a captured CUDA graph. Every rank counts only its own share of a 
 whether the rank routed every token (the all-reduce path) or only its share (the all-to-all path).
 
 Physical slots are numbered ``ep_rank * slots_per_rank + slot`` over the layer's EP group; a pair goes to
-the copy ``ep_dispatch.pick_owner`` picks, as the forward does. With no EP placement (one rank, or
+the copy the layer's ``ExpertMap`` picks, as the forward does (each layer has its own placement). With no EP placement (one rank, or
 tensor-parallel experts) the physical slot of an expert is its logical id.
 """
 
@@ -18,7 +18,8 @@ from collections.abc import Iterable
 
 import torch
 
-from moeserve.experts.ep_dispatch import holder_table, pick_owner, token_shares
+from moeserve.experts.ep_dispatch import token_shares
+from moeserve.experts.expert_map import ExpertMap, ExpertPlacement
 from moeserve.kernels import kernels_apply
 
 PREFILL, DECODE = 0, 1
@@ -33,43 +34,40 @@ class ExpertLoadCounter:
 
     def __init__(self, layer_ids: Iterable[int], num_logical: int, device: torch.device,
                  phy2log: torch.Tensor | None = None, share_rank: int = 0, share_size: int = 1,
-                 fused: bool = False):
-        """``phy2log``: [ep, slots_per_rank] the EP group's whole placement, or None (physical = logical:
-        ``physical`` is then the same tensor as ``logical``, counted once). ``share_rank`` / ``share_size``:
-        this rank's place among the ranks that see the same tokens. ``fused``: count with one kernel per
-        layer (``kernels/expert_count.py``) instead of the eager ops."""
+                 fused: bool = False, maps: dict[int, ExpertMap] | None = None):
+        """``maps``: each layer's ``ExpertMap`` (the layer's own, read at each count), or ``phy2log``:
+        [ep, slots_per_rank] one placement for every layer; neither: physical = logical (``physical`` is
+        then the same tensor as ``logical``, counted once). ``share_rank`` / ``share_size``: this rank's
+        place among the ranks that see the same tokens. ``fused``: count with one kernel per layer
+        (``kernels/expert_count.py``) instead of the eager ops."""
         self.layer_ids = tuple(layer_ids)
         self.index = {layer_id: i for i, layer_id in enumerate(self.layer_ids)}
         self.num_logical = num_logical
         self.device = device
         self.share_rank, self.share_size = share_rank, share_size
         self.fused = fused
-        self.has_placement = phy2log is not None  # fixed for the counter's life (EPLB moves slots, not this)
+        if maps is None and phy2log is not None:
+            placement = ExpertPlacement.from_ranks(phy2log.tolist(), 0, num_logical)
+            maps = {layer_id: ExpertMap(placement).to(device) for layer_id in self.layer_ids}
+        self.maps = maps if maps and all(m.is_whole for m in maps.values()) else None
+        self.has_placement = self.maps is not None  # fixed for the counter's life (EPLB moves slots, not this)
         # the first tokens of the step are its decode tokens: a device scalar, so that a captured CUDA graph
         # reads the value of each replay (``begin_step`` writes it before the graph runs)
         self.num_decode_tokens = torch.zeros((), dtype=torch.long, device=device)
         self.logical = torch.zeros(len(self.layer_ids), 2, num_logical, dtype=torch.long, device=device)
-        self.set_placement(phy2log)
+        if self.maps is None:
+            self.physical = self.logical
+        else:
+            first = self.maps[self.layer_ids[0]]
+            assert first.holders is not None
+            num_physical = first.num_local * int(first.holders.shape[1])
+            self.physical = torch.zeros(len(self.layer_ids), 2, num_physical, dtype=torch.long, device=device)
 
-    def set_placement(self, phy2log: torch.Tensor | None) -> None:
-        """Take a (new) placement: physical counts start again from zero (the slots mean other experts).
-        Buffers of an unchanged shape are written in place (captured CUDA graphs keep reading them)."""
-        assert (phy2log is not None) == self.has_placement, "a placement cannot be added or dropped"
-        if phy2log is None:
-            self.phy2log, self.physical, self._holders, self._slot_of = None, self.logical, None, None
-            return
-        self.phy2log = phy2log = phy2log.to(self.device)
-        physical = torch.zeros(len(self.layer_ids), 2, phy2log.numel(), dtype=torch.long, device=self.device)
-        ep, slots = phy2log.shape
-        holders = holder_table(phy2log, self.num_logical)
-        # [num_logical, ep] physical slot of expert e on rank r (0 where r does not hold e: never picked)
-        slot_of = torch.zeros(self.num_logical, ep, dtype=torch.long, device=self.device)
-        ranks = torch.arange(ep, device=self.device).unsqueeze(1).expand_as(phy2log)
-        slot_of[phy2log, ranks] = ranks * slots + torch.arange(slots, device=self.device)
-        self.physical = _into(getattr(self, "physical", None), physical)
-        old = getattr(self, "_holders", None)
-        self._holders = (_into(old and old[0], holders[0]), _into(old and old[1], holders[1]))
-        self._slot_of = _into(getattr(self, "_slot_of", None), slot_of)
+    def placement_changed(self, layer_id: int) -> None:
+        """Layer ``layer_id`` has a new placement (its ``ExpertMap`` is updated): its physical counts start
+        again from zero (the slots mean other experts)."""
+        if self.maps is not None:
+            self.physical[self.index[layer_id]].zero_()
 
     @property
     def num_physical(self) -> int:
@@ -89,10 +87,7 @@ class ExpertLoadCounter:
         if ids.numel() == 0:
             return
         layer = self.index[layer_id]
-        slot = None
-        if self._holders is not None and self._slot_of is not None:
-            owner = pick_owner(ids, first_token, *self._holders)  # [N, top_k]
-            slot = self._slot_of[ids, owner]
+        slot = None if self.maps is None else self.maps[layer_id].physical_slots(ids, first_token)  # [N, top_k]
         if self.fused:
             from moeserve.kernels.expert_count import count_pairs  # Triton: imported only where it runs
 
@@ -126,13 +121,6 @@ class ExpertLoadCounter:
         return self.logical.cpu(), self.physical.cpu()
 
 
-def _into(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-    """``new``'s values, in ``old``'s storage when the shapes match."""
-    if old is not None and old.shape == new.shape:
-        return old.copy_(new)
-    return new
-
-
 def count_routed(counter: ExpertLoadCounter | None, layer_id: int, ids: torch.Tensor,
                  first_token: int | None = None, weights: torch.Tensor | None = None) -> None:
     """The one call a MoE forward makes. ``ids``: [T, top_k] for every token of the step
@@ -153,11 +141,10 @@ def attach_counter(model, device: torch.device) -> ExpertLoadCounter | None:
     if not moe_layers:
         return None
     first = next(iter(moe_layers.values()))
-    placement = first.placement
-    phy2log = torch.tensor(placement.all_ranks, dtype=torch.long) if placement.all_ranks else None
     shard = model.slice.tp
-    counter = ExpertLoadCounter(moe_layers, placement.num_logical, device, phy2log, shard.rank, shard.size,
-                                fused=kernels_apply(device))
+    maps = {layer_id: moe.expert_map for layer_id, moe in moe_layers.items()}
+    counter = ExpertLoadCounter(moe_layers, first.expert_map.num_logical, device, None, shard.rank, shard.size,
+                                fused=kernels_apply(device), maps=maps)
     for layer_id, moe in moe_layers.items():
         moe.load_counter, moe.layer_id = counter, layer_id
     return counter

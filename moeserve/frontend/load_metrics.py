@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
-from moeserve.coordinator.expert_load import LoadView
+from moeserve.coordinator.expert_load import LoadView, sum_views
 
 REBALANCE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-REBALANCE_RESULTS = ("applied", "skipped", "failed")
+REBALANCE_RESULTS = ("applied", "skipped", "failed", "backed-off")
 
 
 @dataclass(frozen=True)
@@ -46,27 +46,52 @@ def chosen_experts(window: np.ndarray, top_k: int) -> np.ndarray:
 
 
 class ExpertLoadCollector:
-    """Reads the latest ``LoadView`` of the first replica at scrape time (views are immutable). The small
-    families are a prometheus-client collector; ``text`` renders the two large ones (appended to /metrics
-    by ``ServerMetrics.render``)."""
+    """Reads the latest ``LoadView`` of every replica at scrape time (views are immutable): the families
+    above are of their sum (``sum_views``: by layer and EP rank, rank r of every replica together); with
+    several replicas ``moeserve_replica_expert_tokens_total{replica,layer,rank}`` and
+    ``moeserve_replica_ep_balancedness{replica,layer}`` add each replica's own. The small families are a
+    prometheus-client collector; ``text`` renders the large ones (appended to /metrics by
+    ``ServerMetrics.render``)."""
 
     def __init__(self, views: Callable[[], Sequence[LoadView | None]], top_k: int = 4, all_experts: bool = False):
         self._views = views
         self.config = LoadMetricsConfig(top_k, all_experts)
         # NOTE: a view changes once a window; scrapes in between reuse what was built for it
-        self._families: tuple[LoadView | None, list[Metric]] = (None, [])
-        self._text: tuple[LoadView | None, bytes] = (None, b"")
+        self._families: tuple[tuple[LoadView | None, ...], list[Metric]] = ((), [])
+        self._text: tuple[tuple[LoadView | None, ...], bytes] = ((), b"")
+        self._sum: tuple[tuple[LoadView | None, ...], LoadView | None] = ((), None)
+
+    def _current(self) -> tuple[tuple[LoadView | None, ...], LoadView | None]:
+        """(every replica's view, their sum); the sum is kept while no view changes."""
+        views = tuple(self._views())
+        if not _same(views, self._sum[0]):
+            live = [v for v in views if v is not None]
+            self._sum = (views, sum_views(live) if live else None)
+        return self._sum
 
     def _view(self) -> LoadView | None:
-        return next((v for v in self._views() if v is not None), None)
+        return self._current()[1]
 
     def collect(self) -> Iterator[Metric]:
-        view = self._view()
+        views, view = self._current()
         if view is None:
             return
-        if self._families[0] is not view:
-            self._families = (view, [self._balance_series(view), *self._rebalance_series(view)])
+        if not _same(self._families[0], views):
+            families = [self._balance_series(view), *self._rebalance_series(view)]
+            if len(views) > 1:
+                families.append(self._replica_balance_series(views))
+            self._families = (views, families)
         yield from self._families[1]
+
+    @staticmethod
+    def _replica_balance_series(views: Sequence[LoadView | None]) -> Metric:
+        balance = GaugeMetricFamily("moeserve_replica_ep_balancedness", "mean / max EP rank load of the latest "
+                                    "window, per replica", labels=["replica", "layer"])
+        for i, view in enumerate(views):
+            if view is not None:
+                for layer, value in zip(view.layer_ids, view.balancedness().tolist()):
+                    balance.add_metric([str(i), str(layer)], value)
+        return balance
 
     @staticmethod
     def _balance_series(view: LoadView) -> Metric:
@@ -79,12 +104,27 @@ class ExpertLoadCollector:
     def text(self) -> bytes:
         """The two large counter families in the text exposition format, written directly: at V3's size
         (3,712 + 464 samples) prometheus-client's encoder alone takes about 0.1 s of a busy CPU."""
-        view = self._view()
+        views, view = self._current()
         if view is None:
             return b""
-        if self._text[0] is not view:
-            self._text = (view, self._render(view))
+        if not _same(self._text[0], views):
+            text = self._render(view)
+            if len(views) > 1:
+                text += self._render_replicas(views)
+            self._text = (views, text)
         return self._text[1]
+
+    @staticmethod
+    def _render_replicas(views: Sequence[LoadView | None]) -> bytes:
+        lines = ["# HELP moeserve_replica_expert_tokens_total routed (token, expert) pairs served per replica, "
+                 "MoE layer and EP rank, since start", "# TYPE moeserve_replica_expert_tokens_total counter"]
+        for i, view in enumerate(views):
+            if view is None:
+                continue
+            for layer, ranks, loads in zip(view.layer_ids, view.rank_ids, view.rank_load("total").tolist()):
+                lines += [f'moeserve_replica_expert_tokens_total{{replica="{i}",layer="{layer}",rank="{rank}"}} '
+                          f'{float(load)!r}' for rank, load in zip(ranks, loads)]
+        return ("\n".join(lines) + "\n").encode()
 
     def _render(self, view: LoadView) -> bytes:
         lines = ["# HELP moeserve_expert_tokens_total routed (token, expert) pairs served per MoE layer and EP "
@@ -123,3 +163,7 @@ class ExpertLoadCollector:
                                          "placement every this many steps")
             interval.add_metric([], view.eplb_interval_steps)
             yield interval
+
+
+def _same(a: Sequence[LoadView | None], b: Sequence[LoadView | None]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

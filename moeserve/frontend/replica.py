@@ -2,8 +2,9 @@
 the front end over ZeroMQ (ipc) with msgpack maps -- never pickle.
 
 front end -> replica (PUSH, one per replica): ``add`` {request_id, token_ids, params, trace}, ``abort``
-{request_id}, ``stop``. replica -> front end (one shared PULL): ``ready`` {index, num_blocks, block_size},
-``updates`` {index, items: [[request_id, update | {error}]], snapshot}, ``snapshot``, ``failed`` {message}
+{request_id}, ``rebalance``, ``stop``. replica -> front end (one shared PULL): ``ready`` {index, num_blocks,
+block_size}, ``updates`` {index, items: [[request_id, update | {error}]], snapshot}, ``snapshot``,
+``expert_load`` {index, view} (each new window, ``load_view_codec``), ``failed`` {message}
 (at start, or when its loop raised: the front end then fails the replica's requests and stops).
 ``ReplicaBackend`` gives the front end the same ``stream`` interface as ``AsyncEngine``.
 """
@@ -35,6 +36,8 @@ from moeserve.coordinator.engine_driver import (
     injected_fault_steps,
 )
 from moeserve.coordinator.executor import WorkerError
+from moeserve.coordinator.expert_load import LoadView
+from moeserve.coordinator.load_view_codec import ViewReporter, decode_view
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
@@ -115,6 +118,7 @@ def _serve(engine: Engine, commands: zmq.Socket, out: zmq.Socket, index: int) ->
     driver = EngineDriver(engine, lambda batch: pending.extend([rid, encode_item(x)] for rid, x in batch),
                           injected_fault_steps(), recovering)  # None unless a test sets the fault injection
     parent, last_report = os.getppid(), 0.0
+    load = ViewReporter(engine)  # the replica's expert load, for the front end's /metrics and dashboard
     while True:
         if commands.poll(0 if driver.has_work() else 100):
             while commands.poll(0):
@@ -124,6 +128,8 @@ def _serve(engine: Engine, commands: zmq.Socket, out: zmq.Socket, index: int) ->
                 if cmd["type"] == "add":
                     driver.add(cmd["request_id"], cmd["token_ids"], SamplingParams.from_dict(cmd["params"]),
                                cmd["trace"])
+                elif cmd["type"] == "rebalance":
+                    load.request_rebalance()
                 else:
                     driver.abort(cmd["request_id"])
         if driver.has_work():
@@ -134,6 +140,9 @@ def _serve(engine: Engine, commands: zmq.Socket, out: zmq.Socket, index: int) ->
                             "snapshot": dataclasses.astuple(driver.snapshot)}))
             pending.clear()
             last_report = now
+            view = load.poll(idle=not driver.has_work())
+            if view is not None:
+                out.send(_pack({**view, "index": index}))
             if os.getppid() != parent:
                 return 0  # the front end is gone
 
@@ -148,9 +157,14 @@ class ReplicaBackend:
         self.snapshot = EngineSnapshot()
         self.streams: dict[str, asyncio.Queue] = {}
         self.error: EngineLoopError | None = None  # the replica failed: its requests and later ones get this
+        self.load_view: LoadView | None = None  # the replica's latest expert load (``expert_load`` messages)
 
     def _send(self, body: dict[str, Any]) -> None:
         _send_nowait(self.sock, body)
+
+    def request_rebalance(self) -> None:
+        """Ask the replica's engine for an expert rebalance (POST /admin/rebalance)."""
+        self._send({"type": "rebalance"})
 
     def deliver(self, items: list[list[Any]]) -> None:
         for rid, body in items:
@@ -236,6 +250,8 @@ class ReplicaSet:
             if msg["type"] == "updates":
                 backend.snapshot = EngineSnapshot(*msg["snapshot"])
                 backend.deliver(msg["items"])
+            elif msg["type"] == "expert_load":
+                backend.load_view = decode_view(msg["view"])
             elif msg["type"] == "failed" and backend.error is None:
                 self._failed(backend, f"replica {backend.index}: {msg['message']}", msg.get("retryable", False))
 

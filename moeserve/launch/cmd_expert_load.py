@@ -50,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
                                                 "source": args.url})
     print(f"wrote {args.out}: load {list(tensors['load'].shape)} ({body['scope']}, step {body['step']})")
     if args.placement_out is not None:
-        write_placement(args, tensors["load"], body.get("phy2log"))
+        per_layer = body.get("phy2log")  # [layers][ranks][slots]: the file takes one for every layer
+        write_placement(args, tensors["load"], per_layer[0] if per_layer else None)
     return 0
 
 

@@ -107,8 +107,8 @@ FLAGS: dict[str, Flag] = {
     "eplb_interval": Flag("steps between online expert rebalancing checks (0: only on POST /admin/rebalance)"),
     "eplb_threshold": Flag("rebalance when the EP ranks' balancedness (mean / max load) falls below this"),
     "eplb_hysteresis": Flag("... and only when the planner predicts at least this much better balancedness"),
-    "eplb_layers_per_step": Flag("MoE layers whose new expert weights each rank copies in after a step while "
-                                 "rebalancing"),
+    "eplb_max_stall_ms": Flag("the longest a step may wait while expert weights move between ranks: a "
+                              "rebalance is cut into chunks of slots that fit"),
     "max_restarts": Flag("a rank that dies is replaced (every rank of the replica restarts, the weights are loaded "
                          "again, requests go on) at most this many times within --restart-window; one failure more "
                          "stops the server, naming the rank and node (0: stop at the first, as vLLM)",

@@ -1,153 +1,100 @@
-"""Online expert re-placement on one rank: stage the new placement's weights in the background, swap at a
-step boundary.
+"""Online expert re-placement on one rank: a chunk of one MoE layer's new placement, moved and applied.
 
-``begin`` takes a new placement (``PlacementMsg``). ``work`` then stages a few MoE layers at a time -- after
-each step, or while the rank is idle: for every slot whose logical expert changes, the weights come from
-another slot of this rank that holds the expert already, or else from the checkpoint (or the dummy
-generator, for dummy weights), through the same ``WeightSpec``s loading uses. Nothing the model serves
-with changes until ``swap``, which the coordinator orders at one step boundary for every rank: the staged
-rows are written into the expert tensors and each MoE layer takes the new placement (routing tables,
-copy holders, the counter's physical slots).
-
-NOTE: staging holds only the changed slots (``[moved, 2I, H]`` per layer); the swap is an in-place copy of
-those rows.
+The coordinator's rebalancer sends ``PlacementMsg`` (a layer and its placement after the chunk) in order
+with the step plans, so every rank of the stage handles it between the same two steps. Each changed slot
+takes its weights from a rank that holds the expert now (``expert_moves.transfers``): a local copy, or a
+point-to-point receive over the stage's tensor-parallel group from the holder, which sends its rows at the
+same moment -- weights that are not on this node's disk move just as well. Once every row has arrived the
+rows are written into the expert tensors and the layer's ``ExpertMap`` takes the new placement, in place;
+the expert-load counter restarts that layer's physical slots. The rebalancer keeps each chunk small enough
+that the step after it waits no longer than its stall bound.
 """
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+import time
+from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 
-from moeserve.experts.ep_dispatch import AllToAllDispatch
-from moeserve.experts.moe import ExpertPlacement, MoE
-from moeserve.model.dummy import DummyReader
-from moeserve.model.loader import Checkpoint, _Reader, fill_weights
-from moeserve.model.weights import _expert_specs
+from moeserve.experts.expert_map import ExpertPlacement
+from moeserve.experts.expert_moves import Transfer, transfers
+from moeserve.experts.moe import MoE
 
 if TYPE_CHECKING:
     from moeserve.stages.runner import ModelRunner
 
 
-@dataclass
-class StagedLayer:
-    slots: torch.Tensor  # [moved] local slots whose expert changes
-    tensors: dict[str, torch.Tensor]  # w13 / w2 (/ scales): [moved, ...] the new rows
+def apply_placement(moe: MoE, placement: ExpertPlacement) -> None:
+    """Make ``moe`` route with ``placement`` (its weights must already match the new slots): its
+    ``ExpertMap`` is written in place, so captured CUDA graphs read the new tables."""
+    moe.expert_map.update(placement)
+    moe.slots_changed()
 
 
-def apply_placement(moe: MoE, placement: ExpertPlacement) -> bool:
-    """Make ``moe`` route with ``placement`` (its weights must already match the new slots). The routing
-    tables are written in place, so captured CUDA graphs read the new ones; returns False when a table had
-    to be replaced instead (copies appeared or disappeared: graphs captured before must not be replayed)."""
-    moe.placement = placement
-    in_place = True
-    table = placement.holders() if placement.has_copies else None
-    new = {"log2local": placement.log2local(), "holders": None if table is None else table[0],
-           "num_copies": None if table is None else table[1]}
-    for name, value in new.items():
-        old = getattr(moe, name)
-        if old is not None and value is not None and old.shape == value.shape:
-            old.copy_(value)
-        else:
-            setattr(moe, name, None if value is None else value.to(moe.log2local.device))
-            in_place = in_place and old is None and value is None
-    if moe.all_to_all is not None:
-        moe.all_to_all = AllToAllDispatch(placement, moe.shard)
-    moe.linear._packs.clear()  # packed CPU weights of the old slots
-    return in_place
+def move_experts(moe: MoE, moves: list[Transfer]) -> int:
+    """Copy the weights of the changed slots of ``moe`` (every rank of its group calls this with the same
+    ``moves``); returns the bytes this rank received."""
+    me, shard = moe.expert_map.rank, moe.shard
+    tensors = moe.expert_tensors
+    incoming = [m for m in moves if m.dst == me]
+    rows = {(m.dst_slot, name): torch.empty_like(t[m.dst_slot]) for m in incoming for name, t in tensors.items()}
+    ops = []
+    for i, m in enumerate(moves):
+        if m.src == m.dst or me not in (m.src, m.dst):
+            continue
+        for j, (name, t) in enumerate(tensors.items()):
+            tag = i * len(tensors) + j
+            if m.src == me:
+                ops.append(dist.P2POp(dist.isend, t[m.src_slot].contiguous(), dist.get_global_rank(shard.group, m.dst),
+                                      shard.group, tag))
+            else:
+                ops.append(dist.P2POp(dist.irecv, rows[m.dst_slot, name], dist.get_global_rank(shard.group, m.src),
+                                      shard.group, tag))
+    for m in incoming:  # local copies, read before any slot is written
+        if m.src == me:
+            for name, t in tensors.items():
+                rows[m.dst_slot, name].copy_(t[m.src_slot])
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+    with torch.no_grad():
+        for (slot, name), row in rows.items():
+            tensors[name][slot].copy_(row)
+    return sum(row.numel() * row.element_size() for row in rows.values())
 
 
 class ExpertMover:
-    def __init__(self, runner: ModelRunner, model_path: str, load_format: str, seed: int, ep_rank: int):
+    """Applies the chunks of new placements this rank is sent (``apply``)."""
+
+    def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.model_path, self.load_format, self.seed = model_path, load_format, seed
-        self.ep_rank = ep_rank
-        self.seq = 0
-        self.phy2log: list[list[int]] | None = None
-        self.todo: list[int] = []  # MoE layers still to stage
-        self.staged: dict[int, StagedLayer] = {}
-        self.layers_per_step = 1
 
-    @property
-    def active(self) -> bool:
-        return bool(self.todo)
+    def apply(self, layer_id: int, phy2log: list[list[int]]) -> int:
+        """Move layer ``layer_id``'s changed slots to ``phy2log`` [ep][slots] and route with it; returns the
+        bytes received (0 where the layer is on another stage)."""
+        moe = self.runner.model.moe_layers().get(layer_id)
+        if moe is None:
+            return 0
+        current = moe.expert_map.placement
+        if not current.all_ranks:
+            raise ValueError("this rank does not know its layer's whole placement: it cannot take moves")
+        new = torch.tensor(phy2log, dtype=torch.long)
+        old = torch.tensor(current.all_ranks, dtype=torch.long)
+        if new.shape != old.shape:
+            raise ValueError(f"the new placement of layer {layer_id} is {list(new.shape)} [ranks, slots], this "
+                             f"layer's is {list(old.shape)}: the number of slots cannot change while serving")
+        received = move_experts(moe, transfers(old, new))
+        apply_placement(moe, ExpertPlacement.from_ranks(phy2log, current.rank, current.num_logical))
+        if self.runner.expert_load is not None:
+            self.runner.expert_load.placement_changed(layer_id)
+        return received
 
-    def begin(self, seq: int, phy2log: list[list[int]], layers_per_step: int) -> None:
-        moe_layers = self.runner.model.moe_layers()
-        current = next(iter(moe_layers.values())).placement if moe_layers else None
-        if current is not None and len(phy2log[self.ep_rank]) != current.num_local:
-            raise ValueError(f"the new placement has {len(phy2log[self.ep_rank])} slots per rank, this rank "
-                             f"{current.num_local}: the number of slots cannot change while serving")
-        self.seq, self.phy2log, self.layers_per_step = seq, phy2log, max(1, layers_per_step)
-        self.todo, self.staged = list(moe_layers), {}
-
-    def work(self, num_layers: int | None = None) -> bool:
-        """Stage up to ``num_layers`` (default ``layers_per_step``) layers; True once every layer is staged."""
-        moe_layers = self.runner.model.moe_layers()
-        with ExitStack() as stack:
-            reader = None
-            for _ in range(num_layers or self.layers_per_step):
-                if not self.todo:
-                    break
-                layer_id = self.todo.pop(0)
-                if reader is None:
-                    reader = self._reader(stack, moe_layers[layer_id])
-                self.staged[layer_id] = self._stage(layer_id, moe_layers[layer_id], reader)
-        return not self.todo
-
-    def _reader(self, stack: ExitStack, moe: MoE) -> Any:
-        config = self.runner.model.config
-        if self.load_format == "dummy":
-            return _DummyByName(config.quant_block_size, moe.w13.device, self.seed)
-        return _Reader(Checkpoint(self.model_path), stack, config.quant_block_size)
-
-    def _stage(self, layer_id: int, moe: MoE, reader: Any) -> StagedLayer:
-        assert self.phy2log is not None
-        old, new = list(moe.placement.local_logical_ids), self.phy2log[self.ep_rank]
-        moved = [s for s in range(len(new)) if new[s] != old[s]]
-        names = [n for n in ("w13", "w2", "w13_scale_inv", "w2_scale_inv") if getattr(moe, n) is not None]
-        rows = {n: torch.empty((len(moved), *getattr(moe, n).shape[1:]), dtype=getattr(moe, n).dtype,
-                               device=getattr(moe, n).device) for n in names}
-        target = SimpleNamespace(**({"shard": moe.shard, "expert_tp": moe.expert_tp, "w13_scale_inv": None,
-                                     "w2_scale_inv": None} | rows))
-        with torch.no_grad():
-            for i, slot in enumerate(moved):
-                expert = new[slot]
-                if expert in old:  # held here already, in another slot: a local copy
-                    for n in names:
-                        rows[n][i].copy_(getattr(moe, n)[old.index(expert)])
-                    continue
-                specs = _expert_specs(f"model.layers.{layer_id}.mlp", target, i, expert)  # type: ignore[arg-type]
-                if isinstance(reader, _DummyByName):
-                    reader.shapes.update({spec.name: spec.shape for spec in specs})
-                fill_weights(specs, reader)
-        return StagedLayer(torch.tensor(moved, dtype=torch.long), rows)
-
-    def swap(self, seq: int) -> None:
-        """Serve with the staged placement from now on."""
-        if seq != self.seq or self.todo or self.phy2log is None:
-            raise RuntimeError(f"placement {seq} is not staged on rank {self.ep_rank}")
-        moe_layers = self.runner.model.moe_layers()
-        in_place = True
-        with torch.no_grad():
-            for layer_id, staged in self.staged.items():
-                moe = moe_layers[layer_id]
-                for name, rows in staged.tensors.items():
-                    getattr(moe, name)[staged.slots.to(rows.device)] = rows
-                in_place &= apply_placement(moe, ExpertPlacement.from_ranks(self.phy2log, self.ep_rank))
-        if not in_place and self.runner.graphs is not None:
-            self.runner.graphs = None  # NOTE: the captured graphs read the replaced tables: run eagerly
-        counter = self.runner.expert_load
-        if counter is not None:
-            counter.set_placement(torch.tensor(self.phy2log, dtype=torch.long))
-        self.staged, self.phy2log = {}, None
-
-
-class _DummyByName(DummyReader):
-    """The dummy generator, told each tensor's full shape as the specs are made."""
-
-    def __init__(self, block: tuple[int, int] | None, device: torch.device, seed: int):
-        super().__init__({}, block, device, seed)
+    def timed_apply(self, layer_id: int, phy2log: list[list[int]]) -> tuple[float, int]:
+        """``apply``, with the seconds it held the rank up (the device waited for)."""
+        start = time.perf_counter()
+        received = self.apply(layer_id, phy2log)
+        device = self.runner.device
+        getattr(torch, device.type).synchronize(device)  # what the device was asked to do has run (cpu: nothing)
+        return time.perf_counter() - start, received

@@ -30,7 +30,6 @@ from moeserve.comm.messages import (
     LogitsMsg,
     PlacementMsg,
     PlacementReadyMsg,
-    PlacementSwapMsg,
     PreflightMsg,
     ReadyMsg,
     ShutdownMsg,
@@ -76,8 +75,7 @@ class StageWorker:
         kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store, decode role
         self.kv_worker = KvWorker(kv_mover, spec.rank, worker_nixl(spec, kv_mover)) if kv_mover is not None else None
         self.block_server = worker_block_server(spec, self.runner.kv_caches, config.kv_cache_dim)  # prefill role
-        self.mover = ExpertMover(self.runner, spec.model, spec.load_format, spec.seed,
-                                 spec.dims.coord(spec.rank).tp_rank)
+        self.mover = ExpertMover(self.runner)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
         self.loaded_bytes = sum(w.target.numel() * w.target.element_size() for w in weight_specs(model))
         self.reports_logits = self.groups.next_rank is None and self.groups.tp.rank == 0
@@ -133,11 +131,8 @@ class StageWorker:
         launcher = os.getppid()
         while True:
             self._send_kv_reports(sock)
-            busy = self.mover.active or (self.kv_worker is not None and self.kv_worker.num_pending > 0)
-            if not sock.poll(0 if self.mover.active else 5 if busy else 1000):
-                if self.mover.active:  # idle: stage the next layers of a new expert placement
-                    self._stage_placement(sock)
-                    continue
+            busy = self.kv_worker is not None and self.kv_worker.num_pending > 0
+            if not sock.poll(5 if busy else 1000):
                 if os.getppid() != launcher:  # the launcher died without stopping us: nobody will
                     logger.error("rank %d: the launcher (pid %d) is gone; exiting", self.spec.rank, launcher)
                     return
@@ -163,7 +158,7 @@ class StageWorker:
             if isinstance(msg, ExpertLoadRequestMsg):
                 sock.send(encode(self.expert_load(msg.seq)))
                 continue
-            if isinstance(msg, (PlacementMsg, PlacementSwapMsg)):
+            if isinstance(msg, PlacementMsg):
                 self._placement(sock, msg)
                 continue
             if isinstance(msg, DraftPlanMsg):
@@ -173,8 +168,6 @@ class StageWorker:
             if self.reports_logits and logits is not None:
                 sock.send_multipart(LogitsMsg.frames(msg.step_id, self.spec.rank, logits, self.wire_dtype),
                                     copy=False)
-            if self.mover.active:  # a few layers of a new expert placement after each step
-                self._stage_placement(sock)
 
     def _send_kv_reports(self, sock: zmq.Socket) -> None:
         """The KV loads this rank finished (its loader thread's reports) go to the coordinator."""
@@ -191,27 +184,14 @@ class StageWorker:
         if self.reports_logits:
             sock.send_multipart(LogitsMsg.frames(msg.step_id, self.spec.rank, logits, self.wire_dtype), copy=False)
 
-    def _placement(self, sock: zmq.Socket, msg: PlacementMsg | PlacementSwapMsg) -> None:
-        if isinstance(msg, PlacementSwapMsg):
-            self.mover.swap(msg.seq)
-            return
+    def _placement(self, sock: zmq.Socket, msg: PlacementMsg) -> None:
+        """A chunk of a layer's new expert placement, between two steps (the same two on every rank)."""
         try:
-            self.mover.begin(msg.seq, msg.phy2log, msg.layers_per_step)
-        except ValueError as e:
-            sock.send(encode(PlacementReadyMsg(self.spec.rank, msg.seq, str(e))))
+            seconds, nbytes = self.mover.timed_apply(msg.layer_id, msg.phy2log)
+        except Exception as e:  # noqa: BLE001 - the rank keeps serving; the coordinator stops the rebalance
+            sock.send(encode(PlacementReadyMsg(self.spec.rank, msg.seq, f"{type(e).__name__}: {e}")))
             return
-        if not self.mover.active:  # no MoE layer on this rank: nothing to stage
-            sock.send(encode(PlacementReadyMsg(self.spec.rank, msg.seq)))
-
-    def _stage_placement(self, sock: zmq.Socket) -> None:
-        try:
-            done = self.mover.work()
-        except Exception as e:  # noqa: BLE001 - the rank keeps serving with the old placement
-            self.mover.todo = []
-            sock.send(encode(PlacementReadyMsg(self.spec.rank, self.mover.seq, f"{type(e).__name__}: {e}")))
-            return
-        if done:
-            sock.send(encode(PlacementReadyMsg(self.spec.rank, self.mover.seq)))
+        sock.send(encode(PlacementReadyMsg(self.spec.rank, msg.seq, seconds=seconds, nbytes=nbytes)))
 
 
 def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:

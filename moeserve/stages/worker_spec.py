@@ -40,7 +40,7 @@ class WorkerSpec:
     placement_file: str = ""  # expert placement (JSON); empty = contiguous
     max_positions: int = 0  # rotary table length; 0 = the model's max_position_embeddings
     cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
-    max_num_seqs: int = 256  # the largest decode batch a graph is captured for
+    max_num_seqs: int = 256  # the largest decode batch (rows: a verify step's drafts count) a graph is captured for
     warm_up_tokens: int = 0  # tokens of the warm-up prefill at start (where the fused kernels run)
     mtp: bool = False  # the last stage loads the MTP module and runs its passes (speculative decoding)
     kv_host_blocks: int = 0  # host-tier slots (kvstore/tier_setup.py); 0 = none
