@@ -194,10 +194,12 @@ class Chaos:
                 async with httpx.AsyncClient(timeout=10) as c:
                     r = await c.post(self.url + "/admin/rebalance")
                     self.tally.fault("rebalance" if r.status_code == 202 else f"rebalance_{r.status_code}")
-                    await asyncio.sleep(6)  # staged in the background, between steps
-                    for done in await rebalances(c, self.url):
-                        if done["time"] >= asked:
-                            self.tally.fault(f"rebalance_{done['result']}")
+                    for _ in range(10):  # staged in the background, between steps: read back what it did
+                        await asyncio.sleep(2)
+                        done = [d for d in await rebalances(c, self.url) if d["time"] >= asked]
+                        if done:
+                            self.tally.fault(f"rebalance_{done[0]['result']}")
+                            break
 
     async def run(self) -> dict:
         limits = httpx.Limits(max_connections=self.args.clients * 2)
