@@ -13,7 +13,8 @@ A node's life: (1) export and print the network settings, (2) join the store wit
 (3) preflight: node 0 checks that every node joined and runs the same moeserve and torch and sees the same
 checkpoint, (4) node 0 plans the layout and publishes every rank's spec; each node starts its own ranks
 (which time an all-reduce and an all-to-all before loading weights), (5) node 0 serves while the other nodes
-supervise their ranks (a dead rank: every node restarts its ranks, when node 0 serves), (6) shutdown: node 0 sets ``shutdown`` and every node stops its ranks and exits.
+supervise their ranks (a dead rank: every node restarts its ranks, when node 0 serves), (6) shutdown: node 0
+sets ``shutdown`` and every node stops its ranks and exits.
 """
 
 from __future__ import annotations
