@@ -62,8 +62,6 @@ class StreamInterrupted(RuntimeError):
     """A stream that was mid-decode when a rank died, ended because resuming is off (``--no-resume-streams``):
     the front end's ``engine_error``, retryable (the service is up again)."""
 
-    retryable = True
-
 
 def rank_label(error: WorkerError) -> tuple[str, str]:
     """(rank, node) of a failure for the metrics' labels; "unknown" where the error does not say."""
@@ -91,20 +89,21 @@ class RankSupervisor:
         self.stats = RecoveryStats({})
 
     def _admit(self, error: WorkerError) -> None:
-        """Raise (the error, said to be final) once the rank failed more often than the policy restarts."""
+        """Raise GiveUp once ranks failed more often than the policy restarts (a GiveUp is final already)."""
         if isinstance(error, GiveUp):
             raise error
         if not self.budget.allow(self.clock()):
             p = self.policy
             rank, node = rank_label(error)
-            raise GiveUp(f"{error} -- {len(self.budget.times)} rank failures within {p.window_s:g} s, more "
-                              f"than --max-restarts {p.max_restarts}: not restarting again (the last: rank {rank} "
-                              f"on node {node})", error.exit_code, error.rank, error.node) from error
+            raise GiveUp(f"{error} -- {len(self.budget.times)} rank failures within {p.window_s:g} s, more than "
+                         f"--max-restarts {p.max_restarts}: not restarting again (the last: rank {rank} on node "
+                         f"{node})", error.exit_code, error.rank, error.node) from error
 
     def recover(self, restart: Callable[[], list[Request]], error: WorkerError) -> list[Request]:
         """Restart the ranks (``restart``: ``Engine.restart_ranks``) after ``error``, again while new ranks
-        fail to come up and the budget allows; returns the requests queued again. Raises WorkerError (the
-        last failure, final) once the budget is spent, RestartUnsupported where ranks cannot be restarted."""
+        fail to come up and the budget allows; returns the requests queued again. Raises GiveUp once the
+        budget is spent (naming the last failure and the budget), or with the rank's own failure where the
+        executor cannot restart its ranks."""
         start = self.clock()
         while True:
             self._admit(error)
