@@ -91,6 +91,7 @@ class LayerMove:
     moves: int = 0
     chunks: int = 0
     max_stall_s: float = 0.0
+    over_bound: int = 0  # chunks that held some rank up longer than the bound (a busier machine than before)
 
 
 @dataclass
@@ -150,26 +151,27 @@ class Rebalancer:
         self._judge()
         weight = view.total.sum(1).double()  # [L, E] each layer's own load since start
         num_layers, ep, slots = current.shape
-        new = plan_placement(weight, ep, slots, current=current)
-        now, after = balancedness(rank_loads(weight, current)), balancedness(rank_loads(weight, new))
         measured = view.balancedness("placement")
-        served = view.rank_load("placement").sum(-1)
-        enough = served >= self.config.min_pairs_per_slot * ep * slots
-        queued = []
+        enough = view.rank_load("placement").sum(-1) >= self.config.min_pairs_per_slot * ep * slots
+        candidates = []  # NOTE: only these are planned: at V3's size planning a layer takes milliseconds
         for i, layer_id in enumerate(view.layer_ids):
-            if num_moves(current[i], new[i]) == 0:
-                continue
-            gain = predicted_gain(float(now[i]), float(after[i]))
-            if not force:
-                if self.backoff.sits_out(layer_id):
+            if force or (layer_id not in self.judging and bool(enough[i]) and float(measured[i]) < self.config.threshold
+                         and not self.backoff.sits_out(layer_id)):
+                candidates.append(i)
+        queued = []
+        if candidates:
+            rows = torch.tensor(candidates)
+            new = plan_placement(weight[rows], ep, slots, current=current[rows])
+            now = balancedness(rank_loads(weight[rows], current[rows]))
+            after = balancedness(rank_loads(weight[rows], new))
+            for k, i in enumerate(candidates):
+                gain = predicted_gain(float(now[k]), float(after[k]))
+                if num_moves(current[i], new[k]) == 0 or not (force or gain >= self.config.hysteresis):
                     continue
-                if layer_id in self.judging or not bool(enough[i]) or float(measured[i]) >= self.config.threshold \
-                        or gain < self.config.hysteresis:
-                    continue
-            queued.append(LayerMove(layer_id, new[i], float(measured[i]), float(after[i])))
+                queued.append(LayerMove(view.layer_ids[i], new[k], float(measured[i]), float(after[k])))
         if not queued:
             self._record(Rebalance(time.time(), self.step, "skipped", 0.0, float(measured.mean()),
-                                   float(after.mean())))
+                                   float(measured.mean())))
             return False
         logger.info("rebalancing experts of %d layer(s): %s", len(queued),
                     ", ".join(f"{m.layer_id}: {m.before:.3f} -> {m.after:.3f}" for m in queued))
@@ -229,18 +231,22 @@ class Rebalancer:
             self.on_swap()
             self.queue.pop(0)
             self._record(Rebalance(time.time(), self.step, "failed", time.monotonic() - move.started, move.before,
-                                   move.after, move.layer_id, move.moves, move.chunks + 1, move.max_stall_s))
+                                   move.after, move.layer_id, move.moves, move.chunks + 1, move.max_stall_s,
+                                   over_bound=move.over_bound))
             return
         stall = max(chunk.stalls, default=0.0)
         move.moves, move.chunks = move.moves + chunk.slots, move.chunks + 1
         move.max_stall_s = max(move.max_stall_s, stall)
+        if stall > self.config.max_stall_s:
+            move.over_bound += 1
         if chunk.slots:
             per_slot = stall / chunk.slots
-            # NOTE: the slowest rank's time per slot, fixed costs included (so an over-estimate): the next
-            # chunk takes as many slots as fit the bound, never fewer than one
-            self.seconds_per_slot = per_slot if self.seconds_per_slot is None else max(per_slot, 0.5 * (
-                per_slot + self.seconds_per_slot))
-            self.slots_per_chunk = max(1, math.floor(self.config.max_stall_s / max(self.seconds_per_slot, 1e-9)))
+            # NOTE: the slowest rank's time per slot, fixed costs included (an over-estimate for larger
+            # chunks), forgotten slowly: the next chunk takes as many slots as fit 80% of the bound, never
+            # fewer than one (a slot cannot be split)
+            old = self.seconds_per_slot
+            self.seconds_per_slot = per_slot if old is None else max(per_slot, 0.9 * old)
+            self.slots_per_chunk = max(1, math.floor(0.8 * self.config.max_stall_s / max(self.seconds_per_slot, 1e-9)))
         assert self.aggregator.phy2log is not None
         i = self.aggregator.layer_ids.index(move.layer_id)
         if not torch.equal(self.aggregator.phy2log[i], move.target):
@@ -248,7 +254,8 @@ class Rebalancer:
         self.queue.pop(0)
         self.judging[move.layer_id] = len(self.aggregator.rebalances)
         self._record(Rebalance(time.time(), self.step, "applied", time.monotonic() - move.started, move.before,
-                               move.after, move.layer_id, move.moves, move.chunks, move.max_stall_s))
+                               move.after, move.layer_id, move.moves, move.chunks, move.max_stall_s,
+                               over_bound=move.over_bound))
 
     def _record(self, rebalance: Rebalance) -> None:
         self.aggregator.record(rebalance)
