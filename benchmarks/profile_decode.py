@@ -64,13 +64,14 @@ def hbm_floor_ms(config, batch: int, context: int, bandwidth: float = 4.8e12, dt
     return {"weights_gb": weights / 1e9, "cache_gb": cache / 1e9, "floor_ms": (weights + cache) / bandwidth * 1e3}
 
 
-def build_engine(model: str, batch: int, mode: str, async_scheduling: bool | None = None):
+def build_engine(model: str, batch: int, mode: str, async_scheduling: bool | None = None,
+                 speculative_config: str | None = None):
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
 
     cfg = EngineConfig(model=model, device="cuda", load_format="dummy", skip_tokenizer_init=True,
                        max_num_seqs=batch, enforce_eager=mode == "eager", max_model_len=4096,
-                       async_scheduling=async_scheduling)
+                       async_scheduling=async_scheduling, speculative_config=speculative_config)
     engine = Engine(cfg)
     if mode == "eager":
         engine.executor.runner.model.use_kernels(False)
@@ -179,15 +180,17 @@ def main() -> None:
     p.add_argument("--mode", choices=["fast", "eager"], default="fast")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="the engine's async scheduling (default: on, as on any CUDA device)")
+    p.add_argument("--speculative-config", default=None,
+                   help='profile steps that verify MTP drafts, e.g. \'{"method": "mtp", "num_speculative_tokens": 1}\'')
     p.add_argument("--json-out", default=None)
     p.add_argument("--trace-dir", default=None, help="write each batch's profiled steps as a Chrome trace here")
     p.add_argument("--expert-bytes", type=float, default=2.0, help="bytes per routed-expert weight (FP8: 1)")
     args = p.parse_args()
     results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model,
-               "async_scheduling": args.async_scheduling, "runs": []}
+               "async_scheduling": args.async_scheduling, "speculative_config": args.speculative_config, "runs": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         start = time.perf_counter()
-        engine = build_engine(args.model, batch, args.mode, args.async_scheduling)
+        engine = build_engine(args.model, batch, args.mode, args.async_scheduling, args.speculative_config)
         build_s = time.perf_counter() - start
         fill(engine, batch, args.input_len, args.steps)
         floor = hbm_floor_ms(engine.model_config, batch, args.input_len, expert_bytes=args.expert_bytes)

@@ -82,9 +82,10 @@ class NetnsHosts:
                 found.append(pid)
         return found
 
-    def http(self, i: int, port: int, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, str]:
-        """An HTTP request to ``127.0.0.1:port`` made from inside host ``i`` (the test's own namespace cannot
-        reach the bridge): (status, body text); status 0 when nothing answered."""
+    def http(self, i: int, port: int, path: str, body: dict | None = None, timeout: float = 60,
+             addr: str = "127.0.0.1") -> tuple[int, str]:
+        """An HTTP request to ``addr:port`` (default: host ``i``'s loopback) made from inside host ``i`` (the
+        test's own namespace cannot reach the bridge): (status, body text); status 0 when nothing answered."""
         script = ("import json, sys, urllib.request, urllib.error\n"
                   "url, body = sys.argv[1], sys.argv[2]\n"
                   "req = urllib.request.Request(url, data=body.encode() or None,\n"
@@ -96,16 +97,16 @@ class NetnsHosts:
                   "except OSError as e:\n"
                   "    print(0); print(e)\n")
         proc = subprocess.run(["ip", "netns", "exec", self.names[i], sys.executable, "-c", script,
-                               f"http://127.0.0.1:{port}{path}", json.dumps(body) if body is not None else ""],
+                               f"http://{addr}:{port}{path}", json.dumps(body) if body is not None else ""],
                               capture_output=True, text=True, timeout=timeout)
         status, _, text = proc.stdout.partition("\n")
         return int(status or 0), text
 
-    def wait_healthy(self, i: int, port: int, timeout_s: float) -> None:
-        """Wait until host ``i``'s server on ``port`` answers /health with 200."""
+    def wait_healthy(self, i: int, port: int, timeout_s: float, addr: str = "127.0.0.1") -> None:
+        """Wait until host ``i``'s server on ``port`` (at ``addr``) answers /health with 200."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.http(i, port, "/health")[0] == 200:
+            if self.http(i, port, "/health", addr=addr)[0] == 200:
                 return
             time.sleep(0.5)
         raise AssertionError(f"host {i}'s server on port {port} never became healthy")

@@ -65,7 +65,7 @@ ALLOWED = {
     ("launch/cmd_check.py", '"cuda"'): "`moeserve check` reports what this machine has, CUDA included",
     ("launch/cmd_check.py", "torch.cuda."): "`moeserve check` reports what this machine has, CUDA included",
     ("launch/cmd_check.py", "nccl"): "`moeserve check` lists the available collective backends",
-    ("experts/moe.py", ".is_cuda"): "torch._grouped_mm is a CUDA kernel; other devices take the per-expert loop",
+    ("experts/expert_compute.py", ".is_cuda"): "torch._grouped_mm is a CUDA kernel; other devices take the per-expert loop",
     ("launch/preflight.py", '"cuda"'): "the preflight checks that the asked-for device exists, per device type",
     ("launch/preflight.py", "torch.cuda."): "the preflight checks that the asked-for device exists, per device type",
     ("kernels/__init__.py", '"cuda"'): "the Triton kernels run on CUDA devices only (kernels_apply decides)",

@@ -4,8 +4,9 @@ the tests of this module, which run in order (the last ones stop and kill instan
 
 Greedy tokens through the router equal one colocated engine's, and the decode instance did pull the prompt's
 blocks; a wrong model fingerprint is refused (at the decode instance, at the transfer server, at the router's
-start); a transfer that times out (the prefill instance stopped) and a prefill instance killed after its
-prefill cost a recompute on the decode side, never a failed request; a decode instance killed mid-stream ends
+start); a transfer that times out (the prefill instance stopped), a prefill instance killed after its
+prefill and one killed while it holds the router's request cost a recompute on the decode side, never a failed
+or duplicated request; a decode instance killed mid-stream ends
 the stream with a typed error and the router stops sending to it within seconds.
 """
 
@@ -15,21 +16,22 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import msgpack
 import pytest
 import torch
 import zmq
+from disagg_helpers import metric, nixl_missing, sse_text, start_router
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.pd_router import DisaggRouter, RouterSetupError
-from moeserve.frontend.testing import free_port, serve_subprocess
+from moeserve.frontend.testing import serve_subprocess
 
 MODEL = "moeserve-default"
 GEN = torch.Generator().manual_seed(3)
@@ -52,26 +54,6 @@ def reference() -> list[str]:
         e.close()
 
 
-def start_router(prefill: str, decode: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moeserve.launch.cli", "router", "--prefill", prefill,
-                             "--decode", decode, "--port", str(port), "--health-interval", "0.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"router exited: {proc.communicate()[1]}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise TimeoutError("router not up")
-
-
 @pytest.fixture(scope="module")
 def deployment():
     common = ("--kv-cache-memory", str(32 << 20), "--kv-host-memory", "0")
@@ -92,24 +74,6 @@ def deployment():
                 os.kill(proc.pid, signal.SIGCONT)
                 proc.kill()
             proc.wait(timeout=30)
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    """The sum of a series' samples that carry ``labels`` on the /metrics page at ``url``."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
-def sse_text(response: httpx.Response) -> tuple[str, list[dict]]:
-    events = [json.loads(line[6:]) for line in response.text.splitlines()
-              if line.startswith("data: ") and line != "data: [DONE]"]
-    return "".join(e["choices"][0]["text"] for e in events if e.get("choices")), events
 
 
 def test_router_streams_the_tokens_of_one_colocated_engine(deployment, reference) -> None:
@@ -165,16 +129,6 @@ def test_a_mismatched_model_fingerprint_is_refused(deployment) -> None:
     with pytest.raises(RouterSetupError, match="kv-transfer-backend"):
         router._check({"http://p": {"mode": "prefill", "fingerprint": "a" * 32, "backend": "zmq"},
                        "http://d": {"mode": "decode", "fingerprint": "a" * 32, "backend": "nixl"}})
-
-
-def nixl_missing() -> str | None:
-    from moeserve.kvstore.nixl_transfer import NixlUnavailable, _nixl_api
-
-    try:
-        _nixl_api()
-    except NixlUnavailable as e:
-        return str(e)
-    return None
 
 
 @pytest.mark.skipif(nixl_missing() is not None, reason="the nixl package is not installed")
@@ -269,6 +223,35 @@ def test_a_prefill_instance_killed_costs_a_recompute_not_a_request(deployment, r
     # through the router: the prefill instance is gone, the decode instance computes the prompt
     r = httpx.post(r_url + "/v1/completions", json=body(PROMPTS[2]), timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[2]
+
+
+def test_a_prefill_instance_killed_holding_the_request_costs_a_recompute_once(deployment, reference) -> None:
+    """A fresh prefill instance and router over the same decode instance: the prefill instance is stopped,
+    the router sends it a prompt, and it is killed while it holds the request. The router's request to it
+    fails, the decode instance computes the prompt: the client gets the colocated tokens, once."""
+    popen = dict(stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prefill, p_url, _ = serve_subprocess("--kv-cache-memory", str(32 << 20), "--kv-host-memory", "0",
+                                         "--disaggregation-mode", "prefill", **popen)
+    router = None
+    try:
+        router, r_url = start_router(p_url, deployment["d_url"])
+        os.kill(prefill.pid, signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, r_url + "/v1/completions", json=body(PROMPTS[3]), timeout=60)
+            time.sleep(1.0)  # the prompt is on its way to (and queued at) the stopped prefill instance
+            assert not pending.done()
+            prefill.kill()
+            prefill.wait(30)
+            r = pending.result()
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == reference[3], r.text
+        assert metric(r_url, "moeserve_router_requests_total", role="prefill", outcome="failed") == 1
+        assert metric(r_url, "moeserve_router_requests_total", role="decode") == 1  # one decode, not two
+    finally:
+        for proc in (router, prefill):
+            if proc is not None and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+                proc.wait(30)
 
 
 def test_a_decode_instance_killed_fails_its_streams_and_gets_no_more_requests(deployment) -> None:

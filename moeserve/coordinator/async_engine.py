@@ -12,6 +12,7 @@ from contextlib import aclosing
 
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.engine_driver import EngineDriver, EngineSnapshot, EngineUpdate
+from moeserve.coordinator.executor import WorkerError
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
@@ -40,15 +41,16 @@ class EngineLoopError(RuntimeError):
     """The engine loop stopped on an error: every request it held, and every later one, fails with this (the
     front end's typed ``engine_error``). ``cause`` names the error in one line."""
 
-    def __init__(self, cause: str):
+    def __init__(self, cause: str, retryable: bool = False):
         super().__init__(f"the engine failed: {cause}")
         self.cause = cause
+        self.retryable = retryable  # a rank failed (the hardware, not the request): another server may serve it
 
     @classmethod
     def of(cls, error: BaseException) -> EngineLoopError:
         if isinstance(error, EngineLoopError):
-            return cls(error.cause)
-        loop_error = cls(f"{type(error).__name__}: {error}")
+            return cls(error.cause, error.retryable)
+        loop_error = cls(f"{type(error).__name__}: {error}", isinstance(error, WorkerError))
         loop_error.__cause__ = error
         return loop_error
 

@@ -78,6 +78,11 @@ class EngineConfig:
     eplb_threshold: float = 0.9  # rebalance when the ranks' balancedness (mean / max load) falls below this
     eplb_hysteresis: float = 0.05  # ... and the planner predicts at least this much better
     eplb_max_stall_ms: float = 20.0  # the longest a step may wait for expert weights being moved (chunks fit it)
+    # self-healing (coordinator/supervisor.py): a dead rank restarts the replica's ranks, at most max_restarts
+    # times within restart_window seconds; streams mid-decode resume (or end with a retryable error)
+    max_restarts: int = 3
+    restart_window: float = 600.0
+    resume_streams: bool = True
     # speculative decoding (--speculative-config, e.g. {"method": "mtp", "num_speculative_tokens": 1}); None: off
     speculative_config: SpeculativeConfig | None = None
 
@@ -116,6 +121,9 @@ class EngineConfig:
                              f"{self.eplb_threshold}, {self.eplb_hysteresis}")
         if self.expert_load_interval < 1:
             raise ValueError(f"expert_load_interval must be >= 1, got {self.expert_load_interval}")
+        if self.max_restarts < 0 or self.restart_window <= 0:
+            raise ValueError(f"max_restarts must be >= 0 and restart_window positive, got {self.max_restarts}, "
+                             f"{self.restart_window}")
         if self.keep_fp8 not in (None, True, False):
             raise ValueError(f"keep_fp8 must be true, false or None (auto), got {self.keep_fp8!r}")
         if self.async_scheduling not in (None, True, False):
@@ -194,6 +202,13 @@ class EngineConfig:
     @property
     def use_cuda_graphs(self) -> bool:
         return not self.enforce_eager and self.torch_device.type == "cuda" and self.ep_dispatch == "allreduce"
+
+    @property
+    def max_decode_rows(self) -> int:
+        """The most rows a decode step runs, so the largest CUDA graph: a verify step with speculative decoding
+        runs each sequence's drafts as decode rows of their own (``StepPlan.expanded``)."""
+        spec = self.speculative_config
+        return self.max_num_seqs * (1 + (spec.num_speculative_tokens if spec is not None else 0))
 
     @property
     def effective_async_scheduling(self) -> bool:

@@ -16,6 +16,7 @@ import torch
 from moeserve.coordinator.config import EngineConfig, long_context_note
 from moeserve.coordinator.engine_setup import default_launcher, replica_layout
 from moeserve.coordinator.engine_step import EngineStep
+from moeserve.coordinator.executor import ReplicaLayout, RestartUnsupported
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
 from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
@@ -74,19 +75,14 @@ class Engine(EngineStep):
         # the parallel plan: the layer split and expert placement of several ranks (None for one)
         self.parallel_plan, layout = replica_layout(config, self.model_config)
         self.executor: Executor = (launcher or default_launcher(config, model))(layout)
-        stage_layers = list(layout.stage_layers)
-        per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
-        connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.executor,
-                                    kv_store)
-        self.kv = KVCacheManager(self.executor.num_blocks or layout.num_blocks, config.effective_block_size, connector=connector)
-        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, stage_layers, self.executor)
+        self._layout: ReplicaLayout = layout
+        self._kv_store = kv_store
+        self._build_cache_state()
+        self.prefill_side = build_prefill_side(config, self.model_config.kv_cache_dim, list(layout.stage_layers),
+                                               self.executor)
         self.fingerprint = model_fingerprint(config.model_path, config.load_format, config.weights_seed) \
             if config.disaggregation_mode else ""
-        self.expert_load = ExpertLoadMonitor(self.executor, self.model_config, config.expert_load_interval,
-                                             self._phy2log(), EplbConfig.of(config))
         spec = config.speculative_config
-        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens,
-                                                   spec.num_lookahead_tokens if spec else 0), self.kv)
         self.sampler = Sampler()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
         self.speculator = Speculator(spec, self.sampler, self.outputs.eos_token_ids, config.torch_device) \
@@ -104,6 +100,50 @@ class Engine(EngineStep):
         self.sync_steps = False
         self._sync_request_ids: set[str] = set()  # requests whose sampling reads their outputs so far
         self._step_start = 0.0
+        self._processed: list[RequestOutput] = []  # the outputs the current step has processed so far
+
+    def _build_cache_state(self) -> None:
+        """What the engine knows of its ranks' state: the latent cache's blocks (with its KV connector), the
+        scheduler over them, and the expert placement the ranks were started with. Built at start, and again
+        once the ranks are restarted (their caches are new and empty, their placement the plan's)."""
+        config, layout = self.config, self._layout
+        stage_layers = list(layout.stage_layers)
+        per_token = max(stage_layers) * self.model_config.kv_cache_dim * config.torch_dtype.itemsize
+        connector = build_connector(config, self.model_config.kv_cache_dim, stage_layers, per_token, self.executor,
+                                    self._kv_store)
+        self.kv = KVCacheManager(self.executor.num_blocks or layout.num_blocks, config.effective_block_size,
+                                 connector=connector)
+        self.expert_load = ExpertLoadMonitor(self.executor, self.model_config, config.expert_load_interval,
+                                             self._phy2log(), EplbConfig.of(config))
+        spec = config.speculative_config
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens,
+                                                   spec.num_lookahead_tokens if spec else 0), self.kv)
+
+    def restart_ranks(self) -> list[Request]:
+        """After a rank died (the step raised WorkerError): fresh ranks (``Executor.restart``), an empty cache,
+        and every unfinished request queued again, oldest first, to be recomputed from its prompt and the
+        tokens it has -- as a preempted one is -- so that it goes on where it stopped, with its sampling state
+        (seeded generator, grammar, detokenizer) as it was. Returns those requests. RestartUnsupported for a
+        disaggregated instance (the blocks it held for, or pulled from, another instance are gone)."""
+        if self.config.disaggregation_mode:
+            raise RestartUnsupported(f"a {self.config.disaggregation_mode} instance does not restart its ranks")
+        self.in_flight.clear()
+        if self.kv.connector is not None:
+            self.kv.connector.close()
+        self.executor.restart()
+        requests = sorted(self.requests.values(), key=lambda r: r.arrival_time)
+        for req in requests:
+            req.status, req.num_computed_tokens, req.num_output_placeholders = RequestStatus.WAITING, 0, 0
+            req.spec_token_ids, req.spec_probs = [], None
+        self._build_cache_state()
+        for req in requests:
+            self.scheduler.add(req)
+        return requests
+
+    def take_processed(self) -> list[RequestOutput]:
+        """The outputs a step had processed before it raised (a rank died after them): they stand."""
+        outputs, self._processed = self._processed, []
+        return outputs
 
     def _phy2log(self) -> torch.Tensor | None:
         """[ep, slots] the expert placement of a distributed engine (None: one slot per expert)."""

@@ -6,16 +6,23 @@ publish stats.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from moeserve.coordinator.engine import Engine
+from moeserve.coordinator.executor import WorkerError
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError, RequestStatus
 from moeserve.coordinator.sampling import SamplingParams
+from moeserve.coordinator.supervisor import RankSupervisor, RecoveryStats, RestartPolicy, StreamInterrupted
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,18 +51,29 @@ class EngineSnapshot:
     num_spec_draft_tokens: int = 0
     num_spec_accepted_tokens: int = 0
     num_spec_verifies: int = 0
+    # self-healing (supervisor.py): the ranks are being restarted now; restarts by "rank/node", cumulative;
+    # seconds the latest restart took and all of them; streams resumed and requests queued again
+    recovering: bool = False
+    rank_restarts: dict = field(default_factory=dict)
+    last_recovery_s: float = 0.0
+    recovery_s_total: float = 0.0
+    num_resumed_requests: int = 0
+    num_requeued_requests: int = 0
 
     @classmethod
-    def of(cls, engine: Engine) -> EngineSnapshot:
+    def of(cls, engine: Engine, recovery: RecoveryStats | None = None, recovering: bool = False) -> EngineSnapshot:
         kv = engine.kv
         tiers = getattr(kv, "connector", None)
         side = getattr(engine, "prefill_side", None)
         kv_counters = {**(tiers.snapshot() if tiers is not None else {}), **(side.snapshot() if side else {})}
+        r = recovery or RecoveryStats({})
         return cls(len(engine.scheduler.running), len(engine.scheduler.waiting),
                    kv.num_blocks - kv.num_free_blocks, kv.num_blocks,
                    int(getattr(kv, "num_prefix_hit_tokens", 0)), int(getattr(kv, "num_prefix_query_tokens", 0)),
                    len(engine.requests), kv_counters,
-                   engine.stats.num_draft_tokens, engine.stats.num_accepted_tokens, engine.stats.num_spec_verifies)
+                   engine.stats.num_draft_tokens, engine.stats.num_accepted_tokens, engine.stats.num_spec_verifies,
+                   recovering, dict(r.restarts), r.last_recovery_s, r.recovery_s_total, r.num_resumed,
+                   r.num_requeued)
 
 
 Publish = Callable[[list[tuple[str, "EngineUpdate | Exception"]]], None]
@@ -82,16 +100,22 @@ def injected_fault_steps(environ: Mapping[str, str] = os.environ) -> int | None:
 class EngineDriver:
     """The engine loop's body, without threads: commands in, batches of updates out through ``publish``.
 
-    Whatever raises here (a step, a worker found dead, a bug) propagates to the owner of the loop, which
-    fails every request it holds and stops: the engine's state after a half-done step is not trusted.
+    A rank that died (WorkerError) is replaced by the supervisor (supervisor.py): the outputs its step had
+    processed are published, the ranks restart, and the requests go on. Whatever else raises here (a bug, a
+    rank that keeps dying) propagates to the owner of the loop, which fails every request it holds and stops:
+    the engine's state after a half-done step is not trusted. ``on_recovering``: called (in the loop's thread)
+    with the snapshot that says the ranks are restarting, before the restart blocks the loop.
     ``fault_after_steps``: the test fault injection (``injected_fault_steps``); None in service."""
 
-    def __init__(self, engine: Engine, publish: Publish, fault_after_steps: int | None = None):
+    def __init__(self, engine: Engine, publish: Publish, fault_after_steps: int | None = None,
+                 on_recovering: Callable[[EngineSnapshot], None] | None = None):
         self.engine = engine
         self.publish = publish
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self._arrival: dict[str, float] = {}  # requests not yet scheduled -> engine arrival time
         self._traced: set[str] = set()
+        self.supervisor = RankSupervisor(RestartPolicy.of(engine.config))
+        self.on_recovering = on_recovering
         self.snapshot = EngineSnapshot.of(engine)
         self.num_steps = 0
         self.fault_after_steps = fault_after_steps
@@ -109,8 +133,39 @@ class EngineDriver:
     def run_once(self) -> None:
         self.receive()                                              # 1. receive adds and aborts
         if self.engine.has_unfinished():
-            self.step()                                             # 2-3. step and publish
-        self.snapshot = EngineSnapshot.of(self.engine)              # 4. stats
+            try:
+                self.step()                                         # 2-3. step and publish
+            except WorkerError as e:
+                self.recover(e)                                     #      (a rank died: replace it)
+        self._take_snapshot()                                       # 4. stats
+
+    def _take_snapshot(self, recovering: bool = False) -> None:
+        self.snapshot = EngineSnapshot.of(self.engine, self.supervisor.stats, recovering)
+
+    def recover(self, error: WorkerError) -> None:
+        """A rank died: publish what the failed step had processed, restart the ranks, queue the requests
+        again (those mid-decode end instead when resuming is off). Raises once the supervisor gives up."""
+        self._publish_outputs(self.engine.take_processed(), {}, None)
+        self._take_snapshot(recovering=True)
+        if self.on_recovering is not None:
+            self.on_recovering(self.snapshot)
+        requests = self.supervisor.recover(self.engine.restart_ranks, error)
+        going_on, ended = self.supervisor.split(requests)
+        failed: list[tuple[str, EngineUpdate | Exception]] = []
+        for req in ended:
+            self.engine.abort(req.request_id)
+            self._forget(req.request_id)
+            failed.append((req.request_id, StreamInterrupted(
+                f"a rank failed after {req.num_output_tokens} tokens of this stream and resuming is off "
+                f"(--no-resume-streams): {error}")))
+        if failed:
+            self.publish(failed)
+        stats = self.supervisor.stats
+        logger.warning("the replica's ranks are back after %.1f s: %d stream(s) resumed, %d request(s) queued "
+                       "again, %d stream(s) ended", stats.last_recovery_s,
+                       sum(r.num_output_tokens > 0 for r in going_on), sum(r.num_output_tokens == 0 for r in going_on),
+                       len(ended))
+        self._take_snapshot()
 
     def receive(self) -> None:
         batch: list[tuple[str, EngineUpdate | Exception]] = []
@@ -155,6 +210,10 @@ class EngineDriver:
         trace = self.engine.executor.last_expert_ids()  # [sample rows, moe layers, top_k] or None
         if trace is not None and trace.shape[0] != len(outputs):
             trace = None  # NOTE: outputs follow the sample rows of the step; if not, no trace this step
+        self._publish_outputs(outputs, queue_s, trace)
+
+    def _publish_outputs(self, outputs: list[RequestOutput], queue_s: dict[str, float],
+                         trace: torch.Tensor | None) -> None:
         batch: list[tuple[str, EngineUpdate | Exception]] = []
         for row, out in enumerate(outputs):
             rid = out.request_id
@@ -166,7 +225,10 @@ class EngineDriver:
             self.publish(batch)
 
     def check_workers(self) -> None:
-        """Between steps: raise if a stage worker died while the engine was idle (as a step would); the
+        """Between steps: a stage worker that died while the engine was idle is replaced (as in a step); the
         engine's idle housekeeping (KV transfers) runs, and the snapshot catches up with it."""
-        self.engine.check_workers()
-        self.snapshot = EngineSnapshot.of(self.engine)
+        try:
+            self.engine.check_workers()
+        except WorkerError as e:
+            self.recover(e)
+        self._take_snapshot()

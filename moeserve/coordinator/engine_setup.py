@@ -55,7 +55,7 @@ def replica_layout(config: EngineConfig, model_config: ModelConfig) -> tuple[Par
     options = dict(load_format=config.load_format, keep_fp8=config.effective_keep_fp8, seed=config.weights_seed,
                    ep_dispatch=config.ep_dispatch, placement_file=config.expert_placement,
                    max_positions=config.max_model_len, cuda_graphs=config.use_cuda_graphs,
-                   max_num_seqs=config.max_num_seqs, warm_up_tokens=config.effective_max_num_batched_tokens,
+                   max_num_seqs=config.max_decode_rows, warm_up_tokens=config.effective_max_num_batched_tokens,
                    mtp=config.speculative_config is not None, **worker_options(config, per_token))
     layout = ReplicaLayout(str(config.model_path), dims, stage_layers, dtype_name(config.torch_dtype), config.device,
                            config.effective_block_size, num_blocks, tuple(options.items()))

@@ -58,6 +58,7 @@ class EngineStep:
     sync_steps: bool
     _sync_request_ids: set[str]  # requests whose sampling reads their outputs so far
     _step_start: float
+    _processed: list[RequestOutput]  # this step's outputs once processed (a failure after them keeps them)
     prefill_side: PrefillSide | None  # a prefill instance's held blocks and transfer server
     speculator: Speculator | None  # MTP speculative decoding (spec_decode.py); None: off
     spec_policy: SpecPolicy | None
@@ -71,6 +72,7 @@ class EngineStep:
         while the device still runs batch N, then finish N; the step that leaves this mode finishes the
         batch in flight first."""
         self._step_start = time.perf_counter()
+        self._processed = []
         try:
             if self.speculator is not None:
                 outputs = self._step_speculative()
@@ -120,7 +122,7 @@ class EngineStep:
             verified = self.speculator.verify(logits, reqs, num_spec, self.outputs.bitmask(
                 [r for r, k in zip(reqs, num_spec) for _ in range(k + 1)]), bool(self._sync_request_ids))
         with self.stats.phase("process"):
-            outputs = self._process_verified(reqs, verified)
+            outputs = self._processed = self._process_verified(reqs, verified)
         for s, k, a in zip(sampled, num_spec, verified.num_accepted):
             s.num_rejected_tokens = k - a
             req = s.request
@@ -254,7 +256,7 @@ class EngineStep:
         with self.stats.phase("wait"):
             host = batch.host.wait()
         with self.stats.phase("process"):
-            outputs = self._process(batch.sampled_reqs, host)
+            outputs = self._processed = self._process(batch.sampled_reqs, host)
         self._record(batch, len(outputs))
         return outputs
 

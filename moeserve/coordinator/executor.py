@@ -29,15 +29,23 @@ if TYPE_CHECKING:
 
 class WorkerError(RuntimeError):
     """A rank died, timed out or failed. ``exit_code``: the rank's, where it exited (negative: the signal that
-    killed it). The message names the rank and, where known, its node."""
+    killed it). The message names the rank and, where known, its node; ``rank`` and ``node`` say them apart
+    (None where unknown: a step that timed out)."""
 
-    def __init__(self, message: str, exit_code: int | None = None):
+    def __init__(self, message: str, exit_code: int | None = None, rank: int | None = None,
+                 node: int | None = None):
         super().__init__(message)
         self.exit_code = exit_code
+        self.rank = rank
+        self.node = node
 
     @property
     def killed(self) -> bool:
         return self.exit_code is not None and self.exit_code < 0
+
+
+class RestartUnsupported(WorkerError):
+    """The executor cannot replace its ranks (``Executor.restart``): a rank's death stops the engine."""
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,14 @@ class Executor(ABC):
     @abstractmethod
     def check_alive(self) -> None:
         """Raise WorkerError naming a rank that has died (also between steps)."""
+
+    def restart(self) -> None:
+        """Replace every rank of the replica with a fresh one, in a new torch.distributed group, after one has
+        died (a gloo / NCCL communicator that lost a member cannot be repaired, so the survivors go too). The
+        ranks' caches are lost and their weights are loaded again; the engine re-admits its requests
+        (``Engine.restart_ranks``). Raises WorkerError when the new ranks do not come up, RestartUnsupported
+        where the executor cannot (one process: nothing of it can die alone)."""
+        raise RestartUnsupported(f"{type(self).__name__} cannot restart its ranks")
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -37,7 +37,7 @@ from moeserve.comm.messages import (
     decode,
     encode,
 )
-from moeserve.coordinator.executor import Executor, WorkerError
+from moeserve.coordinator.executor import Executor, RestartUnsupported, WorkerError
 from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.store import KVStore
 from moeserve.kvstore.transport import KvTransport
@@ -60,12 +60,14 @@ class RankExecutor(Executor):
         """``specs``: every rank of the world; ``coord_bind``: the address to bind the ROUTER to."""
         super().__init__()
         self.specs = specs
+        self._identities = frozenset(spec.identity for spec in specs)  # of the ranks' current generation
         self.num_ranks = len(specs)
         self.step_timeout_s = step_timeout_s
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a plan for a rank that is gone is an error, not a drop
         self.sock.bind(coord_bind)
+        self.startup_timeout_s = startup_timeout_s
         self.step_id = 0
         self._logits: dict[int, torch.Tensor] = {}
         self.loaded_bytes: dict[int, int] = {}
@@ -76,19 +78,38 @@ class RankExecutor(Executor):
         self._kv_polled = 0.0
         try:
             self._start_ranks()
-            while len(self.loaded_bytes) < len(specs):
-                msg = self._receive(startup_timeout_s, "start")
-                if isinstance(msg, ReadyMsg):
-                    self.loaded_bytes[msg.rank] = msg.loaded_bytes
-                elif isinstance(msg, KvServerMsg):
-                    self._kv_block_servers.append((msg.address, msg.layer_start, msg.num_layers))
-                elif isinstance(msg, PreflightMsg):
-                    self.preflight = msg
-                    logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",
-                                msg.world_size, msg.nbytes, msg.all_reduce_s * 1e3, msg.all_to_all_s * 1e3)
+            self._await_ready()
         except BaseException:
             self.shutdown()
             raise
+
+    def _await_ready(self) -> None:
+        """Wait until every rank has loaded and said so (``ReadyMsg``), keeping what they report on the way."""
+        while len(self.loaded_bytes) < len(self.specs):
+            msg = self._receive(self.startup_timeout_s, "start")
+            if isinstance(msg, ReadyMsg):
+                self.loaded_bytes[msg.rank] = msg.loaded_bytes
+            elif isinstance(msg, KvServerMsg):
+                self._kv_block_servers.append((msg.address, msg.layer_start, msg.num_layers))
+            elif isinstance(msg, PreflightMsg):
+                self.preflight = msg
+                logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",
+                            msg.world_size, msg.nbytes, msg.all_reduce_s * 1e3, msg.all_to_all_s * 1e3)
+
+    def restart(self) -> None:
+        """Kill every rank (the survivors too: their communicator lost a member), start the next generation on
+        a fresh rendezvous and wait for it to load. What old ranks still send is dropped; steps in flight are
+        lost."""
+        self._kill_ranks()
+        self.specs = [spec.next_generation() for spec in self.specs]
+        self._identities = frozenset(spec.identity for spec in self.specs)
+        self._logits.clear()
+        self.loaded_bytes.clear()
+        self._kv_counters.clear()
+        self._kv_reports.clear()
+        self._kv_block_servers.clear()
+        self._start_ranks()
+        self._await_ready()
 
     @abstractmethod
     def _start_ranks(self) -> None:
@@ -101,6 +122,10 @@ class RankExecutor(Executor):
     @abstractmethod
     def _stop_ranks(self) -> None:
         """Stop the ranks (asked to stop already; called once, from ``shutdown``)."""
+
+    def _kill_ranks(self) -> None:
+        """Kill every rank now, without asking (before ``restart``); the executors that can restart say how."""
+        raise RestartUnsupported(f"{type(self).__name__} cannot restart its ranks")
 
     def _where(self, rank: int) -> str:
         spec = self.specs[rank]
@@ -121,7 +146,10 @@ class RankExecutor(Executor):
         found.sort(key=lambda e: not e.killed)
         if found:
             return found[0]
-        return WorkerError(f"{self._where(reported)} failed: {message}") if reported is not None else None
+        if reported is None:
+            return None
+        return WorkerError(f"{self._where(reported)} failed: {message}", rank=reported,
+                           node=self.specs[reported].node)
 
     def check_alive(self) -> None:
         """Raise WorkerError for a rank that has died, here or on another node (also between steps)."""
@@ -143,7 +171,9 @@ class RankExecutor(Executor):
 
     def _read_one(self) -> object | None:
         """One message from the socket; an error raises, statistics go to their sink (None is returned)."""
-        _identity, frame, *data = self.sock.recv_multipart(copy=False)
+        identity, frame, *data = self.sock.recv_multipart(copy=False)
+        if identity.bytes not in self._identities:  # a rank of an earlier generation, killed by a restart
+            return None
         msg = decode(frame.bytes)
         if isinstance(msg, LogitsMsg):
             msg.attach(data[0].buffer if data else b"")
@@ -165,7 +195,7 @@ class RankExecutor(Executor):
     def _broadcast(self, frame: bytes) -> None:
         for spec in self.specs:
             try:
-                self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame])
+                self.sock.send_multipart([spec.identity, frame])
             except zmq.ZMQError as e:  # EHOSTUNREACH: the rank's connection is gone, the echo of its death,
                 error = self._root_cause()  # which on another node shows a moment later, through its launcher
                 raise (error or WorkerError(f"{self._where(spec.rank)} is unreachable ({e})")) from e
@@ -266,7 +296,7 @@ class RankExecutor(Executor):
         frame = encode(ShutdownMsg("engine closed"))
         for spec in self.specs:
             try:
-                self.sock.send_multipart([f"rank-{spec.rank}".encode(), frame], flags=zmq.NOBLOCK)
+                self.sock.send_multipart([spec.identity, frame], flags=zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         self._stop_ranks()

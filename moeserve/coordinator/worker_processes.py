@@ -38,3 +38,12 @@ def stop_processes(procs: list[subprocess.Popen], grace_s: float = 10.0) -> None
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def kill_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGKILL every process and reap it (a restart: a survivor may wait in a collective with a dead peer)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+    for proc in procs:
+        proc.wait()

@@ -83,6 +83,13 @@ class EngineFailure(FrontendError):
     code, status, openai_type = "engine_error", 500, "server_error"
 
 
+class EngineRankFailure(EngineFailure):
+    """A rank of the engine died under the request (a stream ended instead of resuming, or the server stops
+    after too many restarts): the request was fine, and may be sent again (503, Retry-After)."""
+
+    status = 503
+
+
 ERROR_CODES = frozenset(cls.code for cls in (FrontendError, BadRequest, BadFrame, FrameTooLarge, LimitExceeded,
                                              UnsupportedMediaType, Unauthorized, NotFound, Busy, Unavailable,
                                              SlowConsumer, EngineFailure))

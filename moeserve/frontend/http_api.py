@@ -69,10 +69,11 @@ class HttpApi:
         app = self.app
 
         @app.get("/health", responses={200: {"model": Health, "description": "ready"},
-                                       503: {"model": Health, "description": "loading, draining or failed"}})
+                                       503: {"model": Health, "description": "loading, recovering, draining or failed"}})
         async def health() -> JSONResponse:
-            state = self.service.state
-            return JSONResponse({"status": state}, 200 if state == "ready" else 503)
+            state = self.service.health
+            retry = {"Retry-After": "2"} if state in ("loading", "recovering") else None
+            return JSONResponse({"status": state}, 200 if state == "ready" else 503, headers=retry)
 
         @app.get("/openapi.json", include_in_schema=False)
         async def openapi(request: Request) -> JSONResponse:  # behind the API key, as every route but /health

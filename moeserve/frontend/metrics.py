@@ -8,6 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from moeserve.coordinator.engine_driver import EngineSnapshot
+from moeserve.frontend.recovery_metrics import recovery_families
 from moeserve.kvstore.metrics import tier_families
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -45,6 +46,7 @@ class _EngineCollector:
         yield queries
         yield from _spec_families(snaps)
         yield from tier_families(snaps)  # host tier and shared store (kvstore/metrics.py)
+        yield from recovery_families(snaps)  # rank restarts (recovery_metrics.py)
 
 
 def per_replica(family, name: str, doc: str, snaps: Sequence[EngineSnapshot], get):

@@ -101,9 +101,10 @@ class DisaggRouter:
         infos = {}
         for inst in [*self.prefill, *self.decode]:
             while True:
-                try:
+                try:  # NOTE: an instance answers /v1/kv_transfer before its engine is up, /health only after
+                    health = await self.client.get(f"{inst.url}/health", timeout=2.0)
                     r = await self.client.get(f"{inst.url}/v1/kv_transfer", timeout=2.0)
-                    if r.status_code == 200:
+                    if health.status_code == 200 and r.status_code == 200:
                         infos[inst.url] = r.json()
                         break
                 except httpx.HTTPError:

@@ -35,11 +35,13 @@ from moeserve.coordinator.engine_driver import (
     EngineUpdate,
     injected_fault_steps,
 )
+from moeserve.coordinator.executor import WorkerError
 from moeserve.coordinator.expert_load import LoadView
 from moeserve.coordinator.load_view_codec import ViewReporter, decode_view
 from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
+from moeserve.coordinator.supervisor import StreamInterrupted
 
 
 def _pack(body: dict[str, Any]) -> bytes:
@@ -53,13 +55,16 @@ def _unpack(frame: bytes) -> dict[str, Any]:
 
 def encode_item(item: EngineUpdate | Exception) -> dict[str, Any]:
     if isinstance(item, Exception):
-        return {"error": str(item), "request_error": isinstance(item, RequestError)}
+        return {"error": str(item), "request_error": isinstance(item, RequestError),
+                "interrupted": isinstance(item, StreamInterrupted)}
     return {"output": dataclasses.asdict(item.output), "queue_s": item.queue_s, "expert_ids": item.expert_ids}
 
 
 def decode_item(body: dict[str, Any]) -> EngineUpdate | Exception:
     if "error" in body:
-        return RequestError(body["error"]) if body["request_error"] else RuntimeError(body["error"])
+        if body["request_error"]:
+            return RequestError(body["error"])
+        return StreamInterrupted(body["error"]) if body.get("interrupted") else RuntimeError(body["error"])
     return EngineUpdate(RequestOutput(**body["output"]), body["queue_s"], body["expert_ids"])
 
 
@@ -95,7 +100,8 @@ def replica_main(spec: dict[str, Any]) -> int:
     try:
         return _serve(engine, commands, out, index)
     except Exception as e:  # noqa: BLE001 - whatever raises: the front end fails our requests and stops
-        out.send(_pack({"type": "failed", "index": index, "message": f"{type(e).__name__}: {e}"}))
+        out.send(_pack({"type": "failed", "index": index, "message": f"{type(e).__name__}: {e}",
+                        "retryable": isinstance(e, WorkerError)}))
         return 1
     finally:
         engine.close()
@@ -106,8 +112,11 @@ def _serve(engine: Engine, commands: zmq.Socket, out: zmq.Socket, index: int) ->
     """The replica's loop: commands in, the driver's updates out (every 0.5 s at least, with its snapshot).
     Returns 0 on ``stop`` or when the front end is gone; raises whatever the loop raises."""
     pending: list[list[Any]] = []
+    def recovering(snapshot: EngineSnapshot) -> None:  # before the restart blocks the loop: /health says so
+        out.send(_pack({"type": "updates", "index": index, "items": [], "snapshot": dataclasses.astuple(snapshot)}))
+
     driver = EngineDriver(engine, lambda batch: pending.extend([rid, encode_item(x)] for rid, x in batch),
-                          injected_fault_steps())  # None unless a test sets the fault injection
+                          injected_fault_steps(), recovering)  # None unless a test sets the fault injection
     parent, last_report = os.getppid(), 0.0
     load = ViewReporter(engine)  # the replica's expert load, for the front end's /metrics and dashboard
     while True:
@@ -244,10 +253,10 @@ class ReplicaSet:
             elif msg["type"] == "expert_load":
                 backend.load_view = decode_view(msg["view"])
             elif msg["type"] == "failed" and backend.error is None:
-                self._failed(backend, f"replica {backend.index}: {msg['message']}")
+                self._failed(backend, f"replica {backend.index}: {msg['message']}", msg.get("retryable", False))
 
-    def _failed(self, backend: ReplicaBackend, cause: str) -> None:
-        error = EngineLoopError(cause)
+    def _failed(self, backend: ReplicaBackend, cause: str, retryable: bool = False) -> None:
+        error = EngineLoopError(cause, retryable)
         backend.fail(error)
         if self.on_fatal is not None:
             self.on_fatal(error)

@@ -13,12 +13,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from moeserve.coordinator.async_engine import EngineLoopError
 from moeserve.coordinator.engine_driver import EngineSnapshot, EngineUpdate
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams, SamplingParamsError
 from moeserve.coordinator.structured import StructuredOutputError, compile_spec
+from moeserve.coordinator.supervisor import StreamInterrupted
 from moeserve.frontend.auth import AuditLog, prompt_hash
-from moeserve.frontend.errors import BadRequest, EngineFailure, FrontendError, Unavailable
+from moeserve.frontend.errors import BadRequest, EngineFailure, EngineRankFailure, FrontendError, Unavailable
 from moeserve.frontend.limits import Admission, ServerLimits, Ticket, check_request
 from moeserve.frontend.metrics import ServerMetrics
 from moeserve.frontend.router import PrefixIndex, choose_replica
@@ -165,6 +167,13 @@ class GenerationService:
             check_structured_output(params.structured_output, self.tokenizer is not None)
         return GenerateRequest(request_id, token_ids, params, trace_experts, key_id, protocol)
 
+    @property
+    def health(self) -> str:
+        """/health's status: the service's state, or "recovering" while a replica restarts its ranks."""
+        if self.state == "ready" and any(s.recovering for s in self.snapshots()):
+            return "recovering"
+        return self.state
+
     def fail(self, cause: str) -> None:
         """The engine failed: /health turns 503 ("failed") and every new request gets a 503 at once."""
         self.state, self.failure = "failed", cause
@@ -235,6 +244,12 @@ class GenerationService:
         except RequestError as e:
             outcome = "bad_request"
             raise BadRequest(str(e)) from None
+        except StreamInterrupted as e:  # a rank died under the stream and resuming is off
+            outcome = "error"
+            raise EngineRankFailure(str(e)) from None
+        except EngineLoopError as e:  # the engine stopped: a rank's failure (retryable elsewhere), or a bug
+            outcome = "error"
+            raise (EngineRankFailure if e.retryable else EngineFailure)(str(e)) from None
         except (RuntimeError, OSError) as e:
             outcome = "error"
             raise EngineFailure(str(e)) from None

@@ -97,3 +97,24 @@ def serve_subprocess(*args: str, timeout_s: float = 120.0, **popen: Any) -> tupl
         time.sleep(0.2)
     proc.kill()
     raise TimeoutError(f"moeserve serve was not healthy within {timeout_s:.0f} s")
+
+
+def rank_pids(server_pid: int) -> dict[int, int]:
+    """The live stage worker processes under a server (or a node's launcher): rank -> pid, of the newest
+    generation (fault-injection tests and benchmarks kill them)."""
+    import json
+
+    import psutil
+
+    found: dict[int, tuple[int, int]] = {}  # rank -> (generation, pid)
+    for child in psutil.Process(server_pid).children(recursive=True):
+        try:
+            cmd = child.cmdline()
+            if child.status() == psutil.STATUS_ZOMBIE or "moeserve.stages.worker" not in cmd:
+                continue
+        except psutil.Error:  # gone meanwhile
+            continue
+        spec = json.loads(cmd[-1])
+        if spec["rank"] not in found or found[spec["rank"]][0] < spec["generation"]:
+            found[spec["rank"]] = (spec["generation"], child.pid)
+    return {rank: pid for rank, (_, pid) in sorted(found.items())}

@@ -32,7 +32,7 @@ from typing import Any
 import torch.distributed as dist
 
 import moeserve
-from moeserve.coordinator.executor import ReplicaLayout, WorkerError
+from moeserve.coordinator.executor import ReplicaLayout, RestartUnsupported, WorkerError
 from moeserve.coordinator.mp_executor import MultiprocExecutor
 from moeserve.coordinator.worker_processes import spawn_workers, stop_processes
 from moeserve.launch.cluster_config import (
@@ -152,6 +152,9 @@ class ClusterExecutor(MultiprocExecutor):
         self.plane = plane
         self._beats: dict[int, tuple[int, float]] = {}
         super().__init__(specs, coord_bind, local_specs=specs[:per_node], env=env)
+
+    def _kill_ranks(self) -> None:
+        raise RestartUnsupported("launch cluster does not restart its ranks yet: the cluster stops")
 
     def _failures(self, reported: int | None = None) -> list[WorkerError]:
         found = super()._failures(reported)

@@ -148,9 +148,15 @@ def run(args: argparse.Namespace) -> int:
     defaults = vars(add_parser(argparse.ArgumentParser().add_subparsers()).parse_args(["cluster"]))
     try:
         cc, env = cluster_config(args, defaults)
+        roles = role_setup(args, cc)
     except ClusterError as e:
         print(f"moeserve launch cluster: {e}", file=sys.stderr)
         return 2
+    if roles is not None:
+        from moeserve.launch.cluster_roles import run_roles
+
+        os.environ.update(env)
+        return run_roles(args, roles[0], roles[1], defaults["host"])
     config = engine_config(args, progress=cc.node_rank == 0 and not args.json)
     preflight(cc, config, args)
     if args.prompts or args.prompts_file:
@@ -165,6 +171,21 @@ def run(args: argparse.Namespace) -> int:
     except ClusterError as e:  # this node could not join (node 0 unreachable, or the port taken)
         print(f"moeserve launch cluster: {e}", file=sys.stderr)
         return 1
+
+
+def role_setup(args: argparse.Namespace, cc):  # noqa: ANN001 - a ClusterConfig
+    """(the config's role plan, this node's host) when it has a ``[disaggregation]`` table, else None."""
+    from moeserve.launch.cluster_config import ClusterError, read_config
+    from moeserve.launch.cluster_roles import role_plan
+
+    raw = read_config(args.config) if args.config else {}
+    if "disaggregation" not in raw:
+        return None
+    if args.prompts or args.prompts_file:
+        raise ClusterError("a disaggregated cluster serves; it does not take prompts")
+    hosts = list(raw.get("cluster", {}).get("hosts", []))
+    plan = role_plan(raw["disaggregation"], hosts)
+    return plan, hosts[cc.node_rank]
 
 
 def preflight(cc, config, args: argparse.Namespace) -> None:

@@ -109,6 +109,15 @@ FLAGS: dict[str, Flag] = {
     "eplb_hysteresis": Flag("... and only when the planner predicts at least this much better balancedness"),
     "eplb_max_stall_ms": Flag("the longest a step may wait while expert weights move between ranks: a "
                               "rebalance is cut into chunks of slots that fit"),
+    "max_restarts": Flag("a rank that dies is replaced (every rank of the replica restarts, the weights are loaded "
+                         "again, requests go on) at most this many times within --restart-window; one failure more "
+                         "stops the server, naming the rank and node (0: stop at the first, as vLLM)",
+                         group="fault tolerance"),
+    "restart_window": Flag("seconds over which --max-restarts counts rank failures", metavar="SECONDS",
+                           group="fault tolerance"),
+    "resume_streams": Flag("after a restart, streams that were mid-decode go on from the tokens already sent (no "
+                           "gap, no duplicate); --no-resume-streams ends them with a retryable engine_error "
+                           "(queued and prefilling requests always go on)", group="fault tolerance"),
     "speculative_config": Flag('speculative decoding, as vLLM\'s flag: {"method": "mtp", "num_speculative_tokens": '
                                'K} drafts K tokens a step with the model\'s multi-token-prediction module '
                                '(DeepSeek-V3/R1) (optional: "adaptive": false keeps drafting whatever it measures)',

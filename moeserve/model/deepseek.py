@@ -188,6 +188,12 @@ class DeepseekModel(nn.Module):
                 if hasattr(module, flag):
                     setattr(module, flag, on)
 
+    def fuse_input_projections(self) -> None:
+        """One GEMM for each attention's query and latent projections (``MLA.fuse_input_projections``)."""
+        for module in self.modules():
+            if isinstance(module, MLA):
+                module.fuse_input_projections()
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden] (the rows to sample from) -> float32 logits [N, vocab] (each tp rank computes its
         vocabulary share; the shares are gathered)."""

@@ -8,6 +8,11 @@ rotated decoupled key ``k_pe`` [qk_rope_head_dim] -- never per-head K/V.
   dense mask, or with the flash-attention kernel (``kernels/mla_prefill.py``) over the packed contexts.
 * Decode uses the absorbed form: ``q_nope`` is multiplied into ``W_UK`` so scores are taken directly against
   the latents, and the latent output is multiplied by ``W_UV``. No per-head K/V is ever built.
+* Short prefill chunks over a longer cached context (the last partial block of a prompt whose prefix came from
+  the prefix cache, the KV store or a prefill instance) use the absorbed form too, under the chunk's causal
+  mask, on the eager path: up-projecting an L-token context costs L x kv_lora x H x (nope + v) per layer,
+  where the absorbed scores cost Q x L x H x (kv_lora + rope) x 2, far less for Q tokens well below
+  (nope + v) / 2. (vLLM's MLA backends route short queries to their decode kernels the same way.)
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from moeserve.model.attn_metadata import AttnMetadata, PaddedPrefill, PrefillMet
 from moeserve.model.config import ModelConfig
 from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
+
+# prefill chunks of at most this many tokens, over a context at least twice as long, take the absorbed form
+ABSORB_MAX_QUERY = 32
 
 
 class MLA(nn.Module):
@@ -52,6 +60,7 @@ class MLA(nn.Module):
         self.linear = PackedLinear()
         # the paged decode and the prefill kernels (kernels/mla_*.py); set by DeepseekModel.use_kernels
         self.fused = False
+        self.absorb_max_query = ABSORB_MAX_QUERY  # 0: every prefill chunk in the expanded form
         # the kernel tiles the latent and rope parts padded to powers of two (96 -> 128); its tiles are sized
         # for DeepSeek's widths (512 + 64) and no larger
         self.decode_kernel_fits = self.kv_lora_rank <= 512 and self.rope_dim <= 64
@@ -72,21 +81,42 @@ class MLA(nn.Module):
         torch.index_select(rows, 0, index.flatten(), out=out)
         return out.view(*index.shape, dim)
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q_lora_rank is None:
-            q = self.linear(x, self.q_proj, "q_proj")
-        else:
-            q = self.linear(self.q_a_layernorm(self.linear(x, self.q_a_proj, "q_a_proj")), self.q_b_proj, "q_b_proj")
+    def fuse_input_projections(self) -> None:
+        """Make the two projections of the layer's input -- the query's (``q_proj``, or ``q_a_proj`` with a
+        query LoRA) and the latent's (``kv_a_proj_with_mqa``) -- row blocks of one weight, so that a step runs
+        one GEMM for both: at decode sizes each is a small matrix-vector product whose launch and ramp weigh
+        more than its bytes. The two parameters become views of the fused weight (no memory is added); a
+        weight replaced afterwards (rather than copied into) turns the fused GEMM off again."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        fused = torch.cat([first.detach(), self.kv_a_proj_with_mqa.detach()])
+        first.data = fused[:first.shape[0]]
+        self.kv_a_proj_with_mqa.data = fused[first.shape[0]:]
+        self._input_proj = fused
+
+    def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> (the query projection's output -- q, or q_a before its norm --, the latent
+        projection's [T, kv_lora + rope])."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        fused = getattr(self, "_input_proj", None)
+        if fused is not None and first.data_ptr() == fused.data_ptr():
+            return self.linear(x, fused, "input_proj").split([first.shape[0], self.kv_a_proj_with_mqa.shape[0]], -1)
+        return self.linear(x, first, "q_proj" if self.q_lora_rank is None else "q_a_proj"), \
+            self.linear(x, self.kv_a_proj_with_mqa, "kv_a")
+
+    def _query(self, x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
+        """-> [T, H, nope + rope] from ``projected``, the query projection's output for ``x``."""
+        q = projected if self.q_lora_rank is None else \
+            self.linear(self.q_a_layernorm(projected), self.q_b_proj, "q_b_proj")
         return q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
 
     def forward(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
         """x: [T, hidden]; kv_cache: [num_slots, kv_lora_rank + rope_dim] (flat view) or None (no cache:
         the step's own tokens are the whole context, as in training) -> [T, hidden]."""
-        q = self._query(x)  # [T, H, nope + rope]
+        projected, kv_a = self._project_input(x)
+        q = self._query(x, projected)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rotary(q_pe, meta.positions)
-        latent, k_pe = self.linear(x, self.kv_a_proj_with_mqa, "kv_a").split([self.kv_lora_rank, self.rope_dim],
-                                                                             dim=-1)
+        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
         if kv_cache is None:
             kv_cache = new_rows  # slot_mapping is the identity in this mode
@@ -138,11 +168,32 @@ class MLA(nn.Module):
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                  out: torch.Tensor) -> None:
         """Expanded MLA over the prefill chunks; writes their rows of ``out`` [T, H, v] in place."""
-        assert meta.prefill is not None
+        prefill = meta.prefill
+        assert prefill is not None
         if self.fused and self.prefill_kernel_fits and not kv_cache.requires_grad:
-            self._prefill_fused(q_nope, q_pe, kv_cache, meta.prefill, out)
+            self._prefill_fused(q_nope, q_pe, kv_cache, prefill, out)
+        elif (prefill.max_query_len <= self.absorb_max_query and prefill.max_context_len >= 2 * prefill.max_query_len
+              and not kv_cache.requires_grad):
+            self._prefill_absorbed(q_nope, q_pe, kv_cache, prefill.padded, out)
         else:
-            self._prefill_eager(q_nope, q_pe, kv_cache, meta.prefill.padded, out)
+            self._prefill_eager(q_nope, q_pe, kv_cache, prefill.padded, out)
+
+    def _prefill_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
+                          padded: PaddedPrefill, out: torch.Tensor) -> None:
+        """Short chunks over a long context: the decode's absorbed form under the chunks' causal mask; the
+        context's latents are never up-projected. Writes the chunks' rows of ``out`` [T, H, v] in place."""
+        w_uk, w_uv = self._w_kv_b()
+        idx = padded.query_index  # [Bp, Qp]
+        q_latent = torch.einsum("bqhn,hnc->bhqc", q_nope[idx], w_uk)  # [Bp, H, Qp, kv_lora]
+        q_full = torch.cat([q_latent, q_pe[idx].transpose(1, 2)], dim=-1)  # [Bp, H, Qp, kv_lora + rope]
+        context = self._gather(kv_cache, padded.context_slots).unsqueeze(1)  # [Bp, 1, Lp, kv_lora + rope]
+        scores = torch.matmul(q_full, context.transpose(-1, -2)).float() * self.scale  # [Bp, H, Qp, Lp]
+        scores.masked_fill_(~padded.mask.unsqueeze(1), float("-inf"))
+        probs = scores.softmax(dim=-1).to(context.dtype)  # padded query rows are NaN: dropped below
+        out_latent = torch.matmul(probs, context)[..., :self.kv_lora_rank]  # [Bp, H, Qp, kv_lora]
+        o = torch.einsum("bhqc,hcv->bqhv", out_latent, w_uv)  # [Bp, Qp, H, v]
+        valid = padded.query_valid
+        out[idx[valid]] = o[valid].to(out.dtype)
 
     def _up_project(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """context [..., L, kv_lora + rope] -> (k_nope [..., L, H, nope], k_pe [..., L, rope], v [..., L, H, v]),

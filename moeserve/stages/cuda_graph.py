@@ -41,6 +41,8 @@ def decode_buckets(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
+    kind = "decode"  # what the graphs run, for the log
+
     def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int, sink_block: int,
                  keep_hidden: bool = False):
         """``keep_hidden``: on the last stage, the graphs also leave the step's hidden states (``hidden_rows``)
@@ -113,8 +115,9 @@ class DecodeGraphs:
                 moe.count_weights = None
         torch.cuda.synchronize(device)
         self.pool_bytes = torch.cuda.memory_reserved(device) - before
-        logger.info("captured CUDA graphs for %d decode batch sizes (1..%d) in %.1f s; graph memory %.0f MiB",
-                    len(self.buckets), self.buckets[-1], time.perf_counter() - start, self.pool_bytes / 2**20)
+        logger.info("captured CUDA graphs for %d %s batch sizes (1..%d) in %.1f s; graph memory %.0f MiB",
+                    len(self.buckets), self.kind, self.buckets[-1], time.perf_counter() - start,
+                    self.pool_bytes / 2**20)
 
     def _capture_all(self, pool) -> None:
         device = self.inputs.device
@@ -189,6 +192,30 @@ class DecodeGraphs:
             graph.reset()
         self.graphs.clear()
         self.out = self.hidden_in = self.hidden_out = None
+
+
+class DraftGraphs(DecodeGraphs):
+    """CUDA graphs of the MTP module's pass (speculative decoding, ``ModelRunner.draft``), one per bucket:
+    decode rows (``DraftPlan.decode_form``) that read token t+1 and a hidden state each; the graphs leave the
+    logits of every row and the module's outputs (the hidden states a chained pass reads). Reference: the
+    eager path of ``ModelRunner.draft``."""
+
+    kind = "MTP draft"
+
+    def __init__(self, runner: ModelRunner, max_batch: int, max_blocks_per_seq: int, sink_block: int):
+        super().__init__(runner, max_batch, max_blocks_per_seq, sink_block, keep_hidden=True)
+        model = runner.model
+        assert runner.mtp_cache is not None and model.slice.has_head, "MTP draft graphs need the MTP module"
+        self.mtp_cache = runner.mtp_cache.view(-1, runner.mtp_cache.shape[-1])
+        self.hidden_in = torch.zeros(self.buckets[-1], model.config.hidden_size, dtype=model.dtype,
+                                     device=runner.device)
+
+    def _forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.runner.model
+        meta = graph_metadata(self.inputs, self.tables, batch, self.block_size)
+        assert self.hidden_in is not None
+        h = model.mtp_forward(self.inputs[0, :batch], self.hidden_in[:batch], meta, self.mtp_cache)
+        return model.mtp_logits(h), h
 
 
 def graph_metadata(inputs: torch.Tensor, tables: torch.Tensor, batch: int, block_size: int) -> AttnMetadata:

@@ -13,7 +13,7 @@ from moeserve.kernels import kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
-from moeserve.stages.cuda_graph import DecodeGraphs
+from moeserve.stages.cuda_graph import DecodeGraphs, DraftGraphs
 from moeserve.stages.selfcheck import check_fast_path, warm_up
 from moeserve.stages.step_plan import DraftPlan, StepPlan, fill_pending, pad_tables
 
@@ -34,6 +34,8 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.cache_dtype = cache_dtype or model.dtype
         fast = kernels_apply(device)
+        if device.type == "cuda":  # one GEMM for each attention's query and latent projections
+            model.fuse_input_projections()
         layer_ids = [int(k) for k in model.layers]
         # with the fast path, one spare block past the manager's: a graph's padding rows and the start-up
         # check write there
@@ -54,6 +56,7 @@ class ModelRunner:
                     num_blocks, block_size, self.cache_bytes_per_token, len(layer_ids),
                     model.config.kv_cache_dim)
         self.graphs: DecodeGraphs | None = None
+        self.draft_graphs: DraftGraphs | None = None  # the MTP module's passes (speculative decoding)
         self.fast_path_error: str | None = None  # why the fused kernels are off, where they were to run
         if fast:
             self._start_fast_path(cuda_graphs and device.type == "cuda", max_num_seqs,
@@ -83,6 +86,10 @@ class ModelRunner:
                               keep_hidden=self.mtp_cache is not None)
         graphs.capture()
         self.graphs = graphs
+        if self.mtp_cache is not None:
+            draft_graphs = DraftGraphs(self, max_num_seqs, -(-max_model_len // self.block_size), self.num_blocks)
+            draft_graphs.capture()
+            self.draft_graphs = draft_graphs
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -138,18 +145,23 @@ class ModelRunner:
     @torch.inference_mode()
     def draft(self, plan: DraftPlan) -> torch.Tensor:
         """One MTP pass (see ``DraftPlan``); returns float32 logits [len(sample_rows), vocab] of the tokens
-        after next. Only on a slice with the LM head and the MTP module."""
+        after next. Only on a slice with the LM head and the MTP module. The pass runs as decode rows (each
+        row at its position), replayed from a CUDA graph where one fits."""
         assert self.mtp_cache is not None, "this runner holds no MTP module"
         source = self.draft_hidden if plan.chained else self.step_hidden
         assert source is not None, "an MTP pass needs the hidden states of a step before it"
-        step = plan.step
+        step, last_rows = plan.decode_form()
         hidden = source[self._index(plan.hidden_rows)]
         if not plan.chained:
             hidden = self.model.norm(hidden)  # the main model's output after its final norm
+        rows = self._index(last_rows)
+        if self.draft_graphs is not None and self.draft_graphs.fits(step):
+            logits = self.draft_graphs.run(step, hidden)
+            self.draft_hidden = self.draft_graphs.hidden_rows(len(step.query_lens))[rows]
+            return logits[rows]
         meta = self.metadata(step)
         token_ids = to_device(torch.tensor(step.token_ids, dtype=torch.long), self.device)
         out = self.model.mtp_forward(token_ids, hidden, meta, self.mtp_cache.view(-1, self.mtp_cache.shape[-1]))
-        rows = meta.logits_index if step.samples_every_row else meta.logits_index[self._index(step.sample_rows)]
         self.draft_hidden = out[rows]
         return self.model.mtp_logits(self.draft_hidden)
 
@@ -160,9 +172,10 @@ class ModelRunner:
         """Give back the device memory this runner holds: the CUDA graphs and their pool, the latent cache
         and the model (idempotent; the runner cannot run steps afterwards). The caller drops its own
         references to the model and runs ``gc`` / ``torch.cuda.empty_cache()`` (Engine.close)."""
-        if self.graphs is not None:
-            self.graphs.release()
-            self.graphs = None
+        for graphs in (self.graphs, self.draft_graphs):
+            if graphs is not None:
+                graphs.release()
+        self.graphs = self.draft_graphs = None
         self.kv_caches.clear()
         self.flat_caches.clear()
         self.mtp_cache = self.step_hidden = self.draft_hidden = None

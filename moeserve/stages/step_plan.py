@@ -98,3 +98,16 @@ class DraftPlan:
     step: StepPlan
     hidden_rows: list[int]
     chained: bool = False
+
+    def decode_form(self) -> tuple[StepPlan, list[int]]:
+        """(the pass as decode rows -- each of a sequence's rows at its own position, as a verify step is
+        expanded, so that the pass takes MLA's absorbed decode form and a CUDA graph's decode shape --, and
+        the rows of that plan whose outputs are sampled: the last row of each ``sample_rows`` sequence)."""
+        step = self.step
+        ends = np.cumsum(step.query_lens)
+        last_rows = [int(ends[i]) - 1 for i in step.sample_rows]
+        if all(q == 1 for q in step.query_lens):
+            return step, last_rows
+        multi = StepPlan(step.token_ids, step.query_lens, step.num_computed, step.block_tables, step.sample_rows,
+                         num_spec=[q - 1 for q in step.query_lens])
+        return multi.expanded(), last_rows

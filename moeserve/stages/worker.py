@@ -196,7 +196,7 @@ class StageWorker:
 
 def coordinator_socket(ctx: zmq.Context, spec: WorkerSpec) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.IDENTITY, f"rank-{spec.rank}".encode())
+    sock.setsockopt(zmq.IDENTITY, spec.identity)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.connect(spec.coord_addr)
     return sock

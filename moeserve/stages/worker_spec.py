@@ -40,7 +40,7 @@ class WorkerSpec:
     placement_file: str = ""  # expert placement (JSON); empty = contiguous
     max_positions: int = 0  # rotary table length; 0 = the model's max_position_embeddings
     cuda_graphs: bool = False  # capture the decode step (CUDA devices; each rank captures its own)
-    max_num_seqs: int = 256  # the largest decode batch a graph is captured for
+    max_num_seqs: int = 256  # the largest decode batch (rows: a verify step's drafts count) a graph is captured for
     warm_up_tokens: int = 0  # tokens of the warm-up prefill at start (where the fused kernels run)
     mtp: bool = False  # the last stage loads the MTP module and runs its passes (speculative decoding)
     kv_host_blocks: int = 0  # host-tier slots (kvstore/tier_setup.py); 0 = none
@@ -53,6 +53,7 @@ class WorkerSpec:
     disaggregation_mode: str = ""  # prefill: tp rank 0 serves its stage's layers; decode: ranks pull theirs
     kv_transfer_backend: str = "zmq"
     kv_transfer_addr: str = "tcp://127.0.0.1:0"
+    generation: int = 0  # how many times the replica's ranks were restarted (Executor.restart)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -62,6 +63,21 @@ class WorkerSpec:
         raw = json.loads(text)
         raw["stage_layers"] = tuple(raw["stage_layers"])
         return cls(**raw)
+
+    @property
+    def identity(self) -> bytes:
+        """The rank's ZeroMQ identity at the coordinator: with the generation, so that whatever a rank of an
+        earlier generation still sends is told apart (and dropped)."""
+        return f"rank-{self.rank}.{self.generation}".encode()
+
+    def next_generation(self) -> WorkerSpec:
+        """This rank's spec for the next restart: a new generation, and a rendezvous of its own where the old
+        one cannot be used again (a file store's file)."""
+        generation = self.generation + 1
+        init = self.init_method
+        if init.startswith("file://"):
+            init = f"{init.rsplit('.g', 1)[0] if self.generation else init}.g{generation}"
+        return dataclasses.replace(self, generation=generation, init_method=init)
 
     @property
     def dims(self) -> ParallelDims:

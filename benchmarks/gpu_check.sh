@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One H200 after a merge: every GPU-only test (the kernel cases in bf16 and FP8 with graphs, the engine's
+# GPU tests, disaggregation on one GPU, MTP with graphs), then decode profiles (V2-Lite bf16 at batch 1/64,
+# V3 cut to 6 layers FP8 at 1/32) and MTP's step cost on the V3 cut at batch 1 and 32. Results in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+summary='import json,sys
+for l in sys.stdin:
+    d = json.loads(l)
+    print(sys.argv[1], d["batch"], "step %.2f ms, GPU busy %.2f; check: %s; graphs %s" % (
+        d["step_ms"], d["gpu_busy_ms_per_step"], d["fast_path_error"] or "all on", d["graphs"]))'
+timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernel_cases.py tests/kernel_cases_moe.py tests/kernel_cases_mla.py \
+    tests/test_async_scheduling.py tests/test_backends.py tests/test_disagg_gpu.py tests/test_dummy_fp8.py \
+    tests/test_engine.py tests/test_kernels.py tests/test_sampling.py tests/test_spec_decode.py \
+    -k "cuda or gpu or GPU or kernel or fp8 or closed" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+timeout 150 python3 benchmarks/profile_decode.py --batches 1,64 --json-out "$OUT/prof_v2lite.json" 2>&1 |
+    grep '"batch"' | python3 -c "$summary" v2lite
+timeout 150 python3 benchmarks/profile_decode.py --model benchmarks/configs/deepseek_v3_6l --expert-bytes 1 \
+    --batches 1,32 --json-out "$OUT/prof_v3.json" 2>&1 | grep '"batch"' | python3 -c "$summary" v3-6l
+for n in ${MTP_BATCHES:-1 32}; do
+    timeout 150 python3 -m moeserve.launch.cli bench --model benchmarks/configs/deepseek_v3_6l --load-format dummy \
+        --skip-tokenizer-init --device cuda --num-prompts $n --input-len 128 --output-len 128 --rounds 2 \
+        --speculative-config '{"method": "mtp", "num_speculative_tokens": 1, "adaptive": false}' \
+        --json-out "$OUT/mtp_v3_b$n.json" 2>&1 | grep -E "step_ms|draft_ms|speedup"
+done

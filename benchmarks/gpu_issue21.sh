@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Issue 21's GPU figures on one H200: the store's load rate into device blocks (old path vs in place, several
+# connections), then TTFT cold vs from the store vs from the host tier in the engine, with decode ITL with
+# store writes on and off. Needs `redis-server` on PATH (carry a copy where the machine has none).
+# Results in $OUT (default out/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768 \
+    --repeats 3 --connections 1,2,4,8 --json-out "$OUT/kvstore_load_h200_v2lite.json" 2>&1 | tail -12
+timeout ${TTFT_S:-300} python3 benchmarks/bench_kvstore.py --device cuda --model benchmarks/configs/deepseek_v2_lite \
+    --load-format dummy --prefix-lens 8192,32768 --repeats 3 --itl --max-num-batched-tokens 8192 \
+    --max-model-len 40960 --json-out "$OUT/kvstore_h200_v2lite.json" 2>&1 | tail -25
