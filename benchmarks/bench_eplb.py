@@ -10,14 +10,17 @@ expert runs tens of rows (its time grows with its rows, which is what balancing 
 ``e_score_correction_bias`` makes a few experts, all first held by EP rank 0, win most picks.
 
 Each rank (stage worker) is pinned to its own disjoint set of cores (every thread of it, by
-``os.sched_setaffinity``) with as many torch threads; the coordinator shares the cores. Phases, each the
-same batch of greedy requests:
+``os.sched_setaffinity``) with as many torch threads; the coordinator (this process) takes the cores left
+over, or shares them when none are. Phases, each the same batch of greedy requests:
 
-  static     the starting placement (online rebalancing checks off);
-  rebalance  checks every ``--eplb-interval`` steps, until the rebalancer has moved what it wanted;
-  after      the new placement, the checks still on (a move here would be thrash: there must be none).
+  first      the starting placement (online rebalancing checks off): the counts the prediction uses;
+  rebalance  checks every ``--eplb-interval`` steps, until a round moves nothing;
+  settled    the checks still on (a move here would be thrash: there must be none);
+  paired     checks off, ``--repeats`` pairs: the start placement and the rebalanced one, in alternating order
+             (AB, BA, ...), each reached by the rebalancer's real chunked point-to-point moves (so drift on a
+             busy machine, and any effect of the order, hit both alike).
 
-Then the same on a uniform router (``even``): with checks on nothing may move, and throughput must not drop.
+Then the same on a uniform router (``even``): with checks on nothing may move (so throughput cannot drop).
 
 Predicted gain: from the static phase's measured counts, the planner's placement and a timing of the
 routed experts on one rank's cores (the heaviest rank's rows per decode step, through the real
@@ -145,11 +148,28 @@ def set_interval(engine, interval: int) -> None:
     rebalancer.config = dataclasses.replace(rebalancer.config, interval=interval)
 
 
-def time_heaviest_experts(raw: dict, logical: torch.Tensor, phy2log: torch.Tensor, steps: int, cpus: list[int],
-                          repeats: int = 5) -> float:
-    """Seconds per decode step the heaviest rank of each layer spends in its routed experts, with the rows
-    per slot that ``logical`` ([L, 2, E] pairs over ``steps`` steps) gives ``phy2log`` [L, ep, S] (copies
-    share evenly), timed on ``cpus`` through the real ``MoE.experts_loop``."""
+def move_to(engine, target: torch.Tensor) -> None:
+    """Move every layer to ``target`` [L, ep, S] through the rebalancer's real chunked point-to-point moves
+    (between the paired measurements; the engine is idle)."""
+    from moeserve.coordinator.rebalancer import LayerMove
+
+    rebalancer, agg = engine.expert_load.rebalancer, engine.expert_load.aggregator
+    for i, layer_id in enumerate(agg.layer_ids):
+        if not torch.equal(agg.phy2log[i], target[i]):
+            rebalancer.queue.append(LayerMove(layer_id, target[i].clone(), float("nan"), float("nan")))
+    while rebalancer.staging:
+        engine.expert_load.idle()
+        time.sleep(0.001)
+    assert torch.equal(agg.phy2log, target)
+
+
+def time_heaviest_experts(raw: dict, load: torch.Tensor, placements: list[torch.Tensor], cpus: list[int],
+                          repeats: int = 15) -> list[float]:
+    """For each placement [L, ep, S]: seconds per decode step the heaviest rank of each layer spends in its
+    routed experts, summed over layers, with the rows per slot that ``load`` ([L, E] pairs per decode step)
+    gives it (copies share evenly), timed on ``cpus`` through the real ``MoE.experts_loop``. The placements'
+    timings are interleaved and the fastest of ``repeats`` kept (the least disturbed); a layer placed alike
+    in two placements is timed once."""
     from moeserve.experts.expert_map import ExpertPlacement
     from moeserve.experts.moe import MoE
     from moeserve.model.config import ModelConfig
@@ -157,92 +177,124 @@ def time_heaviest_experts(raw: dict, logical: torch.Tensor, phy2log: torch.Tenso
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(len(cpus))
     config = ModelConfig.from_dict(raw)
-    load = logical.sum(1).double() / max(steps, 1)  # [L, E] pairs per step
-    total = 0.0
+    totals = [0.0] * len(placements)
     for layer in range(load.shape[0]):
-        copies = torch.bincount(phy2log[layer].flatten(), minlength=load.shape[1]).clamp(min=1)
-        rows = load[layer][phy2log[layer]] / copies[phy2log[layer]]  # [ep, S]
-        heaviest = int(rows.sum(-1).argmax())
-        slots_rows = [max(0, round(float(r))) for r in rows[heaviest]]
-        moe = MoE(config, ExpertPlacement(config.n_routed_experts, tuple(range(len(slots_rows)))), torch.float32)
-        with torch.no_grad():
-            moe.w13.normal_(0, 0.05)
-            moe.w2.normal_(0, 0.05)
-        slots = torch.cat([torch.full((n,), s, dtype=torch.long) for s, n in enumerate(slots_rows)] or
-                          [torch.zeros(0, dtype=torch.long)])
-        x = torch.randn(max(1, len(slots)), config.hidden_size)[:len(slots)]
-        weights = torch.ones(len(slots), 1)
-        times = []
+        cases: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor, MoE]] = {}
+        keys = []
+        for phy2log in placements:
+            copies = torch.bincount(phy2log[layer].flatten(), minlength=load.shape[1]).clamp(min=1)
+            rows = load[layer][phy2log[layer]] / copies[phy2log[layer]]  # [ep, S]
+            slots_rows = tuple(max(0, round(float(r))) for r in rows[int(rows.sum(-1).argmax())])
+            keys.append(slots_rows)
+            if slots_rows not in cases:
+                moe = MoE(config, ExpertPlacement(config.n_routed_experts, tuple(range(len(slots_rows)))),
+                          torch.float32)
+                with torch.no_grad():
+                    moe.w13.normal_(0, 0.05)
+                    moe.w2.normal_(0, 0.05)
+                slots = torch.cat([torch.full((n,), s, dtype=torch.long) for s, n in enumerate(slots_rows)])
+                cases[slots_rows] = (torch.randn(len(slots), config.hidden_size), torch.ones(len(slots), 1), slots, moe)
+        best = {key: float("inf") for key in cases}
         with torch.no_grad():
             for _ in range(repeats):
-                start = time.perf_counter()
-                moe.experts_loop(x, weights, slots)
-                times.append(time.perf_counter() - start)
-        total += statistics.median(times)
-    return total
+                for key, (x, weights, slots, moe) in cases.items():
+                    start = time.perf_counter()
+                    moe.experts_loop(x, weights, slots)
+                    best[key] = min(best[key], time.perf_counter() - start)
+        for k, key in enumerate(keys):
+            totals[k] += best[key]
+    return totals
+
+
+def policy_placement(weight: torch.Tensor, start: torch.Tensor, threshold: float, hysteresis: float) -> torch.Tensor:
+    """The placement the rebalancer's policy leads to from these counts ([L, E]): the planner's for each layer
+    that qualifies (balancedness below ``threshold``, predicted gain at least ``hysteresis``), the start
+    placement for the others."""
+    from moeserve.coordinator.eplb_policy import predicted_gain
+    from moeserve.experts.eplb import balancedness, plan_placement, rank_loads
+
+    planned = plan_placement(weight, start.shape[1], start.shape[2], current=start)
+    now, after = balancedness(rank_loads(weight, start)), balancedness(rank_loads(weight, planned))
+    out = start.clone()
+    for i in range(start.shape[0]):
+        if float(now[i]) < threshold and predicted_gain(float(now[i]), float(after[i])) >= hysteresis:
+            out[i] = planned[i]
+    return out
 
 
 def run_case(args: argparse.Namespace, raw: dict, skewed: bool, ids: list[list[int]], cores: list[list[int]]) -> dict:
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
-    from moeserve.experts.eplb import balancedness, plan_placement, rank_loads
+    from moeserve.experts.eplb import balancedness, rank_loads
 
     root = Path(args.checkpoint or tempfile.mkdtemp(prefix="moeserve-eplb-"))
     model = write_checkpoint(root / ("skewed" if skewed else "even"), raw, skewed)
     placement_file = write_start_placement(root / f"start-ep{args.ep}.json", raw["n_routed_experts"], args.ep,
                                            args.num_redundant_experts)
-    engine = Engine(EngineConfig(model=str(model), device="cpu", tp=args.ep, ep=args.ep,
-                                 expert_placement=str(placement_file), expert_load_interval=4,
-                                 eplb_interval=0, eplb_max_stall_ms=args.max_stall_ms, max_num_seqs=len(ids),
-                                 max_num_batched_tokens=max(2048, len(ids) * args.input_len),
-                                 skip_tokenizer_init=True, kv_cache_memory=256 << 20))
+    config = EngineConfig(model=str(model), device="cpu", tp=args.ep, ep=args.ep,
+                          expert_placement=str(placement_file), expert_load_interval=4,
+                          eplb_interval=0, eplb_max_stall_ms=args.max_stall_ms, max_num_seqs=len(ids),
+                          max_num_batched_tokens=max(2048, len(ids) * args.input_len),
+                          skip_tokenizer_init=True, kv_cache_memory=256 << 20)
+    engine = Engine(config)
     try:
         pinned = pin_workers(engine, cores)
+        rest = sorted(set(os.sched_getaffinity(0)) - {c for cpus in cores for c in cpus})
+        if rest:  # the coordinator (this process) on the cores no rank has
+            os.sched_setaffinity(0, rest)
         measure(engine, ids, 4)  # warm-up
-        static = [measure(engine, ids, args.output_len) for _ in range(args.repeats)]
-        start_placement = engine.expert_load.aggregator.phy2log.clone()
-        set_interval(engine, args.eplb_interval)
+        start = engine.expert_load.aggregator.phy2log.clone()
+        first = measure(engine, ids, args.output_len)  # the start placement's counts, for the prediction
+        set_interval(engine, args.eplb_interval)  # online checks on: rebalance until a round moves nothing
         rounds = 0
-        while rounds < args.max_rebalance_rounds:  # until a round moves nothing and nothing is staged
+        while rounds < args.max_rebalance_rounds:
             moved = len(applied(engine))
             measure(engine, ids, args.output_len)
             rounds += 1
             if len(applied(engine)) == moved and not engine.expert_load.rebalancer.staging:
                 break
-        moves_before_after = len(applied(engine))
-        after = [measure(engine, ids, args.output_len) for _ in range(args.repeats)]
-        records = engine.expert_load.aggregator.rebalances
-        placement = engine.expert_load.aggregator.phy2log.clone()
+        settled_moves = len(applied(engine))
+        settled = [measure(engine, ids, args.output_len) for _ in range(args.repeats)]  # checks still on
+        thrash = len(applied(engine)) - settled_moves
+        records = list(engine.expert_load.aggregator.rebalances)
+        final = engine.expert_load.aggregator.phy2log.clone()
+        # paired runs, checks off: the start placement and the final one in turn (moved by the real chunked
+        # point-to-point moves), so that a machine getting busier or quieter shifts both alike
+        set_interval(engine, 0)
+        static, after = [], []
+        for k in range(args.repeats):  # A B, B A, A B, ...: an effect of the order cancels out too
+            for placement, runs in ((start, static), (final, after))[::1 if k % 2 == 0 else -1]:
+                move_to(engine, placement)
+                runs.append(measure(engine, ids, args.output_len))
     finally:
         engine.close()
-    best = lambda runs: max(runs, key=lambda r: r["decode_tok_s"])  # noqa: E731 - the least disturbed run
-    s, a = best(static), best(after)
-    weight = s["logical"].sum(1).double()
-    ep, slots = start_placement.shape[1:]
-    planned = plan_placement(weight, ep, slots, current=start_placement)
-    now_b, plan_b = balancedness(rank_loads(weight, start_placement)), balancedness(rank_loads(weight, planned))
-    e_static = time_heaviest_experts(raw, s["logical"], start_placement, s["decode_steps"], cores[0])
-    e_planned = time_heaviest_experts(raw, s["logical"], planned, s["decode_steps"], cores[0])
-    t_static = s["median_step_ms"] / 1e3
-    predicted = t_static / max(t_static - (e_static - e_planned), 1e-9) - 1
-    wasted = float((1 - now_b).mean())
+    weight = first["logical"].sum(1).double()
+    decode = first["logical"][:, 1].double() / first["decode_steps"]  # [L, E] pairs per decode step
+    planned = policy_placement(weight, start, config.eplb_threshold, config.eplb_hysteresis)
+    e_static, e_planned = time_heaviest_experts(raw, decode, [start, planned], cores[0])
+    t_static = statistics.median(r["median_step_ms"] for r in static) / 1e3
+    saved = e_static - e_planned
+    predicted = t_static / (t_static - saved) - 1 if saved < t_static else float("nan")
+    pairs = [a["decode_tok_s"] / s["decode_tok_s"] - 1 for s, a in zip(static, after)]
     moved = [r for r in records if r.result == "applied"]
-    for run in static + after:
+    for run in [first, *settled, *static, *after]:
         run.pop("logical")
     return {
         "router": "skewed" if skewed else "even", "pinned_cores": pinned,
-        "static": static, "after": after, "rebalance_rounds": rounds,
-        "layers_moved": len(moved), "moves_after_settling": len(moved) - moves_before_after,
+        "first": first, "static": static, "after": after, "settled_checks_on": settled, "rebalance_rounds": rounds,
+        "layers_moved": len(moved), "moves_after_settling": thrash,
         "backed_off": sum(1 for r in records if r.result == "backed-off"),
         "slots_moved": sum(r.moves for r in moved), "chunks": sum(r.chunks for r in moved),
         "longest_chunk_stall_ms": 1e3 * max((r.max_stall_s for r in moved), default=0.0),
-        "balancedness_static": now_b.tolist(), "balancedness_planned": plan_b.tolist(),
-        "heaviest_rank_wasted_share": wasted,
+        "chunks_over_bound": sum(r.over_bound for r in moved),
+        "balancedness_static": balancedness(rank_loads(weight, start)).tolist(),
+        "balancedness_planned": balancedness(rank_loads(weight, planned)).tolist(),
+        "heaviest_rank_wasted_share": float((1 - balancedness(rank_loads(decode, start))).mean()),
         "expert_share_of_step": e_static / t_static,
         "heaviest_expert_ms_static": 1e3 * e_static, "heaviest_expert_ms_planned": 1e3 * e_planned,
         "predicted_gain_pct": 100 * predicted,
-        "measured_gain_pct": 100 * (a["decode_tok_s"] / s["decode_tok_s"] - 1),
-        "placement": placement.tolist(),
+        "measured_gain_pct": 100 * statistics.median(pairs), "measured_gain_pct_pairs": [100 * g for g in pairs],
+        "placement": final.tolist(),
     }
 
 
@@ -252,16 +304,30 @@ def summary(results: list[dict], args: argparse.Namespace) -> str:
              f"hidden {args.hidden_size}, {args.num_experts} experts top-{args.top_k} of width "
              f"{args.moe_intermediate_size}, {args.layers} layers",
              "| router | worst-layer balancedness static -> after | expert share of step | heaviest rank wasted "
-             "| predicted gain | measured gain | decode tok/s static -> after | layers moved (after settling) |",
+             "| predicted gain | measured gain (pairs) | decode tok/s static -> after | layers moved (once settled) |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        s = max(r["static"], key=lambda x: x["decode_tok_s"])
-        a = max(r["after"], key=lambda x: x["decode_tok_s"])
-        lines.append(f"| {r['router']} | {s['worst_layer_balancedness']:.3f} -> {a['worst_layer_balancedness']:.3f} "
+        tok_static = statistics.median(x["decode_tok_s"] for x in r["static"])
+        tok_after = statistics.median(x["decode_tok_s"] for x in r["after"])
+        bal_static = statistics.median(x["worst_layer_balancedness"] for x in r["static"])
+        bal_after = statistics.median(x["worst_layer_balancedness"] for x in r["after"])
+        pairs = ", ".join(f"{g:+.1f}" for g in r["measured_gain_pct_pairs"])
+        lines.append(f"| {r['router']} | {bal_static:.3f} -> {bal_after:.3f} "
                      f"| {100 * r['expert_share_of_step']:.0f}% | {100 * r['heaviest_rank_wasted_share']:.0f}% "
-                     f"| {r['predicted_gain_pct']:+.1f}% | {r['measured_gain_pct']:+.1f}% "
-                     f"| {s['decode_tok_s']:.1f} -> {a['decode_tok_s']:.1f} "
-                     f"| {r['layers_moved']} ({r['moves_after_settling']}) |")
+                     f"| {r['predicted_gain_pct']:+.1f}% | {r['measured_gain_pct']:+.1f}% ({pairs}) "
+                     f"| {tok_static:.1f} -> {tok_after:.1f} | {r['layers_moved']} ({r['moves_after_settling']}) |")
+    even = [r for r in results if r["router"] == "even"]
+    if even and even[0]["layers_moved"] == 0:
+        spread = even[0]["measured_gain_pct_pairs"]
+        lines.append(f"noise floor: the even case's pairs run one placement twice; their spread here is "
+                     f"{min(spread):+.1f}% .. {max(spread):+.1f}%")
+    lines.append("measured gain: median over paired runs (each pair: the start placement and the rebalanced one, "
+                 "in alternating order, moved to by the real chunked moves); tok/s and balancedness: medians; layers "
+                 "moved in brackets: moves once settled with the checks still on (thrash: must be 0).")
+    for r in results:
+        lines.append(f"{r['router']}: {r['slots_moved']} slots moved in {r['chunks']} chunks, longest stall "
+                     f"{r['longest_chunk_stall_ms']:.1f} ms (bound {args.max_stall_ms} ms, "
+                     f"{r['chunks_over_bound']} chunk(s) over it)")
     return "\n".join(lines)
 
 
@@ -270,10 +336,10 @@ def main() -> None:
     parser.add_argument("--ep", type=int, default=2)
     parser.add_argument("--cores-per-rank", type=int, default=0, help="default: the allowed cores / ep")
     parser.add_argument("--num-redundant-experts", type=int, default=-1, help="default: one per rank")
-    parser.add_argument("--num-prompts", type=int, default=48)
+    parser.add_argument("--num-prompts", type=int, default=96)
     parser.add_argument("--input-len", type=int, default=16)
     parser.add_argument("--output-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="measured runs per phase (the best is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="paired runs (start placement, rebalanced)")
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--moe-intermediate-size", type=int, default=512)
     parser.add_argument("--num-experts", type=int, default=16)

@@ -22,11 +22,14 @@ def single(ckpt_factory) -> dict[int, list[int]]:
     return test_engine.run_staggered(engine)
 
 
-@pytest.mark.parametrize("ep, redundant, forced", [(2, 2, False), (4, 4, True)], ids=["ep2-interval", "ep4-forced"])
+@pytest.mark.parametrize("ep, redundant, forced, layout", [
+    (2, 2, False, {}), (4, 4, True, {}), (2, 2, True, {"ep_dispatch": "alltoall"}), (2, 2, True, {"pp": 2})],
+    ids=["ep2-interval", "ep4-forced", "ep2-alltoall-forced", "pp2-ep2-forced"])
 def test_tokens_identical_across_rebalances(ckpt_factory, single, tmp_path, ep: int, redundant: int,
-                                            forced: bool) -> None:
-    """EP 2 rebalances on its own (--eplb-interval 3, threshold 1: whenever the plan is better); EP 4 is
-    forced every 4 steps, as POST /admin/rebalance does. Each layer is planned on its own and its moves are
+                                            forced: bool, layout: dict) -> None:
+    """EP 2 rebalances on its own (--eplb-interval 3, threshold 1: whenever the plan is better); the others
+    are forced every 4 steps, as POST /admin/rebalance does: EP 4, EP 2 with the all-to-all dispatch, and two
+    pipeline stages of EP 2 (each stage moves its own layers). Each layer is planned on its own and its moves are
     cut into one-slot chunks (a stall bound of 1 us), each applied between two steps; the checkpoint's
     weights are deleted once the ranks have loaded them, so every moved slot comes from another rank."""
     model = tmp_path / "model"
@@ -35,7 +38,7 @@ def test_tokens_identical_across_rebalances(ckpt_factory, single, tmp_path, ep: 
     engine = Engine(EngineConfig(model=str(model), block_size=4, kv_cache_memory=1 << 22,
                                  max_num_seqs=8, max_num_batched_tokens=32, tp=ep, ep=ep,
                                  num_redundant_experts=redundant, expert_load_interval=2, eplb_max_stall_ms=1e-3,
-                                 **automatic))
+                                 **automatic, **layout))
     for weights in model.glob("*.safetensors"):
         weights.unlink()  # moved experts must come from the ranks that hold them
     rebalancer = engine.expert_load.rebalancer

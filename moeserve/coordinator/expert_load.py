@@ -40,6 +40,7 @@ class Rebalance:
     chunks: int = 0
     max_stall_s: float = 0.0
     measured_after: float = float("nan")
+    over_bound: int = 0  # chunks that held a rank up longer than the stall bound
 
 
 @dataclass(frozen=True)

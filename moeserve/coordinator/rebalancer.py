@@ -2,7 +2,9 @@
 
 Every ``interval`` steps (or when asked: ``POST /admin/rebalance``) the rebalancer reads the load since
 start and asks the planner (``experts/eplb.py``) for each MoE layer's own placement, as DeepSeek's EPLB
-does. A layer moves only when it is worth it (a forced rebalance moves every layer whose plan differs):
+does -- for the layers that qualify only, in a thread of its own (the engine keeps stepping; the moves are
+queued at the first step after the plan is ready). A layer moves only when it is worth it (a forced
+rebalance moves every layer whose plan differs):
 
 - its balancedness measured since its current placement began is below ``threshold``, over at least
   ``min_pairs_per_slot`` pairs per physical slot; and
@@ -29,6 +31,7 @@ import json
 import logging
 import math
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +94,36 @@ class LayerMove:
     moves: int = 0
     chunks: int = 0
     max_stall_s: float = 0.0
+    over_bound: int = 0  # chunks that held some rank up longer than the bound (a busier machine than before)
+
+
+@dataclass
+class Plan:
+    """The planner's work for some layers (``candidates``: their indices), run off the engine thread; the
+    placement does not change meanwhile (no check starts while a plan or a move is under way)."""
+
+    candidates: list[int]
+    layer_ids: tuple[int, ...]
+    weight: torch.Tensor  # [C, E] the candidates' load since start
+    current: torch.Tensor  # [C, ep, slots]
+    measured: torch.Tensor  # [L] balancedness since each layer's placement began
+    force: bool
+    new: torch.Tensor | None = None
+    now: torch.Tensor | None = None
+    after: torch.Tensor | None = None
+    error: str | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            _, ep, slots = self.current.shape
+            self.new = plan_placement(self.weight, ep, slots, current=self.current)
+            self.now = balancedness(rank_loads(self.weight, self.current))
+            self.after = balancedness(rank_loads(self.weight, self.new))
+        except Exception as e:  # noqa: BLE001 - reported on the engine thread; serving goes on
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.done.set()
 
 
 @dataclass
@@ -118,17 +151,22 @@ class Rebalancer:
         self.seconds_per_slot: float | None = None
         self.backoff = Backoff(config.hysteresis / 2)
         self.judging: dict[int, int] = {}  # layer -> index in aggregator.rebalances of its latest move
+        self.planning: Plan | None = None  # a plan being made off the engine thread
         self.on_swap = lambda: None  # the load monitor ignores answers that counted the old slots
 
     @property
     def staging(self) -> bool:
-        return bool(self.queue) or self.inflight is not None
+        return bool(self.queue) or self.inflight is not None or self.planning is not None
 
     def request(self) -> None:
         self.requested = True
 
     def on_step(self, step: int) -> None:
         self.step = step
+        if self.planning is not None:
+            if not self.planning.done.is_set():
+                return
+            self._planned(self.planning)
         if self.inflight is not None:
             if self.inflight.pending:
                 return
@@ -141,40 +179,50 @@ class Rebalancer:
         if self.requested or due:
             self.consider(force=self.requested)
 
-    def consider(self, force: bool = False) -> bool:
-        """Plan every layer, and queue the moves worth making; True when one was queued."""
+    def consider(self, force: bool = False) -> None:
+        """Pick the layers worth planning and plan them in a thread of their own (at V3's size planning a
+        layer takes tens of milliseconds: the engine thread keeps stepping); ``on_step`` queues the moves
+        worth making once the plan is ready."""
         self.requested, self._steps_since_check = False, 0
         view, current = self.aggregator.view, self.aggregator.phy2log
         if view is None or current is None or int(view.total.sum()) == 0:
-            return False
+            return
         self._judge()
-        weight = view.total.sum(1).double()  # [L, E] each layer's own load since start
         num_layers, ep, slots = current.shape
-        new = plan_placement(weight, ep, slots, current=current)
-        now, after = balancedness(rank_loads(weight, current)), balancedness(rank_loads(weight, new))
         measured = view.balancedness("placement")
-        served = view.rank_load("placement").sum(-1)
-        enough = served >= self.config.min_pairs_per_slot * ep * slots
-        queued = []
+        enough = view.rank_load("placement").sum(-1) >= self.config.min_pairs_per_slot * ep * slots
+        candidates = []  # NOTE: only these are planned
         for i, layer_id in enumerate(view.layer_ids):
-            if num_moves(current[i], new[i]) == 0:
-                continue
-            gain = predicted_gain(float(now[i]), float(after[i]))
-            if not force:
-                if self.backoff.sits_out(layer_id):
-                    continue
-                if layer_id in self.judging or not bool(enough[i]) or float(measured[i]) >= self.config.threshold \
-                        or gain < self.config.hysteresis:
-                    continue
-            queued.append(LayerMove(layer_id, new[i], float(measured[i]), float(after[i])))
-        if not queued:
+            if force or (layer_id not in self.judging and bool(enough[i]) and float(measured[i]) < self.config.threshold
+                         and not self.backoff.sits_out(layer_id)):
+                candidates.append(i)
+        if not candidates:
             self._record(Rebalance(time.time(), self.step, "skipped", 0.0, float(measured.mean()),
-                                   float(after.mean())))
-            return False
+                                   float(measured.mean())))
+            return
+        rows = torch.tensor(candidates)
+        plan = Plan(candidates, view.layer_ids, view.total.sum(1).double()[rows], current[rows].clone(), measured, force)
+        self.planning = plan
+        threading.Thread(target=plan.run, name="eplb-plan", daemon=True).start()
+
+    def _planned(self, plan: Plan) -> None:
+        self.planning = None
+        if plan.error is not None or plan.new is None or plan.now is None or plan.after is None:
+            logger.warning("planning the expert placement failed: %s", plan.error)
+            return
+        queued = []
+        for k, i in enumerate(plan.candidates):
+            gain = predicted_gain(float(plan.now[k]), float(plan.after[k]))
+            if num_moves(plan.current[k], plan.new[k]) == 0 or not (plan.force or gain >= self.config.hysteresis):
+                continue
+            queued.append(LayerMove(plan.layer_ids[i], plan.new[k], float(plan.measured[i]), float(plan.after[k])))
+        if not queued:
+            self._record(Rebalance(time.time(), self.step, "skipped", 0.0, float(plan.measured.mean()),
+                                   float(plan.measured.mean())))
+            return
         logger.info("rebalancing experts of %d layer(s): %s", len(queued),
                     ", ".join(f"{m.layer_id}: {m.before:.3f} -> {m.after:.3f}" for m in queued))
         self.queue += queued
-        return True
 
     def _judge(self) -> None:
         """Compare each moved layer's measured balancedness with the one before its move, once it has
@@ -229,18 +277,22 @@ class Rebalancer:
             self.on_swap()
             self.queue.pop(0)
             self._record(Rebalance(time.time(), self.step, "failed", time.monotonic() - move.started, move.before,
-                                   move.after, move.layer_id, move.moves, move.chunks + 1, move.max_stall_s))
+                                   move.after, move.layer_id, move.moves, move.chunks + 1, move.max_stall_s,
+                                   over_bound=move.over_bound))
             return
         stall = max(chunk.stalls, default=0.0)
         move.moves, move.chunks = move.moves + chunk.slots, move.chunks + 1
         move.max_stall_s = max(move.max_stall_s, stall)
+        if stall > self.config.max_stall_s:
+            move.over_bound += 1
         if chunk.slots:
             per_slot = stall / chunk.slots
-            # NOTE: the slowest rank's time per slot, fixed costs included (so an over-estimate): the next
-            # chunk takes as many slots as fit the bound, never fewer than one
-            self.seconds_per_slot = per_slot if self.seconds_per_slot is None else max(per_slot, 0.5 * (
-                per_slot + self.seconds_per_slot))
-            self.slots_per_chunk = max(1, math.floor(self.config.max_stall_s / max(self.seconds_per_slot, 1e-9)))
+            # NOTE: the slowest rank's time per slot, fixed costs included (an over-estimate for larger
+            # chunks), forgotten slowly: the next chunk takes as many slots as fit 80% of the bound, never
+            # fewer than one (a slot cannot be split)
+            old = self.seconds_per_slot
+            self.seconds_per_slot = per_slot if old is None else max(per_slot, 0.9 * old)
+            self.slots_per_chunk = max(1, math.floor(0.8 * self.config.max_stall_s / max(self.seconds_per_slot, 1e-9)))
         assert self.aggregator.phy2log is not None
         i = self.aggregator.layer_ids.index(move.layer_id)
         if not torch.equal(self.aggregator.phy2log[i], move.target):
@@ -248,7 +300,8 @@ class Rebalancer:
         self.queue.pop(0)
         self.judging[move.layer_id] = len(self.aggregator.rebalances)
         self._record(Rebalance(time.time(), self.step, "applied", time.monotonic() - move.started, move.before,
-                               move.after, move.layer_id, move.moves, move.chunks, move.max_stall_s))
+                               move.after, move.layer_id, move.moves, move.chunks, move.max_stall_s,
+                               over_bound=move.over_bound))
 
     def _record(self, rebalance: Rebalance) -> None:
         self.aggregator.record(rebalance)
