@@ -13,10 +13,11 @@ import httpx
 from moeserve.frontend.testing import free_port
 
 
-def start_router(prefill: str, decode: str) -> tuple[subprocess.Popen, str]:
+def start_router(prefill: str, decode: str | list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    decodes = [decode] if isinstance(decode, str) else decode
     proc = subprocess.Popen([sys.executable, "-m", "moeserve.launch.cli", "router", "--prefill", prefill,
-                             "--decode", decode, "--port", str(port), "--health-interval", "0.5"],
+                             "--decode", *decodes, "--port", str(port), "--health-interval", "0.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 MODEL = "moeserve-default"
 GEN = torch.Generator().manual_seed(5)
-PROMPTS = [torch.randint(0, 1000, (n,), generator=GEN).tolist() for n in (333, 120, 480)]
+PROMPTS = [torch.randint(0, 1000, (n,), generator=GEN).tolist() for n in (333, 120, 450)]
 MAX_TOKENS = 12
 # each instance takes this fraction of the memory free when it starts: the three fit on one GPU
 COMMON = ("--device", "cuda", "--dtype", "float32", "--gpu-memory-utilization", "0.15", "--kv-host-memory", "0")
@@ -61,7 +61,7 @@ def test_two_roles_on_one_gpu_stream_the_colocated_tokens(backend: str, colocate
         procs.append(router)
         assert [complete(r_url, p) for p in PROMPTS] == colocated
         # every full block but the one holding the last token was pulled (64-token blocks on a GPU):
-        # (333-1)//64 + (120-1)//64 + (480-1)//64 blocks of 64 tokens x 128 latent values x float32 x 5 layers
+        # (333-1)//64 + (120-1)//64 + (450-1)//64 blocks of 64 tokens x 128 latent values x float32 x 5 layers
         block_bytes = 64 * 128 * 4 * 5
         assert metric(d_url, "moeserve_kv_transfer_bytes_total", role="decode") == (5 + 1 + 7) * block_bytes
         assert metric(d_url, "moeserve_kv_transfer_failures_total", role="decode") == 0

@@ -92,9 +92,10 @@ def test_host_index_is_lru_and_checks_tokens() -> None:
     assert idx.lookup(1, (1,)) is None and idx.lookup(2, (2,)) == 1 and HostIndex(0).insert(1, (1,)) is None
 
 
-def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = True) -> tuple[TierManager, dict]:
+def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = True,
+               device: str = "cpu") -> tuple[TierManager, dict]:
     torch.manual_seed(0)
-    caches = {i: torch.randn(8, 4, 3) for i in range(2)}
+    caches = {i: torch.randn(8, 4, 3).to(device) for i in range(2)}
     mover = BlockMover(caches, LAYOUT, host_blocks, store)
     return TierManager(TierConfig(4, host_blocks, (LAYOUT,), cost_rule), LocalTransport(mover), store), caches
 
@@ -123,9 +124,15 @@ def save(tiers: TierManager, blocks: list[int], hashes: list[int], tokens: list[
     assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
 
 
-def test_blocks_come_back_from_host_and_store_bit_equal() -> None:
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_come_back_from_host_and_store_bit_equal(device: str) -> None:
+    """On a CUDA device: the saves' copies into the pinned host slots and the write queue's pinned slots, and
+    the host loads' copies from them, all asynchronous; the blocks still come back bit-equal."""
     store = MemoryStore()
-    tiers, caches = make_tiers(4, store)
+    tiers, caches = make_tiers(4, store, device=device)
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     hashes = block_hashes([t for block in tokens for t in block], 4)
     want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]

@@ -26,6 +26,8 @@ from moeserve.kvstore.store_load import StoreLoader
 
 logger = logging.getLogger(__name__)
 
+HOST_LOAD_CHUNK = 64  # blocks staged on the device at a time by a host-tier load (128 MiB of V2-Lite's)
+
 
 @dataclass
 class LoadReport:
@@ -62,9 +64,13 @@ class BlockMover:
             if host_blocks else None
         self.counters = MoverCounters()
         self.loader = StoreLoader(self.caches, layout, store, read_threads) if store is not None else None
-        self._saved: torch.Event | None = None  # recorded after the latest copies into host slots
         self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
         self._pending = 0
+        # NOTE: on an accelerator, the blocks waiting to be written sit in pinned slots allocated once: a pinned
+        # allocation on the step's path (cudaHostAlloc on a cache miss) costs milliseconds
+        self._write_slots = torch.empty((self.max_pending, *self.block_shape), dtype=first.dtype, pin_memory=True) \
+            if self.pin and self.writes else None
+        self._free_write_slots = list(range(self.max_pending)) if self._write_slots is not None else []
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
@@ -82,8 +88,6 @@ class BlockMover:
             if self.pin:  # into pinned slots without waiting for the device (ordered before later kernels)
                 for i, (_, slot) in enumerate(pairs):
                     self.host[slot].copy_(data[i], non_blocking=True)
-                self._saved = torch.Event(device=self.device)
-                self._saved.record()
             else:
                 self.host[torch.tensor([s for _, s in pairs])] = data
         chosen = [i for i, flag in enumerate(to_store) if flag]
@@ -91,19 +95,26 @@ class BlockMover:
             self._enqueue([blocks[i] for i in chosen], [hashes[i] for i in chosen], [tokens[i] for i in chosen])
 
     def _enqueue(self, blocks: list[int], hashes: list[int], tokens: list[Sequence[int]]) -> None:
+        slots: list[int] = []
         with self._lock:
-            if self._pending + len(blocks) > self.max_pending:
+            staged = self._write_slots is not None
+            if self._pending + len(blocks) > self.max_pending or (staged and len(self._free_write_slots) < len(blocks)):
                 self.counters.writes_dropped += len(blocks)
                 return
             self._pending += len(blocks)
+            if staged:
+                slots = [self._free_write_slots.pop() for _ in blocks]
         data = self._gather(blocks)
-        host = torch.empty(data.shape, dtype=data.dtype, pin_memory=self.pin)
-        host.copy_(data, non_blocking=self.pin)
         event = None
-        if self.pin:
+        if self._write_slots is not None:  # into the pinned slots without waiting for the device
+            for i, slot in enumerate(slots):
+                self._write_slots[slot].copy_(data[i], non_blocking=True)
             event = torch.Event(device=self.device)
             event.record()
-        self._queue.put((hashes, tokens, host, event))
+            host = None  # the writer reads the slots once ``event`` has passed
+        else:
+            host = data.to("cpu", copy=True)
+        self._queue.put((hashes, tokens, host, slots, event))
 
     def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
@@ -116,12 +127,10 @@ class BlockMover:
             item = self._queue.get()
             if item is None:
                 return
-            hashes, tokens, host, event = item
-            if event is not None:
-                event.synchronize()
+            hashes, tokens, host, slots, event = item
             try:
-                raw = host.view(torch.uint8).reshape(len(hashes), -1).numpy()
-                self.store.put([(self.layout.key(h), encode_block(self.layout, h, t, raw[i].data))
+                payloads = self._payloads(host, slots, event)
+                self.store.put([(self.layout.key(h), encode_block(self.layout, h, t, payloads[i]))
                                 for i, (h, t) in enumerate(zip(hashes, tokens))])
                 self.counters.blocks_written += len(hashes)
             except StoreError as e:
@@ -129,6 +138,18 @@ class BlockMover:
             finally:
                 with self._lock:
                     self._pending -= len(hashes)
+                    self._free_write_slots.extend(slots)
+
+    def _payloads(self, host: torch.Tensor | None, slots: list[int], event: torch.Event | None) -> list[memoryview]:
+        """Each queued block's raw bytes: its pinned slot's once the copies into them have landed, or the host
+        copy's rows."""
+        if event is not None:
+            event.synchronize()
+            assert self._write_slots is not None
+            return [self._write_slots[s].view(torch.uint8).reshape(-1).numpy().data for s in slots]
+        assert host is not None
+        raw = host.view(torch.uint8).reshape(host.shape[0], -1).numpy()
+        return [raw[i].data for i in range(host.shape[0])]
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until queued writes are done (tests, benchmarks); False on timeout."""
@@ -148,10 +169,20 @@ class BlockMover:
         if not host_slots:
             return
         assert self.host is not None, "a host-tier load on a rank without a host pool"
-        if self._saved is not None:  # NOTE: the engine runs ahead of the device: let the saves land first
-            self._saved.synchronize()
-            self._saved = None
-        self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
+        if not self.pin:
+            self._to_device(self.host[torch.tensor(list(host_slots))], host_blocks)
+            return
+        # NOTE: each slot goes from the pinned pool to a device staging block in one asynchronous copy, queued on
+        # this thread's stream after the saves' copies into the slots (so no wait for them on the host, and no
+        # host-side gather of the prefix), then into the cache layer by layer
+        for lo in range(0, len(host_slots), HOST_LOAD_CHUNK):
+            slots, blocks = host_slots[lo:lo + HOST_LOAD_CHUNK], host_blocks[lo:lo + HOST_LOAD_CHUNK]
+            staged = torch.empty((len(slots), *self.block_shape), dtype=self.host.dtype, device=self.device)
+            for i, slot in enumerate(slots):
+                staged[i].copy_(self.host[slot], non_blocking=True)
+            idx = to_device(torch.tensor(list(blocks)), self.device)
+            for j, cache in enumerate(self.caches):
+                cache.index_copy_(0, idx, staged[:, j])
 
     def load_store(self, store_hashes: Sequence[int], store_tokens: Sequence[Sequence[int]],
                    store_blocks: Sequence[int]) -> LoadReport:
@@ -173,15 +204,10 @@ class BlockMover:
         return self.load_store(store_hashes, store_tokens, store_blocks)
 
     def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
-        """``data`` [n, L, block_size, kv_dim] on the host -> device blocks."""
-        idx = to_device(torch.tensor(list(blocks)), self.device)
-        if self.pin:  # layer-major in pinned memory: one asynchronous copy per layer
-            staged = torch.empty((len(self.caches), *data.shape[:1], *data.shape[2:]), dtype=data.dtype,
-                                 pin_memory=True)
-            staged.copy_(data.transpose(0, 1))
-            data = staged.transpose(0, 1)
+        """``data`` [n, L, block_size, kv_dim] on the host -> blocks of the (CPU) cache."""
+        idx = torch.tensor(list(blocks))
         for j, cache in enumerate(self.caches):
-            cache.index_copy_(0, idx, data[:, j].to(self.device, non_blocking=self.pin))
+            cache.index_copy_(0, idx, data[:, j])
 
     def close(self) -> None:
         """Stop the writer and let go of the cache tensors and the host pool (the engine is closing)."""
