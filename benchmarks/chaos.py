@@ -61,6 +61,7 @@ class Tally:
     disconnected: int = 0
     bad_refused: int = 0
     untyped: int = 0  # an answer that is neither a result nor a typed error (should stay 0)
+    answered_twice: int = 0  # a stream that ended twice (two [DONE]s)
     faults: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)  # the first few typed failures, for the record
 
@@ -89,11 +90,12 @@ class Chaos:
 
     async def sse(self, client: httpx.AsyncClient, prompt: str, pause_s: float = 0.0,
                   disconnect_after: int | None = None) -> None:
-        text, chunks = "", 0
+        text, chunks, done = "", 0, 0
         async with client.stream("POST", self.url + "/v1/completions", json=self.body(prompt, True)) as r:
             if r.status_code != 200:
                 return self.answer_error(r.status_code, (await r.aread()).decode())
             async for line in r.aiter_lines():
+                done += line == "data: [DONE]"
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -106,6 +108,7 @@ class Chaos:
                     return None
                 if pause_s:
                     await asyncio.sleep(pause_s)
+        self.tally.answered_twice += done > 1
         self.completed(prompt, text)
 
     async def whole(self, client: httpx.AsyncClient, prompt: str) -> None:
@@ -270,7 +273,7 @@ def main() -> int:
             store.kill()
     report.update(layout=args.layout, clients=args.clients, kv_store=store is not None, server_log=err.name)
     print(json.dumps(report, indent=1))
-    bad = report["mismatched"] or report["hung"] or report["http_500"] or report["untyped"]
+    bad = report["mismatched"] or report["hung"] or report["http_500"] or report["untyped"] or report["answered_twice"]
     return 1 if bad or not report["server_alive"] else 0
 
 
