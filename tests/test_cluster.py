@@ -66,6 +66,24 @@ def wait_for_text(path: Path, text: str, timeout_s: float) -> None:
                          f"{path.read_text() if path.exists() else ''}")
 
 
+# polls /health from inside a host every 20 ms until it has seen 503 and then 200 (or 60 s), printing codes
+HEALTH_POLL = """
+import sys, time, urllib.request, urllib.error
+url, seen = f"http://127.0.0.1:{sys.argv[1]}/health", []
+print("polling", flush=True)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline and not (503 in seen and seen[-1] == 200):
+    try:
+        code = urllib.request.urlopen(url, timeout=5).status
+    except urllib.error.HTTPError as e:
+        code = e.code
+    if not seen or seen[-1] != code:
+        seen.append(code)
+        print(code, flush=True)
+    time.sleep(0.02)
+"""
+
+
 def kill_node1_rank_and_expect_failure(hosts: NetnsHosts, procs: list[subprocess.Popen], tmp_path: Path) -> None:
     """SIGKILL node 1's rank: within seconds node 0 names it and every node exits non-zero."""
     victims = hosts.worker_pids(1)
@@ -210,14 +228,16 @@ def test_serving_cluster_replaces_a_killed_rank_and_its_requests_complete(ckpt: 
             assert all(status == 200 for status, _ in reference), reference
             answers = [pool.submit(hosts.http, 0, 8090, "/v1/completions", b, 120) for b in bodies]
             time.sleep(0.5)  # decoding
+            poller = hosts.popen(0, [sys.executable, "-c", HEALTH_POLL, "8090"], tmp_path / "health")
+            wait_for_text(tmp_path / "health.out", "polling", 60)  # running before the kill
             victim = hosts.worker_pids(1)
             os.kill(victim[0], signal.SIGKILL)
-            health = [hosts.http(0, 8090, "/health")[0] for _ in range(6)]
-            hosts.wait_healthy(0, 8090, 60)
+            assert poller.wait(timeout=90) == 0, (tmp_path / "health.err").read_text()
+            health = [int(c) for c in (tmp_path / "health.out").read_text().split()[1:]]
             texts = [(status, json.loads(body)["choices"][0]["text"]) for status, body in reference]
             assert [(status, json.loads(body)["choices"][0]["text"]) for status, body in
                     (a.result() for a in answers)] == texts
-        assert 503 in health, health
+        assert 503 in health and health[-1] == 200, health  # recovering, then ready
         metrics = hosts.http(0, 8090, "/metrics")[1]
         assert 'moeserve_rank_restarts_total{node="1",rank="1",replica="0"} 1.0' in metrics, metrics
         in_flight = [float(v) for v in re.findall(r'moeserve_(?:resumed|requeued)_requests_total\{replica="0"\} (\S+)',
