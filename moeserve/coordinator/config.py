@@ -75,8 +75,8 @@ class EngineConfig:
     expert_load_interval: int = 16  # steps between gathers of the ranks' expert-load counters
     num_redundant_experts: int = 0  # extra expert slots over the EP ranks, for copies of hot experts
     eplb_interval: int = 0  # steps between online rebalancing checks; 0 = only when asked (POST /admin/rebalance)
-    eplb_threshold: float = 0.9  # rebalance when the ranks' balancedness (mean / max load) falls below this
-    eplb_hysteresis: float = 0.05  # ... and the planner predicts at least this much better
+    eplb_threshold: float = 0.9  # move a layer when its ranks' balancedness (mean / max load) falls below this
+    eplb_hysteresis: float = 0.05  # ... and the planner predicts its heaviest rank at least this much faster
     eplb_max_stall_ms: float = 20.0  # the longest a step may wait for expert weights being moved (chunks fit it)
     # self-healing (coordinator/supervisor.py): a dead rank restarts the replica's ranks, at most max_restarts
     # times within restart_window seconds; streams mid-decode resume (or end with a retryable error)

@@ -105,8 +105,10 @@ FLAGS: dict[str, Flag] = {
     "num_redundant_experts": Flag("extra expert slots over the EP ranks for copies of hot experts (online "
                                   "rebalancing)"),
     "eplb_interval": Flag("steps between online expert rebalancing checks (0: only on POST /admin/rebalance)"),
-    "eplb_threshold": Flag("rebalance when the EP ranks' balancedness (mean / max load) falls below this"),
-    "eplb_hysteresis": Flag("... and only when the planner predicts at least this much better balancedness"),
+    "eplb_threshold": Flag("move a MoE layer's experts when its EP ranks' balancedness (mean / max load) since "
+                           "its placement began falls below this"),
+    "eplb_hysteresis": Flag("... and only when the planner predicts its heaviest rank at least this much faster "
+                            "(0.05: 5 percent)"),
     "eplb_max_stall_ms": Flag("the longest a step may wait while expert weights move between ranks: a "
                               "rebalance is cut into chunks of slots that fit"),
     "max_restarts": Flag("a rank that dies is replaced (every rank of the replica restarts, the weights are loaded "
