@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeserve.coordinator.config import EngineConfig, long_context_note
-from moeserve.coordinator.engine_setup import default_launcher, replica_layout
+from moeserve.coordinator.engine_setup import default_launcher, replica_layout, with_redundant_slots
 from moeserve.coordinator.engine_step import EngineStep
 from moeserve.coordinator.executor import ReplicaLayout, RestartUnsupported
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
-from moeserve.coordinator.rebalancer import EplbConfig, with_redundant_slots
+from moeserve.coordinator.rebalancer import EplbConfig
 from moeserve.coordinator.request import Request, RequestError, RequestStatus
 from moeserve.coordinator.sampling import Sampler, SamplingParams
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig

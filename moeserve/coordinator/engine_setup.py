@@ -3,7 +3,10 @@ them (executor.py) -- one rank in this process, or stage workers started by the 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import torch
@@ -15,6 +18,7 @@ from moeserve.coordinator.mp_executor import MultiprocExecutor
 from moeserve.coordinator.plan import ParallelPlan, make_plan, parse_pp_layers
 from moeserve.dtypes import dtype_name
 from moeserve.errors import UserError
+from moeserve.experts.eplb import plan_placement
 from moeserve.kvstore.latent_cache import blocks_in_budget, free_device_memory
 from moeserve.kvstore.tier_setup import worker_options
 from moeserve.model.config import ModelConfig
@@ -76,3 +80,19 @@ def default_launcher(config: EngineConfig, model: DeepseekModel | None = None) -
             raise UserError(f"--distributed-executor-backend ray needs Ray ({e}): pip install 'moeserve[ray]'") from e
         return RayExecutor.launch
     return MultiprocExecutor.local
+
+
+def with_redundant_slots(config: EngineConfig, num_experts: int) -> EngineConfig:
+    """With ``num_redundant_experts`` and no placement file, write the planner's placement for an even load
+    (every rank ``(E + R) / ep`` slots) and point the config at it."""
+    if not config.num_redundant_experts or config.expert_placement or not num_experts or not config.is_distributed:
+        return config
+    ep = config.parallel_dims.ep
+    slots, rest = divmod(num_experts + config.num_redundant_experts, ep)
+    if rest or ep < 2:
+        raise ValueError(f"n_routed_experts ({num_experts}) + num_redundant_experts "
+                         f"({config.num_redundant_experts}) must split evenly over ep ({ep}) >= 2 ranks")
+    phy2log = plan_placement(torch.ones(1, num_experts), ep, slots)[0].tolist()
+    path = Path(tempfile.mkdtemp(prefix="moeserve-placement-")) / "placement.json"
+    path.write_text(json.dumps({"phy2log": phy2log}))
+    return dataclasses.replace(config, expert_placement=str(path))

@@ -27,14 +27,11 @@ layer keeps the placement before the chunk).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,22 +61,6 @@ class EplbConfig:
     def of(cls, config: EngineConfig) -> EplbConfig:
         return cls(config.eplb_interval, config.eplb_threshold, config.eplb_hysteresis,
                    config.eplb_max_stall_ms / 1e3)
-
-
-def with_redundant_slots(config: EngineConfig, num_experts: int) -> EngineConfig:
-    """With ``num_redundant_experts`` and no placement file, write the planner's placement for an even load
-    (every rank ``(E + R) / ep`` slots) and point the config at it."""
-    if not config.num_redundant_experts or config.expert_placement or not num_experts or not config.is_distributed:
-        return config
-    ep = config.parallel_dims.ep
-    slots, rest = divmod(num_experts + config.num_redundant_experts, ep)
-    if rest or ep < 2:
-        raise ValueError(f"n_routed_experts ({num_experts}) + num_redundant_experts "
-                         f"({config.num_redundant_experts}) must split evenly over ep ({ep}) >= 2 ranks")
-    phy2log = plan_placement(torch.ones(1, num_experts), ep, slots)[0].tolist()
-    path = Path(tempfile.mkdtemp(prefix="moeserve-placement-")) / "placement.json"
-    path.write_text(json.dumps({"phy2log": phy2log}))
-    return dataclasses.replace(config, expert_placement=str(path))
 
 
 @dataclass
