@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.kernels import cpu_moe
 from moeserve.model.cpu_linear import PackedLinear, silu_and_mul
 from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
 
@@ -51,6 +52,8 @@ class RoutedExperts(nn.Module):
         self.fused = False  # the fused MoE kernel (kernels/fused_moe.py); set by DeepseekModel.use_kernels
         # FP8 experts are dequantized into a buffer shared by every layer: packing it would repack each call
         self.linear = PackedLinear(pack=fp8_block is None)
+        # the CPU kernel's packed copies of w13 and w2 (kernels/cpu_moe.py), keyed by the weights' versions
+        self._cpu_packs: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_local(self) -> int:
@@ -66,6 +69,7 @@ class RoutedExperts(nn.Module):
     def slots_changed(self) -> None:
         """Some slots now hold other experts: forget what was derived from the old weights."""
         self.linear._packs.clear()  # packed CPU weights of the old slots
+        self._cpu_packs = None
 
     @property
     def dequant_numel(self) -> int:
@@ -101,8 +105,22 @@ class RoutedExperts(nn.Module):
                          self.w2_scale_inv, self.fp8_block or (128, 128))
 
     def experts_eager(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Grouped GEMMs on GPUs, a loop of matmuls elsewhere."""
-        return (self.experts_grouped if self.use_grouped_mm(x) else self.experts_loop)(x, weights, slots)
+        """Grouped GEMMs on GPUs; on CPUs with AMX the C++ kernel for decode-sized steps; a loop of matmuls
+        elsewhere."""
+        if self.use_grouped_mm(x):
+            return self.experts_grouped(x, weights, slots)
+        if self.fp8_block is None and cpu_moe.applies(x, slots.numel(), self.num_local, x.shape[-1],
+                                                      self.w2.shape[-1]):
+            return self.experts_cpu_kernel(x, weights, slots)
+        return self.experts_loop(x, weights, slots)
+
+    def experts_cpu_kernel(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Every local expert in one C++ call (``kernels/cpu_moe.py``), on weights packed for it once."""
+        key = (self.w13.data_ptr(), self.w13._version, self.w2.data_ptr(), self.w2._version)
+        if self._cpu_packs is None or self._cpu_packs[0] != key:
+            self._cpu_packs = (key, cpu_moe.pack_experts(self.w13), cpu_moe.pack_experts(self.w2))
+        _, w13, w2 = self._cpu_packs
+        return cpu_moe.routed_experts(x, weights, slots, self.num_local, w13, w2)
 
     @staticmethod
     def use_grouped_mm(x: torch.Tensor) -> bool:
