@@ -10,69 +10,20 @@ its top-k order. Measured on a 2-core AMX Xeon (one thread, bench_cpu's experts,
 layer against 7.6 for the loop at 64 tokens; at 1,024 tokens and more oneDNN's own large-product kernels
 win, so longer steps keep the loop (``MAX_ROWS_PER_EXPERT``).
 
-It is built from source at first use with PyTorch's C++ extension loader (gcc; a few seconds once per machine,
-cached under ``~/.cache/moeserve``), and only used where the micro-kernel takes AMX tiles (``could_pack``).
-``MOESERVE_CPU_KERNELS=0`` turns it off. The reference is the loop (``tests/test_cpu_moe_kernel.py``).
+Built and loaded by ``cpu_build.py``; used where the micro-kernel takes AMX tiles. The reference is the loop
+(``tests/test_cpu_moe_kernel.py``).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import logging
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from moeserve.kernels.cpu_build import load_error
 
-SOURCE = Path(__file__).resolve().parent / "cpu" / "moe_experts.cpp"
 BLOCK = 32  # the kernel's block of output columns: hidden and intermediate sizes must be multiples of it
 # steps whose experts see more rows than this on average keep the loop of oneDNN products
 MAX_ROWS_PER_EXPERT = 64
-ENV = "MOESERVE_CPU_KERNELS"
-
-
-def _build_directory() -> Path:
-    """One build per source, torch version and CPU (the code is compiled for the CPU it runs on)."""
-    flags = ""
-    try:
-        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")),
-                     "")
-    except OSError:
-        pass
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("MOESERVE_CACHE_DIR") or Path.home() / ".cache" / "moeserve")
-    path = root / "cpu_kernels" / key
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-@functools.cache
-def load_error() -> str | None:
-    """Build (once per machine) and load the kernel library: None when its ops can run here, else why not."""
-    if os.environ.get(ENV, "1") == "0":
-        return f"{ENV}=0"
-    if not torch.backends.mkldnn.is_available():
-        return "this torch has no oneDNN"
-    try:
-        from torch.utils.cpp_extension import load
-
-        # NOTE: -fopenmp links libgomp.so.1, the soname of the OpenMP runtime PyTorch ships and has loaded
-        # already, so the kernel's parallel loops share PyTorch's thread pool and its thread count.
-        # -ffast-math lets gcc vectorise silu's exp (glibc's vector math): 1.4x on a decode step's experts
-        load(name="moeserve_cpu_kernels", sources=[str(SOURCE)], build_directory=str(_build_directory()),
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffast-math"], extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
-    except Exception as e:  # noqa: BLE001  (no compiler, no ninja, a build error: the loop stays)
-        logger.warning("the CPU MoE kernel did not build (%s): routed experts run as a loop of oneDNN products",
-                       str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
-        return f"build failed: {e}"
-    if not torch.ops.moeserve_cpu.available():
-        return "oneDNN's micro-kernel has no bfloat16 tiles on this CPU (no AMX)"
-    return None
 
 
 def applies(x: torch.Tensor, num_pairs: int, num_local: int, hidden: int, inter: int) -> bool:

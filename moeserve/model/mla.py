@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
+from moeserve.kernels import cpu_mla
 from moeserve.model.attn_metadata import AttnMetadata, PaddedPrefill, PrefillMetadata
 from moeserve.model.config import ModelConfig
 from moeserve.model.cpu_linear import PackedLinear
@@ -153,6 +154,10 @@ class MLA(nn.Module):
 
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.kv_lora_rank, self.scale)
+            return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
+        if cpu_mla.applies(q_full, kv_cache):
+            out_latent = cpu_mla.mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                            meta.block_size, self.kv_lora_rank, self.scale)
             return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
         # whole blocks are gathered (block_size rows per index), then viewed as [B, nb * block_size, D]
         blocks = kv_cache.view(-1, meta.block_size * kv_cache.shape[-1])

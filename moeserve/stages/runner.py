@@ -9,7 +9,7 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.experts.load_counter import attach_counter
-from moeserve.kernels import cpu_moe, kernels_apply
+from moeserve.kernels import cpu_build, kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
@@ -58,10 +58,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.draft_graphs: DraftGraphs | None = None  # the MTP module's passes (speculative decoding)
         self.fast_path_error: str | None = None  # why the fused kernels are off, where they were to run
-        if device.type == "cpu" and model.dtype == torch.bfloat16 and model.moe_layers():
-            # build (once per machine) and load the CPU MoE kernel now, not in the first request's step
-            why_not = cpu_moe.load_error()
-            logger.info("CPU MoE kernel: %s", "on for decode-sized steps" if why_not is None else f"off ({why_not})")
+        if device.type == "cpu" and model.dtype == torch.bfloat16:
+            # build (once per machine) and load the CPU kernels now, not in the first request's step
+            why_not = cpu_build.load_error()
+            logger.info("CPU kernels (MoE experts, MLA decode): %s", "on" if why_not is None else f"off ({why_not})")
         if fast:
             self._start_fast_path(cuda_graphs and device.type == "cuda", max_num_seqs,
                                   max_model_len or model.config.max_position_embeddings, warm_up_tokens)
