@@ -64,6 +64,10 @@ def test_check_reports_the_cpu() -> None:
                 for line in out.splitlines() if line.strip())
     assert rows["cpu"].strip().startswith(info.model)
     assert "bfloat16: " in rows["cpu matmul"] and "float32: " in rows["cpu matmul"]
+    from moeserve.kernels.cpu_build import load_error
+
+    # the C++ kernels: on where they built and the CPU has AMX, else the reason
+    assert rows["cpu kernels"].strip().startswith("bfloat16 decode" if load_error() is None else "off (")
 
 
 # ----------------------------------------------------------------------------- NUMA nodes and binding

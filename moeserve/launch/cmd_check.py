@@ -42,7 +42,16 @@ def cpu_rows(threads: int) -> list[tuple[str, str]]:
     info = cpu_info()
     return [("cpu", f"{info.model} ({info.arch}), {threads} threads"),
             ("cpu isa", ", ".join(info.flags) or "none of the matmul extensions moeserve looks for"),
-            ("cpu matmul", f"float32: {matmul_path(info, 'float32')}; bfloat16: {matmul_path(info, 'bfloat16')}")]
+            ("cpu matmul", f"float32: {matmul_path(info, 'float32')}; bfloat16: {matmul_path(info, 'bfloat16')}"),
+            ("cpu kernels", cpu_kernels_row())]
+
+
+def cpu_kernels_row() -> str:
+    from moeserve.kernels.cpu_build import load_error
+
+    why_not = load_error()  # builds them on first use (a few seconds once per machine)
+    return ("bfloat16 decode: MoE experts and MLA attention in C++ (AMX)" if why_not is None
+            else f"off ({why_not.splitlines()[0]}): the eager ops run")
 
 
 def checkpoint_report(path: str) -> tuple[bool, list[tuple[str, str]]]:
