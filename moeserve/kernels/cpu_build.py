@@ -2,7 +2,7 @@
 loader (gcc and ninja; a few seconds once per machine, cached under ``~/.cache/moeserve``, one build per source,
 torch version and CPU since the code is compiled for the CPU it runs on), registered as ``torch.ops.moeserve_cpu``.
 Their ops run where oneDNN's micro-kernel has bfloat16 tiles (AMX); ``MOESERVE_CPU_KERNELS=0`` turns them off.
-Users: ``cpu_moe.py`` (routed experts) and ``cpu_mla.py`` (MLA decode attention).
+Users: ``cpu_moe.py`` (routed experts), ``cpu_mla.py`` (MLA decode attention), ``cpu_norm.py`` (RMSNorm).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("moe_experts.cpp", "mla_decode.cpp")]
+SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("moe_experts.cpp", "mla_decode.cpp",
+                                                                        "rms_norm.cpp")]
 ENV = "MOESERVE_CPU_KERNELS"
 
 
