@@ -4,8 +4,9 @@ The eager path (``MLA._decode``) gathers every sequence's context into a scratch
 the weighted sum with two oneDNN batched products (the second reorders the context for AMX again) and rounds
 the scores to bf16 between them: the context is read three times. The kernel reads each row once through the
 block table, in bf16 dot products (AVX-512 BF16) for every head of a group at once, with an online softmax in
-float32 over chunks of 64 tokens. Measured on a 2-core AMX Xeon (one thread, 64 sequences of ~140 tokens,
-8 heads, bench_cpu's widths): 3.0 ms a layer against 4.2 eager. Built by ``cpu_build.py``; the reference is
+float32 over chunks of 64 tokens and the weighted sum on pairs of rows (the probabilities rounded to bf16, as
+the eager path rounds them). Measured on a 2-core AMX Xeon (one thread, 64 sequences of ~140 tokens, 8 heads,
+bench_cpu's widths): 2.3-2.6 ms a layer against 4.0-4.3 eager. Built by ``cpu_build.py``; the reference is
 the float32 eager path (``tests/test_cpu_mla_kernel.py``).
 """
 

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -27,17 +28,6 @@ namespace {
 using bf16 = c10::BFloat16;
 constexpr int64_t kHeadGroup = 16;  // heads per work item
 constexpr int64_t kChunk = 64;      // tokens per online-softmax step
-
-inline void to_float(const bf16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#ifdef MOESERVE_AVX512_BF16
-  for (; i + 16 <= n; i += 16) {  // bf16 is float32's upper half
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
-    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
 
 // out[h] = sum over i of q[h * n + i] * row[i] for h < nh (nh <= kHeadGroup): the heads' chains are independent,
 // so the micro-ops overlap instead of waiting on one accumulator
@@ -59,18 +49,38 @@ inline void dot_heads_bf16(const bf16* q, const bf16* row, int64_t n, int64_t nh
   }
 }
 
-// acc[h][c] = acc[h][c] * rescale[h] + sum over j < n of p[h][j] * rows[j][c], for h < nh and c < width: a block of
-// 16 columns of every head's accumulator stays in registers while the chunk's rows stream past
-inline void accumulate_chunk(float* acc, const float* p, const float* rescale, const float* rows, int64_t n,
+// acc[h][c] = acc[h][c] * rescale[h] + sum over j < n of p[h][j] * rows[j][c], for h < nh and c < width. With
+// AVX-512 BF16 two rows at a time: their columns interleaved in pairs, each head's two probabilities (rounded
+// to bf16, as the eager path rounds them) broadcast, one dpbf16 per 16 columns and head; a block of 16 columns
+// of every head's accumulator stays in registers while the chunk's rows stream past
+inline void accumulate_chunk(float* acc, const float* p, const float* rescale, const bf16* const* rows, int64_t n,
                              int64_t nh, int64_t width) {
   int64_t c = 0;
 #ifdef MOESERVE_AVX512_BF16
+  uint32_t pairs[kHeadGroup][kChunk / 2];
+  const int64_t np = (n + 1) / 2;
+  for (int64_t h = 0; h < nh; ++h) {
+    for (int64_t k = 0; k < np; ++k) {
+      const uint32_t lo = bf16(p[h * kChunk + 2 * k]).x;
+      const uint32_t hi = 2 * k + 1 < n ? bf16(p[h * kChunk + 2 * k + 1]).x : 0;
+      pairs[h][k] = lo | (hi << 16);
+    }
+  }
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i order = _mm512_load_si512(kInterleave);
   for (; c + 16 <= width; c += 16) {
     __m512 a[kHeadGroup];
     for (int64_t h = 0; h < nh; ++h) a[h] = _mm512_mul_ps(_mm512_loadu_ps(acc + h * width + c), _mm512_set1_ps(rescale[h]));
-    for (int64_t j = 0; j < n; ++j) {
-      const __m512 r = _mm512_loadu_ps(rows + j * width + c);
-      for (int64_t h = 0; h < nh; ++h) a[h] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * kChunk + j]), r, a[h]);
+    for (int64_t k = 0; k < np; ++k) {
+      const __m256i r0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k] + c));
+      const __m256i r1 = 2 * k + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * k + 1] + c))
+                                       : _mm256_setzero_si256();
+      const __m512bh v = (__m512bh)_mm512_permutex2var_epi16(_mm512_castsi256_si512(r0), order,
+                                                             _mm512_castsi256_si512(r1));
+      for (int64_t h = 0; h < nh; ++h) {
+        a[h] = _mm512_dpbf16_ps(a[h], (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[h][k])), v);
+      }
     }
     for (int64_t h = 0; h < nh; ++h) _mm512_storeu_ps(acc + h * width + c, a[h]);
   }
@@ -78,7 +88,7 @@ inline void accumulate_chunk(float* acc, const float* p, const float* rescale, c
   for (; c < width; ++c) {
     for (int64_t h = 0; h < nh; ++h) {
       float v = acc[h * width + c] * rescale[h];
-      for (int64_t j = 0; j < n; ++j) v += p[h * kChunk + j] * rows[j * width + c];
+      for (int64_t j = 0; j < n; ++j) v += p[h * kChunk + j] * static_cast<float>(rows[j][c]);
       acc[h * width + c] = v;
     }
   }
@@ -107,7 +117,7 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
   const float sc = static_cast<float>(scale);
 
   at::parallel_for(0, B * groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(kChunk * kv_lora), s(kHeadGroup * kChunk), acc(kHeadGroup * kv_lora);
+    std::vector<float> s(kHeadGroup * kChunk), acc(kHeadGroup * kv_lora);
     const bf16* rows[kChunk];
     float run_max[kHeadGroup], run_sum[kHeadGroup];
     for (int64_t item = begin; item < end; ++item) {
@@ -119,10 +129,9 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
       std::fill(run_sum, run_sum + nh, 0.0f);
       for (int64_t j0 = 0; j0 < L; j0 += kChunk) {
         const int64_t n = std::min(kChunk, L - j0);
-        for (int64_t j = 0; j < n; ++j) {  // the chunk's rows, through the block table; latents in float32
+        for (int64_t j = 0; j < n; ++j) {  // the chunk's rows, through the block table
           const int64_t pos = j0 + j;
           rows[j] = cp + (tp[b * nb + pos / block_size] * block_size + pos % block_size) * row_stride;
-          to_float(rows[j], row.data() + j * kv_lora, kv_lora);
         }
         float scores[kHeadGroup];
         for (int64_t j = 0; j < n; ++j) {
@@ -143,7 +152,7 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
           run_sum[h] = run_sum[h] * rescale[h] + sum;
           run_max[h] = m;
         }
-        accumulate_chunk(acc.data(), s.data(), rescale, row.data(), n, nh, kv_lora);
+        accumulate_chunk(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
       }
       for (int64_t h = 0; h < nh; ++h) {
         const float inv = run_sum[h] > 0.0f ? 1.0f / run_sum[h] : 0.0f;
