@@ -64,10 +64,12 @@ def test_check_reports_the_cpu() -> None:
                 for line in out.splitlines() if line.strip())
     assert rows["cpu"].strip().startswith(info.model)
     assert "bfloat16: " in rows["cpu matmul"] and "float32: " in rows["cpu matmul"]
-    from moeserve.kernels.cpu_build import load_error
+    from moeserve.kernels.cpu_build import amx_tiles, load_error
 
-    # the C++ kernels: on where they built and the CPU has AMX, else the reason
-    assert rows["cpu kernels"].strip().startswith("bfloat16 decode" if load_error() is None else "off (")
+    # the C++ kernels: which run where they built, else the reason
+    kernels = rows["cpu kernels"].strip()
+    assert kernels.startswith("bfloat16: " if load_error() is None else "off (")
+    assert ("MoE experts" in kernels) == amx_tiles()
 
 
 # ----------------------------------------------------------------------------- NUMA nodes and binding

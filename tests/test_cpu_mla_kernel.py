@@ -1,6 +1,6 @@
 """The CPU MLA decode kernel (kernels/cpu_mla.py) against the absorbed attention in float32 over a gathered
 context: contexts of one token to several online-softmax chunks, more heads than one group, blocks scattered
-through the cache. Runs where the CPU kernels build and the CPU has AMX; skips with the reason elsewhere."""
+through the cache. Runs where the CPU kernels build with AVX-512 BF16; skips with the reason elsewhere."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from moeserve.kernels import cpu_build, cpu_mla
 
-pytestmark = pytest.mark.skipif(cpu_build.load_error() is not None,
-                                reason=f"CPU kernels unavailable: {cpu_build.load_error()}")
+pytestmark = pytest.mark.skipif(not cpu_build.mla_vectorized(),
+                                reason=f"CPU MLA kernel unavailable: {cpu_build.status()}")
 
 
 def reference(q, cache, block_tables, context_lens, block_size, kv_lora, scale):

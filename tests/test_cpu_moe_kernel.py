@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from moeserve.experts.moe import MoE
-from moeserve.kernels import cpu_moe
+from moeserve.kernels import cpu_build, cpu_moe
 from moeserve.model.config import ModelConfig
 
-pytestmark = pytest.mark.skipif(cpu_moe.load_error() is not None,
-                                reason=f"CPU MoE kernel unavailable: {cpu_moe.load_error()}")
+pytestmark = pytest.mark.skipif(not cpu_build.amx_tiles(),
+                                reason=f"CPU MoE kernel unavailable: {cpu_build.status()}")
 
 
 def moe_layer(num_experts: int, hidden: int, inter: int, top_k: int, seed: int = 0) -> MoE:

@@ -1,6 +1,6 @@
 """The CPU RMSNorm kernel (kernels/cpu_norm.py) against torch's composite in bfloat16, the steps the model's
 eager RMSNorm takes: the residual sum bit for bit, the normalised rows within one bf16 unit where they differ
-at all. Runs where the CPU kernels build and the CPU has AMX; skips with the reason elsewhere."""
+at all. Runs where the CPU kernels build; skips with the reason elsewhere."""
 
 from __future__ import annotations
 

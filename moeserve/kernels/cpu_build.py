@@ -1,7 +1,8 @@
 """The C++ CPU kernels (``kernels/cpu/*.cpp``): built from source at first use with PyTorch's C++ extension
 loader (gcc and ninja; a few seconds once per machine, cached under ``~/.cache/moeserve``, one build per source,
 torch version and CPU since the code is compiled for the CPU it runs on), registered as ``torch.ops.moeserve_cpu``.
-Their ops run where oneDNN's micro-kernel has bfloat16 tiles (AMX); ``MOESERVE_CPU_KERNELS=0`` turns them off.
+The MoE kernel runs where oneDNN's micro-kernel has bfloat16 tiles (AMX, ``amx_tiles``), MLA decode where the
+compiler had AVX-512 BF16, RMSNorm wherever they built; ``MOESERVE_CPU_KERNELS=0`` turns them all off.
 Users: ``cpu_moe.py`` (routed experts), ``cpu_mla.py`` (MLA decode attention), ``cpu_norm.py`` (RMSNorm).
 """
 
@@ -40,7 +41,7 @@ def _build_directory() -> Path:
 
 @functools.cache
 def load_error() -> str | None:
-    """Build (once per machine) and load the kernel library: None when its ops can run here, else why not."""
+    """Build (once per machine) and load the kernel library: None when its ops are registered, else why not."""
     if os.environ.get(ENV, "1") == "0":
         return f"{ENV}=0"
     if not torch.backends.mkldnn.is_available():
@@ -59,6 +60,26 @@ def load_error() -> str | None:
         logger.warning("the CPU kernels did not build (%s): the eager ops run instead",
                        str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return f"build failed: {e}"
-    if not torch.ops.moeserve_cpu.available():
-        return "oneDNN's micro-kernel has no bfloat16 tiles on this CPU (no AMX)"
     return None
+
+
+@functools.cache
+def amx_tiles() -> bool:
+    """The library loaded and oneDNN's micro-kernel has bfloat16 tiles here (what the MoE kernel runs on)."""
+    return load_error() is None and bool(torch.ops.moeserve_cpu.amx_tiles())
+
+
+@functools.cache
+def mla_vectorized() -> bool:
+    """The library loaded and its MLA decode was compiled with AVX-512 BF16 (else it would be scalar code)."""
+    return load_error() is None and bool(torch.ops.moeserve_cpu.mla_vectorized())
+
+
+def status() -> str:
+    """What runs, in words (``moeserve check`` and the runner's log)."""
+    why_not = load_error()
+    if why_not is not None:
+        return f"off ({why_not.splitlines()[0]})"
+    on = [name for name, ok in (("MoE experts", amx_tiles()), ("MLA decode", mla_vectorized()), ("RMSNorm", True))
+          if ok]
+    return "bfloat16: " + ", ".join(on) + ("" if amx_tiles() else " (no AMX: the MoE experts stay eager)")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.kernels.cpu_build import load_error
+from moeserve.kernels.cpu_build import mla_vectorized
 
 
 def applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
-    """bfloat16 queries and cache on a CPU where the kernels loaded, outside autograd."""
+    """bfloat16 queries and cache on a CPU where the kernel was built vectorised, outside autograd."""
     return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and cache.dtype == torch.bfloat16
-            and not torch.is_grad_enabled() and load_error() is None)
+            and not torch.is_grad_enabled() and mla_vectorized())
 
 
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,

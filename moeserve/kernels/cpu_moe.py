@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moeserve.kernels.cpu_build import load_error
+from moeserve.kernels.cpu_build import amx_tiles
 
 BLOCK = 32  # the kernel's block of output columns: hidden and intermediate sizes must be multiples of it
 # steps whose experts see more rows than this on average keep the loop of oneDNN products
@@ -30,7 +30,7 @@ def applies(x: torch.Tensor, num_pairs: int, num_local: int, hidden: int, inter:
     """Whether the kernel runs these rows: bfloat16 on a CPU with AMX, block-sized widths, a decode-sized step."""
     return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and not torch.is_grad_enabled()
             and hidden % BLOCK == 0 and inter % BLOCK == 0 and num_pairs <= MAX_ROWS_PER_EXPERT * num_local
-            and load_error() is None)
+            and amx_tiles())
 
 
 def pack_experts(w: torch.Tensor) -> torch.Tensor:

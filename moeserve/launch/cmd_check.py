@@ -47,11 +47,9 @@ def cpu_rows(threads: int) -> list[tuple[str, str]]:
 
 
 def cpu_kernels_row() -> str:
-    from moeserve.kernels.cpu_build import load_error
+    from moeserve.kernels.cpu_build import status
 
-    why_not = load_error()  # builds them on first use (a few seconds once per machine)
-    return ("bfloat16 decode: MoE experts and MLA attention in C++ (AMX)" if why_not is None
-            else f"off ({why_not.splitlines()[0]}): the eager ops run")
+    return status()  # builds them on first use (a few seconds once per machine)
 
 
 def checkpoint_report(path: str) -> tuple[bool, list[tuple[str, str]]]:

@@ -63,8 +63,7 @@ class ModelRunner:
             keep_freed_blocks()  # large activations stay in the heap instead of being mapped afresh each step
         if device.type == "cpu" and model.dtype == torch.bfloat16:
             # build (once per machine) and load the CPU kernels now, not in the first request's step
-            why_not = cpu_build.load_error()
-            logger.info("CPU kernels (MoE experts, MLA decode): %s", "on" if why_not is None else f"off ({why_not})")
+            logger.info("CPU kernels: %s", cpu_build.status())
         if fast:
             self._start_fast_path(cuda_graphs and device.type == "cuda", max_num_seqs,
                                   max_model_len or model.config.max_position_embeddings, warm_up_tokens)

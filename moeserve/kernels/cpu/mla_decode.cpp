@@ -165,11 +165,22 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
   return out;
 }
 
+bool mla_vectorized() {
+#ifdef MOESERVE_AVX512_BF16
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moeserve_cpu, m) {
+  m.def("mla_vectorized() -> bool");
   m.def("mla_decode(Tensor q, Tensor cache, Tensor block_tables, Tensor context_lens, int block_size, "
         "int kv_lora, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_cpu, CPU, m) { m.impl("mla_decode", mla_decode); }
+
+TORCH_LIBRARY_IMPL(moeserve_cpu, CompositeExplicitAutograd, m) { m.impl("mla_vectorized", mla_vectorized); }

@@ -145,12 +145,12 @@ at::Tensor sum_pairs(const at::Tensor& pairs, const at::Tensor& pair_of, const a
   return out;
 }
 
-bool available() { return at::native::cpublas::could_pack(at::kBFloat16); }
+bool amx_tiles() { return at::native::cpublas::could_pack(at::kBFloat16); }
 
 }  // namespace
 
 TORCH_LIBRARY(moeserve_cpu, m) {
-  m.def("available() -> bool");
+  m.def("amx_tiles() -> bool");
   m.def("pack_experts(Tensor w) -> Tensor");
   m.def("expert_pairs(Tensor xs, Tensor offsets, Tensor w13, Tensor w2, Tensor pair_weights) -> Tensor");
   m.def("sum_pairs(Tensor pairs, Tensor pair_of, Tensor like) -> Tensor");
@@ -162,4 +162,4 @@ TORCH_LIBRARY_IMPL(moeserve_cpu, CPU, m) {
   m.impl("sum_pairs", sum_pairs);
 }
 
-TORCH_LIBRARY_IMPL(moeserve_cpu, CompositeExplicitAutograd, m) { m.impl("available", available); }
+TORCH_LIBRARY_IMPL(moeserve_cpu, CompositeExplicitAutograd, m) { m.impl("amx_tiles", amx_tiles); }
