@@ -2,11 +2,12 @@
 on the Ray cluster of ``RAY_ADDRESS``, or on a local Ray started for this process when none is given.
 
 Only the start and the watch differ from the other rank executors: each actor hosts the ordinary rank main
-loop (``moeserve.stages.worker.main``), so the ZeroMQ step channel and the torch.distributed groups form as
-they do with processes. Placement: one placement group per pipeline stage, one bundle per rank (a CPU, or a
-GPU / NPU), ``STRICT_PACK`` so that the tp ranks of a stage share a node, while stages may land on other
-nodes. A rank whose actor (or node) dies ends its main-loop task with an error, which ``_failures`` reports
-naming the rank and its node; ``shutdown`` stops the loops, kills every actor and removes the groups.
+loop (``moeserve.stages.worker.main``, started by its constructor), so the ZeroMQ step channel and the
+torch.distributed groups form as they do with processes; the rendezvous store is the driver's. Placement: one
+placement group per pipeline stage, one bundle per rank (a CPU, or a GPU / NPU), ``STRICT_PACK`` so that the tp
+ranks of a stage share a node, while stages may land on other nodes. A rank whose actor (or node) dies ends
+its main-loop task with an error, which ``_failures`` reports naming the rank and its node; ``shutdown`` stops
+the loops, kills every actor and removes the groups.
 
 Ray is the optional extra ``moeserve[ray]``; this module is imported only when the backend is asked for.
 """
