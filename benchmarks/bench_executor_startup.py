@@ -4,7 +4,8 @@ For each backend, ``--repeats`` times: build the Engine (plan, start the ranks, 
 every rank's ReadyMsg), time it, close it. The Ray runs join a Ray started once before them (as
 ``RAY_ADDRESS`` would give: a cluster that is already up, the case the backend is for); the Ray start itself
 (``ray.init`` of a local instance) is timed once, apart. The order of backends alternates between repeats so
-that a warm file cache favours neither. Prints one JSON object: the median and every run per backend.
+that a warm file cache favours neither. Prints one JSON object: the median and every run per backend, with the
+1-minute load average at the start of each run (the machine may be shared).
 
     python benchmarks/bench_executor_startup.py --pp 2 --tp 2 --repeats 5
     python benchmarks/bench_executor_startup.py --device cuda --tp 2 --model /path/to/ckpt --load-format dummy
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import time
 
@@ -52,12 +54,14 @@ def main() -> None:
              _system_config=system)
     ray_init_s = time.perf_counter() - t0
     runs: dict[str, list[float]] = {"mp": [], "ray": []}
+    load: dict[str, list[float]] = {"mp": [], "ray": []}
     try:
         for i in range(args.repeats):
             for backend in (("mp", "ray") if i % 2 == 0 else ("ray", "mp")):
                 config = EngineConfig(model=args.model, device=args.device, pp=args.pp, tp=args.tp,
                                       load_format=args.load_format, skip_tokenizer_init=True,
                                       kv_cache_memory=1 << 26, distributed_executor_backend=backend)
+                load[backend].append(round(os.getloadavg()[0], 2))
                 runs[backend].append(start_once(config))
     finally:
         ray.shutdown()
@@ -65,7 +69,7 @@ def main() -> None:
     print(json.dumps({"layout": f"pp={args.pp} tp={args.tp}", "device": args.device, "repeats": args.repeats,
                       "ray_startup_concurrency": args.ray_startup_concurrency or "ray's default",
                       "median_s": median, "ray_over_mp": median["ray"] / median["mp"],
-                      "ray_init_local_s": ray_init_s, "runs_s": runs}, indent=2))
+                      "ray_init_local_s": ray_init_s, "runs_s": runs, "load_average_1min": load}, indent=2))
 
 
 if __name__ == "__main__":

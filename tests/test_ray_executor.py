@@ -25,10 +25,11 @@ import test_engine  # noqa: E402
 import test_self_healing  # noqa: E402
 from test_frontend_serve import LONG, sse_until_done, start  # noqa: E402
 
+from moeserve.coordinator import ray_executor  # noqa: E402
 from moeserve.coordinator.config import EngineConfig  # noqa: E402
 from moeserve.coordinator.engine import Engine  # noqa: E402
 from moeserve.coordinator.executor import WorkerError  # noqa: E402
-from moeserve.coordinator.ray_executor import NAMESPACE  # noqa: E402
+from moeserve.coordinator.ray_executor import NAMESPACE, RankPlace  # noqa: E402
 from moeserve.coordinator.sampling import SamplingParams  # noqa: E402
 
 VARIANT = test_distributed_engine.VARIANT
@@ -82,7 +83,9 @@ def mp_tokens(ckpt_factory) -> list[list[int]]:
 @pytest.mark.parametrize("pp, tp, ep", [(2, 1, 1), (1, 2, 1), (2, 2, 2)])
 def test_ray_layout_equals_mp(ray_cluster, ckpt_factory, mp_tokens, pp: int, tp: int, ep: int) -> None:
     """The ranks are Ray actors, the tp ranks of a stage on one node (with pp = 2 x tp = 2 each stage fills
-    one of the two nodes), each loads the plan's share, and the tokens are the mp executor's."""
+    one of the two nodes), each loads the plan's share, and the tokens are the mp executor's. Where the driver
+    placed each rank (read from the placement groups, before the actors were up) is where its actor reports
+    it runs, and the ranks met at the driver's rendezvous store (the one they all found listening)."""
     engine = Engine(config(ckpt_factory(VARIANT), pp=pp, tp=tp, ep=ep, max_num_seqs=8, max_num_batched_tokens=32,
                            distributed_executor_backend="ray"))
     try:
@@ -92,6 +95,10 @@ def test_ray_layout_equals_mp(ray_cluster, ckpt_factory, mp_tokens, pp: int, tp:
         if pp * tp == 4:
             assert stages[0] != stages[1], nodes
         assert len(our_live_actors(0)) == pp * tp
+        executor = engine.executor
+        assert executor.places == [RankPlace(*w) for w in ray.get([a.where.remote() for a in executor.actors])]
+        assert {s.init_method for s in executor.specs} == {f"tcp://{ray.util.get_node_ip_address()}:"
+                                                           f"{executor.rendezvous_store.port}"}
         assert engine.executor.loaded_bytes == {r: w.total for r, w in enumerate(engine.parallel_plan.rank_weights)}
         results = test_engine.run_staggered(engine)
         assert engine.kv.num_free_blocks == engine.kv.num_blocks
@@ -180,4 +187,27 @@ def test_node_that_dies_fails_the_step_naming_rank_and_node(ray_cluster, ckpt_fa
                 engine.step()
     finally:
         engine.close()
+    assert our_live_actors() == []
+
+
+def test_forwarded_env_reaches_the_rank_before_it_joins(ray_cluster, ckpt_factory, monkeypatch) -> None:
+    """The coordinator's network settings travel with the actor's constructor and are set before the rank
+    joins torch.distributed: a GLOO_SOCKET_IFNAME naming no interface fails the start (gloo finds no address
+    for it; the same start without it succeeds in every other test here), and leaves no actor behind."""
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "nosuchif0")
+    with pytest.raises(WorkerError, match=r"rank \d .*(exited with code 1|nosuchif0)"):
+        Engine(config(ckpt_factory(VARIANT), pp=2, distributed_executor_backend="ray"))
+    assert our_live_actors() == []
+
+
+class RankFromThisModule(ray_executor.MoeserveRank):
+    """The rank's actor class, from a module the Ray nodes cannot import (tests/ is not on their path)."""
+
+
+def test_actor_that_cannot_start_fails_the_start_naming_it(ray_cluster, ckpt_factory, monkeypatch) -> None:
+    """An actor whose class does not load on its node (moeserve missing there, or another version) fails the
+    start with a WorkerError that names the rank and says so, and no actor is left behind."""
+    monkeypatch.setattr(ray_executor, "MoeserveRank", RankFromThisModule)
+    with pytest.raises(WorkerError, match=r"rank \d .*: its Ray actor could not start \(.*test_ray_executor"):
+        Engine(config(ckpt_factory(VARIANT), pp=2, distributed_executor_backend="ray"))
     assert our_live_actors() == []

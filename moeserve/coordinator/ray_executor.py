@@ -2,11 +2,12 @@
 on the Ray cluster of ``RAY_ADDRESS``, or on a local Ray started for this process when none is given.
 
 Only the start and the watch differ from the other rank executors: each actor hosts the ordinary rank main
-loop (``moeserve.stages.worker.main``), so the ZeroMQ step channel and the torch.distributed groups form as
-they do with processes. Placement: one placement group per pipeline stage, one bundle per rank (a CPU, or a
-GPU / NPU), ``STRICT_PACK`` so that the tp ranks of a stage share a node, while stages may land on other
-nodes. A rank whose actor (or node) dies ends its main-loop task with an error, which ``_failures`` reports
-naming the rank and its node; ``shutdown`` stops the loops, kills every actor and removes the groups.
+loop (``moeserve.stages.worker.main``, started by its constructor), so the ZeroMQ step channel and the
+torch.distributed groups form as they do with processes; the rendezvous store is the driver's. Placement: one
+placement group per pipeline stage, one bundle per rank (a CPU, or a GPU / NPU), ``STRICT_PACK`` so that the tp
+ranks of a stage share a node, while stages may land on other nodes. A rank whose actor (or node) dies ends
+its main-loop task with an error, which ``_failures`` reports naming the rank and its node; ``shutdown`` stops
+the loops, kills every actor and removes the groups.
 
 Ray is the optional extra ``moeserve[ray]``; this module is imported only when the backend is asked for.
 """
@@ -16,13 +17,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import ray
+import torch.distributed as dist
 from ray.exceptions import RayActorError, RayError
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import (
+    PlacementGroup,
+    placement_group,
+    placement_group_table,
+    remove_placement_group,
+)
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from moeserve.coordinator.executor import ReplicaLayout, WorkerError
@@ -33,28 +41,36 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "moeserve"  # the actors' Ray namespace; each is named moeserve-<replica id>-rank-<rank>
 FORWARDED_ENV = ("GLOO_", "NCCL_", "HCCL_", "MOESERVE_")  # the network and store settings the ranks inherit
+AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"  # "True": a tcp:// rendezvous's store is hosted elsewhere
 PLACEMENT_TIMEOUT_S = 60.0  # for the cluster to offer every bundle; past it the start fails, saying why
 
 
 class MoeserveRank:
-    """A Ray actor that hosts one rank: where it runs, then the rank's main loop until it is told to stop."""
+    """A Ray actor that hosts one rank: its main loop starts with the actor, on a thread of its own, and
+    ``run`` waits for it; ``where`` answers meanwhile (two calls at once: ``max_concurrency=2``)."""
+
+    def __init__(self, spec_json: str, env: dict[str, str]):
+        # NOTE: the rank starts here rather than in a task sent once the actor is up: that task would wait for
+        # Ray to tell the driver the actor is alive and for the driver to send it (0.1-0.3 s here, more under
+        # load). ``env`` is set before the rank imports anything that reads it
+        os.environ.update(env)
+        self.exit_code = 1  # until the main loop returns: an exception that escapes it is a failure
+        self.rank = threading.Thread(target=self._main, args=(spec_json,), name="moeserve-rank", daemon=True)
+        self.rank.start()
+
+    def _main(self, spec_json: str) -> None:
+        from moeserve.stages.worker import main
+
+        self.exit_code = main([spec_json])
 
     def where(self) -> tuple[str, str, str]:
         """(node IP, Ray node id, host name) of this actor."""
         return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(), socket.gethostname()
 
-    def free_port(self) -> int:
-        """A TCP port free on this actor's node now (rank 0's: the torch.distributed rendezvous)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
-
-    def run(self, spec_json: str, env: dict[str, str]) -> int:
-        """The rank's main loop (stages/worker.py); returns its exit code once the coordinator stops it."""
-        from moeserve.stages.worker import main
-
-        os.environ.update(env)
-        return main([spec_json])
+    def run(self) -> int:
+        """Wait for the rank's main loop (stages/worker.py); its exit code once the coordinator stops it."""
+        self.rank.join()
+        return self.exit_code
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,19 @@ def bundle(device: str) -> dict[str, float]:
     return {"CPU": 1.0} | ({accelerator: 1.0} if accelerator else {})
 
 
+def bundle_places(groups: list[PlacementGroup], tp: int) -> list[RankPlace]:
+    """Where each rank's bundle is (rank order: stage by stage, tp rank within), from the placement groups and
+    the nodes' table, without asking the actors."""
+    nodes = {n["NodeID"]: n for n in ray.nodes()}
+    places = []
+    for group in groups:
+        on_node = placement_group_table(group)["bundles_to_node_id"]
+        for tp_rank in range(tp):
+            node = nodes[on_node[tp_rank]]
+            places.append(RankPlace(node["NodeManagerAddress"], node["NodeID"], node["NodeManagerHostname"]))
+    return places
+
+
 def free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -104,6 +133,7 @@ class RayExecutor(RankExecutor):
         self.actors: list[Any] = []
         self.places: list[RankPlace] = []
         self.loops: list[Any] = []  # each rank's ``run`` task
+        self.rendezvous_store: dist.TCPStore | None = None  # the ranks' rendezvous (of their generation)
         self.coord_addr = f"tcp://{ray.util.get_node_ip_address()}:{free_local_port()}"
         try:
             self._reserve()
@@ -118,42 +148,54 @@ class RayExecutor(RankExecutor):
         return cls(layout)
 
     def _reserve(self) -> None:
-        """One placement group per pipeline stage, its tp bundles on one node; kept across restarts."""
+        """One placement group per pipeline stage, its tp bundles on one node; kept across restarts (waited for
+        by ``_start_actors``)."""
         dims, one = self.layout.dims, bundle(self.layout.device)
-        for stage in range(dims.pp):
-            group = placement_group([one] * dims.tp, strategy="STRICT_PACK",
-                                    name=f"moeserve-{self.replica_id}-stage-{stage}")
-            self.groups.append(group)
+        self.groups = [placement_group([one] * dims.tp, strategy="STRICT_PACK",
+                                       name=f"moeserve-{self.replica_id}-stage-{stage}") for stage in range(dims.pp)]
+
+    def _await_groups(self) -> None:
+        dims, one = self.layout.dims, bundle(self.layout.device)
+        for stage, group in enumerate(self.groups):
             if not group.wait(PLACEMENT_TIMEOUT_S):
                 raise WorkerError(f"the Ray cluster did not offer {dims.tp} x {one} on one node for pipeline "
                                   f"stage {stage} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster resources: "
                                   f"{ray.cluster_resources()})")
 
     def _start_actors(self, generation: int) -> list[WorkerSpec]:
-        """One actor per rank in its stage's group; the ranks' specs of ``generation`` (rendezvous on rank 0's
-        node, at a port free there now)."""
-        layout, dims, one = self.layout, self.layout.dims, bundle(self.layout.device)
+        """One actor per rank in its stage's group, each starting its rank at once; the ranks' specs of
+        ``generation``. Nothing here waits for an actor: where each rank runs is read from the placement
+        groups, so every spec is known before any actor starts, and each rank begins as soon as its actor is
+        up, not once the slowest one is."""
+        dims, one = self.layout.dims, bundle(self.layout.device)
+        self._await_groups()
+        self.places = bundle_places(self.groups, dims.tp)
+        specs = self._specs(generation)
         actor = ray.remote(MoeserveRank)
         suffix = f".g{generation}" if generation else ""
-        for rank in range(dims.world_size):
-            coord = dims.coord(rank)
+        for spec in specs:
+            coord = dims.coord(spec.rank)
             strategy = PlacementGroupSchedulingStrategy(self.groups[coord.pp_stage], coord.tp_rank)
             self.actors.append(actor.options(
-                name=f"moeserve-{self.replica_id}-rank-{rank}{suffix}", namespace=NAMESPACE, max_restarts=0,
-                num_cpus=one["CPU"], num_gpus=one.get("GPU", 0), resources=_custom(one),
-                scheduling_strategy=strategy).remote())
-        try:
-            self.places = [RankPlace(*w) for w in ray.get([a.where.remote() for a in self.actors])]
-        except RayError as e:  # e.g. moeserve (this version) is not importable on that node
-            raise WorkerError(f"a rank's Ray actor could not start: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}") from e
-        driver_ip = ray.util.get_node_ip_address()
+                name=f"moeserve-{self.replica_id}-rank-{spec.rank}{suffix}", namespace=NAMESPACE, max_restarts=0,
+                max_concurrency=2, num_cpus=one["CPU"], num_gpus=one.get("GPU", 0), resources=_custom(one),
+                scheduling_strategy=strategy).remote(spec.to_json(), self._env))
+        return specs
+
+    def _specs(self, generation: int) -> list[WorkerSpec]:
+        """The ranks' specs (and environment), with a rendezvous store of this generation's own."""
+        one, driver_ip = bundle(self.layout.device), ray.util.get_node_ip_address()
+        # NOTE: the rendezvous store is the driver's, listening before any rank starts, as torchrun's agent
+        # hosts it. With a tcp:// rendezvous rank 0 hosts it, and the ranks that try it before it listens back
+        # off: 0.3-0.8 s lost on most starts here (BENCHMARKS.md, issue 23)
+        self.rendezvous_store = dist.TCPStore(driver_ip, 0, len(self.places), is_master=True, wait_for_workers=False)
+        rendezvous = f"tcp://{driver_ip}:{self.rendezvous_store.port}"
         node_index = {n: i for i, n in enumerate(dict.fromkeys(p.node_id for p in self.places))}
-        rendezvous = f"tcp://{self.places[0].ip}:{ray.get(self.actors[0].free_port.remote())}"
-        specs = [layout.spec(rank, 0, rendezvous, self.coord_addr, node=node_index[p.node_id],
-                             num_threads=int(one["CPU"]), generation=generation)
+        specs = [self.layout.spec(rank, 0, rendezvous, self.coord_addr, node=node_index[p.node_id],
+                                  num_threads=int(one["CPU"]), generation=generation)
                  for rank, p in enumerate(self.places)]  # Ray gives each actor its own device, as index 0
         self._env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
+        self._env[AGENT_STORE_ENV] = "True"  # torch's switch: every rank is a client of the store
         if all(p.ip == driver_ip for p in self.places):
             self._env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine, as the mp executor
         logger.info("Ray placed %d ranks on %d node(s)", len(specs), len(node_index))
@@ -171,7 +213,7 @@ class RayExecutor(RankExecutor):
         return self._start_actors(self.specs[0].generation + 1)
 
     def _start_ranks(self) -> None:
-        self.loops = [a.run.remote(s.to_json(), self._env) for a, s in zip(self.actors, self.specs)]
+        self.loops = [a.run.remote() for a in self.actors]  # the ranks started with their actors
 
     def _where(self, rank: int) -> str:
         p = self.places[rank]
@@ -189,9 +231,14 @@ class RayExecutor(RankExecutor):
             where = dict(rank=rank, node=self.specs[rank].node)
             try:
                 code = ray.get(ref)
-            except RayActorError as e:  # the actor, or its node, died
-                cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                found.append(WorkerError(f"{self._where(rank)}: its Ray actor died ({cause})", -9, **where))
+            except RayActorError as e:  # the actor, or its node, died; or it never started
+                cause = str(e).strip().splitlines()[-1 if e.actor_init_failed else 0] if str(e).strip() \
+                    else type(e).__name__
+                if e.actor_init_failed:  # e.g. moeserve (this version) is not importable on that node
+                    found.append(WorkerError(f"{self._where(rank)}: its Ray actor could not start ({cause})", 1,
+                                             **where))
+                else:
+                    found.append(WorkerError(f"{self._where(rank)}: its Ray actor died ({cause})", -9, **where))
                 continue
             except RayError as e:
                 found.append(WorkerError(f"{self._where(rank)} failed in Ray: {type(e).__name__}: {e}", 1, **where))
@@ -210,7 +257,7 @@ class RayExecutor(RankExecutor):
                 remove_placement_group(group)
         except (RayError, ConnectionError) as e:  # the cluster itself is gone: its actors went with it
             logger.warning("Ray: could not stop every rank's actor (%s)", e)
-        self.actors, self.groups, self.loops = [], [], []
+        self.actors, self.groups, self.loops, self.rendezvous_store = [], [], [], None
         if self.owns_connection:
             ray.shutdown()
             self.owns_connection = False
