@@ -57,6 +57,10 @@ class KVStore(Protocol):
         when its length is theirs. Returns each value's length (-1: missing; another length: not written).
         Safe to call from several threads (a server store reads over several connections)."""
 
+    def read_range_into(self, keys: Sequence[str], start: int, dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        """As ``read_into``, for bytes ``[start, start + len(dests[i]))`` of each value (a layer-wise load reads
+        one layer's slice of every block). Returns each range's length (short: missing, nothing written)."""
+
     def stats(self) -> StoreStats: ...
 
 
@@ -84,6 +88,12 @@ def check_store_url(url: str) -> None:
         port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
         raise StoreConfigError(f"--kv-store {redact(url)}: the port {port!r} is not a port number "
                                "(0-65535)") from None
+
+
+def copy_ranges_into(values: Sequence[bytes | None], start: int, dests: Sequence[Sequence[memoryview]]) -> list[int]:
+    """``read_range_into`` from whole values already read (a copy each)."""
+    ranges = [None if v is None else v[start:start + sum(len(p) for p in parts)] for v, parts in zip(values, dests)]
+    return [max(0, n) for n in copy_values_into(ranges, dests)]
 
 
 def copy_values_into(values: Sequence[bytes | None], dests: Sequence[Sequence[memoryview]]) -> list[int]:
@@ -130,6 +140,9 @@ class MemoryStore:
 
     def read_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
         return copy_values_into(self.get(keys), dests)
+
+    def read_range_into(self, keys: Sequence[str], start: int, dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        return copy_ranges_into(self.get(keys), start, dests)
 
     def stats(self) -> StoreStats:
         return StoreStats(**vars(self._stats))
@@ -246,6 +259,17 @@ class RedisStore:
         lengths = self._call("get", lambda: reader.mget_into(keys, dests))
         with self._lock:
             self._stats.bytes_read += sum(n for n in lengths if n > 0)
+        return lengths
+
+    def read_range_into(self, keys: Sequence[str], start: int, dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        if not keys:
+            return []
+        reader = self._reader
+        if reader is None:  # NOTE: TLS: whole values through redis-py, then the ranges copied out
+            return copy_ranges_into(self.get(keys), start, dests)
+        lengths = self._call("get", lambda: reader.getrange_into(keys, start, dests))
+        with self._lock:
+            self._stats.bytes_read += sum(lengths)
         return lengths
 
     def stats(self) -> StoreStats:

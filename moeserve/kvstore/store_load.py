@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
 from moeserve.device_copy import to_device
-from moeserve.kvstore.block_format import BlockLayout, check_block
+from moeserve.kvstore.block_format import BlockLayout, check_block, check_head
 from moeserve.kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,62 @@ class StoreLoader:
             self._to_device(staging[:num_ok], blocks[:num_ok])
         return ChunkResult(num_ok, sum(n for n in lengths if n > 0), corrupt)
 
+    def load_layers(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int],
+                    on_layer: Callable[[int], None]) -> ChunkResult:
+        """``load``, layer by layer: every span of blocks (one per reading thread) is read one layer at a time
+        (``GETRANGE`` of that layer's slice of each value, the header with layer 0), and ``on_layer(j + 1)`` is
+        called once layer j of every block is in. The checksums are checked at the end, over what landed: a
+        step that ran over layers of a block found unusable then is dropped by the coordinator.
+
+        On an accelerator the values are read whole (``load``) and every layer is announced at the end."""
+        if self.staged:
+            result = self.load(hashes, tokens, blocks)
+            on_layer(len(self.caches))
+            return result
+        n = len(hashes)
+        size = max(1, -(-n // self.num_threads))
+        spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+        progress = _LayerProgress(len(spans), on_layer)
+        futures = [self._pool.submit(self._span_layers, hashes[lo:hi], tokens[lo:hi], blocks[lo:hi], progress)
+                   for lo, hi in spans]
+        wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
+        results = [f.result() for f in futures]
+        num_ok = n
+        for (lo, hi), r in zip(spans, results):
+            if r.num_ok < hi - lo:
+                num_ok = min(num_ok, lo + r.num_ok)
+        return ChunkResult(num_ok, sum(r.nbytes for r in results), sum(r.num_corrupt for r in results))
+
+    def _span_layers(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int],
+                     progress: _LayerProgress) -> ChunkResult:
+        layout, k = self.layout, len(hashes)
+        keys = [layout.key(h) for h in hashes]
+        heads = [bytearray(layout.head_bytes) for _ in range(k)]
+        row_bytes = layout.payload_bytes // len(self.caches)
+        num_ok, nbytes, corrupt = k, 0, 0
+        for j, rows in enumerate(self._rows):
+            dests = [[memoryview(heads[i]), rows[b].data] if j == 0 else [rows[b].data]
+                     for i, b in enumerate(blocks[:num_ok])]
+            start = 0 if j == 0 else layout.head_bytes + j * row_bytes
+            lengths = self.store.read_range_into(keys[:num_ok], start, dests)
+            nbytes += sum(lengths)
+            for i, got in enumerate(lengths):
+                why = "missing" if got < sum(len(p) for p in dests[i]) else \
+                    check_head(heads[i], layout, hashes[i], tokens[i]) if j == 0 else ""
+                if why:
+                    corrupt = int(got > 0)
+                    if got > 0:
+                        logger.warning("stored block %s is not usable (%s): recomputing it", keys[i], why)
+                    num_ok = i
+                    break
+            progress.done(j)
+        for i in range(num_ok):
+            why = check_block(heads[i], [rows[blocks[i]].data for rows in self._rows], layout, hashes[i], tokens[i])
+            if why:
+                logger.warning("stored block %s is not usable (%s): recomputing it", keys[i], why)
+                return ChunkResult(i, nbytes, 1)
+        return ChunkResult(num_ok, nbytes, corrupt)
+
     def _staging(self, k: int) -> torch.Tensor:
         """This thread's pinned slot, as [k, L * block_size * kv_dim * itemsize] bytes."""
         slot = getattr(self._local, "slot", None)
@@ -119,3 +175,20 @@ class StoreLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+class _LayerProgress:
+    """Layers done per span of a layer-wise load; ``on_layer(j + 1)`` once every span has done layer j."""
+
+    def __init__(self, num_spans: int, on_layer: Callable[[int], None]):
+        self.num_spans = num_spans
+        self.on_layer = on_layer
+        self._lock = threading.Lock()
+        self._count: dict[int, int] = {}
+
+    def done(self, layer: int) -> None:
+        with self._lock:
+            self._count[layer] = self._count.get(layer, 0) + 1
+            complete = self._count[layer] == self.num_spans
+        if complete:  # NOTE: a span does its layers in order, so layer j completes after every layer before it
+            self.on_layer(layer + 1)
