@@ -7,6 +7,9 @@ Starts its own ``redis-server`` on a free loopback port (the store on TCP), then
      stays on, as when serving;
   3. engine C (no store, host tier on, a device cache of one prompt): TTFT of a prefix computed, evicted from
      the device by another prompt, then asked again (loaded from host memory).
+With ``--layerwise on,off`` steps 2 and 3 run once per mode (``--kv-layerwise`` / ``--no-kv-layerwise``),
+alternating, ``--rounds`` times, with the load average of each run: layer-wise loading against waiting for
+the whole load, interleaved on one machine.
 Also: stored bytes per token against the latent's size, with tp=1 and (``--tp-check``) tp=2; and
 (``--itl``) decode inter-token latency with store writes on and off (``moeserve bench``'s run, random prompts).
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,7 +64,8 @@ def make(args: argparse.Namespace, **kw) -> Engine:
     base = dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
                 skip_tokenizer_init=True, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, max_model_len=args.max_model_len,
-                allow_long_max_model_len=True)  # the embedded model's 512 positions stretched: timing only
+                allow_long_max_model_len=True,  # the embedded model's 512 positions stretched: timing only
+                kv_layerwise=getattr(args, "kv_layerwise", True))
     base.update(kw)
     e = Engine(EngineConfig(**base))
     ttft(e, [1, 2, 3])  # warm-up
@@ -163,6 +168,23 @@ def itl(args, url: str) -> dict:
     return out
 
 
+def summary(prefix: dict) -> dict:
+    """Per prefix length and mode: medians over every run's TTFTs, and the hit / cold ratios."""
+    out: dict = {}
+    for length, by_mode in prefix.items():
+        for mode, runs in by_mode.items():
+            med = {f"{phase}_{k}": statistics.median([t for r in runs for t in r[phase][f"ttft_{k}_s"]])
+                   for phase, k in (("store", "cold"), ("store", "store"), ("host", "cold"), ("host", "host"))}
+            out[f"{length}/{mode}"] = {
+                "store_cold_s": med["store_cold"], "store_hit_s": med["store_store"], "host_cold_s": med["host_cold"],
+                "host_hit_s": med["host_host"],
+                "store_load_s": statistics.median([r["store"]["store_load_s_mean"] for r in runs]),
+                "store_hits_s": [t for r in runs for t in r["store"]["ttft_store_s"]],
+                "host_hits_s": [t for r in runs for t in r["host"]["ttft_host_s"]],
+                "loadavg_1m": [r["loadavg_1m"] for r in runs]}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="")
@@ -180,6 +202,8 @@ def main() -> int:
     p.add_argument("--itl-prompts", type=int, default=32)
     p.add_argument("--itl-input-len", type=int, default=512)
     p.add_argument("--itl-output-len", type=int, default=256)
+    p.add_argument("--layerwise", default="on", help="on, off, or on,off: each in turn (interleaved)")
+    p.add_argument("--rounds", type=int, default=1, help="times the --layerwise modes alternate")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -187,9 +211,16 @@ def main() -> int:
     with RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as server:
         server.cli("config", "set", "maxmemory", "0")  # no eviction during the benchmark
         for length in map(int, args.prefix_lens.split(",")):
-            result["prefix"][length] = {"store": phase_store(args, server.url, length, gen),
-                                        "host": phase_host(args, length, gen)}
-            print(json.dumps({length: result["prefix"][length]}, indent=1), flush=True)
+            result["prefix"][length] = by_mode = {}
+            for _ in range(args.rounds):
+                for mode in args.layerwise.split(","):
+                    margs = argparse.Namespace(**vars(args), kv_layerwise=mode == "on")
+                    run = {"store": phase_store(margs, server.url, length, gen), "host": phase_host(margs, length, gen),
+                           "loadavg_1m": os.getloadavg()[0]}
+                    by_mode.setdefault(mode, []).append(run)
+                    print(json.dumps({length: {mode: run}}, indent=1), flush=True)
+            result["summary"] = summary(result["prefix"])
+            print(json.dumps(result["summary"], indent=1), flush=True)
         result["stored_bytes"] = [stored_bytes(args, server.url, server, tp, gen)
                                   for tp in ((1, 2) if args.tp_check else (1,))]
         print(json.dumps(result["stored_bytes"], indent=1), flush=True)
