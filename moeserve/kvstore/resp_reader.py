@@ -90,12 +90,12 @@ class RespConnection:
             raise RespError(f"unexpected MGET reply {head[:64]!r}")
         return self._values(dests, b"MGET")
 
-    def getrange_into(self, keys: Sequence[str], start: int, dests: Sequence[Sequence[memoryview]]) -> list[int]:
-        """``GETRANGE key start end`` for each key, pipelined (layer-wise loads read one layer's slice of every
-        value); the bytes ``[start, start + len(dests[i]))`` of value i go into ``dests[i]``. Returns each
-        range's length (a missing key or a short value: less than asked, nothing kept)."""
+    def getrange_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        """``GETRANGE key start end`` for each (key, start) of ``ranges``, pipelined (one round trip; a layer-wise
+        load reads one layer's slice of its blocks); bytes ``[start, start + len(dests[i]))`` go into
+        ``dests[i]``. Returns each range's length (a missing key or a short value: less than asked, not kept)."""
         cmds = []
-        for key, parts in zip(keys, dests):
+        for (key, start), parts in zip(ranges, dests):
             end = start + sum(len(p) for p in parts) - 1
             cmds.append(_command(b"GETRANGE", key.encode(), b"%d" % start, b"%d" % end))
         self.sock.sendall(b"".join(cmds))
@@ -133,8 +133,8 @@ class RespPool:
     def mget_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
         return self._with(lambda conn: conn.mget_into(keys, dests))
 
-    def getrange_into(self, keys: Sequence[str], start: int, dests: Sequence[Sequence[memoryview]]) -> list[int]:
-        return self._with(lambda conn: conn.getrange_into(keys, start, dests))
+    def getrange_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        return self._with(lambda conn: conn.getrange_into(ranges, dests))
 
     def _with(self, call: Callable[[RespConnection], list[int]]) -> list[int]:
         try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.device_copy import to_device
-from moeserve.kvstore.block_format import BlockLayout, check_block, check_head
+from moeserve.kvstore.block_format import BlockLayout, check_block
 from moeserve.kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
@@ -98,59 +98,58 @@ class StoreLoader:
 
     def load_layers(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int],
                     on_layer: Callable[[int], None]) -> ChunkResult:
-        """``load``, layer by layer: every span of blocks (one per reading thread) is read one layer at a time
-        (``GETRANGE`` of that layer's slice of each value, the header with layer 0), and ``on_layer(j + 1)`` is
-        called once layer j of every block is in. The checksums are checked at the end, over what landed: a
-        step that ran over layers of a block found unusable then is dropped by the coordinator.
+        """``load``, layer by layer: for each layer in turn, its slice of every value (``GETRANGE``; the header
+        and token ids come with layer 0) is read in spans over the connection pool, in parallel, one round trip
+        each, and ``on_layer(j + 1)`` is called once layer j of every block is in. Headers and checksums are
+        checked at the end, over what landed: a step that ran over a block found unusable then is dropped by the
+        coordinator. Raises StoreError when nothing at all could be read.
 
         On an accelerator the values are read whole (``load``) and every layer is announced at the end."""
         if self.staged:
             result = self.load(hashes, tokens, blocks)
             on_layer(len(self.caches))
             return result
-        n = len(hashes)
-        size = max(1, -(-n // self.num_threads))
-        spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
-        progress = _LayerProgress(len(spans), on_layer)
-        futures = [self._pool.submit(self._span_layers, hashes[lo:hi], tokens[lo:hi], blocks[lo:hi], progress)
-                   for lo, hi in spans]
-        wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
-        results = [f.result() for f in futures]
-        num_ok = n
-        for (lo, hi), r in zip(spans, results):
-            if r.num_ok < hi - lo:
-                num_ok = min(num_ok, lo + r.num_ok)
-        return ChunkResult(num_ok, sum(r.nbytes for r in results), sum(r.num_corrupt for r in results))
-
-    def _span_layers(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int],
-                     progress: _LayerProgress) -> ChunkResult:
-        layout, k = self.layout, len(hashes)
+        layout = self.layout
         keys = [layout.key(h) for h in hashes]
-        heads = [bytearray(layout.head_bytes) for _ in range(k)]
-        row_bytes = layout.payload_bytes // len(self.caches)
-        num_ok, nbytes, corrupt = k, 0, 0
-        for j, rows in enumerate(self._rows):
-            dests = [[memoryview(heads[i]), rows[b].data] if j == 0 else [rows[b].data]
-                     for i, b in enumerate(blocks[:num_ok])]
-            start = 0 if j == 0 else layout.head_bytes + j * row_bytes
-            lengths = self.store.read_range_into(keys[:num_ok], start, dests)
-            nbytes += sum(lengths)
-            for i, got in enumerate(lengths):
-                why = "missing" if got < sum(len(p) for p in dests[i]) else \
-                    check_head(heads[i], layout, hashes[i], tokens[i]) if j == 0 else ""
-                if why:
-                    corrupt = int(got > 0)
-                    if got > 0:
-                        logger.warning("stored block %s is not usable (%s): recomputing it", keys[i], why)
-                    num_ok = i
-                    break
-            progress.done(j)
+        heads = [bytearray(layout.head_bytes) for _ in hashes]
+        num_ok, nbytes, error = len(hashes), 0, None
+        for j in range(len(self.caches)):
+            num_ok, got, failed = self._read_layer(j, keys, heads, blocks[:num_ok])
+            nbytes += got
+            error = error or failed
+            on_layer(j + 1)
+        if error is not None and num_ok == 0:
+            raise error
         for i in range(num_ok):
             why = check_block(heads[i], [rows[blocks[i]].data for rows in self._rows], layout, hashes[i], tokens[i])
             if why:
                 logger.warning("stored block %s is not usable (%s): recomputing it", keys[i], why)
                 return ChunkResult(i, nbytes, 1)
-        return ChunkResult(num_ok, nbytes, corrupt)
+        return ChunkResult(num_ok, nbytes, 0)
+
+    def _read_layer(self, j: int, keys: Sequence[str], heads: Sequence[bytearray],
+                    blocks: Sequence[int]) -> tuple[int, int, BaseException | None]:
+        """Layer j of ``blocks`` (the first ``len(blocks)`` of the load) into the cache: (how many blocks, from
+        the first, it holds in full, bytes read, the first error)."""
+        n, rows = len(blocks), self._rows[j]
+        start = 0 if j == 0 else self.layout.head_bytes + j * (self.layout.payload_bytes // len(self.caches))
+        dests = [[memoryview(heads[i]), rows[b].data] if j == 0 else [rows[b].data] for i, b in enumerate(blocks)]
+        size = max(1, -(-n // self.num_threads))
+        spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+        futures = [self._pool.submit(self.store.read_ranges_into, [(k, start) for k in keys[lo:hi]], dests[lo:hi])
+                   for lo, hi in spans]
+        wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
+        num_ok, nbytes, error = n, 0, None
+        for (lo, _), f in zip(spans, futures):
+            if f.exception() is not None:
+                error = error or f.exception()
+                num_ok = min(num_ok, lo)
+                continue
+            for i, got in enumerate(f.result(), start=lo):
+                nbytes += got
+                if got < sum(len(p) for p in dests[i]):
+                    num_ok = min(num_ok, i)  # missing, or cut short, from this layer on
+        return num_ok, nbytes, error
 
     def _staging(self, k: int) -> torch.Tensor:
         """This thread's pinned slot, as [k, L * block_size * kv_dim * itemsize] bytes."""
@@ -176,19 +175,3 @@ class StoreLoader:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-
-class _LayerProgress:
-    """Layers done per span of a layer-wise load; ``on_layer(j + 1)`` once every span has done layer j."""
-
-    def __init__(self, num_spans: int, on_layer: Callable[[int], None]):
-        self.num_spans = num_spans
-        self.on_layer = on_layer
-        self._lock = threading.Lock()
-        self._count: dict[int, int] = {}
-
-    def done(self, layer: int) -> None:
-        with self._lock:
-            self._count[layer] = self._count.get(layer, 0) + 1
-            complete = self._count[layer] == self.num_spans
-        if complete:  # NOTE: a span does its layers in order, so layer j completes after every layer before it
-            self.on_layer(layer + 1)
