@@ -1,7 +1,7 @@
 """Layer-wise loading (kvstore/layer_ready.py) in real engines (the embedded model, float32 on CPU, so every
 token must be identical) with a real ``redis-server``: a prefix from the store or the host tier is loaded
 while the request's step runs, each layer waiting for its own blocks; the tokens are those of no store and of
-waiting for the whole load, in one process and with pp=2 stage workers. A load that comes short in the middle
+waiting for the whole load, in one process and with pp=2 or tp=2 stage workers. A load that comes short in the middle
 (a value cut after its first layers, or one whose checksum fails once every layer is in) drops the step's
 token, recomputes the request, and frees what it held."""
 
@@ -127,9 +127,13 @@ def test_host_tier_hit_layerwise_gives_the_same_tokens(reference) -> None:
 
 
 @pytest.mark.slow
-def test_pp2_store_hit_layerwise_gives_the_same_tokens(redis: RedisServer, reference) -> None:
-    store(redis.url, "pp2", pp=2)
-    on, b_on = serve(redis.url, "pp2", True, pp=2)
+@pytest.mark.parametrize("layout", [{"pp": 2}, {"tp": 2}], ids=["pp2", "tp2"])
+def test_stage_workers_store_hit_layerwise_gives_the_same_tokens(redis: RedisServer, reference, layout) -> None:
+    """Each rank loads its own stage's layers and each of its layers waits for its own blocks (pp=2: stage 1
+    loads while stage 0 computes; tp=2: both ranks of the stage load the same blocks)."""
+    salt = f"workers{sorted(layout.items())}"
+    store(redis.url, salt, **layout)
+    on, b_on = serve(redis.url, salt, True, **layout)
     assert on == reference
     assert b_on.kv.connector.stats.store_hit_tokens == (5 + 4) * BS and b_on.kv.connector.stats.layerwise_loads == 2
 

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moeserve.device_copy import to_device
@@ -205,9 +206,11 @@ class BlockMover:
         accelerator they were queued at once (``load_host``, in stream order before the step that reads them)."""
         if not self.pin and host_slots:
             assert self.host is not None, "a host-tier load on a rank without a host pool"
-            slots, idx = torch.tensor(list(host_slots)), torch.tensor(list(host_blocks))
+            # NOTE: numpy, not torch: a torch op on this thread would start a second OpenMP team, whose threads
+            # spin after it on the cores the step computes on (the step ran twice as long)
+            host, slots, idx = self.host.numpy(), np.array(host_slots), np.array(host_blocks)
             for j, cache in enumerate(self.caches):
-                cache.index_copy_(0, idx, self.host[slots, j])
+                cache.numpy()[idx] = host[slots, j]
                 if not store_hashes:
                     on_layer(j + 1)
         if not store_hashes or self.loader is None:
