@@ -7,6 +7,11 @@ Starts its own ``redis-server`` on a free loopback port (the store on TCP), then
      stays on, as when serving;
   3. engine C (no store, host tier on, a device cache of one prompt): TTFT of a prefix computed, evicted from
      the device by another prompt, then asked again (loaded from host memory).
+With ``--paired N`` (the figure to read for layer-wise loading on a busy machine): N hits from the store and N
+from the host tier, each asked of a layer-wise engine and of one that waits, back to back.
+With ``--layerwise on,off`` steps 2 and 3 run once per mode (``--kv-layerwise`` / ``--no-kv-layerwise``),
+alternating, ``--rounds`` times, with the load average of each run: layer-wise loading against waiting for
+the whole load, interleaved on one machine.
 Also: stored bytes per token against the latent's size, with tp=1 and (``--tp-check``) tp=2; and
 (``--itl``) decode inter-token latency with store writes on and off (``moeserve bench``'s run, random prompts).
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -60,7 +66,8 @@ def make(args: argparse.Namespace, **kw) -> Engine:
     base = dict(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
                 skip_tokenizer_init=True, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, max_model_len=args.max_model_len,
-                allow_long_max_model_len=True)  # the embedded model's 512 positions stretched: timing only
+                allow_long_max_model_len=True,  # the embedded model's 512 positions stretched: timing only
+                kv_layerwise=getattr(args, "kv_layerwise", False))
     base.update(kw)
     e = Engine(EngineConfig(**base))
     ttft(e, [1, 2, 3])  # warm-up
@@ -132,6 +139,46 @@ def phase_host(args, length: int, gen: torch.Generator) -> dict:
             "device_hit_tokens": device_hits, "host_vs_cold": statistics.median(hit) / statistics.median(cold)}
 
 
+def paired(args, url: str, length: int, gen: torch.Generator) -> dict:
+    """Layer-wise on against off, hit by hit: two engines of each kind in one process, each hit asked of both
+    in turn (which goes first alternates), so that the machine's load swings hit both sides of a pair alike."""
+    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"paired{length}")
+    vocab, bs = a.model_config.vocab_size, a.config.effective_block_size
+    block_bytes = bs * a.executor.runner.cache_bytes_per_token
+    prefixes = [rand(gen, vocab, length) for _ in range(args.paired)]
+    for p in prefixes:
+        ttft(a, p + rand(gen, vocab, SUFFIX))
+    flush(a)
+    release(a)
+    del a
+    out: dict = {}
+    blocks = -(-(length + 2 * SUFFIX) // bs) + 1  # the host phase: one prompt at a time in the device cache
+    kinds = {"store": dict(kv_store=url, kv_host_memory=0, kv_store_salt=f"paired{length}", kv_load_cost_rule=False),
+             "host": dict(kv_cache_memory=blocks * block_bytes, kv_host_memory=max(1 << 30, 4 * blocks * block_bytes))}
+    for kind, kw in kinds.items():
+        engines = {mode: make(args, kv_layerwise=mode == "on", **kw) for mode in ("on", "off")}
+        hits: dict[str, list[float]] = {"on": [], "off": []}
+        for i, p in enumerate(prefixes):
+            if kind == "host":  # computed, then evicted from the device by another prompt, on both
+                for e in engines.values():
+                    ttft(e, p + rand(gen, vocab, SUFFIX))
+                    ttft(e, rand(gen, vocab, length + SUFFIX))
+            suffix = rand(gen, vocab, SUFFIX)
+            for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                hits[mode].append(ttft(engines[mode], p + suffix))
+        stats = {m: e.kv.connector.stats for m, e in engines.items()}
+        for e in engines.values():
+            release(e)
+        ratios = [x / y for x, y in zip(hits["on"], hits["off"])]
+        out[kind] = {"ttft_on_s": hits["on"], "ttft_off_s": hits["off"], "on_over_off": ratios,
+                     "median_on_s": statistics.median(hits["on"]), "median_off_s": statistics.median(hits["off"]),
+                     "min_on_s": min(hits["on"]), "min_off_s": min(hits["off"]),
+                     "median_on_over_off": statistics.median(ratios), "loadavg_1m": os.getloadavg()[0],
+                     "layerwise_loads": {m: s.layerwise_loads for m, s in stats.items()},
+                     "hit_tokens": {m: s.store_hit_tokens + s.host_hit_tokens for m, s in stats.items()}}
+    return out
+
+
 def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Generator) -> dict:
     salt = f"bytes-tp{tp}"
     e = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt, tp=tp)
@@ -163,6 +210,23 @@ def itl(args, url: str) -> dict:
     return out
 
 
+def summary(prefix: dict) -> dict:
+    """Per prefix length and mode: medians over every run's TTFTs, and the hit / cold ratios."""
+    out: dict = {}
+    for length, by_mode in prefix.items():
+        for mode, runs in by_mode.items():
+            med = {f"{phase}_{k}": statistics.median([t for r in runs for t in r[phase][f"ttft_{k}_s"]])
+                   for phase, k in (("store", "cold"), ("store", "store"), ("host", "cold"), ("host", "host"))}
+            out[f"{length}/{mode}"] = {
+                "store_cold_s": med["store_cold"], "store_hit_s": med["store_store"], "host_cold_s": med["host_cold"],
+                "host_hit_s": med["host_host"],
+                "store_load_s": statistics.median([r["store"]["store_load_s_mean"] for r in runs]),
+                "store_hits_s": [t for r in runs for t in r["store"]["ttft_store_s"]],
+                "host_hits_s": [t for r in runs for t in r["host"]["ttft_host_s"]],
+                "loadavg_1m": [r["loadavg_1m"] for r in runs]}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="")
@@ -180,6 +244,11 @@ def main() -> int:
     p.add_argument("--itl-prompts", type=int, default=32)
     p.add_argument("--itl-input-len", type=int, default=512)
     p.add_argument("--itl-output-len", type=int, default=256)
+    p.add_argument("--layerwise", default="on", help="on, off, or on,off: each in turn (interleaved)")
+    p.add_argument("--rounds", type=int, default=1, help="times the --layerwise modes alternate (0: none)")
+    p.add_argument("--paired", type=int, default=0,
+                   help="N: also N store hits and N host-tier hits, each asked of a layer-wise engine and of one "
+                        "that waits for the whole load, in turn (paired, in one process)")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
@@ -187,9 +256,19 @@ def main() -> int:
     with RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as server:
         server.cli("config", "set", "maxmemory", "0")  # no eviction during the benchmark
         for length in map(int, args.prefix_lens.split(",")):
-            result["prefix"][length] = {"store": phase_store(args, server.url, length, gen),
-                                        "host": phase_host(args, length, gen)}
-            print(json.dumps({length: result["prefix"][length]}, indent=1), flush=True)
+            result["prefix"][length] = by_mode = {}
+            for _ in range(args.rounds):
+                for mode in args.layerwise.split(","):
+                    margs = argparse.Namespace(**vars(args), kv_layerwise=mode == "on")
+                    run = {"store": phase_store(margs, server.url, length, gen), "host": phase_host(margs, length, gen),
+                           "loadavg_1m": os.getloadavg()[0]}
+                    by_mode.setdefault(mode, []).append(run)
+                    print(json.dumps({length: {mode: run}}, indent=1), flush=True)
+            result["summary"] = summary(result["prefix"])
+            print(json.dumps(result["summary"], indent=1), flush=True)
+            if args.paired:
+                result.setdefault("paired", {})[length] = paired(args, server.url, length, gen)
+                print(json.dumps({"paired": result["paired"][length]}, indent=1), flush=True)
         result["stored_bytes"] = [stored_bytes(args, server.url, server, tp, gen)
                                   for tp in ((1, 2) if args.tp_check else (1,))]
         print(json.dumps(result["stored_bytes"], indent=1), flush=True)

@@ -31,6 +31,7 @@ class StepPlanMsg:
     block_tables: list[list[int]]
     sample_rows: list[int]
     num_spec: list[int]  # per sequence, draft tokens to verify (empty: none; see stages/step_plan.py)
+    wait_loads: list[int]  # layer-wise loads whose blocks the step reads: each layer waits for its own
 
 
 @dataclass
@@ -226,6 +227,8 @@ class KvLoadMsg:
     remote_blocks: list[int] = dataclasses.field(default_factory=list)
     remote_timeout_s: float = 10.0
     remote_backend: str = "zmq"  # how the bytes come: in the answer's frames (zmq) or by a NIXL read (nixl)
+    # layer-wise (kvstore/layer_ready.py): steps that list this load wait, per layer, only for that layer
+    layerwise: bool = False
 
 
 @dataclass

@@ -65,6 +65,10 @@ class EngineConfig:
     kv_store_timeout: float = 1.0  # seconds for each store call
     kv_store_probe_interval: float = 5.0  # seconds between probes of a store whose breaker is open
     kv_load_cost_rule: bool = True  # skip store loads estimated slower than recomputing
+    # layer-wise loads from the host tier and the store (LMCache's use_layerwise, off by default there too): off,
+    # because on the CPU machine it was measured on the load and the step share the cores and the GIL, and it
+    # did not pay (BENCHMARKS.md)
+    kv_layerwise: bool = False
     kv_store_connections: int = 4  # connections (and threads) per rank reading a store load's chunks in parallel
     # prefill/decode disaggregation (kvstore/disagg.py): "" colocated, "prefill" or "decode"
     disaggregation_mode: str = ""

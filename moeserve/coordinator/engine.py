@@ -116,8 +116,10 @@ class Engine(EngineStep):
         self.expert_load = ExpertLoadMonitor(self.executor, self.model_config, config.expert_load_interval,
                                              self._phy2log(), EplbConfig.of(config))
         spec = config.speculative_config
+        # NOTE: no layer-wise loads under speculative decoding: its verify step has no place to drop a row
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_seqs, config.effective_max_num_batched_tokens,
-                                                   spec.num_lookahead_tokens if spec else 0), self.kv)
+                                                   spec.num_lookahead_tokens if spec else 0,
+                                                   config.kv_layerwise and spec is None), self.kv)
 
     def restart_ranks(self) -> list[Request]:
         """After a rank died (the step raised WorkerError): fresh ranks (``Executor.restart``), an empty cache,

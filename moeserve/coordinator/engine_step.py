@@ -218,6 +218,7 @@ class EngineStep:
         if sched.is_empty:
             return None
         plan = build_step_plan(sched, prev)
+        plan.wait_loads = self.kv.wait_loads([s.request.request_id for s in sched.scheduled])
         to_sample = [sched.scheduled[i].request for i in plan.sample_rows]
         for req in to_sample:
             req.num_output_placeholders += 1
@@ -234,9 +235,11 @@ class EngineStep:
         with self.stats.phase("collect"):
             logits = self.executor.collect(batch.handle).to(self.config.torch_device).float()
             batch.handle = None
+            if batch.plan.wait_loads:  # layer-wise loads under it: a short one drops its request's rows
+                self.scheduler.confirm_loads(batch.sched)
         with self.stats.phase("sample"):
             reqs = batch.to_sample
-            live = [i for i, r in enumerate(reqs) if r.status is not RequestStatus.FINISHED]
+            live = [i for i, r in enumerate(reqs) if r.status is RequestStatus.RUNNING]
             if len(live) < len(reqs):
                 logits = logits[to_device(torch.tensor(live, dtype=torch.long), logits.device)]
                 reqs = [reqs[i] for i in live]

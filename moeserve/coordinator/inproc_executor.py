@@ -134,7 +134,9 @@ class InProcessExecutor(Executor):
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
                      read_threads: int = 4, nixl: bool = False) -> KvTransport:
         mover = BlockMover(self.runner.kv_caches, layout, num_host_blocks, store, read_threads=read_threads)
-        return LocalTransport(mover, NixlAgent(mover.caches, "decode") if nixl else None)
+        transport = LocalTransport(mover, NixlAgent(mover.caches, "decode") if nixl else None)
+        self.runner.layer_ready = transport.worker.ready  # layer-wise loads: the steps wait on their layers
+        return transport
 
     def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:
         if self._block_server is None:

@@ -208,7 +208,7 @@ class RankExecutor(Executor):
         self.step_id += 1
         self._broadcast(encode(StepPlanMsg(self.step_id, plan.token_ids, plan.query_lens, plan.num_computed,
                                            [list(t) for t in plan.block_tables], plan.sample_rows,
-                                           plan.num_spec)))
+                                           plan.num_spec, plan.wait_loads)))
         return self.step_id
 
     def draft(self, plan: DraftPlan) -> torch.Tensor:

@@ -11,7 +11,11 @@ requests of those batches (never scheduling or preempting them) and can cap the 
 requests split into interleaved batches. Once no batch is in flight the single-batch guarantee above holds.
 
 A request whose prefix the KV connector can load (host tier, store, a prefill instance) waits in ``loading``,
-holding its blocks, while the ranks load them; once they are in it goes back to the head of the queue.
+holding its blocks, while the ranks load them; once they are in it goes back to the head of the queue. With
+``layerwise`` it is scheduled at once instead, its loaded prefix counted as computed: the step's plan lists the
+load, each layer waits on the ranks for its own blocks, and once the step is collected ``confirm_loads`` waits
+for the load's report; a short load rolls the request back (the step's token for it is dropped, and it is
+recomputed from the blocks that did arrive, which are cached by then).
 
 With async scheduling the engine schedules the next batch before the last one's sampled ids reach the host:
 a request counts those tokens as ``num_output_placeholders``, so that it is scheduled to decode the token
@@ -21,6 +25,7 @@ not scheduled again.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -34,6 +39,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     # slots held past a request's scheduled tokens (speculative decoding: where chained drafts are written)
     num_lookahead_tokens: int = 0
+    layerwise: bool = False  # KV loads that can be layer-wise are (the request is scheduled at once)
 
     def __post_init__(self) -> None:
         if self.max_num_seqs <= 0:
@@ -79,6 +85,8 @@ class Scheduler:
         self.running: list[Request] = []
         self.loading: dict[str, Request] = {}  # waiting for their prefix's blocks (KV connector)
         self._loaded: set[str] = set()  # requests that had a load since admission (or preemption): no second
+        self._unconfirmed: dict[str, bool | None] = {}  # scheduled on a layer-wise load -> complete? (None: running)
+        self.num_rolled_back = 0  # steps dropped for a request because its layer-wise load came short
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -94,6 +102,7 @@ class Scheduler:
             self.waiting.remove(request)
         self.loading.pop(request.request_id, None)
         self._loaded.discard(request.request_id)
+        self._unconfirmed.pop(request.request_id, None)
         self.kv.free(request.request_id)
 
     def _slots(self, req: Request, num_new: int) -> int:
@@ -147,11 +156,14 @@ class Scheduler:
             assert not req.num_output_placeholders, "a waiting request's last outputs are processed"
             if req.num_computed_tokens == 0 and not self.kv.holds(req.request_id):
                 req.num_computed_tokens = self.kv.match_prefix(req.request_id, req.token_ids)  # cached prefix
-                if req.request_id not in self._loaded and \
-                        self.kv.start_load(req.request_id, req.token_ids, req.params.kv_transfer):  # and a load
+                if req.request_id not in self._loaded and self.kv.start_load(
+                        req.request_id, req.token_ids, req.params.kv_transfer, self.config.layerwise):  # and a load
                     self._loaded.add(req.request_id)
-                    self.loading[req.request_id] = self.waiting.popleft()
-                    continue
+                    if not self.kv.is_layerwise(req.request_id):
+                        self.loading[req.request_id] = self.waiting.popleft()
+                        continue
+                    self._unconfirmed[req.request_id] = None  # scheduled now, over the load
+                    req.num_computed_tokens = self.kv.num_held_tokens(req.request_id)
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
             table = self.kv.allocate_slots(req.request_id, self._slots(req, num_new))
             if table is None:
@@ -178,11 +190,43 @@ class Scheduler:
         return out
 
     def _take_loaded(self) -> None:
-        """Requests whose loads are done go back to the head of the queue, oldest first."""
-        done = self.kv.finish_loads()
-        for request_id, num_cached in sorted(done, key=lambda d: self.loading[d[0]].arrival_time, reverse=True):
-            req = self.loading.pop(request_id)
-            req.num_computed_tokens = num_cached
+        """Requests whose loads are done go back to the head of the queue, oldest first; how a layer-wise load
+        ended is kept for ``confirm_loads``."""
+        waited = []
+        for done in self.kv.finish_loads():
+            if done.layerwise:
+                if done.request_id in self._unconfirmed:
+                    self._unconfirmed[done.request_id] = done.complete
+            else:
+                waited.append(done)
+        for done in sorted(waited, key=lambda d: self.loading[d.request_id].arrival_time, reverse=True):
+            req = self.loading.pop(done.request_id)
+            req.num_computed_tokens = done.num_cached_tokens
+            self.waiting.appendleft(req)
+
+    def confirm_loads(self, out: SchedulerOutput, timeout_s: float = 300.0) -> None:
+        """After a step that read layer-wise loads ran (its logits are collected, so every rank has passed its
+        last layer, and every load under it has ended): wait for the loads' reports. A request whose load was
+        short is rolled back: it leaves ``running``, its blocks are freed (those that arrived are cached), and it
+        goes back to the head of the queue to be recomputed. Its rows in this step are then neither sampled nor
+        advanced (its status is no longer RUNNING)."""
+        ids = [s.request.request_id for s in out.scheduled if s.request.request_id in self._unconfirmed]
+        deadline = time.monotonic() + timeout_s
+        while any(self._unconfirmed[i] is None for i in ids):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"layer-wise KV loads of {ids} not reported within {timeout_s:.0f} s")
+            self.kv.wait_for_loads(0.005)
+            self._take_loaded()
+        for s in out.scheduled:
+            req = s.request
+            if self._unconfirmed.pop(req.request_id, True) or req.status is not RequestStatus.RUNNING:
+                continue
+            self.running.remove(req)
+            self.num_rolled_back += 1
+            self.kv.free(req.request_id)
+            req.num_computed_tokens = 0
+            req.num_output_placeholders = 0
+            req.status = RequestStatus.PREEMPTED
             self.waiting.appendleft(req)
 
     def advance(self, out: SchedulerOutput) -> None:
@@ -194,7 +238,7 @@ class Scheduler:
         block_size = self.kv.block_size
         for s in out.scheduled:
             req = s.request
-            if req.status is RequestStatus.FINISHED:
+            if req.status is not RequestStatus.RUNNING:  # finished, or rolled back (confirm_loads)
                 continue
             before = req.num_computed_tokens
             req.num_computed_tokens += s.num_new_tokens - s.num_rejected_tokens

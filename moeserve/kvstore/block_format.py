@@ -96,18 +96,30 @@ def check_block(head: bytes | bytearray | memoryview, payload: Sequence[bytes | 
     in order) -- is this block for this layout, else why it is a miss."""
     if len(head) != layout.head_bytes or sum(len(p) for p in payload) != layout.payload_bytes:
         return f"{len(head) + sum(len(p) for p in payload)} bytes, expected {layout.value_bytes}"
+    why = check_head(head, layout, chain_hash, tokens)
+    if why:
+        return why
     view = memoryview(head)
     checksum = bytes(view[HEADER_BYTES - 16:HEADER_BYTES])
-    if bytes(view[:HEADER_BYTES]) != _head(layout, chain_hash, checksum):
-        return "header does not match (version, model, layout or hash)"
-    if bytes(view[HEADER_BYTES:]) != struct.pack(f"<{len(tokens)}I", *tokens):
-        return "token ids differ (hash collision)"
     digest = xxhash.xxh3_128(_head(layout, chain_hash, bytes(16)))
     digest.update(view[HEADER_BYTES:])
     for part in payload:
         digest.update(part)
     if digest.digest() != checksum:
         return "checksum mismatch"
+    return ""
+
+
+def check_head(head: bytes | bytearray | memoryview, layout: BlockLayout, chain_hash: int,
+               tokens: Sequence[int]) -> str:
+    """"" when a value's header and token ids are this block's (its checksum is not checked: a layer-wise load
+    checks it once every layer is in), else why it is a miss."""
+    view = memoryview(head)
+    checksum = bytes(view[HEADER_BYTES - 16:HEADER_BYTES])
+    if bytes(view[:HEADER_BYTES]) != _head(layout, chain_hash, checksum):
+        return "header does not match (version, model, layout or hash)"
+    if bytes(view[HEADER_BYTES:]) != struct.pack(f"<{len(tokens)}I", *tokens):
+        return "token ids differ (hash collision)"
     return ""
 
 

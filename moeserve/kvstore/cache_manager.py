@@ -11,7 +11,9 @@ each step ``cache_full_blocks`` registers the request's newly computed full bloc
 With a ``connector`` (kvstore/connector.py: the host tier and the shared store, or a prefill instance) a
 device match is extended by a load: ``start_load`` allocates the blocks the connector can fill and hands
 them over; the request holds them while they load, and ``finish_loads`` registers those that arrived and
-frees the rest. Newly computed full blocks are written through (``connector.save``).
+frees the rest. Newly computed full blocks are written through (``connector.save``). A layer-wise load
+(``start_load(layerwise=True)``) is scheduled at once: the request counts the blocks as computed, steps that
+read them list the load (``wait_loads``), and only a complete load registers them (``finish_loads``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from moeserve.kvstore.prefix import ROOT_HASH, block_hashes
 
 if TYPE_CHECKING:
     from moeserve.kvstore.connector import KVConnector
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    request_id: str
+    num_cached_tokens: int  # the request's tokens now in the device cache (a waiting load's)
+    layerwise: bool
+    complete: bool  # every block asked for arrived (a layer-wise load that is not must be recomputed)
 
 
 @dataclass(frozen=True)
@@ -55,6 +65,7 @@ class KVCacheManager:
         # request -> (the blocks being loaded, their hashes and tokens); and loading requests already freed
         self._loading: dict[str, tuple[list[int], list[int], list[tuple[int, ...]]]] = {}
         self._freed_while_loading: set[str] = set()
+        self._layerwise: dict[str, int] = {}  # request -> its layer-wise load's id, until the load is done
 
     @property
     def num_blocks(self) -> int:
@@ -93,9 +104,12 @@ class KVCacheManager:
         self.num_prefix_query_tokens += len(token_ids)
         return len(blocks) * bs
 
-    def start_load(self, request_id: str, token_ids: Sequence[int], kv_transfer: str | None = None) -> bool:
+    def start_load(self, request_id: str, token_ids: Sequence[int], kv_transfer: str | None = None,
+                   layerwise: bool = False) -> bool:
         """After ``match_prefix``: if the connector can fill the following full blocks, allocate them and
-        start their load (True: the request waits for ``finish_loads``)."""
+        start their load (True: the request waits for ``finish_loads``, or, when the load is layer-wise --
+        ``layerwise`` asked, the plan allows it and the cache holds the whole prompt -- is scheduled at once,
+        with ``num_held_tokens`` computed)."""
         if self.connector is None:
             return False
         bs = self.block_size
@@ -110,36 +124,62 @@ class KVCacheManager:
         n = min(plan.num_blocks, self.pool.num_free) if plan is not None else 0
         if plan is None or n == 0:
             return False
+        # NOTE: layer-wise only when the rest of the prompt fits beside the load: the request is then scheduled at
+        # once, and never holds loading blocks while it waits for more
+        layerwise = layerwise and plan.layerwise and \
+            blocks_needed(len(token_ids), bs) - start - n <= self.pool.num_free - n
         blocks = self.pool.allocate(n)
         self._tables.setdefault(request_id, []).extend(blocks)
         self._views.pop(request_id, None)
         self._loading[request_id] = (blocks, hashes[:n], tokens[:n])
-        self.connector.begin_load(request_id, plan, blocks)
+        load_id = self.connector.begin_load(request_id, plan, blocks, layerwise)
+        if layerwise:
+            self._layerwise[request_id] = load_id
         return True
 
-    def finish_loads(self) -> list[tuple[str, int]]:
-        """Loads that are done: (request, tokens now cached) for each request still here. The blocks that
-        arrived are registered (cached for others too); the rest are freed, to be recomputed."""
+    def num_held_tokens(self, request_id: str) -> int:
+        """The tokens of the request's blocks (those matched and those being loaded)."""
+        return len(self._tables.get(request_id, ())) * self.block_size
+
+    def is_layerwise(self, request_id: str) -> bool:
+        return request_id in self._layerwise
+
+    def wait_loads(self, request_ids: Sequence[str]) -> list[int]:
+        """The layer-wise loads still running under these requests (a step that reads them lists them)."""
+        return [self._layerwise[r] for r in request_ids if r in self._layerwise]
+
+    def finish_loads(self) -> list[LoadResult]:
+        """Loads that are done, for each request still here. The blocks that arrived are registered (cached
+        for others too); of a waiting load the rest are freed, to be recomputed; a layer-wise load's request
+        keeps its table (a short load: the scheduler frees it and recomputes the request)."""
         if self.connector is None or not self._loading:
             return []
         out = []
         for done in self.connector.finished_loads():
-            blocks, hashes, tokens = self._loading.pop(done.request_id)
-            table = self._tables[done.request_id]
+            rid = done.request_id
+            blocks, hashes, tokens = self._loading.pop(rid)
+            layerwise = self._layerwise.pop(rid, None) is not None
+            table = self._tables[rid]
             got = done.num_blocks
             for block, h, t in zip(blocks[:got], hashes, tokens):
                 self.pool.register(block, h, t)
-            del table[len(table) - len(blocks) + got:]
-            self.pool.free(blocks[got:][::-1])
-            self._hashes.setdefault(done.request_id, []).extend(hashes[:got])
-            if done.request_id in self._freed_while_loading:
-                self._freed_while_loading.discard(done.request_id)
-                self.free(done.request_id)
+            if not layerwise:
+                del table[len(table) - len(blocks) + got:]
+                self.pool.free(blocks[got:][::-1])
+            self._hashes.setdefault(rid, []).extend(hashes[:got])
+            if rid in self._freed_while_loading:
+                self._freed_while_loading.discard(rid)
+                self.free(rid)
                 continue
             if not table:
-                del self._tables[done.request_id]
-            out.append((done.request_id, len(table) * self.block_size))
+                del self._tables[rid]
+            out.append(LoadResult(rid, len(table) * self.block_size, layerwise, got == len(blocks)))
         return out
+
+    def wait_for_loads(self, timeout_s: float) -> None:
+        """Block until a load report arrives (or ``timeout_s`` passes); ``finish_loads`` then takes it."""
+        if self.connector is not None:
+            self.connector.wait(timeout_s)
 
     @property
     def num_loading(self) -> int:

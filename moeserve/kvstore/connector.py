@@ -6,7 +6,10 @@ The split of work:
 
 - The scheduler decides (through ``KVCacheManager``): at admission, after the device-cache match, it asks
   the connector for a ``LoadPlan`` of the following blocks (``plan_load``); it allocates device blocks for
-  them and hands them over (``begin_load``). The request waits, holding its blocks, until the load is done.
+  them and hands them over (``begin_load``). The request waits, holding its blocks, until the load is done;
+  or, layer-wise (LMCache's mode), it is scheduled at once and the step plan lists the load: each rank runs
+  layer L once layer L of the load is in, and the step is dropped (the request recomputed from what did
+  arrive) if the load turns out short.
 - Every step's loads and saves (blocks newly computed, ``save``) go to the ranks ahead of the step plan
   (``send_ops``, called by the engine before it launches a batch and at the end of each step), as typed
   messages (``KvLoadMsg``, ``KvSaveMsg``).
@@ -37,6 +40,11 @@ class LoadPlan(Protocol):
     @property
     def num_blocks(self) -> int: ...
 
+    @property
+    def layerwise(self) -> bool:
+        """Whether the load can be layer-wise: the request scheduled at once, each step layer waiting for its
+        own blocks (kvstore/layer_ready.py)."""
+
 
 class KVConnector(Protocol):
     def plan_load(self, hashes: Sequence[int], tokens: Sequence[tuple[int, ...]],
@@ -45,9 +53,10 @@ class KVConnector(Protocol):
         can be filled, from the first; None when none can (or it is not worth it). ``kv_transfer``: the
         request's transfer parameters (JSON text), for connectors that load a given request's blocks."""
 
-    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int]) -> None:
+    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int], layerwise: bool = False) -> int:
         """Load the first ``len(blocks)`` blocks of ``plan`` into the device ``blocks`` (sent with the next
-        ``send_ops``); a ``LoadDone`` for ``request_id`` follows."""
+        ``send_ops``); a ``LoadDone`` for ``request_id`` follows. ``layerwise`` (only where ``plan.layerwise``):
+        the ranks announce each layer as it lands, for steps that list the returned load id."""
 
     def save(self, blocks: Sequence[int], hashes: Sequence[int], tokens: Sequence[tuple[int, ...]]) -> None:
         """Newly computed full blocks (sent with the next ``send_ops``)."""
@@ -105,10 +114,11 @@ class QueuedConnector:
         self._pending: dict[int, tuple[PendingLoad, object]] = {}  # load id -> (its reports, the subclass's)
         self._done: list[LoadDone] = []  # finished while waiting
 
-    def _queue_load(self, msg_of: Callable[[int], KvLoadMsg], request_id: str, state: object) -> None:
+    def _queue_load(self, msg_of: Callable[[int], KvLoadMsg], request_id: str, state: object) -> int:
         self._load_id += 1
         self._ops.append(msg_of(self._load_id))
         self._pending[self._load_id] = (PendingLoad(request_id, self.num_ranks, {}), state)
+        return self._load_id
 
     def send_ops(self) -> None:
         ops, self._ops = self._ops, []

@@ -107,6 +107,10 @@ class RemotePlan:
     def num_blocks(self) -> int:
         return len(self.hashes)
 
+    @property
+    def layerwise(self) -> bool:
+        return False  # a pull is not layer-ordered: the request waits for it
+
 
 class RemoteConnector(QueuedConnector):
     """The decode side: a request's prompt blocks come from the prefill instance that computed them."""
@@ -126,10 +130,10 @@ class RemoteConnector(QueuedConnector):
         params = KvTransferParams.from_json(kv_transfer)  # checked at admission (check_transfer)
         return RemotePlan(params.remote_addr, params.transfer_id, tuple(hashes))
 
-    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int]) -> None:
-        assert isinstance(plan, RemotePlan)
+    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int], layerwise: bool = False) -> int:
+        assert isinstance(plan, RemotePlan) and not layerwise
         hashes = [f"{h:032x}" for h in plan.hashes[:len(blocks)]]
-        self._queue_load(lambda load_id: KvLoadMsg(
+        return self._queue_load(lambda load_id: KvLoadMsg(
             load_id, [], [], [], [], [], remote_addr=plan.remote_addr, remote_id=plan.transfer_id,
             remote_hashes=hashes, remote_fingerprint=self.layout.fingerprint, remote_blocks=list(blocks),
             remote_timeout_s=self.timeout_s, remote_backend=self.backend), request_id, plan)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moeserve.device_copy import to_device
@@ -191,6 +192,32 @@ class BlockMover:
             return LoadReport(0, 0, 0)
         try:
             r = self.loader.load(store_hashes, store_tokens, store_blocks)
+        except StoreError as e:
+            logger.warning("loading %d stored blocks failed (%s): recomputing them", len(store_hashes), e)
+            return LoadReport(0, 0, 0, str(e))
+        self.counters.corrupt_blocks += r.num_corrupt
+        return LoadReport(r.num_ok, r.nbytes, r.num_corrupt)
+
+    def load_layerwise(self, host_slots: Sequence[int], host_blocks: Sequence[int], store_hashes: Sequence[int],
+                       store_tokens: Sequence[Sequence[int]], store_blocks: Sequence[int],
+                       on_layer: Callable[[int], None]) -> LoadReport:
+        """Both, layer by layer (the loader thread of a layer-wise load): ``on_layer(j)`` once the first j
+        layers of every block are in. On a CPU the host slots are copied here, one layer at a time; on an
+        accelerator they were queued at once (``load_host``, in stream order before the step that reads them)."""
+        if not self.pin and host_slots:
+            assert self.host is not None, "a host-tier load on a rank without a host pool"
+            # NOTE: numpy, not torch: a torch op on this thread would start a second OpenMP team, whose threads
+            # spin after it on the cores the step computes on (the step ran twice as long)
+            host, slots, idx = self.host.numpy(), np.array(host_slots), np.array(host_blocks)
+            for j, cache in enumerate(self.caches):
+                cache.numpy()[idx] = host[slots, j]
+                if not store_hashes:
+                    on_layer(j + 1)
+        if not store_hashes or self.loader is None:
+            on_layer(len(self.caches))
+            return LoadReport(0, 0, 0)
+        try:
+            r = self.loader.load_layers(store_hashes, store_tokens, store_blocks, on_layer)
         except StoreError as e:
             logger.warning("loading %d stored blocks failed (%s): recomputing them", len(store_hashes), e)
             return LoadReport(0, 0, 0, str(e))

@@ -4,15 +4,15 @@ CPU, a pinned staging buffer on an accelerator), and a small pool of such connec
 
 redis-py (with hiredis) parses every value into a new ``bytes`` object, which then has to be copied to where
 it goes: for latent blocks of megabytes that copy, and the allocation, are a large part of a load. Here the
-only copy is the kernel's, from the socket into the destination. Only ``MGET`` (and ``AUTH`` / ``SELECT``
-on connect) is spoken; every other call stays on redis-py (kvstore/store.py).
+only copy is the kernel's, from the socket into the destination. Only ``MGET``, ``GETRANGE`` (and ``AUTH`` /
+``SELECT`` on connect) are spoken; every other call stays on redis-py (kvstore/store.py).
 """
 
 from __future__ import annotations
 
 import queue
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
 
@@ -88,11 +88,25 @@ class RespConnection:
         head = self._line()
         if head[:1] != b"*" or int(head[1:]) != len(keys):
             raise RespError(f"unexpected MGET reply {head[:64]!r}")
+        return self._values(dests, b"MGET")
+
+    def getrange_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        """``GETRANGE key start end`` for each (key, start) of ``ranges``, pipelined (one round trip; a layer-wise
+        load reads one layer's slice of its blocks); bytes ``[start, start + len(dests[i]))`` go into
+        ``dests[i]``. Returns each range's length (a missing key or a short value: less than asked, not kept)."""
+        cmds = []
+        for (key, start), parts in zip(ranges, dests):
+            end = start + sum(len(p) for p in parts) - 1
+            cmds.append(_command(b"GETRANGE", key.encode(), b"%d" % start, b"%d" % end))
+        self.sock.sendall(b"".join(cmds))
+        return self._values(dests, b"GETRANGE")
+
+    def _values(self, dests: Sequence[Sequence[memoryview]], what: bytes) -> list[int]:
         lengths = []
         for parts in dests:
             line = self._line()
             if line[:1] != b"$":
-                raise RespError(f"unexpected MGET value {line[:64]!r}")
+                raise RespError(f"unexpected {what.decode()} value {line[:64]!r}")
             size = int(line[1:])
             lengths.append(size)
             if size < 0:
@@ -117,12 +131,18 @@ class RespPool:
         self._idle: queue.LifoQueue[RespConnection] = queue.LifoQueue()
 
     def mget_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        return self._with(lambda conn: conn.mget_into(keys, dests))
+
+    def getrange_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        return self._with(lambda conn: conn.getrange_into(ranges, dests))
+
+    def _with(self, call: Callable[[RespConnection], list[int]]) -> list[int]:
         try:
             conn = self._idle.get_nowait()
         except queue.Empty:
             conn = RespConnection(self.url, self.timeout_s)
         try:
-            lengths = conn.mget_into(keys, dests)
+            lengths = call(conn)
         except BaseException:
             conn.close()
             raise

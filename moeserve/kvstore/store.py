@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -57,6 +57,11 @@ class KVStore(Protocol):
         when its length is theirs. Returns each value's length (-1: missing; another length: not written).
         Safe to call from several threads (a server store reads over several connections)."""
 
+    def read_ranges_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        """As ``read_into``, in one round trip, for bytes ``[start, start + len(dests[i]))`` of the value of each
+        (key, start) of ``ranges`` (a layer-wise load reads one layer's slice of its blocks). Returns each
+        range's length (short: missing, nothing written)."""
+
     def stats(self) -> StoreStats: ...
 
 
@@ -84,6 +89,16 @@ def check_store_url(url: str) -> None:
         port = parts.netloc.rpartition("@")[2].rpartition(":")[2]
         raise StoreConfigError(f"--kv-store {redact(url)}: the port {port!r} is not a port number "
                                "(0-65535)") from None
+
+
+def copy_ranges_into(get: Callable[[Sequence[str]], list[bytes | None]], ranges: Sequence[tuple[str, int]],
+                     dests: Sequence[Sequence[memoryview]]) -> list[int]:
+    """``read_ranges_into`` through ``get`` of whole values (one call, a copy each)."""
+    keys = list(dict.fromkeys(key for key, _ in ranges))
+    values = dict(zip(keys, get(keys)))
+    cut = [None if values[k] is None else values[k][s:s + sum(len(p) for p in parts)]  # type: ignore[index]
+           for (k, s), parts in zip(ranges, dests)]
+    return [max(0, n) for n in copy_values_into(cut, dests)]
 
 
 def copy_values_into(values: Sequence[bytes | None], dests: Sequence[Sequence[memoryview]]) -> list[int]:
@@ -130,6 +145,9 @@ class MemoryStore:
 
     def read_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
         return copy_values_into(self.get(keys), dests)
+
+    def read_ranges_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        return copy_ranges_into(self.get, ranges, dests)
 
     def stats(self) -> StoreStats:
         return StoreStats(**vars(self._stats))
@@ -246,6 +264,17 @@ class RedisStore:
         lengths = self._call("get", lambda: reader.mget_into(keys, dests))
         with self._lock:
             self._stats.bytes_read += sum(n for n in lengths if n > 0)
+        return lengths
+
+    def read_ranges_into(self, ranges: Sequence[tuple[str, int]], dests: Sequence[Sequence[memoryview]]) -> list[int]:
+        if not ranges:
+            return []
+        reader = self._reader
+        if reader is None:  # NOTE: TLS: whole values through redis-py, then the ranges copied out
+            return copy_ranges_into(self.get, ranges, dests)
+        lengths = self._call("get", lambda: reader.getrange_into(ranges, dests))
+        with self._lock:
+            self._stats.bytes_read += sum(lengths)
         return lengths
 
     def stats(self) -> StoreStats:

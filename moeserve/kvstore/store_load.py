@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -96,6 +96,61 @@ class StoreLoader:
             self._to_device(staging[:num_ok], blocks[:num_ok])
         return ChunkResult(num_ok, sum(n for n in lengths if n > 0), corrupt)
 
+    def load_layers(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int],
+                    on_layer: Callable[[int], None]) -> ChunkResult:
+        """``load``, layer by layer: for each layer in turn, its slice of every value (``GETRANGE``; the header
+        and token ids come with layer 0) is read in spans over the connection pool, in parallel, one round trip
+        each, and ``on_layer(j + 1)`` is called once layer j of every block is in. Headers and checksums are
+        checked at the end, over what landed: a step that ran over a block found unusable then is dropped by the
+        coordinator. Raises StoreError when nothing at all could be read.
+
+        On an accelerator the values are read whole (``load``) and every layer is announced at the end."""
+        if self.staged:
+            result = self.load(hashes, tokens, blocks)
+            on_layer(len(self.caches))
+            return result
+        layout = self.layout
+        keys = [layout.key(h) for h in hashes]
+        heads = [bytearray(layout.head_bytes) for _ in hashes]
+        num_ok, nbytes, error = len(hashes), 0, None
+        for j in range(len(self.caches)):
+            num_ok, got, failed = self._read_layer(j, keys, heads, blocks[:num_ok])
+            nbytes += got
+            error = error or failed
+            on_layer(j + 1)
+        if error is not None and num_ok == 0:
+            raise error
+        for i in range(num_ok):
+            why = check_block(heads[i], [rows[blocks[i]].data for rows in self._rows], layout, hashes[i], tokens[i])
+            if why:
+                logger.warning("stored block %s is not usable (%s): recomputing it", keys[i], why)
+                return ChunkResult(i, nbytes, 1)
+        return ChunkResult(num_ok, nbytes, 0)
+
+    def _read_layer(self, j: int, keys: Sequence[str], heads: Sequence[bytearray],
+                    blocks: Sequence[int]) -> tuple[int, int, BaseException | None]:
+        """Layer j of ``blocks`` (the first ``len(blocks)`` of the load) into the cache: (how many blocks, from
+        the first, it holds in full, bytes read, the first error)."""
+        n, rows = len(blocks), self._rows[j]
+        start = 0 if j == 0 else self.layout.head_bytes + j * (self.layout.payload_bytes // len(self.caches))
+        dests = [[memoryview(heads[i]), rows[b].data] if j == 0 else [rows[b].data] for i, b in enumerate(blocks)]
+        size = max(1, -(-n // self.num_threads))
+        spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+        futures = [self._pool.submit(self.store.read_ranges_into, [(k, start) for k in keys[lo:hi]], dests[lo:hi])
+                   for lo, hi in spans]
+        wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
+        num_ok, nbytes, error = n, 0, None
+        for (lo, _), f in zip(spans, futures):
+            if f.exception() is not None:
+                error = error or f.exception()
+                num_ok = min(num_ok, lo)
+                continue
+            for i, got in enumerate(f.result(), start=lo):
+                nbytes += got
+                if got < sum(len(p) for p in dests[i]):
+                    num_ok = min(num_ok, i)  # missing, or cut short, from this layer on
+        return num_ok, nbytes, error
+
     def _staging(self, k: int) -> torch.Tensor:
         """This thread's pinned slot, as [k, L * block_size * kv_dim * itemsize] bytes."""
         slot = getattr(self._local, "slot", None)
@@ -119,3 +174,4 @@ class StoreLoader:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+

@@ -105,7 +105,8 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
     if not num_host and store is None:
         return None
     layouts = stage_layouts(config, stage_layers, kv_dim)
-    tier_config = TierConfig(config.effective_block_size, num_host, layouts, config.kv_load_cost_rule)
+    tier_config = TierConfig(config.effective_block_size, num_host, layouts, config.kv_load_cost_rule,
+                             config.kv_layerwise)
     logger.info("host tier: %d blocks (%d MiB per rank)%s", num_host,
                 num_host * config.effective_block_size * bytes_per_token >> 20,
                 "; shared store on" if store is not None else "")

@@ -66,6 +66,7 @@ class TierConfig:
     host_blocks: int  # slots of the host pool (0 = no host tier)
     layouts: tuple[BlockLayout, ...]  # the stored form of each pipeline stage
     cost_rule: bool = True  # skip store loads estimated slower than recomputing
+    layerwise: bool = True  # loads may be layer-wise (kvstore/layer_ready.py)
 
     @property
     def block_bytes(self) -> int:
@@ -81,6 +82,7 @@ class TierStats:
     host_bytes_written: int = 0
     store_bytes_read: int = 0
     loads_skipped: int = 0  # store loads the cost rule judged slower than recomputing
+    layerwise_loads: int = 0  # loads the request did not wait for (kvstore/layer_ready.py)
     lookup_errors: int = 0
     corrupt_blocks: int = 0
     load_s_sum: float = 0.0
@@ -94,6 +96,7 @@ class TierLoadPlan:
     hashes: tuple[int, ...]
     tokens: tuple[tuple[int, ...], ...]
     host_slots: tuple[int, ...]
+    layerwise: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -131,7 +134,7 @@ class TierManager(QueuedConnector):
         n = len(host_slots) + self._store_prefix(hashes[len(host_slots):])
         if n == 0:
             return None
-        return TierLoadPlan(tuple(hashes[:n]), tuple(tokens[:n]), tuple(host_slots))
+        return TierLoadPlan(tuple(hashes[:n]), tuple(tokens[:n]), tuple(host_slots), self.config.layerwise)
 
     def _store_prefix(self, hashes: Sequence[int]) -> int:
         """How many of ``hashes``, from the first, are stored for every stage (0 when it is not worth it)."""
@@ -157,12 +160,15 @@ class TierManager(QueuedConnector):
             return True  # nothing measured yet: load, and measure
         return self.store_s_per_block < self.config.block_size * self.prefill_s_per_token
 
-    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int]) -> None:
+    def begin_load(self, request_id: str, plan: LoadPlan, blocks: Sequence[int], layerwise: bool = False) -> int:
         assert isinstance(plan, TierLoadPlan) and len(blocks) <= plan.num_blocks
+        assert plan.layerwise or not layerwise
+        self.stats.layerwise_loads += int(layerwise)
         n, nh = len(blocks), min(len(blocks), len(plan.host_slots))
-        self._queue_load(lambda load_id: KvLoadMsg(
+        return self._queue_load(lambda load_id: KvLoadMsg(
             load_id, list(plan.host_slots[:nh]), list(blocks[:nh]), [f"{h:032x}" for h in plan.hashes[nh:n]],
-            [list(t) for t in plan.tokens[nh:n]], list(blocks[nh:n])), request_id, _TierLoad(plan, list(blocks)))
+            [list(t) for t in plan.tokens[nh:n]], list(blocks[nh:n]), layerwise=layerwise), request_id,
+            _TierLoad(plan, list(blocks)))
 
     def _finish(self, pending: PendingLoad, state: object) -> LoadDone:
         """Count a load every rank has done; write its stored blocks through to the host pool."""

@@ -11,15 +11,19 @@ run in the order sent, between step plans, so a save always sees the step that c
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from typing import Protocol
 
 from moeserve.comm.messages import KvLoadedMsg, KvLoadMsg, KvSaveMsg
+from moeserve.kvstore.layer_ready import LayerReady
 from moeserve.kvstore.mover import BlockMover, LoadReport
 from moeserve.kvstore.nixl_transfer import NixlAgent
 from moeserve.kvstore.remote import pull_remote_blocks
+
+logger = logging.getLogger(__name__)
 
 
 class KvTransport(Protocol):
@@ -61,16 +65,22 @@ class KvWorker:
         self._loads: queue.Queue[KvLoadMsg | None] = queue.Queue()
         self._done: queue.Queue[KvLoadedMsg] = queue.Queue()
         self.num_pending = 0  # loads not yet reported by ``poll``
+        self.ready = LayerReady(mover.layers)  # the layers in of each layer-wise load (steps wait on them)
         self._thread = threading.Thread(target=self._load_loop, name="kv-loader", daemon=True)
         self._thread.start()
 
     def submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
         if isinstance(msg, KvSaveMsg):
+            if any(slot >= 0 for slot in msg.host_slots) and self.ready.busy():
+                self.ready.wait_all()  # NOTE: a layer-wise load may still read a host slot this save reuses
             self.mover.save(msg.blocks, msg.host_slots, [int(h, 16) for h in msg.hashes], msg.tokens, msg.to_store)
         elif msg.load_id == 0:  # a counters request: answered at once
             self._done.put(counters_of(self.mover, self.rank))
         else:
-            self.mover.load_host(msg.host_slots, msg.host_blocks)
+            if msg.layerwise:
+                self.ready.start(msg.load_id)  # before the step plan that waits for it arrives
+            if not msg.layerwise or self.mover.pin:
+                self.mover.load_host(msg.host_slots, msg.host_blocks)
             self.num_pending += 1
             self._loads.put(msg)
 
@@ -80,12 +90,31 @@ class KvWorker:
             if msg is None:
                 return
             start = time.perf_counter()
+            if msg.layerwise:
+                self._load_layerwise(msg, start)
+                continue
             if msg.remote_addr:
                 report = pull_remote_blocks(self.mover, msg, self.nixl)
             else:
                 report = self.mover.load_store([int(h, 16) for h in msg.store_hashes], msg.store_tokens,
                                                msg.store_blocks)
             self._done.put(counters_of(self.mover, self.rank, msg.load_id, report, time.perf_counter() - start))
+
+    def _load_layerwise(self, msg: KvLoadMsg, start: float) -> None:
+        """A layer-wise load: each layer is announced to the steps waiting for it as it lands; the report goes
+        out before the waiters are released for good (also when the load failed)."""
+        load_id = msg.load_id
+        try:
+            report = self.mover.load_layerwise(
+                [] if self.mover.pin else msg.host_slots, msg.host_blocks, [int(h, 16) for h in msg.store_hashes],
+                msg.store_tokens, msg.store_blocks, lambda n: self.ready.mark(load_id, n))
+            self._done.put(counters_of(self.mover, self.rank, load_id, report, time.perf_counter() - start))
+        except Exception as e:  # noqa: BLE001 - nothing of the store part counts; the coordinator recomputes it
+            logger.exception("layer-wise load %d failed", load_id)
+            self._done.put(counters_of(self.mover, self.rank, load_id, LoadReport(0, 0, 0, f"layer-wise load: {e}"),
+                                       time.perf_counter() - start))
+        finally:
+            self.ready.finish(load_id)
 
     def poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
         out: list[KvLoadedMsg] = []

@@ -85,6 +85,11 @@ FLAGS: dict[str, Flag] = {
                                     "meanwhile)", group="kv store"),
     "kv_load_cost_rule": Flag("skip store loads measured to be slower than recomputing the tokens (default on)",
                               group="kv store"),
+    "kv_layerwise": Flag("layer-wise loading (LMCache's use_layerwise): a request whose prefix comes from the host "
+                         "tier or the store is scheduled as soon as its load starts, and each layer of the step "
+                         "waits only for its own blocks; a load that turns out short costs the step's token for "
+                         "that request, which is recomputed (default off: without it a request waits for its "
+                         "whole load)", group="kv store"),
     "kv_store_connections": Flag("connections per rank over which a store load's chunks are read in parallel",
                                  group="kv store"),
     "disaggregation_mode": Flag("serve one role: prefill (computes prompts, holds their latent blocks for a decode "

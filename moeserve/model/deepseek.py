@@ -7,6 +7,7 @@ embedding and the last the final norm and LM head. Which range, and which expert
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -173,11 +174,14 @@ class DeepseekModel(nn.Module):
         return self.slice.tp.all_gather(self.linear(self.mtp.shared_head_norm(h), self.lm_head, "lm_head").float(),
                                         dim=-1)
 
-    def forward_layers(self, h: torch.Tensor, meta: AttnMetadata,
-                       kv_caches: dict[int, torch.Tensor] | None) -> torch.Tensor:
-        """h: [T, hidden] -> [T, hidden] through this slice's layers. kv_caches maps layer id -> flat cache."""
+    def forward_layers(self, h: torch.Tensor, meta: AttnMetadata, kv_caches: dict[int, torch.Tensor] | None,
+                       before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """h: [T, hidden] -> [T, hidden] through this slice's layers. kv_caches maps layer id -> flat cache.
+        ``before_layer(layer_id)`` runs before each layer (a layer-wise load's wait for that layer's blocks)."""
         residual = None
         for key, layer in self.layers.items():
+            if before_layer is not None:
+                before_layer(int(key))
             h, residual = layer(h, residual, meta, None if kv_caches is None else kv_caches[int(key)])
         return h if residual is None else residual + h
 

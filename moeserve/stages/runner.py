@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from moeserve.device_copy import to_device
 from moeserve.experts.load_counter import attach_counter
 from moeserve.kernels import cpu_build, kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
+from moeserve.kvstore.layer_ready import LayerReady
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cpu_malloc import keep_freed_blocks
@@ -51,6 +53,7 @@ class ModelRunner:
             self.mtp_cache = allocate_latent_caches([mtp_id], num_blocks + int(fast), block_size,
                                                     model.config.kv_cache_dim, self.cache_dtype, device)[mtp_id]
         self.step_hidden: torch.Tensor | None = None
+        self.layer_ready: LayerReady | None = None  # this rank's layer-wise loads (its KvWorker's), if any
         self.draft_hidden: torch.Tensor | None = None
         self.expert_load = attach_counter(model, device)  # routed tokens per expert of this slice's MoE layers
         logger.info("latent cache: %d blocks x %d tokens, %d bytes per token (%d layers x %d values)",
@@ -124,7 +127,7 @@ class ModelRunner:
         Nothing here reads a value back from the device: the engine queues the next step meanwhile.
         """
         plan = plan.expanded()  # drafts to verify: decode rows
-        if self.graphs is not None and self.graphs.fits(plan):
+        if self.graphs is not None and self.graphs.fits(plan) and not plan.wait_loads:
             if self.expert_load is not None:  # decode graphs: every token is a decode token
                 self.expert_load.begin_step(len(plan.token_ids))
             out = self.graphs.run(plan, hidden, prev_token_ids)
@@ -140,7 +143,9 @@ class ModelRunner:
             token_ids = to_device(torch.tensor(plan.token_ids, dtype=torch.long), self.device)
             fill_pending(token_ids, plan, prev_token_ids)
             hidden = self.model.embed(token_ids)
-        h = self.model.forward_layers(hidden, meta, self.flat_caches)
+        ready = self.layer_ready
+        before_layer = partial(ready.wait, plan.wait_loads) if ready is not None and plan.wait_loads else None
+        h = self.model.forward_layers(hidden, meta, self.flat_caches, before_layer)
         if not self.model.slice.has_head:
             return None, h
         if self.mtp_cache is not None:

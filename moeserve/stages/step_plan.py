@@ -27,6 +27,8 @@ class StepPlan:
     # speculative decoding: per sequence, how many of its new tokens are drafts to verify (empty: none). A
     # sample row then gets logits at its last num_spec + 1 tokens (rows in that order, sequence by sequence)
     num_spec: list[int] = field(default_factory=list)
+    # layer-wise loads (kvstore/layer_ready.py) whose blocks this step reads: layer L runs once their layer L is in
+    wait_loads: list[int] = field(default_factory=list)
 
     @property
     def samples_every_row(self) -> bool:
@@ -55,7 +57,7 @@ class StepPlan:
             num_computed += list(range(c, c + q)) if rows > 1 else [c]
             tables += [table] * rows
         return StepPlan(self.token_ids, query_lens, num_computed, tables, sample_rows, self.pending_rows,
-                        self.pending_src)
+                        self.pending_src, wait_loads=self.wait_loads)
 
 
 def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:

@@ -74,6 +74,7 @@ class StageWorker:
                                   max_model_len=spec.max_positions, warm_up_tokens=spec.warm_up_tokens)
         kv_mover = worker_mover(spec, self.runner.kv_caches, config.kv_cache_dim)  # host tier, store, decode role
         self.kv_worker = KvWorker(kv_mover, spec.rank, worker_nixl(spec, kv_mover)) if kv_mover is not None else None
+        self.runner.layer_ready = self.kv_worker.ready if self.kv_worker is not None else None
         self.block_server = worker_block_server(spec, self.runner.kv_caches, config.kv_cache_dim)  # prefill role
         self.mover = ExpertMover(self.runner)
         # every tensor filled from the checkpoint (parameters and the router's bias buffer)
@@ -102,7 +103,7 @@ class StageWorker:
 
     def run_step(self, msg: StepPlanMsg) -> torch.Tensor | None:
         plan = StepPlan(msg.token_ids, msg.query_lens, msg.num_computed, msg.block_tables, msg.sample_rows,
-                        num_spec=msg.num_spec)
+                        num_spec=msg.num_spec, wait_loads=msg.wait_loads)
         model = self.runner.model
         h = None
         if self.groups.prev_rank is not None:                                   # 1. receive
