@@ -1,8 +1,12 @@
-"""Fused device kernels (Triton) and their launchers: a leaf package (no runner, engine or stage code).
+"""Fused kernels and their launchers: a leaf package (no runner, engine or stage code).
 
-Each kernel file names the eager code it replaces as its reference; ``tests/test_kernels.py`` compares them
-(on a GPU, or on the CPU through Triton's interpreter with ``TRITON_INTERPRET=1``). The eager path stays
-the default wherever a kernel cannot run: on CPUs and NPUs, and where Triton is not installed.
+- GPU kernels in Triton (``fused_moe.py``, ``mla_*.py``, ...). ``tests/test_kernels.py`` compares each with
+  the eager code it replaces (on a GPU, or on the CPU through Triton's interpreter, ``TRITON_INTERPRET=1``).
+- CPU kernels in C++ (``cpu/*.cpp``, built at first use by ``cpu_build.py``; ``cpu_moe.py``, ``cpu_mla.py``,
+  ``cpu_norm.py``) for bfloat16 models on x86; ``tests/test_cpu_*_kernel.py`` compare them with the eager ops.
+
+The eager path stays wherever a kernel cannot run: on NPUs, without Triton (GPU kernels), without a compiler
+or the CPU features a C++ kernel needs, and for float32 models (the reference the tests compare with HF's).
 """
 
 from __future__ import annotations
