@@ -93,15 +93,23 @@ def flush(e: Engine) -> None:
         mover.flush(120)
 
 
-def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
-    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
-    vocab = a.model_config.vocab_size
-    prefixes = [rand(gen, vocab, length) for _ in range(args.repeats)]
+def seed_store(args, url: str, salt: str, count: int, length: int,
+               gen: torch.Generator) -> tuple[list[list[int]], int, int, int]:
+    """``count`` random prefixes of ``length`` tokens written to the store by an engine closed afterwards ->
+    (the prefixes, the vocabulary size, the block size, the cache bytes per token)."""
+    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt)
+    vocab, bs = a.model_config.vocab_size, a.config.effective_block_size
+    per_token = a.executor.runner.cache_bytes_per_token
+    prefixes = [rand(gen, vocab, length) for _ in range(count)]
     for p in prefixes:
         ttft(a, p + rand(gen, vocab, SUFFIX))
     flush(a)
     release(a)
-    del a
+    return prefixes, vocab, bs, per_token
+
+
+def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
+    prefixes, vocab, _, _ = seed_store(args, url, f"len{length}", args.repeats, length, gen)
     b = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
     cold = [ttft(b, rand(gen, vocab, length + SUFFIX)) for _ in prefixes]
     hit = [ttft(b, p + rand(gen, vocab, SUFFIX)) for p in prefixes]
@@ -142,15 +150,8 @@ def phase_host(args, length: int, gen: torch.Generator) -> dict:
 def paired(args, url: str, length: int, gen: torch.Generator) -> dict:
     """Layer-wise on against off, hit by hit: two engines of each kind in one process, each hit asked of both
     in turn (which goes first alternates), so that the machine's load swings hit both sides of a pair alike."""
-    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"paired{length}")
-    vocab, bs = a.model_config.vocab_size, a.config.effective_block_size
-    block_bytes = bs * a.executor.runner.cache_bytes_per_token
-    prefixes = [rand(gen, vocab, length) for _ in range(args.paired)]
-    for p in prefixes:
-        ttft(a, p + rand(gen, vocab, SUFFIX))
-    flush(a)
-    release(a)
-    del a
+    prefixes, vocab, bs, per_token = seed_store(args, url, f"paired{length}", args.paired, length, gen)
+    block_bytes = bs * per_token
     out: dict = {}
     blocks = -(-(length + 2 * SUFFIX) // bs) + 1  # the host phase: one prompt at a time in the device cache
     kinds = {"store": dict(kv_store=url, kv_host_memory=0, kv_store_salt=f"paired{length}", kv_load_cost_rule=False),
