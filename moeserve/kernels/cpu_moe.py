@@ -11,7 +11,9 @@ layer against 7.6 for the loop at 64 tokens; at 1,024 tokens and more oneDNN's o
 win, so longer steps keep the loop (``MAX_ROWS_PER_EXPERT``).
 
 Built and loaded by ``cpu_build.py``; used where the micro-kernel takes AMX tiles. The reference is the loop
-(``tests/test_cpu_moe_kernel.py``).
+(``tests/test_cpu_moe_kernel.py``). Memory: the packed copy of a layer's experts is as large as its weights
+(made at the first decode step; the prefill loop's ``PackedLinear`` keeps a copy of its own, so bf16 experts on
+CPU are held three times).
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, 
     order = order[:served]  # the pairs served here, by slot
     if not served:
         return torch.zeros_like(x)
-    pair_of = torch.full_like(slots, -1)  # each (token, k)'s row among the sorted pairs
-    pair_of[order] = torch.arange(served, dtype=slots.dtype)
+    pair_of = torch.full(slots.shape, -1, dtype=torch.long)  # each (token, k)'s row among the sorted pairs
+    pair_of[order] = torch.arange(served)
     xs = x[order // top_k]
     pair_weights = weights.flatten()[order].float().contiguous()
     pairs = torch.ops.moeserve_cpu.expert_pairs(xs, offsets, w13_packed, w2_packed, pair_weights)

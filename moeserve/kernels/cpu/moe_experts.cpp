@@ -55,6 +55,8 @@ at::Tensor expert_pairs(const at::Tensor& xs, const at::Tensor& offsets, const a
   TORCH_CHECK(xs.dim() == 2 && xs.scalar_type() == at::kBFloat16 && xs.is_contiguous(), "xs: [P, H] bfloat16");
   TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous(), "offsets: int64");
   TORCH_CHECK(pair_weights.scalar_type() == at::kFloat && pair_weights.is_contiguous(), "pair_weights: float32");
+  TORCH_CHECK(w13.scalar_type() == at::kBFloat16 && w2.scalar_type() == at::kBFloat16 && w13.is_contiguous() &&
+                  w2.is_contiguous(), "w13, w2: bfloat16, as pack_experts returns them");
   const int64_t P = xs.size(0), H = xs.size(1);
   const int64_t E = w13.size(0), I = w13.size(1) / 2;
   TORCH_CHECK(w13.size(2) == H && w2.size(0) == E && w2.size(1) == H && w2.size(2) == I, "expert shapes");
