@@ -22,7 +22,7 @@ def test_logits_round_trip_is_exact(dtype: torch.dtype) -> None:
 
 
 def test_plan_and_stats_round_trip() -> None:
-    plan = StepPlanMsg(3, [5, 6, 7], [2, 1], [0, 4], [[0], [1, 2]], [0, 1], [])
+    plan = StepPlanMsg(3, [5, 6, 7], [2, 1], [0, 4], [[0], [1, 2]], [0, 1], [], [9])
     assert decode(encode(plan)) == plan
     stats = StatsMsg(2, 10, 0.5, 1.25)
     assert decode(encode(stats)) == stats

@@ -52,7 +52,9 @@ class RoutedExperts(nn.Module):
         self.fused = False  # the fused MoE kernel (kernels/fused_moe.py); set by DeepseekModel.use_kernels
         # FP8 experts are dequantized into a buffer shared by every layer: packing it would repack each call
         self.linear = PackedLinear(pack=fp8_block is None)
-        # the CPU kernel's packed copies of w13 and w2 (kernels/cpu_moe.py), keyed by the weights' versions
+        # the CPU kernel (kernels/cpu_moe.py) where it applies; off: the loop (tests that compare two weight
+        # formats on one path). Its packed copies of w13 and w2, keyed by the weights' versions
+        self.cpu_kernel = True
         self._cpu_packs: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -109,8 +111,8 @@ class RoutedExperts(nn.Module):
         elsewhere."""
         if self.use_grouped_mm(x):
             return self.experts_grouped(x, weights, slots)
-        if self.fp8_block is None and cpu_moe.applies(x, slots.numel(), self.num_local, x.shape[-1],
-                                                      self.w2.shape[-1]):
+        if self.cpu_kernel and self.fp8_block is None and cpu_moe.applies(x, slots.numel(), self.num_local,
+                                                                          x.shape[-1], self.w2.shape[-1]):
             return self.experts_cpu_kernel(x, weights, slots)
         return self.experts_loop(x, weights, slots)
 
