@@ -15,7 +15,6 @@ from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.kvstore.layer_ready import LayerReady
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
-from moeserve.stages.cpu_malloc import keep_freed_blocks
 from moeserve.stages.cuda_graph import DecodeGraphs, DraftGraphs
 from moeserve.stages.selfcheck import check_fast_path, warm_up
 from moeserve.stages.step_plan import DraftPlan, StepPlan, fill_pending, pad_tables
@@ -62,8 +61,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.draft_graphs: DraftGraphs | None = None  # the MTP module's passes (speculative decoding)
         self.fast_path_error: str | None = None  # why the fused kernels are off, where they were to run
-        if device.type == "cpu":
-            keep_freed_blocks()  # large activations stay in the heap instead of being mapped afresh each step
         if device.type == "cpu" and model.dtype == torch.bfloat16:
             # build (once per machine) and load the CPU kernels now, not in the first request's step
             logger.info("CPU kernels: %s", cpu_build.status())
