@@ -5,7 +5,10 @@ MLA supports only that) and a tokenizer, then runs the same workload -- N reques
 and O greedy output tokens, EOS ignored -- through each engine, each in its own process, and reports output
 tokens/s and the ratios.
 
-    python benchmarks/bench_cpu.py --num-prompts 64 --input-len 128 --output-len 128
+    python benchmarks/bench_cpu.py --num-prompts 64 --input-len 128 --output-len 128 [--rounds 3]
+
+With ``--rounds N`` the engines run in turn N times and each engine's median run is reported (with every
+round's time): on a shared or noisy machine one run of each moves the ratios by 10-20%.
 
 vLLM runs in its own virtual environment (it pins torch); create it with:
 
@@ -142,6 +145,9 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                    help="the serving dtype of every engine (the same for all)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the engines this many times, in turn (moeserve, HF, vLLM, moeserve, ...), and report "
+                        "each engine's median run: a single run of each carries the machine's noise")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
@@ -153,18 +159,26 @@ def main() -> None:
     results = {"workload": vars(args) | {"model": str(model), "json_out": None, "vllm_python": None},
                "machine": machine_record()}
     engines = ["moeserve"] + ([] if args.skip_hf else ["hf"])
-    for engine in engines:
-        results[engine] = run_in_subprocess(sys.executable, engine, model, args)
-    if Path(args.vllm_python).exists():
-        # vLLM lowers torch to 1 thread on a 2-core machine by default; take the better of that and 2 threads
-        runs = [run_in_subprocess(args.vllm_python, "vllm", model, args),
-                run_in_subprocess(args.vllm_python, "vllm", model, args, {"OMP_NUM_THREADS": "2"})]
-        runs = [r for r in runs if r]
-        results["vllm"] = min(runs, key=lambda r: r["elapsed_s"]) if runs else None
-        if runs:
-            results["vllm"]["elapsed_s_each"] = [r["elapsed_s"] for r in runs]
-    else:
+    vllm = Path(args.vllm_python).exists()
+    if not vllm:
         print(f"vLLM skipped: {args.vllm_python} not found (see this file's docstring to create it)")
+    rounds: dict[str, list[dict]] = {}
+    for _ in range(args.rounds):
+        for engine in engines:
+            rounds.setdefault(engine, []).append(run_in_subprocess(sys.executable, engine, model, args))
+        if vllm:
+            # vLLM lowers torch to 1 thread on a 2-core machine by default; take the better of that and 2 threads
+            runs = [run_in_subprocess(args.vllm_python, "vllm", model, args),
+                    run_in_subprocess(args.vllm_python, "vllm", model, args, {"OMP_NUM_THREADS": "2"})]
+            runs = [r for r in runs if r]
+            if runs:
+                best = min(runs, key=lambda r: r["elapsed_s"])
+                rounds.setdefault("vllm", []).append(best | {"elapsed_s_each": [r["elapsed_s"] for r in runs]})
+    for engine, runs in rounds.items():
+        runs = [r for r in runs if r]
+        if runs:  # the median run (the lower middle one for an even count)
+            median = sorted(runs, key=lambda r: r["elapsed_s"])[(len(runs) - 1) // 2]
+            results[engine] = median | {"elapsed_s_rounds": [r["elapsed_s"] for r in runs]}
     report(results, args)
 
 
