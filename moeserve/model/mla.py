@@ -154,21 +154,24 @@ class MLA(nn.Module):
 
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.kv_lora_rank, self.scale)
-            return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
-        if cpu_mla.applies(q_full, kv_cache):
+        elif cpu_mla.applies(q_full, kv_cache):
             out_latent = cpu_mla.mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
                                             meta.block_size, self.kv_lora_rank, self.scale)
-            return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
+        else:
+            out_latent = self._decode_eager(q_full, kv_cache, meta)
+        return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
+
+    def _decode_eager(self, q_full: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """q_full [B, H, kv_lora + rope] against the gathered contexts -> the latent output [B, H, kv_lora]."""
         # whole blocks are gathered (block_size rows per index), then viewed as [B, nb * block_size, D]
         blocks = kv_cache.view(-1, meta.block_size * kv_cache.shape[-1])
-        context = self._gather(blocks, meta.decode_block_tables).view(q_nope.shape[0], -1, kv_cache.shape[-1])
+        context = self._gather(blocks, meta.decode_block_tables).view(q_full.shape[0], -1, kv_cache.shape[-1])
         scores = torch.bmm(q_full, context.transpose(1, 2)).float() * self.scale  # [B, H, L]
         scores.masked_fill_(~meta.decode_context_valid.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1).to(context.dtype)
         # NOTE: multiplying by the whole row and dropping the rope part after is cheaper than the copy that a
         # non-contiguous context[..., :kv_lora] operand would cost
-        out_latent = torch.bmm(probs, context)[..., :self.kv_lora_rank]  # [B, H, kv_lora]
-        return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
+        return torch.bmm(probs, context)[..., :self.kv_lora_rank]  # [B, H, kv_lora]
 
     def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
                  out: torch.Tensor) -> None:
