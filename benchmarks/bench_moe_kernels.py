@@ -5,6 +5,8 @@
 2. ``paths``: split-K matrix-vector vs the sorted tensor-core GEMM (``fused_moe_sorted``) vs the eager
    grouped GEMM (FP8: dequantize + grouped GEMM), by token count: where each wins.
 3. ``count``: what counting a step's routed pairs costs, eager ops vs the one-launch kernel, 26 layers.
+4. ``shared``: bf16 shapes only: the shared experts as extra pairs of the split-K kernel against the routed
+   kernel followed by the shared MLP's own GEMMs (two cuBLAS GEMMs, the activation and the add), by tokens.
 
 Every timing replays a CUDA graph of one call per layer over ``--layers`` copies of the weights (more bytes
 than the L2 holds), median of ``triton.testing.do_bench``; the device-to-device copy bandwidth is measured
@@ -23,13 +25,22 @@ import torch
 import triton
 
 from moeserve.kernels.fused_moe import fused_moe_sorted
-from moeserve.kernels.moe_gemv import DOWN, GATE_UP, GemvConfig, moe_gemv
+from moeserve.kernels.moe_gemv import (
+    DOWN,
+    FP8_DOWN,
+    FP8_GATE_UP,
+    GATE_UP,
+    GemvConfig,
+    SharedWeights,
+    moe_gemv,
+)
 from moeserve.model.fp8 import FP8_DTYPE
 
 SHAPES = {  # name: (experts, hidden, moe_intermediate, top_k, fp8, layers)
     "v2lite": (64, 2048, 1408, 6, False, 3),
     "v3": (256, 7168, 2048, 8, True, 2),
 }
+SHARED_EXPERTS = {"v2lite": 2, "v3": 1}
 
 
 def graph_ms(fn, calls: int, rep: int = 100) -> float:
@@ -53,6 +64,7 @@ def copy_bandwidth() -> float:
 
 class Experts:
     def __init__(self, shape: str):
+        self.shape = shape
         self.num, self.hidden, self.inter, self.top_k, self.fp8, self.layers = SHAPES[shape]
         gen = torch.Generator(device="cuda").manual_seed(0)
         dtype = FP8_DTYPE if self.fp8 else torch.bfloat16
@@ -92,7 +104,7 @@ def run_gemv(ex: Experts, tokens: int, cfg1: GemvConfig, cfg2: GemvConfig) -> fl
                                        gate_up=cfg1, down=cfg2), ex.layers)
 
 
-CANDIDATES = [GemvConfig(bn, bk, sk, w) for bn in (16, 32) for bk in (128, 256) for sk in (1, 2, 4) for w in (4, 8)]
+CANDIDATES = [GemvConfig(bn, bk, sk, w) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4) for w in (4, 8)]
 
 
 def sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
@@ -100,9 +112,10 @@ def sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
     _, _, ids = ex.case(tokens)
     reached = ex.reached_bytes(ids)
     rows = []
-    best1 = min(CANDIDATES, key=lambda c: run_gemv(ex, tokens, c, DOWN))
+    gate_up, down = (FP8_GATE_UP, FP8_DOWN) if ex.fp8 else (GATE_UP, DOWN)  # what moe_gemv runs today
+    best1 = min(CANDIDATES, key=lambda c: run_gemv(ex, tokens, c, down))
     best2 = min(CANDIDATES, key=lambda c: run_gemv(ex, tokens, best1, c))
-    for name, c1, c2 in (("default", GATE_UP, DOWN), ("tuned", best1, best2)):
+    for name, c1, c2 in (("default", gate_up, down), ("tuned", best1, best2)):
         ms = run_gemv(ex, tokens, c1, c2)
         rows.append({"config": name, "gate_up": vars(c1), "down": vars(c2), "ms": ms,
                      "gb_s": reached / ms / 1e6, "of_copy_bw": reached / (ms * 1e-3) / bandwidth})
@@ -125,6 +138,32 @@ def path_row(ex: Experts, tokens: int, moe_layer) -> dict:
             moe_layer.w13_scale_inv, moe_layer.w2_scale_inv = ex.scales(i)
         return moe_layer.routed_grouped(x, weights, ids)
     row["eager_ms"] = graph_ms(eager, ex.layers)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def shared_row(ex: Experts, tokens: int, bandwidth: float) -> dict:
+    """The routed kernel then the shared MLP apart, against the shared experts inside the kernel."""
+    import torch.nn.functional as F
+
+    width = SHARED_EXPERTS[ex.shape] * ex.inter
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    shared = [SharedWeights(torch.randn(2 * width, ex.hidden, device="cuda", generator=gen).bfloat16(),
+                            torch.randn(ex.hidden, width, device="cuda", generator=gen).bfloat16())
+              for _ in range(ex.layers)]
+    x, weights, ids = ex.case(tokens)
+    local = ids.flatten()
+
+    def apart(i):
+        routed = moe_gemv(x, ex.w13[i], ex.w2[i], weights, local, ex.num)
+        gate, up = F.linear(x, shared[i].gate_up).chunk(2, -1)
+        return routed + F.linear(F.silu(gate) * up, shared[i].down)
+
+    row = {"tokens": tokens, "apart_ms": graph_ms(apart, ex.layers),
+           "in_kernel_ms": graph_ms(lambda i: moe_gemv(x, ex.w13[i], ex.w2[i], weights, local, ex.num,
+                                                       shared=shared[i]), ex.layers)}
+    reached = ex.reached_bytes(ids) + 3 * width * ex.hidden * 2
+    row["in_kernel_of_copy_bw"] = reached / (row["in_kernel_ms"] * 1e-3) / bandwidth
     print(json.dumps(row), flush=True)
     return row
 
@@ -166,6 +205,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="v2lite,v3")
     parser.add_argument("--parts", default="sweep,paths,count")
+    parser.add_argument("--sweep-tokens", help="token counts the sweep tunes at (default: 1,8 for bf16 "
+                        "shapes, 1,4,8 for FP8), e.g. 32 for V3's batch-32 step")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -173,7 +214,8 @@ def main() -> None:
     print(json.dumps(result), flush=True)
     for shape in args.shapes.split(","):
         ex = Experts(shape)
-        small = (1, 8) if shape == "v2lite" else (1, 4, 8)
+        small = [int(t) for t in args.sweep_tokens.split(",")] if args.sweep_tokens else \
+            (1, 8) if shape == "v2lite" else (1, 4, 8)
         if "sweep" in parts:
             result[f"{shape}_sweep"] = [sweep(ex, t, result["copy_bw_gb_s"] * 1e9) for t in small]
             print(json.dumps(result[f"{shape}_sweep"]), flush=True)
@@ -182,6 +224,8 @@ def main() -> None:
                 [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
             layer = eager_layer(ex)
             result[f"{shape}_paths"] = [path_row(ex, t, layer) for t in counts]
+        if "shared" in parts and not ex.fp8:
+            result[f"{shape}_shared"] = [shared_row(ex, t, result["copy_bw_gb_s"] * 1e9) for t in (1, 2, 4, 8, 10)]
         del ex
         torch.cuda.empty_cache()
     if "count" in parts:

@@ -122,3 +122,33 @@ def test_model_prefill_with_the_kernel_matches_eager(mla_dims, monkeypatch):
             logits.append(model(ids, meta, caches, all_logits=True))
         outs[fused] = torch.cat(logits)
     assert rel_err(outs[True], outs[False]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleave", [True, False])
+def test_kv_rows_written_as_the_eager_ops_write_them(dtype, interleave):
+    """The one-launch cache write (norm of the latent, rotation of k_pe, scatter to the token's slot) against
+    the eager rows: the same rows, rounded alike; other slots untouched."""
+    from moeserve.kernels.mla_kv_write import write_kv_rows
+    from moeserve.model.config import RopeConfig
+    from moeserve.model.layers import RMSNorm, RotaryEmbedding
+
+    lora, rope_dim = 96, 32  # a latent width that is not a power of two (the embedded model's)
+    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=interleave), rope_dim, 64)
+    rotary = rotary.to(DEVICE)
+    norm = RMSNorm(lora, 1e-6, dtype).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    kv_a = torch.randn(5, 200 + lora + rope_dim, dtype=dtype, device=DEVICE)[:, 200:]  # a slice of the projection
+    pos = torch.tensor([0, 3, 7, 63, 20], device=DEVICE)
+    slots = torch.tensor([9, 2, 30, 17, 4], device=DEVICE)
+    cache = torch.full((32, lora + rope_dim), 7.0, dtype=dtype, device=DEVICE)
+    ref = cache.clone()
+    latent, k_pe = kv_a.split([lora, rope_dim], -1)
+    with torch.no_grad():
+        ref.index_copy_(0, slots, torch.cat([norm(latent), rotary(k_pe, pos)], -1))
+        write_kv_rows(kv_a, norm.weight, norm.eps, pos, rotary.cos, rotary.sin, interleave, cache, slots)
+    untouched = torch.ones(32, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    assert bool((cache[untouched] == 7.0).all())
+    assert rel_err(cache[slots], ref[slots]) < (1e-6 if dtype == torch.float32 else 1e-2)

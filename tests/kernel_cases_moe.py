@@ -17,17 +17,58 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not in
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cfg", [(16, 128, 1, 4), (16, 64, 3, 4), (32, 128, 2, 8), (64, 32, 4, 2)])
-def test_moe_gemv_configs(dtype, cfg):
-    """Every tile and split of the split-K path computes the same function (odd sizes: ragged tiles)."""
-    from moeserve.kernels.moe_gemv import GemvConfig, moe_gemv
+@pytest.mark.parametrize("pieces", [0, 2])
+def test_moe_gemv_configs(dtype, cfg, pieces):
+    """Every tile and split of the split-K path computes the same function (odd sizes: ragged tiles), with
+    and without the shared experts as extra pairs (``pieces`` routed-wide pieces a token)."""
+    from moeserve.kernels.moe_gemv import GemvConfig, SharedWeights, moe_gemv
 
-    x, w13, w2, _, _, weights, ids = _moe_case(dtype, 3, 7, 3, hidden=200, inter=72)
+    hidden, inter = 200, 72
+    x, w13, w2, _, _, weights, ids = _moe_case(dtype, 3, 7, 3, hidden=hidden, inter=inter)
     local_of = torch.tensor([0, 1, 7, 2, 3, 7, 4], device=DEVICE)  # two experts served elsewhere
     keep = torch.tensor([0, 1, 3, 4, 6], device=DEVICE)
     config = GemvConfig(*cfg)
-    out = moe_gemv(x, w13[keep], w2[keep], weights, local_of[ids.flatten()], 5, gate_up=config, down=config)
     ref = _eager_moe(x, w13[keep], w2[keep], weights, ids, local_of.clamp(max=5))
+    shared = None
+    if pieces:
+        gate_up = (torch.randn(2 * pieces * inter, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
+        down = (torch.randn(hidden, pieces * inter, device=DEVICE) / (pieces * inter) ** 0.5).to(dtype)
+        gate, up = (x.double() @ gate_up.double().T).chunk(2, -1)
+        ref = ref + (torch.nn.functional.silu(gate) * up) @ down.double().T
+        shared = SharedWeights(gate_up, down)
+    out = moe_gemv(x, w13[keep], w2[keep], weights, local_of[ids.flatten()], 5, gate_up=config, down=config,
+                   shared=shared)
     assert out.shape == x.shape and rel_err(out, ref) < tol(dtype)
+
+
+def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
+    """The MoE layer adds its shared experts in the split-K kernel on decode-sized steps, and the start-up
+    check compares that sum with the eager one; a shared width that is no multiple of the routed one, or a
+    step on the sorted path, keeps the shared MLP apart."""
+    from moeserve.experts.moe import MoE
+    from moeserve.kernels.moe_gemv import SharedWeights
+    from moeserve.model.config import ModelConfig
+
+    torch.manual_seed(0)
+    config = ModelConfig.from_dict(tiny_config(n_shared_experts=2))
+    moe = MoE(config, dtype=torch.float32).to(DEVICE).requires_grad_(False)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(3, config.hidden_size, device=DEVICE)
+    weights, ids = moe.route(x)
+    shared = moe.shared_in_kernel(x, ids.numel())
+    assert shared is not None and shared.pieces(config.moe_intermediate_size) == 2
+    fused = moe.routed_and_shared_fused(x, weights, ids)
+    assert fused is not None and rel_err(fused, moe.routed_and_shared_eager(x, weights, ids)) < 1e-5
+    with torch.inference_mode():
+        eager = moe(x)
+        moe.fused = True
+        assert rel_err(moe(x), eager) < 1e-5  # the layer's forward, shared experts in the kernel
+    big = x.repeat(40, 1)
+    assert moe.shared_in_kernel(big, big.shape[0] * config.num_experts_per_tok) is None  # the sorted path
+    # a tensor-parallel rank's share of one shared expert (half its width) is no whole piece
+    half = SharedWeights(moe.shared_experts.gate_up_proj[:64], moe.shared_experts.down_proj[:, :32])
+    assert half.pieces(config.moe_intermediate_size) == 0
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="float8 tensors need a GPU (the interpreter has no float8)")

@@ -9,6 +9,8 @@ to either.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,9 @@ from torch import nn
 from moeserve.kernels import cpu_moe
 from moeserve.model.cpu_linear import PackedLinear, silu_and_mul
 from moeserve.model.fp8 import FP8_DTYPE, DequantBuffer, scale_shape
+
+if TYPE_CHECKING:
+    from moeserve.kernels.moe_gemv import SharedWeights
 
 # FP8 experts above this many tokens a step: dequantize + grouped GEMM. Measured on one H200 at V3's shapes
 # (benchmarks/bench_moe_kernels.py paths): the fused kernel 11.7 ms a layer at 2048 tokens against 16.7,
@@ -91,11 +96,17 @@ class RoutedExperts(nn.Module):
         self.dequant.dequantize(w2, self.w2, self.w2_scale_inv, self.fp8_block)
         return w13, w2
 
-    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """The path this layer runs: the fused kernel when on, else the eager ops."""
-        return (self.experts_fused if self.fused else self.experts_eager)(x, weights, slots)
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
+                    shared: SharedWeights | None = None) -> torch.Tensor:
+        """The path this layer runs: the fused kernel when on, else the eager ops. ``shared``: the shared
+        experts to add in the fused kernel (``MoE.shared_in_kernel`` says when)."""
+        if self.fused:
+            return self.experts_fused(x, weights, slots, shared)
+        assert shared is None
+        return self.experts_eager(x, weights, slots)
 
-    def experts_fused(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def experts_fused(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor,
+                      shared: SharedWeights | None = None) -> torch.Tensor:
         """By the fused Triton kernel; FP8 experts are read as they are stored, except in steps of more than
         ``FP8_FUSED_MAX_TOKENS`` tokens, where dequantizing every local expert once and two bf16 grouped GEMMs
         on tensor cores cost less."""
@@ -104,7 +115,7 @@ class RoutedExperts(nn.Module):
         if self.fp8_block is not None and x.shape[0] > FP8_FUSED_MAX_TOKENS and self.use_grouped_mm(x):
             return self.experts_grouped(x, weights, slots)
         return fused_moe(x, self.w13, self.w2, weights, slots, self.num_local, self.w13_scale_inv,
-                         self.w2_scale_inv, self.fp8_block or (128, 128))
+                         self.w2_scale_inv, self.fp8_block or (128, 128), shared)
 
     def experts_eager(self, x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Grouped GEMMs on GPUs; on CPUs with AMX the C++ kernel for decode-sized steps; a loop of matmuls

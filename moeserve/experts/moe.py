@@ -10,6 +10,8 @@ the one owner of its placement. Routed pairs are counted per expert in the rank'
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -22,6 +24,9 @@ from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.model.config import ModelConfig
 from moeserve.model.fp8 import DequantBuffer
 from moeserve.model.layers import MLP
+
+if TYPE_CHECKING:
+    from moeserve.kernels.moe_gemv import SharedWeights
 
 __all__ = ["ExpertPlacement", "MoE", "gate_spec"]
 
@@ -96,10 +101,27 @@ class MoE(RoutedExperts):
         rows = self.dispatcher.dispatch(tokens, weights, ids, first)             # 2. dispatch
         if rows.peer_counts is not None:  # every rank's share: the layer's whole step
             self.tokens_per_expert += rows.peer_counts.to(self.tokens_per_expert)
-        y = self.run_experts(rows.x, rows.weights, rows.slots)                  # 3. experts
+        in_kernel = self.shared_in_kernel(rows.x, rows.slots.numel()) if self.fused else None
+        y = self.run_experts(rows.x, rows.weights, rows.slots, in_kernel)       # 3. experts
         routed = self.dispatcher.combine(y, rows)                               # 4. combine
-        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        shared = self.shared_experts(x) if self.shared_experts is not None and in_kernel is None else None
         return self.dispatcher.finish(x, routed, first, shared)
+
+    def shared_in_kernel(self, x: torch.Tensor, num_pairs: int) -> SharedWeights | None:
+        """The shared experts' weights where the fused kernel would add them to the routed experts': steps
+        that take its split-K path (``num_pairs`` routed pairs), bf16 experts, rows that are this step's tokens
+        (the all-reduce dispatch) and a shared width that cuts into routed-wide pieces. One launch then reads
+        the shared weights at the routed experts' bandwidth instead of two small GEMMs and an activation
+        (V2-Lite's shared MLP is two routed experts wide). None: the shared MLP runs on its own."""
+        mlp = self.shared_experts
+        if not (mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
+                and mlp.gate_up_proj.dtype == x.dtype):
+            return None
+        from moeserve.kernels.fused_moe import takes_gemv_path
+        from moeserve.kernels.moe_gemv import SharedWeights
+
+        weights = SharedWeights(mlp.gate_up_proj, mlp.down_proj)
+        return weights if takes_gemv_path(num_pairs, False) and weights.pieces(self.w2.shape[-1]) else None
 
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``
@@ -150,3 +172,14 @@ class MoE(RoutedExperts):
 
     def routed_fused(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return self.experts_fused(x, weights, self.local_slots(ids))
+
+    def routed_and_shared_fused(self, x: torch.Tensor, weights: torch.Tensor,
+                                ids: torch.Tensor) -> torch.Tensor | None:
+        """Routed plus shared experts in the fused kernel, where it adds the shared ones (else None)."""
+        slots = self.local_slots(ids)
+        shared = self.shared_in_kernel(x, slots.numel())
+        return None if shared is None else self.experts_fused(x, weights, slots, shared)
+
+    def routed_and_shared_eager(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        assert self.shared_experts is not None
+        return self.routed_eager(x, weights, ids) + self.shared_experts(x)

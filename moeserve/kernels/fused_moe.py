@@ -20,7 +20,7 @@ import triton.language as tl
 from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_align import MAX_PAIRS as ALIGN_MAX_PAIRS
 from moeserve.kernels.moe_align import align_pairs
-from moeserve.kernels.moe_gemv import moe_gemv, round_as, scale_args
+from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, round_as, scale_args
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
 # one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
@@ -148,16 +148,23 @@ def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: t
                     num_warps=warps, num_stages=3)
 
 
+def takes_gemv_path(num_pairs: int, fp8: bool) -> bool:
+    """Whether ``fused_moe`` runs this many routed pairs through the split-K path (``moe_gemv``)."""
+    return num_pairs <= (FP8_GEMV_MAX_PAIRS if fp8 else GEMV_MAX_PAIRS)
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor, local: torch.Tensor,
               num_local: int, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+              block: tuple[int, int] = (128, 128), shared: SharedWeights | None = None) -> torch.Tensor:
     """x: [T, H]; w13: [E, 2I, H] (gate rows then up rows); w2: [E, H, I]; route_w: [T, top_k] routing
     weights; local: [T * top_k] local expert of each pair (``num_local`` = served elsewhere).
     FP8 experts: w13/w2 float8 with ``w13_scale`` [E, 2, ceil(I/128), ceil(H/128)], ``w2_scale``
-    [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x)."""
-    limit = GEMV_MAX_PAIRS if w13_scale is None else FP8_GEMV_MAX_PAIRS
-    run = moe_gemv if local.numel() <= limit else fused_moe_sorted
-    return run(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block)
+    [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x).
+    ``shared``: the shared experts' output added too; only on the split-K path (``takes_gemv_path``)."""
+    if takes_gemv_path(local.numel(), w13_scale is not None):
+        return moe_gemv(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block, shared=shared)
+    assert shared is None, "the shared experts run in the routed kernel on its split-K path only"
+    return fused_moe_sorted(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block)
 
 
 def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor,

@@ -58,36 +58,51 @@ def _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8: tl.const
 
 
 @triton.jit
-def _pair_tile(local_ptr, num_local, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se, stride_sn,
+def _pair_tile(local_ptr, num_local, num_routed, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se,
+               stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K: tl.constexpr, PIECES: tl.constexpr,
                SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """This program's pair, weight rows and reduction range: (pair, cols, held, row_ok, k_lo, k_hi, weight
-    row pointers, scale row pointer). A pair served elsewhere reads nothing and writes zeros."""
+    """This program's pair, weight rows and reduction range: (pair, token, cols, is_shared, held, row_ok, k_lo,
+    k_hi, weight row pointers, scale row pointer). A routed pair served elsewhere reads nothing and writes zeros.
+    Pairs from ``num_routed`` on are the shared experts' pieces, ``PIECES`` a token, read from ``sh_ptr``."""
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    expert = tl.load(local_ptr + pair)
+    expert = tl.load(local_ptr + pair, mask=pair < num_routed, other=0)
     held = expert < num_local
     e = tl.where(held, expert, 0).to(tl.int64)
+    token = pair // TOP_K
+    base = w_ptr + e * stride_we
+    stride_n = stride_wn
+    is_shared = pair < 0  # false: no shared pieces
+    if PIECES > 0:
+        is_shared = pair >= num_routed
+        piece = tl.maximum(pair - num_routed, 0)
+        token = tl.where(is_shared, piece // PIECES, token)
+        held = held | is_shared
+        base = tl.where(is_shared, sh_ptr + (piece % PIECES).to(tl.int64) * sh_piece, base)
+        stride_n = tl.where(is_shared, sh_stride_n, stride_wn)
     row_ok = cols < tl.where(held, N, 0)
     k_lo = tl.program_id(2) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    w_rows = w_ptr + e * stride_we + cols[:, None].to(tl.int64) * stride_wn
+    w_rows = base + cols[:, None].to(tl.int64) * stride_n
     s_row = s_ptr + e * stride_se + (tl.program_id(1) * BLOCK_N // SCALE_BLOCK) * stride_sn
-    return pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row
+    return pair, token, cols, is_shared, held, row_ok, k_lo, k_hi, w_rows, s_row
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, K, k_per_split,
-             stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sk, up_scale_offset,
-             TOP_K: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_K: tl.constexpr):
-    pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
-        local_ptr, num_local, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se, stride_sn,
-        SCALE_BLOCK, BLOCK_N)
+@triton.jit(do_not_specialize=["num_pairs", "num_routed"])
+def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, num_routed, N, K, k_per_split,
+             stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sk, up_scale_offset, sh_ptr, sh_piece,
+             sh_stride_n, TOP_K: tl.constexpr, PIECES: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pair, token, cols, is_shared, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
+        local_ptr, num_local, num_routed, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se,
+        stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K, PIECES, SCALE_BLOCK, BLOCK_N)
     split = tl.program_id(2)
-    a_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    a_row = x_ptr + token.to(tl.int64) * stride_x
+    # the up rows follow the gate rows: N rows on in a routed expert, all the pieces' gate rows on in the shared
+    up_rows = w_rows + tl.where(is_shared, PIECES * sh_piece, N * stride_wn)
     gate = _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK, BLOCK_K)
-    up = _tile_dot(a_row, w_rows + N * stride_wn, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8,
-                   SCALE_BLOCK, BLOCK_K)
+    up = _tile_dot(a_row, up_rows, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK,
+                   BLOCK_K)
     out = part_ptr + (split * num_pairs + pair).to(tl.int64) * 2 * N + cols
     tl.store(out, gate, mask=cols < N)
     tl.store(out + N, up, mask=cols < N)
@@ -106,13 +121,14 @@ def _activation(part_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP: tl.constexp
     return round_as(round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(up, dtype), dtype)
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, N, inter, k_per_split,
-          stride_we, stride_wn, stride_se, stride_sn, stride_sk, SPLIT_UP: tl.constexpr, FP8: tl.constexpr,
-          SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    pair, cols, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
-        local_ptr, num_local, N, inter, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se, stride_sn,
-        SCALE_BLOCK, BLOCK_N)
+@triton.jit(do_not_specialize=["num_pairs", "num_routed"])
+def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, num_routed, N, inter, k_per_split,
+          stride_we, stride_wn, stride_se, stride_sn, stride_sk, sh_ptr, sh_piece, sh_stride_n, TOP_K: tl.constexpr,
+          PIECES: tl.constexpr, SPLIT_UP: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    pair, token, cols, is_shared, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
+        local_ptr, num_local, num_routed, N, inter, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se,
+        stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K, PIECES, SCALE_BLOCK, BLOCK_N)
     split = tl.program_id(2)
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N], tl.float32)
@@ -127,9 +143,18 @@ def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, 
     tl.store(part_ptr + (split * num_pairs + pair).to(tl.int64) * N + cols, acc, mask=cols < N)
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, N, stride_o,
-             TOP_K: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+@triton.jit
+def _summed_row(part_ptr, pair, num_pairs, N, cols, ok, SPLIT: tl.constexpr):
+    """A pair's output row: its pieces of the reduction summed in split order -> [BLOCK_N] float32."""
+    y = tl.zeros(cols.shape, tl.float32)
+    for s in range(SPLIT):
+        y += tl.load(part_ptr + (s * num_pairs + pair).to(tl.int64) * N + cols, mask=ok, other=0.0)
+    return y
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_routed"])
+def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, num_routed, N, stride_o,
+             TOP_K: tl.constexpr, PIECES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
@@ -137,12 +162,15 @@ def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, N,
     total = tl.zeros([BLOCK_N], tl.float32)
     for j in range(TOP_K):
         pair = token * TOP_K + j
-        y = tl.zeros([BLOCK_N], tl.float32)
-        for s in range(SPLIT):
-            y += tl.load(part_ptr + (s * num_pairs + pair).to(tl.int64) * N + cols, mask=ok, other=0.0)
+        y = _summed_row(part_ptr, pair, num_pairs, N, cols, ok, SPLIT)
         w = round_as(tl.load(route_w_ptr + pair), dtype)
         held = tl.load(local_ptr + pair) < num_local
         total += tl.where(held, round_as(round_as(y, dtype) * w, dtype), 0.0)
+    if PIECES > 0:  # the shared experts' output, rounded once as one down projection's, added as the eager ops add
+        shared = tl.zeros([BLOCK_N], tl.float32)
+        for j in range(PIECES):
+            shared += _summed_row(part_ptr, num_routed + token * PIECES + j, num_pairs, N, cols, ok, SPLIT)
+        total = round_as(total, dtype) + round_as(shared, dtype)
     tl.store(out_ptr + token.to(tl.int64) * stride_o + cols, total.to(dtype), mask=ok)
 
 
@@ -163,18 +191,43 @@ FP8_GATE_UP = GemvConfig(block_n=32, block_k=256, split_k=1, num_warps=8)
 FP8_DOWN = GemvConfig(block_n=32, block_k=256, split_k=1, num_warps=4)
 
 
+@dataclass(frozen=True)
+class SharedWeights:
+    """A layer's shared experts, run as extra pairs of the routed kernel: ``gate_up`` [2 * P * I, H] (the gate
+    rows, then the up rows) and ``down`` [H, P * I], cut into P pieces as wide as a routed expert (I), each
+    piece one more pair of every token. The pieces' outputs add up to the shared MLP's: the activation is
+    elementwise and the down projection a sum over the intermediate dimension."""
+
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    def pieces(self, inter: int) -> int:
+        """How many routed-expert-wide pieces the shared experts make; 0 where they do not cut evenly."""
+        width = self.down.shape[1]
+        fits = (width % inter == 0 and self.gate_up.shape[0] == 2 * width and self.gate_up.stride(1) == 1
+                and self.down.stride(1) == 1)
+        return width // inter if fits else 0
+
+
 def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor, local: torch.Tensor,
              num_local: int, w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
              block: tuple[int, int] = (128, 128), gate_up: GemvConfig | None = None,
-             down: GemvConfig | None = None) -> torch.Tensor:
+             down: GemvConfig | None = None, shared: SharedWeights | None = None) -> torch.Tensor:
     """``fused_moe``'s contract (x: [T, H]; w13: [E, 2I, H]; w2: [E, H, I]; route_w: [T, top_k]; local:
-    [T * top_k] local slot or ``num_local``) for a few pairs: three launches, nothing sorted or zeroed."""
+    [T * top_k] local slot or ``num_local``) for a few pairs: three launches, nothing sorted or zeroed.
+    ``shared``: the shared experts too (bf16 experts only), their output added to each token's as the
+    eager ops add it (``routed + shared``)."""
     fp8 = w13_scale is not None
     cfg1 = gate_up or (FP8_GATE_UP if fp8 else GATE_UP)
     cfg2 = down or (FP8_DOWN if fp8 else DOWN)
     num_tokens, top_k = route_w.shape
-    num_pairs = local.numel()
+    num_routed = local.numel()
     inter, hidden = w13.shape[1] // 2, w13.shape[2]
+    pieces = 0 if shared is None else shared.pieces(inter)
+    assert shared is None or (pieces > 0 and not fp8), "shared experts cut into routed-wide pieces, bf16 only"
+    num_pairs = num_routed + num_tokens * pieces
+    # the shared experts' pointers, piece steps and row strides (the routed weights stand in when there are none)
+    sh13, sh2 = (w13, w2) if shared is None else (shared.gate_up, shared.down)
     if fp8:
         assert block[0] == block[1] and block[0] % cfg1.block_n == 0 and block[0] % cfg2.block_n == 0
     k1 = triton.cdiv(triton.cdiv(hidden, cfg1.split_k), cfg1.block_k) * cfg1.block_k
@@ -182,20 +235,20 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torc
     part_up = torch.empty(split1, num_pairs, 2 * inter, dtype=torch.float32, device=x.device)
     s, strides, up = scale_args(w13_scale, True, w13)
     _gate_up[(num_pairs, triton.cdiv(inter, cfg1.block_n), split1)](
-        x, w13, s, part_up, local, num_local, num_pairs, inter, hidden, k1, x.stride(0), w13.stride(0),
-        w13.stride(1), *strides, up, TOP_K=top_k, FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg1.block_n,
-        BLOCK_K=cfg1.block_k, num_warps=cfg1.num_warps)
+        x, w13, s, part_up, local, num_local, num_pairs, num_routed, inter, hidden, k1, x.stride(0), w13.stride(0),
+        w13.stride(1), *strides, up, sh13, inter * sh13.stride(0), sh13.stride(0), TOP_K=top_k, PIECES=pieces,
+        FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg1.block_n, BLOCK_K=cfg1.block_k, num_warps=cfg1.num_warps)
     k2 = triton.cdiv(triton.cdiv(inter, cfg2.split_k), cfg2.block_k) * cfg2.block_k
     split2 = triton.cdiv(inter, k2)
     part_down = torch.empty(split2, num_pairs, hidden, dtype=torch.float32, device=x.device)
     s, strides, _ = scale_args(w2_scale, False, w2)
     dtype = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[x.dtype]
     _down[(num_pairs, triton.cdiv(hidden, cfg2.block_n), split2)](
-        part_up, w2, s, part_down, local, num_local, num_pairs, hidden, inter, k2, w2.stride(0), w2.stride(1),
-        *strides, SPLIT_UP=split1, FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k,
-        DTYPE=dtype, num_warps=cfg2.num_warps)
+        part_up, w2, s, part_down, local, num_local, num_pairs, num_routed, hidden, inter, k2, w2.stride(0),
+        w2.stride(1), *strides, sh2, inter, sh2.stride(0), TOP_K=top_k, PIECES=pieces, SPLIT_UP=split1, FP8=fp8,
+        SCALE_BLOCK=block[0], BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k, DTYPE=dtype, num_warps=cfg2.num_warps)
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _combine[(num_tokens, triton.cdiv(hidden, 256))](
-        part_down, route_w.reshape(-1).contiguous(), local, out, num_local, num_pairs, hidden, out.stride(0),
-        TOP_K=top_k, SPLIT=split2, BLOCK_N=256, num_warps=4)
+        part_down, route_w.reshape(-1).contiguous(), local, out, num_local, num_pairs, num_routed, hidden,
+        out.stride(0), TOP_K=top_k, PIECES=pieces, SPLIT=split2, BLOCK_N=256, num_warps=4)
     return out

@@ -18,6 +18,19 @@ import triton.language as tl
 
 
 @triton.jit
+def rotated(row, cos, sin, i, ok, HALF: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """The rope slice at ``row`` (pairs interleaved or as halves) rotated in float32: (first, second) half of
+    the de-interleaved output, each [..., HALF] with ``i`` = arange(HALF) on the last axis."""
+    if INTERLEAVE:
+        x1 = tl.load(row + 2 * i, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(row + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
+    else:
+        x1 = tl.load(row + i, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(row + HALF + i, mask=ok, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
 def _rope(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xt, stride_xh, stride_ot, stride_oh,
           stride_table, HALF: tl.constexpr, INTERLEAVE: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0)
@@ -28,16 +41,11 @@ def _rope(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xt, strid
     cos = tl.load(cos_ptr + pos * stride_table + i)[None, :]
     sin = tl.load(sin_ptr + pos * stride_table + i)[None, :]
     row = x_ptr + t.to(tl.int64) * stride_xt + heads[:, None] * stride_xh
-    if INTERLEAVE:
-        x1 = tl.load(row + 2 * i[None, :], mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(row + 2 * i[None, :] + 1, mask=ok, other=0.0).to(tl.float32)
-    else:
-        x1 = tl.load(row + i[None, :], mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(row + HALF + i[None, :], mask=ok, other=0.0).to(tl.float32)
+    first, second = rotated(row, cos, sin, i[None, :], ok, HALF, INTERLEAVE)
     out = out_ptr + t.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
     dtype = out_ptr.dtype.element_ty
-    tl.store(out + i[None, :], (x1 * cos - x2 * sin).to(dtype), mask=ok)
-    tl.store(out + HALF + i[None, :], (x2 * cos + x1 * sin).to(dtype), mask=ok)
+    tl.store(out + i[None, :], first.to(dtype), mask=ok)
+    tl.store(out + HALF + i[None, :], second.to(dtype), mask=ok)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -117,12 +117,18 @@ class MLA(nn.Module):
         q = self._query(x, projected)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rotary(q_pe, meta.positions)
-        latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
-        if kv_cache is None:
-            kv_cache = new_rows  # slot_mapping is the identity in this mode
+        if kv_cache is not None and self.fused and self.rotary.kernel_fits and kv_a.stride(-1) == 1:
+            from moeserve.kernels.mla_kv_write import write_kv_rows
+
+            write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
+                          self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache, meta.slot_mapping)
         else:
-            kv_cache.index_copy_(0, meta.slot_mapping, new_rows.to(kv_cache.dtype))
+            latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
+            if kv_cache is None:
+                kv_cache = new_rows  # slot_mapping is the identity in this mode
+            else:
+                kv_cache.index_copy_(0, meta.slot_mapping, new_rows.to(kv_cache.dtype))
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         num_dec = meta.num_decode_tokens
         if num_dec:

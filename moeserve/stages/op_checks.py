@@ -157,6 +157,9 @@ def _experts_pair(moe: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Te
     for rows in (x, big.contiguous()):
         weights, ids = moe.route(rows)
         pairs.append((moe.routed_fused(rows, weights, ids), moe.routed_eager(rows, weights, ids)))
+        with_shared = moe.routed_and_shared_fused(rows, weights, ids)  # the shared experts in the kernel
+        if with_shared is not None:
+            pairs.append((with_shared, moe.routed_and_shared_eager(rows, weights, ids)))
     return pairs
 
 
