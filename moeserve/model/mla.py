@@ -132,7 +132,7 @@ class MLA(nn.Module):
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         num_dec = meta.num_decode_tokens
         if num_dec:
-            out[:num_dec] = self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta)
+            self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta, out[:num_dec])
         if meta.num_prefill_seqs:
             self._prefill(q_nope, q_pe, kv_cache, meta, out)
         return self.shard.all_reduce(self.linear(out.flatten(1), self.o_proj, "o_proj"))
@@ -149,9 +149,10 @@ class MLA(nn.Module):
             self._absorbed_key = key
         return self._absorbed
 
-    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttnMetadata) -> torch.Tensor:
-        """Absorbed MLA for one new token per sequence: q_nope [B, H, nope], q_pe [B, H, rope] -> [B, H, v]."""
+    def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
+                out: torch.Tensor) -> None:
+        """Absorbed MLA for one new token per sequence: q_nope [B, H, nope], q_pe [B, H, rope] -> ``out``
+        [B, H, v] (rows of the step's output)."""
         w_uk, w_uv = self._w_kv_b()
         q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
         q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
@@ -165,7 +166,10 @@ class MLA(nn.Module):
                                             meta.block_size, self.kv_lora_rank, self.scale)
         else:
             out_latent = self._decode_eager(q_full, kv_cache, meta)
-        return torch.einsum("bhc,hcv->bhv", out_latent, w_uv)
+        if out.is_cuda:  # NOTE: cuBLAS writes the [H, B, v] view of ``out`` in place: no copy kernel after it
+            torch.bmm(out_latent.transpose(0, 1), w_uv, out=out.transpose(0, 1))
+        else:
+            out.copy_(torch.einsum("bhc,hcv->bhv", out_latent, w_uv))
 
     def _decode_eager(self, q_full: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """q_full [B, H, kv_lora + rope] against the gathered contexts -> the latent output [B, H, kv_lora]."""
