@@ -5,7 +5,9 @@
 2. ``paths``: split-K matrix-vector vs the sorted tensor-core GEMM (``fused_moe_sorted``) vs the eager
    grouped GEMM (FP8: dequantize + grouped GEMM), by token count: where each wins.
 3. ``count``: what counting a step's routed pairs costs, eager ops vs the one-launch kernel, 26 layers.
-4. ``shared``: bf16 shapes only: the shared experts as extra pairs of the split-K kernel against the routed
+4. ``sorted``: tiles and pipeline stages of the sorted tensor-core GEMM (``fused_moe_sorted``) at the token
+   counts of ``--sorted-tokens``, against today's tiles and the split-K kernel (tuned tiles).
+5. ``shared``: bf16 shapes only: the shared experts as extra pairs of the split-K kernel against the routed
    kernel followed by the shared MLP's own GEMMs (two cuBLAS GEMMs, the activation and the add), by tokens.
 
 Every timing replays a CUDA graph of one call per layer over ``--layers`` copies of the weights (more bytes
@@ -24,7 +26,7 @@ import sys
 import torch
 import triton
 
-from moeserve.kernels.fused_moe import fused_moe_sorted
+from moeserve.kernels.fused_moe import GemmConfig, fused_moe_sorted, gemm_config
 from moeserve.kernels.moe_gemv import (
     DOWN,
     FP8_DOWN,
@@ -122,6 +124,38 @@ def sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
     return {"tokens": tokens, "pairs": tokens * ex.top_k, "reached_mb": reached / 1e6, "rows": rows}
 
 
+SORTED_CANDIDATES = [GemmConfig(bm, bn, 128, w, st) for bm in (16, 32) for bn in (64, 128) for w in (4, 8)
+                     for st in (3, 4, 5)]
+
+
+def sorted_sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
+    """Every candidate tile of the sorted GEMM at ``tokens`` tokens; the best against today's choice."""
+    x, weights, ids = ex.case(tokens)
+    local = ids.flatten()
+    reached = ex.reached_bytes(ids)
+
+    def run(cfg: GemmConfig) -> float:
+        return graph_ms(lambda i: fused_moe_sorted(x, ex.w13[i], ex.w2[i], weights, local, ex.num, *ex.scales(i),
+                                                   config=cfg), ex.layers, rep=50)
+    timed = []
+    for cfg in SORTED_CANDIDATES:
+        try:
+            timed.append((run(cfg), cfg))
+        except Exception as e:  # a tile the GPU cannot hold (shared memory): not a candidate here
+            print(f"# {cfg}: {type(e).__name__}", file=sys.stderr)
+    best_ms, best = min(timed, key=lambda t: t[0])
+    today = gemm_config(local.numel(), ex.fp8)
+    row = {"tokens": tokens, "pairs": local.numel(), "reached_mb": reached / 1e6, "today": vars(today),
+           "today_ms": run(today), "best": vars(best), "best_ms": best_ms,
+           "best_of_copy_bw": reached / (best_ms * 1e-3) / bandwidth,
+           "top5": [(round(ms, 4), vars(c)) for ms, c in sorted(timed, key=lambda t: t[0])[:5]]}
+    if local.numel() <= 512:
+        cfg1, cfg2 = (FP8_GATE_UP, FP8_DOWN) if ex.fp8 else (GATE_UP, DOWN)
+        row["gemv_ms"] = run_gemv(ex, tokens, cfg1, cfg2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def path_row(ex: Experts, tokens: int, moe_layer) -> dict:
     x, weights, ids = ex.case(tokens)
     local = ids.flatten()
@@ -207,6 +241,7 @@ def main() -> None:
     parser.add_argument("--parts", default="sweep,paths,count")
     parser.add_argument("--sweep-tokens", help="token counts the sweep tunes at (default: 1,8 for bf16 "
                         "shapes, 1,4,8 for FP8), e.g. 32 for V3's batch-32 step")
+    parser.add_argument("--sorted-tokens", default="16,32,64", help="token counts the sorted sweep runs at")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -224,6 +259,9 @@ def main() -> None:
                 [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
             layer = eager_layer(ex)
             result[f"{shape}_paths"] = [path_row(ex, t, layer) for t in counts]
+        if "sorted" in parts:
+            result[f"{shape}_sorted"] = [sorted_sweep(ex, int(t), result["copy_bw_gb_s"] * 1e9)
+                                         for t in args.sorted_tokens.split(",")]
         if "shared" in parts and not ex.fp8:
             result[f"{shape}_shared"] = [shared_row(ex, t, result["copy_bw_gb_s"] * 1e9) for t in (1, 2, 4, 8, 10)]
         del ex

@@ -120,19 +120,28 @@ def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs
     return SortedPairs(pair_ids[:max_padded], block_expert, padded_end[-1:], block_m)
 
 
-def _config(num_rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) by the number of pairs."""
+@dataclass(frozen=True)
+class GemmConfig:
+    block_m: int  # rows (pairs) of one expert per program; each expert's run is padded to it
+    block_n: int
+    block_k: int  # FP8: divides the 128-wide scale block
+    num_warps: int
+    num_stages: int = 3
+
+
+def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
+    """The tiles by the number of pairs (``benchmarks/bench_moe_kernels.py sorted`` sweeps them)."""
     if num_rows <= 64:
-        return 16, 64, 128, 4
+        return GemmConfig(16, 64, 128, 4)
     if num_rows <= 1024:
-        return 32, 64, 128, 4
-    return 64, 128, 64, 8
+        return GemmConfig(32, 64, 128, 4)
+    return GemmConfig(64, 128, 64, 8)
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
             pairs: SortedPairs, route_w: torch.Tensor, a_div: int, gated: bool, mul_route: bool,
-            block: tuple[int, int], cfg: tuple[int, int, int, int]) -> None:
-    block_m, block_n, block_k, warps = cfg
+            block: tuple[int, int], cfg: GemmConfig) -> None:
+    block_m, block_n, block_k = cfg.block_m, cfg.block_n, cfg.block_k
     n = w.shape[1] // 2 if gated else w.shape[1]
     k = w.shape[2]
     fp8 = scale is not None
@@ -145,7 +154,7 @@ def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: t
                     up_offset, A_DIV=a_div, GATED=gated, MUL_ROUTE=mul_route, FP8=fp8,
                     SCALE_BLOCK=block[0] if fp8 else 128, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                     PRECISION=dot_precision(a.dtype),
-                    num_warps=warps, num_stages=3)
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def takes_gemv_path(num_pairs: int, fp8: bool) -> bool:
@@ -169,12 +178,13 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: tor
 
 def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor,
                      local: torch.Tensor, num_local: int, w13_scale: torch.Tensor | None = None,
-                     w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+                     w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
+                     config: GemmConfig | None = None) -> torch.Tensor:
     """``fused_moe`` over the pairs sorted by expert: tensor-core GEMMs, for more than a few pairs."""
     num_tokens, top_k = route_w.shape
     inter = w13.shape[1] // 2
-    cfg = _config(local.numel())
-    pairs = sort_pairs(local, num_local, cfg[0])
+    cfg = config or gemm_config(local.numel(), w13_scale is not None)
+    pairs = sort_pairs(local, num_local, cfg.block_m)
     flat_w = route_w.reshape(-1).contiguous()
     act = torch.empty(local.numel(), inter, dtype=x.dtype, device=x.device)
     _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg)
