@@ -2,6 +2,8 @@
 # One H200 after a merge: every GPU-only test (the kernel cases in bf16 and FP8 with graphs, the engine's
 # GPU tests, disaggregation on one GPU, MTP with graphs), then decode profiles (V2-Lite bf16 at batch 1/64,
 # V3 cut to 6 layers FP8 at 1/32) and MTP's step cost on the V3 cut at batch 1 and 32. Results in $OUT.
+# Knobs: TESTS_S (the tests' time limit), V2_BATCHES / V3_BATCHES (the profiles' batch sizes), MTP_BATCHES
+# ("" skips MTP), MOE_BENCH (arguments for benchmarks/bench_moe_kernels.py, run after the tests; unset: skipped).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -14,11 +16,16 @@ for l in sys.stdin:
 timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernel_cases.py tests/kernel_cases_moe.py tests/kernel_cases_mla.py \
     tests/test_async_scheduling.py tests/test_backends.py tests/test_disagg_gpu.py tests/test_dummy_fp8.py \
     tests/test_engine.py tests/test_kernels.py tests/test_sampling.py tests/test_spec_decode.py \
-    -k "cuda or gpu or GPU or kernel or fp8 or closed" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-timeout 150 python3 benchmarks/profile_decode.py --batches 1,64 --json-out "$OUT/prof_v2lite.json" 2>&1 |
+    -k "cuda or gpu or GPU or kernel or fp8 or closed or shared or kv_rows" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+if [ -n "${MOE_BENCH:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout ${MOE_BENCH_S:-200} python3 benchmarks/bench_moe_kernels.py $MOE_BENCH --json-out "$OUT/moe_kernels.json" 2>&1 |
+        grep -E '"tokens"' | cut -c1-600
+fi
+timeout 150 python3 benchmarks/profile_decode.py --batches ${V2_BATCHES:-1,64} --json-out "$OUT/prof_v2lite.json" 2>&1 |
     grep '"batch"' | python3 -c "$summary" v2lite
 timeout 150 python3 benchmarks/profile_decode.py --model benchmarks/configs/deepseek_v3_6l --expert-bytes 1 \
-    --batches 1,32 --json-out "$OUT/prof_v3.json" 2>&1 | grep '"batch"' | python3 -c "$summary" v3-6l
+    --batches ${V3_BATCHES:-1,32} --json-out "$OUT/prof_v3.json" 2>&1 | grep '"batch"' | python3 -c "$summary" v3-6l
 for n in ${MTP_BATCHES:-1 32}; do
     timeout 150 python3 -m moeserve.launch.cli bench --model benchmarks/configs/deepseek_v3_6l --load-format dummy \
         --skip-tokenizer-init --device cuda --num-prompts $n --input-len 128 --output-len 128 --rounds 2 \
