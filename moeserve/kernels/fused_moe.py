@@ -188,7 +188,26 @@ def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route
     flat_w = route_w.reshape(-1).contiguous()
     act = torch.empty(local.numel(), inter, dtype=x.dtype, device=x.device)
     _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg)
-    # rows of pairs served elsewhere stay zero, so the fixed-order sum below adds nothing for them
-    out = torch.zeros(local.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
-    _launch(act, w2, w2_scale, out, pairs, flat_w, 1, False, True, block, cfg)
-    return out.view(num_tokens, top_k, -1).sum(1).to(x.dtype)
+    # rows of pairs served elsewhere are never written, and the sum below skips them
+    rows = torch.empty(local.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
+    _launch(act, w2, w2_scale, rows, pairs, flat_w, 1, False, True, block, cfg)
+    out = torch.empty(num_tokens, w2.shape[1], dtype=x.dtype, device=x.device)
+    _sum_pairs[(num_tokens, triton.cdiv(out.shape[1], 512))](rows, local, out, num_local, out.shape[1], TOP_K=top_k,
+                                                             BLOCK_N=512, num_warps=4)
+    return out
+
+
+@triton.jit
+def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t] = the sum of token t's held pair rows, in pair order, in float32, rounded once (the eager
+    ``rows.view(T, top_k, N).sum(1)`` with the rows of pairs served elsewhere as zeros)."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = cols < N
+    total = tl.zeros([BLOCK_N], tl.float32)
+    for j in range(TOP_K):
+        pair = token * TOP_K + j
+        held = tl.load(local_ptr + pair) < num_local
+        y = tl.load(rows_ptr + pair.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
+        total += tl.where(held, y, 0.0)  # an unwritten row (a pair served elsewhere) adds nothing
+    tl.store(out_ptr + token.to(tl.int64) * N + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
