@@ -278,6 +278,10 @@ def test_rope(dtype, interleave):
     for x in (q, k):
         out = rope(x, pos, rotary.cos, rotary.sin, interleave)
         assert out.shape == x.shape and rel_err(out, rotary(x, pos)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    wide = torch.zeros(5, 6, 40, dtype=dtype, device=DEVICE)  # written in place: the rope part of a wider buffer
+    assert rope(q, pos, rotary.cos, rotary.sin, interleave, out=wide[..., 24:]).data_ptr() == wide[..., 24:].data_ptr()
+    assert torch.equal(wide[..., 24:], rope(q, pos, rotary.cos, rotary.sin, interleave))
+    assert not wide[..., :24].any()
 
 
 @pytest.mark.parametrize("spec_kw", [

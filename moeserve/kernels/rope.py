@@ -49,13 +49,18 @@ def _rope(x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, num_heads, stride_xt, strid
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-         interleave: bool) -> torch.Tensor:
+         interleave: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, H, dim] (any strides, the last one 1) or [T, dim]; positions: [T]; cos/sin: [P, dim / 2]
-    float32 -> the rotated x, contiguous, in x's dtype."""
+    float32 -> the rotated x in x's dtype: contiguous, or written into ``out`` (x's shape, the last stride 1:
+    a slice of a wider buffer)."""
     squeeze = x.dim() == 2
     x3 = x.unsqueeze(1) if squeeze else x
     tokens, heads, dim = x3.shape
-    out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(tokens, heads, dim, dtype=x.dtype, device=x.device)
+    else:
+        assert out.shape == x.shape and out.stride(-1) == 1
+        out = out.unsqueeze(1) if squeeze else out
     block_h = min(16, triton.next_power_of_2(heads))
     if tokens:
         _rope[(tokens, triton.cdiv(heads, block_h))](

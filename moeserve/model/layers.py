@@ -102,12 +102,15 @@ class RotaryEmbedding(nn.Module):
         half = dim // 2
         self.kernel_fits = half >= 1 and half & (half - 1) == 0  # the kernel takes the half whole
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [T, ..., dim] with positions [T] -> rotated x (same shape and dtype)."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, ..., dim] with positions [T] -> rotated x (same shape and dtype), written into ``out`` where
+        given (x's shape; a slice of a wider buffer, the last stride 1)."""
         if self.fused and self.kernel_fits and x.dim() in (2, 3) and x.stride(-1) == 1:
             from moeserve.kernels.rope import rope
 
-            return rope(x, positions, self.cos, self.sin, self.interleave)
+            return rope(x, positions, self.cos, self.sin, self.interleave, out)
+        if out is not None:
+            return out.copy_(self(x, positions))
         cos = self.cos[positions]
         sin = self.sin[positions]
         while cos.dim() < x.dim():

@@ -116,7 +116,10 @@ class MLA(nn.Module):
         projected, kv_a = self._project_input(x)
         q = self._query(x, projected)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = self.rotary(q_pe, meta.positions)
+        num_dec = meta.num_decode_tokens
+        q_full = self._decode_query(q_pe[:num_dec], meta.positions[:num_dec]) if num_dec else None
+        if q_full is None or meta.num_prefill_seqs:
+            q_pe = self.rotary(q_pe, meta.positions)
         if kv_cache is not None and self.fused and self.rotary.kernel_fits and kv_a.stride(-1) == 1:
             from moeserve.kernels.mla_kv_write import write_kv_rows
 
@@ -130,9 +133,8 @@ class MLA(nn.Module):
             else:
                 kv_cache.index_copy_(0, meta.slot_mapping, new_rows.to(kv_cache.dtype))
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
-        num_dec = meta.num_decode_tokens
         if num_dec:
-            self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta, out[:num_dec])
+            self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta, out[:num_dec], q_full)
         if meta.num_prefill_seqs:
             self._prefill(q_nope, q_pe, kv_cache, meta, out)
         return self.shard.all_reduce(self.linear(out.flatten(1), self.o_proj, "o_proj"))
@@ -149,13 +151,26 @@ class MLA(nn.Module):
             self._absorbed_key = key
         return self._absorbed
 
+    def _decode_query(self, q_pe: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """The decode kernel's query buffer [B, H, kv_lora + rope], its rope part rotated in place (``_decode``
+        writes the latent part): no concatenation kernel. None where the kernel does not run."""
+        if not (self.fused and self.decode_kernel_fits):
+            return None
+        q_full = q_pe.new_empty(q_pe.shape[0], self.num_heads, self.kv_lora_rank + self.rope_dim)
+        self.rotary(q_pe, positions, out=q_full[..., self.kv_lora_rank:])
+        return q_full
+
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
-                out: torch.Tensor) -> None:
-        """Absorbed MLA for one new token per sequence: q_nope [B, H, nope], q_pe [B, H, rope] -> ``out``
-        [B, H, v] (rows of the step's output)."""
+                out: torch.Tensor, q_full: torch.Tensor | None = None) -> None:
+        """Absorbed MLA for one new token per sequence: q_nope [B, H, nope], q_pe [B, H, rope] (rotated) ->
+        ``out`` [B, H, v] (rows of the step's output). ``q_full``: ``_decode_query``'s buffer, whose rope part
+        is already rotated (``q_pe`` is then not read)."""
         w_uk, w_uv = self._w_kv_b()
-        q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
-        q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
+        if q_full is not None:  # cuBLAS writes the latent part through the [H, B, kv_lora] view
+            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
+        else:
+            q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
+            q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
         if self.fused and self.decode_kernel_fits:
             from moeserve.kernels.mla_decode import mla_decode
 
@@ -166,7 +181,7 @@ class MLA(nn.Module):
                                             meta.block_size, self.kv_lora_rank, self.scale)
         else:
             out_latent = self._decode_eager(q_full, kv_cache, meta)
-        if out.is_cuda:  # NOTE: cuBLAS writes the [H, B, v] view of ``out`` in place: no copy kernel after it
+        if self.fused:  # NOTE: the GEMM writes the [H, B, v] view of ``out`` in place: no copy kernel after it
             torch.bmm(out_latent.transpose(0, 1), w_uv, out=out.transpose(0, 1))
         else:
             out.copy_(torch.einsum("bhc,hcv->bhv", out_latent, w_uv))
