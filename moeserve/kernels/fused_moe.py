@@ -11,6 +11,7 @@ scaled in registers: no dequantized copy of a layer's weights is ever written.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +121,9 @@ def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs
     return SortedPairs(pair_ids[:max_padded], block_expert, padded_end[-1:], block_m)
 
 
+_TILES_OVERRIDE = os.environ.get("MOESERVE_MOE_GEMM_TILES")
+
+
 @dataclass(frozen=True)
 class GemmConfig:
     block_m: int  # rows (pairs) of one expert per program; each expert's run is padded to it
@@ -130,7 +134,11 @@ class GemmConfig:
 
 
 def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
-    """The tiles by the number of pairs (``benchmarks/bench_moe_kernels.py sorted`` sweeps them)."""
+    """The tiles by the number of pairs (``benchmarks/bench_moe_kernels.py sorted`` sweeps them).
+    ``MOESERVE_MOE_GEMM_TILES`` = "block_m,block_n,block_k,num_warps,num_stages" overrides them for every
+    size: for trying a sweep's pick in the whole engine on a new GPU."""
+    if _TILES_OVERRIDE:
+        return GemmConfig(*(int(v) for v in _TILES_OVERRIDE.split(",")))
     if num_rows <= 64:
         return GemmConfig(16, 64, 128, 4)
     if num_rows <= 1024:
