@@ -11,6 +11,8 @@ the padding masked off.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -18,7 +20,17 @@ import triton.language as tl
 from moeserve.kernels import dot_precision
 
 HEAD_BLOCK = 16  # heads per program: the smallest M of a tensor-core product
-TOKEN_BLOCK = 32  # cached rows per loop step
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    token_block: int = 32  # cached rows per loop step
+    num_warps: int = 4
+    num_stages: int = 2
+    fill: int = 2  # programs per SM the split count aims for (at most 16 splits)
+
+
+DEFAULT = DecodeConfig()
 
 
 # block tables and lengths are slices of the step metadata: not specialized on alignment or width
@@ -96,15 +108,16 @@ def padded(width: int) -> int:
     return max(16, triton.next_power_of_2(width))
 
 
-def num_splits_for(batch: int, num_heads: int, num_sms: int = 132) -> int:
-    """Pieces each sequence is split into: enough programs to fill the device twice, at most 16."""
+def num_splits_for(batch: int, num_heads: int, num_sms: int = 132, fill: int = DEFAULT.fill) -> int:
+    """Pieces each sequence is split into: enough programs for ``fill`` per SM, at most 16."""
     programs = batch * triton.cdiv(num_heads, HEAD_BLOCK)
-    splits = max(1, min(16, (2 * num_sms) // max(programs, 1)))
+    splits = max(1, min(16, (fill * num_sms) // max(programs, 1)))
     return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's arange)
 
 
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
-               page_size: int, latent_dim: int, scale: float, num_splits: int | None = None) -> torch.Tensor:
+               page_size: int, latent_dim: int, scale: float, num_splits: int | None = None,
+               config: DecodeConfig = DEFAULT) -> torch.Tensor:
     """q: [B, H, latent + rope] absorbed queries; cache: [num_slots, latent + rope] (flat paged rows);
     block_tables: [B, max_blocks] (entries past a sequence's length are never read); context_lens: [B]
     (>= 1) -> [B, H, latent] in q's dtype: softmax(scale * q . rows) . rows[:, :latent]."""
@@ -113,7 +126,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     # one table dtype (the CUDA graphs' int32) for every caller: a second would be a second compiled variant,
     # built the first time an eager step decodes
     block_tables = block_tables.to(torch.int32)
-    splits = num_splits or num_splits_for(batch, num_heads)
+    splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill)
     parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     grid = (batch, triton.cdiv(num_heads, HEAD_BLOCK), splits)
@@ -121,7 +134,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         q, cache, block_tables, context_lens, parts, lse, scale, num_heads,
         q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
         NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, LATENT_P=padded(latent_dim),
-        ROPE_P=padded(rope), BLOCK_H=HEAD_BLOCK, BLOCK_T=TOKEN_BLOCK, PRECISION=dot_precision(q.dtype), num_warps=4, num_stages=2)
+        ROPE_P=padded(rope), BLOCK_H=HEAD_BLOCK, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     _mla_decode_merge[(batch, num_heads)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
