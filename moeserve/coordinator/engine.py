@@ -25,7 +25,7 @@ from moeserve.coordinator.sampling import Sampler, SamplingParams
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig
 from moeserve.coordinator.spec_decode import Speculator
 from moeserve.coordinator.spec_policy import SpecPolicy
-from moeserve.coordinator.step_batch import EngineStats, StepBatch
+from moeserve.coordinator.step_batch import EngineStats, SamplingBatchCache, StepBatch
 from moeserve.kvstore.block_format import model_fingerprint
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.disagg import KvTransferError, check_transfer
@@ -84,6 +84,7 @@ class Engine(EngineStep):
             if config.disaggregation_mode else ""
         spec = config.speculative_config
         self.sampler = Sampler()
+        self.sampling_batches = SamplingBatchCache()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
         self.speculator = Speculator(spec, self.sampler, self.outputs.eos_token_ids, config.torch_device) \
             if spec else None

@@ -26,7 +26,7 @@ from moeserve.coordinator.sampling import Sampler
 from moeserve.coordinator.scheduler import Scheduler
 from moeserve.coordinator.spec_decode import Speculator, can_draft
 from moeserve.coordinator.spec_policy import SpecPolicy
-from moeserve.coordinator.step_batch import EngineStats, StepBatch, build_step_plan, sampling_batch_of
+from moeserve.coordinator.step_batch import EngineStats, SamplingBatchCache, StepBatch, build_step_plan
 from moeserve.device_copy import HostCopy, to_device
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.disagg import KvTransferParams, PrefillSide
@@ -45,6 +45,7 @@ class EngineStep:
     scheduler: Scheduler
     kv: KVCacheManager
     sampler: Sampler
+    sampling_batches: SamplingBatchCache  # the last step's sampling batch, reused while it still applies
     outputs: OutputProcessor
     expert_load: ExpertLoadMonitor
     requests: dict[str, Request]
@@ -243,8 +244,8 @@ class EngineStep:
             if len(live) < len(reqs):
                 logits = logits[to_device(torch.tensor(live, dtype=torch.long), logits.device)]
                 reqs = [reqs[i] for i in live]
-            params = sampling_batch_of(reqs, logits.device, self.outputs.eos_token_ids, self.outputs.bitmask(reqs),
-                                       with_history=bool(self._sync_request_ids))
+            params = self.sampling_batches.get(reqs, logits.device, self.outputs.eos_token_ids,
+                                               self.outputs.bitmask(reqs), bool(self._sync_request_ids))
             out = self.sampler.sample(logits, params)
             batch.sampled_reqs, batch.token_ids = reqs, out.token_ids
             batch.host = HostCopy([out.token_ids, out.logprobs, *(out.top_logprobs or ())])
