@@ -71,6 +71,16 @@ def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
+def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
+    """A decode plan's graph inputs: [4, B] rows of token id, position, cache slot and context length
+    (``tables``: the plan's block tables as an array, [>= B, >= blocks]); what ``build_attn_metadata``
+    computes on the device for the eager path."""
+    pos = np.asarray(plan.num_computed, dtype=np.int64)
+    rows = np.arange(len(pos))
+    slots = tables[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    return np.stack([np.asarray(plan.token_ids, dtype=np.int64), pos, slots, pos + 1])
+
+
 def fill_pending(token_ids: torch.Tensor, plan: StepPlan, prev_token_ids: torch.Tensor | None) -> None:
     """Write the previous batch's sampled ids (``prev_token_ids`` [R], on the device) into the plan's
     placeholder positions of ``token_ids`` [>= T] (on the device), in place and without a host sync."""
