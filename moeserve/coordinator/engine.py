@@ -15,7 +15,7 @@ import torch
 
 from moeserve.coordinator.config import EngineConfig, long_context_note
 from moeserve.coordinator.engine_setup import default_launcher, replica_layout, with_redundant_slots
-from moeserve.coordinator.engine_step import EngineStep
+from moeserve.coordinator.engine_spec_step import SpeculativeStep
 from moeserve.coordinator.executor import ReplicaLayout, RestartUnsupported
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
@@ -53,7 +53,7 @@ def _check_drafter(config: EngineConfig, model_config: ModelConfig, model: Deeps
                        "its MTP module (load_model(..., with_mtp=True))")
 
 
-class Engine(EngineStep):
+class Engine(SpeculativeStep):
     def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
                  tokenizer: Tokenizer | None = None, launcher: Launcher | None = None):
         self.config = config
