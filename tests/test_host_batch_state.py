@@ -94,3 +94,35 @@ def test_decode_step_inputs_equal_the_eager_metadata() -> None:
             a, b = getattr(meta, name), getattr(ref, name)
             assert a.dtype == b.dtype and torch.equal(a, b), name
         assert runner.step_inputs(plan, with_token_ids=False)[1] is None
+
+
+def test_padded_tables_equal_a_rebuild_as_sequences_join_grow_leave_and_return() -> None:
+    """Through a real cache manager (whose tables keep their identity until they gain a block): every step's
+    array equals ``pad_tables`` of the same tables, in shape and values, and is a new array each time."""
+    from moeserve.kvstore.cache_manager import KVCacheManager
+    from moeserve.stages.step_plan import PaddedTables
+
+    kv = KVCacheManager(512, 4)
+    padded = PaddedTables()
+    lengths = {f"r{i}": 3 + i for i in range(12)}
+    batch = list(lengths)
+    arrays = []
+    for step in range(40):
+        if step == 10:
+            batch = batch[2:]  # two leave
+        if step == 15:
+            kv.free(batch[-1])  # the newest is preempted: it comes back with its table rebuilt from scratch
+            lengths[batch[-1]] = 1
+        if step == 25:
+            batch = batch + ["r0"]  # one returns
+        tables = []
+        for rid in batch:
+            lengths[rid] += 1
+            table = kv.allocate_slots(rid, lengths[rid])
+            assert table is not None
+            tables.append(table.block_ids)
+        got = padded(tables)
+        want = pad_tables(tables)
+        assert got.shape == want.shape and (got == want).all(), step
+        assert not any(got is a for a in arrays)
+        arrays.append(got)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeserve.model.attn_metadata import AttnMetadata
-from moeserve.stages.step_plan import StepPlan, decode_rows, fill_pending, pad_tables
+from moeserve.stages.step_plan import StepPlan, decode_rows, fill_pending
 
 if TYPE_CHECKING:
     from moeserve.stages.runner import ModelRunner
@@ -162,7 +162,7 @@ class DecodeGraphs:
         copied = self.copied[buf]
         if copied is not None:
             copied.synchronize()  # this set's copies of two steps ago have run: it is free again
-        padded = pad_tables(plan.block_tables)
+        padded = self.runner.padded_tables(plan.block_tables)
         width = padded.shape[1]
         rows, tables = self.staging[buf]
         tables.numpy()[:num_real, :width] = padded

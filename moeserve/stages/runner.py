@@ -17,7 +17,7 @@ from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cuda_graph import DecodeGraphs, DraftGraphs
 from moeserve.stages.selfcheck import check_fast_path, warm_up
-from moeserve.stages.step_plan import DraftPlan, StepPlan, decode_rows, fill_pending, pad_tables
+from moeserve.stages.step_plan import DraftPlan, PaddedTables, StepPlan, decode_rows, fill_pending
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.padded_tables = PaddedTables()  # the steps' block tables as one array, row by row as they change
         self.cache_dtype = cache_dtype or model.dtype
         fast = kernels_apply(device)
         if device.type == "cuda":  # one GEMM for each attention's query and latent projections
@@ -110,7 +111,7 @@ class ModelRunner:
         with its token ids: ``build_attn_metadata`` derives them with a dozen small device ops, on a CPU about
         0.3 ms a step at batch 256."""
         lens = np.array([plan.num_computed, plan.query_lens], dtype=np.int64)  # [2, B]
-        padded = pad_tables(plan.block_tables)
+        padded = self.padded_tables(plan.block_tables)
         tables = to_device(torch.from_numpy(padded), self.device)
         sizes = MetadataSizes.of(lens[0], lens[1])
         num_seqs = lens.shape[1]
