@@ -35,7 +35,7 @@ def build_engine(args: argparse.Namespace, batch: int):
     cuda = args.device == "cuda"
     return Engine(EngineConfig(model=args.model, device=args.device, dtype=args.dtype, max_num_seqs=batch,
                                max_num_batched_tokens=max(4096, batch * 64),
-                               kv_cache_memory=None if cuda else 1 << 30, load_format=args.load_format,
+                               kv_cache_memory=0 if cuda else 1 << 30, load_format=args.load_format,
                                skip_tokenizer_init=args.skip_tokenizer_init, max_model_len=args.max_model_len,
                                async_scheduling=args.async_scheduling, seed=0))
 
