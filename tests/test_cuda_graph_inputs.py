@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from moeserve.model.attn_metadata import build_attn_metadata
-from moeserve.stages.cuda_graph import decode_buckets, decode_rows
-from moeserve.stages.step_plan import StepPlan, pad_tables
+from moeserve.stages.cuda_graph import decode_buckets
+from moeserve.stages.step_plan import StepPlan, decode_rows, pad_tables
 
 
 def test_buckets_cover_every_batch_size() -> None:

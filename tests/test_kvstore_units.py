@@ -232,3 +232,27 @@ def test_store_reads_values_in_place_over_a_password_and_a_db(tmp_path) -> None:
         wrong = RedisStore(url.replace(":pw@", ":nope@"))
         with pytest.raises(StoreError, match="refused"):
             wrong.read_into(["a"], [[memoryview(bytearray(10))]])
+
+
+def test_one_steps_saves_travel_as_one_message_and_come_back_bit_equal() -> None:
+    """Saves recorded in one step (each a request whose block filled) go to the ranks as one KvSaveMsg, and the
+    blocks still come back from the host pool bit-equal; a save that reuses a host slot of the message before it
+    (a host pool of 2 slots) starts a message of its own, so that the later copy is the one kept."""
+    tiers, caches = make_tiers(2, None)
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
+    hashes = [block_hashes(list(t), 4)[0] for t in tokens]  # three one-block prefixes
+    want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]
+    tiers.save([0], hashes[:1], tokens[:1])
+    tiers.save([1], hashes[1:2], tokens[1:2])
+    assert len(tiers._ops) == 1 and tiers._ops[0].blocks == [0, 1]
+    tiers.save([2], hashes[2:], tokens[2:])  # the pool is full: it takes slot 0 again
+    assert len(tiers._ops) == 2 and tiers._ops[1].host_slots == tiers._ops[0].host_slots[:1]
+    tiers.send_ops()
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    for cache in caches.values():
+        cache.zero_()
+    for b in (1, 2):
+        pool = BlockPool(8)
+        pool.allocate(5)
+        got = load_prefix(tiers, [hashes[b]], [tokens[b]], pool)
+        assert len(got) == 1 and torch.equal(torch.stack([caches[i][got[0]] for i in range(2)]), want[b])

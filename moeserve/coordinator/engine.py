@@ -15,7 +15,7 @@ import torch
 
 from moeserve.coordinator.config import EngineConfig, long_context_note
 from moeserve.coordinator.engine_setup import default_launcher, replica_layout, with_redundant_slots
-from moeserve.coordinator.engine_step import EngineStep
+from moeserve.coordinator.engine_spec_step import SpeculativeStep
 from moeserve.coordinator.executor import ReplicaLayout, RestartUnsupported
 from moeserve.coordinator.load_monitor import ExpertLoadMonitor
 from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
@@ -25,7 +25,7 @@ from moeserve.coordinator.sampling import Sampler, SamplingParams
 from moeserve.coordinator.scheduler import Scheduler, SchedulerConfig
 from moeserve.coordinator.spec_decode import Speculator
 from moeserve.coordinator.spec_policy import SpecPolicy
-from moeserve.coordinator.step_batch import EngineStats, StepBatch
+from moeserve.coordinator.step_batch import EngineStats, SamplingBatchCache, StepBatch
 from moeserve.kvstore.block_format import model_fingerprint
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.disagg import KvTransferError, check_transfer
@@ -53,7 +53,7 @@ def _check_drafter(config: EngineConfig, model_config: ModelConfig, model: Deeps
                        "its MTP module (load_model(..., with_mtp=True))")
 
 
-class Engine(EngineStep):
+class Engine(SpeculativeStep):
     def __init__(self, config: EngineConfig, model: DeepseekModel | None = None,
                  tokenizer: Tokenizer | None = None, launcher: Launcher | None = None):
         self.config = config
@@ -84,6 +84,7 @@ class Engine(EngineStep):
             if config.disaggregation_mode else ""
         spec = config.speculative_config
         self.sampler = Sampler()
+        self.sampling_batches = SamplingBatchCache()
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids, self.model_config.vocab_size)
         self.speculator = Speculator(spec, self.sampler, self.outputs.eos_token_ids, config.torch_device) \
             if spec else None

@@ -24,9 +24,9 @@ from moeserve.coordinator.outputs import OutputProcessor, RequestOutput
 from moeserve.coordinator.request import Request, RequestStatus
 from moeserve.coordinator.sampling import Sampler
 from moeserve.coordinator.scheduler import Scheduler
-from moeserve.coordinator.spec_decode import Speculator, can_draft
+from moeserve.coordinator.spec_decode import Speculator
 from moeserve.coordinator.spec_policy import SpecPolicy
-from moeserve.coordinator.step_batch import EngineStats, StepBatch, build_step_plan, sampling_batch_of
+from moeserve.coordinator.step_batch import EngineStats, SamplingBatchCache, StepBatch, build_step_plan
 from moeserve.device_copy import HostCopy, to_device
 from moeserve.kvstore.cache_manager import KVCacheManager
 from moeserve.kvstore.disagg import KvTransferParams, PrefillSide
@@ -45,6 +45,7 @@ class EngineStep:
     scheduler: Scheduler
     kv: KVCacheManager
     sampler: Sampler
+    sampling_batches: SamplingBatchCache  # the last step's sampling batch, reused while it still applies
     outputs: OutputProcessor
     expert_load: ExpertLoadMonitor
     requests: dict[str, Request]
@@ -103,75 +104,7 @@ class EngineStep:
             connector.wait(0.05)
 
     def _step_speculative(self) -> list[RequestOutput]:
-        """A synchronous step whose decoding sequences carry draft tokens: schedule -> launch -> collect ->
-        verify -> process -> advance (by the kept tokens) -> draft the next step's tokens (spec_decode.py)."""
-        assert self.speculator is not None and self.spec_policy is not None
-        with self.stats.phase("schedule"):
-            batch = self._schedule(None)
-        if batch is None:
-            return []
-        with self.stats.phase("launch"):
-            self._launch(batch, None)
-        with self.stats.phase("collect"):
-            logits = self.executor.collect(batch.handle).to(self.config.torch_device).float()
-            batch.handle = None
-        sampled = [batch.sched.scheduled[i] for i in batch.plan.sample_rows]
-        num_spec = [s.num_spec_tokens for s in sampled]
-        with self.stats.phase("sample"):
-            reqs = batch.to_sample
-            verified = self.speculator.verify(logits, reqs, num_spec, self.outputs.bitmask(
-                [r for r, k in zip(reqs, num_spec) for _ in range(k + 1)]), bool(self._sync_request_ids))
-        with self.stats.phase("process"):
-            outputs = self._processed = self._process_verified(reqs, verified)
-        for s, k, a in zip(sampled, num_spec, verified.num_accepted):
-            s.num_rejected_tokens = k - a
-            req = s.request
-            req.spec_token_ids, req.spec_probs = [], None
-            req.num_draft_tokens += k
-            req.num_accepted_tokens += a
-        with self.stats.phase("advance"):
-            self.scheduler.advance(batch.sched)
-        with self.stats.phase("draft"):
-            self._draft(batch)
-        self._record(batch, len(outputs))
-        self._observe_speculation(batch, num_spec, verified.num_accepted)
-        return outputs
-
-    def _process_verified(self, reqs: list[Request], verified) -> list[RequestOutput]:
-        now, outputs = time.monotonic(), []
-        for req, ids, lps, tops, k, a in zip(reqs, verified.token_ids, verified.logprobs, verified.top,
-                                             verified.num_spec, verified.num_accepted):
-            req.num_output_placeholders -= 1
-            out = self.outputs.process_tokens(req, ids, lps, tops, now, self.max_model_len)
-            out.num_draft_tokens = req.num_draft_tokens + k
-            out.num_accepted_draft_tokens = req.num_accepted_tokens + a
-            outputs.append(out)
-            if out.finished:
-                self._retire(req)
-        return outputs
-
-    def _draft(self, batch: StepBatch) -> None:
-        """Drafts for the next step, if speculation pays at this batch size (spec_policy.py)."""
-        assert self.speculator is not None and self.spec_policy is not None
-        config = self.speculator.config
-        if config.adaptive and not self.spec_policy.wants_drafts(len(self.scheduler.running)):
-            return
-        k = config.num_speculative_tokens
-        num_drafts = {s.request: min(k, s.request.max_total_tokens - s.request.num_tokens - 1)
-                      for s in batch.sched.scheduled if can_draft(s.request)}
-        self.speculator.draft(self.executor, batch.plan, batch.sched.scheduled, num_drafts)
-
-    def _observe_speculation(self, batch: StepBatch, num_spec: list[int], num_accepted: list[int]) -> None:
-        drafted = sum(num_spec)
-        self.stats.num_draft_tokens += drafted
-        self.stats.num_accepted_tokens += sum(num_accepted)
-        self.stats.num_spec_verifies += sum(1 for k in num_spec if k)
-        sched = batch.sched
-        if sched.preempted or any(s.num_new_tokens - s.num_spec_tokens != 1 for s in sched.scheduled):
-            return  # a prefill chunk's time says nothing of decoding
-        assert self.spec_policy is not None
-        self.spec_policy.observe(len(sched.scheduled), drafted > 0, len(sched.scheduled) + sum(num_accepted),
-                                 self.stats.step_times[-1])
+        raise NotImplementedError("the speculative step is SpeculativeStep's (engine_spec_step.py)")
 
     def _can_overlap(self) -> bool:
         return self.async_scheduling and not self.sync_steps and not self._sync_request_ids
@@ -243,8 +176,8 @@ class EngineStep:
             if len(live) < len(reqs):
                 logits = logits[to_device(torch.tensor(live, dtype=torch.long), logits.device)]
                 reqs = [reqs[i] for i in live]
-            params = sampling_batch_of(reqs, logits.device, self.outputs.eos_token_ids, self.outputs.bitmask(reqs),
-                                       with_history=bool(self._sync_request_ids))
+            params = self.sampling_batches.get(reqs, logits.device, self.outputs.eos_token_ids,
+                                               self.outputs.bitmask(reqs), bool(self._sync_request_ids))
             out = self.sampler.sample(logits, params)
             batch.sampled_reqs, batch.token_ids = reqs, out.token_ids
             batch.host = HostCopy([out.token_ids, out.logprobs, *(out.top_logprobs or ())])

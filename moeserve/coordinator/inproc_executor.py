@@ -119,8 +119,10 @@ class InProcessExecutor(Executor):
         submit belongs to the batch it finishes next. A sampled row's expert ids are those its last position
         was routed to."""
         self._trace = None
+        if not self._tracing:  # every step but the tracer's: no walk over the model's layers
+            return
         moes = list(self.runner.model.moe_layers().values())
-        if self._tracing and moes:
+        if moes:
             ends = torch.tensor(plan.query_lens).cumsum(0) - 1  # [B] last position of each sequence
             rows = ends[torch.tensor(plan.sample_rows, dtype=torch.long)]
             ids = [m.last_expert_ids for m in moes]  # each [T, top_k] of the latest forward pass

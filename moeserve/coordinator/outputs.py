@@ -82,37 +82,42 @@ class OutputProcessor:
     def process(self, req: Request, token_id: int, logprob: float, top: dict[int, float] | None,
                 now: float, max_model_len: int) -> RequestOutput:
         """Append one sampled token: detokenize, check the stop conditions, and stream what is safe to.
-        NOTE: the hot path of every step (once per request): sizes are read once, not through properties."""
+        NOTE: the hot path of every step (once per request): sizes are read once, not through properties,
+        and the common request (no grammar, no stop strings) takes no branch it does not need."""
         req.append_token(token_id, logprob, now)
         num_tokens = len(req.token_ids)
         num_prompt = len(req.prompt_token_ids)
+        params = req.params
         delta = ""
         if req.grammar is not None and req.grammar_after is None:
             advance(req.grammar, token_id, req.request_id)
         if req.detokenizer is not None:
-            delta = req.detokenizer.step([token_id])
-            req.output_text += delta
-            after = req.grammar_after
-            if after is not None and req.output_text.find(after, max(0, len(req.output_text) - len(delta) - len(after))) >= 0:
-                req.grammar_after = None  # the grammar applies from the next token on
-        reason, cut = stop_reason(req.params, token_id, num_tokens - num_prompt, req.output_text,
+            delta = req.detokenizer.step((token_id,))
+            if delta:
+                req.output_text += delta
+                after = req.grammar_after
+                if after is not None and req.output_text.find(
+                        after, max(0, len(req.output_text) - len(delta) - len(after))) >= 0:
+                    req.grammar_after = None  # the grammar applies from the next token on
+        reason, cut = stop_reason(params, token_id, num_tokens - num_prompt, req.output_text,
                                   self.eos_token_ids, len(delta))
         if reason is None and num_tokens >= max_model_len:
             reason = "length"
-        finished = reason is not None
-        if finished:
-            if cut is None and req.detokenizer is not None:
-                req.output_text += req.detokenizer.finish()
-            elif cut is not None:
-                req.output_text = req.output_text[:cut]
-            req.status, req.finish_reason = RequestStatus.FINISHED, reason
+        if reason is None:
+            return RequestOutput(req.request_id, [token_id], self._emit(req, False) if delta else "",
+                                 num_prompt_tokens=num_prompt, num_output_tokens=num_tokens - num_prompt,
+                                 logprobs=[logprob], top_logprobs=[top] if top is not None else None)
+        if cut is None and req.detokenizer is not None:
+            req.output_text += req.detokenizer.finish()
+        elif cut is not None:
+            req.output_text = req.output_text[:cut]
+        req.status, req.finish_reason = RequestStatus.FINISHED, reason
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=[token_id], text_delta=self._emit(req, finished),
-            finished=finished, finish_reason=reason, num_prompt_tokens=num_prompt,
+            request_id=req.request_id, new_token_ids=[token_id], text_delta=self._emit(req, True),
+            finished=True, finish_reason=reason, num_prompt_tokens=num_prompt,
             num_output_tokens=num_tokens - num_prompt, logprobs=[logprob],
             top_logprobs=[top] if top is not None else None,
-            output_token_ids=req.token_ids[num_prompt:] if finished else None,
-            output_text=req.output_text if finished else None)
+            output_token_ids=req.token_ids[num_prompt:], output_text=req.output_text)
 
     def process_tokens(self, req: Request, token_ids: list[int], logprobs: list[float],
                        tops: list[dict[int, float] | None], now: float, max_model_len: int) -> RequestOutput:

@@ -129,23 +129,31 @@ class Scheduler:
         return victim
 
     def _schedule_running(self, out: SchedulerOutput, budget: int, busy: frozenset[str], max_seqs: int) -> int:
+        # NOTE: the hot loop of every step, once per running request: sizes are read from attributes and
+        # len() once each, not through Request's properties, and a decode without lookahead allocates its
+        # slots directly (what ``_slots`` and ``_stops_in_flight`` compute)
         allocate = self.kv.allocate_slots
+        lookahead = self.config.num_lookahead_tokens
+        scheduled, running = out.scheduled, self.running
         i = 0
-        while i < len(self.running) and budget > 0 and len(out.scheduled) < max_seqs:
-            req = self.running[i]
+        while i < len(running) and budget > 0 and len(scheduled) < max_seqs:
+            req = running[i]
             i += 1
-            if (busy and req.request_id in busy) or _stops_in_flight(req):
+            placeholders = req.num_output_placeholders
+            num_tokens = len(req.token_ids) + placeholders  # num_tokens_with_placeholders
+            if (busy and req.request_id in busy) or (placeholders and num_tokens >= req.max_total_tokens):
                 continue
-            num_known = req.num_tokens_with_placeholders - req.num_computed_tokens
+            num_known = num_tokens - req.num_computed_tokens
             num_spec = len(req.spec_token_ids) if num_known == 1 else 0  # drafts ride on a decode only
             num_new = min(num_known + num_spec, budget)
             num_spec = max(0, num_new - num_known)
-            table = allocate(req.request_id, self._slots(req, num_new))
+            slots = req.num_computed_tokens + num_new if not lookahead else self._slots(req, num_new)
+            table = allocate(req.request_id, slots)
             while table is None:
                 if self._preempt_newest(out, busy) is req:
                     return budget
                 table = allocate(req.request_id, self._slots(req, num_new))
-            out.scheduled.append(ScheduledRequest(req, num_new, table, num_spec))
+            scheduled.append(ScheduledRequest(req, num_new, table, num_spec))
             budget -= num_new
         return budget
 

@@ -1,6 +1,6 @@
 """Speculative decoding with DeepSeek's MTP module: verify a step's drafts, then draft the next step's.
 
-A step (engine_step.py) carries, after each decoding request's last token, up to K draft tokens; the main
+A step (engine_spec_step.py) carries, after each decoding request's last token, up to K draft tokens; the main
 model's logits at those K + 1 positions verify them (``verify``) by rejection sampling (Leviathan et al.,
 Chen et al.): draft d_j, drawn from the draft distribution q_j, is accepted with probability
 min(1, p_j(d_j) / q_j(d_j)) under the target distribution p_j (what ``Sampler.sample`` would draw from: the

@@ -18,6 +18,7 @@ import torch
 
 from moeserve.coordinator.request import Request
 from moeserve.coordinator.sampling import SamplingBatch, make_sampling_batch
+from moeserve.coordinator.sampling_batch import MIN_TOKENS
 from moeserve.coordinator.scheduler import SchedulerOutput
 from moeserve.device_copy import HostCopy
 from moeserve.stages.step_plan import StepPlan
@@ -131,3 +132,30 @@ def sampling_batch_of(reqs: list[Request], device: torch.device, eos_token_ids: 
         if any(p.min_tokens for p in params) else [0] * num  # read only under min_tokens
     return make_sampling_batch(params, outputs, prompts, [r.generator for r in reqs], device,
                                eos_token_ids=eos_token_ids, token_bitmask=token_bitmask, num_output_tokens=counts)
+
+
+class SamplingBatchCache:
+    """The last sampling batch the engine built, given again while the same requests are sampled in the same
+    order and nothing that changes from step to step enters it: no output history (penalties), no grammar
+    mask, no min_tokens count. A decode batch's sampling values are then those of the step before, and
+    rebuilding them is a Python pass over its requests (and, on a GPU, a copy to the device) each step.
+
+    Requests compare by identity (``Request`` is ``eq=False``), so the check is one C-level list compare."""
+
+    def __init__(self) -> None:
+        self._reqs: list[Request] = []
+        self._batch: SamplingBatch | None = None
+
+    def get(self, reqs: list[Request], device: torch.device, eos_token_ids: tuple[int, ...],
+            token_bitmask: tuple[torch.Tensor, torch.Tensor] | None, with_history: bool) -> SamplingBatch:
+        """What ``sampling_batch_of`` returns for these arguments."""
+        per_step = token_bitmask is not None or with_history
+        batch = self._batch
+        if not per_step and batch is not None and batch.device == device and reqs == self._reqs:
+            return batch
+        batch = sampling_batch_of(reqs, device, eos_token_ids, token_bitmask, with_history)
+        if per_step or batch.host_rows[MIN_TOKENS].any():
+            self._reqs, self._batch = [], None
+        else:
+            self._reqs, self._batch = list(reqs), batch
+        return batch

@@ -146,6 +146,8 @@ class KVCacheManager:
 
     def wait_loads(self, request_ids: Sequence[str]) -> list[int]:
         """The layer-wise loads still running under these requests (a step that reads them lists them)."""
+        if not self._layerwise:  # every step without one: no pass over the batch
+            return []
         return [self._layerwise[r] for r in request_ids if r in self._layerwise]
 
     def finish_loads(self) -> list[LoadResult]:

@@ -210,8 +210,20 @@ class TierManager(QueuedConnector):
         if not blocks or (not store_ok and all(s < 0 for s in host_slots)):
             return
         self.stats.host_bytes_written += sum(s >= 0 for s in host_slots) * self.config.block_bytes
-        self._ops.append(KvSaveMsg(list(blocks), host_slots, [f"{h:032x}" for h in hashes],
-                                   [list(t) for t in tokens], [store_ok] * len(blocks)))
+        hex_hashes, token_lists = [f"{h:032x}" for h in hashes], [list(t) for t in tokens]
+        last = self._ops[-1] if self._ops else None
+        # NOTE: the saves of one step (a request's block filled: at batch 256 and 16-token blocks, 16 a step)
+        # travel as one message and one gather on the ranks; not where a slot repeats, as the copies into one
+        # slot would then land in no set order, nor with writes to the store (its queue drops whole messages)
+        if isinstance(last, KvSaveMsg) and not store_ok and not any(last.to_store) \
+                and {s for s in host_slots if s >= 0}.isdisjoint(last.host_slots):
+            last.blocks += blocks
+            last.host_slots += host_slots
+            last.hashes += hex_hashes
+            last.tokens += token_lists
+            last.to_store += [store_ok] * len(blocks)
+        else:
+            self._ops.append(KvSaveMsg(list(blocks), host_slots, hex_hashes, token_lists, [store_ok] * len(blocks)))
 
     # ---- measurements ----
     def observe_step(self, num_tokens: int, seconds: float) -> None:

@@ -80,6 +80,9 @@ class Tokenizer:
         self._eos = tuple(dict.fromkeys(int(i) for i in eos_token_ids))
         self._add_bos = bool(add_bos_token) and bos_token_id is not None
         self.chat_template = chat_template
+        # the text of each single id decoded so far, without / with special tokens (``decode_owned``): a
+        # detokenizer decodes its last token alone at nearly every step; at most one entry per vocabulary id
+        self._single_text: tuple[dict[int, str], dict[int, str]] = ({}, {})
 
     @classmethod
     def from_dir(cls, path: Path | str) -> Tokenizer:
@@ -159,6 +162,17 @@ class Tokenizer:
         """Text of ``ids``; invalid or incomplete UTF-8 byte sequences become U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def decode_owned(self, ids: list[int], skip_special_tokens: bool) -> str:
+        """``decode`` of a list the caller made for it (not copied again); a single id's text is cached.
+        NOTE: the detokenizers' hot path, once or twice per request per step."""
+        if len(ids) != 1:
+            return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        cache = self._single_text[skip_special_tokens]
+        text = cache.get(ids[0])
+        if text is None:
+            text = cache[ids[0]] = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text
+
 
 class IncrementalDetokenizer:
     """Streams text deltas for generated tokens (prefix-offset / read-offset scheme, as vLLM).
@@ -194,7 +208,7 @@ class IncrementalDetokenizer:
 
     def _decode(self, start: int) -> str:
         """Decode ``ids[start:]`` with this stream's special-token setting."""
-        return self._tok.decode(self._ids[start:], skip_special_tokens=self._skip)
+        return self._tok.decode_owned(self._ids[start:], self._skip)
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Append ``new_ids`` and return the newly final text (possibly ``""``)."""
@@ -202,16 +216,15 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.step() called after finish()")
         if not new_ids:
             return ""
-        self._ids.extend(int(i) for i in new_ids)
-        text = self._decode(self.prefix_offset)
+        ids = self._ids
+        ids.extend(map(int, new_ids))
+        text = self._tok.decode_owned(ids[self.prefix_offset:], self._skip)
         start = len(self._prefix_text) + self._held
         if not text.endswith(REPLACEMENT_CHAR):
             # Clean character boundary at the end: emit everything and slide the window.
             delta = text[start:]
-            self.prefix_offset, self.read_offset = self.read_offset, len(self._ids)
-            self._prefix_text = self._tok.decode(
-                self._ids[self.prefix_offset:self.read_offset], skip_special_tokens=self._skip
-            )
+            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+            self._prefix_text = self._tok.decode_owned(ids[self.prefix_offset:], self._skip)
             self._held = 0
             return delta
         # Only the trailing U+FFFD can still change; everything before it is final.

@@ -13,11 +13,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 from moeserve.model.attn_metadata import AttnMetadata
-from moeserve.stages.step_plan import StepPlan, fill_pending, pad_tables
+from moeserve.stages.step_plan import StepPlan, decode_rows, fill_pending
 
 if TYPE_CHECKING:
     from moeserve.stages.runner import ModelRunner
@@ -163,7 +162,7 @@ class DecodeGraphs:
         copied = self.copied[buf]
         if copied is not None:
             copied.synchronize()  # this set's copies of two steps ago have run: it is free again
-        padded = pad_tables(plan.block_tables)
+        padded = self.runner.padded_tables(plan.block_tables)
         width = padded.shape[1]
         rows, tables = self.staging[buf]
         tables.numpy()[:num_real, :width] = padded
@@ -226,13 +225,3 @@ def graph_metadata(inputs: torch.Tensor, tables: torch.Tensor, batch: int, block
         positions=inputs[1, :batch], slot_mapping=inputs[2, :batch], num_decode_tokens=batch,
         block_size=block_size, decode_block_tables=tables[:batch], decode_context_lens=inputs[3, :batch],
         logits_index=torch.arange(batch, device=inputs.device))
-
-
-def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
-    """A decode plan's graph inputs: [4, B] rows of token id, position, cache slot and context length
-    (``tables``: the plan's block tables as an array, [>= B, >= blocks]); what ``build_attn_metadata``
-    computes on the device for the eager path."""
-    pos = np.asarray(plan.num_computed, dtype=np.int64)
-    rows = np.arange(len(pos))
-    slots = tables[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
-    return np.stack([np.asarray(plan.token_ids, dtype=np.int64), pos, slots, pos + 1])

@@ -71,6 +71,52 @@ def pad_tables(block_tables: Sequence[Sequence[int]]) -> np.ndarray:
     return out
 
 
+class PaddedTables:
+    """``pad_tables`` kept from step to step: the array of the step before, with only the rows whose table
+    changed written again.
+
+    In-process, a sequence's table is the same tuple object from step to step until it gains a block
+    (``KVCacheManager.allocate_slots``), so between two decode steps of the same batch most rows are equal
+    by identity (one C-level compare each); a batch of another size or width, or one with many changed
+    rows, is padded from scratch. Plans that arrive as messages (stage workers) have new lists each step and
+    are always padded from scratch. Each call returns a new array (the last one may still be read)."""
+
+    def __init__(self) -> None:
+        self._tables: list[Sequence[int]] = []  # held, so that no table's id is reused while compared
+        self._array: np.ndarray | None = None
+
+    def __call__(self, block_tables: Sequence[Sequence[int]]) -> np.ndarray:
+        """What ``pad_tables(block_tables)`` returns."""
+        last, array = self._tables, self._array
+        num = len(block_tables)
+        if array is None or num != len(last) or not num:
+            return self._keep(block_tables, pad_tables(block_tables))
+        changed = [i for i, (t, u) in enumerate(zip(block_tables, last)) if t is not u]
+        width = max(map(len, block_tables))
+        if len(changed) > num // 4 or width != array.shape[1]:
+            return self._keep(block_tables, pad_tables(block_tables))
+        out = array.copy()
+        for i in changed:
+            table = block_tables[i]
+            out[i, :len(table)] = table
+            out[i, len(table):] = 0
+        return self._keep(block_tables, out)
+
+    def _keep(self, block_tables: Sequence[Sequence[int]], array: np.ndarray) -> np.ndarray:
+        self._tables, self._array = list(block_tables), array
+        return array
+
+
+def decode_rows(plan: StepPlan, tables: np.ndarray, block_size: int) -> np.ndarray:
+    """A decode plan's graph inputs: [4, B] rows of token id, position, cache slot and context length
+    (``tables``: the plan's block tables as an array, [>= B, >= blocks]); what ``build_attn_metadata``
+    computes on the device for the eager path."""
+    pos = np.asarray(plan.num_computed, dtype=np.int64)
+    rows = np.arange(len(pos))
+    slots = tables[rows, pos // block_size].astype(np.int64) * block_size + pos % block_size
+    return np.stack([np.asarray(plan.token_ids, dtype=np.int64), pos, slots, pos + 1])
+
+
 def fill_pending(token_ids: torch.Tensor, plan: StepPlan, prev_token_ids: torch.Tensor | None) -> None:
     """Write the previous batch's sampled ids (``prev_token_ids`` [R], on the device) into the plan's
     placeholder positions of ``token_ids`` [>= T] (on the device), in place and without a host sync."""
