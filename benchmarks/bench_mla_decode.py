@@ -19,11 +19,13 @@ import sys
 import torch
 import triton
 
-from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, mla_decode
+from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, config_for, mla_decode
 
 SHAPES = {"v2lite": (16, (64, 256)), "v3": (128, (32,))}  # name: (heads, batches): the decode targets' sizes
 LATENT, ROPE, PAGE, CONTEXT = 512, 64, 64, 1024
 CANDIDATES = [DecodeConfig(t, w, st, fill) for t in (32, 64) for w in (4, 8) for st in (2, 3) for fill in (2, 4)]
+# more heads a program for V3's 128 (a tensor-core product's M of 32 or 64 instead of 16)
+WIDE_HEADS = [DecodeConfig(t, w, st, 2, hb) for hb in (32, 64) for t in (32, 64) for w in (4, 8) for st in (2, 3)]
 
 
 def copy_bandwidth() -> float:
@@ -67,7 +69,7 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
     err = float((mla_decode(q, caches[0], tables, lens, PAGE, LATENT, scale).float() - ref).norm() / ref.norm())
     read = batch * CONTEXT * (LATENT + ROPE) * 2
     timed = []
-    for cfg in CANDIDATES:
+    for cfg in CANDIDATES + (WIDE_HEADS if heads >= 64 else []) + [config_for(batch, heads)]:
         try:
             ms = graph_ms(lambda i, c=cfg: mla_decode(q, caches[i], tables, lens, PAGE, LATENT, scale, config=c),
                           layers)
@@ -76,8 +78,11 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
             continue
         timed.append((ms, cfg))
     default_ms = next(ms for ms, c in timed if c == DEFAULT)
+    chosen = config_for(batch, heads)  # what the engine runs at this shape
+    chosen_ms = next(ms for ms, c in timed if c == chosen)
     best_ms, best = min(timed, key=lambda t: t[0])
     row = {"heads": heads, "batch": batch, "rel_err_default": err, "default_ms": default_ms,
+           "chosen": vars(chosen), "chosen_ms": chosen_ms,
            "default_of_copy_bw": read / (default_ms * 1e-3) / bandwidth, "best": vars(best), "best_ms": best_ms,
            "best_of_copy_bw": read / (best_ms * 1e-3) / bandwidth,
            "top5": [(round(ms, 4), vars(c)) for ms, c in sorted(timed, key=lambda t: t[0])[:5]]}

@@ -30,6 +30,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ExpertPlacement", "MoE", "gate_spec"]
 
+# Steps of up to this many tokens add the shared experts in the routed kernel (MoE.shared_in_kernel). Each
+# piece is a pair of every token, so the shared weights are read once per token (from L2 after the first):
+# at V2-Lite's shapes on one H200 (bench_moe_kernels.py shared, a layer) 0.044 against 0.057 ms apart at 1
+# token, 0.117 against 0.124 at 4, 0.206 against 0.193 at 8
+SHARED_IN_KERNEL_MAX_TOKENS = 4
+
 
 def gate_spec(config: ModelConfig) -> GateSpec:
     return GateSpec(
@@ -109,7 +115,8 @@ class MoE(RoutedExperts):
 
     def shared_in_kernel(self, x: torch.Tensor, num_pairs: int) -> SharedWeights | None:
         """The shared experts' weights where the fused kernel would add them to the routed experts': steps
-        that take its split-K path (``num_pairs`` routed pairs), bf16 experts, rows that are this step's tokens
+        of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on its split-K path (``num_pairs`` routed pairs), bf16
+        experts, rows that are this step's tokens
         (the all-reduce dispatch) and a shared width that cuts into routed-wide pieces. One launch then reads
         the shared weights at the routed experts' bandwidth instead of two small GEMMs and an activation
         (V2-Lite's shared MLP is two routed experts wide). None: the shared MLP runs on its own."""
@@ -121,7 +128,8 @@ class MoE(RoutedExperts):
         from moeserve.kernels.moe_gemv import SharedWeights
 
         weights = SharedWeights(mlp.gate_up_proj, mlp.down_proj)
-        return weights if takes_gemv_path(num_pairs, False) and weights.pieces(self.w2.shape[-1]) else None
+        fits = x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS and takes_gemv_path(num_pairs, False)
+        return weights if fits and weights.pieces(self.w2.shape[-1]) else None
 
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``

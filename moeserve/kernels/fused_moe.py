@@ -24,10 +24,11 @@ from moeserve.kernels.moe_align import align_pairs
 from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, round_as, scale_args
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
-# one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
-# experts past 256 (the matrix-vector path streams FP8 at up to 91% of the copy bandwidth)
+# one H200 (benchmarks/bench_moe_kernels.py paths, sorted): bf16 V2-Lite experts between 66 and 96 pairs;
+# FP8 V3 experts at 8 per token: the split-K path streams them at up to 91% of the copy bandwidth up to 64
+# pairs, while at 256 the sorted GEMM with 16-row blocks takes 2.12 ms a layer against its 2.34
 GEMV_MAX_PAIRS = 64
-FP8_GEMV_MAX_PAIRS = 256
+FP8_GEMV_MAX_PAIRS = 128
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -142,7 +143,10 @@ def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
     if num_rows <= 64:
         return GemmConfig(16, 64, 128, 4)
     if num_rows <= 1024:
-        return GemmConfig(32, 64, 128, 4)
+        # FP8 V3 at 256 pairs (163 of 256 experts reached, about 1.6 rows each): 16-row blocks 2.12 ms a layer
+        # against 2.83 with 32 (H200, bench_moe_kernels.py sorted); bf16 V2-Lite's 384 pairs already stream
+        # at 96% of the copy bandwidth with 32
+        return GemmConfig(16, 64, 128, 4) if fp8 else GemmConfig(32, 64, 128, 4)
     return GemmConfig(64, 128, 64, 8)
 
 

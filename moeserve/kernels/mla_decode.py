@@ -28,9 +28,21 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 2
     fill: int = 2  # programs per SM the split count aims for (at most 16 splits)
+    head_block: int = HEAD_BLOCK  # heads per program (the products' M)
 
 
 DEFAULT = DecodeConfig()
+# where a step has enough head blocks to fill the device twice without splitting (V2-Lite at batch 256, V3's
+# 128 heads at 32): 64 rows a step, 3 stages; on one H200 (benchmarks/bench_mla_decode.py, 1024-token
+# contexts) 0.096 against 0.104 ms a layer and 0.079 against 0.090; at V2-Lite's batch 64 the default wins
+WIDE = DecodeConfig(token_block=64, num_warps=4, num_stages=3)
+
+
+WIDE_MIN_PROGRAMS = 256  # head-block programs of a step (about twice an H200's 132 SMs) from which WIDE runs
+
+
+def config_for(batch: int, num_heads: int) -> DecodeConfig:
+    return WIDE if batch * triton.cdiv(num_heads, HEAD_BLOCK) >= WIDE_MIN_PROGRAMS else DEFAULT
 
 
 # block tables and lengths are slices of the step metadata: not specialized on alignment or width
@@ -108,16 +120,17 @@ def padded(width: int) -> int:
     return max(16, triton.next_power_of_2(width))
 
 
-def num_splits_for(batch: int, num_heads: int, num_sms: int = 132, fill: int = DEFAULT.fill) -> int:
+def num_splits_for(batch: int, num_heads: int, num_sms: int = 132, fill: int = DEFAULT.fill,
+                   head_block: int = HEAD_BLOCK) -> int:
     """Pieces each sequence is split into: enough programs for ``fill`` per SM, at most 16."""
-    programs = batch * triton.cdiv(num_heads, HEAD_BLOCK)
+    programs = batch * triton.cdiv(num_heads, head_block)
     splits = max(1, min(16, (fill * num_sms) // max(programs, 1)))
     return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's arange)
 
 
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                page_size: int, latent_dim: int, scale: float, num_splits: int | None = None,
-               config: DecodeConfig = DEFAULT) -> torch.Tensor:
+               config: DecodeConfig | None = None) -> torch.Tensor:
     """q: [B, H, latent + rope] absorbed queries; cache: [num_slots, latent + rope] (flat paged rows);
     block_tables: [B, max_blocks] (entries past a sequence's length are never read); context_lens: [B]
     (>= 1) -> [B, H, latent] in q's dtype: softmax(scale * q . rows) . rows[:, :latent]."""
@@ -126,15 +139,16 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     # one table dtype (the CUDA graphs' int32) for every caller: a second would be a second compiled variant,
     # built the first time an eager step decodes
     block_tables = block_tables.to(torch.int32)
-    splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill)
+    config = config or config_for(batch, num_heads)
+    splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block)
     parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
-    grid = (batch, triton.cdiv(num_heads, HEAD_BLOCK), splits)
+    grid = (batch, triton.cdiv(num_heads, config.head_block), splits)
     _mla_decode_split[grid](
         q, cache, block_tables, context_lens, parts, lse, scale, num_heads,
         q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
         NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, LATENT_P=padded(latent_dim),
-        ROPE_P=padded(rope), BLOCK_H=HEAD_BLOCK, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
+        ROPE_P=padded(rope), BLOCK_H=config.head_block, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
         num_warps=config.num_warps, num_stages=config.num_stages)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     _mla_decode_merge[(batch, num_heads)](
