@@ -51,6 +51,18 @@ def by_row_blocks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, b
     return out
 
 
+def padded_rows(num_rows: int) -> int:
+    """The row count a product runs at: oneDNN builds (JIT-compiles) a kernel for every new shape, about 5 ms
+    for a [~1000, 1024] x [1024, 1024] bf16 product on this project's AMX CPU -- four times the product itself
+    -- and a prefill's experts see a new row count at nearly every call. Up to 64 rows (decode batches) the
+    count is kept; above, it is rounded up to a multiple of 32 (to 256) or of 64 (as ``row_block``'s blocks
+    are), so that a few dozen shapes per weight serve every step and stay in oneDNN's primitive cache."""
+    if num_rows <= 64:
+        return num_rows
+    step = 32 if num_rows <= 256 else 64
+    return -(-num_rows // step) * step
+
+
 def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     """[..., 2I] (gate | up) -> silu(gate) * up [..., I]: the product is taken in place in silu's output
     (one [..., I] tensor made, not two) unless autograd must see it."""
@@ -83,9 +95,17 @@ class PackedLinear:
             self._packs[name] = hit
         packed = hit[1]
         num_rows = x.numel() // x.shape[-1]
-        block = row_block(num_rows, weight.shape[0])
-        if num_rows <= block:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        out = by_row_blocks(lambda r: torch.ops.mkldnn._linear_pointwise(r, packed, None, "none", [], ""),
-                            x.reshape(num_rows, x.shape[-1]), block, weight.shape[0])
+        rows = x.reshape(num_rows, x.shape[-1])
+        out = by_row_blocks(lambda r: _packed_product(r, packed), rows, row_block(num_rows, weight.shape[0]),
+                            weight.shape[0])
         return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _packed_product(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, in] times a packed weight, run at ``padded_rows(M)`` rows (zeros appended; their outputs dropped)."""
+    num_rows = x.shape[0]
+    pad = padded_rows(num_rows) - num_rows
+    if pad:
+        x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+    out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return out[:num_rows] if pad else out
