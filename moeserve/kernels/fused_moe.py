@@ -24,11 +24,12 @@ from moeserve.kernels.moe_align import align_pairs
 from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, round_as, scale_args
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
-# one H200 (benchmarks/bench_moe_kernels.py paths, sorted): bf16 V2-Lite experts between 66 and 96 pairs;
-# FP8 V3 experts at 8 per token: the split-K path streams them at up to 91% of the copy bandwidth up to 64
-# pairs, while at 256 the sorted GEMM with 16-row blocks takes 2.12 ms a layer against its 2.34
+# one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
+# experts past 256. (With uniformly random picks the sorted GEMM's 16-row blocks beat the split-K kernel at
+# 256 pairs, 2.12 against 2.34 ms a layer (bench_moe_kernels.py sorted), but in the engine's V3 step at batch
+# 32, with its grouped router, the sorted path took 6.55 ms against 6.29 for the split-K kernel: kept at 256)
 GEMV_MAX_PAIRS = 64
-FP8_GEMV_MAX_PAIRS = 128
+FP8_GEMV_MAX_PAIRS = 256
 
 
 @triton.jit(do_not_specialize=["num_pairs"])

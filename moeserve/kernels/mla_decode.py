@@ -31,21 +31,12 @@ class DecodeConfig:
     head_block: int = HEAD_BLOCK  # heads per program (the products' M)
 
 
+# NOTE: benchmarks/bench_mla_decode.py found 64-row steps with 3 stages 8-12% faster at V2-Lite's batch 256
+# and V3's batch 32 (scattered pages), but the engine's decode profiles on the same H200 showed no gain
+# (1.85 against 1.84 ms a V2-Lite step at 256, 0.61 against 0.60 for V3 at 32): the default stays
 DEFAULT = DecodeConfig()
-# where a step has enough head blocks to fill the device twice without splitting (V2-Lite at batch 256, V3's
-# 128 heads at 32): 64 rows a step, 3 stages; on one H200 (benchmarks/bench_mla_decode.py, 1024-token
-# contexts) 0.096 against 0.104 ms a layer and 0.079 against 0.090; at V2-Lite's batch 64 the default wins
-WIDE = DecodeConfig(token_block=64, num_warps=4, num_stages=3)
 
 
-WIDE_MIN_PROGRAMS = 256  # head-block programs of a step (about twice an H200's 132 SMs) from which WIDE runs
-
-
-def config_for(batch: int, num_heads: int) -> DecodeConfig:
-    return WIDE if batch * triton.cdiv(num_heads, HEAD_BLOCK) >= WIDE_MIN_PROGRAMS else DEFAULT
-
-
-# block tables and lengths are slices of the step metadata: not specialized on alignment or width
 @triton.jit(do_not_specialize=["tables_ptr", "lens_ptr", "stride_tb"])
 def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
                       num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
@@ -139,7 +130,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     # one table dtype (the CUDA graphs' int32) for every caller: a second would be a second compiled variant,
     # built the first time an eager step decodes
     block_tables = block_tables.to(torch.int32)
-    config = config or config_for(batch, num_heads)
+    config = config or DEFAULT
     splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block)
     parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
