@@ -66,7 +66,10 @@ def _pair_tile(local_ptr, num_local, num_routed, N, K, k_per_split, w_ptr, s_ptr
     Pairs from ``num_routed`` on are the shared experts' pieces, ``PIECES`` a token, read from ``sh_ptr``."""
     pair = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    expert = tl.load(local_ptr + pair, mask=pair < num_routed, other=0)
+    if PIECES > 0:
+        expert = tl.load(local_ptr + pair, mask=pair < num_routed, other=0)
+    else:
+        expert = tl.load(local_ptr + pair)
     held = expert < num_local
     e = tl.where(held, expert, 0).to(tl.int64)
     token = pair // TOP_K
@@ -98,8 +101,13 @@ def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, num
         stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K, PIECES, SCALE_BLOCK, BLOCK_N)
     split = tl.program_id(2)
     a_row = x_ptr + token.to(tl.int64) * stride_x
-    # the up rows follow the gate rows: N rows on in a routed expert, all the pieces' gate rows on in the shared
-    up_rows = w_rows + tl.where(is_shared, PIECES * sh_piece, N * stride_wn)
+    # the up rows follow the gate rows: N rows on in a routed expert, all the pieces' gate rows on in the shared.
+    # NOTE: without shared pieces the offset stays a product of specialised integers, so that the compiler
+    # still knows its alignment and vectorises the loads (a runtime select hides it)
+    if PIECES > 0:
+        up_rows = w_rows + tl.where(is_shared, PIECES * sh_piece, N * stride_wn)
+    else:
+        up_rows = w_rows + N * stride_wn
     gate = _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK, BLOCK_K)
     up = _tile_dot(a_row, up_rows, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK,
                    BLOCK_K)
