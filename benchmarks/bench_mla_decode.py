@@ -19,7 +19,7 @@ import json
 import sys
 
 import torch
-import triton
+from bench_moe_kernels import copy_bandwidth, graph_ms
 
 from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, mla_decode
 
@@ -28,13 +28,6 @@ LATENT, ROPE, PAGE, CONTEXT = 512, 64, 64, 1024
 CANDIDATES = [DecodeConfig(t, w, st, fill) for t in (32, 64) for w in (4, 8) for st in (2, 3) for fill in (2, 4)]
 # more heads a program for V3's 128 (a tensor-core product's M of 32 or 64 instead of 16)
 WIDE_HEADS = [DecodeConfig(t, w, st, 2, hb) for hb in (32, 64) for t in (32, 64) for w in (4, 8) for st in (2, 3)]
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(1 << 31, dtype=torch.int16, device="cuda").random_()
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=20, rep=200, return_mode="median")
-    return 2 * a.numel() * 2 / (ms * 1e-3)
 
 
 def case(heads: int, batch: int, layers: int):
@@ -54,16 +47,6 @@ def eager(q, cache, tables, lens, scale):
     return torch.einsum("bhl,bld->bhd", s.softmax(-1), rows[..., :LATENT])
 
 
-def graph_ms(fn, calls: int) -> float:
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=60, return_mode="median") / calls
-
-
 def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
     q, caches, tables, lens = case(heads, batch, layers)
     scale = (192 ** -0.5)
@@ -74,7 +57,7 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
     for cfg in CANDIDATES + (WIDE_HEADS if heads >= 64 else []):
         try:
             ms = graph_ms(lambda i, c=cfg: mla_decode(q, caches[i], tables, lens, PAGE, LATENT, scale, config=c),
-                          layers)
+                          layers, rep=60)
         except Exception as e:  # a tile that does not fit (registers, shared memory)
             print(f"# {cfg}: {type(e).__name__}", file=sys.stderr)
             continue
