@@ -263,27 +263,6 @@ def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
     assert tokens == _run(_engine(tmp_path, True, "float32"), prompts, params)[0]
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("interleave", [True, False])
-def test_rope(dtype, interleave):
-    from moeserve.kernels.rope import rope
-    from moeserve.model.config import RopeConfig
-    from moeserve.model.layers import RotaryEmbedding
-
-    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=interleave), 16, 64)
-    rotary = rotary.to(DEVICE)
-    q = torch.randn(5, 6, 48, dtype=dtype, device=DEVICE)[..., 32:]  # the rope slice of q: strided
-    k = torch.randn(5, 80, dtype=dtype, device=DEVICE)[:, 64:]  # k_pe: [T, rope] slice of the kv_a output
-    pos = torch.tensor([0, 3, 7, 63, 20], device=DEVICE)
-    for x in (q, k):
-        out = rope(x, pos, rotary.cos, rotary.sin, interleave)
-        assert out.shape == x.shape and rel_err(out, rotary(x, pos)) < (1e-6 if dtype == torch.float32 else 1e-2)
-    wide = torch.zeros(5, 6, 40, dtype=dtype, device=DEVICE)  # written in place: the rope part of a wider buffer
-    assert rope(q, pos, rotary.cos, rotary.sin, interleave, out=wide[..., 24:]).data_ptr() == wide[..., 24:].data_ptr()
-    assert torch.equal(wide[..., 24:], rope(q, pos, rotary.cos, rotary.sin, interleave))
-    assert not wide[..., :24].any()
-
-
 @pytest.mark.parametrize("spec_kw", [
     dict(scoring_func="softmax", topk_method="greedy", top_k=6),
     dict(scoring_func="softmax", topk_method="group_limited_greedy", top_k=3, n_group=4, topk_group=2),

@@ -1,6 +1,7 @@
 """The MLA prefill kernel (moeserve/kernels/mla_prefill.py) against the eager SDPA, and the model's prefill
-with it against the eager model. Run as ``kernel_cases.py`` is (see ``tests/test_kernels.py``): on a CUDA
-device, or on the CPU under Triton's interpreter at small sizes.
+with it against the eager model; RoPE and the one-launch cache write (``rope.py``, ``mla_kv_write.py``) against
+their eager rows. Run as ``kernel_cases.py`` is (see ``tests/test_kernels.py``): on a CUDA device, or on the
+CPU under Triton's interpreter at small sizes.
 """
 
 from __future__ import annotations
@@ -122,6 +123,27 @@ def test_model_prefill_with_the_kernel_matches_eager(mla_dims, monkeypatch):
             logits.append(model(ids, meta, caches, all_logits=True))
         outs[fused] = torch.cat(logits)
     assert rel_err(outs[True], outs[False]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rope(dtype, interleave):
+    from moeserve.kernels.rope import rope
+    from moeserve.model.config import RopeConfig
+    from moeserve.model.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=interleave), 16, 64)
+    rotary = rotary.to(DEVICE)
+    q = torch.randn(5, 6, 48, dtype=dtype, device=DEVICE)[..., 32:]  # the rope slice of q: strided
+    k = torch.randn(5, 80, dtype=dtype, device=DEVICE)[:, 64:]  # k_pe: [T, rope] slice of the kv_a output
+    pos = torch.tensor([0, 3, 7, 63, 20], device=DEVICE)
+    for x in (q, k):
+        out = rope(x, pos, rotary.cos, rotary.sin, interleave)
+        assert out.shape == x.shape and rel_err(out, rotary(x, pos)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    wide = torch.zeros(5, 6, 40, dtype=dtype, device=DEVICE)  # written in place: the rope part of a wider buffer
+    assert rope(q, pos, rotary.cos, rotary.sin, interleave, out=wide[..., 24:]).data_ptr() == wide[..., 24:].data_ptr()
+    assert torch.equal(wide[..., 24:], rope(q, pos, rotary.cos, rotary.sin, interleave))
+    assert not wide[..., :24].any()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
