@@ -114,12 +114,12 @@ class MoE(RoutedExperts):
         return self.dispatcher.finish(x, routed, first, shared)
 
     def shared_in_kernel(self, x: torch.Tensor, num_pairs: int) -> SharedWeights | None:
-        """The shared experts' weights where the fused kernel would add them to the routed experts': steps
-        of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on its split-K path (``num_pairs`` routed pairs), bf16
-        experts, rows that are this step's tokens
-        (the all-reduce dispatch) and a shared width that cuts into routed-wide pieces. One launch then reads
-        the shared weights at the routed experts' bandwidth instead of two small GEMMs and an activation
-        (V2-Lite's shared MLP is two routed experts wide). None: the shared MLP runs on its own."""
+        """The shared experts' weights where the fused kernel would add them to the routed experts': steps of
+        at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on its split-K path (``num_pairs`` routed pairs), bf16
+        experts, rows that are this step's tokens (the all-reduce dispatch) and a shared width that cuts into
+        routed-wide pieces. One launch then reads the shared weights at the routed experts' bandwidth instead
+        of two small GEMMs and an activation (V2-Lite's shared MLP is two routed experts wide). None: the
+        shared MLP runs on its own."""
         mlp = self.shared_experts
         if not (mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
                 and mlp.gate_up_proj.dtype == x.dtype):
