@@ -216,15 +216,14 @@ class IncrementalDetokenizer:
             raise RuntimeError("IncrementalDetokenizer.step() called after finish()")
         if not new_ids:
             return ""
-        ids = self._ids
-        ids.extend(map(int, new_ids))
-        text = self._tok.decode_owned(ids[self.prefix_offset:], self._skip)
+        self._ids.extend(map(int, new_ids))
+        text = self._decode(self.prefix_offset)
         start = len(self._prefix_text) + self._held
         if not text.endswith(REPLACEMENT_CHAR):
             # Clean character boundary at the end: emit everything and slide the window.
             delta = text[start:]
-            self.prefix_offset, self.read_offset = self.read_offset, len(ids)
-            self._prefix_text = self._tok.decode_owned(ids[self.prefix_offset:], self._skip)
+            self.prefix_offset, self.read_offset = self.read_offset, len(self._ids)
+            self._prefix_text = self._decode(self.prefix_offset)  # ids[prefix_offset:read_offset]
             self._held = 0
             return delta
         # Only the trailing U+FFFD can still change; everything before it is final.
