@@ -121,15 +121,14 @@ class MoE(RoutedExperts):
         of two small GEMMs and an activation (V2-Lite's shared MLP is two routed experts wide). None: the
         shared MLP runs on its own."""
         mlp = self.shared_experts
-        if not (mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
-                and mlp.gate_up_proj.dtype == x.dtype):
+        if not (mlp is not None and x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS and self.fp8_block is None
+                and self.dispatcher.routes_all and mlp.gate_up_proj.dtype == x.dtype):
             return None
         from moeserve.kernels.fused_moe import takes_gemv_path
         from moeserve.kernels.moe_gemv import SharedWeights
 
         weights = SharedWeights(mlp.gate_up_proj, mlp.down_proj)
-        fits = x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS and takes_gemv_path(num_pairs, False)
-        return weights if fits and weights.pieces(self.w2.shape[-1]) else None
+        return weights if takes_gemv_path(num_pairs, False) and weights.pieces(self.w2.shape[-1]) else None
 
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``
