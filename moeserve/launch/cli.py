@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from moeserve.kvstore.store import StoreConfigError
 
+    if str(getattr(args, "device", "")).startswith("cpu") and args.command != "plan":
+        from moeserve.cpu_allocator import in_use
+
+        logging.getLogger(__name__).info("CPU malloc: %s", in_use())
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -81,6 +86,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> int:
+    """The ``moeserve`` program: ``main`` on jemalloc where the command runs an engine on CPU (see
+    ``moeserve/cpu_allocator.py``; the process re-executes itself once, before loading torch's libraries)."""
+    argv = sys.argv[1:]
+    args, _ = build_parser().parse_known_args(argv)
+    if str(getattr(args, "device", "")).startswith("cpu") and args.command != "plan":
+        from moeserve.cpu_allocator import reexec_with_jemalloc
+
+        reexec_with_jemalloc(argv)
+    return main(argv)
+
+
 def command_name(args: argparse.Namespace) -> str:
     """``moeserve generate``, ``moeserve launch cluster``, ..."""
     return " ".join(["moeserve", args.command] + ([args.launch_command] if getattr(args, "launch_command", None)
@@ -88,4 +105,4 @@ def command_name(args: argparse.Namespace) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
