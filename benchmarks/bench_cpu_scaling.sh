@@ -7,7 +7,12 @@
 #
 #   bash benchmarks/bench_cpu_scaling.sh [MANY=16] [OUT=/tmp/moeserve-cpu-scaling]
 #
-# Raw results land in OUT: bench_t2.json, bench_tMANY.json, profile_t2.json, profile_tMANY.json.
+# Raw results land in OUT: bench_t2.json, bench_tMANY.json, profile_t2.json, profile_tMANY.json, and with
+# VARIANTS=1 decode_variants.txt: the decode step at MANY threads under OpenMP settings that change how its
+# threads wait and where they run (passive waiting, threads bound to cores, one or two cores left to the
+# rest of the process), and probe_threads.json (benchmarks/probe_cpu_threads.py: bandwidth, the expert kernel
+# and the small ops around it at 2..MANY threads). moeserve runs on jemalloc where bench_cpu.py finds it
+# (moeserve/cpu_allocator.py): on a host without the Debian package, point MOESERVE_JEMALLOC at a copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MANY=${1:-16}
@@ -17,6 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES=""
 PROMPTS=${NUM_PROMPTS:-64} OUTPUT_LEN=${OUTPUT_LEN:-128}  # the workload (bench_cpu.py's); smaller for a quick try
 lscpu | grep -E "Model name|^CPU\(s\)|NUMA node"
 echo "AMX flags: $(grep -o 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+python3 -m moeserve.launch.cli check | grep -E "^cpu"  # the kernels, and how many OpenMP runtimes they loaded
 
 run() {  # run THREADS CPUS
     local threads=$1 cpus=$2
@@ -28,6 +34,23 @@ run() {  # run THREADS CPUS
 }
 run 2 0,1
 run "$MANY" "0-$((MANY - 1))"
+if [ "${VARIANTS:-0}" = 1 ]; then
+    steps="benchmarks/bench_cpu_steps.py --prompts $PROMPTS --input-len 64 --decode-steps 8 --rounds 2"
+    variant() {  # variant NAME THREADS [ENV...]
+        local name=$1 threads=$2; shift 2
+        echo "$name: $(env "$@" taskset -c "0-$((MANY - 1))" python3 $steps --threads "$threads" | tail -1)"
+    }
+    {
+        variant default "$MANY"
+        variant passive "$MANY" OMP_WAIT_POLICY=PASSIVE
+        variant active "$MANY" OMP_WAIT_POLICY=ACTIVE
+        variant bound "$MANY" OMP_PROC_BIND=close OMP_PLACES=cores
+        variant "one core spare" "$((MANY - 1))"
+        variant "two cores spare, bound" "$((MANY - 2))" OMP_PROC_BIND=close OMP_PLACES=cores
+    } | tee "$OUT/decode_variants.txt"
+    taskset -c "0-$((MANY - 1))" python3 benchmarks/probe_cpu_threads.py --threads "2,4,8,$MANY" \
+        --json-out "$OUT/probe_threads.json" | grep threads
+fi
 
 python3 - "$OUT" "$MANY" <<'PY'
 import json, sys

@@ -3,7 +3,7 @@ ops around it, each timed alone at several thread counts in one process.
 
     python benchmarks/probe_cpu_threads.py [--threads 2,4,8,16] [--json-out p.json]
 
-Shapes are bench_cpu.py's V2-shaped checkpoint at batch 64 (hidden 1024, 16 experts of 1024, top-4, MLA's
+Shapes are bench_cpu.py's V2-shaped checkpoint at batch 64 (hidden 1024, 16 experts of 512, top-4, MLA's
 kv rank 512 and rope 64, a paged cache of 233k rows). Each figure is the median wall time of ``--reps`` calls
 back to back; "after experts" times the op right after an expert call, which is where a decode step meets it.
 """
@@ -43,7 +43,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     bf = torch.bfloat16
-    T, H, INTER, E, K = 64, 1024, 1024, 16, 4
+    T, H, INTER, E, K = 64, 1024, 512, 16, 4
     big = torch.empty(256 << 20, dtype=torch.uint8)  # 256 MB
     big2 = torch.empty_like(big)
     big.fill_(1)

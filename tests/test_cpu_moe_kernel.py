@@ -110,3 +110,22 @@ def test_decode_sized_bf16_steps_take_the_kernel_and_long_ones_the_loop():
         assert not cpu_moe.applies(torch.zeros(64, 256), 64 * 4, 16, 256, 128)  # float32: the reference path
         assert not cpu_moe.applies(torch.zeros(64, 256, dtype=torch.bfloat16), 256, 16, 250, 128)
     assert layer.num_local == 16
+
+
+def test_sort_pairs_is_the_stable_argsort_and_its_gathers():
+    gen = torch.Generator().manual_seed(3)
+    tokens, top_k, num_local = 9, 3, 5
+    x = torch.randn(tokens, 64, generator=gen).bfloat16()
+    weights = torch.rand(tokens, top_k, generator=gen)
+    slots = torch.randint(0, num_local + 1, (tokens * top_k,), generator=gen)  # num_local: served elsewhere
+    xs, offsets, pair_weights, pair_of = torch.ops.moeserve_cpu.sort_pairs(x, weights, slots, num_local)
+    served = int((slots < num_local).sum())
+    order = torch.argsort(slots, stable=True)[:served]
+    counts = torch.bincount(slots, minlength=num_local + 1)[:num_local]
+    assert torch.equal(offsets, torch.nn.functional.pad(counts.cumsum(0), (1, 0)))
+    assert torch.equal(xs, x[order // top_k]) and torch.equal(pair_weights, weights.flatten()[order])
+    want = torch.full((tokens * top_k,), -1)
+    want[order] = torch.arange(served)
+    assert torch.equal(pair_of.flatten(), want)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        torch.ops.moeserve_cpu.sort_pairs(x, weights, slots + num_local + 1, num_local)

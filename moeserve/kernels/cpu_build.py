@@ -3,7 +3,8 @@ loader (gcc and ninja; a few seconds once per machine, cached under ``~/.cache/m
 torch version and CPU since the code is compiled for the CPU it runs on), registered as ``torch.ops.moeserve_cpu``.
 The MoE kernel runs where oneDNN's micro-kernel has bfloat16 tiles (AMX, ``amx_tiles``), MLA decode where the
 compiler had AVX-512 BF16, RMSNorm wherever they built; ``MOESERVE_CPU_KERNELS=0`` turns them all off.
-Users: ``cpu_moe.py`` (routed experts), ``cpu_mla.py`` (MLA decode attention), ``cpu_norm.py`` (RMSNorm).
+Users: ``cpu_moe.py`` (routed experts), ``cpu_mla.py`` (MLA decode attention, the rotary embedding and the
+latent cache write), ``cpu_norm.py`` (RMSNorm).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("moe_experts.cpp", "mla_decode.cpp",
-                                                                        "rms_norm.cpp")]
+                                                                        "mla_prologue.cpp", "rms_norm.cpp")]
 ENV = "MOESERVE_CPU_KERNELS"
 
 
@@ -75,11 +76,26 @@ def mla_vectorized() -> bool:
     return load_error() is None and bool(torch.ops.moeserve_cpu.mla_vectorized())
 
 
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process. One is right: the kernels' parallel loops must
+    share PyTorch's thread pool; a second (a system libgomp beside a wheel's vendored copy) would run its own
+    team of threads beside it, two threads per core."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    names = ("libgomp", "libiomp", "libomp")
+    return sorted({line.split()[-1] for line in maps if any(n in line.rsplit("/", 1)[-1] for n in names)})
+
+
 def status() -> str:
     """What runs, in words (``moeserve check`` and the runner's log)."""
     why_not = load_error()
     if why_not is not None:
         return f"off ({why_not.splitlines()[0]})"
-    on = [name for name, ok in (("MoE experts", amx_tiles()), ("MLA decode", mla_vectorized()), ("RMSNorm", True))
-          if ok]
-    return "bfloat16: " + ", ".join(on) + ("" if amx_tiles() else " (no AMX: the MoE experts stay eager)")
+    on = [name for name, ok in (("MoE experts", amx_tiles()), ("MLA decode", mla_vectorized()), ("RMSNorm", True),
+                                ("MLA rope and cache write", True)) if ok]
+    runtimes = openmp_runtimes()
+    return ("bfloat16: " + ", ".join(on) + ("" if amx_tiles() else " (no AMX: the MoE experts stay eager)")
+            + (f"; WARNING: {len(runtimes)} OpenMP runtimes loaded ({', '.join(runtimes)})" if len(runtimes) > 1
+               else ""))

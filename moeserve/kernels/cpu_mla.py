@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.kernels.cpu_build import mla_vectorized
+from moeserve.kernels.cpu_build import load_error, mla_vectorized
 
 
 def applies(q: torch.Tensor, cache: torch.Tensor) -> bool:
@@ -29,3 +29,37 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     [B, nb], context_lens [B] -> softmax(q . context / scale) . context[:, :kv_lora]: [B, H, kv_lora]."""
     return torch.ops.moeserve_cpu.mla_decode(q.contiguous(), cache, block_tables.long(), context_lens.long(),
                                              block_size, kv_lora_rank, scale)
+
+
+def rope_applies(x: torch.Tensor, cos: torch.Tensor) -> bool:
+    """``rope_into`` runs ``x`` with the table ``cos``: bfloat16 rows and float32 tables on a CPU where the
+    kernels built, outside autograd."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and cos.dtype == torch.float32 and x.dim() in (2, 3)
+            and x.stride(-1) == 1 and x.shape[-1] % 2 == 0 and not torch.is_grad_enabled() and load_error() is None)
+
+
+def rope_into(x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``RotaryEmbedding.forward`` in one call (``cpu/mla_prologue.cpp``): x [T, (H,) rope] -> rotated, into
+    ``out`` where given (x's shape, the last stride 1: e.g. the rope slice of MLA's decode query)."""
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    torch.ops.moeserve_cpu.rope_into(x, positions.long().contiguous(), cos, sin, interleave, out)
+    return out
+
+
+def write_kv_applies(kv_a: torch.Tensor, norm_weight: torch.Tensor, cache: torch.Tensor, cos: torch.Tensor) -> bool:
+    """``write_kv_rows`` runs these: bfloat16 latent rows, norm weight and cache, float32 rotary tables, on a
+    CPU with the kernels."""
+    return (kv_a.device.type == "cpu" and kv_a.dtype == torch.bfloat16 and norm_weight.dtype == torch.bfloat16
+            and cache.dtype == torch.bfloat16 and cos.dtype == torch.float32 and cache.is_contiguous() and kv_a.stride(-1) == 1
+            and not torch.is_grad_enabled() and load_error() is None)
+
+
+def write_kv_rows(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, interleave: bool, cache: torch.Tensor,
+                  slots: torch.Tensor) -> None:
+    """A step's new latent rows into the paged cache in one call: ``cache[slots[t]] = (RMSNorm(latent_t) *
+    norm_weight, rope(k_pe_t))`` for kv_a [T, kv_lora + rope] (the latent projection's output)."""
+    torch.ops.moeserve_cpu.mla_write_kv(kv_a, norm_weight, eps, positions.long().contiguous(), cos, sin,
+                                        interleave, cache, slots.long().contiguous())

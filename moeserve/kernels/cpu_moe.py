@@ -19,7 +19,6 @@ CPU are held three times).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from moeserve.kernels.cpu_build import amx_tiles
 
@@ -44,17 +43,9 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, 
                    w13_packed: torch.Tensor, w2_packed: torch.Tensor) -> torch.Tensor:
     """``RoutedExperts.experts_loop``'s contract: x [T, H], weights [T, k], slots [T * k] (``num_local``: not
     served here) -> [T, H], each row the sum over its pairs served here of weight * expert(row)."""
-    top_k = weights.shape[1]
-    order = torch.argsort(slots, stable=True)
-    counts = torch.bincount(slots, minlength=num_local + 1)
-    offsets = F.pad(torch.cumsum(counts[:num_local], 0), (1, 0))
-    served = int(offsets[-1])
-    order = order[:served]  # the pairs served here, by slot
-    if not served:
+    xs, offsets, pair_weights, pair_of = torch.ops.moeserve_cpu.sort_pairs(
+        x, weights.float().contiguous(), slots.long().contiguous(), num_local)  # grouped by expert, stable
+    if not xs.shape[0]:
         return torch.zeros_like(x)
-    pair_of = torch.full(slots.shape, -1, dtype=torch.long)  # each (token, k)'s row among the sorted pairs
-    pair_of[order] = torch.arange(served)
-    xs = x[order // top_k]
-    pair_weights = weights.flatten()[order].float().contiguous()
     pairs = torch.ops.moeserve_cpu.expert_pairs(xs, offsets, w13_packed, w2_packed, pair_weights)
-    return torch.ops.moeserve_cpu.sum_pairs(pairs, pair_of.view(-1, top_k), x)
+    return torch.ops.moeserve_cpu.sum_pairs(pairs, pair_of, x)

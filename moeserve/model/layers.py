@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
-from moeserve.kernels import cpu_norm
+from moeserve.kernels import cpu_mla, cpu_norm
 from moeserve.model.config import RopeConfig, yarn_get_mscale
 from moeserve.model.cpu_linear import PackedLinear, by_row_blocks, row_block, silu_and_mul
 
@@ -109,6 +109,8 @@ class RotaryEmbedding(nn.Module):
             from moeserve.kernels.rope import rope
 
             return rope(x, positions, self.cos, self.sin, self.interleave, out)
+        if cpu_mla.rope_applies(x, self.cos):  # bf16 on CPU: one C++ call
+            return cpu_mla.rope_into(x, positions, self.cos, self.sin, self.interleave, out)
         if out is not None:
             return out.copy_(self(x, positions))
         cos = self.cos[positions]

@@ -125,6 +125,11 @@ class MLA(nn.Module):
 
             write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
                           self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache, meta.slot_mapping)
+        elif kv_cache is not None and cpu_mla.write_kv_applies(kv_a, self.kv_a_layernorm.weight, kv_cache,
+                                                                self.rotary.cos):
+            cpu_mla.write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
+                                  self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache,
+                                  meta.slot_mapping)
         else:
             latent, k_pe = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             new_rows = torch.cat([self.kv_a_layernorm(latent), self.rotary(k_pe, meta.positions)], dim=-1)
@@ -152,9 +157,10 @@ class MLA(nn.Module):
         return self._absorbed
 
     def _decode_query(self, q_pe: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
-        """The decode kernel's query buffer [B, H, kv_lora + rope], its rope part rotated in place (``_decode``
-        writes the latent part): no concatenation kernel. None where the kernel does not run."""
-        if not (self.fused and self.decode_kernel_fits):
+        """The decode query buffer [B, H, kv_lora + rope], its rope part rotated in place (``_decode`` writes
+        the latent part): no concatenation. None unless a kernel rotates it (the GPU's fused path, or bf16 on
+        CPU: ``cpu_mla.rope_into``)."""
+        if not ((self.fused and self.decode_kernel_fits) or cpu_mla.rope_applies(q_pe, self.rotary.cos)):
             return None
         q_full = q_pe.new_empty(q_pe.shape[0], self.num_heads, self.kv_lora_rank + self.rope_dim)
         self.rotary(q_pe, positions, out=q_full[..., self.kv_lora_rank:])
@@ -166,7 +172,7 @@ class MLA(nn.Module):
         ``out`` [B, H, v] (rows of the step's output). ``q_full``: ``_decode_query``'s buffer, whose rope part
         is already rotated (``q_pe`` is then not read)."""
         w_uk, w_uv = self._w_kv_b()
-        if q_full is not None:  # cuBLAS writes the latent part through the [H, B, kv_lora] view
+        if q_full is not None:  # the GEMM writes the latent part through the [H, B, kv_lora] view
             torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
         else:
             q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]

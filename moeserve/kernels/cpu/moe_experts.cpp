@@ -15,7 +15,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -120,6 +122,51 @@ at::Tensor expert_pairs(const at::Tensor& xs, const at::Tensor& offsets, const a
   return y;
 }
 
+// x [T, H] bf16 rows, weights [T, k] float32 routing weights, slots [T * k] int64 (each pair's local expert;
+// num_local: served elsewhere) -> (xs [P, H] the served pairs' rows grouped by expert, offsets [num_local + 1]
+// where each expert's pairs start, pair_weights [P], pair_of [T, k] each pair's row in xs or -1): a stable
+// counting sort, the order argsort(slots, stable=True) gives, and the gathers after it in one pass
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sort_pairs(const at::Tensor& x, const at::Tensor& weights,
+                                                                      const at::Tensor& slots, int64_t num_local) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.stride(1) == 1, "x: [T, H] bfloat16 rows");
+  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+                  weights.size(0) == x.size(0), "weights: [T, k] float32");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == weights.numel(),
+              "slots: [T * k] int64");
+  const int64_t T = x.size(0), H = x.size(1), K = weights.size(1), N = T * K;
+  const int64_t* slot = slots.const_data_ptr<int64_t>();
+  std::vector<int64_t> start(num_local + 1, 0);
+  for (int64_t i = 0; i < N; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] <= num_local, "slot out of range");
+    if (slot[i] < num_local) ++start[slot[i] + 1];
+  }
+  for (int64_t e = 0; e < num_local; ++e) start[e + 1] += start[e];
+  const int64_t P = start[num_local];
+  at::Tensor offsets = at::empty({num_local + 1}, slots.options());
+  std::copy(start.begin(), start.end(), offsets.mutable_data_ptr<int64_t>());
+  at::Tensor pair_of = at::empty({T, K}, slots.options());
+  at::Tensor xs = at::empty({P, H}, x.options());
+  at::Tensor pw = at::empty({P}, weights.options());
+  int64_t* row_of = pair_of.mutable_data_ptr<int64_t>();
+  const float* w = weights.const_data_ptr<float>();
+  float* pwp = pw.mutable_data_ptr<float>();
+  std::vector<int64_t> next(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t p = slot[i] < num_local ? next[slot[i]]++ : -1;
+    row_of[i] = p;
+    if (p >= 0) pwp[p] = w[i];
+  }
+  const bf16* src = x.const_data_ptr<bf16>();
+  bf16* dst = xs.mutable_data_ptr<bf16>();
+  const int64_t xstride = x.stride(0);
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      if (row_of[i] >= 0) std::copy(src + (i / K) * xstride, src + (i / K) * xstride + H, dst + row_of[i] * H);
+    }
+  });
+  return {xs, offsets, pw, pair_of};
+}
+
 // pairs [P, H] float32, pair_of [T, k] int64 (the row of each token's k-th pair, -1: not here) -> [T, H] in
 // dtype of like: each token's pairs summed in its top-k order
 at::Tensor sum_pairs(const at::Tensor& pairs, const at::Tensor& pair_of, const at::Tensor& like) {
@@ -156,12 +203,14 @@ TORCH_LIBRARY(moeserve_cpu, m) {
   m.def("pack_experts(Tensor w) -> Tensor");
   m.def("expert_pairs(Tensor xs, Tensor offsets, Tensor w13, Tensor w2, Tensor pair_weights) -> Tensor");
   m.def("sum_pairs(Tensor pairs, Tensor pair_of, Tensor like) -> Tensor");
+  m.def("sort_pairs(Tensor x, Tensor weights, Tensor slots, int num_local) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_cpu, CPU, m) {
   m.impl("pack_experts", pack_experts);
   m.impl("expert_pairs", expert_pairs);
   m.impl("sum_pairs", sum_pairs);
+  m.impl("sort_pairs", sort_pairs);
 }
 
 TORCH_LIBRARY_IMPL(moeserve_cpu, CompositeExplicitAutograd, m) { m.impl("amx_tiles", amx_tiles); }
