@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from moeserve.kvstore.store import StoreConfigError
 
-    if str(getattr(args, "device", "")).startswith("cpu") and args.command != "plan":
+    if runs_cpu_engine(args):
         from moeserve.cpu_allocator import in_use
 
         logging.getLogger(__name__).info("CPU malloc: %s", in_use())
@@ -86,12 +86,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def runs_cpu_engine(args: argparse.Namespace) -> bool:
+    """Whether the command starts an engine (or the ranks of one) on CPU: ``plan`` only reads ``--device``."""
+    return str(getattr(args, "device", "")).startswith("cpu") and args.command != "plan"
+
+
 def entry() -> int:
     """The ``moeserve`` program: ``main`` on jemalloc where the command runs an engine on CPU (see
     ``moeserve/cpu_allocator.py``; the process re-executes itself once, before loading torch's libraries)."""
     argv = sys.argv[1:]
     args, _ = build_parser().parse_known_args(argv)
-    if str(getattr(args, "device", "")).startswith("cpu") and args.command != "plan":
+    if runs_cpu_engine(args):
         from moeserve.cpu_allocator import reexec_with_jemalloc
 
         reexec_with_jemalloc(argv)
