@@ -45,8 +45,10 @@ if [ "${VARIANTS:-0}" = 1 ]; then
         variant passive "$MANY" OMP_WAIT_POLICY=PASSIVE
         variant active "$MANY" OMP_WAIT_POLICY=ACTIVE
         variant bound "$MANY" OMP_PROC_BIND=close OMP_PLACES=cores
-        variant "one core spare" "$((MANY - 1))"
-        variant "two cores spare, bound" "$((MANY - 2))" OMP_PROC_BIND=close OMP_PLACES=cores
+        if [ "$MANY" -gt 3 ]; then
+            variant "one core spare" "$((MANY - 1))"
+            variant "two cores spare, bound" "$((MANY - 2))" OMP_PROC_BIND=close OMP_PLACES=cores
+        fi
     } | tee "$OUT/decode_variants.txt"
     taskset -c "0-$((MANY - 1))" python3 benchmarks/probe_cpu_threads.py --threads "2,4,8,$MANY" \
         --json-out "$OUT/probe_threads.json" | grep threads
