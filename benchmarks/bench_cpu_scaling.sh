@@ -20,7 +20,8 @@ OUT=${2:-/tmp/moeserve-cpu-scaling}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_VISIBLE_DEVICES=""
 PROMPTS=${NUM_PROMPTS:-64} OUTPUT_LEN=${OUTPUT_LEN:-128}  # the workload (bench_cpu.py's); smaller for a quick try
-lscpu | grep -E "Model name|^CPU\(s\)|NUMA node"
+lscpu | grep -E "Model name|^CPU\(s\)|NUMA node|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)"
+lscpu -e=CPU,CORE,SOCKET,NODE | tr '\n' ';'; echo  # which CPUs share a core (SMT siblings share its AMX unit)
 echo "AMX flags: $(grep -o 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 python3 -m moeserve.launch.cli check | grep -E "^cpu"  # the kernels, and how many OpenMP runtimes they loaded
 
