@@ -29,8 +29,12 @@ constexpr int64_t kHeadGroup = 16;  // heads per work item
 constexpr int64_t kChunk = 64;      // tokens per online-softmax step
 
 // out[h] = sum over i of q[h * n + i] * row[i] for h < nh (nh <= kHeadGroup): the heads' chains are independent,
-// so the micro-ops overlap instead of waiting on one accumulator
+// so the micro-ops overlap instead of waiting on one accumulator. NH > 0: nh == NH known at compile time, so
+// the accumulators stay in registers (with a run-time count gcc keeps them on the stack: a load and a store
+// around every dpbf16)
+template <int64_t NH>
 inline void dot_heads_bf16(const bf16* q, const bf16* row, int64_t n, int64_t nh, float* out) {
+  if constexpr (NH > 0) nh = NH;
   int64_t i = 0;
 #ifdef MOESERVE_AVX512_BF16
   __m512 acc[kHeadGroup];
@@ -52,8 +56,10 @@ inline void dot_heads_bf16(const bf16* q, const bf16* row, int64_t n, int64_t nh
 // AVX-512 BF16 two rows at a time: their columns interleaved in pairs, each head's two probabilities (rounded
 // to bf16, as the eager path rounds them) broadcast, one dpbf16 per 16 columns and head; a block of 16 columns
 // of every head's accumulator stays in registers while the chunk's rows stream past
+template <int64_t NH>
 inline void accumulate_chunk(float* acc, const float* p, const float* rescale, const bf16* const* rows, int64_t n,
                              int64_t nh, int64_t width) {
+  if constexpr (NH > 0) nh = NH;
   int64_t c = 0;
 #ifdef MOESERVE_AVX512_BF16
   uint32_t pairs[kHeadGroup][kChunk / 2];
@@ -134,7 +140,13 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
         }
         float scores[kHeadGroup];
         for (int64_t j = 0; j < n; ++j) {
-          dot_heads_bf16(qb, rows[j], D, nh, scores);
+          if (nh == 8) {
+            dot_heads_bf16<8>(qb, rows[j], D, nh, scores);
+          } else if (nh == kHeadGroup) {
+            dot_heads_bf16<kHeadGroup>(qb, rows[j], D, nh, scores);
+          } else {
+            dot_heads_bf16<0>(qb, rows[j], D, nh, scores);
+          }
           for (int64_t h = 0; h < nh; ++h) s[h * kChunk + j] = scores[h] * sc;
         }
         float rescale[kHeadGroup];
@@ -151,7 +163,13 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
           run_sum[h] = run_sum[h] * rescale[h] + sum;
           run_max[h] = m;
         }
-        accumulate_chunk(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
+        if (nh == 8) {
+          accumulate_chunk<8>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
+        } else if (nh == kHeadGroup) {
+          accumulate_chunk<kHeadGroup>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
+        } else {
+          accumulate_chunk<0>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
+        }
       }
       for (int64_t h = 0; h < nh; ++h) {
         const float inv = run_sum[h] > 0.0f ? 1.0f / run_sum[h] : 0.0f;
