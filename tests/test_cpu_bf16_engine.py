@@ -5,10 +5,10 @@ tokens). A near tie is reported with its gap, so that it is told apart from a bu
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
 
-import oracle
 from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
