@@ -175,7 +175,7 @@ def test_closed_engines_release_model_and_cache(ckpt) -> None:
     import weakref
 
     for _ in range(2):
-        engine = make_engine(ckpt, async_scheduling=True)
+        engine = make_engine(ckpt, async_scheduling=True, kv_host_memory=8 << 20)
         assert engine.generate([prompts()[0]], greedy(4))[0].num_output_tokens == 4
         runner = engine.executor.runner
         model, cache = weakref.ref(runner.model), weakref.ref(next(iter(runner.kv_caches.values())))

@@ -28,9 +28,17 @@ AUTO_HOST_RAM_FRACTION = 16  # ... and at most 1/16 of the machine's memory
 
 
 def host_memory_bytes(config: Any) -> int:
-    """``--kv-host-memory``: bytes of host memory per rank for the host tier (-1 = automatic, 0 = off)."""
+    """``--kv-host-memory``: bytes of host memory per rank for the host tier (-1 = automatic, 0 = off).
+
+    Automatic is off on CPU ranks: their latent cache already lives in host memory, so a host tier would hold
+    a second copy of the same blocks in the same memory, and its write-through costs a copy of every computed
+    block (6-120 ms of a 4,096-token prefill step on a 2-core Xeon, most of it faulting the pool's pages in;
+    BENCHMARKS.md, issue 26). The memory is better given to ``--kv-cache-memory``; an explicit size still
+    turns the tier on."""
     if config.kv_host_memory >= 0:
         return int(config.kv_host_memory)
+    if not config.is_accelerator:
+        return 0
     import psutil
 
     return min(AUTO_HOST_CAP, psutil.virtual_memory().total // AUTO_HOST_RAM_FRACTION)

@@ -73,7 +73,8 @@ FLAGS: dict[str, Flag] = {
                              "overlap scheduler); steps of requests with penalties or structured output run "
                              "synchronously (default: on for cuda, off for cpu and npu; one process only)"),
     "kv_host_memory": Flag("host memory per rank for cache blocks evicted from the device, which come back "
-                           "instead of being recomputed (default: min(2 GiB, RAM/16); 0 turns it off)",
+                           "instead of being recomputed (default: min(2 GiB, RAM/16) on GPUs and NPUs, off on CPU, where the "
+                           "cache already is host memory; 0 turns it off)",
                            metavar="BYTES", group="kv store"),
     "kv_store": Flag("a store server shared by nodes: redis://[user:password@]host:port/db (redis-server or "
                      "Valkey); prefixes computed by any engine are reused by the others (default: the "
