@@ -16,8 +16,9 @@ from moeserve.kvstore.layer_ready import LayerReady
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cuda_graph import DecodeGraphs, DraftGraphs
-from moeserve.stages.selfcheck import check_fast_path, warm_up
+from moeserve.stages.selfcheck import check_fast_path
 from moeserve.stages.step_plan import DraftPlan, PaddedTables, StepPlan, decode_rows, fill_pending
+from moeserve.stages.warm_up import on_cpu, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ class ModelRunner:
                  max_model_len: int = 0, warm_up_tokens: int = 0):
         """``cuda_graphs``: capture the decode step for batch sizes up to ``max_num_seqs`` (CUDA devices
         with the fused kernels only; ``max_model_len`` bounds the block tables the graphs read).
-        ``warm_up_tokens``: where the fused kernels run, a prefill of this many tokens at start builds
-        their large-batch variants, so that the first request does not pay for it."""
+        ``warm_up_tokens``: where the fused kernels run, and for bfloat16 on CPU, a prefill of this many
+        tokens at start (on CPU also a decode step of ``max_num_seqs`` rows) builds and packs what the
+        kernels build at first use, so that the first request does not pay for it (``stages/warm_up.py``)."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -37,12 +39,13 @@ class ModelRunner:
         self.padded_tables = PaddedTables()  # the steps' block tables as one array, row by row as they change
         self.cache_dtype = cache_dtype or model.dtype
         fast = kernels_apply(device)
+        warm_cpu = bool(warm_up_tokens) and on_cpu(device, model.dtype)
         if device.type == "cuda":  # one GEMM for each attention's query and latent projections
             model.fuse_input_projections()
         layer_ids = [int(k) for k in model.layers]
-        # with the fast path, one spare block past the manager's: a graph's padding rows and the start-up
-        # check write there
-        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(fast), block_size,
+        # with the fast path or a CPU warm-up, one spare block past the manager's: a graph's padding rows, the
+        # start-up check and the warm-up write there
+        self.kv_caches = allocate_latent_caches(layer_ids, num_blocks + int(fast or warm_cpu), block_size,
                                                 model.config.kv_cache_dim, self.cache_dtype, device)
         self.flat_caches = {i: c.view(-1, c.shape[-1]) for i, c in self.kv_caches.items()}
         # the MTP module's latent cache (same block layout), and the hidden states its passes read: the last
@@ -50,7 +53,7 @@ class ModelRunner:
         self.mtp_cache: torch.Tensor | None = None
         if model.mtp is not None:
             mtp_id = model.config.mtp_layer_id
-            self.mtp_cache = allocate_latent_caches([mtp_id], num_blocks + int(fast), block_size,
+            self.mtp_cache = allocate_latent_caches([mtp_id], num_blocks + int(fast or warm_cpu), block_size,
                                                     model.config.kv_cache_dim, self.cache_dtype, device)[mtp_id]
         self.step_hidden: torch.Tensor | None = None
         self.layer_ready: LayerReady | None = None  # this rank's layer-wise loads (its KvWorker's), if any
@@ -70,6 +73,9 @@ class ModelRunner:
                                   max_model_len or model.config.max_position_embeddings, warm_up_tokens)
         else:
             model.use_kernels(False)
+            if warm_cpu:
+                warm_up(self, self.num_blocks, warm_up_tokens, decode_rows=max_num_seqs)
+                self._forget_start_up_load()
 
     def _start_fast_path(self, cuda_graphs: bool, max_num_seqs: int, max_model_len: int,
                          warm_up_tokens: int) -> None:

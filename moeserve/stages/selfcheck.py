@@ -18,7 +18,6 @@ Every tensor-parallel rank of a stage takes the same decisions (their collective
 from __future__ import annotations
 
 import logging
-import time
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,19 +141,3 @@ def _check_graphs(runner: ModelRunner, plans: CheckPlans, fast: list[torch.Tenso
     if reason is not None:
         runner.graphs = None
     return reason
-
-
-def warm_up(runner: ModelRunner, sink_block: int, num_tokens: int) -> None:
-    """One prefill of ``num_tokens`` tokens, every row in the spare block (its output is not used): builds
-    the kernels' large-batch variants and settles the allocator before the first request."""
-    start = time.perf_counter()
-    model = runner.model
-    num_tokens = min(num_tokens, model.rotary.cos.shape[0])
-    blocks = -(-num_tokens // runner.block_size)
-    plan = StepPlan([0] * num_tokens, [num_tokens], [0], [[sink_block] * blocks], [0])
-    hidden = None if model.slice.has_embedding else \
-        torch.zeros(num_tokens, model.config.hidden_size, dtype=model.dtype, device=runner.device)
-    runner.execute_stage(plan, hidden)
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize(runner.device)
-    logger.info("warm-up prefill of %d tokens in %.1f s", num_tokens, time.perf_counter() - start)
