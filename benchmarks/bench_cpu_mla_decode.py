@@ -2,6 +2,8 @@
 
     python benchmarks/bench_cpu_mla_decode.py [--threads 2] [--context 200] [--batch 64] [--cached-blocks N]
 
+Both paths of the kernel, one after the other: AMX tiles (where they were built and fit) and AVX-512 BF16.
+
 64 sequences of ``--context`` tokens, 8 heads, a 576-wide latent (512 + 64 rope) in a paged cache of 233k rows
 in blocks of 16, each sequence's blocks drawn at random. ``--cached-blocks 13`` makes every sequence share
 the same 13 blocks (a cache that stays in L2): if the time does not drop, the kernel is bound by its
@@ -38,15 +40,20 @@ def main() -> None:
     tables = torch.stack([torch.randperm(blocks)[:per_seq] for _ in range(args.batch)])
     lens = torch.full((args.batch,), args.context)
     q = torch.randn(args.batch, args.heads, width).bfloat16()
-    with torch.no_grad():
-        for _ in range(5):
-            cpu_mla.mla_decode(q, cache, tables, lens, block, kv_lora, width ** -0.5)
-        start = time.perf_counter()
-        for _ in range(args.reps):
-            cpu_mla.mla_decode(q, cache, tables, lens, block, kv_lora, width ** -0.5)
-        seconds = (time.perf_counter() - start) / args.reps
-    print(f"context {args.context}, batch {args.batch}, {args.heads} heads, {args.threads} threads: "
-          f"{seconds * 1e3:.3f} ms a layer, {args.batch * args.context * width * 2 / seconds / 1e9:.1f} GB/s of rows")
+    for path, tiles in (("AMX tiles", True), ("AVX-512 BF16", False)):
+        if tiles and not cpu_build.mla_tiles():
+            print(f"{path}: not here ({cpu_build.status()})")
+            continue
+        with torch.no_grad():
+            for _ in range(5):
+                cpu_mla.mla_decode(q, cache, tables, lens, block, kv_lora, width ** -0.5, tiles=tiles)
+            start = time.perf_counter()
+            for _ in range(args.reps):
+                cpu_mla.mla_decode(q, cache, tables, lens, block, kv_lora, width ** -0.5, tiles=tiles)
+            seconds = (time.perf_counter() - start) / args.reps
+        print(f"{path}: context {args.context}, batch {args.batch}, {args.heads} heads, {args.threads} threads: "
+              f"{seconds * 1e3:.3f} ms a layer, {args.batch * args.context * width * 2 / seconds / 1e9:.1f} GB/s of "
+              "rows")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).resolve().parent / "cpu" / name for name in ("moe_experts.cpp", "mla_decode.cpp",
-                                                                        "mla_prologue.cpp", "rms_norm.cpp")]
+_HERE = Path(__file__).resolve().parent / "cpu"
+SOURCES = [_HERE / name for name in ("moe_experts.cpp", "mla_decode.cpp", "mla_decode_amx.cpp", "mla_prologue.cpp",
+                                     "rms_norm.cpp")]
+HEADERS = [_HERE / "mla_decode_amx.h"]  # not compiled alone, but a change to one must rebuild
 ENV = "MOESERVE_CPU_KERNELS"
 
 
@@ -32,7 +34,7 @@ def _build_directory() -> Path:
                      "")
     except OSError:
         pass
-    code = b"".join(source.read_bytes() for source in SOURCES)
+    code = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     key = hashlib.sha256(code + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
     root = Path(os.environ.get("MOESERVE_CACHE_DIR") or Path.home() / ".cache" / "moeserve")
     path = root / "cpu_kernels" / key
@@ -71,6 +73,12 @@ def amx_tiles() -> bool:
 
 
 @functools.cache
+def mla_tiles() -> bool:
+    """The library loaded and its MLA decode runs on AMX tiles here (built with them, and granted them)."""
+    return load_error() is None and bool(torch.ops.moeserve_cpu.mla_tiles())
+
+
+@functools.cache
 def mla_vectorized() -> bool:
     """The library loaded and its MLA decode was compiled with AVX-512 BF16 (else it would be scalar code)."""
     return load_error() is None and bool(torch.ops.moeserve_cpu.mla_vectorized())
@@ -93,7 +101,8 @@ def status() -> str:
     why_not = load_error()
     if why_not is not None:
         return f"off ({why_not.splitlines()[0]})"
-    on = [name for name, ok in (("MoE experts", amx_tiles()), ("MLA decode", mla_vectorized()), ("RMSNorm", True),
+    mla = "MLA decode" + (" (AMX tiles)" if mla_tiles() else "")
+    on = [name for name, ok in (("MoE experts", amx_tiles()), (mla, mla_vectorized()), ("RMSNorm", True),
                                 ("MLA rope and cache write", True)) if ok]
     runtimes = openmp_runtimes()
     return ("bfloat16: " + ", ".join(on) + ("" if amx_tiles() else " (no AMX: the MoE experts stay eager)")

@@ -6,6 +6,8 @@
 // probability-weighted sum of the rows' latent part. The eager path (model/mla.py: MLA._decode) gathers the
 // context, multiplies twice through oneDNN, rounds the scores to bf16 and reads the context three times.
 
+#include "mla_decode_amx.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -100,9 +102,10 @@ inline void accumulate_chunk(float* acc, const float* p, const float* rescale, c
 }
 
 // q [B, H, D] bf16 (absorbed query: kv_lora then rope), cache [slots, D] bf16, block_tables [B, nb] int64,
-// context_lens [B] int64 -> [B, H, kv_lora] bf16
+// context_lens [B] int64 -> [B, H, kv_lora] bf16. ``tiles``: on AMX tiles where they fit (mla_decode_amx.cpp),
+// else (and where not) the AVX-512 path below
 at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Tensor& block_tables,
-                      const at::Tensor& context_lens, int64_t block_size, int64_t kv_lora, double scale) {
+                      const at::Tensor& context_lens, int64_t block_size, int64_t kv_lora, double scale, bool tiles) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kBFloat16 && q.is_contiguous(), "q: [B, H, D] bfloat16");
   TORCH_CHECK(cache.dim() == 2 && cache.scalar_type() == at::kBFloat16 && cache.stride(1) == 1,
               "cache: [slots, D] bfloat16");
@@ -113,6 +116,10 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
   const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
   const int64_t nb = tables.size(1), row_stride = cache.stride(0);
   at::Tensor out = at::empty({B, H, kv_lora}, q.options());
+  if (tiles && moeserve_kernels::mla_decode_amx_fits(H, D, kv_lora, block_size)) {
+    moeserve_kernels::mla_decode_amx(q, cache, tables, lens, block_size, kv_lora, scale, out);
+    return out;
+  }
   const bf16* qp = q.const_data_ptr<bf16>();
   const bf16* cp = cache.const_data_ptr<bf16>();
   const int64_t* tp = tables.const_data_ptr<int64_t>();
@@ -182,6 +189,8 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
   return out;
 }
 
+bool mla_tiles() { return moeserve_kernels::mla_decode_amx_built(); }
+
 bool mla_vectorized() {
 #ifdef MOESERVE_AVX512_BF16
   return true;
@@ -194,10 +203,14 @@ bool mla_vectorized() {
 
 TORCH_LIBRARY_FRAGMENT(moeserve_cpu, m) {
   m.def("mla_vectorized() -> bool");
+  m.def("mla_tiles() -> bool");
   m.def("mla_decode(Tensor q, Tensor cache, Tensor block_tables, Tensor context_lens, int block_size, "
-        "int kv_lora, float scale) -> Tensor");
+        "int kv_lora, float scale, bool tiles=True) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(moeserve_cpu, CPU, m) { m.impl("mla_decode", mla_decode); }
 
-TORCH_LIBRARY_IMPL(moeserve_cpu, CompositeExplicitAutograd, m) { m.impl("mla_vectorized", mla_vectorized); }
+TORCH_LIBRARY_IMPL(moeserve_cpu, CompositeExplicitAutograd, m) {
+  m.impl("mla_vectorized", mla_vectorized);
+  m.impl("mla_tiles", mla_tiles);
+}
