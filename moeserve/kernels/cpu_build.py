@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent / "cpu"
 SOURCES = [_HERE / name for name in ("moe_experts.cpp", "mla_decode.cpp", "mla_decode_amx.cpp", "mla_prologue.cpp",
                                      "rms_norm.cpp")]
-HEADERS = [_HERE / "mla_decode_amx.h"]  # not compiled alone, but a change to one must rebuild
+HEADERS = [_HERE / name for name in ("mla_decode_amx.h", "rms_row.h")]  # not compiled alone, but a change to one must rebuild
 ENV = "MOESERVE_CPU_KERNELS"
 
 

@@ -7,12 +7,13 @@
 // (x[2i], x[2i + 1]) with interleave, else (x[i], x[i + d/2]) -- becomes x1 cos - x2 sin at output position i
 // and x2 cos + x1 sin at i + d/2, in float32, rounded to bf16 once.
 
+#include "rms_row.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <vector>
 
 namespace {
@@ -99,11 +100,8 @@ void mla_write_kv(const at::Tensor& kv_a, const at::Tensor& weight, double eps, 
     for (int64_t t = begin; t < end; ++t) {
       const bf16* x = src + t * ks;
       bf16* out = dst + slot[t] * W;
-      float ss = 0.0f;  // RMSNorm as rms_norm.cpp computes it (same roundings)
       for (int64_t i = 0; i < R; ++i) row[i] = static_cast<float>(x[i]);
-      for (int64_t i = 0; i < R; ++i) ss += row[i] * row[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(R) + e);
-      for (int64_t i = 0; i < R; ++i) out[i] = bf16(static_cast<float>(bf16(row[i] * inv)) * static_cast<float>(wp[i]));
+      moeserve_kernels::rms_row(row.data(), wp, R, e, out);  // as rms_norm.cpp computes it
       rotate(x + R, c + pos[t] * half, s + pos[t] * half, half, interleave, out + R);
     }
   });

@@ -7,13 +7,14 @@
 // residual + x rounded to bf16, its mean square in float32, x * rsqrt(ms + eps) rounded to bf16, times the
 // weight rounded to bf16; only the order of the mean's float32 additions differs.
 
+#include "rms_row.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -48,7 +49,6 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
     std::vector<float> row(D);
     for (int64_t t = begin; t < end; ++t) {
       const bf16* src = xp + t * xs;
-      float ss = 0.0f;
       if (add) {
         const bf16* r = rp + t * rs;
         bf16* dst = tp + t * D;
@@ -60,12 +60,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
       } else {
         for (int64_t i = 0; i < D; ++i) row[i] = static_cast<float>(src[i]);
       }
-      for (int64_t i = 0; i < D; ++i) ss += row[i] * row[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + e);
-      bf16* dst = op + t * D;
-      for (int64_t i = 0; i < D; ++i) {
-        dst[i] = bf16(static_cast<float>(bf16(row[i] * inv)) * static_cast<float>(wp[i]));
-      }
+      moeserve_kernels::rms_row(row.data(), wp, D, e, op + t * D);
     }
   });
   return {out, total};
