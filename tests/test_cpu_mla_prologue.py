@@ -50,6 +50,26 @@ def test_rope_rejects_a_position_past_the_table() -> None:
         rotary(torch.zeros(2, 16, dtype=torch.bfloat16), torch.tensor([0, 32]))
 
 
+def test_rope_in_place_only_for_the_split_layout() -> None:
+    """Interleaved pairs land where later pairs are still to be read: an ``out`` overlapping ``x`` is refused
+    there. The split layout reads and writes the same two places of a row, so ``out=x`` rotates in place."""
+    gen = torch.Generator().manual_seed(3)
+    rotary = RotaryEmbedding(RopeConfig(), 64, 32)
+    x = torch.randn(5, 4, 64, generator=gen).bfloat16()
+    positions = torch.randint(0, 32, (5,), generator=gen)
+    with torch.no_grad():
+        want = cpu_mla.rope_into(x, positions, rotary.cos, rotary.sin, interleave=False)
+        in_place = x.clone()
+        cpu_mla.rope_into(in_place, positions, rotary.cos, rotary.sin, interleave=False, out=in_place)
+        assert torch.equal(in_place, want)
+        buffer = torch.zeros(5, 4, 96, dtype=torch.bfloat16)
+        with pytest.raises(RuntimeError, match="out overlaps x"):
+            cpu_mla.rope_into(x, positions, rotary.cos, rotary.sin, interleave=True, out=x)
+        with pytest.raises(RuntimeError, match="out overlaps x"):  # partly: shifted by 32 values in one buffer
+            cpu_mla.rope_into(buffer[..., :64], positions, rotary.cos, rotary.sin, interleave=True,
+                              out=buffer[..., 32:])
+
+
 @pytest.mark.parametrize("interleave", [True, False])
 def test_cache_write_matches_eager(interleave: bool) -> None:
     gen = torch.Generator().manual_seed(2)

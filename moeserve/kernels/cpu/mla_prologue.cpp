@@ -14,6 +14,7 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <utility>
 #include <vector>
 
 namespace {
@@ -41,6 +42,20 @@ void check_in_range(const int64_t* v, int64_t n, int64_t limit, const char* what
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(v[i] >= 0 && v[i] < limit, what);
 }
 
+// whether the bytes from a's first element to its last meet b's (non-negative strides, as rope_into's are)
+bool spans_overlap(const at::Tensor& a, const at::Tensor& b) {
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.const_data_ptr());
+    return std::make_pair(begin, begin + (last + 1) * t.element_size());
+  };
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [a_begin, a_end] = span(a);
+  const auto [b_begin, b_end] = span(b);
+  return a_begin < b_end && b_begin < a_end;
+}
+
 // x [T, H, P] or [T, P] (last stride 1), positions [T], cos / sin [max_positions, P / 2] -> out (x's shape,
 // last stride 1; may be a slice of a wider buffer): x rotated by its token's position
 void rope_into(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin,
@@ -51,6 +66,10 @@ void rope_into(const at::Tensor& x, const at::Tensor& positions, const at::Tenso
   const int64_t T = x.size(0), H = x.dim() == 3 ? x.size(1) : 1, P = x.size(-1), half = P / 2;
   check_tables(positions, cos, sin, T);
   TORCH_CHECK(P % 2 == 0 && cos.size(1) == half, "rope dims: even, and cos / sin have half of them");
+  // NOTE: an interleaved pair (x[2i], x[2i + 1]) lands at out[i] and out[i + P/2], where later pairs still
+  // have to be read; the split layout reads and writes the same two places, so out == x works there
+  TORCH_CHECK(!(interleave && spans_overlap(x, out)),
+              "rope_into: out overlaps x, which the interleaved layout cannot rotate in place");
   const int64_t xs0 = x.stride(0), xs1 = x.dim() == 3 ? x.stride(1) : 0;
   const int64_t os0 = out.stride(0), os1 = out.dim() == 3 ? out.stride(1) : 0;
   const bf16* xp = x.const_data_ptr<bf16>();
