@@ -26,6 +26,7 @@ from pathlib import Path
 MALLOC_CONF = "oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1"
 _DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 _DONE = "MOESERVE_ALLOCATOR_SET"  # set in the re-executed process: never twice
+_ALLOCATORS = ("jemalloc", "tcmalloc")  # preloaded, either serves a CPU engine
 
 
 def find_jemalloc(environ: Mapping[str, str] | None = None) -> str | None:
@@ -42,10 +43,14 @@ def find_jemalloc(environ: Mapping[str, str] | None = None) -> str | None:
     return found if found and Path(found).is_absolute() else None
 
 
+def preloaded_by(ld_preload: str) -> str | None:
+    """The allocator (``jemalloc`` / ``tcmalloc``) that an ``LD_PRELOAD`` value preloads, or None."""
+    return next((name for name in _ALLOCATORS if name in ld_preload), None)
+
+
 def preloaded() -> str | None:
     """The allocator preloaded into this process (``jemalloc`` / ``tcmalloc``), or None for the system's."""
-    text = os.environ.get("LD_PRELOAD", "")
-    return next((name for name in ("jemalloc", "tcmalloc") if name in text), None)
+    return preloaded_by(os.environ.get("LD_PRELOAD", ""))
 
 
 def in_use() -> str:
@@ -54,7 +59,7 @@ def in_use() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in maps), "system")
+    return next((name for name in _ALLOCATORS if f"lib{name}" in maps), "system")
 
 
 def describe() -> str:
@@ -75,8 +80,7 @@ def preload_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     on jemalloc: empty where it is turned off, already preloaded (jemalloc or tcmalloc), or not installed."""
     env = os.environ if environ is None else environ
     text = env.get("LD_PRELOAD", "")
-    if (env.get("MOESERVE_CPU_ALLOCATOR", "jemalloc") == "system" or "jemalloc" in text or "tcmalloc" in text
-            or sys.platform != "linux"):
+    if env.get("MOESERVE_CPU_ALLOCATOR", "jemalloc") == "system" or preloaded_by(text) or sys.platform != "linux":
         return {}
     lib = find_jemalloc(env)
     if lib is None:

@@ -25,6 +25,8 @@ def test_preload_env_rules(tmp_path: Path) -> None:
     assert cpu_allocator.preload_env(base | {"MOESERVE_CPU_ALLOCATOR": "system"}) == {}
     assert cpu_allocator.preload_env(base | {"LD_PRELOAD": "/opt/libtcmalloc_minimal.so.4"}) == {}
     assert cpu_allocator.preload_env({"MOESERVE_JEMALLOC": str(tmp_path / "missing.so")}) == {}
+    assert cpu_allocator.preloaded_by("/x/libfoo.so:/opt/libtcmalloc_minimal.so.4") == "tcmalloc"
+    assert cpu_allocator.preloaded_by(str(lib)) == "jemalloc" and cpu_allocator.preloaded_by("/x/libfoo.so") is None
 
 
 def generate(extra_env: dict[str, str]) -> tuple[list[int], str]:
