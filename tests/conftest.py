@@ -10,13 +10,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import oracle  # noqa: E402  (tests/ is not a package; make the helper importable)
+import oracle  # noqa: E402  (tests/ is not a package; make the helpers importable)
+import oracle_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Directory holding the oracle's trained tokenizer.json + tokenizer_config.json."""
-    return oracle.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    return oracle_tokenizer.train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")

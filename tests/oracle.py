@@ -1,89 +1,25 @@
-"""Test oracle: tiny random DeepSeek checkpoints written and run with Hugging Face transformers.
+"""Test oracle: tiny random DeepSeek checkpoints written with Hugging Face transformers.
 
 Everything here is test-only. Checkpoints are produced by transformers' own
 ``DeepseekV2ForCausalLM`` / ``DeepseekV3ForCausalLM`` so that moeserve's loader and model
-code can be checked against the reference implementation on the exact same weights.
+code can be checked against the reference implementation on the exact same weights
+(``oracle_reference.py`` runs it; ``oracle_tokenizer.py`` trains the tokenizer they ship with).
 
 Public API:
-    train_tokenizer(out_dir, vocab_size=320) -> Path
     VARIANTS: dict[str, dict]                      named config overrides
     write_checkpoint(out_dir, variant, seed=0, dtype=torch.float32, shards=1) -> Path
-    reference_outputs(ckpt_dir, prompt_ids, max_new_tokens) -> (prefill_logits, greedy_ids)
-    mtp_reference(ckpt_dir, prompt_ids) -> the MTP module's logits at every position but the last
+    MTP_FILE                                       the file of a checkpoint's MTP module
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-BOS_TOKEN = "<|bos|>"
-EOS_TOKEN = "<|eos|>"
-VOCAB_SIZE = 320
-
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>' + message['content'] + '\\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-_CORPUS_MODULES = ("json", "textwrap", "heapq", "string", "bisect")
-_NON_ASCII = "héllo wörld 你好 🙂 naïve café — «ÆØÅ» straße ½ € ✓ 日本語のテキスト Привет мир\n"
-
-
-def _corpus() -> list[str]:
-    """Return the fixed training corpus: a few stdlib sources plus repeated non-ASCII text."""
-    texts = []
-    for name in _CORPUS_MODULES:
-        path = inspect.getsourcefile(importlib.import_module(name))
-        assert path is not None, name
-        texts.append(Path(path).read_text(encoding="utf-8"))
-    texts.extend([_NON_ASCII] * 50)
-    return texts
-
-
-def train_tokenizer(out_dir: Path, vocab_size: int = VOCAB_SIZE) -> Path:
-    """Train a byte-level BPE tokenizer and save it into ``out_dir``.
-
-    Writes ``tokenizer.json`` and ``tokenizer_config.json`` (bos/eos tokens, ``add_bos_token``
-    true, a small jinja ``chat_template``). ``<|bos|>`` is id 0 and ``<|eos|>`` id 1; the
-    vocabulary has exactly ``vocab_size`` entries. Deterministic for a given Python install.
-    Returns ``out_dir``.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[BOS_TOKEN, EOS_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
-    assert tok.token_to_id(BOS_TOKEN) == 0 and tok.token_to_id(EOS_TOKEN) == 1
-    tok.save(str(out_dir / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS_TOKEN,
-        "eos_token": {"content": EOS_TOKEN, "lstrip": False, "rstrip": False, "special": True},
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": 512,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    return out_dir
-
+from oracle_tokenizer import VOCAB_SIZE, train_tokenizer
 
 _YARN = {
     "rope_type": "yarn",
@@ -165,7 +101,7 @@ _BIAS_SCALE = 0.3
 _LM_HEAD_STD = 0.6
 
 
-def _classes(arch: str) -> tuple[type, type]:
+def model_classes(arch: str) -> tuple[type, type]:
     """Return (config class, causal-LM class) for ``arch`` in {"v2", "v3"}."""
     import transformers
 
@@ -189,7 +125,7 @@ def build_model(variant: str, seed: int = 0) -> torch.nn.Module:
     kwargs = {**copy.deepcopy(_BASE), **overrides}
     if arch == "v3":
         kwargs["num_mtp_layers"] = 0  # HF has no MTP weights; don't advertise any
-    config_cls, model_cls = _classes(arch)
+    config_cls, model_cls = model_classes(arch)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
     with torch.no_grad():
@@ -303,94 +239,3 @@ def _read_all(ckpt_dir: Path) -> dict[str, torch.Tensor]:
         if file.name != MTP_FILE:
             out.update(load_file(str(file)))
     return out
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _block_model(ckpt_dir: Path, layer: dict[str, torch.Tensor], shared_norm: torch.Tensor,
-                 head: torch.Tensor) -> torch.nn.Module:
-    """transformers' DeepSeek model of one layer holding the MTP block (its final norm is the shared head's
-    norm, its LM head the shared head): the decoder block of the reference."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
-    n = config["num_hidden_layers"]
-    is_moe = config.get("n_routed_experts") and n >= config.get("first_k_dense_replace", 0)
-    config.update(num_hidden_layers=1, first_k_dense_replace=0 if is_moe else 1, num_nextn_predict_layers=0)
-    tensors = {k.replace(f"model.layers.{n}.", "model.layers.0."): v for k, v in layer.items()}
-    tensors.update({"model.embed_tokens.weight": torch.zeros_like(head), "model.norm.weight": shared_norm,
-                    "lm_head.weight": head})
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
-        arch = {"deepseek_v2": "v2", "deepseek_v3": "v3"}[config["model_type"]]
-        model = _classes(arch)[1].from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
-
-
-@torch.no_grad()
-def mtp_reference(ckpt_dir: Path, prompt_ids: list[int]) -> torch.Tensor:
-    """The MTP module of ``ckpt_dir`` on ``prompt_ids``, written from the DeepSeek-V3 report's equations:
-    for each position t < T-1, ``h'_t = eh_proj([enorm(emb(t+1)) ; hnorm(h_t)])`` (h_t: the main model's
-    output after its final norm, from transformers; the embedding zeroed at position 0 and put first, as
-    vLLM and SGLang load these checkpoints), then the decoder block (transformers' layer, causal over the
-    module's own positions 0..T-2), then ``shared_head.head(shared_head.norm(.))``. Returns float32 logits
-    [T-1, vocab]: row t predicts token t+2."""
-    from safetensors.torch import load_file
-
-    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
-    n, eps = config["num_hidden_layers"], config.get("rms_norm_eps", 1e-6)
-    prefix = f"model.layers.{n}."
-    tensors = {k[len(prefix):]: v.float() for k, v in load_file(str(Path(ckpt_dir) / MTP_FILE)).items()
-               if k.startswith(prefix)}
-    main = _load_reference(ckpt_dir)
-    ids = torch.tensor([prompt_ids], dtype=torch.long)
-    h = main.model(ids).last_hidden_state[0, :-1]  # [T-1, hidden], after the final norm
-    e = tensors["embed_tokens.weight"][ids[0, 1:]].clone()  # [T-1, hidden], tokens t+1
-    e[0] = 0.0  # position 0
-    x = torch.cat([_rms_norm(e, tensors["enorm.weight"], eps), _rms_norm(h, tensors["hnorm.weight"], eps)], -1)
-    x = x @ tensors["eh_proj.weight"].T
-    layer = {prefix + k: v for k, v in tensors.items()
-             if k.split(".")[0] in ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")}
-    block = _block_model(ckpt_dir, layer, tensors["shared_head.norm.weight"], tensors["shared_head.head.weight"])
-    positions = torch.arange(x.shape[0]).unsqueeze(0)
-    return block(inputs_embeds=x.unsqueeze(0), position_ids=positions).logits[0].float()
-
-
-def _load_reference(ckpt_dir: Path) -> torch.nn.Module:
-    """Load ``ckpt_dir`` with the matching HF class in float32 with eager attention."""
-    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
-    arch = {"deepseek_v2": "v2", "deepseek_v3": "v3"}[config["model_type"]]
-    _, model_cls = _classes(arch)
-    model = model_cls.from_pretrained(ckpt_dir, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
-
-
-@torch.no_grad()
-def reference_outputs(
-    ckpt_dir: Path, prompt_ids: list[int], max_new_tokens: int
-) -> tuple[torch.Tensor, list[int]]:
-    """Run the HF reference on ``prompt_ids``.
-
-    Returns ``(prefill_logits, continuation)``: float32 logits ``[len(prompt_ids), vocab]`` of
-    a single forward pass over the prompt, and exactly ``max_new_tokens`` greedy token ids
-    (plain argmax at every step; EOS is an ordinary token and never stops or is masked).
-    """
-    model = _load_reference(ckpt_dir)
-    input_ids = torch.tensor([prompt_ids], dtype=torch.long)
-    logits = model(input_ids).logits[0].float()
-    out = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    continuation = out[0, len(prompt_ids):].tolist()
-    assert len(continuation) == max_new_tokens, (len(continuation), max_new_tokens)
-    return logits, continuation

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import oracle
+import oracle_reference
 
 from moeserve.coordinator.config import default_model_path
 from moeserve.launch.cli import HelpFormatter, build_parser, subparsers
@@ -32,7 +32,7 @@ def test_generate_json_matches_reference(ckpt_factory) -> None:
     assert [d["prompt"] for d in lines] == prompts  # one line per prompt, in input order
     tok = Tokenizer.from_dir(ckpt)
     for d in lines:
-        _, ref = oracle.reference_outputs(ckpt, tok.encode(d["prompt"]), 12)
+        _, ref = oracle_reference.reference_outputs(ckpt, tok.encode(d["prompt"]), 12)
         assert d["token_ids"] == ref
         assert d["text"] == tok.decode(ref)
 

@@ -5,7 +5,7 @@ tokens). A near tie is reported with its gap, so that it is told apart from a bu
 
 from __future__ import annotations
 
-import oracle
+import oracle_reference
 import pytest
 import torch
 
@@ -28,8 +28,8 @@ def test_bf16_tokens_follow_the_float32_reference(ckpt_factory) -> None:
         outs = engine.generate(prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
     finally:
         engine.close()
-    ref32 = oracle._load_reference(ckpt)
-    ref16 = oracle._load_reference(ckpt).bfloat16()
+    ref32 = oracle_reference.load_reference(ckpt)
+    ref16 = oracle_reference.load_reference(ckpt).bfloat16()
     for prompt, out in zip(prompts, outs):
         ids = torch.tensor([prompt + out.output_token_ids])
         logits32 = ref32(ids).logits[0, len(prompt) - 1:-1].float()  # the logits each generated token came from

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 
-import oracle
+import oracle_reference
 import pytest
 import torch
 
@@ -70,7 +70,7 @@ def run_staggered(engine: Engine) -> dict[int, list[int]]:
 
 def test_alone_equals_reference(ckpt, alone) -> None:
     for p, (_, n), tokens in zip(prompts(), LENGTHS, alone):
-        _, ref = oracle.reference_outputs(ckpt, p, n)
+        _, ref = oracle_reference.reference_outputs(ckpt, p, n)
         assert tokens == ref
 
 

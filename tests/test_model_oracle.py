@@ -7,6 +7,7 @@ continuation on moeserve's absorbed decode path equal to the reference token for
 from __future__ import annotations
 
 import oracle
+import oracle_reference
 import pytest
 import torch
 
@@ -46,7 +47,7 @@ def greedy_absorbed(model, ids: list[int]) -> tuple[torch.Tensor, list[int], int
 def test_matches_reference(ckpt_factory, variant: str) -> None:
     ckpt = ckpt_factory(variant, shards=2 if variant.startswith("v3") else 1)
     ids = prompt_ids(ckpt)
-    ref_logits, ref_tokens = oracle.reference_outputs(ckpt, ids, NEW_TOKENS)
+    ref_logits, ref_tokens = oracle_reference.reference_outputs(ckpt, ids, NEW_TOKENS)
     model = load_model(ckpt, dtype=torch.float32)
     with torch.no_grad():
         logits, tokens, steps = greedy_absorbed(model, ids)

@@ -1,10 +1,10 @@
 """The MTP module (model/mtp.py) against a plain-PyTorch reference written from the DeepSeek-V3 report's
-equations (oracle.mtp_reference), on tiny random checkpoints with DeepSeek's MTP tensor layout; loading it
-from such checkpoints and from dummy weights; and the one-line refusal of a model without it."""
+equations (oracle_reference.mtp_reference), on tiny random checkpoints with DeepSeek's MTP tensor layout;
+loading it from such checkpoints and from dummy weights; and the one-line refusal of a model without it."""
 
 from __future__ import annotations
 
-import oracle
+import oracle_reference
 import pytest
 import torch
 
@@ -32,7 +32,7 @@ def mtp_logits(model, ids: list[int]) -> torch.Tensor:
 def test_mtp_matches_reference(ckpt_factory, variant: str) -> None:
     ckpt = ckpt_factory(variant, shards=2 if variant.startswith("v3") else 1, mtp=True)
     ids = [0, 17, 45, 3, 99, 250, 7, 61, 8, 33, 120, 5, 77]
-    ref = oracle.mtp_reference(ckpt, ids)
+    ref = oracle_reference.mtp_reference(ckpt, ids)
     model = load_model(ckpt, dtype=torch.float32, with_mtp=True)
     with torch.no_grad():
         got = mtp_logits(model, ids)

@@ -6,7 +6,8 @@ The coordinator binds one ZeroMQ ROUTER socket; each rank connects a DEALER (ide
 ``ReadyMsg`` once loaded, then receives every step plan as a typed msgpack message; the last stage's first
 tp rank sends the logits back. Ranks run plans in the order sent, so several plans in flight keep all
 pipeline stages busy. A rank that dies or reports an error fails the step with ``WorkerError`` within
-seconds: each subclass says how it sees its ranks die (``_failures``).
+seconds: each subclass says how it sees its ranks die (``_failures``). The KV transport rides on the same
+channel (``rank_kv.py``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from moeserve.comm.messages import (
     ErrorMsg,
     ExpertLoadRequestMsg,
     KvLoadedMsg,
-    KvLoadMsg,
-    KvSaveMsg,
     KvServerMsg,
     LogitsMsg,
     PreflightMsg,
@@ -38,6 +37,7 @@ from moeserve.comm.messages import (
     encode,
 )
 from moeserve.coordinator.executor import Executor, RestartUnsupported, WorkerError
+from moeserve.coordinator.rank_kv import RankKvChannel
 from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.store import KVStore
 from moeserve.kvstore.transport import KvTransport
@@ -51,7 +51,6 @@ class RankExecutor(Executor):
     """Subclasses start the ranks (``_start_ranks``, called once the socket is bound), say which have died
     (``_failures``) and stop them (``_stop_ranks``)."""
 
-    kv_shares_coordinator_store = False  # each rank has its own store client
     failure_grace_s = 0.5  # how long a failure waits for a rank killed by a signal to show (see _root_cause)
     ranks_in_view = True  # every rank's death shows here at once (processes of this machine)
 
@@ -71,11 +70,7 @@ class RankExecutor(Executor):
         self.step_id = 0
         self._logits: dict[int, torch.Tensor] = {}
         self.loaded_bytes: dict[int, int] = {}
-        self._kv_counters: dict[int, KvLoadedMsg] = {}  # rank -> its latest KV store counters
-        self._kv_reports: list[KvLoadedMsg] = []  # finished loads, until kv_poll
-        # a prefill instance's stage block servers: (address, first layer, number of layers)
-        self._kv_block_servers: list[tuple[str, int, int]] = []
-        self._kv_polled = 0.0
+        self.kv_channel = RankKvChannel(self.num_ranks, self._broadcast, self._read_arrived)
         try:
             self._start_ranks()
             self._await_ready()
@@ -90,7 +85,7 @@ class RankExecutor(Executor):
             if isinstance(msg, ReadyMsg):
                 self.loaded_bytes[msg.rank] = msg.loaded_bytes
             elif isinstance(msg, KvServerMsg):
-                self._kv_block_servers.append((msg.address, msg.layer_start, msg.num_layers))
+                self.kv_channel.block_servers.append((msg.address, msg.layer_start, msg.num_layers))
             elif isinstance(msg, PreflightMsg):
                 self.preflight = msg
                 logger.info("preflight over %d ranks, %d bytes: all-reduce %.3f ms, all-to-all %.3f ms",
@@ -103,8 +98,9 @@ class RankExecutor(Executor):
         self._kill_ranks()
         self.specs = self._next_specs()
         self._identities = frozenset(spec.identity for spec in self.specs)
-        for kept in (self._logits, self.loaded_bytes, self._kv_counters, self._kv_reports, self._kv_block_servers):
-            kept.clear()
+        self._logits.clear()
+        self.loaded_bytes.clear()
+        self.kv_channel.clear()
         self._start_ranks()
         self._await_ready()
 
@@ -181,10 +177,8 @@ class RankExecutor(Executor):
             error = self._root_cause(msg.rank, msg.message)
             assert error is not None
             raise error
-        if isinstance(msg, KvLoadedMsg):  # a rank's finished load (or only its counters: load id 0)
-            self._kv_counters[msg.rank] = msg
-            if msg.load_id:
-                self._kv_reports.append(msg)
+        if isinstance(msg, KvLoadedMsg):
+            self.kv_channel.receive(msg)
             return None
         sink = self.sinks.get(type(msg))
         if sink is not None:  # statistics ride along with whatever we wait for
@@ -228,37 +222,12 @@ class RankExecutor(Executor):
                 self._logits[msg.step_id] = msg.tensor()
         return self._logits.pop(step_id)
 
-    # ---- the KV transport (kvstore/transport.py): the ranks' KvWorkers answer through the step channel ----
-    def kv_submit(self, msg: KvSaveMsg | KvLoadMsg) -> None:
-        """Send a KV save or load to every rank, in order with the step plans."""
-        self._broadcast(encode(msg))
-
-    def kv_poll(self, timeout_s: float = 0.0) -> list[KvLoadedMsg]:
-        """The ranks' load reports that arrived (waiting up to ``timeout_s`` for one)."""
-        if not self._kv_reports and timeout_s > 0 and self.sock.poll(int(timeout_s * 1000)):
-            self.poll_messages()
-        self.poll_messages()
-        reports, self._kv_reports = self._kv_reports, []
-        return reports
-
-    def kv_counters(self) -> list[KvLoadedMsg]:
-        """Every rank's latest store counters. Every 2 s this asks again without waiting (an empty load, id 0):
-        the answers are picked up while collecting logits."""
-        now = time.monotonic()
-        if now - self._kv_polled > 2.0:
-            self._kv_polled = now
-            self._broadcast(encode(KvLoadMsg(0, [], [], [], [], [])))
-        return list(self._kv_counters.values())
-
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
                      read_threads: int = 4, nixl: bool = False) -> KvTransport:
-        return self  # the ranks' movers answer KvSaveMsg / KvLoadMsg sent through the step channel
+        return self.kv_channel  # the ranks' movers answer KvSaveMsg / KvLoadMsg sent through the step channel
 
     def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:
-        return list(self._kv_block_servers)  # reported by the ranks at start (KvServerMsg)
-
-    def close(self) -> None:
-        """The KV transport's close: the ranks' movers stop with the ranks (``shutdown``)."""
+        return list(self.kv_channel.block_servers)  # reported by the ranks at start (KvServerMsg)
 
     def request_expert_load(self, seq: int) -> None:
         """Ask every rank for its expert-load counters; each answers after the plans sent before this, and
@@ -275,6 +244,12 @@ class RankExecutor(Executor):
             msg = self._read_one()
             if isinstance(msg, LogitsMsg):
                 self._logits[msg.step_id] = msg.tensor()
+
+    def _read_arrived(self, timeout_s: float) -> None:
+        """``poll_messages``, first waiting up to ``timeout_s`` for a message (the KV channel's loads)."""
+        if timeout_s > 0:
+            self.sock.poll(int(timeout_s * 1000))
+        self.poll_messages()
 
     def stage_stats(self, reset: bool = False) -> list[StatsMsg]:
         """Per-rank busy time in the current window, asked after every plan sent so far has run. Ranks keep

@@ -37,6 +37,7 @@ from moeserve.frontend.protocol import (
     token_frame,
 )
 from moeserve.frontend.reasoning import ReasoningStream, prompt_opens_reasoning, reasoning_final
+from moeserve.frontend.rpc_frames import final_extra, token_extra, usage_counts
 from moeserve.frontend.service import (
     FinalEvent,
     GenerateRequest,
@@ -177,15 +178,15 @@ class RpcServer:
         try:
             async for ev in self.service.generate(req, ticket):
                 if isinstance(ev, FinalEvent):
-                    extra = _final_extra(ev, msg, req.prompt_token_ids, collected)
-                    usage = _usage(ev.num_prompt_tokens, tokens)
+                    extra = final_extra(ev, msg, req.prompt_token_ids, collected)
+                    usage = usage_counts(ev.num_prompt_tokens, tokens)
                     if reasoning is not None:
                         extra.update(reasoning_final(reasoning, msg.stream))
                         usage["reasoning_tokens"] = reasoning.num_reasoning_tokens
                     self._emit(st, final_frame(rid, 0, ev.finish_reason, usage, extra))
                     continue
                 tokens += len(ev.token_ids)
-                extra = _token_extra(ev, fields)
+                extra = token_extra(ev, fields)
                 if reasoning is not None:
                     split = reasoning.feed(ev.text_delta, len(ev.token_ids))
                     extra.update(reasoning_delta=split.reasoning, content_delta=split.content)
@@ -198,7 +199,7 @@ class RpcServer:
             if reason is not None:
                 self._emit(st, error_frame(reason.code, reason.message, rid))
             else:
-                self._emit(st, final_frame(rid, 0, "abort", _usage(len(req.prompt_token_ids), tokens)))
+                self._emit(st, final_frame(rid, 0, "abort", usage_counts(len(req.prompt_token_ids), tokens)))
         except FrontendError as e:
             self._emit(st, error_frame(e.code, e.message, rid))
         finally:
@@ -276,36 +277,3 @@ class RpcServer:
                         st.task.cancel()
                     self._streams.pop(st.key, None)
 
-
-def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _token_extra(ev: TokenEvent, fields: set[str]) -> dict[str, Any]:
-    extra: dict[str, Any] = {}
-    if "logprobs" in fields:
-        extra["logprobs"] = ev.logprobs
-        if ev.top_logprobs is not None:  # [[token id, logprob], ...] per token: map keys stay strings
-            extra["top_logprobs"] = [[[t, lp] for t, lp in row.items()] for row in ev.top_logprobs]
-    if "expert_trace" in fields and ev.expert_ids is not None:
-        extra["expert_ids"] = ev.expert_ids
-    return extra
-
-
-def _final_extra(ev: FinalEvent, msg: Generate, prompt_ids: list[int], collected: list[TokenEvent]
-                 ) -> dict[str, Any]:
-    fields = set[str](msg.return_fields)
-    extra: dict[str, Any] = {}
-    if not msg.stream:
-        extra["text"] = ev.text
-        extra["output_token_ids"] = ev.token_ids
-        per_token = [_token_extra(t, fields) for t in collected]
-        for name in ("logprobs", "top_logprobs", "expert_ids"):
-            if any(name in p for p in per_token):
-                extra[name] = [x for p in per_token for x in p.get(name, [])]
-    if "token_ids" in fields:
-        extra["prompt_token_ids"] = prompt_ids
-        extra["output_token_ids"] = ev.token_ids
-    if "timings" in fields:
-        extra["timings"] = ev.timings.as_dict()
-    return extra

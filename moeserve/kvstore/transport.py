@@ -4,9 +4,9 @@
 may overwrite the blocks it copies), a ``KvLoadMsg`` goes to a background thread (host-pool slots are
 copied at once: a later save may reuse a slot), and each finished load is reported as a ``KvLoadedMsg``
 (``poll``). The coordinator reaches the workers through a ``KvTransport`` (``Executor.kv_transport``):
-directly in one process (``LocalTransport``), or through the stage workers' plan socket
-(``RankExecutor.kv_submit`` / ``kv_poll``; a worker process sends its reports back on that socket). Messages
-run in the order sent, between step plans, so a save always sees the step that computed its blocks.
+directly in one process (``LocalTransport``), or through the stage workers' plan socket (``RankKvChannel``,
+coordinator/rank_kv.py; a worker process sends its reports back on that socket). Messages run in the order
+sent, between step plans, so a save always sees the step that computed its blocks.
 """
 
 from __future__ import annotations
