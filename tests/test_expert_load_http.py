@@ -19,8 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from expert_load_server import warmed_server
 
-from moeserve.frontend.testing import free_port, serve_subprocess
+from moeserve.frontend.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -29,19 +30,10 @@ SERIES = re.compile(r'^moeserve_expert_tokens_total\{layer="(\d+)",rank="(\d+)"\
 
 @pytest.fixture(scope="module")
 def server():
-    proc, url, _ = serve_subprocess("--tp", "2", "--kv-cache-memory", str(32 << 20), "--expert-load-interval", "2",
-                                    "--num-redundant-experts", "2",
-                                    timeout_s=300, stderr=subprocess.PIPE, text=True)
-    try:
-        for i in range(6):  # some traffic: prefill and decode on both ranks
-            r = httpx.post(url + "/v1/completions", timeout=120, json={
-                "model": "moeserve-default", "prompt": f"the expert {i} counts", "max_tokens": 12,
-                "temperature": 0})
-            assert r.status_code == 200, r.text
+    args = ["--tp", "2", "--kv-cache-memory", str(32 << 20), "--expert-load-interval", "2", "--num-redundant-experts", "2"]
+    # some traffic: prefill and decode on both ranks
+    with warmed_server(args, [f"the expert {i} counts" for i in range(6)], max_tokens=12) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def rank_series(url: str) -> dict[tuple[int, int], float]:

@@ -6,17 +6,16 @@ stage workers and its own EP placement), the dashboard in a real headless Chromi
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 
 import httpx
 import msgpack
 import pytest
 import torch
+from expert_load_server import warmed_server
 
 from moeserve.coordinator.expert_load import LoadAggregator, sum_views
 from moeserve.coordinator.load_view_codec import decode_view, encode_view
-from moeserve.frontend.testing import serve_subprocess
 
 REPLICA_SERIES = re.compile(r'^moeserve_replica_expert_tokens_total\{replica="(\d+)",layer="(\d+)",rank="(\d+)"\} (\S+)$',
                             re.M)
@@ -55,19 +54,11 @@ def test_sum_of_replicas_keeps_each_ranks_total(second: list[list[int]]) -> None
 
 @pytest.fixture(scope="module")
 def replicas():
-    proc, url, _ = serve_subprocess("--replicas", "2", "--replica-threads", "1", "--tp", "2",
-                                    "--num-redundant-experts", "2", "--kv-cache-memory", str(32 << 20),
-                                    "--expert-load-interval", "2", timeout_s=300, stderr=subprocess.PIPE, text=True)
-    try:
-        for i in range(8):  # distinct prompts: the prefix router spreads them over both replicas
-            r = httpx.post(url + "/v1/completions", timeout=120, json={
-                "model": "moeserve-default", "prompt": f"{i} replicas count their experts {i}", "max_tokens": 8,
-                "temperature": 0})
-            assert r.status_code == 200, r.text
+    args = ["--replicas", "2", "--replica-threads", "1", "--tp", "2", "--num-redundant-experts", "2",
+            "--kv-cache-memory", str(32 << 20), "--expert-load-interval", "2"]
+    # distinct prompts: the prefix router spreads them over both replicas
+    with warmed_server(args, [f"{i} replicas count their experts {i}" for i in range(8)], max_tokens=8) as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def settled(url: str) -> tuple[list[dict], dict, str]:
