@@ -70,8 +70,8 @@ ALLOWED = {
     ("launch/preflight.py", "torch.cuda."): "the preflight checks that the asked-for device exists, per device type",
     ("kernels/__init__.py", '"cuda"'): "the Triton kernels run on CUDA devices only (kernels_apply decides)",
     ("stages/cuda_graph.py", "torch.cuda."): "CUDA graphs: built only for CUDA devices (ModelRunner guards)",
-    ("stages/selfcheck.py", '"cuda"'): "the warm-up waits for the device where it is a CUDA one",
-    ("stages/selfcheck.py", "torch.cuda."): "the warm-up waits for the device where it is a CUDA one",
+    ("stages/warm_up.py", '"cuda"'): "the warm-up waits for the device where it is a CUDA one",
+    ("stages/warm_up.py", "torch.cuda."): "the warm-up waits for the device where it is a CUDA one",
     ("stages/runner.py", '"cuda"'): "CUDA graphs are captured on CUDA devices only",
     ("coordinator/ray_executor.py", '"cuda"'): "the one device-type -> Ray resource table (RAY_ACCELERATORS)",
 }
