@@ -9,6 +9,11 @@ that a warm file cache favours neither. Prints one JSON object: the median and e
 
     python benchmarks/bench_executor_startup.py --pp 2 --tp 2 --repeats 5
     python benchmarks/bench_executor_startup.py --device cuda --tp 2 --model /path/to/ckpt --load-format dummy
+
+``--serve`` times what a user waits for instead: ``moeserve serve`` started as a process until its ``/health``
+answers 200 (polled every 50 ms; the server's own warm-up generation included), then stopped with SIGTERM. Its
+Ray runs join a two-node Ray started once before them on this machine (Ray's ``cluster_utils``, as the tests
+use), through ``RAY_ADDRESS``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import argparse
 import json
 import logging
 import os
+import signal
 import statistics
+import subprocess
+import sys
 import time
 
 from moeserve.coordinator.config import EngineConfig
@@ -32,6 +40,38 @@ def start_once(config: EngineConfig) -> float:
     return seconds
 
 
+def serve_once(args: argparse.Namespace, backend: str, env: dict[str, str]) -> float:
+    """Seconds from starting ``moeserve serve`` to its first 200 on /health."""
+    import httpx
+
+    from moeserve.frontend.testing import free_port
+
+    port = free_port()
+    argv = [sys.executable, "-m", "moeserve.launch.cli", "serve", "--port", str(port), "--rpc-port", str(free_port()),
+            "--pp", str(args.pp), "--tp", str(args.tp), "--device", args.device, "--load-format", args.load_format,
+            "--kv-cache-memory", str(1 << 26), "--distributed-executor-backend", backend]
+    if args.model:
+        argv += ["--model", args.model]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"moeserve serve ({backend}) exited: {proc.communicate()[1][-2000:]}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    return time.perf_counter() - t0
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="", help="checkpoint directory (default: the embedded model)")
@@ -44,7 +84,10 @@ def main() -> None:
     p.add_argument("--ray-startup-concurrency", type=int, default=0,
                    help="Ray workers a node starts at once (Ray's worker_maximum_startup_concurrency; default: "
                         "Ray's, the node's CPU count)")
+    p.add_argument("--serve", action="store_true", help="time `moeserve serve` to a healthy /health instead")
     args = p.parse_args()
+    if args.serve:
+        return main_serve(args)
     import ray
 
     t0 = time.perf_counter()
@@ -70,6 +113,31 @@ def main() -> None:
                       "ray_startup_concurrency": args.ray_startup_concurrency or "ray's default",
                       "median_s": median, "ray_over_mp": median["ray"] / median["mp"],
                       "ray_init_local_s": ray_init_s, "runs_s": runs, "load_average_1min": load}, indent=2))
+
+
+def main_serve(args: argparse.Namespace) -> None:
+    from ray.cluster_utils import Cluster
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    os.environ["PYTHONPATH"] = os.pathsep.join([repo] + [x for x in [os.environ.get("PYTHONPATH")] if x])
+    cpus = args.ray_cpus or args.pp * args.tp
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "include_dashboard": False})
+    runs: dict[str, list[float]] = {"mp": [], "ray": []}
+    load: dict[str, list[float]] = {"mp": [], "ray": []}
+    try:
+        cluster.wait_for_nodes()
+        env = dict(os.environ, RAY_ADDRESS=cluster.address)
+        for i in range(args.repeats):
+            for backend in (("mp", "ray") if i % 2 == 0 else ("ray", "mp")):
+                load[backend].append(round(os.getloadavg()[0], 2))
+                runs[backend].append(serve_once(args, backend, env))
+    finally:
+        cluster.shutdown()
+    median = {b: statistics.median(r) for b, r in runs.items()}
+    print(json.dumps({"what": "moeserve serve to a healthy /health", "layout": f"pp={args.pp} tp={args.tp}",
+                      "device": args.device, "repeats": args.repeats, "median_s": median,
+                      "ray_over_mp": median["ray"] / median["mp"], "runs_s": runs, "load_average_1min": load},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -92,9 +92,10 @@ def patch_ray(driver: Path) -> None:
     placement-group and ``ray.get`` waits are stamped too."""
     import ray
 
+    import moeserve.coordinator.ray_actor as ra
     import moeserve.coordinator.ray_executor as rx
 
-    class TracedRank(rx.MoeserveRank):  # type: ignore[name-defined]
+    class TracedRank(ra.MoeserveRank):  # type: ignore[name-defined]
         def __init__(self, spec_json: str, env: dict[str, str]) -> None:
             self.entered = time.time()
             super().__init__(spec_json, env)
@@ -102,8 +103,8 @@ def patch_ray(driver: Path) -> None:
         def _main(self, spec_json: str) -> None:
             self.exit_code = traced_rank_main(spec_json, rank_trace(spec_json), self.entered)
 
-    rx.MoeserveRank = TracedRank  # type: ignore[misc]
-    rx.RayExecutor._reserve = traced(rx.RayExecutor._reserve, driver, "d_placement_groups")  # type: ignore
+    ra.MoeserveRank = TracedRank  # type: ignore[misc]
+    rx.reserve = traced(rx.reserve, driver, "d_placement_groups")  # type: ignore
     rx.RayExecutor._start_actors = traced(rx.RayExecutor._start_actors, driver, "d_start_actors")  # type: ignore
     rx.RayExecutor._start_ranks = traced(rx.RayExecutor._start_ranks, driver, "d_start_ranks")  # type: ignore
     rx.ray.get = traced(ray.get, driver, "d_ray_get")  # type: ignore[attr-defined]

@@ -73,7 +73,7 @@ ALLOWED = {
     ("stages/warm_up.py", '"cuda"'): "the warm-up waits for the device where it is a CUDA one",
     ("stages/warm_up.py", "torch.cuda."): "the warm-up waits for the device where it is a CUDA one",
     ("stages/runner.py", '"cuda"'): "CUDA graphs are captured on CUDA devices only",
-    ("coordinator/ray_executor.py", '"cuda"'): "the one device-type -> Ray resource table (RAY_ACCELERATORS)",
+    ("coordinator/ray_cluster.py", '"cuda"'): "the one device-type -> Ray resource table (RAY_ACCELERATORS)",
 }
 
 CUDA_LITERAL = re.compile(r"cuda(:\d+)?")

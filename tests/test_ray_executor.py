@@ -25,11 +25,12 @@ import test_engine  # noqa: E402
 import test_self_healing  # noqa: E402
 from test_frontend_serve import LONG, sse_until_done, start  # noqa: E402
 
-from moeserve.coordinator import ray_executor  # noqa: E402
+from moeserve.coordinator import ray_actor  # noqa: E402
 from moeserve.coordinator.config import EngineConfig  # noqa: E402
 from moeserve.coordinator.engine import Engine  # noqa: E402
 from moeserve.coordinator.executor import WorkerError  # noqa: E402
-from moeserve.coordinator.ray_executor import NAMESPACE, RankPlace  # noqa: E402
+from moeserve.coordinator.ray_actor import NAMESPACE  # noqa: E402
+from moeserve.coordinator.ray_cluster import RankPlace  # noqa: E402
 from moeserve.coordinator.sampling import SamplingParams  # noqa: E402
 
 VARIANT = test_distributed_engine.VARIANT
@@ -105,6 +106,41 @@ def test_ray_layout_equals_mp(ray_cluster, ckpt_factory, mp_tokens, pp: int, tp:
     finally:
         engine.close()
     assert [results[i] for i in range(len(test_engine.LENGTHS))] == mp_tokens
+    assert our_live_actors() == []
+
+
+def test_prestarted_actors_are_taken_over_and_give_the_same_tokens(ray_cluster, ckpt_factory, mp_tokens) -> None:
+    """``prestart`` (what ``moeserve serve`` calls before loading the server) starts one replica's actors ahead:
+    the executor of that layout takes them over (its replica id, no new actor) and the tokens are the mp
+    executor's. Actors started for another layout are killed, and the executor starts its own."""
+    from moeserve.comm.topology import ParallelDims
+
+    dims = ParallelDims(pp=2, tp=2, ep=2)
+    kw = dict(pp=2, tp=2, ep=2, max_num_seqs=8, max_num_batched_tokens=32, distributed_executor_backend="ray")
+    ray_actor.prestart(dims, "cpu")
+    early = ray_actor._prestarted
+    assert early is not None and early.done.wait(30) and early.error is None
+    ahead = {a["name"] for a in our_live_actors(0)}
+    assert len(ahead) == 4 and all(early.replica_id in name for name in ahead)
+    engine = Engine(config(ckpt_factory(VARIANT), **kw))
+    try:
+        assert engine.executor.replica_id == early.replica_id and ray_actor._prestarted is None
+        assert {a["name"] for a in our_live_actors(0)} == ahead  # the same actors, none added
+        results = test_engine.run_staggered(engine)
+    finally:
+        engine.close()
+    assert [results[i] for i in range(len(test_engine.LENGTHS))] == mp_tokens
+    assert our_live_actors() == []
+
+    ray_actor.prestart(ParallelDims(pp=1, tp=2, ep=1), "cpu")  # not the layout asked for next
+    other = ray_actor._prestarted
+    assert other is not None and other.done.wait(30)
+    engine = Engine(config(ckpt_factory(VARIANT), **kw))
+    try:
+        assert engine.executor.replica_id != other.replica_id
+        assert all(other.replica_id not in a["name"] for a in our_live_actors())  # killed
+    finally:
+        engine.close()
     assert our_live_actors() == []
 
 
@@ -200,14 +236,14 @@ def test_forwarded_env_reaches_the_rank_before_it_joins(ray_cluster, ckpt_factor
     assert our_live_actors() == []
 
 
-class RankFromThisModule(ray_executor.MoeserveRank):
+class RankFromThisModule(ray_actor.MoeserveRank):
     """The rank's actor class, from a module the Ray nodes cannot import (tests/ is not on their path)."""
 
 
 def test_actor_that_cannot_start_fails_the_start_naming_it(ray_cluster, ckpt_factory, monkeypatch) -> None:
     """An actor whose class does not load on its node (moeserve missing there, or another version) fails the
     start with a WorkerError that names the rank and says so, and no actor is left behind."""
-    monkeypatch.setattr(ray_executor, "MoeserveRank", RankFromThisModule)
+    monkeypatch.setattr(ray_actor, "MoeserveRank", RankFromThisModule)
     with pytest.raises(WorkerError, match=r"rank \d .*: its Ray actor could not start \(.*test_ray_executor"):
         Engine(config(ckpt_factory(VARIANT), pp=2, distributed_executor_backend="ray"))
     assert our_live_actors() == []

@@ -9,116 +9,29 @@ ranks of a stage share a node, while stages may land on other nodes. A rank whos
 its main-loop task with an error, which ``_failures`` reports naming the rank and its node; ``shutdown`` stops
 the loops, kills every actor and removes the groups.
 
-Ray is the optional extra ``moeserve[ray]``; this module is imported only when the backend is asked for.
+``ray_actor.prestart`` starts one replica's actors before the engine asks for them (``moeserve serve``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch.distributed as dist
 from ray.exceptions import RayActorError, RayError
-from ray.util.placement_group import (
-    PlacementGroup,
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from moeserve.coordinator.executor import ReplicaLayout, WorkerError
 from moeserve.coordinator.rank_executor import RankExecutor
+from moeserve.coordinator.ray_actor import new_actor, rank_env, reserve, take_prestarted
+from moeserve.coordinator.ray_cluster import RankPlace, bundle, bundle_places, connect, free_local_port
 from moeserve.stages.worker_spec import WorkerSpec
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "moeserve"  # the actors' Ray namespace; each is named moeserve-<replica id>-rank-<rank>
-FORWARDED_ENV = ("GLOO_", "NCCL_", "HCCL_", "MOESERVE_")  # the network and store settings the ranks inherit
-AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"  # "True": a tcp:// rendezvous's store is hosted elsewhere
 PLACEMENT_TIMEOUT_S = 60.0  # for the cluster to offer every bundle; past it the start fails, saying why
-
-
-class MoeserveRank:
-    """A Ray actor that hosts one rank: its main loop starts with the actor, on a thread of its own, and
-    ``run`` waits for it; ``where`` answers meanwhile (two calls at once: ``max_concurrency=2``)."""
-
-    def __init__(self, spec_json: str, env: dict[str, str]):
-        # NOTE: the rank starts here rather than in a task sent once the actor is up: that task would wait for
-        # Ray to tell the driver the actor is alive and for the driver to send it (0.1-0.3 s here, more under
-        # load). ``env`` is set before the rank imports anything that reads it
-        os.environ.update(env)
-        self.exit_code = 1  # until the main loop returns: an exception that escapes it is a failure
-        self.rank = threading.Thread(target=self._main, args=(spec_json,), name="moeserve-rank", daemon=True)
-        self.rank.start()
-
-    def _main(self, spec_json: str) -> None:
-        from moeserve.stages.worker import main
-
-        self.exit_code = main([spec_json])
-
-    def where(self) -> tuple[str, str, str]:
-        """(node IP, Ray node id, host name) of this actor."""
-        return ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id(), socket.gethostname()
-
-    def run(self) -> int:
-        """Wait for the rank's main loop (stages/worker.py); its exit code once the coordinator stops it."""
-        self.rank.join()
-        return self.exit_code
-
-
-@dataclass(frozen=True)
-class RankPlace:
-    ip: str
-    node_id: str
-    host: str
-
-
-def connect() -> bool:
-    """Join the Ray cluster of RAY_ADDRESS, or start a local one; True when this call connected (and the
-    executor disconnects again at shutdown)."""
-    if ray.is_initialized():
-        return False
-    address = os.environ.get("RAY_ADDRESS") or None
-    # NOTE: "local" starts a Ray of this process's own: without it, ray.init() joins any Ray that runs on this
-    # machine, which is not what an unset RAY_ADDRESS asks for
-    ray.init(address=address or "local", logging_level=logging.WARNING, log_to_driver=True)
-    logger.info("Ray: %s", "connected to " + address if address else "started a local instance")
-    return True
-
-
-RAY_ACCELERATORS = {"cuda": "GPU", "npu": "NPU"}  # device type -> the Ray resource of one of its devices
-
-
-def bundle(device: str) -> dict[str, float]:
-    """One rank's share of a node: a CPU, and one device of the rank's type."""
-    accelerator = RAY_ACCELERATORS.get(device.split(":")[0])
-    return {"CPU": 1.0} | ({accelerator: 1.0} if accelerator else {})
-
-
-def bundle_places(groups: list[PlacementGroup], tp: int) -> list[RankPlace]:
-    """Where each rank's bundle is (rank order: stage by stage, tp rank within), from the placement groups and
-    the nodes' table, without asking the actors."""
-    nodes = {n["NodeID"]: n for n in ray.nodes()}
-    places = []
-    for group in groups:
-        on_node = placement_group_table(group)["bundles_to_node_id"]
-        for tp_rank in range(tp):
-            node = nodes[on_node[tp_rank]]
-            places.append(RankPlace(node["NodeManagerAddress"], node["NodeID"], node["NodeManagerHostname"]))
-    return places
-
-
-def free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class RayExecutor(RankExecutor):
@@ -126,18 +39,20 @@ class RayExecutor(RankExecutor):
     ranks_in_view = False
 
     def __init__(self, layout: ReplicaLayout, startup_timeout_s: float = 600.0):
+        early = take_prestarted(layout)
         self.owns_connection = connect()
         self.layout = layout
-        self.replica_id = uuid.uuid4().hex[:8]
-        self.groups: list[PlacementGroup] = []
+        self.replica_id = early.replica_id if early else uuid.uuid4().hex[:8]
+        self.groups: list[PlacementGroup] = early.groups if early else []
         self.actors: list[Any] = []
         self.places: list[RankPlace] = []
         self.loops: list[Any] = []  # each rank's ``run`` task
         self.rendezvous_store: dist.TCPStore | None = None  # the ranks' rendezvous (of their generation)
         self.coord_addr = f"tcp://{ray.util.get_node_ip_address()}:{free_local_port()}"
         try:
-            self._reserve()
-            specs = self._start_actors(generation=0)
+            if early is None:
+                self.groups = reserve(self.replica_id, layout.dims, layout.device)
+            specs = self._start_actors(generation=0, started=early.actors if early else None)
         except BaseException:
             self._stop_ranks()
             raise
@@ -147,13 +62,6 @@ class RayExecutor(RankExecutor):
     def launch(cls, layout: ReplicaLayout) -> RayExecutor:
         return cls(layout)
 
-    def _reserve(self) -> None:
-        """One placement group per pipeline stage, its tp bundles on one node; kept across restarts (waited for
-        by ``_start_actors``)."""
-        dims, one = self.layout.dims, bundle(self.layout.device)
-        self.groups = [placement_group([one] * dims.tp, strategy="STRICT_PACK",
-                                       name=f"moeserve-{self.replica_id}-stage-{stage}") for stage in range(dims.pp)]
-
     def _await_groups(self) -> None:
         dims, one = self.layout.dims, bundle(self.layout.device)
         for stage, group in enumerate(self.groups):
@@ -162,24 +70,23 @@ class RayExecutor(RankExecutor):
                                   f"stage {stage} within {PLACEMENT_TIMEOUT_S:.0f} s (cluster resources: "
                                   f"{ray.cluster_resources()})")
 
-    def _start_actors(self, generation: int) -> list[WorkerSpec]:
-        """One actor per rank in its stage's group, each starting its rank at once; the ranks' specs of
-        ``generation``. Nothing here waits for an actor: where each rank runs is read from the placement
-        groups, so every spec is known before any actor starts, and each rank begins as soon as its actor is
-        up, not once the slowest one is."""
-        dims, one = self.layout.dims, bundle(self.layout.device)
+    def _start_actors(self, generation: int, started: list[Any] | None = None) -> list[WorkerSpec]:
+        """One actor per rank in its stage's group, each starting its rank at once (or, ``started``, the
+        actors started ahead by ``prestart``, each given its spec); the ranks' specs of ``generation``. Nothing
+        here waits for an actor: where each rank runs is read from the placement groups, so every spec is
+        known before any actor starts, and each rank begins as soon as its actor is up, not once the slowest
+        one is."""
         self._await_groups()
-        self.places = bundle_places(self.groups, dims.tp)
+        self.places = bundle_places(self.groups, self.layout.dims.tp)
         specs = self._specs(generation)
-        actor = ray.remote(MoeserveRank)
-        suffix = f".g{generation}" if generation else ""
+        if started is not None:
+            for actor, spec in zip(started, specs):
+                actor.start.remote(spec.to_json(), self._env)
+            self.actors = list(started)
+            return specs
         for spec in specs:
-            coord = dims.coord(spec.rank)
-            strategy = PlacementGroupSchedulingStrategy(self.groups[coord.pp_stage], coord.tp_rank)
-            self.actors.append(actor.options(
-                name=f"moeserve-{self.replica_id}-rank-{spec.rank}{suffix}", namespace=NAMESPACE, max_restarts=0,
-                max_concurrency=2, num_cpus=one["CPU"], num_gpus=one.get("GPU", 0), resources=_custom(one),
-                scheduling_strategy=strategy).remote(spec.to_json(), self._env))
+            self.actors.append(new_actor(self.replica_id, self.groups, self.layout.dims, self.layout.device,
+                                         spec.rank, generation, spec.to_json(), self._env))
         return specs
 
     def _specs(self, generation: int) -> list[WorkerSpec]:
@@ -194,8 +101,7 @@ class RayExecutor(RankExecutor):
         specs = [self.layout.spec(rank, 0, rendezvous, self.coord_addr, node=node_index[p.node_id],
                                   num_threads=int(one["CPU"]), generation=generation)
                  for rank, p in enumerate(self.places)]  # Ray gives each actor its own device, as index 0
-        self._env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
-        self._env[AGENT_STORE_ENV] = "True"  # torch's switch: every rank is a client of the store
+        self._env = rank_env()
         if all(p.ip == driver_ip for p in self.places):
             self._env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine, as the mp executor
         logger.info("Ray placed %d ranks on %d node(s)", len(specs), len(node_index))
@@ -261,7 +167,3 @@ class RayExecutor(RankExecutor):
         if self.owns_connection:
             ray.shutdown()
             self.owns_connection = False
-
-
-def _custom(one: dict[str, float]) -> dict[str, float]:
-    return {k: v for k, v in one.items() if k not in ("CPU", "GPU")}

@@ -73,8 +73,16 @@ def run(args: argparse.Namespace) -> int:
     from moeserve.launch.preflight import check_engine, check_ports
 
     # before the server's own imports, so that a wrong argument is reported at once
-    check_engine(engine_config(args, progress=False))
+    settings = engine_config(args, progress=False)
+    check_engine(settings)
     check_ports(args.host, [("--port", args.port), ("--rpc-port", args.rpc_port)])
+    if settings.distributed_executor_backend == "ray" and settings.is_distributed and args.replicas == 1:
+        # the ranks' actors start (and import the rank code) while this process loads the server
+        try:
+            from moeserve.coordinator.ray_actor import prestart
+        except ImportError as e:
+            raise UserError(f"--distributed-executor-backend ray needs Ray ({e}): pip install 'moeserve[ray]'") from e
+        prestart(settings.parallel_dims, settings.device)
     from moeserve.frontend.server import run_server
 
     logging.getLogger("moeserve.frontend.server").setLevel(logging.INFO)  # the "ready" line with the URLs
