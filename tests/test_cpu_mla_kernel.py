@@ -29,6 +29,7 @@ def reference(q, cache, block_tables, context_lens, block_size, kv_lora, scale):
 @pytest.mark.parametrize("heads,lens,kv_lora,rope", [
     (8, [1, 16, 17, 32, 33, 64, 65, 150], 512, 64),  # DeepSeek's widths: partial and whole tiles and chunks
     (16, [31, 200], 128, 64),                          # a whole tile of heads
+    (5, [40, 7], 128, 64),                             # part of a tile's columns
     (20, [33, 200], 64, 32),                           # two head groups (16 + 4): AVX-512 only
     (3, [5, 90], 48, 16),                              # widths that are not multiples of the vector length
 ])
