@@ -7,10 +7,11 @@
 #
 #   bash benchmarks/bench_cpu_scaling.sh [MANY=16] [OUT=/tmp/moeserve-cpu-scaling]
 #
-# Raw results land in OUT: bench_t2.json, bench_tMANY.json, profile_t2.json, profile_tMANY.json, and with
+# Raw results land in OUT: bench_t2.json, bench_tMANY.json, profile_t2.json, profile_tMANY.json,
+# mla_decode.txt (the MLA decode kernel alone, both its paths, at 2 and MANY threads), and with
 # VARIANTS=1 decode_variants.txt: the decode step at MANY threads under OpenMP settings that change how its
-# threads wait and where they run (passive waiting, threads bound to cores, one or two cores left to the
-# rest of the process), and probe_threads.json (benchmarks/probe_cpu_threads.py: bandwidth, the expert kernel
+# threads wait and where they run (passive waiting, threads bound to cores, one thread per physical core
+# where SMT siblings share them, one or two cores left to the rest of the process), and probe_threads.json (benchmarks/probe_cpu_threads.py: bandwidth, the expert kernel
 # and the small ops around it at 2..MANY threads). moeserve runs on jemalloc where bench_cpu.py finds it
 # (moeserve/cpu_allocator.py): on a host without the Debian package, point MOESERVE_JEMALLOC at a copy.
 set -euo pipefail
@@ -35,6 +36,9 @@ run() {  # run THREADS CPUS
 }
 run 2 0,1
 run "$MANY" "0-$((MANY - 1))"
+for t in 2 "$MANY"; do  # MLA decode alone, both paths (AMX tiles, AVX-512): does the kernel scale?
+    taskset -c "0-$((t - 1))" python3 benchmarks/bench_cpu_mla_decode.py --threads "$t" | tee -a "$OUT/mla_decode.txt"
+done
 if [ "${VARIANTS:-0}" = 1 ]; then
     steps="benchmarks/bench_cpu_steps.py --prompts $PROMPTS --input-len 64 --decode-steps 8 --rounds 2"
     variant() {  # variant NAME THREADS [ENV...]
@@ -46,6 +50,13 @@ if [ "${VARIANTS:-0}" = 1 ]; then
         variant passive "$MANY" OMP_WAIT_POLICY=PASSIVE
         variant active "$MANY" OMP_WAIT_POLICY=ACTIVE
         variant bound "$MANY" OMP_PROC_BIND=close OMP_PLACES=cores
+        # one thread per physical core, where SMT siblings share cores (their AMX unit and L2 too)
+        per_core=$(lscpu -p=CPU,CORE | grep -v '^#' | awk -F, -v n="$MANY" '$1 < n && !seen[$2]++ {print $1}' | paste -sd,)
+        cores=$(echo "$per_core" | tr ',' '\n' | wc -l)
+        if [ "$cores" -lt "$MANY" ]; then
+            echo "one thread per core ($cores cores: CPUs $per_core): $(taskset -c "$per_core" python3 $steps \
+                --threads "$cores" | tail -1)"
+        fi
         if [ "$MANY" -gt 3 ]; then
             variant "one core spare" "$((MANY - 1))"
             variant "two cores spare, bound" "$((MANY - 2))" OMP_PROC_BIND=close OMP_PLACES=cores
