@@ -18,7 +18,7 @@ from moeserve.model.deepseek import DeepseekModel
 from moeserve.stages.cuda_graph import DecodeGraphs, DraftGraphs
 from moeserve.stages.selfcheck import check_fast_path
 from moeserve.stages.step_plan import DraftPlan, PaddedTables, StepPlan, decode_rows, fill_pending
-from moeserve.stages.warm_up import on_cpu, warm_up
+from moeserve.stages.warm_up import CPU_PREFILL_TOKENS, on_cpu, warm_up
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +30,9 @@ class ModelRunner:
         """``cuda_graphs``: capture the decode step for batch sizes up to ``max_num_seqs`` (CUDA devices
         with the fused kernels only; ``max_model_len`` bounds the block tables the graphs read).
         ``warm_up_tokens``: where the fused kernels run, and for bfloat16 on CPU, a prefill of this many
-        tokens at start (on CPU also a decode step of ``max_num_seqs`` rows) builds and packs what the
-        kernels build at first use, so that the first request does not pay for it (``stages/warm_up.py``)."""
+        tokens at start (on CPU at most ``CPU_PREFILL_TOKENS``, and also a decode step of ``max_num_seqs``
+        rows) builds and packs what the kernels build at first use, so that the first request does not pay
+        for it (``stages/warm_up.py``)."""
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -74,7 +75,7 @@ class ModelRunner:
         else:
             model.use_kernels(False)
             if warm_cpu:
-                warm_up(self, self.num_blocks, warm_up_tokens, decode_rows=max_num_seqs)
+                warm_up(self, self.num_blocks, min(warm_up_tokens, CPU_PREFILL_TOKENS), decode_rows=max_num_seqs)
                 self._forget_start_up_load()
 
     def _start_fast_path(self, cuda_graphs: bool, max_num_seqs: int, max_model_len: int,

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_DECODE_ROWS = 256  # a decode warm-up step's rows: the engine's decode batch, at most this many
+# a CPU prefill warm-up's tokens, at most: enough for every weight to be packed and most experts reached, while
+# a real checkpoint's full-size prefill would take many seconds of start-up on a CPU
+CPU_PREFILL_TOKENS = 512
 
 
 def on_cpu(device: torch.device, dtype: torch.dtype) -> bool:
