@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -176,6 +177,21 @@ def test_serve_on_ray_fails_requests_and_exits_when_an_actor_dies(ray_cluster) -
         assert chunks[-1]["error"]["code"] == "engine_error" and "rank 1" in chunks[-1]["error"]["message"]
         assert httpx.get(url + "/health", timeout=5).status_code == 503
         assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert our_live_actors() == []
+
+
+def test_serve_on_ray_stops_on_sigterm_cleanly(ray_cluster) -> None:
+    """SIGTERM, the way a server is stopped, drains and exits 0 with the actors it started ahead, and leaves
+    no actor behind."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address}
+    proc, url, _ = start("--pp", "2", "--distributed-executor-backend", "ray", env=env)
+    try:
+        assert httpx.get(url + "/health", timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
