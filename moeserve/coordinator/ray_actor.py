@@ -31,6 +31,7 @@ NAMESPACE = "moeserve"  # the actors' Ray namespace; each is named moeserve-<rep
 FORWARDED_ENV = ("GLOO_", "NCCL_", "HCCL_", "MOESERVE_")  # the network and store settings the ranks inherit
 AGENT_STORE_ENV = "TORCHELASTIC_USE_AGENT_STORE"  # "True": a tcp:// rendezvous's store is hosted elsewhere
 
+
 class MoeserveRank:
     """A Ray actor that hosts one rank: its main loop starts with the actor, on a thread of its own, and
     ``run`` waits for it; ``where`` answers meanwhile (two calls at once: ``max_concurrency=2``). An actor
