@@ -106,6 +106,14 @@ def new_actor(replica_id: str, groups: list[PlacementGroup], dims: ParallelDims,
     ).remote(spec_json, env)
 
 
+def release(actors: list[Any], groups: list[PlacementGroup]) -> None:
+    """Kill these actors and remove these placement groups (freeing their bundles)."""
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    for group in groups:
+        remove_placement_group(group)
+
+
 class Prestarted:
     """One replica's placement groups and actors, started on a thread before the engine asks for them."""
 
@@ -130,10 +138,7 @@ class Prestarted:
             self.done.set()
 
     def discard(self) -> None:
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        for group in self.groups:
-            remove_placement_group(group)
+        release(self.actors, self.groups)
         self.actors, self.groups = [], []
 
 

@@ -21,11 +21,11 @@ from typing import Any
 import ray
 import torch.distributed as dist
 from ray.exceptions import RayActorError, RayError
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import PlacementGroup
 
 from moeserve.coordinator.executor import ReplicaLayout, WorkerError
 from moeserve.coordinator.rank_executor import RankExecutor
-from moeserve.coordinator.ray_actor import new_actor, rank_env, reserve, take_prestarted
+from moeserve.coordinator.ray_actor import new_actor, rank_env, release, reserve, take_prestarted
 from moeserve.coordinator.ray_cluster import RankPlace, bundle, bundle_places, connect, free_local_port
 from moeserve.stages.worker_spec import WorkerSpec
 
@@ -109,8 +109,7 @@ class RayExecutor(RankExecutor):
 
     def _kill_ranks(self) -> None:
         """Kill every rank's actor (its bundle stays reserved for the next one)."""
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
+        release(self.actors, [])
         if self.loops:
             ray.wait(self.loops, num_returns=len(self.loops), timeout=10)
         self.actors, self.loops, self.places = [], [], []
@@ -157,10 +156,7 @@ class RayExecutor(RankExecutor):
         try:
             if self.loops:
                 ray.wait(self.loops, num_returns=len(self.loops), timeout=grace_s)
-            for actor in self.actors:
-                ray.kill(actor, no_restart=True)
-            for group in self.groups:
-                remove_placement_group(group)
+            release(self.actors, self.groups)
         except (RayError, ConnectionError) as e:  # the cluster itself is gone: its actors went with it
             logger.warning("Ray: could not stop every rank's actor (%s)", e)
         self.actors, self.groups, self.loops, self.rendezvous_store = [], [], [], None
