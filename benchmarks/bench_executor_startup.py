@@ -25,7 +25,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 
 from moeserve.coordinator.config import EngineConfig
@@ -42,34 +41,22 @@ def start_once(config: EngineConfig) -> float:
 
 def serve_once(args: argparse.Namespace, backend: str, env: dict[str, str]) -> float:
     """Seconds from starting ``moeserve serve`` to its first 200 on /health."""
-    import httpx
+    from moeserve.frontend.testing import serve_subprocess
 
-    from moeserve.frontend.testing import free_port
-
-    port = free_port()
-    argv = [sys.executable, "-m", "moeserve.launch.cli", "serve", "--port", str(port), "--rpc-port", str(free_port()),
-            "--pp", str(args.pp), "--tp", str(args.tp), "--device", args.device, "--load-format", args.load_format,
+    argv = ["--pp", str(args.pp), "--tp", str(args.tp), "--device", args.device, "--load-format", args.load_format,
             "--kv-cache-memory", str(1 << 26), "--distributed-executor-backend", backend]
     if args.model:
         argv += ["--model", args.model]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc, _, _ = serve_subprocess(*argv, timeout_s=600, poll_s=0.05, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t0
+    proc.send_signal(signal.SIGTERM)
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"moeserve serve ({backend}) exited: {proc.communicate()[1][-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    return time.perf_counter() - t0
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    return seconds
 
 
 def main() -> None:

@@ -74,10 +74,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_subprocess(*args: str, timeout_s: float = 120.0, **popen: Any) -> tuple[subprocess.Popen, str, str]:
-    """Start ``moeserve serve ARGS`` on free ports; once ``/health`` answers 200, return (the process, the
-    HTTP base URL, the RPC address). A server that exits first, or is not healthy within ``timeout_s``, is an
-    error (with its stderr, when ``popen`` pipes it)."""
+def serve_subprocess(*args: str, timeout_s: float = 120.0, poll_s: float = 0.2,
+                     **popen: Any) -> tuple[subprocess.Popen, str, str]:
+    """Start ``moeserve serve ARGS`` on free ports; once ``/health`` answers 200 (asked every ``poll_s``),
+    return (the process, the HTTP base URL, the RPC address). A server that exits first, or is not healthy
+    within ``timeout_s``, is an error (with its stderr, when ``popen`` pipes it)."""
     import httpx
 
     port, rpc = free_port(), free_port()
@@ -94,7 +95,7 @@ def serve_subprocess(*args: str, timeout_s: float = 120.0, **popen: Any) -> tupl
                 return proc, url, f"tcp://127.0.0.1:{rpc}"
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(poll_s)
     proc.kill()
     raise TimeoutError(f"moeserve serve was not healthy within {timeout_s:.0f} s")
 
