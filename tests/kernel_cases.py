@@ -85,6 +85,18 @@ def test_mla_decode(dtype, splits, latent, rope):
     assert rel_err(out, _eager_decode(q, cache, tables, ctx, page, latent, 0.3)) < tol(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [64, 72])  # DeepSeek-V2/V3's head counts take 64 heads a program
+def test_mla_decode_wide_heads(dtype, heads):
+    from moeserve.kernels.mla_decode import WIDE_HEADS, config_for, mla_decode
+
+    assert config_for(heads) is WIDE_HEADS
+    page, lens = 16, [1, 37, 100]
+    q, cache, tables, ctx = _paged_case(dtype, lens, page, 64, 16, heads=heads)
+    out = mla_decode(q, cache, tables, ctx, page, 64, 0.3)
+    assert rel_err(out, _eager_decode(q, cache, tables, ctx, page, 64, 0.3)) < tol(dtype)
+
+
 def _moe_case(dtype, num_tokens, num_experts, top_k, hidden=128, inter=64, fp8=False):
     from moeserve.model.fp8 import FP8_DTYPE
 
