@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -29,6 +30,19 @@ namespace {
 using bf16 = c10::BFloat16;
 constexpr int64_t kHeadGroup = 16;  // heads per work item
 constexpr int64_t kChunk = 64;      // tokens per online-softmax step
+
+// f(std::integral_constant<int64_t, NH>) for the head counts compiled for: NH = 8 or kHeadGroup where nh is
+// one of them (the loops over heads unrolled), else NH = 0 (nh read at run time)
+template <class F>
+inline void by_head_count(int64_t nh, F&& f) {
+  if (nh == 8) {
+    f(std::integral_constant<int64_t, 8>{});
+  } else if (nh == kHeadGroup) {
+    f(std::integral_constant<int64_t, kHeadGroup>{});
+  } else {
+    f(std::integral_constant<int64_t, 0>{});
+  }
+}
 
 // out[h] = sum over i of q[h * n + i] * row[i] for h < nh (nh <= kHeadGroup): the heads' chains are independent,
 // so the micro-ops overlap instead of waiting on one accumulator. NH > 0: nh == NH known at compile time, so
@@ -147,13 +161,7 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
         }
         float scores[kHeadGroup];
         for (int64_t j = 0; j < n; ++j) {
-          if (nh == 8) {
-            dot_heads_bf16<8>(qb, rows[j], D, nh, scores);
-          } else if (nh == kHeadGroup) {
-            dot_heads_bf16<kHeadGroup>(qb, rows[j], D, nh, scores);
-          } else {
-            dot_heads_bf16<0>(qb, rows[j], D, nh, scores);
-          }
+          by_head_count(nh, [&](auto NH) { dot_heads_bf16<NH.value>(qb, rows[j], D, nh, scores); });
           for (int64_t h = 0; h < nh; ++h) s[h * kChunk + j] = scores[h] * sc;
         }
         float rescale[kHeadGroup];
@@ -170,13 +178,9 @@ at::Tensor mla_decode(const at::Tensor& q, const at::Tensor& cache, const at::Te
           run_sum[h] = run_sum[h] * rescale[h] + sum;
           run_max[h] = m;
         }
-        if (nh == 8) {
-          accumulate_chunk<8>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
-        } else if (nh == kHeadGroup) {
-          accumulate_chunk<kHeadGroup>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
-        } else {
-          accumulate_chunk<0>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
-        }
+        by_head_count(nh, [&](auto NH) {
+          accumulate_chunk<NH.value>(acc.data(), s.data(), rescale, rows, n, nh, kv_lora);
+        });
       }
       for (int64_t h = 0; h < nh; ++h) {
         const float inv = run_sum[h] > 0.0f ? 1.0f / run_sum[h] : 0.0f;
