@@ -60,6 +60,8 @@ if [ "${VARIANTS:-0}" = 1 ]; then
         if [ "$MANY" -gt 3 ]; then
             variant "one core spare" "$((MANY - 1))"
             variant "two cores spare, bound" "$((MANY - 2))" OMP_PROC_BIND=close OMP_PLACES=cores
+            variant "half the threads" "$((MANY / 2))"
+            variant "half the threads, bound" "$((MANY / 2))" OMP_PROC_BIND=close OMP_PLACES=cores
         fi
     } | tee "$OUT/decode_variants.txt"
     taskset -c "0-$((MANY - 1))" python3 benchmarks/probe_cpu_threads.py --threads "2,4,8,$MANY" \
