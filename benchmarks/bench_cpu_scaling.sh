@@ -12,7 +12,8 @@
 # VARIANTS=1 decode_variants.txt: the decode step at MANY threads under OpenMP settings that change how its
 # threads wait and where they run (passive waiting, threads bound to cores, one thread per physical core
 # where SMT siblings share them, one or two cores left to the rest of the process), and probe_threads.json (benchmarks/probe_cpu_threads.py: bandwidth, the expert kernel
-# and the small ops around it at 2..MANY threads). moeserve runs on jemalloc where bench_cpu.py finds it
+# and the small ops around it at 2..MANY threads); with ALLOCATORS=1 allocators.txt: moeserve's bench at 2 and MANY
+# threads on jemalloc and on glibc's malloc. moeserve runs on jemalloc where bench_cpu.py finds it
 # (moeserve/cpu_allocator.py): on a host without the Debian package, point MOESERVE_JEMALLOC at a copy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,17 @@ if [ "${VARIANTS:-0}" = 1 ]; then
     } | tee "$OUT/decode_variants.txt"
     taskset -c "0-$((MANY - 1))" python3 benchmarks/probe_cpu_threads.py --threads "2,4,8,$MANY" \
         --json-out "$OUT/probe_threads.json" | grep threads
+fi
+
+if [ "${ALLOCATORS:-0}" = 1 ]; then  # moeserve's bench at 2 and MANY threads on jemalloc and on glibc's malloc
+    for cfg in "2 0,1" "$MANY 0-$((MANY - 1))"; do
+        set -- $cfg
+        for alloc in jemalloc system; do
+            echo "$1 threads, $alloc: $(OMP_NUM_THREADS=$1 MOESERVE_CPU_ALLOCATOR=$alloc taskset -c "$2" python3 \
+                benchmarks/bench_cpu.py --engine moeserve --num-prompts "$PROMPTS" --input-len 128 --output-len \
+                "$OUTPUT_LEN" --vllm-python /nonexistent | grep -E '^moeserve ' | cut -c1-60)"
+        done
+    done | tee "$OUT/allocators.txt"
 fi
 
 python3 - "$OUT" "$MANY" <<'PY'

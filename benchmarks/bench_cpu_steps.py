@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,8 +59,11 @@ def main() -> None:
             timed("decode")
         while engine.has_unfinished():
             engine.step()
+    # the minimum is the work itself; the median and the maximum show how much a step waits beyond it
     print(json.dumps({phase: {"cpu_ms_min": round(1e3 * min(c for c, _ in t), 1),
-                              "wall_ms_min": round(1e3 * min(w for _, w in t), 1), "steps": len(t)}
+                              "wall_ms_min": round(1e3 * min(w for _, w in t), 1),
+                              "wall_ms_median": round(1e3 * statistics.median(w for _, w in t), 1),
+                              "wall_ms_max": round(1e3 * max(w for _, w in t), 1), "steps": len(t)}
                       for phase, t in times.items()} | {"threads": args.threads}))
 
 
