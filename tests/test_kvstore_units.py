@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis_server import RedisServer
 
-from moeserve.kvstore.block_format import HEADER_BYTES, BlockLayout, decode_block, encode_block
+from moeserve.kvstore.block_format import (
+    HEADER_BYTES,
+    BlockLayout,
+    decode_block,
+    encode_block,
+    encode_block_into,
+)
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from moeserve.kvstore.mover import BlockMover
@@ -20,6 +26,7 @@ from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
 from moeserve.kvstore.transport import LocalTransport
 
 FP = "0123456789abcdef0123456789abcdef"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LAYOUT = BlockLayout(FP, "float32", 4, 0, 0, 2, 3)
 
 
@@ -57,6 +64,49 @@ def test_mismatches_are_misses_with_a_reason() -> None:
     assert "token" in decode_block(value, LAYOUT, 7, [1, 2, 3, 5])[1]  # a hash collision
     with pytest.raises(ValueError):
         encode_block(LAYOUT, 7, tokens[:3], payload)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4), st.binary(min_size=96, max_size=96),
+       st.integers(0, 2**128 - 1))
+def test_a_value_encoded_in_place_is_the_encoded_value(tokens: list[int], payload: bytes, chain: int) -> None:
+    """A rank's writer encodes a staged block in place (its latent already after the header and token ids):
+    the same bytes as encode_block, whatever the buffer held before."""
+    value = bytearray(b"\xee" * LAYOUT.value_bytes)
+    value[LAYOUT.head_bytes:] = payload
+    encode_block_into(LAYOUT, chain, tokens, memoryview(value))
+    assert bytes(value) == encode_block(LAYOUT, chain, tokens, payload)
+    with pytest.raises(ValueError):
+        encode_block_into(LAYOUT, chain, tokens, memoryview(value)[1:])
+
+
+def test_memory_store_keeps_copies_of_the_views_it_is_given() -> None:
+    store, buf = MemoryStore(), bytearray(b"abcd")
+    store.put([("k", memoryview(buf))])
+    buf[:] = b"wxyz"  # the writer reuses its slot
+    assert store.get(["k"]) == [b"abcd"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_write_slots_reused_many_times_store_every_block_right(device: str) -> None:
+    """Two write slots, six blocks saved one after another: each slot is refilled and re-encoded in place, and
+    every stored value still decodes to its own block (the store kept what was sent, not the slot)."""
+    store = MemoryStore()
+    torch.manual_seed(1)
+    caches = {i: torch.randn(8, 4, 3).to(device) for i in range(2)}
+    mover = BlockMover(caches, LAYOUT, 0, store, write_queue_bytes=2 * LAYOUT.payload_bytes)
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(6)]
+    hashes = block_hashes([t for block in tokens for t in block], 4)
+    for b in range(6):
+        mover.save([b], [-1], [hashes[b]], [tokens[b]], [True])
+        assert mover.flush()
+    assert mover.counters.blocks_written == 6 and mover.counters.writes_dropped == 0
+    for b in range(6):
+        payload, why = decode_block(store.get([LAYOUT.key(hashes[b])])[0], LAYOUT, hashes[b], tokens[b])
+        assert why == "" and payload is not None
+        want = torch.stack([caches[i][b] for i in range(2)]).cpu()
+        assert bytes(payload) == want.numpy().tobytes()
+    mover.close()
 
 
 def test_keys_name_model_dtype_stage_layers_and_salt() -> None:
@@ -122,9 +172,6 @@ def save(tiers: TierManager, blocks: list[int], hashes: list[int], tokens: list[
     tiers.save(blocks, hashes, tokens)
     tiers.send_ops()
     assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)

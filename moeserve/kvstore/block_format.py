@@ -80,14 +80,25 @@ def _head(layout: BlockLayout, chain_hash: int, checksum: bytes) -> bytes:
 
 def encode_block(layout: BlockLayout, chain_hash: int, tokens: Sequence[int], payload: bytes | memoryview) -> bytes:
     """The value of one block: header, token ids (uint32), payload (``layout.payload_bytes`` raw bytes)."""
-    if len(tokens) != layout.block_size or len(payload) != layout.payload_bytes:
-        raise ValueError(f"a stored block holds {layout.block_size} tokens and {layout.payload_bytes} bytes, "
-                         f"got {len(tokens)} and {len(payload)}")
-    body = struct.pack(f"<{len(tokens)}I", *tokens)
+    if len(payload) != layout.payload_bytes:
+        raise ValueError(f"a stored block holds {layout.payload_bytes} bytes of latent, got {len(payload)}")
+    value = bytearray(layout.value_bytes)
+    value[layout.head_bytes:] = payload
+    encode_block_into(layout, chain_hash, tokens, memoryview(value))
+    return bytes(value)
+
+
+def encode_block_into(layout: BlockLayout, chain_hash: int, tokens: Sequence[int], value: memoryview) -> None:
+    """Make ``value`` (``layout.value_bytes`` writable bytes, the payload already in place after the header and
+    the token ids) one block's value: write its token ids and its header. No copy of the payload: the writer
+    thread of a rank encodes its staged blocks in place (a copy would hold the GIL for a millisecond a block)."""
+    if len(tokens) != layout.block_size or len(value) != layout.value_bytes:
+        raise ValueError(f"a stored block holds {layout.block_size} tokens and {layout.value_bytes} bytes, "
+                         f"got {len(tokens)} and {len(value)}")
+    struct.pack_into(f"<{len(tokens)}I", value, HEADER_BYTES, *tokens)
     digest = xxhash.xxh3_128(_head(layout, chain_hash, bytes(16)))
-    digest.update(body)
-    digest.update(payload)
-    return _head(layout, chain_hash, digest.digest()) + body + bytes(payload)
+    digest.update(value[HEADER_BYTES:])  # xxhash lets go of the GIL over large buffers
+    value[:HEADER_BYTES] = _head(layout, chain_hash, digest.digest())
 
 
 def check_block(head: bytes | bytearray | memoryview, payload: Sequence[bytes | memoryview], layout: BlockLayout,

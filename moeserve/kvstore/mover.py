@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from moeserve.device_copy import to_device
-from moeserve.kvstore.block_format import BlockLayout, encode_block
+from moeserve.kvstore.block_format import BlockLayout, encode_block_into
 from moeserve.kvstore.store import KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
 
@@ -67,11 +67,17 @@ class BlockMover:
         self.loader = StoreLoader(self.caches, layout, store, read_threads) if store is not None else None
         self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
         self._pending = 0
-        # NOTE: on an accelerator, the blocks waiting to be written sit in pinned slots allocated once: a pinned
-        # allocation on the step's path (cudaHostAlloc on a cache miss) costs milliseconds
-        self._write_slots = torch.empty((self.max_pending, *self.block_shape), dtype=first.dtype, pin_memory=True) \
-            if self.pin and self.writes else None
-        self._free_write_slots = list(range(self.max_pending)) if self._write_slots is not None else []
+        # NOTE: the blocks waiting to be written sit in slots allocated once, each laid out as the block's stored
+        # value (header, token ids, latent): the writer thread encodes a slot in place and the store sends it as
+        # it is. A copy of the latent there held the GIL for about a millisecond a block, and the thread that runs
+        # the steps waited for it (bench_kvstore_writes.py). On an accelerator the slots are pinned: the copies into
+        # them are asynchronous, and a pinned allocation on the step's path (cudaHostAlloc) costs milliseconds
+        self._write_slots = torch.empty((self.max_pending, layout.value_bytes), dtype=torch.uint8,
+                                        pin_memory=self.pin) if self.writes else None
+        # each slot's latent part as a block ([layers, block_size, kv_dim] in the cache dtype)
+        self._slot_latent = self._write_slots[:, layout.head_bytes:].view(first.dtype).view(
+            self.max_pending, *self.block_shape) if self._write_slots is not None else None
+        self._free_write_slots = list(range(self.max_pending)) if self.writes else []
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
@@ -96,26 +102,23 @@ class BlockMover:
             self._enqueue([blocks[i] for i in chosen], [hashes[i] for i in chosen], [tokens[i] for i in chosen])
 
     def _enqueue(self, blocks: list[int], hashes: list[int], tokens: list[Sequence[int]]) -> None:
-        slots: list[int] = []
+        assert self._slot_latent is not None
         with self._lock:
-            staged = self._write_slots is not None
-            if self._pending + len(blocks) > self.max_pending or (staged and len(self._free_write_slots) < len(blocks)):
+            if self._pending + len(blocks) > self.max_pending or len(self._free_write_slots) < len(blocks):
                 self.counters.writes_dropped += len(blocks)
                 return
             self._pending += len(blocks)
-            if staged:
-                slots = [self._free_write_slots.pop() for _ in blocks]
+            slots = [self._free_write_slots.pop() for _ in blocks]
         data = self._gather(blocks)
         event = None
-        if self._write_slots is not None:  # into the pinned slots without waiting for the device
+        if self.pin:  # into the pinned slots without waiting for the device; the writer waits for ``event``
             for i, slot in enumerate(slots):
-                self._write_slots[slot].copy_(data[i], non_blocking=True)
+                self._slot_latent[slot].copy_(data[i], non_blocking=True)
             event = torch.Event(device=self.device)
             event.record()
-            host = None  # the writer reads the slots once ``event`` has passed
         else:
-            host = data.to("cpu", copy=True)
-        self._queue.put((hashes, tokens, host, slots, event))
+            self._slot_latent[torch.tensor(slots)] = data
+        self._queue.put((hashes, tokens, slots, event))
 
     def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
@@ -123,16 +126,22 @@ class BlockMover:
         return torch.stack([c.index_select(0, idx) for c in self.caches], dim=1)
 
     def _write_loop(self) -> None:
-        assert self.store is not None
+        assert self.store is not None and self._write_slots is not None
+        values = self._write_slots.numpy()  # [slots, value bytes]: a slot's row is its block's stored value
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            hashes, tokens, host, slots, event = item
+            hashes, tokens, slots, event = item
             try:
-                payloads = self._payloads(host, slots, event)
-                self.store.put([(self.layout.key(h), encode_block(self.layout, h, t, payloads[i]))
-                                for i, (h, t) in enumerate(zip(hashes, tokens))])
+                if event is not None:
+                    event.synchronize()  # the copies into the slots have landed
+                items = []
+                for h, t, slot in zip(hashes, tokens, slots):
+                    value = values[slot].data
+                    encode_block_into(self.layout, h, t, value)
+                    items.append((self.layout.key(h), value))
+                self.store.put(items)
                 self.counters.blocks_written += len(hashes)
             except StoreError as e:
                 logger.debug("store write dropped: %s", e)
@@ -140,17 +149,6 @@ class BlockMover:
                 with self._lock:
                     self._pending -= len(hashes)
                     self._free_write_slots.extend(slots)
-
-    def _payloads(self, host: torch.Tensor | None, slots: list[int], event: torch.Event | None) -> list[memoryview]:
-        """Each queued block's raw bytes: its pinned slot's once the copies into them have landed, or the host
-        copy's rows."""
-        if event is not None:
-            event.synchronize()
-            assert self._write_slots is not None
-            return [self._write_slots[s].view(torch.uint8).reshape(-1).numpy().data for s in slots]
-        assert host is not None
-        raw = host.view(torch.uint8).reshape(host.shape[0], -1).numpy()
-        return [raw[i].data for i in range(host.shape[0])]
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until queued writes are done (tests, benchmarks); False on timeout."""
@@ -247,3 +245,4 @@ class BlockMover:
             self.loader = None
         self.caches = []
         self.host = None
+        self._write_slots = self._slot_latent = None

@@ -49,8 +49,9 @@ class KVStore(Protocol):
     def get(self, keys: Sequence[str]) -> list[bytes | None]:
         """The values of ``keys`` in one round trip (None where missing)."""
 
-    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Store values in one round trip."""
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> None:
+        """Store values in one round trip. A value may be a view of a buffer its caller reuses once ``put`` has
+        returned (a rank's write slots): a store that keeps values in this process keeps copies."""
 
     def read_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
         """The values of ``keys`` in one round trip, value i written into ``dests[i]`` (its parts in order)
@@ -134,9 +135,10 @@ class MemoryStore:
             self._stats.bytes_read += sum(len(v) for v in out if v is not None)
             return out
 
-    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> None:
         with self._lock:
-            for key, value in items:
+            for key, view in items:
+                value = bytes(view)  # the caller may reuse a view's buffer
                 self._bytes += len(value) - len(self._values.pop(key, b""))
                 self._values[key] = value
                 self._stats.bytes_written += len(value)
@@ -241,7 +243,7 @@ class RedisStore:
             self._stats.bytes_read += sum(len(v) for v in values if v is not None)
         return values
 
-    def put(self, items: Sequence[tuple[str, bytes]]) -> None:
+    def put(self, items: Sequence[tuple[str, bytes | memoryview]]) -> None:
         if not items:
             return
 
