@@ -52,7 +52,8 @@ def test_rope_rejects_a_position_past_the_table() -> None:
 
 def test_rope_in_place_only_for_the_split_layout() -> None:
     """Interleaved pairs land where later pairs are still to be read: an ``out`` overlapping ``x`` is refused
-    there. The split layout reads and writes the same two places of a row, so ``out=x`` rotates in place."""
+    there. The split layout reads and writes the same two places of a row, so ``out=x`` rotates in place, and
+    only that: an ``out`` shifted within the same buffer is refused too."""
     gen = torch.Generator().manual_seed(3)
     rotary = RotaryEmbedding(RopeConfig(), 64, 32)
     x = torch.randn(5, 4, 64, generator=gen).bfloat16()
@@ -67,6 +68,9 @@ def test_rope_in_place_only_for_the_split_layout() -> None:
             cpu_mla.rope_into(x, positions, rotary.cos, rotary.sin, interleave=True, out=x)
         with pytest.raises(RuntimeError, match="out overlaps x"):  # partly: shifted by 32 values in one buffer
             cpu_mla.rope_into(buffer[..., :64], positions, rotary.cos, rotary.sin, interleave=True,
+                              out=buffer[..., 32:])
+        with pytest.raises(RuntimeError, match="other than exactly in place"):  # the split layout, shifted
+            cpu_mla.rope_into(buffer[..., :64], positions, rotary.cos, rotary.sin, interleave=False,
                               out=buffer[..., 32:])
 
 

@@ -67,9 +67,12 @@ void rope_into(const at::Tensor& x, const at::Tensor& positions, const at::Tenso
   check_tables(positions, cos, sin, T);
   TORCH_CHECK(P % 2 == 0 && cos.size(1) == half, "rope dims: even, and cos / sin have half of them");
   // NOTE: an interleaved pair (x[2i], x[2i + 1]) lands at out[i] and out[i + P/2], where later pairs still
-  // have to be read; the split layout reads and writes the same two places, so out == x works there
-  TORCH_CHECK(!(interleave && spans_overlap(x, out)),
-              "rope_into: out overlaps x, which the interleaved layout cannot rotate in place");
+  // have to be read; the split layout reads and writes the same two places, so out == x (the same elements,
+  // exactly) works there, and any other overlap would read values already rotated
+  const bool same = x.data_ptr() == out.data_ptr() && x.strides() == out.strides();
+  TORCH_CHECK(!spans_overlap(x, out) || (same && !interleave),
+              interleave ? "rope_into: out overlaps x, which the interleaved layout cannot rotate in place"
+                         : "rope_into: out overlaps x other than exactly in place");
   const int64_t xs0 = x.stride(0), xs1 = x.dim() == 3 ? x.stride(1) : 0;
   const int64_t os0 = out.stride(0), os1 = out.dim() == 3 ? out.stride(1) : 0;
   const bf16* xp = x.const_data_ptr<bf16>();
