@@ -51,7 +51,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     lim.add_argument("--max-frame-bytes", type=int, default=1 << 20, help="largest RPC frame or HTTP body")
 
 
-def server_config(args: argparse.Namespace):
+def server_config(args: argparse.Namespace, engine=None):  # noqa: ANN001 - an EngineConfig, built once by run
+    """The server's settings from the command line (``engine``: its engine's, where already built)."""
     from moeserve.frontend.limits import ServerLimits
     from moeserve.frontend.load_metrics import LoadMetricsConfig
     from moeserve.frontend.server import ServerConfig
@@ -59,7 +60,7 @@ def server_config(args: argparse.Namespace):
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, max_tokens_in_flight=args.max_tokens_in_flight,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                           max_n=args.max_n, max_frame_bytes=args.max_frame_bytes)
-    return ServerConfig(engine=engine_config(args, progress=False), host=args.host, port=args.port,
+    return ServerConfig(engine=engine or engine_config(args, progress=False), host=args.host, port=args.port,
                         rpc_port=args.rpc_port, replicas=args.replicas, api_key=args.api_key,
                         audit_log=args.audit_log, served_model_name=args.served_model_name, routing=args.routing,
                         limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads,
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.getLogger("moeserve.frontend.server").setLevel(logging.INFO)  # the "ready" line with the URLs
     try:
-        config = server_config(args)
+        config = server_config(args, settings)
     except ValueError as e:
         raise UserError(str(e)) from e
     run_server(config)
