@@ -46,9 +46,9 @@ def gen(seed: int) -> torch.Generator:
 @pytest.mark.parametrize("device", DEVICES)
 def test_greedy_is_argmax_with_logprob(device: str) -> None:
     logits = torch.randn(8, 50, generator=gen(0)).to(device)
-    params = [SamplingParams(temperature=0.0)] * 8
+    params = [SamplingParams(temperature=0.0, logprobs=0)] * 8
     batch = make_sampling_batch(params, [[]] * 8, [[]] * 8, [None] * 8, device)
-    assert batch.all_greedy and not batch.need_penalties
+    assert batch.all_greedy and not batch.need_penalties and batch.need_logprobs
     out = Sampler().sample(logits, batch)
     assert torch.equal(out.token_ids, logits.argmax(-1))
     expected = torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None]).squeeze(1)
@@ -56,9 +56,24 @@ def test_greedy_is_argmax_with_logprob(device: str) -> None:
     assert out.top_logprobs is None
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_without_logprobs_asked_skips_them(device: str) -> None:
+    """No row asked for logprobs: the same argmax tokens, and NaN for their log-probs (no logsumexp over the
+    vocabulary); one row asking is enough for every greedy row to get them."""
+    logits = torch.randn(8, 50, generator=gen(0)).to(device)
+    quiet = make_sampling_batch([SamplingParams(temperature=0.0)] * 8, [[]] * 8, [[]] * 8, [None] * 8, device)
+    assert quiet.all_greedy and not quiet.need_logprobs
+    out = Sampler().sample(logits, quiet)
+    assert torch.equal(out.token_ids, logits.argmax(-1)) and out.logprobs.isnan().all()
+    one = [SamplingParams(temperature=0.0)] * 7 + [SamplingParams(temperature=0.0, logprobs=0)]
+    asked = make_sampling_batch(one, [[]] * 8, [[]] * 8, [None] * 8, device)
+    expected = torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None]).squeeze(1)
+    torch.testing.assert_close(Sampler().sample(logits, asked).logprobs, expected)
+
+
 def test_greedy_rows_in_mixed_batch() -> None:
     logits = torch.randn(6, 40, generator=gen(1))
-    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i) for i in range(6)]
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, logprobs=0) for i in range(6)]
     out = run(logits, params, gens=[gen(i) for i in range(6)])
     greedy = out.token_ids[1::2]
     assert torch.equal(greedy, logits[1::2].argmax(-1))
@@ -197,7 +212,7 @@ def test_penalties_follow_formulas(device: str) -> None:
     pen = SamplingParams(
         temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5, frequency_penalty=0.25
     )
-    params = [pen, SamplingParams(temperature=0.0)]
+    params = [dataclasses.replace(pen, logprobs=0), SamplingParams(temperature=0.0)]
     outputs, prompts = [[1, 2, 2], [1, 2, 2]], [[0], [0]]
     batch = make_sampling_batch(params, outputs, prompts, [None, None], device)
     got = Sampler._apply_penalties(raw, batch)

@@ -23,6 +23,8 @@ class RequestOutput:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    # the new tokens' log-probs where the request asked for logprobs (SamplingParams.logprobs not None); NaN for
+    # greedy tokens of a request that did not (their log-probs would cost a logsumexp over the vocabulary)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] | None = None
     output_token_ids: list[int] | None = None  # the whole output, on the final delta

@@ -91,7 +91,7 @@ class Sampler:
         logits = self._prepare(logits, batch)
         if batch.all_greedy:  # fast path: argmax only
             best, ids = logits.max(dim=-1)
-            return SamplerOutput(ids, best - torch.logsumexp(logits, dim=-1), top)
+            return SamplerOutput(ids, chosen_logprobs(logits, best, batch), top)
         ids, logprobs = self._sample_rows(logits, batch)
         return SamplerOutput(ids, logprobs, top)
 
@@ -196,6 +196,14 @@ class Sampler:
         return logits
 
 
+def chosen_logprobs(logits: torch.Tensor, best: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The greedy rows' chosen-token log-probs (``best``: their largest logits): a logsumexp over the vocabulary,
+    paid only where a row of the batch asked for logprobs; NaN otherwise."""
+    if batch.need_logprobs:
+        return best - torch.logsumexp(logits, dim=-1)
+    return torch.full_like(best, float("nan"))
+
+
 class _RowGroup:
     """Some rows of a step's batch (``rows``, ascending host indices) and the per-row values they read."""
 
@@ -209,7 +217,7 @@ class _RowGroup:
 
     def greedy(self) -> tuple[torch.Tensor, torch.Tensor]:
         best, ids = self.logits.max(dim=-1)
-        return ids, best - torch.logsumexp(self.logits, dim=-1)
+        return ids, chosen_logprobs(self.logits, best, self.batch)
 
     def sample(self, with_candidates: bool, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         host, batch, logits = self.host, self.batch, self.logits

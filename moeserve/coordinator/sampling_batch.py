@@ -43,6 +43,9 @@ class SamplingBatch:
     need_top_p: bool
     need_min_p: bool
     num_top_logprobs: int  # N = max requested logprobs; 0 = no top logprobs
+    # whether a row asked for logprobs (its chosen token's at least): else the greedy rows take one argmax, and
+    # the sampler reports NaN for the chosen tokens' log-probs instead of a logsumexp over the vocabulary
+    need_logprobs: bool
     # structured output: (rows [R] long, packed allowed-token bitmask [R, ceil(vocab/32)] int32), or None
     token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -156,6 +159,7 @@ def make_sampling_batch(
         need_top_p=bool((rows[sampled, TOP_P] < 1.0).any()),
         need_min_p=bool((rows[sampled, MIN_P] > 0.0).any()),
         num_top_logprobs=int(rows[:, LOGPROBS].max(initial=0)),
+        need_logprobs=bool((rows[:, LOGPROBS] >= 0).any()),
         token_bitmask=None if token_bitmask is None else (to_device(token_bitmask[0], device),
                                                           to_device(token_bitmask[1], device)),
     )

@@ -14,7 +14,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import zmq
@@ -145,6 +145,8 @@ class RpcServer:
         if old is not None and not old.done:
             raise BadRequest(f"request id {msg.request_id!r} is already running", "request_id", msg.request_id)
         params = sampling_params(msg.params, prefix="params.")
+        if "logprobs" in msg.return_fields and params.logprobs is None:  # the chosen tokens' log-probs, at least
+            params = replace(params, logprobs=0)
         if "reasoning" in msg.return_fields and self.reasoning_parser is None:
             raise BadRequest("return 'reasoning' needs a server started with --reasoning-parser", "return",
                              msg.request_id)
