@@ -74,6 +74,8 @@ def main() -> None:
     p.add_argument("--prefix-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--connections", default="1,2,4")
+    p.add_argument("--redis-io-threads", type=int, default=1,
+                   help="redis-server's io-threads (1: its default, one thread sends every reply)")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     layers, dim, dtype_name, bs = SHAPES[args.shape]
@@ -88,7 +90,7 @@ def main() -> None:
     tokens = [ids[i * bs:(i + 1) * bs] for i in range(n)]
     latent = torch.randn(n, layers, bs, dim, generator=gen).to(dtype)
     blocks = list(range(1, n + 1))
-    with RedisServer(Path(tempfile.mkdtemp())) as server:
+    with RedisServer(Path(tempfile.mkdtemp()), io_threads=args.redis_io_threads) as server:
         server.cli("config", "set", "maxmemory", "0")
         store = RedisStore(server.url, timeout_s=30.0, read_connections=max(map(int, args.connections.split(","))))
         raw = latent.view(torch.uint8).reshape(n, -1).numpy()

@@ -18,10 +18,12 @@ def free_port() -> int:
 
 class RedisServer:
     def __init__(self, workdir: Path, port: int | None = None, password: str | None = None,
-                 bind: str = "127.0.0.1", prefix: list[str] | None = None):
-        """``prefix``: a command prefix (``ip netns exec NAME``) to run it on another host."""
+                 bind: str = "127.0.0.1", prefix: list[str] | None = None, io_threads: int = 1):
+        """``prefix``: a command prefix (``ip netns exec NAME``) to run it on another host; ``io_threads``:
+        redis-server's threads for socket reads and writes (its default, 1, serves every client from one)."""
         self.workdir, self.port, self.password, self.bind = workdir, port or free_port(), password, bind
         self.prefix = prefix or []
+        self.io_threads = io_threads
         self.proc: subprocess.Popen | None = None
 
     @staticmethod
@@ -41,6 +43,8 @@ class RedisServer:
                 "--protected-mode", "no", "--enable-debug-command", "local"]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.io_threads > 1:
+            args += ["--io-threads", str(self.io_threads), "--io-threads-do-reads", "yes"]
         self.proc = subprocess.Popen([*self.prefix, *args], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout_s
