@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 21's GPU figures on one H200: the store's load rate into device blocks (old path vs in place, several
 # connections), then TTFT cold vs from the store vs from the host tier in the engine, with decode ITL with
-# store writes on and off. Needs `redis-server` on PATH (carry a copy where the machine has none).
+# store writes on and off, and what store writes cost the thread that runs the steps (bench_kvstore_writes.py). Needs
+# `redis-server` and `redis-cli` on PATH: where the machine has none, carry the binaries of Debian's redis-tools
+# (redis-server is its redis-check-rdb) and liblzf.so.1, with LD_LIBRARY_PATH pointing at the library.
 # Results in $OUT (default out/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,3 +14,5 @@ timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --
 timeout ${TTFT_S:-300} python3 benchmarks/bench_kvstore.py --device cuda --model benchmarks/configs/deepseek_v2_lite \
     --load-format dummy --prefix-lens 8192,32768 --repeats 3 --itl --max-num-batched-tokens 8192 \
     --max-model-len 40960 --json-out "$OUT/kvstore_h200_v2lite.json" 2>&1 | tail -25
+timeout ${WRITES_S:-120} python3 benchmarks/bench_kvstore_writes.py --device cuda --shape v2-lite \
+    --json-out "$OUT/kvstore_writes_h200.json" 2>&1 | tail -4
