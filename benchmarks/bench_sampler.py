@@ -22,6 +22,7 @@ from moeserve.coordinator.sampling import Sampler, SamplingParams, make_sampling
 
 CONFIGS: dict[str, dict] = {
     "greedy": {"temperature": 0.0},
+    "greedy, logprobs": {"temperature": 0.0, "logprobs": 0},  # the chosen tokens' log-probs asked for
     "temperature 1": {"temperature": 1.0},
     "temperature 1, seeded": {"temperature": 1.0, "seed": 0},
     "top_k 50": {"temperature": 0.8, "top_k": 50},

@@ -84,7 +84,8 @@ class SamplingParams:
     def sampling_row(self) -> np.ndarray:
         """The sampler's per-row values (columns TEMPERATURE..LOGPROBS of ``sampling.py``) as a read-only
         float32 array, gathered once per request (numpy stacks arrays several times faster than tuples):
-        greedy rows get temperature 1 and every filter off; LOGPROBS is -1 where no logprobs were asked for. (Not a field: ``asdict`` and equality ignore it.)"""
+        greedy rows get temperature 1 and every filter off; LOGPROBS is -1 where no logprobs were asked for.
+        (Not a field: ``asdict`` and equality ignore it.)"""
         g = self.greedy
         row = np.array((1.0 if g else self.temperature, float(g), 0.0 if g or self.top_k < 1 else float(self.top_k),
                         1.0 if g else self.top_p, 0.0 if g else self.min_p, self.repetition_penalty,
