@@ -12,6 +12,7 @@ CDF; only the best candidates when top-k / top-p is asked: sampling_draw.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,7 @@ from moeserve.coordinator.sampling_draw import (
     draw_full,
     first_candidates,
     inverse_cdf,
+    shifted_exp,
     uniforms,
 )
 from moeserve.coordinator.sampling_params import (
@@ -91,7 +93,7 @@ class Sampler:
         logits = self._prepare(logits, batch)
         if batch.all_greedy:  # fast path: argmax only
             best, ids = logits.max(dim=-1)
-            return SamplerOutput(ids, chosen_logprobs(logits, best, batch), top)
+            return SamplerOutput(ids, chosen_logprobs(logits, best, batch, self._work), top)
         ids, logprobs = self._sample_rows(logits, batch)
         return SamplerOutput(ids, logprobs, top)
 
@@ -116,7 +118,7 @@ class Sampler:
             if not rows.size:
                 continue
             group = _RowGroup(logits, batch, u, rows)
-            out = group.greedy() if kind == "greedy" else \
+            out = group.greedy(self._work) if kind == "greedy" else \
                 group.sample(kind == "candidates", self._work(group.logits))
             if group.index is None:  # one group holds every row
                 return out
@@ -196,11 +198,13 @@ class Sampler:
         return logits
 
 
-def chosen_logprobs(logits: torch.Tensor, best: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The greedy rows' chosen-token log-probs (``best``: their largest logits): a logsumexp over the vocabulary,
-    paid only where a row of the batch asked for logprobs; NaN otherwise."""
+def chosen_logprobs(logits: torch.Tensor, best: torch.Tensor, batch: SamplingBatch,
+                    scratch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The greedy rows' chosen-token log-probs (``best``: their largest logits), -log(sum(exp(logits - best))):
+    one pass over the vocabulary in ``scratch(logits)``'s reused buffer, paid only where a row of the batch asked
+    for logprobs; NaN otherwise."""
     if batch.need_logprobs:
-        return best - torch.logsumexp(logits, dim=-1)
+        return shifted_exp(logits, best[:, None], None, scratch(logits)).sum(-1).log_().neg_()
     return torch.full_like(best, float("nan"))
 
 
@@ -215,9 +219,9 @@ class _RowGroup:
     def take(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.index is None else t.index_select(0, self.index)
 
-    def greedy(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def greedy(self, scratch: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         best, ids = self.logits.max(dim=-1)
-        return ids, chosen_logprobs(self.logits, best, self.batch)
+        return ids, chosen_logprobs(self.logits, best, self.batch, scratch)
 
     def sample(self, with_candidates: bool, work: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         host, batch, logits = self.host, self.batch, self.logits
