@@ -26,7 +26,7 @@ class RankPlace:
 def connect() -> bool:
     """Join the Ray cluster of RAY_ADDRESS, or start a local one; True when the caller owns the connection (and
     disconnects again at shutdown): this call connected, or an earlier one did that nobody has claimed yet (the
-    prestart of ``ray_executor.prestart`` connects ahead of the executor)."""
+    prestart of ``ray_actor.prestart`` connects ahead of the executor)."""
     global _connected_here
     if ray.is_initialized():
         owned, _connected_here = _connected_here, False
