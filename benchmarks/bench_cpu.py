@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -94,10 +95,19 @@ def run_moeserve(model: Path, ids: list[list[int]], output_len: int, dtype: str)
     engine = Engine(EngineConfig(model=str(model), dtype=dtype, max_num_seqs=len(ids),
                                  max_num_batched_tokens=4096, kv_cache_memory=2 << 30))
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    t0 = time.perf_counter()
+    t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     finals = engine.generate(ids, params)
     elapsed = time.perf_counter() - t0
-    return {"elapsed_s": elapsed, "tokens": [f.output_token_ids for f in finals]}
+    return {"elapsed_s": elapsed, "tokens": [f.output_token_ids for f in finals], **process_costs(use0)}
+
+
+def process_costs(before: resource.struct_rusage) -> dict:
+    """What the process spent since ``before``, every thread together: CPU seconds in user and system mode, minor
+    page faults, and context switches (voluntary: a thread waited; involuntary: the kernel took its core)."""
+    now = resource.getrusage(resource.RUSAGE_SELF)
+    return {"user_s": round(now.ru_utime - before.ru_utime, 2), "sys_s": round(now.ru_stime - before.ru_stime, 2),
+            "minor_faults": now.ru_minflt - before.ru_minflt, "voluntary_switches": now.ru_nvcsw - before.ru_nvcsw,
+            "involuntary_switches": now.ru_nivcsw - before.ru_nivcsw}
 
 
 def run_hf(model: Path, ids: list[list[int]], output_len: int, dtype: str) -> dict:
@@ -105,12 +115,12 @@ def run_hf(model: Path, ids: list[list[int]], output_len: int, dtype: str) -> di
 
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     inputs = torch.tensor(ids)
-    t0 = time.perf_counter()
+    t0, use0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     with torch.no_grad():
         out = hf.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=output_len,
                           min_new_tokens=output_len, do_sample=False)
     elapsed = time.perf_counter() - t0
-    return {"elapsed_s": elapsed, "tokens": out[:, inputs.shape[1]:].tolist()}
+    return {"elapsed_s": elapsed, "tokens": out[:, inputs.shape[1]:].tolist(), **process_costs(use0)}
 
 
 def run_in_subprocess(python: str, engine: str, model: Path, args: argparse.Namespace,
@@ -227,8 +237,10 @@ def report(results: dict, args: argparse.Namespace) -> None:
             agree = r.get("greedy_agreement_with_moeserve")
             same = (f"   greedy tokens equal to moeserve's: {agree['identical']:.0%} of requests, mean common "
                     f"prefix {agree['mean_common_prefix']:.1f} tokens" if agree else "")
+            costs = (f"   user {r['user_s']} s, sys {r['sys_s']} s, {r['minor_faults']} minor faults, "
+                     f"{r['voluntary_switches']} / {r['involuntary_switches']} switches" if "sys_s" in r else "")
             print(f"{engine:<9} {r['output_tokens_per_s']:9.1f} output tok/s   moeserve / {engine} = {ratio:5.2f}x"
-                  f"   malloc: {r.get('allocator', 'system')}" + same)
+                  f"   malloc: {r.get('allocator', 'system')}" + costs + same)
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
 

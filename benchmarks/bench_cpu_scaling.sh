@@ -70,12 +70,16 @@ if [ "${VARIANTS:-0}" = 1 ]; then
 fi
 
 if [ "${ALLOCATORS:-0}" = 1 ]; then  # moeserve's bench at 2 and MANY threads on jemalloc and on glibc's malloc
+    # (each line ends with the run's CPU time in user and system mode, minor faults and context switches);
+    # "jemalloc-decaying" is jemalloc with its own defaults (freed pages purged after 10 s) instead of moeserve's
     for cfg in "2 0,1" "$MANY 0-$((MANY - 1))"; do
         set -- $cfg
-        for alloc in jemalloc system; do
-            echo "$1 threads, $alloc: $(OMP_NUM_THREADS=$1 MOESERVE_CPU_ALLOCATOR=$alloc taskset -c "$2" python3 \
-                benchmarks/bench_cpu.py --engine moeserve --num-prompts "$PROMPTS" --input-len 128 --output-len \
-                "$OUTPUT_LEN" --vllm-python /nonexistent | grep -E '^moeserve ' | cut -c1-60)"
+        for alloc in jemalloc system jemalloc-decaying; do
+            conf=() kind=$alloc
+            [ "$alloc" = jemalloc-decaying ] && conf=(MALLOC_CONF=dirty_decay_ms:10000,muzzy_decay_ms:0) kind=jemalloc
+            echo "$1 threads, $alloc: $(env "${conf[@]}" OMP_NUM_THREADS=$1 MOESERVE_CPU_ALLOCATOR=$kind taskset -c "$2" \
+                python3 benchmarks/bench_cpu.py --engine moeserve --num-prompts "$PROMPTS" --input-len 128 \
+                --output-len "$OUTPUT_LEN" --vllm-python /nonexistent | grep -E "^moeserve " | cut -c1-250)"
         done
     done | tee "$OUT/allocators.txt"
 fi

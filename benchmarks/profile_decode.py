@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -82,7 +83,10 @@ def fill(engine, batch: int, input_len: int, steps: int) -> None:
     from moeserve.coordinator.sampling import SamplingParams
 
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=steps * 3 + 2, temperature=0.0, ignore_eos=True)
+    # as many tokens as the context allows: the first prompts decode while the last ones prefill (8192 tokens
+    # a step: 32 steps for 256 x 1024), so a budget counted from the profiled steps alone would let the early
+    # requests finish inside the windows and shrink the batch (it did: "batch 256" ran at about 190, then 113)
+    params = SamplingParams(max_tokens=engine.max_model_len - input_len, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         ids = torch.randint(0, engine.model_config.vocab_size, (input_len,), generator=gen).tolist()
         engine.add_request(f"p{i}", prompt_token_ids=ids, params=params)
@@ -99,17 +103,24 @@ def profile_steps(engine, steps: int, trace: str | None = None) -> dict:
 
     engine.step()
     engine.stats.phase_s = dict.fromkeys(engine.stats.phase_s, 0.0)
-    start = time.perf_counter()
+    rows = [len(engine.scheduler.running)]
+    step_s = []
     for _ in range(steps):
+        t = time.perf_counter()
         engine.step()
-    step_ms = (time.perf_counter() - start) / steps * 1e3
+        step_s.append(time.perf_counter() - t)
+    step_ms = sum(step_s) / steps * 1e3
     # where the host's time goes per step (EngineStats.phase_s): with async scheduling, all but "wait"
     # overlaps the GPU
     phases = {k: round(v / steps * 1e3, 3) for k, v in engine.stats.phase_s.items()}
+    rows.append(len(engine.scheduler.running))
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             engine.step()
+        profiled_ms = (time.perf_counter() - start) / steps * 1e3
     torch.cuda.synchronize()
+    rows.append(len(engine.scheduler.running))
     if trace:
         Path(trace).parent.mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(trace)
@@ -127,9 +138,14 @@ def profile_steps(engine, steps: int, trace: str | None = None) -> dict:
         per_kernel[evt.name[:80]][0] += dur
         per_kernel[evt.name[:80]][1] += 1
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]
-    return {"step_ms": step_ms, "host_phase_ms_per_step": phases,
+    # the GPU's busy time is the profiled window's; the step time is the timed window's (the profiler slows the
+    # host): both windows run the same batch (``running_rows``: at the start of each and at the end)
+    return {"step_ms": step_ms, "step_ms_median": statistics.median(step_s) * 1e3,
+            "step_ms_max": max(step_s) * 1e3, "profiled_step_ms": profiled_ms, "running_rows": rows,
+            "host_phase_ms_per_step": phases,
             "kernels_per_step": count / steps, "gpu_busy_ms_per_step": busy_us / steps / 1e3,
             "busy_fraction": busy_us / steps / 1e3 / step_ms,
+            "busy_fraction_profiled": busy_us / steps / 1e3 / profiled_ms,
             "ms_per_step_by_class": {k: round(v / steps / 1e3, 3) for k, v in sorted(per_class.items(),
                                                                                 key=lambda kv: -kv[1])},
             "top_kernels": [{"name": k, "ms_per_step": round(v[0] / steps / 1e3, 3), "launches_per_step": v[1] / steps}

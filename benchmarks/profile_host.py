@@ -64,7 +64,9 @@ def profile_batch(args: argparse.Namespace, batch: int) -> dict:
     model_s = time_model(engine)
     gen = torch.Generator().manual_seed(1234)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(max_tokens=2 * args.steps + 8, temperature=0.0, ignore_eos=True)
+    # as many tokens as the context allows: the first prompts decode while the last ones prefill, so a budget
+    # counted from the timed steps alone can finish them inside the window and shrink the batch
+    params = SamplingParams(max_tokens=engine.max_model_len - args.input_len, temperature=0.0, ignore_eos=True)
     for i, ids in enumerate(torch.randint(2, vocab, (batch, args.input_len), generator=gen).tolist()):
         engine.add_request(f"r{i}", prompt_token_ids=ids, params=params)
     while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
@@ -77,6 +79,7 @@ def profile_batch(args: argparse.Namespace, batch: int) -> dict:
     for _ in range(args.steps):
         engine.step()
     step_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    assert len(engine.scheduler.running) == batch, "the batch shrank inside the timed window"
     phases = {k: (v - phases0[k]) * 1e3 / args.steps for k, v in engine.stats.phase_s.items()}
     model_ms = (model_s[0] - model0) * 1e3 / args.steps
     result = {"batch": batch, "step_ms": step_ms, "model_ms": model_ms, "host_ms": step_ms - model_ms,
