@@ -10,10 +10,11 @@ tokens/s and the ratios.
 With ``--rounds N`` the engines run in turn N times and each engine's median run is reported (with every
 round's time): on a shared or noisy machine one run of each moves the ratios by 10-20%.
 
-moeserve runs on jemalloc where it is installed, as the ``moeserve`` command runs itself on CPU
-(``moeserve/cpu_allocator.py``; ``MOESERVE_CPU_ALLOCATOR=system`` for glibc's malloc); vLLM gets the same
-preload, as its CPU docs ask for one (tcmalloc, which its registry wheel does not bundle); HF runs with the
-defaults of a Python process. Each result names the malloc it ran on.
+moeserve runs on jemalloc and Intel OpenMP where they are installed, as the ``moeserve`` command runs itself on
+CPU (``moeserve/cpu_runtime.py``; ``MOESERVE_CPU_ALLOCATOR=system`` for glibc's malloc, ``MOESERVE_CPU_OPENMP=gnu``
+for PyTorch's libgomp); vLLM gets the same preloads, as its CPU docs ask for a preloaded malloc (tcmalloc, which
+its registry wheel does not bundle); HF runs with the defaults of a Python process. Each result names the malloc
+and the OpenMP runtime it ran on.
 
 vLLM runs in its own virtual environment (it pins torch); create it with:
 
@@ -130,7 +131,7 @@ def run_in_subprocess(python: str, engine: str, model: Path, args: argparse.Name
            "--output-len", str(args.output_len), "--dtype", args.dtype]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"), **(extra_env or {}))
     if engine in ("moeserve", "vllm"):
-        from moeserve.cpu_allocator import preload_env
+        from moeserve.cpu_runtime import preload_env
 
         # moeserve as its command runs itself on CPU; vLLM as its CPU docs ask (a preloaded malloc), where its
         # wheel did not bundle the tcmalloc its platform code would preload
@@ -174,9 +175,10 @@ def main() -> None:
     ids = prompts(args.num_prompts, args.input_len, V2_SHAPED["vocab_size"])
     if args.engine != "all":  # child process: one engine, JSON on the last line
         run = run_moeserve if args.engine == "moeserve" else run_hf
-        from moeserve.cpu_allocator import in_use
+        from moeserve.cpu_runtime import in_use, openmp_in_use
 
-        print(json.dumps(run(args.model, ids, args.output_len, args.dtype) | {"allocator": in_use()}))
+        runtime = {"allocator": in_use(), "openmp": openmp_in_use()}
+        print(json.dumps(run(args.model, ids, args.output_len, args.dtype) | runtime))
         return
     model = write_checkpoint(args.model)
     results = {"workload": vars(args) | {"model": str(model), "json_out": None, "vllm_python": None},
@@ -240,7 +242,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
             costs = (f"   user {r['user_s']} s, sys {r['sys_s']} s, {r['minor_faults']} minor faults, "
                      f"{r['voluntary_switches']} / {r['involuntary_switches']} switches" if "sys_s" in r else "")
             print(f"{engine:<9} {r['output_tokens_per_s']:9.1f} output tok/s   moeserve / {engine} = {ratio:5.2f}x"
-                  f"   malloc: {r.get('allocator', 'system')}" + costs + same)
+                  f"   malloc: {r.get('allocator', 'system')}, OpenMP: {r.get('openmp', 'gnu')}" + costs + same)
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
 

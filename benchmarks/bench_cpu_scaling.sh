@@ -11,10 +11,11 @@
 # mla_decode.txt (the MLA decode kernel alone, both its paths, at 2 and MANY threads), and with
 # VARIANTS=1 decode_variants.txt: the decode step at MANY threads under OpenMP settings that change how its
 # threads wait and where they run (passive waiting, threads bound to cores, one thread per physical core
-# where SMT siblings share them, one or two cores left to the rest of the process), and probe_threads.json (benchmarks/probe_cpu_threads.py: bandwidth, the expert kernel
-# and the small ops around it at 2..MANY threads); with ALLOCATORS=1 allocators.txt: moeserve's bench at 2 and MANY
-# threads on jemalloc and on glibc's malloc. moeserve runs on jemalloc where bench_cpu.py finds it
-# (moeserve/cpu_allocator.py): on a host without the Debian package, point MOESERVE_JEMALLOC at a copy.
+# where SMT siblings share them, one or two cores left to the rest of the process), and probe_threads.json
+# (benchmarks/probe_cpu_threads.py: bandwidth, the expert kernel and the small ops around it at 2..MANY threads);
+# with RUNTIMES=1 runtimes.txt: moeserve's bench at 2 and MANY threads on jemalloc or glibc's malloc and on Intel
+# or GNU OpenMP. moeserve runs on jemalloc and Intel OpenMP where bench_cpu.py finds them
+# (moeserve/cpu_runtime.py): on a host without them, point MOESERVE_JEMALLOC and MOESERVE_IOMP at copies.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MANY=${1:-16}
@@ -27,24 +28,29 @@ lscpu -e=CPU,CORE,SOCKET,NODE | tr '\n' ';'; echo  # which CPUs share a core (SM
 echo "AMX flags: $(grep -o 'amx_[a-z0-9]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 python3 -m moeserve.launch.cli check | grep -E "^cpu"  # the kernels, and how many OpenMP runtimes they loaded
 
+# the in-process scripts (profile_cpu.py, bench_cpu_steps.py, bench_cpu_mla_decode.py) run on the libraries the
+# moeserve command preloads for a CPU engine, as bench_cpu.py's moeserve process does
+PRELOADS=$(python3 -c "import shlex; from moeserve.cpu_runtime import preload_env
+print(' '.join(f'{k}={shlex.quote(v)}' for k, v in preload_env().items()))")
+echo "preloads: ${PRELOADS:-none}"
 run() {  # run THREADS CPUS
     local threads=$1 cpus=$2
     echo "== $threads threads on CPUs $cpus"
     OMP_NUM_THREADS=$threads taskset -c "$cpus" python3 benchmarks/bench_cpu.py --num-prompts "$PROMPTS" \
         --input-len 128 --output-len "$OUTPUT_LEN" --vllm-python /nonexistent --json-out "$OUT/bench_t$threads.json"
-    OMP_NUM_THREADS=$threads taskset -c "$cpus" python3 benchmarks/profile_cpu.py --threads "$threads" \
+    env $PRELOADS OMP_NUM_THREADS=$threads taskset -c "$cpus" python3 benchmarks/profile_cpu.py --threads "$threads" \
         --prompts "$PROMPTS" --input-len 64 --json-out "$OUT/profile_t$threads.json" | grep -E "^== "
 }
 run 2 0,1
 run "$MANY" "0-$((MANY - 1))"
 for t in 2 "$MANY"; do  # MLA decode alone, both paths (AMX tiles, AVX-512): does the kernel scale?
-    taskset -c "0-$((t - 1))" python3 benchmarks/bench_cpu_mla_decode.py --threads "$t" | tee -a "$OUT/mla_decode.txt"
+    env $PRELOADS taskset -c "0-$((t - 1))" python3 benchmarks/bench_cpu_mla_decode.py --threads "$t" | tee -a "$OUT/mla_decode.txt"
 done
 if [ "${VARIANTS:-0}" = 1 ]; then
     steps="benchmarks/bench_cpu_steps.py --prompts $PROMPTS --input-len 64 --decode-steps 8 --rounds 2"
     variant() {  # variant NAME THREADS [ENV...]
         local name=$1 threads=$2; shift 2
-        echo "$name: $(env "$@" taskset -c "0-$((MANY - 1))" python3 $steps --threads "$threads" | tail -1)"
+        echo "$name: $(env $PRELOADS "$@" taskset -c "0-$((MANY - 1))" python3 $steps --threads "$threads" | tail -1)"
     }
     {
         variant default "$MANY"
@@ -55,7 +61,7 @@ if [ "${VARIANTS:-0}" = 1 ]; then
         per_core=$(lscpu -p=CPU,CORE | grep -v '^#' | awk -F, -v n="$MANY" '$1 < n && !seen[$2]++ {print $1}' | paste -sd,)
         cores=$(echo "$per_core" | tr ',' '\n' | wc -l)
         if [ "$cores" -lt "$MANY" ]; then
-            echo "one thread per core ($cores cores: CPUs $per_core): $(taskset -c "$per_core" python3 $steps \
+            echo "one thread per core ($cores cores: CPUs $per_core): $(env $PRELOADS taskset -c "$per_core" python3 $steps \
                 --threads "$cores" | tail -1)"
         fi
         if [ "$MANY" -gt 3 ]; then
@@ -69,19 +75,17 @@ if [ "${VARIANTS:-0}" = 1 ]; then
         --json-out "$OUT/probe_threads.json" | grep threads
 fi
 
-if [ "${ALLOCATORS:-0}" = 1 ]; then  # moeserve's bench at 2 and MANY threads on jemalloc and on glibc's malloc
-    # (each line ends with the run's CPU time in user and system mode, minor faults and context switches);
-    # "jemalloc-decaying" is jemalloc with its own defaults (freed pages purged after 10 s) instead of moeserve's
+if [ "${RUNTIMES:-0}" = 1 ]; then  # moeserve's bench at 2 and MANY threads on each malloc and OpenMP runtime
+    # (each line ends with the run's CPU time in user and system mode, minor faults and context switches)
     for cfg in "2 0,1" "$MANY 0-$((MANY - 1))"; do
         set -- $cfg
-        for alloc in jemalloc system jemalloc-decaying; do
-            conf=() kind=$alloc
-            [ "$alloc" = jemalloc-decaying ] && conf=(MALLOC_CONF=dirty_decay_ms:10000,muzzy_decay_ms:0) kind=jemalloc
-            echo "$1 threads, $alloc: $(env "${conf[@]}" OMP_NUM_THREADS=$1 MOESERVE_CPU_ALLOCATOR=$kind taskset -c "$2" \
-                python3 benchmarks/bench_cpu.py --engine moeserve --num-prompts "$PROMPTS" --input-len 128 \
+        for rt in "jemalloc intel" "jemalloc gnu" "system intel"; do
+            set -- "$1" "$2" $rt
+            echo "$1 threads, $3 malloc, $4 OpenMP: $(OMP_NUM_THREADS=$1 MOESERVE_CPU_ALLOCATOR=$3 MOESERVE_CPU_OPENMP=$4 \
+                taskset -c "$2" python3 benchmarks/bench_cpu.py --skip-hf --num-prompts "$PROMPTS" --input-len 128 \
                 --output-len "$OUTPUT_LEN" --vllm-python /nonexistent | grep -E "^moeserve " | cut -c1-250)"
         done
-    done | tee "$OUT/allocators.txt"
+    done | tee "$OUT/runtimes.txt"
 fi
 
 python3 - "$OUT" "$MANY" <<'PY'

@@ -8,6 +8,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     # CPU build where the machine offers one (pip's find-links); otherwise the registry's default build.
     "$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch
 fi
-# the test tools at the versions of scripts/test-constraints.txt (its header says how to move them), and the
-# optional Ray extra, whose executor the tests run on a local two-node Ray cluster
-"$PY" -m pip install -q -c scripts/test-constraints.txt -e ".[test,ray]"
+# the test tools at the versions of scripts/test-constraints.txt (its header says how to move them), the
+# optional Ray extra, whose executor the tests run on a local two-node Ray cluster, and the cpu extra (Intel's
+# OpenMP runtime, which the moeserve command preloads for CPU engines: moeserve/cpu_runtime.py)
+"$PY" -m pip install -q -c scripts/test-constraints.txt -e ".[test,ray,cpu]"

@@ -2,7 +2,7 @@
 # Debian packages some tests use as real services, installed where this runs as root (as CI does): redis-server
 # (the shared KV store), prometheus (scrapes the server; promtool checks deploy/'s rules), chromium and
 # chromium-driver (the dashboard in a real browser), and libjemalloc2 (the malloc the moeserve command preloads on
-# CPU, moeserve/cpu_allocator.py; it is optional there). Elsewhere, or if the install fails, the tests that need
+# CPU, moeserve/cpu_runtime.py; it is optional there). Elsewhere, or if the install fails, the tests that need
 # them skip and say why. Only the test command needs them, not the main job.
 set -uo pipefail
 missing=()

@@ -85,15 +85,19 @@ def mla_vectorized() -> bool:
 
 
 def openmp_runtimes() -> list[str]:
-    """The OpenMP runtime libraries mapped into this process. One is right: the kernels' parallel loops must
+    """The OpenMP runtimes this process's parallel loops run on. One is right: the kernels' parallel loops must
     share PyTorch's thread pool; a second (a system libgomp beside a wheel's vendored copy) would run its own
-    team of threads beside it, two threads per core."""
+    team of threads beside it, two threads per core. A preloaded Intel runtime (``moeserve/cpu_runtime.py``)
+    takes the GNU entry points of every library, so the libgomp PyTorch still maps beside it runs nothing."""
     try:
         maps = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return []
     names = ("libgomp", "libiomp", "libomp")
-    return sorted({line.split()[-1] for line in maps if any(n in line.rsplit("/", 1)[-1] for n in names)})
+    found = sorted({line.split()[-1] for line in maps if any(n in line.rsplit("/", 1)[-1] for n in names)})
+    if "libiomp5" in os.environ.get("LD_PRELOAD", ""):
+        found = [f for f in found if "libgomp" not in f.rsplit("/", 1)[-1]]
+    return found
 
 
 def status() -> str:

@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from moeserve.kvstore.store import StoreConfigError
 
     if runs_cpu_engine(args):
-        from moeserve.cpu_allocator import in_use
+        from moeserve.cpu_runtime import in_use, openmp_in_use
 
-        logging.getLogger(__name__).info("CPU malloc: %s", in_use())
+        logging.getLogger(__name__).info("CPU malloc: %s; CPU OpenMP: %s", in_use(), openmp_in_use())
 
     try:
         return int(args.func(args) or 0)
@@ -92,14 +92,14 @@ def runs_cpu_engine(args: argparse.Namespace) -> bool:
 
 
 def entry() -> int:
-    """The ``moeserve`` program: ``main`` on jemalloc where the command runs an engine on CPU (see
-    ``moeserve/cpu_allocator.py``; the process re-executes itself once, before loading torch's libraries)."""
+    """The ``moeserve`` program: ``main`` on jemalloc and Intel OpenMP where the command runs an engine on CPU
+    (see ``moeserve/cpu_runtime.py``; the process re-executes itself once, before loading torch's libraries)."""
     argv = sys.argv[1:]
     args, _ = build_parser().parse_known_args(argv)
     if runs_cpu_engine(args):
-        from moeserve.cpu_allocator import reexec_with_jemalloc
+        from moeserve.cpu_runtime import reexec_with_preloads
 
-        reexec_with_jemalloc(argv)
+        reexec_with_preloads(argv)
     return main(argv)
 
 

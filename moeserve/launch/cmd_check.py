@@ -37,14 +37,14 @@ def environment_report() -> list[tuple[str, str]]:
 
 
 def cpu_rows(threads: int) -> list[tuple[str, str]]:
-    from moeserve.cpu_allocator import describe
+    from moeserve.cpu_runtime import describe, describe_openmp
     from moeserve.model.cpu_info import cpu_info, matmul_path
 
     info = cpu_info()
     return [("cpu", f"{info.model} ({info.arch}), {threads} threads"),
             ("cpu isa", ", ".join(info.flags) or "none of the matmul extensions moeserve looks for"),
             ("cpu matmul", f"float32: {matmul_path(info, 'float32')}; bfloat16: {matmul_path(info, 'bfloat16')}"),
-            ("cpu kernels", cpu_kernels_row()), ("cpu malloc", describe())]
+            ("cpu kernels", cpu_kernels_row()), ("cpu malloc", describe()), ("cpu openmp", describe_openmp())]
 
 
 def cpu_kernels_row() -> str:
