@@ -151,6 +151,15 @@ def preload_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return {"LD_PRELOAD": ":".join([*libs, text] if text else libs), **extra, _DONE: "1"}
 
 
+def shared_cores_env(environ: Mapping[str, str], processes: int) -> dict[str, str]:
+    """Variables for ``processes`` engine processes (ranks or replicas) that share this machine's cores: Intel
+    OpenMP's threads then wait 1 ms for more work before they sleep, instead of the default 200 ms that another
+    process's threads would spend spinning beside them (``tests/test_distributed_engine.py`` on 2 cores: 63 s
+    against 52 on GNU OpenMP, 52 with this). Unchanged where the user set ``KMP_BLOCKTIME``, and for one
+    process, which keeps the default it was measured with (BENCHMARKS.md, issue 26)."""
+    return {"KMP_BLOCKTIME": "1"} if processes > 1 and "KMP_BLOCKTIME" not in environ else {}
+
+
 def reexec_with_preloads(argv: list[str]) -> None:
     """Replace this process by ``python -m moeserve.launch.cli *argv`` with jemalloc and Intel OpenMP preloaded,
     where ``preload_env`` offers them and this process is not already such a one; returns only where it does

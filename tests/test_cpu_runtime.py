@@ -63,3 +63,11 @@ def test_cli_runs_cpu_engine_on_jemalloc_and_intel_openmp() -> None:
     ids_plain, malloc_plain, openmp_plain = generate({"MOESERVE_CPU_ALLOCATOR": "system", "MOESERVE_CPU_OPENMP": "gnu"})
     assert (malloc_plain, openmp_plain) == ("system", "gnu")
     assert ids == ids_plain and len(ids) == 8
+
+
+def test_shared_cores_env() -> None:
+    """Intel OpenMP's threads spin 1 ms, not 200, where several engine processes share the cores; one process,
+    or a KMP_BLOCKTIME the user set, is left alone."""
+    assert cpu_runtime.shared_cores_env({}, 2) == {"KMP_BLOCKTIME": "1"}
+    assert cpu_runtime.shared_cores_env({}, 1) == {}
+    assert cpu_runtime.shared_cores_env({"KMP_BLOCKTIME": "50"}, 4) == {}

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from moeserve.cpu_runtime import preload_env
+from moeserve.cpu_runtime import preload_env, shared_cores_env
 from moeserve.stages.worker_spec import WorkerSpec
 
 
@@ -21,7 +21,8 @@ def spawn_workers(specs: list[WorkerSpec], env: dict[str, str] | None = None) ->
     env = dict(os.environ if env is None else env)
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if all(s.device.startswith("cpu") for s in specs):
-        env.update(preload_env(env))  # CPU ranks on jemalloc (moeserve/cpu_runtime.py)
+        env.update(preload_env(env))  # CPU ranks on jemalloc and Intel OpenMP (moeserve/cpu_runtime.py)
+        env.update(shared_cores_env(env, len(specs)))  # the node's ranks share its cores
     return [subprocess.Popen([sys.executable, "-m", "moeserve.stages.worker", s.to_json()], env=env,
                              start_new_session=True)
             for s in specs]

@@ -42,6 +42,7 @@ from moeserve.coordinator.outputs import RequestOutput
 from moeserve.coordinator.request import RequestError
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.coordinator.supervisor import StreamInterrupted
+from moeserve.cpu_runtime import shared_cores_env
 
 
 def _pack(body: dict[str, Any]) -> bytes:
@@ -218,7 +219,8 @@ class ReplicaSet:
             sock.bind(f"ipc://{self.tmp}/cmd-{i}")
             spec = {"index": i, "engine": self.engine, "cmd_addr": f"ipc://{self.tmp}/cmd-{i}",
                     "out_addr": f"ipc://{self.tmp}/out", "num_threads": self.num_threads}
-            proc = subprocess.Popen([sys.executable, "-m", "moeserve.frontend.replica", json.dumps(spec)])
+            proc = subprocess.Popen([sys.executable, "-m", "moeserve.frontend.replica", json.dumps(spec)],
+                                    env=os.environ | shared_cores_env(os.environ, self.count))
             self.backends.append(ReplicaBackend(i, sock, proc))
         ready: set[int] = set()
         deadline = time.monotonic() + timeout_s
