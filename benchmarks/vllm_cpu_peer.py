@@ -1,6 +1,6 @@
 """The vLLM side of benchmarks/bench_cpu.py; runs inside vLLM's own virtual environment (not moeserve's).
 
-Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...], "allocator": ...} (the malloc vLLM's CPU
+Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...], "allocator": ..., "openmp": ...} (the malloc vLLM's CPU
 platform preloaded into its engine process, if any: it does where its wheel bundles tcmalloc).
 """
 
@@ -38,8 +38,10 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     preload = os.environ.get("LD_PRELOAD", "")
     allocator = next((name for name in ("tcmalloc", "jemalloc") if name in preload), "system")
+    with open("/proc/self/maps") as maps:  # the OpenMP runtime mapped first takes the GNU entry points
+        openmp = "intel" if "libiomp5" in maps.read() else "gnu"
     print(json.dumps({"elapsed_s": elapsed, "tokens": [list(o.outputs[0].token_ids) for o in outs],
-                      "allocator": allocator}))
+                      "allocator": allocator, "openmp": openmp}))
 
 
 if __name__ == "__main__":
