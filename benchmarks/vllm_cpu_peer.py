@@ -1,7 +1,8 @@
 """The vLLM side of benchmarks/bench_cpu.py; runs inside vLLM's own virtual environment (not moeserve's).
 
-Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...], "allocator": ..., "openmp": ...} (the malloc vLLM's CPU
-platform preloaded into its engine process, if any: it does where its wheel bundles tcmalloc).
+Prints one JSON line: {"elapsed_s": ..., "tokens": [[...], ...], "allocator": ..., "openmp": ...} (the malloc
+vLLM's CPU platform preloaded into its engine process, if any: it does where its wheel bundles tcmalloc; and the
+OpenMP runtime mapped, read here rather than through moeserve.cpu_runtime, which vLLM's venv does not have).
 """
 
 from __future__ import annotations

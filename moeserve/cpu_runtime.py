@@ -78,6 +78,11 @@ def preloaded_by(ld_preload: str) -> str | None:
     return next((name for name in _ALLOCATORS if name in ld_preload), None)
 
 
+def iomp_preloaded_by(ld_preload: str) -> bool:
+    """Whether an ``LD_PRELOAD`` value preloads Intel's OpenMP runtime."""
+    return _IOMP in ld_preload
+
+
 def preloaded() -> str | None:
     """The allocator preloaded into this process (``jemalloc`` / ``tcmalloc``), or None for the system's."""
     return preloaded_by(os.environ.get("LD_PRELOAD", ""))
@@ -119,7 +124,7 @@ def describe_openmp() -> str:
     """One line for ``moeserve check``: the OpenMP runtime a CPU engine started by the command runs on."""
     if os.environ.get("MOESERVE_CPU_OPENMP", "intel") == "gnu":
         return "GNU OpenMP, PyTorch's libgomp (MOESERVE_CPU_OPENMP=gnu)"
-    if _IOMP in os.environ.get("LD_PRELOAD", ""):
+    if iomp_preloaded_by(os.environ.get("LD_PRELOAD", "")):
         return "Intel OpenMP (preloaded by the environment)"
     lib = find_iomp()
     if lib is None:
@@ -142,7 +147,7 @@ def preload_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
         if lib is not None:
             libs.append(lib)
             extra["MALLOC_CONF"] = env.get("MALLOC_CONF") or MALLOC_CONF
-    if env.get("MOESERVE_CPU_OPENMP", "intel") != "gnu" and _IOMP not in text:
+    if env.get("MOESERVE_CPU_OPENMP", "intel") != "gnu" and not iomp_preloaded_by(text):
         lib = find_iomp(env)
         if lib is not None:
             libs.append(lib)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moeserve.cpu_runtime import iomp_preloaded_by
+
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).resolve().parent / "cpu"
@@ -95,7 +97,7 @@ def openmp_runtimes() -> list[str]:
         return []
     names = ("libgomp", "libiomp", "libomp")
     found = sorted({line.split()[-1] for line in maps if any(n in line.rsplit("/", 1)[-1] for n in names)})
-    if "libiomp5" in os.environ.get("LD_PRELOAD", ""):
+    if iomp_preloaded_by(os.environ.get("LD_PRELOAD", "")):
         found = [f for f in found if "libgomp" not in f.rsplit("/", 1)[-1]]
     return found
 
