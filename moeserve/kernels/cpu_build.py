@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 _HERE = Path(__file__).resolve().parent / "cpu"
 SOURCES = [_HERE / name for name in ("moe_experts.cpp", "mla_decode.cpp", "mla_decode_amx.cpp", "mla_prologue.cpp",
                                      "rms_norm.cpp")]
-HEADERS = [_HERE / name for name in ("mla_decode_amx.h", "rms_row.h")]  # not compiled alone, but a change to one must rebuild
+# not compiled alone, but a change to one must rebuild
+HEADERS = [_HERE / name for name in ("bf16_bits.h", "mla_decode_amx.h", "rms_row.h", "row_grain.h")]
 ENV = "MOESERVE_CPU_KERNELS"
 
 

@@ -8,6 +8,7 @@
 // and x2 cos + x1 sin at i + d/2, in float32, rounded to bf16 once.
 
 #include "rms_row.h"
+#include "row_grain.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -81,7 +82,7 @@ void rope_into(const at::Tensor& x, const at::Tensor& positions, const at::Tenso
   const float* c = cos.const_data_ptr<float>();
   const float* s = sin.const_data_ptr<float>();
   check_in_range(pos, T, cos.size(0), "position out of the rotary table");
-  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, moeserve_kernels::row_grain(H * 2 * half * 2), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t h = 0; h < H; ++h) {
         rotate(xp + t * xs0 + h * xs1, c + pos[t] * half, s + pos[t] * half, half, interleave, op + t * os0 + h * os1);
@@ -117,7 +118,7 @@ void mla_write_kv(const at::Tensor& kv_a, const at::Tensor& weight, double eps, 
   const float e = static_cast<float>(eps);
   check_in_range(pos, T, cos.size(0), "position out of the rotary table");
   check_in_range(slot, T, cache.size(0), "slot out of the cache");
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, moeserve_kernels::row_grain(W * 2), [&](int64_t begin, int64_t end) {
     std::vector<float> row(R);
     for (int64_t t = begin; t < end; ++t) {
       const bf16* x = src + t * ks;

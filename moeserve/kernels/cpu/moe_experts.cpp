@@ -8,6 +8,8 @@
 // routing weight are applied to each block as it leaves the micro-kernel; each token's pairs are summed in
 // float32, in a fixed order (its top-k order), so the result does not depend on the thread count.
 
+#include "row_grain.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
@@ -159,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sort_pairs(const at::
   const bf16* src = x.const_data_ptr<bf16>();
   bf16* dst = xs.mutable_data_ptr<bf16>();
   const int64_t xstride = x.stride(0);
-  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, N, moeserve_kernels::row_grain(H * 2), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       if (row_of[i] >= 0) std::copy(src + (i / K) * xstride, src + (i / K) * xstride + H, dst + row_of[i] * H);
     }
@@ -178,7 +180,7 @@ at::Tensor sum_pairs(const at::Tensor& pairs, const at::Tensor& pair_of, const a
   const float* src = pairs.const_data_ptr<float>();
   const int64_t* idx = pair_of.const_data_ptr<int64_t>();
   bf16* dst = out.mutable_data_ptr<bf16>();
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, moeserve_kernels::row_grain(H * 4 * K), [&](int64_t begin, int64_t end) {
     std::vector<float> acc(H);
     for (int64_t t = begin; t < end; ++t) {
       std::fill(acc.begin(), acc.end(), 0.0f);

@@ -8,6 +8,7 @@
 // weight rounded to bf16; only the order of the mean's float32 additions differs.
 
 #include "rms_row.h"
+#include "row_grain.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +23,8 @@
 namespace {
 
 using bf16 = c10::BFloat16;
+using moeserve_kernels::to_bf16;
+using moeserve_kernels::to_float;
 
 // x [T, D], weight [D], residual [T, D] or none -> (norm(residual + x) * weight, residual + x)
 std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
@@ -45,20 +48,20 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   bf16* op = out.mutable_data_ptr<bf16>();
   bf16* tp = add ? total.mutable_data_ptr<bf16>() : nullptr;
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, moeserve_kernels::row_grain(D * 2), [&](int64_t begin, int64_t end) {
     std::vector<float> row(D);
     for (int64_t t = begin; t < end; ++t) {
       const bf16* src = xp + t * xs;
+      float* __restrict w = row.data();
       if (add) {
+        // the sum rounded to bf16 (as the composite's residual + x), kept widened in row, then stored: two
+        // loops of one store each, which vectorise where one loop with both stores did not
         const bf16* r = rp + t * rs;
-        bf16* dst = tp + t * D;
-        for (int64_t i = 0; i < D; ++i) {
-          const bf16 v = bf16(static_cast<float>(r[i]) + static_cast<float>(src[i]));
-          dst[i] = v;
-          row[i] = static_cast<float>(v);
-        }
+        for (int64_t i = 0; i < D; ++i) w[i] = to_float(to_bf16(to_float(r[i]) + to_float(src[i])));
+        bf16* __restrict dst = tp + t * D;
+        for (int64_t i = 0; i < D; ++i) dst[i] = to_bf16(w[i]);
       } else {
-        for (int64_t i = 0; i < D; ++i) row[i] = static_cast<float>(src[i]);
+        for (int64_t i = 0; i < D; ++i) w[i] = to_float(src[i]);
       }
       moeserve_kernels::rms_row(row.data(), wp, D, e, op + t * D);
     }
