@@ -97,15 +97,31 @@ def seed_store(args, url: str, salt: str, count: int, length: int,
                gen: torch.Generator) -> tuple[list[list[int]], int, int, int]:
     """``count`` random prefixes of ``length`` tokens written to the store by an engine closed afterwards ->
     (the prefixes, the vocabulary size, the block size, the cache bytes per token)."""
-    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt)
+    # write slots for a whole prompt: with the default 256 MiB a 32k-token V2-Lite prompt (about 1 GB) kept only
+    # the blocks its first prefill step saved, the writer being slower than the prefill (the ninth session's 32k
+    # store hits loaded 8k tokens each and recomputed the rest)
+    a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt,
+             kv_store_write_buffer=max(256 << 20, (length + SUFFIX) * latent_bytes_per_token(args) * 5 // 4))
     vocab, bs = a.model_config.vocab_size, a.config.effective_block_size
     per_token = a.executor.runner.cache_bytes_per_token
     prefixes = [rand(gen, vocab, length) for _ in range(count)]
     for p in prefixes:
         ttft(a, p + rand(gen, vocab, SUFFIX))
     flush(a)
+    dropped = a.kv.connector.snapshot()["writes_dropped"]
     release(a)
+    if dropped:
+        print(f"warning: {dropped} blocks of the seeded prefixes were not stored (write buffer full)", file=sys.stderr)
     return prefixes, vocab, bs, per_token
+
+
+def latent_bytes_per_token(args) -> int:
+    """The cache bytes of one token over all layers, from the checkpoint's config (float32 at most)."""
+    from moeserve.coordinator.config import default_model_path
+    from moeserve.model.config import ModelConfig
+
+    config = ModelConfig.from_hf(args.model or default_model_path())
+    return config.num_hidden_layers * config.kv_cache_dim * 4
 
 
 def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
@@ -121,7 +137,7 @@ def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
     # a rank's own time to load a prefix (on its loader thread): what layer-wise loading could hide at most
     load_s = snap["load_s_sum"] / num_loads if num_loads else 0.0
     return {"ttft_cold_s": cold, "ttft_store_s": hit, "store_load_s_mean": load_s,
-            "store_hit_tokens": snap["store_hit_tokens"],
+            "store_hit_tokens": snap["store_hit_tokens"], "store_hit_tokens_per_hit": snap["store_hit_tokens"] / len(hit),
             "loads_skipped_by_cost_rule": snap["loads_skipped"], "store_load_gb_per_s": gbps,
             "store_vs_cold": statistics.median(hit) / statistics.median(cold)}
 

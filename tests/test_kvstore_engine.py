@@ -153,6 +153,29 @@ def test_a_corrupted_stored_value_is_a_miss(redis: RedisServer, reference) -> No
 
 
 @needs_redis
+def test_write_buffer_sets_the_write_slots_and_a_full_one_drops_the_prompts_end(redis: RedisServer) -> None:
+    """``kv_store_write_buffer`` sizes the writing rank's slots; with room for one block, the blocks a step saves
+    beyond it are dropped (counted), and what was stored is still a usable prefix."""
+    ea = engine(kv_store=redis.url, kv_store_salt="small-buffer", kv_host_memory=0,
+                kv_store_write_buffer=BLOCK_BYTES + 64)
+    mover = ea.kv.connector.transport.mover
+    try:
+        assert mover.max_pending == 1
+        generate(ea, [PROMPTS[2]])  # 5 full blocks, saved 1-2 a step
+        assert mover.flush()
+        stored, dropped = mover.counters.blocks_written, mover.counters.writes_dropped
+        assert dropped > 0 and stored + dropped == 5
+    finally:
+        ea.close()
+    eb = engine(kv_store=redis.url, kv_store_salt="small-buffer", kv_host_memory=0, kv_load_cost_rule=False)
+    try:
+        eb.generate([PROMPTS[2]], PARAMS)
+        assert 0 < eb.kv.connector.stats.store_hit_tokens <= stored * BS
+    finally:
+        eb.close()
+
+
+@needs_redis
 def test_wrong_or_missing_password_is_a_clear_error_at_start(tmp_path: Path) -> None:
     with RedisServer(tmp_path, password="s3cret") as server:
         for url in (server.url.replace("s3cret", "wrong"), server.url.replace(":s3cret@", "")):

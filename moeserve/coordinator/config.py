@@ -70,6 +70,9 @@ class EngineConfig:
     # did not pay (BENCHMARKS.md)
     kv_layerwise: bool = False
     kv_store_connections: int = 4  # connections (and threads) per rank reading a store load's chunks in parallel
+    # bytes per writing rank of (pinned, on accelerators) slots for blocks waiting to be written to the store; a
+    # block that finds them full is not written (counted as dropped): size it to the longest prompt to be stored
+    kv_store_write_buffer: int = 256 << 20
     # prefill/decode disaggregation (kvstore/disagg.py): "" colocated, "prefill" or "decode"
     disaggregation_mode: str = ""
     kv_transfer_backend: str = "zmq"  # how a decode instance pulls latent blocks from a prefill instance
@@ -115,8 +118,10 @@ class EngineConfig:
             raise ValueError(f"ep_dispatch must be allreduce or alltoall, got {self.ep_dispatch!r}")
         if self.kv_store:
             check_store_url(self.kv_store)  # StoreConfigError, a ValueError without the password
-        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0 or self.kv_store_connections < 1:
-            raise ValueError("kv_store_timeout, kv_store_probe_interval and kv_store_connections must be positive")
+        if self.kv_store_timeout <= 0 or self.kv_store_probe_interval <= 0 or self.kv_store_connections < 1 \
+                or self.kv_store_write_buffer < 1:
+            raise ValueError("kv_store_timeout, kv_store_probe_interval, kv_store_connections and "
+                             "kv_store_write_buffer must be positive")
         self._check_disaggregation()
         if self.num_redundant_experts < 0 or self.eplb_interval < 0 or not self.eplb_max_stall_ms > 0:
             raise ValueError("num_redundant_experts and eplb_interval must be >= 0, eplb_max_stall_ms > 0")

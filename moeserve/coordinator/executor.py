@@ -142,11 +142,11 @@ class Executor(ABC):
     # ---- the KV connector's side on the ranks (kvstore/connector.py) ----
     @abstractmethod
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False, write_buffer: int = 256 << 20) -> KvTransport:
         """How the coordinator's KV connector reaches the ranks' BlockMovers: saves and loads in order with
         the step plans, the ranks' ``KvLoadedMsg`` reports polled. The arguments serve one process (its
-        mover's layout, host slots, store client and reader threads; ``nixl``: a decode instance's NIXL
-        agent); stage workers have theirs from their specs."""
+        mover's layout, host slots, store client, reader threads and write slots' bytes; ``nixl``: a decode
+        instance's NIXL agent); stage workers have theirs from their specs."""
 
     @abstractmethod
     def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:

@@ -134,8 +134,9 @@ class InProcessExecutor(Executor):
                          "expert parallelism over several ranks)")
 
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
-        mover = BlockMover(self.runner.kv_caches, layout, num_host_blocks, store, read_threads=read_threads)
+                     read_threads: int = 4, nixl: bool = False, write_buffer: int = 256 << 20) -> KvTransport:
+        mover = BlockMover(self.runner.kv_caches, layout, num_host_blocks, store, read_threads=read_threads,
+                           write_queue_bytes=write_buffer)
         transport = LocalTransport(mover, NixlAgent(mover.caches, "decode") if nixl else None)
         self.runner.layer_ready = transport.worker.ready  # layer-wise loads: the steps wait on their layers
         return transport

@@ -223,7 +223,7 @@ class RankExecutor(Executor):
         return self._logits.pop(step_id)
 
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 4, nixl: bool = False) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False, write_buffer: int = 256 << 20) -> KvTransport:
         return self.kv_channel  # the ranks' movers answer KvSaveMsg / KvLoadMsg sent through the step channel
 
     def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:

@@ -118,7 +118,8 @@ def build_tiers(config: Any, kv_dim: int, stage_layers: list[int], bytes_per_tok
     logger.info("host tier: %d blocks (%d MiB per rank)%s", num_host,
                 num_host * config.effective_block_size * bytes_per_token >> 20,
                 "; shared store on" if store is not None else "")
-    transport = executor.kv_transport(layouts[0], num_host, store, read_threads=config.kv_store_connections)
+    transport = executor.kv_transport(layouts[0], num_host, store, read_threads=config.kv_store_connections,
+                                      write_buffer=config.kv_store_write_buffer)
     return TierManager(tier_config, transport, store)
 
 
@@ -131,6 +132,7 @@ def worker_options(config: Any, bytes_per_token: int) -> dict[str, Any]:
                 kv_fingerprint=model_fingerprint(config.model_path, config.load_format, config.weights_seed),
                 kv_salt=config.kv_store_salt, kv_store_timeout_s=config.kv_store_timeout,
                 kv_store_probe_s=config.kv_store_probe_interval, kv_store_connections=config.kv_store_connections,
+                kv_store_write_buffer=config.kv_store_write_buffer,
                 disaggregation_mode=config.disaggregation_mode, kv_transfer_backend=config.kv_transfer_backend,
                 kv_transfer_addr=config.kv_transfer_addr)
 
@@ -151,7 +153,7 @@ def worker_mover(spec: Any, caches: dict, kv_dim: int) -> BlockMover | None:
     store = open_store(url, spec.kv_store_timeout_s, spec.kv_store_probe_s, spec.kv_store_connections) \
         if url else None
     return BlockMover(caches, layout, spec.kv_host_blocks, store, writes=coord.tp_rank == 0,
-                      read_threads=spec.kv_store_connections)
+                      read_threads=spec.kv_store_connections, write_queue_bytes=spec.kv_store_write_buffer)
 
 
 def worker_nixl(spec: Any, mover: BlockMover) -> NixlAgent | None:

@@ -20,7 +20,8 @@ NEEDS_ENGINE_ARGS = False  # added to the ``cluster`` subcommand below
 
 KVSTORE_KEYS = {"url": "kv_store", "host_memory": "kv_host_memory", "salt": "kv_store_salt",
                 "timeout": "kv_store_timeout", "probe_interval": "kv_store_probe_interval",
-                "cost_rule": "kv_load_cost_rule", "layerwise": "kv_layerwise"}  # [kvstore] key -> engine flag
+                "cost_rule": "kv_load_cost_rule", "layerwise": "kv_layerwise",
+                "write_buffer": "kv_store_write_buffer"}  # [kvstore] key -> engine flag
 CLUSTER_KEYS = {"hosts", "master_addr", "master_port", "procs_per_node", "device", "ifname", "ib_hca",
                 "ib_gid_index", "join_timeout", "nnodes", "node_rank"}
 

@@ -93,6 +93,10 @@ FLAGS: dict[str, Flag] = {
                          "whole load)", group="kv store"),
     "kv_store_connections": Flag("connections per rank over which a store load's chunks are read in parallel",
                                  group="kv store"),
+    "kv_store_write_buffer": Flag("bytes per rank of (pinned, on GPUs) memory for blocks waiting to be written to "
+                                  "the store; blocks that find it full are not stored (the prefix's later blocks, "
+                                  "counted in moeserve_kv_store_writes_dropped): one 32k-token DeepSeek-V2-Lite "
+                                  "prompt is about 1 GB", metavar="BYTES", group="kv store"),
     "disaggregation_mode": Flag("serve one role: prefill (computes prompts, holds their latent blocks for a decode "
                                 "instance to pull) or decode (pulls them, streams the tokens); behind `moeserve "
                                 "router --prefill URL --decode URL` (default: both, colocated)",

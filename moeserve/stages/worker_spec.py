@@ -50,6 +50,7 @@ class WorkerSpec:
     kv_store_timeout_s: float = 1.0
     kv_store_probe_s: float = 5.0
     kv_store_connections: int = 4
+    kv_store_write_buffer: int = 256 << 20
     disaggregation_mode: str = ""  # prefill: tp rank 0 serves its stage's layers; decode: ranks pull theirs
     kv_transfer_backend: str = "zmq"
     kv_transfer_addr: str = "tcp://127.0.0.1:0"
