@@ -126,7 +126,8 @@ def latent_bytes_per_token(args) -> int:
 
 def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
     prefixes, vocab, _, _ = seed_store(args, url, f"len{length}", args.repeats, length, gen)
-    b = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}")
+    b = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=f"len{length}",
+             kv_load_cost_rule=args.cost_rule == "on")
     cold = [ttft(b, rand(gen, vocab, length + SUFFIX)) for _ in prefixes]
     hit = [ttft(b, p + rand(gen, vocab, SUFFIX)) for p in prefixes]
     snap = b.kv.connector.snapshot()
@@ -138,6 +139,7 @@ def phase_store(args, url: str, length: int, gen: torch.Generator) -> dict:
     load_s = snap["load_s_sum"] / num_loads if num_loads else 0.0
     return {"ttft_cold_s": cold, "ttft_store_s": hit, "store_load_s_mean": load_s,
             "store_hit_tokens": snap["store_hit_tokens"], "store_hit_tokens_per_hit": snap["store_hit_tokens"] / len(hit),
+            "load_s_buckets": snap["load_s_buckets"],
             "loads_skipped_by_cost_rule": snap["loads_skipped"], "store_load_gb_per_s": gbps,
             "store_vs_cold": statistics.median(hit) / statistics.median(cold)}
 
@@ -261,6 +263,9 @@ def main() -> int:
     p.add_argument("--itl-prompts", type=int, default=32)
     p.add_argument("--itl-input-len", type=int, default=512)
     p.add_argument("--itl-output-len", type=int, default=256)
+    p.add_argument("--cost-rule", choices=("on", "off"), default="on",
+                   help="the store hits' engine skips loads it measures slower than recomputing (on, as when "
+                        "serving), or loads every hit (off: every hit's load is timed)")
     p.add_argument("--layerwise", default="on", help="on, off, or on,off: each in turn (interleaved)")
     p.add_argument("--rounds", type=int, default=1, help="times the --layerwise modes alternate (0: none)")
     p.add_argument("--paired", type=int, default=0,
