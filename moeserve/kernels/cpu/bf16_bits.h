@@ -1,8 +1,9 @@
 // bfloat16 <-> float32 on the raw bits, for the kernels' per-element loops.
 //
-// c10::BFloat16's conversions round the same way but do not vectorise in these loops (a struct per element, a
-// NaN test through std::isnan): a [64, 1024] RMSNorm with its residual add took 90 us on one core, about four
-// cycles an element. On the bits, GCC and Clang turn each loop into 16-wide vector code.
+// c10::BFloat16 rounds the same way, but its NaN test goes through std::isnan, which the kernels' -ffast-math
+// lets the compiler assume away; here NaN is tested on the bits. Loops of these with one store each vectorise
+// (rms_norm.cpp: its residual add with two stores in one loop did not, 90 us on one core for [64, 1024] rows,
+// 49 us as two loops).
 
 #pragma once
 

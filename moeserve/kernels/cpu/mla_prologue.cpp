@@ -82,7 +82,7 @@ void rope_into(const at::Tensor& x, const at::Tensor& positions, const at::Tenso
   const float* c = cos.const_data_ptr<float>();
   const float* s = sin.const_data_ptr<float>();
   check_in_range(pos, T, cos.size(0), "position out of the rotary table");
-  at::parallel_for(0, T, moeserve_kernels::row_grain(H * 2 * half * 2), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, T, moeserve_kernels::row_grain(H * P * 2), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       for (int64_t h = 0; h < H; ++h) {
         rotate(xp + t * xs0 + h * xs1, c + pos[t] * half, s + pos[t] * half, half, interleave, op + t * os0 + h * os1);
