@@ -201,16 +201,9 @@ def main() -> None:
     p.add_argument("--json-out", default=None)
     p.add_argument("--trace-dir", default=None, help="write each batch's profiled steps as a Chrome trace here")
     p.add_argument("--expert-bytes", type=float, default=2.0, help="bytes per routed-expert weight (FP8: 1)")
-    p.add_argument("--small-rows", action=argparse.BooleanOptionalAction, default=True,
-                   help="MLA's projections and absorbed products at 1-4 rows on kernels/dense_gemv.py (off: the "
-                        "library GEMMs)")
     args = p.parse_args()
-    from moeserve.model.mla import MLA
-
-    MLA.small_rows_kernel = args.small_rows
     results = {"gpu": torch.cuda.get_device_name(), "mode": args.mode, "model": args.model,
-               "async_scheduling": args.async_scheduling, "speculative_config": args.speculative_config,
-               "small_rows": args.small_rows, "runs": []}
+               "async_scheduling": args.async_scheduling, "speculative_config": args.speculative_config, "runs": []}
     for batch in [int(b) for b in args.batches.split(",")]:
         start = time.perf_counter()
         engine = build_engine(args.model, batch, args.mode, args.async_scheduling, args.speculative_config)

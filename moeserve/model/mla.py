@@ -17,8 +17,6 @@ rotated decoupled key ``k_pe`` [qk_rope_head_dim] -- never per-head K/V.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,8 +33,6 @@ ABSORB_MAX_QUERY = 32
 
 
 class MLA(nn.Module):
-    small_rows_kernel = True  # the few-rows kernels' switch (benchmarks compare them with the library's GEMMs)
-
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype | None = None,
                  shard: ShardInfo = SINGLE):
         super().__init__()
@@ -63,8 +59,7 @@ class MLA(nn.Module):
             torch.empty(self.num_heads * (self.nope_dim + self.v_dim), self.kv_lora_rank, dtype=dtype))
         self.o_proj = nn.Parameter(torch.empty(hidden, self.num_heads * self.v_dim, dtype=dtype))
         self.linear = PackedLinear()
-        # the paged decode and the prefill kernels (kernels/mla_*.py), and at a few rows on a GPU the projections'
-        # and the absorbed products' kernels (kernels/dense_gemv.py); set by DeepseekModel.use_kernels
+        # the paged decode and the prefill kernels (kernels/mla_*.py); set by DeepseekModel.use_kernels
         self.fused = False
         self.absorb_max_query = ABSORB_MAX_QUERY  # 0: every prefill chunk in the expanded form
         # the kernel tiles the latent and rope parts padded to powers of two (96 -> 128); its tiles are sized
@@ -99,35 +94,20 @@ class MLA(nn.Module):
         self.kv_a_proj_with_mqa.data = fused[first.shape[0]:]
         self._input_proj = fused
 
-    def _small_rows(self, x: torch.Tensor) -> bool:
-        """Whether ``x`` [..., rows, in] takes the few-rows kernels (decode at batch 1-4 on a GPU)."""
-        if not (self.fused and self.small_rows_kernel and x.is_cuda):
-            return False
-        from moeserve.kernels.dense_gemv import MAX_ROWS
-        return x.shape[-2] <= MAX_ROWS
-
-    def _project(self, x: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
-        """``F.linear(x, weight)`` for x [T, in]: the few-rows kernel where it applies, else ``self.linear``."""
-        if self._small_rows(x) and x.stride(-1) == 1 and weight.is_contiguous():
-            from moeserve.kernels.dense_gemv import dense_gemv
-
-            return dense_gemv(x, weight)
-        return self.linear(x, weight, name)
-
     def _project_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> (the query projection's output -- q, or q_a before its norm --, the latent
         projection's [T, kv_lora + rope])."""
         first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
         fused = getattr(self, "_input_proj", None)
         if fused is not None and first.data_ptr() == fused.data_ptr():
-            return self._project(x, fused, "input_proj").split([first.shape[0], self.kv_a_proj_with_mqa.shape[0]], -1)
-        return self._project(x, first, "q_proj" if self.q_lora_rank is None else "q_a_proj"), \
-            self._project(x, self.kv_a_proj_with_mqa, "kv_a")
+            return self.linear(x, fused, "input_proj").split([first.shape[0], self.kv_a_proj_with_mqa.shape[0]], -1)
+        return self.linear(x, first, "q_proj" if self.q_lora_rank is None else "q_a_proj"), \
+            self.linear(x, self.kv_a_proj_with_mqa, "kv_a")
 
     def _query(self, x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
         """-> [T, H, nope + rope] from ``projected``, the query projection's output for ``x``."""
         q = projected if self.q_lora_rank is None else \
-            self._project(self.q_a_layernorm(projected), self.q_b_proj, "q_b_proj")
+            self.linear(self.q_a_layernorm(projected), self.q_b_proj, "q_b_proj")
         return q.view(x.shape[0], self.num_heads, self.nope_dim + self.rope_dim)
 
     def forward(self, x: torch.Tensor, meta: AttnMetadata, kv_cache: torch.Tensor | None) -> torch.Tensor:
@@ -162,7 +142,7 @@ class MLA(nn.Module):
             self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta, out[:num_dec], q_full)
         if meta.num_prefill_seqs:
             self._prefill(q_nope, q_pe, kv_cache, meta, out)
-        return self.shard.all_reduce(self._project(out.flatten(1), self.o_proj, "o_proj"))
+        return self.shard.all_reduce(self.linear(out.flatten(1), self.o_proj, "o_proj"))
 
     def _w_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (W_UK [H, nope, kv_lora], W_UV^T [H, kv_lora, v]), the two halves of kv_b_proj as decode uses them.
@@ -192,11 +172,8 @@ class MLA(nn.Module):
         ``out`` [B, H, v] (rows of the step's output). ``q_full``: ``_decode_query``'s buffer, whose rope part
         is already rotated (``q_pe`` is then not read)."""
         w_uk, w_uv = self._w_kv_b()
-        bmm: Callable[..., torch.Tensor] = torch.bmm
-        if self._small_rows(q_nope.transpose(0, 1)):
-            from moeserve.kernels.dense_gemv import bmm_small as bmm
         if q_full is not None:  # the GEMM writes the latent part through the [H, B, kv_lora] view
-            bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
+            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
         else:
             q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
             q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
@@ -211,7 +188,7 @@ class MLA(nn.Module):
         else:
             out_latent = self._decode_eager(q_full, kv_cache, meta)
         if self.fused:  # NOTE: the GEMM writes the [H, B, v] view of ``out`` in place: no copy kernel after it
-            bmm(out_latent.transpose(0, 1), w_uv, out=out.transpose(0, 1))
+            torch.bmm(out_latent.transpose(0, 1), w_uv, out=out.transpose(0, 1))
         else:
             out.copy_(torch.einsum("bhc,hcv->bhv", out_latent, w_uv))
 
