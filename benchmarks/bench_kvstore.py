@@ -98,8 +98,8 @@ def seed_store(args, url: str, salt: str, count: int, length: int,
     """``count`` random prefixes of ``length`` tokens written to the store by an engine closed afterwards ->
     (the prefixes, the vocabulary size, the block size, the cache bytes per token)."""
     # write slots for a whole prompt: with the default 256 MiB a 32k-token V2-Lite prompt (about 1 GB) kept only
-    # the blocks its first prefill step saved, the writer being slower than the prefill (the ninth session's 32k
-    # store hits loaded 8k tokens each and recomputed the rest)
+    # the blocks its first prefill step saved, the writer being slower than the prefill (on a GPU the 32k store
+    # hits loaded 8k tokens each and recomputed the rest)
     a = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt,
              kv_store_write_buffer=max(256 << 20, (length + SUFFIX) * latent_bytes_per_token(args) * 5 // 4))
     vocab, bs = a.model_config.vocab_size, a.config.effective_block_size
@@ -116,7 +116,8 @@ def seed_store(args, url: str, salt: str, count: int, length: int,
 
 
 def latent_bytes_per_token(args) -> int:
-    """The cache bytes of one token over all layers, from the checkpoint's config (float32 at most)."""
+    """The cache bytes of one token over all layers, from the checkpoint's config, at 4 bytes a value (float32;
+    an upper bound for bf16 caches)."""
     from moeserve.coordinator.config import default_model_path
     from moeserve.model.config import ModelConfig
 
