@@ -97,8 +97,8 @@ def read_config(path: Path) -> dict[str, Any]:
     """A cluster.toml: ``[cluster]`` (hosts, master_port, procs_per_node, device, ifname, ib_hca,
     ib_gid_index, join_timeout), ``[engine]`` (any engine flag by its long name: model, pp, tp, ep, ...)
     ``[network]`` (environment variables for every rank) and ``[kvstore]`` (url, host_memory, salt, timeout,
-    probe_interval, cost_rule, layerwise, write_buffer) and ``[disaggregation]`` (a role per host: launch/cluster_roles.py). See
-    docs/cluster.md."""
+    probe_interval, cost_rule, layerwise, write_buffer) and ``[disaggregation]`` (a role per host:
+    launch/cluster_roles.py). See docs/cluster.md."""
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:

@@ -95,7 +95,7 @@ FLAGS: dict[str, Flag] = {
                                  group="kv store"),
     "kv_store_write_buffer": Flag("bytes per rank of (pinned, on GPUs) memory for blocks waiting to be written to "
                                   "the store; blocks that find it full are not stored (the prefix's later blocks, "
-                                  "counted in moeserve_kv_store_writes_dropped): one 32k-token DeepSeek-V2-Lite "
+                                  "counted in moeserve_kv_store_writes_dropped_total): one 32k-token DeepSeek-V2-Lite "
                                   "prompt is about 1 GB", metavar="BYTES", group="kv store"),
     "disaggregation_mode": Flag("serve one role: prefill (computes prompts, holds their latent blocks for a decode "
                                 "instance to pull) or decode (pulls them, streams the tokens); behind `moeserve "
