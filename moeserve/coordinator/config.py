@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from moeserve.coordinator.spec_config import SpeculativeConfig
 from moeserve.errors import UserError
-from moeserve.kvstore.store import check_store_url
+from moeserve.kvstore.store import WRITE_BUFFER_BYTES, check_store_url
 
 # NOTE: torch is imported where it is used, not here: the command line makes its flags from this class
 # (launch/engine_args.py) and must answer --help, or a node's launcher set its C++ log level, before torch loads
@@ -72,7 +72,7 @@ class EngineConfig:
     kv_store_connections: int = 4  # connections (and threads) per rank reading a store load's chunks in parallel
     # bytes per writing rank of (pinned, on accelerators) slots for blocks waiting to be written to the store; a
     # block that finds them full is not written (counted as dropped): size it to the longest prompt to be stored
-    kv_store_write_buffer: int = 256 << 20
+    kv_store_write_buffer: int = WRITE_BUFFER_BYTES
     # prefill/decode disaggregation (kvstore/disagg.py): "" colocated, "prefill" or "decode"
     disaggregation_mode: str = ""
     kv_transfer_backend: str = "zmq"  # how a decode instance pulls latent blocks from a prefill instance

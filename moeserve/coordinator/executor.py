@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from moeserve.comm.topology import ParallelDims
+from moeserve.kvstore.store import WRITE_BUFFER_BYTES
 from moeserve.stages.step_plan import DraftPlan, StepPlan
 from moeserve.stages.worker_spec import WorkerSpec
 
@@ -142,7 +143,7 @@ class Executor(ABC):
     # ---- the KV connector's side on the ranks (kvstore/connector.py) ----
     @abstractmethod
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 4, nixl: bool = False, write_buffer: int = 256 << 20) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False, write_buffer: int = WRITE_BUFFER_BYTES) -> KvTransport:
         """How the coordinator's KV connector reaches the ranks' BlockMovers: saves and loads in order with
         the step plans, the ranks' ``KvLoadedMsg`` reports polled. The arguments serve one process (its
         mover's layout, host slots, store client, reader threads and write slots' bytes; ``nixl``: a decode

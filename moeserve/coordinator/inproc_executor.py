@@ -17,7 +17,7 @@ from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.disagg import block_server
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.nixl_transfer import NixlAgent
-from moeserve.kvstore.store import KVStore
+from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore
 from moeserve.kvstore.transfer_server import KvBlockServer
 from moeserve.kvstore.transport import KvTransport, LocalTransport
 from moeserve.model.deepseek import DeepseekModel
@@ -134,7 +134,7 @@ class InProcessExecutor(Executor):
                          "expert parallelism over several ranks)")
 
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 4, nixl: bool = False, write_buffer: int = 256 << 20) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False, write_buffer: int = WRITE_BUFFER_BYTES) -> KvTransport:
         mover = BlockMover(self.runner.kv_caches, layout, num_host_blocks, store, read_threads=read_threads,
                            write_queue_bytes=write_buffer)
         transport = LocalTransport(mover, NixlAgent(mover.caches, "decode") if nixl else None)

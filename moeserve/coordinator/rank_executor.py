@@ -39,7 +39,7 @@ from moeserve.comm.messages import (
 from moeserve.coordinator.executor import Executor, RestartUnsupported, WorkerError
 from moeserve.coordinator.rank_kv import RankKvChannel
 from moeserve.kvstore.block_format import BlockLayout
-from moeserve.kvstore.store import KVStore
+from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore
 from moeserve.kvstore.transport import KvTransport
 from moeserve.stages.step_plan import DraftPlan, StepPlan
 from moeserve.stages.worker_spec import WorkerSpec
@@ -223,7 +223,7 @@ class RankExecutor(Executor):
         return self._logits.pop(step_id)
 
     def kv_transport(self, layout: BlockLayout, num_host_blocks: int, store: KVStore | None,
-                     read_threads: int = 4, nixl: bool = False, write_buffer: int = 256 << 20) -> KvTransport:
+                     read_threads: int = 4, nixl: bool = False, write_buffer: int = WRITE_BUFFER_BYTES) -> KvTransport:
         return self.kv_channel  # the ranks' movers answer KvSaveMsg / KvLoadMsg sent through the step channel
 
     def kv_block_sources(self, layout: BlockLayout, bind_host: str, backend: str) -> list[tuple[str, int, int]]:

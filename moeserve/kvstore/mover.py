@@ -22,7 +22,7 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout, encode_block_into
-from moeserve.kvstore.store import KVStore, StoreError
+from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class MoverCounters:
 
 class BlockMover:
     def __init__(self, caches: dict[int, torch.Tensor], layout: BlockLayout, host_blocks: int,
-                 store: KVStore | None, writes: bool = True, write_queue_bytes: int = 256 << 20,
+                 store: KVStore | None, writes: bool = True, write_queue_bytes: int = WRITE_BUFFER_BYTES,
                  read_threads: int = 4):
         """``caches``: layer id -> [num_blocks, block_size, kv_dim] (this rank's); ``layout``: this stage's
         stored form; ``writes``: whether this rank writes its stage's blocks to the store; ``read_threads``:

@@ -67,6 +67,8 @@ class KVStore(Protocol):
 
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "memory")
+# bytes of a writing rank's slots for blocks waiting to be written (--kv-store-write-buffer's default)
+WRITE_BUFFER_BYTES = 256 << 20
 
 
 def redact(url: str) -> str:

@@ -12,6 +12,7 @@ from moeserve.comm.groups import RankGroups
 from moeserve.comm.topology import ParallelDims
 from moeserve.experts.moe import ExpertPlacement
 from moeserve.experts.placement import expert_placement
+from moeserve.kvstore.store import WRITE_BUFFER_BYTES
 from moeserve.model.deepseek import ModelSlice
 
 
@@ -50,7 +51,7 @@ class WorkerSpec:
     kv_store_timeout_s: float = 1.0
     kv_store_probe_s: float = 5.0
     kv_store_connections: int = 4
-    kv_store_write_buffer: int = 256 << 20
+    kv_store_write_buffer: int = WRITE_BUFFER_BYTES
     disaggregation_mode: str = ""  # prefill: tp rank 0 serves its stage's layers; decode: ranks pull theirs
     kv_transfer_backend: str = "zmq"
     kv_transfer_addr: str = "tcp://127.0.0.1:0"
