@@ -47,16 +47,22 @@ def _environ(environ: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if environ is None else environ
 
 
+def _find_library(environ: Mapping[str, str] | None, variable: str, dirs: tuple[str, ...],
+                  names: tuple[str, ...]) -> str | None:
+    """The file that ``variable`` names in ``environ`` (None if it is not a file), else the first of ``names``
+    in ``dirs``, else None."""
+    named = _environ(environ).get(variable)
+    if named:
+        return named if Path(named).is_file() else None
+    return next((str(Path(d) / n) for d in dirs for n in names if (Path(d) / n).is_file()), None)
+
+
 def find_jemalloc(environ: Mapping[str, str] | None = None) -> str | None:
     """The path of libjemalloc's shared library (``MOESERVE_JEMALLOC`` in ``environ``, default this process's
     environment, else the linker's usual places), or None."""
-    named = _environ(environ).get("MOESERVE_JEMALLOC")
-    if named:
-        return named if Path(named).is_file() else None
-    for d in _DIRS:
-        for name in ("libjemalloc.so.2", "libjemalloc.so"):
-            if (Path(d) / name).is_file():
-                return str(Path(d) / name)
+    found = _find_library(environ, "MOESERVE_JEMALLOC", _DIRS, ("libjemalloc.so.2", "libjemalloc.so"))
+    if found or _environ(environ).get("MOESERVE_JEMALLOC"):
+        return found
     found = ctypes.util.find_library("jemalloc")
     return found if found and Path(found).is_absolute() else None
 
@@ -64,13 +70,8 @@ def find_jemalloc(environ: Mapping[str, str] | None = None) -> str | None:
 def find_iomp(environ: Mapping[str, str] | None = None) -> str | None:
     """The path of Intel's OpenMP runtime (``MOESERVE_IOMP``, else this environment's ``lib`` where the
     ``intel-openmp`` package puts it, else the usual places), or None."""
-    named = _environ(environ).get("MOESERVE_IOMP")
-    if named:
-        return named if Path(named).is_file() else None
-    for d in (str(Path(sys.prefix) / "lib"), *_DIRS, "/opt/intel/oneapi/compiler/latest/lib"):
-        if (Path(d) / f"{_IOMP}.so").is_file():
-            return str(Path(d) / f"{_IOMP}.so")
-    return None
+    dirs = (str(Path(sys.prefix) / "lib"), *_DIRS, "/opt/intel/oneapi/compiler/latest/lib")
+    return _find_library(environ, "MOESERVE_IOMP", dirs, (f"{_IOMP}.so",))
 
 
 def preloaded_by(ld_preload: str) -> str | None:
