@@ -164,19 +164,24 @@ def test_dashboard_in_chromium_shows_the_metrics(server, tmp_path) -> None:
         assert len(driver.find_elements(By.CSS_SELECTOR, "#hottest tbody tr")) == 10
         assert "rank 1:" in driver.find_element(By.ID, "placement").text
         # each layer its own placement and plan; every figure names its window
-        blocks = driver.find_elements(By.CSS_SELECTOR, "#placement .layer-placement")
-        assert [int(b.get_attribute("data-layer")) for b in blocks] == load["layers"]
+        # read in one script, as the cells are: an event between finding the blocks and reading one of them
+        # redraws them, and the element found is gone (a stale element reference)
+        layers, first_block = driver.execute_script(
+            "const b = [...document.querySelectorAll('#placement .layer-placement')];"
+            "return [b.map(e => e.dataset.layer), b.length ? b[0].innerText : ''];")
+        assert [int(layer) for layer in layers] == load["layers"]
         assert len(driver.find_elements(By.CSS_SELECTOR, "#plan .layer-plan")) == len(load["layers"])
         assert "predicted" in driver.find_element(By.ID, "plan").text
         status = driver.find_element(By.ID, "status").text
         assert "latest window (" in status and "since start" in status, status
-        assert "since its placement began" in blocks[0].text
+        assert "since its placement began" in first_block
         # the heat map labels its experts (every one, at this width) and both maps have a colour scale
         assert eval_json(driver.find_element(By.ID, "expert-map").get_attribute("data-expert-labels") or "[]") == \
             list(range(load["num_experts"]))
         assert int(driver.find_element(By.ID, "expert-scale-max").get_attribute("data-max") or 0) == \
             max(max(row) for row in load["load"])
-        assert driver.find_elements(By.CSS_SELECTOR, "#rank-map text.rank-label")[1].text == "EP 1 (rank 1)"
+        assert driver.execute_script(
+            "return document.querySelectorAll('#rank-map text.rank-label')[1].textContent;") == "EP 1 (rank 1)"
         shot = tmp_path / "dashboard.png"
         driver.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
