@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import struct
 from collections.abc import Callable, Sequence
 from urllib.parse import unquote, urlsplit
 
@@ -40,6 +41,15 @@ class RespConnection:
             address = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self.sock.settimeout(timeout_s)
         self.sock.connect(address)  # type: ignore[arg-type]
+        # NOTE: blocking, with the timeout kept by the kernel (SO_RCVTIMEO / SO_SNDTIMEO) rather than by Python's
+        # poll before every call: a value is then received in one recv_into (MSG_WAITALL) that lets go of the
+        # GIL once, not once per socket buffer's worth; with other threads busy (the engine's loop, the other
+        # readers) each taking back of the GIL can wait a switch interval
+        self.sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout_s), int(timeout_s % 1 * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        self.timeout_s = timeout_s
         self._buf = bytearray()
         if parts.password is not None:
             user = unquote(parts.username) if parts.username else None
@@ -56,7 +66,10 @@ class RespConnection:
             raise RespError(f"the store refused: {line.decode(errors='replace')}")
 
     def _fill(self) -> None:
-        chunk = self.sock.recv(1 << 16)
+        try:
+            chunk = self.sock.recv(1 << 16)
+        except BlockingIOError:
+            raise self._timed_out() from None
         if not chunk:
             raise RespError("the store closed the connection")
         self._buf += chunk
@@ -76,10 +89,16 @@ class RespConnection:
         view[:n] = self._buf[:n]
         del self._buf[:n]
         while n < len(view):
-            got = self.sock.recv_into(view[n:])
+            try:
+                got = self.sock.recv_into(view[n:], 0, socket.MSG_WAITALL)
+            except BlockingIOError:
+                raise self._timed_out() from None
             if not got:
                 raise RespError("the store closed the connection")
             n += got
+
+    def _timed_out(self) -> TimeoutError:
+        return TimeoutError(f"the store sent nothing for {self.timeout_s:g} s")
 
     def mget_into(self, keys: Sequence[str], dests: Sequence[Sequence[memoryview]]) -> list[int]:
         """``MGET keys``; value i is received into ``dests[i]`` (its parts in order) when its length is
