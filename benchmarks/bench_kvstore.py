@@ -257,7 +257,7 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=0,
                    help="past the model's own context (the embedded model's is 512): a longer rotary table")
-    p.add_argument("--prefix-lens", default="2048")
+    p.add_argument("--prefix-lens", default="2048", help="comma-separated; empty: none (e.g. --itl alone)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tp-check", action="store_true", help="stored bytes per token with tp=2 as well")
     p.add_argument("--itl", action="store_true", help="decode ITL with store writes on and off")
@@ -278,7 +278,7 @@ def main() -> int:
     result: dict = {"args": vars(args) | {"json_out": str(args.json_out)}, "prefix": {}}
     with RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as server:
         server.cli("config", "set", "maxmemory", "0")  # no eviction during the benchmark
-        for length in map(int, args.prefix_lens.split(",")):
+        for length in map(int, filter(None, args.prefix_lens.split(","))):
             result["prefix"][length] = by_mode = {}
             for _ in range(args.rounds):
                 for mode in args.layerwise.split(","):
@@ -292,9 +292,10 @@ def main() -> int:
             if args.paired:
                 result.setdefault("paired", {})[length] = paired(args, server.url, length, gen)
                 print(json.dumps({"paired": result["paired"][length]}, indent=1), flush=True)
-        result["stored_bytes"] = [stored_bytes(args, server.url, server, tp, gen)
-                                  for tp in ((1, 2) if args.tp_check else (1,))]
-        print(json.dumps(result["stored_bytes"], indent=1), flush=True)
+        if args.prefix_lens:
+            result["stored_bytes"] = [stored_bytes(args, server.url, server, tp, gen)
+                                      for tp in ((1, 2) if args.tp_check else (1,))]
+            print(json.dumps(result["stored_bytes"], indent=1), flush=True)
         if args.itl:
             result["itl"] = itl(args, server.url)
             print(json.dumps(result["itl"], indent=1), flush=True)
