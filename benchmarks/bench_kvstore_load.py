@@ -9,12 +9,15 @@ blocks of the given model shape, then loads them ``--repeats`` times with each p
 - ``in-place xN``: kvstore/store_load.py: chunks read in parallel over N connections, each value received
   with ``recv_into`` into the cache rows (CPU) or a pinned staging slot sent to the device as it arrives.
 
-GB/s counts the latent bytes loaded. Shapes: ``v2-lite`` (27 layers, 576 values, bf16, 64-token blocks: 1.99
+``--busy F`` runs a Python thread beside the readers that holds the GIL a fraction F of the time (an engine
+loop's stand-in): every socket call, checksum update and torch op of a reader lets go of the GIL, and taking it
+back can wait for a switch interval. GB/s counts the latent bytes loaded. Shapes: ``v2-lite`` (27 layers, 576 values, bf16, 64-token blocks: 1.99
 MB a block), ``embedded`` (the CPU test model: 5 layers, 128 values, float32, 16-token blocks: 40 KB).
 
     PYTHONPATH=. python benchmarks/bench_kvstore_load.py --shape embedded --prefix-len 2048
     PYTHONPATH=. python benchmarks/bench_kvstore_load.py --shape v2-lite --prefix-len 8192
     PYTHONPATH=. python benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768
+    PYTHONPATH=. python benchmarks/bench_kvstore_load.py --shape v2-lite --prefix-len 4096 --busy 1 --skip-redis-py
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -67,6 +71,19 @@ def old_path(store: RedisStore, layout: BlockLayout, caches: list[torch.Tensor],
     return len(hashes)
 
 
+def hold_gil(fraction: float, stop: threading.Event) -> None:
+    """Pure Python work ``fraction`` of the time, in 4 ms spans, until ``stop``: what an engine's loop does to
+    threads that need the GIL back after each socket call or torch op."""
+    x, span = 0, 0.004
+    while not stop.is_set():
+        end = time.perf_counter() + span
+        while time.perf_counter() < end:
+            for i in range(100):
+                x += i
+        if fraction < 1:
+            time.sleep(span * (1 - fraction) / fraction)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", choices=SHAPES, default="embedded")
@@ -76,6 +93,10 @@ def main() -> None:
     p.add_argument("--connections", default="1,2,4")
     p.add_argument("--redis-io-threads", type=int, default=1,
                    help="redis-server's io-threads (1: its default, one thread sends every reply)")
+    p.add_argument("--busy", type=float, default=0.0,
+                   help="a Python thread beside the readers, holding the GIL this fraction of the time (the engine "
+                        "loop's stand-in: busy in 4 ms spans; 1: never waits); 0: none")
+    p.add_argument("--skip-redis-py", action="store_true", help="leave out the old path")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     layers, dim, dtype_name, bs = SHAPES[args.shape]
@@ -97,11 +118,16 @@ def main() -> None:
         for lo in range(0, n, 16):
             store.put([(layout.key(hashes[i]), encode_block(layout, hashes[i], tokens[i], raw[i].data))
                        for i in range(lo, min(n, lo + 16))])
-        paths = {"redis-py": lambda: old_path(store, layout, caches, hashes, tokens, blocks)}
+        paths = {} if args.skip_redis_py else {
+            "redis-py": lambda: old_path(store, layout, caches, hashes, tokens, blocks)}
         for c in map(int, args.connections.split(",")):
             loader = StoreLoader(caches, layout, store, c)
             paths[f"in-place x{c}"] = lambda loader=loader: loader.load(hashes, tokens, blocks).num_ok
         times: dict[str, list[float]] = {name: [] for name in paths}
+        stop = threading.Event()
+        busy = threading.Thread(target=hold_gil, args=(args.busy, stop), daemon=True) if args.busy > 0 else None
+        if busy is not None:
+            busy.start()
         for _ in range(args.repeats):
             for name, run in paths.items():
                 for cache in caches:
@@ -111,8 +137,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
                 want = latent[:, 0].to(device)
                 assert torch.equal(caches[0][1:n + 1], want), name  # every path loads the same bytes
+        stop.set()
     nbytes = n * layout.payload_bytes
-    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n,
+    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n, "busy": args.busy,
               "latent_bytes": nbytes,
               "paths": {name: {"median_s": statistics.median(t), "gb_per_s": nbytes / statistics.median(t) / 1e9}
                         for name, t in times.items()}}
