@@ -11,6 +11,7 @@ from redis_server import RedisServer
 from moeserve.kvstore.block_format import BlockLayout, decode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+from moeserve.kvstore.latent_cache import allocate_latent_caches, stacked_view
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError
@@ -51,6 +52,18 @@ def test_write_slots_reused_many_times_store_every_block_right(device: str) -> N
     mover.close()
 
 
+def test_stacked_view_only_over_evenly_spaced_views_of_one_tensor() -> None:
+    caches = allocate_latent_caches([2, 3, 4], 5, 4, 3, torch.float32, torch.device("cpu"))
+    stacked = stacked_view([caches[2], caches[3], caches[4]])
+    assert stacked is not None and stacked.shape == (3, 5, 4, 3)
+    stacked[1, 2].fill_(7.0)
+    assert bool((caches[3][2] == 7.0).all()) and not bool((caches[2] == 7.0).any())
+    skipping = stacked_view([caches[2], caches[4]])  # every other layer: still evenly spaced
+    assert skipping is not None and skipping[1].data_ptr() == caches[4].data_ptr()
+    assert stacked_view([caches[3], caches[2]]) is None  # out of order
+    assert stacked_view([torch.zeros(5, 4, 3), torch.zeros(5, 4, 3)]) is None  # two tensors
+
+
 def test_breaker_opens_probes_and_closes() -> None:
     now = [0.0]
     b = CircuitBreaker(failure_threshold=3, probe_interval_s=5, clock=lambda: now[0])
@@ -76,9 +89,17 @@ def test_host_index_is_lru_and_checks_tokens() -> None:
 
 
 def make_tiers(host_blocks: int, store: MemoryStore | None, cost_rule: bool = True,
-               device: str = "cpu") -> tuple[TierManager, dict]:
+               device: str = "cpu", stacked: bool = False) -> tuple[TierManager, dict]:
+    """``stacked``: the caches are views of one tensor, as the runner allocates them (blocks move in one op for
+    every layer); else one tensor a layer (blocks move layer by layer)."""
     torch.manual_seed(0)
     caches = {i: torch.randn(8, 4, 3).to(device) for i in range(2)}
+    if stacked:
+        views = allocate_latent_caches([0, 1], 8, 4, 3, torch.float32, torch.device(device))
+        for i, view in views.items():
+            view.copy_(caches[i])
+        caches = views
+        assert stacked_view([caches[0], caches[1]]) is not None
     mover = BlockMover(caches, LAYOUT, host_blocks, store)
     return TierManager(TierConfig(4, host_blocks, (LAYOUT,), cost_rule), LocalTransport(mover), store), caches
 
@@ -107,12 +128,14 @@ def save(tiers: TierManager, blocks: list[int], hashes: list[int], tokens: list[
     assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["a-tensor-a-layer", "one-tensor"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_blocks_come_back_from_host_and_store_bit_equal(device: str) -> None:
-    """On a CUDA device: the saves' copies into the pinned host slots and the write queue's pinned slots, and
-    the host loads' copies from them, all asynchronous; the blocks still come back bit-equal."""
+def test_blocks_come_back_from_host_and_store_bit_equal(device: str, stacked: bool) -> None:
+    """On a CUDA device: the saves' copies into the pinned host slots and the write queue's pinned slots (on a
+    stream of their own), and the host loads' copies from them, all asynchronous; the blocks still come back
+    bit-equal, the caches overwritten right after the save."""
     store = MemoryStore()
-    tiers, caches = make_tiers(4, store, device=device)
+    tiers, caches = make_tiers(4, store, device=device, stacked=stacked)
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     hashes = block_hashes([t for block in tokens for t in block], 4)
     want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from moeserve.errors import UserError
@@ -53,5 +55,41 @@ def blocks_in_budget(budget_bytes: int, block_size: int, bytes_per_token: int,
 
 def allocate_latent_caches(layer_ids: list[int], num_blocks: int, block_size: int, dim: int,
                            dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
-    """layer id -> zeroed cache [num_blocks, block_size, dim]."""
-    return {i: torch.zeros(num_blocks, block_size, dim, dtype=dtype, device=device) for i in layer_ids}
+    """layer id -> zeroed cache [num_blocks, block_size, dim]: views, in ``layer_ids`` order, of one tensor
+    [layers, num_blocks, block_size, dim], so that moving blocks in or out of every layer is one op
+    (``stacked_view``)."""
+    whole = torch.zeros(len(layer_ids), num_blocks, block_size, dim, dtype=dtype, device=device)
+    return {i: whole[j] for j, i in enumerate(layer_ids)}
+
+
+def stacked_view(caches: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """[layers, num_blocks, block_size, dim] over ``caches`` (in order) where they are evenly spaced, disjoint views
+    of one storage (``allocate_latent_caches``'), else None."""
+    first = caches[0]
+    size = first.numel() * first.element_size()
+    step = caches[1].data_ptr() - first.data_ptr() if len(caches) > 1 else size
+    if step < size or step % first.element_size() or not first.is_contiguous():
+        return None
+    for i, cache in enumerate(caches):
+        if (cache.data_ptr() != first.data_ptr() + i * step or cache.shape != first.shape
+                or cache.stride() != first.stride()
+                or cache.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+    return first.as_strided((len(caches), *first.shape), (step // first.element_size(), *first.stride()))
+
+
+def gather_blocks(caches: Sequence[torch.Tensor], stacked: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+    """Blocks ``idx`` of every layer -> a new tensor [n, layers, block_size, dim]."""
+    if stacked is not None:
+        return stacked.index_select(1, idx).transpose(0, 1).contiguous()
+    return torch.stack([c.index_select(0, idx) for c in caches], dim=1)
+
+
+def scatter_blocks(caches: Sequence[torch.Tensor], stacked: torch.Tensor | None, idx: torch.Tensor,
+                   data: torch.Tensor) -> None:
+    """``data`` [n, layers, block_size, dim] into blocks ``idx`` of every layer."""
+    if stacked is not None:
+        stacked.index_copy_(1, idx, data.transpose(0, 1))
+        return
+    for j, cache in enumerate(caches):
+        cache.index_copy_(0, idx, data[:, j])

@@ -22,6 +22,7 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout, encode_block_into
+from moeserve.kvstore.latent_cache import gather_blocks, scatter_blocks, stacked_view
 from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
 
@@ -55,6 +56,7 @@ class BlockMover:
         self.layers = sorted(caches)
         self.caches = [caches[i] for i in self.layers]
         first = self.caches[0]
+        self._stacked = stacked_view(self.caches)  # every layer's blocks moved in one op, where the caches allow
         self.device = first.device
         self.layout = layout
         self.store = store
@@ -132,8 +134,7 @@ class BlockMover:
 
     def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
-        idx = to_device(torch.tensor(list(blocks)), self.device)
-        return torch.stack([c.index_select(0, idx) for c in self.caches], dim=1)
+        return gather_blocks(self.caches, self._stacked, to_device(torch.tensor(list(blocks)), self.device))
 
     def _write_loop(self) -> None:
         assert self.store is not None and self._write_slots is not None
@@ -183,7 +184,7 @@ class BlockMover:
             return
         # NOTE: each slot goes from the pinned pool to a device staging block in one asynchronous copy, queued on
         # this thread's stream after the saves' copies into the slots (the stream waits for the copy stream's: no
-        # wait on the host, and no host-side gather of the prefix), then into the cache layer by layer
+        # wait on the host, and no host-side gather of the prefix), then into the cache (one op for every layer)
         assert self._copy_stream is not None
         torch.accelerator.current_stream(self.device).wait_stream(self._copy_stream)
         for lo in range(0, len(host_slots), HOST_LOAD_CHUNK):
@@ -191,9 +192,7 @@ class BlockMover:
             staged = torch.empty((len(slots), *self.block_shape), dtype=self.host.dtype, device=self.device)
             for i, slot in enumerate(slots):
                 staged[i].copy_(self.host[slot], non_blocking=True)
-            idx = to_device(torch.tensor(list(blocks)), self.device)
-            for j, cache in enumerate(self.caches):
-                cache.index_copy_(0, idx, staged[:, j])
+            scatter_blocks(self.caches, self._stacked, to_device(torch.tensor(list(blocks)), self.device), staged)
 
     def load_store(self, store_hashes: Sequence[int], store_tokens: Sequence[Sequence[int]],
                    store_blocks: Sequence[int]) -> LoadReport:
@@ -242,9 +241,7 @@ class BlockMover:
 
     def _to_device(self, data: torch.Tensor, blocks: Sequence[int]) -> None:
         """``data`` [n, L, block_size, kv_dim] on the host -> blocks of the (CPU) cache."""
-        idx = torch.tensor(list(blocks))
-        for j, cache in enumerate(self.caches):
-            cache.index_copy_(0, idx, data[:, j])
+        scatter_blocks(self.caches, self._stacked, torch.tensor(list(blocks)), data)
 
     def close(self) -> None:
         """Stop the writer and let go of the cache tensors and the host pool (the engine is closing)."""
@@ -256,5 +253,6 @@ class BlockMover:
             self.loader.close()
             self.loader = None
         self.caches = []
+        self._stacked = None
         self.host = None
         self._write_slots = self._slot_latent = None

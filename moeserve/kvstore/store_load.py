@@ -25,6 +25,7 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout, check_block
+from moeserve.kvstore.latent_cache import scatter_blocks, stacked_view
 from moeserve.kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class StoreLoader:
         self.layout = layout
         self.store = store
         self.device = caches[0].device
+        self._stacked = stacked_view(caches)
         self.staged = self.device.type != "cpu"
         per_block = layout.payload_bytes
         self.chunk_blocks = max(1, CHUNK_BYTES // per_block)
@@ -160,14 +162,13 @@ class StoreLoader:
         return slot[:k]
 
     def _to_device(self, staged: torch.Tensor, blocks: Sequence[int]) -> None:
-        """One asynchronous copy of the chunk, then layer by layer into the cache; waits for it (the slot is
+        """One asynchronous copy of the chunk, then into the cache (one op for every layer where the caches are
+        one tensor: each op lets go of the GIL, and a busy engine loop makes taking it back slow); waits for it (the slot is
         reused by this thread's next chunk, and the load is reported done after)."""
         first = self.caches[0]
         data = staged.to(self.device, non_blocking=True).view(first.dtype).view(
             len(blocks), len(self.caches), *first.shape[1:])
-        idx = to_device(torch.tensor(list(blocks)), self.device)
-        for j, cache in enumerate(self.caches):
-            cache.index_copy_(0, idx, data[:, j])
+        scatter_blocks(self.caches, self._stacked, to_device(torch.tensor(list(blocks)), self.device), data)
         done = torch.Event(device=self.device)
         done.record()
         done.synchronize()
