@@ -11,6 +11,12 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768 \
     --repeats 3 --connections 1,2,4,8 --json-out "$OUT/kvstore_load_h200_v2lite.json" 2>&1 | tail -12
+# the same reader beside a Python thread that holds the GIL 30% of the time (an engine loop's stand-in), and with
+# redis-server's io-threads (its replies sent by 4 threads)
+timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768 \
+    --repeats 3 --connections 4,8 --busy 0.3 --skip-redis-py --json-out "$OUT/kvstore_load_busy.json" 2>&1 | tail -8
+timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768 \
+    --repeats 3 --connections 4,8 --redis-io-threads 4 --skip-redis-py --json-out "$OUT/kvstore_load_io4.json" 2>&1 | tail -8
 timeout ${TTFT_S:-300} python3 benchmarks/bench_kvstore.py --device cuda --model benchmarks/configs/deepseek_v2_lite \
     --load-format dummy --prefix-lens 8192,32768 --repeats 3 --itl --max-num-batched-tokens 8192 \
     --max-model-len 40960 --json-out "$OUT/kvstore_h200_v2lite.json" 2>&1 | tail -25
