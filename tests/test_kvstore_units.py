@@ -259,3 +259,40 @@ def test_one_steps_saves_travel_as_one_message_and_come_back_bit_equal() -> None
         pool.allocate(5)
         got = load_prefix(tiers, [hashes[b]], [tokens[b]], pool)
         assert len(got) == 1 and torch.equal(torch.stack([caches[i][got[0]] for i in range(2)]), want[b])
+
+
+def test_reader_times_out_on_a_server_that_stops_mid_value() -> None:
+    """A store that sends part of a value and then nothing: the RESP reader's one receive of the value (blocking,
+    its timeout kept by the kernel) gives up after the timeout with a TimeoutError (an OSError: the breaker counts
+    it), and the pool drops that connection instead of reusing it."""
+    import socket
+    import threading
+    import time
+
+    from moeserve.kvstore.resp_reader import RespPool
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conns.append(conn)
+            conn.recv(1 << 16)  # the MGET
+            conn.sendall(b"*1\r\n$100000\r\n" + bytes(1000))  # a tenth of the value, then silence
+
+    threading.Thread(target=serve, daemon=True).start()
+    pool = RespPool(f"redis://127.0.0.1:{port}/0", 0.3, 2)
+    for _ in range(2):
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="0.3 s"):
+            pool.mget_into(["k"], [[memoryview(bytearray(100_000))]])
+        assert 0.25 < time.monotonic() - start < 5
+    assert len(conns) == 2  # the stalled connection was not reused
+    listener.close()
+    for conn in conns:
+        conn.close()
