@@ -12,7 +12,7 @@ from moeserve.kvstore.block_format import BlockLayout, decode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from moeserve.kvstore.latent_cache import allocate_latent_caches, stacked_view
-from moeserve.kvstore.mover import BlockMover
+from moeserve.kvstore.mover import BlockMover, slot_runs
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError
 from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
@@ -50,6 +50,11 @@ def test_write_slots_reused_many_times_store_every_block_right(device: str) -> N
         want = torch.stack([caches[i][b] for i in range(2)]).cpu()
         assert bytes(payload) == want.numpy().tobytes()
     mover.close()
+
+
+def test_slot_runs_group_consecutive_slots_in_order() -> None:
+    assert slot_runs([4, 5, 6, 9, 10, 2, 1]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1), (6, 1, 1)]
+    assert slot_runs([]) == [] and slot_runs([7]) == [(0, 7, 1)]
 
 
 def test_stacked_view_only_over_evenly_spaced_views_of_one_tensor() -> None:

@@ -31,6 +31,17 @@ logger = logging.getLogger(__name__)
 HOST_LOAD_CHUNK = 64  # blocks staged on the device at a time by a host-tier load (128 MiB of V2-Lite's)
 
 
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``slots`` as runs of consecutive slots: (first index into ``slots``, first slot, length)."""
+    runs: list[tuple[int, int, int]] = []
+    for i, slot in enumerate(slots):
+        if runs and slot == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((i, slot, 1))
+    return runs
+
+
 @dataclass
 class LoadReport:
     num_store_loaded: int  # stored (or remote) blocks loaded, from the first
@@ -81,7 +92,8 @@ class BlockMover:
         # each slot's latent part as a block ([layers, block_size, kv_dim] in the cache dtype)
         self._slot_latent = self._write_slots[:, layout.head_bytes:].view(first.dtype).view(
             self.max_pending, *self.block_shape) if self._write_slots is not None else None
-        self._free_write_slots = list(range(self.max_pending)) if self.writes else []
+        # taken from the end, given back reversed: a save's slots come in ascending runs (``slot_runs``)
+        self._free_write_slots = list(range(self.max_pending - 1, -1, -1)) if self.writes else []
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
@@ -125,8 +137,8 @@ class BlockMover:
         assert self._copy_stream is not None
         self._copy_stream.wait_stream(torch.accelerator.current_stream(self.device))
         with self._copy_stream:
-            for i, slot in enumerate(slots):
-                dest[slot].copy_(data[i], non_blocking=True)
+            for i, slot, n in slot_runs(slots):  # NOTE: a run of consecutive slots in one copy
+                dest[slot:slot + n].copy_(data[i:i + n], non_blocking=True)
             done = torch.Event(device=self.device)
             done.record()
         data.record_stream(self._copy_stream)  # its memory is not reused before the copies out of it have run
@@ -159,7 +171,7 @@ class BlockMover:
             finally:
                 with self._lock:
                     self._pending -= len(hashes)
-                    self._free_write_slots.extend(slots)
+                    self._free_write_slots.extend(reversed(slots))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until queued writes are done (tests, benchmarks); False on timeout."""
