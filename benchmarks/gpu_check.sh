@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One H200 after a merge: every GPU-only test (the kernel cases in bf16 and FP8 with graphs, the engine's
-# GPU tests, disaggregation on one GPU, MTP with graphs), then decode profiles (V2-Lite bf16 at batch 1/64,
-# V3 cut to 6 layers FP8 at 1/32) and MTP's step cost on the V3 cut at batch 1 and 32. Results in $OUT.
+# GPU tests, the KV mover's copies on CUDA, disaggregation on one GPU, MTP with graphs), then decode profiles
+# (V2-Lite bf16 at batch 1/64, V3 cut to 6 layers FP8 at 1/32) and MTP's step cost on the V3 cut at batch 1 and
+# 32. Results in $OUT.
 # Knobs: TESTS_S (the tests' time limit), V2_BATCHES / V3_BATCHES (the profiles' batch sizes), MTP_BATCHES
 # ("" skips MTP), MOE_BENCH (arguments for benchmarks/bench_moe_kernels.py, run after the tests; unset: skipped).
 set -uo pipefail
@@ -15,7 +16,7 @@ for l in sys.stdin:
         d["step_ms"], d["gpu_busy_ms_per_step"], d["fast_path_error"] or "all on", d["graphs"]))'
 timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernel_cases.py tests/kernel_cases_moe.py tests/kernel_cases_mla.py \
     tests/test_async_scheduling.py tests/test_backends.py tests/test_disagg_gpu.py tests/test_dummy_fp8.py \
-    tests/test_engine.py tests/test_kernels.py tests/test_sampling.py tests/test_spec_decode.py \
+    tests/test_engine.py tests/test_kernels.py tests/test_kvstore_units.py tests/test_sampling.py tests/test_spec_decode.py \
     -k "cuda or gpu or GPU or kernel or fp8 or closed or shared or kv_rows" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 if [ -n "${MOE_BENCH:-}" ]; then
     # shellcheck disable=SC2086
