@@ -6,7 +6,7 @@ store's connection pool, each value received straight into where it goes, and ch
   socket's.
 - On an accelerator each reading thread has a pinned staging slot ``[chunk, L, block_size, kv_dim]``; a
   chunk goes to the device in one asynchronous copy on the thread's own stream as soon as it is in and
-  checked, then into the cache blocks layer by layer, while the other threads receive the next chunks.
+  checked, then into the cache blocks (one op for every layer), while the other threads receive the next chunks.
 
 A block is usable when its header, token ids and checksum match (block_format.check_block); the load reports
 the blocks usable from the first. A block received but not usable was written into a block that is freshly
@@ -163,8 +163,8 @@ class StoreLoader:
 
     def _to_device(self, staged: torch.Tensor, blocks: Sequence[int]) -> None:
         """One asynchronous copy of the chunk, then into the cache (one op for every layer where the caches are
-        one tensor: each op lets go of the GIL, and a busy engine loop makes taking it back slow); waits for it (the slot is
-        reused by this thread's next chunk, and the load is reported done after)."""
+        one tensor: each op lets go of the GIL, and a busy engine loop makes taking it back slow); waits for it
+        (the slot is reused by this thread's next chunk, and the load is reported done after)."""
         first = self.caches[0]
         data = staged.to(self.device, non_blocking=True).view(first.dtype).view(
             len(blocks), len(self.caches), *first.shape[1:])
