@@ -110,17 +110,28 @@ def check_block(head: bytes | bytearray | memoryview, payload: Sequence[bytes | 
     why = check_head(head, layout, chain_hash, tokens)
     if why:
         return why
-    view = memoryview(head)
-    checksum = bytes(view[HEADER_BYTES - 16:HEADER_BYTES])
-    digest = xxhash.xxh3_128(_head(layout, chain_hash, bytes(16)))
-    digest.update(view[HEADER_BYTES:])
+    digest = start_checksum(head)
     # NOTE: one update over the joined parts, not one per part: xxhash lets go of the GIL in every update, and
     # with the engine's loop busy each taking back waits up to a switch interval (5 ms); a value read into a CPU
     # cache has a part per layer
     digest.update(payload[0] if len(payload) == 1 else b"".join(payload))
-    if digest.digest() != checksum:
+    if digest.digest() != stored_checksum(head):
         return "checksum mismatch"
     return ""
+
+
+def start_checksum(head: bytes | bytearray | memoryview) -> xxhash.xxh3_128:
+    """The checksum of a value read in order, over its header and token ids (``head``, its checksum field taken as
+    zeros, as it was computed): update it with the latent's bytes as they come, then compare with
+    ``stored_checksum(head)``. A header that is not the expected one is caught by ``check_head``."""
+    view = memoryview(head)
+    digest = xxhash.xxh3_128(bytes(view[:HEADER_BYTES - 16]) + bytes(16))
+    digest.update(view[HEADER_BYTES:])
+    return digest
+
+
+def stored_checksum(head: bytes | bytearray | memoryview) -> bytes:
+    return bytes(memoryview(head)[HEADER_BYTES - 16:HEADER_BYTES])
 
 
 def check_head(head: bytes | bytearray | memoryview, layout: BlockLayout, chain_hash: int,

@@ -24,7 +24,13 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.device_copy import to_device
-from moeserve.kvstore.block_format import BlockLayout, check_block
+from moeserve.kvstore.block_format import (
+    BlockLayout,
+    check_block,
+    check_head,
+    start_checksum,
+    stored_checksum,
+)
 from moeserve.kvstore.latent_cache import scatter_blocks, stacked_view
 from moeserve.kvstore.store import KVStore
 
@@ -41,13 +47,17 @@ class ChunkResult:
 
 
 class StoreLoader:
-    def __init__(self, caches: list[torch.Tensor], layout: BlockLayout, store: KVStore, num_threads: int):
+    def __init__(self, caches: list[torch.Tensor], layout: BlockLayout, store: KVStore, num_threads: int,
+                 staged: bool | None = None):
+        """``staged``: values received into staging slots and copied to the caches (an accelerator's way; the
+        default off the CPU), not into the cache rows themselves (a CPU's; tests run the other way on a CPU)."""
         self.caches = caches
         self.layout = layout
         self.store = store
         self.device = caches[0].device
         self._stacked = stacked_view(caches)
-        self.staged = self.device.type != "cpu"
+        self.staged = self.device.type != "cpu" if staged is None else staged
+        self.accelerator = self.device.type != "cpu"
         per_block = layout.payload_bytes
         self.chunk_blocks = max(1, CHUNK_BYTES // per_block)
         self.num_threads = num_threads
@@ -58,7 +68,7 @@ class StoreLoader:
         self._rows = [c.view(torch.uint8).view(c.shape[0], -1).numpy() for c in caches] if not self.staged else []
 
     def _thread_init(self) -> None:
-        if self.staged:  # NOTE: this thread's copies go on its own stream, beside the model's
+        if self.accelerator:  # NOTE: this thread's copies go on its own stream, beside the model's
             torch.accelerator.set_stream(torch.Stream(device=self.device))
 
     def load(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int]) -> ChunkResult:
@@ -106,40 +116,43 @@ class StoreLoader:
         checked at the end, over what landed: a step that ran over a block found unusable then is dropped by the
         coordinator. Raises StoreError when nothing at all could be read.
 
-        On an accelerator the values are read whole (``load``) and every layer is announced at the end."""
-        if self.staged:
-            result = self.load(hashes, tokens, blocks)
-            on_layer(len(self.caches))
-            return result
+        Staged (an accelerator), a span's slices go through the reading thread's staging slot to the device, and
+        each block's checksum is carried from layer to layer (``start_checksum``) instead of read back."""
         layout = self.layout
         keys = [layout.key(h) for h in hashes]
         heads = [bytearray(layout.head_bytes) for _ in hashes]
+        digests: list = [None] * len(hashes)
         num_ok, nbytes, error = len(hashes), 0, None
         for j in range(len(self.caches)):
-            num_ok, got, failed = self._read_layer(j, keys, heads, blocks[:num_ok])
+            num_ok, got, failed = self._read_layer(j, keys, heads, blocks[:num_ok], digests)
             nbytes += got
             error = error or failed
             on_layer(j + 1)
         if error is not None and num_ok == 0:
             raise error
         for i in range(num_ok):
-            why = check_block(heads[i], [rows[blocks[i]].data for rows in self._rows], layout, hashes[i], tokens[i])
+            if self.staged:
+                why = check_head(heads[i], layout, hashes[i], tokens[i]) or (
+                    "" if digests[i].digest() == stored_checksum(heads[i]) else "checksum mismatch")
+            else:
+                why = check_block(heads[i], [rows[blocks[i]].data for rows in self._rows], layout, hashes[i],
+                                  tokens[i])
             if why:
                 logger.warning("stored block %s is not usable (%s): recomputing it", keys[i], why)
                 return ChunkResult(i, nbytes, 1)
         return ChunkResult(num_ok, nbytes, 0)
 
-    def _read_layer(self, j: int, keys: Sequence[str], heads: Sequence[bytearray],
-                    blocks: Sequence[int]) -> tuple[int, int, BaseException | None]:
+    def _read_layer(self, j: int, keys: Sequence[str], heads: Sequence[bytearray], blocks: Sequence[int],
+                    digests: list) -> tuple[int, int, BaseException | None]:
         """Layer j of ``blocks`` (the first ``len(blocks)`` of the load) into the cache: (how many blocks, from
         the first, it holds in full, bytes read, the first error)."""
-        n, rows = len(blocks), self._rows[j]
-        start = 0 if j == 0 else self.layout.head_bytes + j * (self.layout.payload_bytes // len(self.caches))
-        dests = [[memoryview(heads[i]), rows[b].data] if j == 0 else [rows[b].data] for i, b in enumerate(blocks)]
+        n, layer_bytes = len(blocks), self.layout.payload_bytes // len(self.caches)
+        start = 0 if j == 0 else self.layout.head_bytes + j * layer_bytes
+        want = layer_bytes + (self.layout.head_bytes if j == 0 else 0)
         size = max(1, -(-n // self.num_threads))
         spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
-        futures = [self._pool.submit(self.store.read_ranges_into, [(k, start) for k in keys[lo:hi]], dests[lo:hi])
-                   for lo, hi in spans]
+        futures = [self._pool.submit(self._read_span, j, start, want, keys[lo:hi], heads[lo:hi], blocks[lo:hi],
+                                     digests[lo:hi] if self.staged else []) for lo, hi in spans]
         wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
         num_ok, nbytes, error = n, 0, None
         for (lo, _), f in zip(spans, futures):
@@ -147,19 +160,68 @@ class StoreLoader:
                 error = error or f.exception()
                 num_ok = min(num_ok, lo)
                 continue
-            for i, got in enumerate(f.result(), start=lo):
+            lengths, span_digests = f.result()
+            digests[lo:lo + len(span_digests)] = span_digests
+            for i, got in enumerate(lengths, start=lo):
                 nbytes += got
-                if got < sum(len(p) for p in dests[i]):
+                if got < want:
                     num_ok = min(num_ok, i)  # missing, or cut short, from this layer on
         return num_ok, nbytes, error
 
+    def _read_span(self, j: int, start: int, want: int, keys: Sequence[str], heads: Sequence[bytearray],
+                   blocks: Sequence[int], digests: list) -> tuple[list[int], list]:
+        """Layer j's slice of a span of blocks (one round trip a piece) -> (each block's bytes read, the span's
+        checksums carried on, staged only). On a CPU straight into the cache rows; staged, in pieces that fit
+        this thread's slot, each piece to the device as it is in, its checksums updated with its slices."""
+        if not self.staged:
+            cache_rows = self._rows[j]
+            dests = [[memoryview(heads[i]), cache_rows[b].data] if j == 0 else [cache_rows[b].data]
+                     for i, b in enumerate(blocks)]
+            return self.store.read_ranges_into([(k, start) for k in keys], dests), []
+        layer_bytes = want - (self.layout.head_bytes if j == 0 else 0)
+        cap = max(1, self.chunk_blocks * self.layout.payload_bytes // layer_bytes)
+        lengths: list[int] = []
+        digests = list(digests)
+        for lo in range(0, len(keys), cap):
+            k = min(cap, len(keys) - lo)
+            staging = self._staging(self.chunk_blocks).view(-1)[:k * layer_bytes].view(k, layer_bytes)
+            rows = [staging[i].numpy().data for i in range(k)]
+            dests = [[memoryview(heads[lo + i]), rows[i]] if j == 0 else [rows[i]] for i in range(k)]
+            got = self.store.read_ranges_into([(key, start) for key in keys[lo:lo + k]], dests)
+            lengths.extend(got)
+            ok = next((i for i, g in enumerate(got) if g < want), k)
+            for i in range(ok):
+                if j == 0:
+                    digests[lo + i] = start_checksum(heads[lo + i])
+                digests[lo + i].update(rows[i])
+            if ok:
+                self._layer_to_device(j, staging[:ok], blocks[lo:lo + ok])
+            if ok < k:  # the prefix ends in this piece: the rest of the span is not needed
+                lengths.extend([0] * (len(keys) - len(lengths)))
+                break
+        return lengths, digests
+
     def _staging(self, k: int) -> torch.Tensor:
-        """This thread's pinned slot, as [k, L * block_size * kv_dim * itemsize] bytes."""
+        """This thread's slot (pinned on an accelerator), as [k, L * block_size * kv_dim * itemsize] bytes."""
         slot = getattr(self._local, "slot", None)
         if slot is None:
             slot = self._local.slot = torch.empty((self.chunk_blocks, self.layout.payload_bytes), dtype=torch.uint8,
-                                                  pin_memory=True)
+                                                  pin_memory=self.accelerator)
         return slot[:k]
+
+    def _layer_to_device(self, j: int, staged: torch.Tensor, blocks: Sequence[int]) -> None:
+        """Layer j's slices of ``blocks`` ([k, block_size * kv_dim * itemsize] bytes) into its cache; waits for the
+        copy (the slot is reused next, and the layer is announced after)."""
+        cache = self.caches[j]
+        data = staged.to(self.device, non_blocking=True).view(cache.dtype).view(len(blocks), *cache.shape[1:])
+        cache.index_copy_(0, to_device(torch.tensor(list(blocks)), self.device), data)
+        self._wait_copies()
+
+    def _wait_copies(self) -> None:
+        if self.accelerator:
+            done = torch.Event(device=self.device)
+            done.record()
+            done.synchronize()
 
     def _to_device(self, staged: torch.Tensor, blocks: Sequence[int]) -> None:
         """One asynchronous copy of the chunk, then into the cache (one op for every layer where the caches are
@@ -169,9 +231,7 @@ class StoreLoader:
         data = staged.to(self.device, non_blocking=True).view(first.dtype).view(
             len(blocks), len(self.caches), *first.shape[1:])
         scatter_blocks(self.caches, self._stacked, to_device(torch.tensor(list(blocks)), self.device), data)
-        done = torch.Event(device=self.device)
-        done.record()
-        done.synchronize()
+        self._wait_copies()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
