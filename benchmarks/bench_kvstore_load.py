@@ -30,6 +30,7 @@ import tempfile
 import threading
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -40,13 +41,14 @@ from redis_server import RedisServer  # noqa: E402
 from moeserve.device_copy import to_device  # noqa: E402
 from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block  # noqa: E402
 from moeserve.kvstore.prefix import block_hashes  # noqa: E402
-from moeserve.kvstore.store import RedisStore  # noqa: E402
+from moeserve.kvstore.store import KVStore  # noqa: E402
 from moeserve.kvstore.store_load import StoreLoader  # noqa: E402
+from moeserve.kvstore.tier_setup import open_store  # noqa: E402
 
 SHAPES = {"v2-lite": (27, 576, "bfloat16", 64), "embedded": (5, 128, "float32", 16)}
 
 
-def old_path(store: RedisStore, layout: BlockLayout, caches: list[torch.Tensor], hashes, tokens, blocks) -> int:
+def old_path(store: KVStore, layout: BlockLayout, caches: list[torch.Tensor], hashes, tokens, blocks) -> int:
     """The load before issue 21 (mover.read_blocks + BlockMover._to_device), as it was."""
     device, pin = caches[0].device, caches[0].device.type != "cpu"
     buf = torch.empty((len(hashes), len(caches), *caches[0].shape[1:]), dtype=caches[0].dtype, pin_memory=pin)
@@ -93,6 +95,8 @@ def main() -> None:
     p.add_argument("--connections", default="1,2,4")
     p.add_argument("--redis-io-threads", type=int, default=1,
                    help="redis-server's io-threads (1: its default, one thread sends every reply)")
+    p.add_argument("--servers", type=int, default=1,
+                   help="redis-servers the keys are spread over (--kv-store URL,URL,...; each its own thread)")
     p.add_argument("--busy", type=float, default=0.0,
                    help="a Python thread beside the readers, holding the GIL this fraction of the time (the engine "
                         "loop's stand-in: busy in 4 ms spans; 1: never waits); 0: none")
@@ -111,9 +115,14 @@ def main() -> None:
     tokens = [ids[i * bs:(i + 1) * bs] for i in range(n)]
     latent = torch.randn(n, layers, bs, dim, generator=gen).to(dtype)
     blocks = list(range(1, n + 1))
-    with RedisServer(Path(tempfile.mkdtemp()), io_threads=args.redis_io_threads) as server:
-        server.cli("config", "set", "maxmemory", "0")
-        store = RedisStore(server.url, timeout_s=30.0, read_connections=max(map(int, args.connections.split(","))))
+    with ExitStack() as servers:
+        urls = []
+        for _ in range(args.servers):
+            server = servers.enter_context(RedisServer(Path(tempfile.mkdtemp()), io_threads=args.redis_io_threads))
+            server.cli("config", "set", "maxmemory", "0")
+            urls.append(server.url)
+        store = open_store(",".join(urls), timeout_s=30.0,
+                           read_connections=max(map(int, args.connections.split(","))))
         raw = latent.view(torch.uint8).reshape(n, -1).numpy()
         for lo in range(0, n, 16):
             store.put([(layout.key(hashes[i]), encode_block(layout, hashes[i], tokens[i], raw[i].data))
@@ -140,6 +149,7 @@ def main() -> None:
         stop.set()
     nbytes = n * layout.payload_bytes
     result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n, "busy": args.busy,
+              "servers": args.servers, "redis_io_threads": args.redis_io_threads,
               "latent_bytes": nbytes,
               "paths": {name: {"median_s": statistics.median(t), "gb_per_s": nbytes / statistics.median(t) / 1e9}
                         for name, t in times.items()}}

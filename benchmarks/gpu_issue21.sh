@@ -17,6 +17,12 @@ timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --
     --repeats 3 --connections 4,8 --busy 0.3 --skip-redis-py --json-out "$OUT/kvstore_load_busy.json" 2>&1 | tail -8
 timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768 \
     --repeats 3 --connections 4,8 --redis-io-threads 4 --skip-redis-py --json-out "$OUT/kvstore_load_io4.json" 2>&1 | tail -8
+# keys spread over 2 and 4 redis-servers (--kv-store URL,URL,...)
+for n in 2 4; do
+    timeout ${LOAD_S:-120} python3 benchmarks/bench_kvstore_load.py --device cuda --shape v2-lite --prefix-len 32768 \
+        --repeats 3 --connections 4,8 --servers $n --skip-redis-py --json-out "$OUT/kvstore_load_servers$n.json" 2>&1 |
+        tail -8
+done
 timeout ${TTFT_S:-300} python3 benchmarks/bench_kvstore.py --device cuda --model benchmarks/configs/deepseek_v2_lite \
     --load-format dummy --prefix-lens 8192,32768 --repeats 3 --itl --max-num-batched-tokens 8192 \
     --max-model-len 40960 --json-out "$OUT/kvstore_h200_v2lite.json" 2>&1 | tail -25

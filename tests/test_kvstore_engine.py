@@ -131,6 +131,36 @@ def test_pp2_and_tp2_each_stage_stores_and_loads_its_layers(redis: RedisServer, 
 
 
 @needs_redis
+def test_a_store_of_two_servers_shares_the_blocks_between_them(reference, tmp_path: Path) -> None:
+    """``--kv-store URL,URL``: engine A's blocks are spread over both servers, engine B loads them from both with
+    the same tokens; with one server killed, C still loads the prefix up to the first block that lived there."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with RedisServer(tmp_path / "a") as redis, RedisServer(tmp_path / "b") as second:
+        url = f"{redis.url},{second.url}"
+        eb, out_a, out_b = write_then_read(url, "two-servers", {}, {})
+        assert out_a == reference and out_b == reference
+        assert eb.kv.connector.stats.store_hit_tokens >= 3 * BS
+        prefix = eb.kv.connector.config.layouts[0].key_prefix
+        on_first = sum(prefix in k for k in redis.cli("--scan", "--pattern", "moeserve:kv1:*").split())
+        on_second = sum(prefix in k for k in second.cli("--scan", "--pattern", "moeserve:kv1:*").split())
+        assert on_first > 0 and on_second > 0
+        assert on_first + on_second == len({h for p in PROMPTS for h in block_hashes(p, BS)})
+        layout = eb.kv.connector.config.layouts[0]
+        homes = [eb.kv.connector.store.shard_of(layout.key(h)) for h in block_hashes(PROMPTS[2], BS)]
+        victim = 1 - homes[0]  # the server without the first block: the prefix ends at its first block
+        (second if victim == 1 else redis).kill()
+        ec = engine(kv_store=url, kv_store_salt="two-servers", kv_store_timeout=0.5, kv_load_cost_rule=False,
+                    kv_host_memory=0)
+        try:
+            assert generate(ec, [PROMPTS[2]]) == [reference[2]]
+            want = homes.index(victim) if victim in homes else len(homes)
+            assert ec.kv.connector.stats.store_hit_tokens == want * BS > 0
+        finally:
+            ec.close()
+
+
+@needs_redis
 def test_a_corrupted_stored_value_is_a_miss(redis: RedisServer, reference) -> None:
     import redis as redis_py
 

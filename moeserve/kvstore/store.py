@@ -72,7 +72,10 @@ WRITE_BUFFER_BYTES = 256 << 20
 
 
 def redact(url: str) -> str:
-    """The URL without its password (for logs and errors); the host and port as written, even a bad port."""
+    """The URL (or comma-separated URLs) without its password (for logs and errors); the host and port as written,
+    even a bad port."""
+    if "," in url:
+        return ",".join(redact(u) for u in url.split(","))
     parts = urlsplit(url)
     if parts.password is None:
         return url
@@ -82,7 +85,12 @@ def redact(url: str) -> str:
 
 def check_store_url(url: str) -> None:
     """StoreConfigError (naming the URL without its password) unless ``url`` is a store URL whose port, if
-    any, is a number in 0..65535. A store that cannot be reached is not an error here: see ``check``."""
+    any, is a number in 0..65535, or several separated by commas (keys spread over them: kvstore/sharded_store.py;
+    a comma in a password is written %2C). A store that cannot be reached is not an error here: see ``check``."""
+    if "," in url:
+        for one in url.split(","):
+            check_store_url(one)
+        return
     parts = urlsplit(url)
     if parts.scheme not in STORE_SCHEMES:
         raise StoreConfigError(f"--kv-store must be redis://[user:password@]host:port/db, got {redact(url)!r}")
@@ -285,13 +293,3 @@ class RedisStore:
         with self._lock:
             return StoreStats(self._stats.bytes_read, self._stats.bytes_written, self._stats.errors,
                               self.breaker.state, self.breaker.num_opened)
-
-
-def open_store(url: str, timeout_s: float = 1.0, probe_interval_s: float = 5.0,
-               read_connections: int = 4) -> KVStore:
-    """The store named by ``url``: ``redis://...`` (a server), or ``memory://`` (this process only)."""
-    if url.startswith("memory://"):
-        return MemoryStore()
-    store = RedisStore(url, timeout_s, CircuitBreaker(probe_interval_s=probe_interval_s), read_connections)
-    store.check()
-    return store

@@ -9,11 +9,13 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from moeserve.kvstore.block_format import BlockLayout, model_fingerprint
+from moeserve.kvstore.breaker import CircuitBreaker
 from moeserve.kvstore.connector import KVConnector
 from moeserve.kvstore.disagg import PrefillSide, RemoteConnector, block_server
 from moeserve.kvstore.mover import BlockMover
 from moeserve.kvstore.nixl_transfer import NixlAgent
-from moeserve.kvstore.store import STORE_ENV, KVStore, StoreConfigError, open_store, redact
+from moeserve.kvstore.sharded_store import ShardedStore
+from moeserve.kvstore.store import STORE_ENV, KVStore, MemoryStore, RedisStore, StoreConfigError, redact
 from moeserve.kvstore.tiers import TierConfig, TierManager
 from moeserve.kvstore.transfer_server import KvBlockServer
 
@@ -61,6 +63,20 @@ def stage_layouts(config: Any, stage_layers: list[int], kv_dim: int) -> tuple[Bl
                                    kv_dim, config.kv_store_salt))
         start += n
     return tuple(layouts)
+
+
+def open_store(url: str, timeout_s: float = 1.0, probe_interval_s: float = 5.0,
+               read_connections: int = 4) -> KVStore:
+    """The store named by ``url``: ``redis://...`` (a server), ``memory://`` (this process only), or several
+    servers' URLs separated by commas (keys spread over them, kvstore/sharded_store.py). Each server is checked
+    at once (a wrong or missing password stops here)."""
+    if "," in url:
+        return ShardedStore([open_store(u, timeout_s, probe_interval_s, read_connections) for u in url.split(",")])
+    if url.startswith("memory://"):
+        return MemoryStore()
+    store = RedisStore(url, timeout_s, CircuitBreaker(probe_interval_s=probe_interval_s), read_connections)
+    store.check()
+    return store
 
 
 def open_kv_store(config: Any) -> KVStore | None:

@@ -77,7 +77,8 @@ FLAGS: dict[str, Flag] = {
                            "cache already is host memory; 0 turns it off)",
                            metavar="BYTES", group="kv store"),
     "kv_store": Flag("a store server shared by nodes: redis://[user:password@]host:port/db (redis-server or "
-                     "Valkey); prefixes computed by any engine are reused by the others (default: the "
+                     "Valkey), or several separated by commas (keys spread over them, each server answering its "
+                     "share of a load); prefixes computed by any engine are reused by the others (default: the "
                      f"{STORE_ENV} environment variable, which keeps the password off command lines)",
                      metavar="URL", group="kv store"),
     "kv_store_salt": Flag("tenant salt: only engines with the same salt share blocks", group="kv store"),

@@ -1,0 +1,76 @@
+"""``--kv-store URL,URL``: keys spread over two real redis-servers (kvstore/sharded_store.py): every call answers in
+the order of its keys, and a server that is down costs only its own keys."""
+
+from __future__ import annotations
+
+import pytest
+from redis_server import RedisServer
+
+from moeserve.kvstore.sharded_store import ShardedStore
+from moeserve.kvstore.store import StoreConfigError, StoreError, check_store_url, redact
+from moeserve.kvstore.tier_setup import open_store
+
+pytestmark = pytest.mark.skipif(RedisServer.unavailable() is not None, reason=str(RedisServer.unavailable()))
+
+KEYS = [f"k{i}" for i in range(40)]
+
+
+def value(key: str) -> bytes:
+    return key.encode() * 100
+
+
+def servers(tmp_path) -> tuple[RedisServer, RedisServer]:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    return RedisServer(tmp_path / "a"), RedisServer(tmp_path / "b")
+
+
+def test_keys_spread_over_both_servers_and_come_back_in_order(tmp_path) -> None:
+    first, second = servers(tmp_path)
+    with first as a, second as b:
+        store = open_store(f"{a.url},{b.url}", timeout_s=2.0)
+        assert isinstance(store, ShardedStore)
+        store.put([(k, value(k)) for k in KEYS])
+        held = [int(a.cli("dbsize")), int(b.cli("dbsize"))]
+        assert min(held) > 5 and sum(held) == len(KEYS)  # both take a share, each key once
+        assert store.lookup(KEYS) == len(KEYS)
+        assert store.get(KEYS + ["missing"]) == [value(k) for k in KEYS] + [None]
+        dests = [[memoryview(bytearray(3)), memoryview(bytearray(len(value(k)) - 3))] for k in KEYS]
+        assert store.read_into(KEYS, dests) == [len(value(k)) for k in KEYS]
+        assert [bytes(d[0]) + bytes(d[1]) for d in dests] == [value(k) for k in KEYS]
+        ranges = [(k, 2) for k in KEYS]
+        slices = [[memoryview(bytearray(5))] for _ in KEYS]
+        assert store.read_ranges_into(ranges, slices) == [5] * len(KEYS)
+        assert [bytes(s[0]) for s in slices] == [value(k)[2:7] for k in KEYS]
+        home = store.shards[store.shard_of(KEYS[17])]
+        (a if home is store.shards[0] else b).cli("del", KEYS[17])
+        assert store.lookup(KEYS) == 17  # the longest stored prefix, over both servers
+        stats = store.stats()
+        assert stats.bytes_written == sum(len(value(k)) for k in KEYS) and stats.bytes_read > 0
+
+
+def test_a_server_down_costs_only_its_own_keys(tmp_path) -> None:
+    first, second = servers(tmp_path)
+    with first as a, second as b:
+        store = open_store(f"{a.url},{b.url}", timeout_s=0.5)
+        assert isinstance(store, ShardedStore)
+        store.put([(k, value(k)) for k in KEYS])
+        b.kill()
+        on_b = [store.shard_of(k) == 1 for k in KEYS]
+        assert store.lookup(KEYS) == on_b.index(True)
+        got = store.get(KEYS)
+        assert [g is None for g in got] == on_b
+        assert all(g == value(k) for g, k in zip(got, KEYS) if g is not None)
+        with pytest.raises(StoreError, match="shard 1"):
+            store.put([(k, b"new") for k in KEYS])
+        assert [store.get([k])[0] == b"new" for k in KEYS if store.shard_of(k) == 0] == [True] * on_b.count(False)
+        assert store.stats().errors >= 3 and store.stats().breaker_state == 0  # server a still takes writes
+
+
+def test_urls_are_checked_and_redacted_one_by_one() -> None:
+    check_store_url("redis://:pw@h1:1/0,redis://h2:2/0")
+    with pytest.raises(StoreConfigError, match="port"):
+        check_store_url("redis://h1:1/0,redis://:pw@h2:99999/0")
+    assert redact("redis://:pw@h1:1/0,redis://u:x@h2:2/0") == "redis://:***@h1:1/0,redis://u:***@h2:2/0"
+    with pytest.raises(ValueError, match="two servers"):
+        ShardedStore([open_store("memory://")])
