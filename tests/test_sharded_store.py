@@ -3,6 +3,9 @@ the order of its keys, and a server that is down costs only its own keys."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 from redis_server import RedisServer
 
@@ -19,18 +22,20 @@ def value(key: str) -> bytes:
     return key.encode() * 100
 
 
-def servers(tmp_path) -> tuple[RedisServer, RedisServer]:
+@contextmanager
+def stored_on_two_servers(tmp_path, timeout_s: float) -> Iterator[tuple[RedisServer, RedisServer, ShardedStore]]:
+    """Two fresh redis-servers and a store over both, every key of KEYS put."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    return RedisServer(tmp_path / "a"), RedisServer(tmp_path / "b")
+    with RedisServer(tmp_path / "a") as a, RedisServer(tmp_path / "b") as b:
+        store = open_store(f"{a.url},{b.url}", timeout_s=timeout_s)
+        assert isinstance(store, ShardedStore)
+        store.put([(k, value(k)) for k in KEYS])
+        yield a, b, store
 
 
 def test_keys_spread_over_both_servers_and_come_back_in_order(tmp_path) -> None:
-    first, second = servers(tmp_path)
-    with first as a, second as b:
-        store = open_store(f"{a.url},{b.url}", timeout_s=2.0)
-        assert isinstance(store, ShardedStore)
-        store.put([(k, value(k)) for k in KEYS])
+    with stored_on_two_servers(tmp_path, 2.0) as (a, b, store):
         held = [int(a.cli("dbsize")), int(b.cli("dbsize"))]
         assert min(held) > 5 and sum(held) == len(KEYS)  # both take a share, each key once
         assert store.lookup(KEYS) == len(KEYS)
@@ -50,11 +55,7 @@ def test_keys_spread_over_both_servers_and_come_back_in_order(tmp_path) -> None:
 
 
 def test_a_server_down_costs_only_its_own_keys(tmp_path) -> None:
-    first, second = servers(tmp_path)
-    with first as a, second as b:
-        store = open_store(f"{a.url},{b.url}", timeout_s=0.5)
-        assert isinstance(store, ShardedStore)
-        store.put([(k, value(k)) for k in KEYS])
+    with stored_on_two_servers(tmp_path, 0.5) as (_a, b, store):
         b.kill()
         on_b = [store.shard_of(k) == 1 for k in KEYS]
         assert store.lookup(KEYS) == on_b.index(True)
