@@ -181,7 +181,6 @@ class StoreLoader:
         layer_bytes = want - (self.layout.head_bytes if j == 0 else 0)
         cap = max(1, self.chunk_blocks * self.layout.payload_bytes // layer_bytes)
         lengths: list[int] = []
-        digests = list(digests)
         for lo in range(0, len(keys), cap):
             k = min(cap, len(keys) - lo)
             staging = self._staging(self.chunk_blocks).view(-1)[:k * layer_bytes].view(k, layer_bytes)
