@@ -40,6 +40,7 @@ from redis_server import RedisServer  # noqa: E402
 
 from moeserve.device_copy import to_device  # noqa: E402
 from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block  # noqa: E402
+from moeserve.kvstore.latent_cache import allocate_latent_caches  # noqa: E402
 from moeserve.kvstore.prefix import block_hashes  # noqa: E402
 from moeserve.kvstore.store import KVStore  # noqa: E402
 from moeserve.kvstore.store_load import StoreLoader  # noqa: E402
@@ -108,7 +109,8 @@ def main() -> None:
     device = torch.device(args.device)
     n = args.prefix_len // bs
     layout = BlockLayout("0" * 32, dtype_name, bs, 0, 0, layers, dim)
-    caches = [torch.zeros(n + 1, bs, dim, dtype=dtype, device=device) for _ in range(layers)]
+    # laid out as the engine's (views of one tensor): a chunk's blocks go to every layer in one op
+    caches = list(allocate_latent_caches(list(range(layers)), n + 1, bs, dim, dtype, device).values())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 100_000, (n * bs,), generator=gen).tolist()
     hashes = block_hashes(ids, bs)
