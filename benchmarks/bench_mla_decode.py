@@ -23,11 +23,17 @@ from bench_moe_kernels import copy_bandwidth, graph_ms
 
 from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, mla_decode
 
-SHAPES = {"v2lite": (16, (64, 256)), "v3": (128, (32,))}  # name: (heads, batches): the decode targets' sizes
+SHAPES = {"v2lite": (16, (64, 256)), "v3": (128, (32,)),  # name: (heads, batches): the decode targets' sizes
+          "v2lite-small": (16, (1, 4)), "v3-small": (128, (1, 4))}
 LATENT, ROPE, PAGE, CONTEXT = 512, 64, 64, 1024
 CANDIDATES = [DecodeConfig(t, w, st, fill) for t in (32, 64) for w in (4, 8) for st in (2, 3) for fill in (2, 4)]
 # more heads a program for V3's 128 (a tensor-core product's M of 32 or 64 instead of 16)
 WIDE_HEADS = [DecodeConfig(t, w, st, 2, hb) for hb in (32, 64) for t in (32, 64) for w in (4, 8) for st in (2, 3)]
+# a few sequences: more, shorter pieces (up to 64 splits of 16-32 rows), so that a step's latency is one or two
+# loop steps of many programs instead of several of a few
+SMALL_BATCH = [DecodeConfig(t, 4, st, 2, hb, ms) for hb in (16, 64) for t in (16, 32) for st in (1, 2)
+               for ms in (16, 32, 64)]
+L2_BYTES = 60 << 20  # more than an H100's or H200's L2: the caches a sweep cycles through add up to more
 
 
 def case(heads: int, batch: int, layers: int):
@@ -54,7 +60,8 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
     err = float((mla_decode(q, caches[0], tables, lens, PAGE, LATENT, scale).float() - ref).norm() / ref.norm())
     read = batch * CONTEXT * (LATENT + ROPE) * 2
     timed = []
-    for cfg in CANDIDATES + (WIDE_HEADS if heads >= 64 else []):
+    small = [c for c in SMALL_BATCH if c.head_block <= heads] if batch <= 4 else []
+    for cfg in CANDIDATES + (WIDE_HEADS if heads >= 64 else []) + small:
         try:
             ms = graph_ms(lambda i, c=cfg: mla_decode(q, caches[i], tables, lens, PAGE, LATENT, scale, config=c),
                           layers, rep=60)
@@ -81,7 +88,9 @@ def main() -> None:
     result: dict = {"device": torch.cuda.get_device_name(), "copy_bw_gb_s": copy_bandwidth() / 1e9, "rows": []}
     for shape in args.shapes.split(","):
         heads, batches = SHAPES[shape]
-        result["rows"] += [sweep(heads, b, args.layers, result["copy_bw_gb_s"] * 1e9) for b in batches]
+        for b in batches:  # enough caches that a replay reads them from HBM, not the L2
+            layers = max(args.layers, -(-L2_BYTES // (b * CONTEXT * (LATENT + ROPE) * 2)))
+            result["rows"].append(sweep(heads, b, layers, result["copy_bw_gb_s"] * 1e9))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)

@@ -73,7 +73,7 @@ def _eager_decode(q, cache, tables, lens, page, latent, scale):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("splits", [1, 4, 32])  # 32: the merge sums the partial rows in two blocks of 16
 @pytest.mark.parametrize("latent,rope", [(64, 16), (96, 32), (40, 8)])  # 96 + 32: the embedded model's
 def test_mla_decode(dtype, splits, latent, rope):
     from moeserve.kernels.mla_decode import mla_decode

@@ -27,8 +27,9 @@ class DecodeConfig:
     token_block: int = 32  # cached rows per loop step
     num_warps: int = 4
     num_stages: int = 2
-    fill: int = 2  # programs per SM the split count aims for (at most 16 splits)
+    fill: int = 2  # programs per SM the split count aims for (at most max_splits)
     head_block: int = HEAD_BLOCK  # heads per program (the products' M)
+    max_splits: int = 16  # pieces a sequence may be split into (a power of two)
 
 
 # NOTE: benchmarks/bench_mla_decode.py found 64-row steps with 3 stages 8-12% faster at V2-Lite's batch 256
@@ -98,19 +99,26 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
 
 @triton.jit
 def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-                      num_heads, NUM_SPLITS: tl.constexpr, LATENT: tl.constexpr, LATENT_P: tl.constexpr):
+                      num_heads, NUM_SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr, LATENT: tl.constexpr,
+                      LATENT_P: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(lse_ptr + (b * num_heads + h) * NUM_SPLITS + s)  # [S]
+    lse_row = lse_ptr + (b * num_heads + h) * NUM_SPLITS
+    lse = tl.load(lse_row + s)  # [S]
     m = tl.max(lse, 0)
-    w = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
-    w = w / tl.sum(w, 0)
+    total = tl.sum(tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0), 0)
     d = tl.arange(0, LATENT_P)
     d_ok = d < LATENT
-    parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + d[None, :],
-                    mask=d_ok[None, :], other=0.0)
-    out = tl.sum(parts * w[:, None], 0)
+    out = tl.zeros([LATENT_P], tl.float32)
+    # the partial rows SPLIT_BLOCK at a time: a block of [S, LATENT_P] float32 in registers at most
+    for s0 in range(0, NUM_SPLITS, SPLIT_BLOCK):
+        sb = s0 + tl.arange(0, SPLIT_BLOCK)
+        lse_b = tl.load(lse_row + sb)
+        w = tl.where(lse_b > float("-inf"), tl.exp(lse_b - m), 0.0) / total
+        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + sb[:, None] * stride_ps + d[None, :],
+                        mask=d_ok[None, :], other=0.0)
+        out += tl.sum(parts * w[:, None], 0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
@@ -120,10 +128,10 @@ def padded(width: int) -> int:
 
 
 def num_splits_for(batch: int, num_heads: int, num_sms: int = 132, fill: int = DEFAULT.fill,
-                   head_block: int = HEAD_BLOCK) -> int:
-    """Pieces each sequence is split into: enough programs for ``fill`` per SM, at most 16."""
+                   head_block: int = HEAD_BLOCK, max_splits: int = DEFAULT.max_splits) -> int:
+    """Pieces each sequence is split into: enough programs for ``fill`` per SM, at most ``max_splits``."""
     programs = batch * triton.cdiv(num_heads, head_block)
-    splits = max(1, min(16, (fill * num_sms) // max(programs, 1)))
+    splits = max(1, min(max_splits, (fill * num_sms) // max(programs, 1)))
     return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's arange)
 
 
@@ -139,7 +147,8 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     # built the first time an eager step decodes
     block_tables = block_tables.to(torch.int32)
     config = config or config_for(num_heads)
-    splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block)
+    splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block,
+                                          max_splits=config.max_splits)
     parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     grid = (batch, triton.cdiv(num_heads, config.head_block), splits)
@@ -152,5 +161,6 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     _mla_decode_merge[(batch, num_heads)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
-        num_heads, NUM_SPLITS=splits, LATENT=latent_dim, LATENT_P=padded(latent_dim), num_warps=4)
+        num_heads, NUM_SPLITS=splits, SPLIT_BLOCK=min(splits, 16), LATENT=latent_dim, LATENT_P=padded(latent_dim),
+        num_warps=4)
     return out
