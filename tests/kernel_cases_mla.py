@@ -174,3 +174,33 @@ def test_kv_rows_written_as_the_eager_ops_write_them(dtype, interleave):
     untouched[slots] = False
     assert bool((cache[untouched] == 7.0).all())
     assert rel_err(cache[slots], ref[slots]) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads", [3, 20])  # 20: two blocks of 16 heads
+def test_kv_rows_rotate_the_decode_queries_too(dtype, heads):
+    """A decode step's cache write also rotates the first tokens' query rope parts into a wider buffer: bit for
+    bit the rope kernel's output, the buffer's other columns and the other tokens' rows untouched."""
+    from moeserve.kernels.mla_kv_write import write_kv_rows
+    from moeserve.kernels.rope import rope
+    from moeserve.model.config import RopeConfig
+    from moeserve.model.layers import RMSNorm, RotaryEmbedding
+
+    lora, rope_dim, nope = 64, 16, 24
+    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=True), rope_dim, 64).to(DEVICE)
+    norm = RMSNorm(lora, 1e-6, dtype).to(DEVICE)
+    kv_a = torch.randn(5, lora + rope_dim, dtype=dtype, device=DEVICE)
+    pos = torch.tensor([4, 9, 63, 0, 20], device=DEVICE)
+    slots = torch.tensor([1, 2, 3, 4, 5], device=DEVICE)
+    q = torch.randn(5, heads, nope + rope_dim, dtype=dtype, device=DEVICE)  # q_pe is a strided slice of q
+    q_pe = q[..., nope:]
+    q_full = torch.full((3, heads, lora + rope_dim), 5.0, dtype=dtype, device=DEVICE)  # 3 decode tokens
+    cache = torch.zeros(8, lora + rope_dim, dtype=dtype, device=DEVICE)
+    alone = cache.clone()
+    with torch.no_grad():
+        write_kv_rows(kv_a, norm.weight, norm.eps, pos, rotary.cos, rotary.sin, True, cache, slots,
+                      q_rope=(q_pe[:3], q_full[..., lora:]))
+        write_kv_rows(kv_a, norm.weight, norm.eps, pos, rotary.cos, rotary.sin, True, alone, slots)
+    assert torch.equal(cache, alone)  # the cache rows are the same either way
+    assert torch.equal(q_full[..., lora:], rope(q_pe[:3], pos[:3], rotary.cos, rotary.sin, True))
+    assert bool((q_full[..., :lora] == 5.0).all())

@@ -20,8 +20,9 @@ from moeserve.kernels.rope import rotated
 
 @triton.jit
 def _kv_rows(kv_ptr, norm_w_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, stride_kv, stride_cache,
-             stride_table, eps, LORA: tl.constexpr, LORA_BLOCK: tl.constexpr, HALF: tl.constexpr,
-             INTERLEAVE: tl.constexpr):
+             stride_table, eps, q_ptr, q_out_ptr, num_q, num_heads, stride_qt, stride_qh, stride_ot, stride_oh,
+             LORA: tl.constexpr, LORA_BLOCK: tl.constexpr, HALF: tl.constexpr, INTERLEAVE: tl.constexpr,
+             HAS_Q: tl.constexpr, BLOCK_H: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     dtype = kv_ptr.dtype.element_ty
     cache_dtype = cache_ptr.dtype.element_ty
@@ -41,20 +42,40 @@ def _kv_rows(kv_ptr, norm_w_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr,
     first, second = rotated(row + LORA, cos, sin, i, i < HALF, HALF, INTERLEAVE)
     tl.store(dst + LORA + i, first.to(dtype).to(cache_dtype))
     tl.store(dst + LORA + HALF + i, second.to(dtype).to(cache_dtype))
+    if HAS_Q:  # the first num_q tokens' query rope parts too (kernels/rope.py's _rope, at the same position)
+        if t < num_q:
+            q_dtype = q_out_ptr.dtype.element_ty
+            for h0 in range(0, num_heads, BLOCK_H):
+                heads = h0 + tl.arange(0, BLOCK_H)
+                h_ok = heads[:, None] < num_heads
+                q_first, q_second = rotated(q_ptr + t * stride_qt + heads[:, None] * stride_qh, cos[None, :],
+                                            sin[None, :], i[None, :], h_ok, HALF, INTERLEAVE)
+                out = q_out_ptr + t * stride_ot + heads[:, None] * stride_oh
+                tl.store(out + i[None, :], q_first.to(q_dtype), mask=h_ok)
+                tl.store(out + HALF + i[None, :], q_second.to(q_dtype), mask=h_ok)
 
 
 def write_kv_rows(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, positions: torch.Tensor,
                   cos: torch.Tensor, sin: torch.Tensor, interleave: bool, kv_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
+                  slot_mapping: torch.Tensor, q_rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """kv_a: [T, kv_lora + rope] (rows may be strided, the last stride 1), the latent projection's output;
     norm_weight: [kv_lora]; positions, slot_mapping: [T]; cos/sin: [P, rope / 2] float32; kv_cache:
-    [num_slots, kv_lora + rope] (flat view). Writes each token's normalised latent and rotated key."""
+    [num_slots, kv_lora + rope] (flat view). Writes each token's normalised latent and rotated key.
+
+    ``q_rope``: (q_pe [Tq, H, rope], out [Tq, H, rope]), both with the last stride 1, Tq <= T: the first Tq
+    tokens' query rope parts rotated into ``out`` in the same launch (``rope(q_pe, positions[:Tq], out=out)``,
+    bit for bit): a decode step's query, whose rotation would otherwise be a launch of its own."""
     tokens = kv_a.shape[0]
     lora = norm_weight.shape[0]
     half = (kv_a.shape[1] - lora) // 2
+    q, q_out = q_rope if q_rope is not None else (kv_a.view(tokens, 1, -1), kv_a.view(tokens, 1, -1))
+    assert q_rope is None or (q.shape == q_out.shape and q.shape[0] <= tokens and q.shape[2] == 2 * half
+                              and q.stride(-1) == 1 and q_out.stride(-1) == 1)
     if tokens:
         _kv_rows[(tokens,)](kv_a, norm_weight, positions, cos, sin, slot_mapping, kv_cache, kv_a.stride(0),
-                            kv_cache.stride(0), cos.stride(0), eps, LORA=lora,
+                            kv_cache.stride(0), cos.stride(0), eps, q, q_out, q.shape[0] if q_rope else 0,
+                            q.shape[1], q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), LORA=lora,
                             LORA_BLOCK=triton.next_power_of_2(lora), HALF=half, INTERLEAVE=interleave,
+                            HAS_Q=q_rope is not None, BLOCK_H=min(16, triton.next_power_of_2(q.shape[1])),
                             num_warps=min(8, max(1, triton.next_power_of_2(lora) // 256)),
                             enable_fp_fusion=False)

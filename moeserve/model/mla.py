@@ -117,14 +117,19 @@ class MLA(nn.Module):
         q = self._query(x, projected)  # [T, H, nope + rope]
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         num_dec = meta.num_decode_tokens
-        q_full = self._decode_query(q_pe[:num_dec], meta.positions[:num_dec]) if num_dec else None
+        fused_rows = kv_cache is not None and self.fused and self.rotary.kernel_fits and kv_a.stride(-1) == 1
+        # the cache-write kernel rotates the decode query's rope part too (one launch fewer a layer)
+        q_pe_dec = q_pe[:num_dec]  # before the prefill tokens' rotation below replaces q_pe
+        q_full = self._decode_query(q_pe_dec, meta.positions[:num_dec], rotate=not fused_rows) if num_dec else None
         if q_full is None or meta.num_prefill_seqs:
             q_pe = self.rotary(q_pe, meta.positions)
-        if kv_cache is not None and self.fused and self.rotary.kernel_fits and kv_a.stride(-1) == 1:
+        if fused_rows:
             from moeserve.kernels.mla_kv_write import write_kv_rows
 
+            q_rope = (q_pe_dec, q_full[..., self.kv_lora_rank:]) if q_full is not None else None
             write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
-                          self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache, meta.slot_mapping)
+                          self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache, meta.slot_mapping,
+                          q_rope)
         elif kv_cache is not None and cpu_mla.write_kv_applies(kv_a, self.kv_a_layernorm.weight, kv_cache,
                                                                 self.rotary.cos):
             cpu_mla.write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
@@ -156,14 +161,15 @@ class MLA(nn.Module):
             self._absorbed_key = key
         return self._absorbed
 
-    def _decode_query(self, q_pe: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    def _decode_query(self, q_pe: torch.Tensor, positions: torch.Tensor, rotate: bool = True) -> torch.Tensor | None:
         """The decode query buffer [B, H, kv_lora + rope], its rope part rotated in place (``_decode`` writes
         the latent part): no concatenation. None unless a kernel rotates it (the GPU's fused path, or bf16 on
-        CPU: ``cpu_mla.rope_into``)."""
+        CPU: ``cpu_mla.rope_into``). ``rotate=False``: the caller has the cache-write kernel rotate it."""
         if not ((self.fused and self.decode_kernel_fits) or cpu_mla.rope_applies(q_pe, self.rotary.cos)):
             return None
         q_full = q_pe.new_empty(q_pe.shape[0], self.num_heads, self.kv_lora_rank + self.rope_dim)
-        self.rotary(q_pe, positions, out=q_full[..., self.kv_lora_rank:])
+        if rotate:
+            self.rotary(q_pe, positions, out=q_full[..., self.kv_lora_rank:])
         return q_full
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
