@@ -209,3 +209,18 @@ def test_align_kernel_matches_the_tensor_ops(num_pairs, num_local, block_m, monk
     assert torch.equal(block_expert[:used // block_m], ref.block_expert[:used // block_m])
     runs, ref_runs = pair_ids[:used].view(-1, block_m), ref.pair_ids[:used].view(-1, block_m)
     assert torch.equal(runs.sort(1).values, ref_runs.sort(1).values)
+
+
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="torch.mm(..., out_dtype=) multiplies bf16 into float32 on CUDA")
+def test_router_gemm_on_bf16_operands_gives_the_float32_logits():
+    """A router weight that bf16 holds exactly is multiplied as bf16 (one tensor-core GEMM summing in float32):
+    the float32 GEMM's logits up to the order of the sums. A weight bf16 cannot hold gets no copy."""
+    from moeserve.experts.gate import exact_copy, router_logits
+
+    w = torch.randn(64, 2048, device=DEVICE).bfloat16().float()
+    x = torch.randn(37, 2048, device=DEVICE, dtype=torch.bfloat16)
+    copy = exact_copy(w, torch.bfloat16)
+    assert copy is not None and copy.dtype == torch.bfloat16
+    assert exact_copy(w * (1 + 2 ** -12), torch.bfloat16) is None
+    out, ref = router_logits(x, w, copy), router_logits(x, w)
+    assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-6

@@ -58,7 +58,29 @@ def route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None
     return weights * spec.routed_scaling_factor, ids
 
 
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x: [T, hidden], weight: [E, hidden] -> [T, E] in float32 (the router is always computed in fp32)."""
+def router_logits(x: torch.Tensor, weight: torch.Tensor, weight_in_x_dtype: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x: [T, hidden], weight: [E, hidden] -> [T, E] in float32 (the router is always computed in fp32).
+
+    ``weight_in_x_dtype``: the same values in x's dtype (``exact_copy``), where they fit it, as a bf16
+    checkpoint's router weights do: a product of two bf16 values is exact in float32, so one GEMM of the
+    bf16 operands that sums in float32 gives the float32 logits up to the order of the sums, without a cast of x
+    or a float32 GEMM (CUDA: two launches, the second on CUDA cores, become one on tensor cores)."""
+    if weight_in_x_dtype is not None and weight_in_x_dtype.dtype == x.dtype:
+        return torch.mm(x, weight_in_x_dtype.t(), out_dtype=torch.float32)
     with torch.autocast(x.device.type, enabled=False):
         return F.linear(x.float(), weight.float())
+
+
+def exact_copy(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """``weight`` (float32) in ``dtype`` where every value survives the round trip and this torch multiplies
+    ``dtype`` operands into float32 on the weight's device (``torch.mm(..., out_dtype=)``), else None. Waits
+    for the device: call it once per weight version, outside graph capture."""
+    copy = weight.detach().to(dtype)
+    if not torch.equal(copy.float(), weight.detach()):
+        return None
+    try:
+        torch.mm(copy[:1], copy[:1].t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):  # an older torch, or a device without the kernel
+        return None
+    return copy

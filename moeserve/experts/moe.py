@@ -19,7 +19,7 @@ from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.experts.ep_dispatch import AllToAllDispatch, check_dispatch, make_dispatch
 from moeserve.experts.expert_compute import FP8_FUSED_MAX_TOKENS, RoutedExperts  # noqa: F401 - re-exported
 from moeserve.experts.expert_map import ExpertMap, ExpertPlacement
-from moeserve.experts.gate import GateSpec, route, router_logits
+from moeserve.experts.gate import GateSpec, exact_copy, route, router_logits
 from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.model.config import ModelConfig
 from moeserve.model.fp8 import DequantBuffer
@@ -136,12 +136,24 @@ class MoE(RoutedExperts):
         if x.shape[0] == 0:  # a share of no tokens (fewer tokens than ranks): the group view takes no rows
             top_k = self.spec.top_k
             return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long)
-        logits = router_logits(x, self.gate_weight)
+        logits = router_logits(x, self.gate_weight, self._gate_weight_in(x.dtype) if self.fused_router else None)
         if self.fused_router:
             from moeserve.kernels.router import fused_route
 
             return fused_route(logits, self.spec, self.e_score_correction_bias, count)
         return route(logits, self.spec, self.e_score_correction_bias)
+
+    def _gate_weight_in(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The router weight in the activations' dtype where it holds the same values (``gate.exact_copy``), on
+        CUDA devices; made once per weight version (the first call waits for the device: the start-up check's
+        eager runs make it before any graph is captured)."""
+        if self.gate_weight.device.type != "cuda" or dtype == torch.float32:
+            return None
+        key = (self.gate_weight.data_ptr(), self.gate_weight._version, dtype)
+        if getattr(self, "_gate_in_key", None) != key:
+            self._gate_in = exact_copy(self.gate_weight, dtype)
+            self._gate_in_key = key
+        return self._gate_in
 
     def count_tokens(self, ids: torch.Tensor, first_token: int = 0) -> None:
         """Count the routed pairs of tokens ``first_token ..`` (ids [T, top_k]): in the rank's expert-load

@@ -8,7 +8,9 @@ Only the tensors of the rank's own layers and experts are generated; a tp-sharde
 (one layer's largest tensor is a few hundred MB on DeepSeek-V3), then narrowed.
 
 Values are sane for deep stacks: matrices normal with std 1/sqrt(fan_in) (each projection keeps the scale
-of its input), norms one, V3's score-correction biases normal(0, 0.01). With an FP8 config the tensors a
+of its input), norms one, V3's score-correction biases normal(0, 0.01). Matrices hold values the checkpoint's
+dtype (``torch_dtype``) can store, as a real checkpoint's do, also where the model keeps them wider (the
+routers' float32 copies of bf16 weights). With an FP8 config the tensors a
 real checkpoint stores in float8 are generated as float8 with float32 block scales (values spread over the
 e4m3 range, scales varying per block around std / spread), and dequantized like real ones unless kept.
 """
@@ -37,8 +39,9 @@ class DummyReader:
     shape; ``block`` is the config's FP8 block (None: a bf16 checkpoint)."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], block: tuple[int, int] | None,
-                 device: torch.device, seed: int = 0):
+                 device: torch.device, seed: int = 0, stored_dtype: torch.dtype = torch.float32):
         self.shapes, self.block, self.device, self.seed = shapes, block, device, seed
+        self.stored_dtype = stored_dtype  # the checkpoint's dtype: the matrices' values are rounded to it
 
     def has(self, name: str) -> bool:
         return name in self.shapes
@@ -58,7 +61,7 @@ class DummyReader:
             return self._normal(shape, BIAS_STD, self._generator(name))
         if len(shape) == 1:  # RMSNorm weights
             return torch.ones(shape, device=self.device)
-        return self._normal(shape, shape[-1] ** -0.5, self._generator(name))
+        return self._normal(shape, shape[-1] ** -0.5, self._generator(name)).to(self.stored_dtype).float()
 
     def read_fp8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         shape = self.shapes[name]

@@ -204,7 +204,9 @@ def load_dummy_weights(model: DeepseekModel, seed: int = 0, progress: bool = Fal
     specs = weight_specs(model)
     shapes = {spec.name: spec.shape for spec in specs}
     device = next(model.parameters()).device
-    return fill_weights(specs, DummyReader(shapes, model.config.quant_block_size, device, seed), progress)
+    stored = getattr(torch, model.config.torch_dtype, torch.float32)
+    stored = stored if isinstance(stored, torch.dtype) and stored.is_floating_point else torch.float32
+    return fill_weights(specs, DummyReader(shapes, model.config.quant_block_size, device, seed, stored), progress)
 
 
 class MTPError(UserError, ValueError):
