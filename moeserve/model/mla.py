@@ -126,6 +126,8 @@ class MLA(nn.Module):
         if fused_rows:
             from moeserve.kernels.mla_kv_write import write_kv_rows
 
+            assert kv_cache is not None
+
             q_rope = (q_pe_dec, q_full[..., self.kv_lora_rank:]) if q_full is not None else None
             write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
                           self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache, meta.slot_mapping,
