@@ -288,9 +288,14 @@ def test_router(spec_kw):
     spec = GateSpec(num_experts=64, **spec_kw)
     logits = torch.randn(37, 64, device=DEVICE) * 3
     bias = torch.randn(64, device=DEVICE) * 0.1 if spec.topk_method == "noaux_tc" else None
-    weights, ids = fused_route(logits, spec, bias)
+    weights, ids, slots = fused_route(logits, spec, bias)
+    assert slots is None
     ref_w, ref_ids = route(logits, spec, bias)
     # the same experts with the same weights, in whatever order each side lists them
     order, ref_order = ids.sort(1), ref_ids.sort(1)
     assert torch.equal(order.values, ref_order.values)
     assert rel_err(weights.gather(1, order.indices), ref_w.gather(1, ref_order.indices)) < 1e-5
+    # with a slot table, each pair's slot is looked up in the same launch (a table sending half the experts away)
+    table = torch.where(torch.arange(64, device=DEVICE) % 2 == 0, torch.arange(64, device=DEVICE) // 2, 32)
+    _, ids2, slots2 = fused_route(logits, spec, bias, slot_map=table)
+    assert torch.equal(ids2, ids) and slots2 is not None and torch.equal(slots2, table[ids.flatten()])

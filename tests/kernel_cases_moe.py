@@ -125,9 +125,10 @@ def test_a_router_near_tie_is_no_fault(tmp_path, monkeypatch):
 
     right = router.fused_route
 
-    def ties_high(logits, spec, bias=None, count=None):  # the same scores; among equal ones, the highest index
-        weights, ids = right(logits.flip(-1), spec, None if bias is None else bias.flip(-1))
-        return weights, logits.shape[-1] - 1 - ids
+    def ties_high(logits, spec, bias=None, count=None, slot_map=None):  # among equal scores, the highest index
+        weights, ids, _ = right(logits.flip(-1), spec, None if bias is None else bias.flip(-1))
+        ids = logits.shape[-1] - 1 - ids
+        return weights, ids, None if slot_map is None else slot_map[ids.flatten()]
 
     engine = _check_engine(tmp_path)
     runner, model = engine.executor.runner, engine.executor.runner.model
@@ -155,8 +156,8 @@ def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
 
     right = router.fused_route
 
-    def worst(logits, spec, bias=None, count=None):  # the lowest-scoring experts
-        return right(-logits, spec, None if bias is None else -bias, count)
+    def worst(logits, spec, bias=None, count=None, slot_map=None):  # the lowest-scoring experts
+        return right(-logits, spec, None if bias is None else -bias, count, slot_map)
 
     monkeypatch.setattr(router, "fused_route", worst)
     engine = _check_engine(tmp_path)
@@ -186,7 +187,7 @@ def test_router_counts_as_it_routes(share_rank, padded):
         c.begin_step(20)
     target = fused.router_target(7, 37, weights)
     assert target is not None
-    _, ids = fused_route(logits, spec, bias, target)
+    _, ids, _ = fused_route(logits, spec, bias, target)
     first, n = eager.share(37)
     eager.count(7, ids[first:first + n], first, None if weights is None else weights[first:first + n])
     assert torch.equal(fused.logical, eager.logical) and int(fused.logical.sum()) > 0

@@ -67,8 +67,10 @@ class ReduceDispatch:
         """(first token, number of tokens) this rank routes."""
         return 0, num_tokens
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int) -> Rows:
-        return Rows(x, weights, self.map.local_slots(ids, first_token))
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int,
+                 slots: torch.Tensor | None = None) -> Rows:
+        """``slots``: the pairs' local slots where the router kernel looked them up (``ExpertMap.direct_slots``)."""
+        return Rows(x, weights, self.map.local_slots(ids, first_token) if slots is None else slots)
 
     def combine(self, y: torch.Tensor, rows: Rows) -> torch.Tensor:
         return y
@@ -91,8 +93,11 @@ class AllToAllDispatch:
         counts = token_shares(num_tokens, self.shard.size)
         return sum(counts[:self.shard.rank]), counts[self.shard.rank]
 
-    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int) -> Rows:
-        """x: this rank's share [T_share, H] -> the rows sent here by every rank (itself included)."""
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, first_token: int,
+                 slots: torch.Tensor | None = None) -> Rows:
+        """x: this rank's share [T_share, H] -> the rows sent here by every rank (itself included). ``slots``
+        must be None: the slots are those of the rows received."""
+        assert slots is None, "an all-to-all dispatch looks up the slots of the rows it receives"
         # NOTE: a map given only this rank's share gathers the others' at the first forward (every rank of
         # the group runs the same layers, so they all arrive here together)
         self.map.gather_whole(self.shard.group)

@@ -157,6 +157,11 @@ class ExpertMap(nn.Module):
         assert self.holders is not None and self.num_copies is not None, "the whole placement is not known"
         return pick_owner(ids, first_token, self.holders, self.num_copies)
 
+    def direct_slots(self) -> torch.Tensor | None:
+        """The table ``local_slots`` reduces to where no expert has a copy on another rank (``log2local``: a
+        pair's slot is ``table[id]``, a lookup the router kernel can make), else None."""
+        return self.log2local if self.holders is None else None
+
     def local_slots(self, ids: torch.Tensor, first_token: int = 0) -> torch.Tensor:
         """[T, k] logical ids -> [T * k] local slot, or ``num_local`` where another rank serves the pair (it
         holds the expert, or holds the copy that this token's index picks)."""

@@ -100,11 +100,13 @@ class MoE(RoutedExperts):
         tokens = x[first:first + n]
         count = self.load_counter.router_target(self.layer_id, x.shape[0], self.count_weights) \
             if self.fused_router and self.load_counter is not None and self.dispatcher.routes_all else None
-        weights, ids = self.route(tokens, count)                                # 1. route
+        # the router kernel also looks up each pair's local slot where that is all the dispatch would do
+        slot_map = self.expert_map.direct_slots() if self.fused_router and self.dispatcher.routes_all else None
+        weights, ids, slots = self._route(tokens, count, slot_map)              # 1. route
         self.last_expert_ids = ids
         if count is None:  # else the router kernel counted the pairs as it chose them
             self.count_tokens(ids, first)
-        rows = self.dispatcher.dispatch(tokens, weights, ids, first)             # 2. dispatch
+        rows = self.dispatcher.dispatch(tokens, weights, ids, first, slots)      # 2. dispatch
         if rows.peer_counts is not None:  # every rank's share: the layer's whole step
             self.tokens_per_expert += rows.peer_counts.to(self.tokens_per_expert)
         in_kernel = self.shared_in_kernel(rows.x, rows.slots.numel()) if self.fused else None
@@ -133,15 +135,22 @@ class MoE(RoutedExperts):
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``
         (the router kernel only): the counter's target, ``ExpertLoadCounter.router_target``."""
+        weights, ids, _ = self._route(x, count)
+        return weights, ids
+
+    def _route(self, x: torch.Tensor, count: tuple | None = None, slot_map: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``route``, and with the router kernel and a ``slot_map`` (``ExpertMap.direct_slots``) each pair's
+        local slot [T * top_k] (else None)."""
         if x.shape[0] == 0:  # a share of no tokens (fewer tokens than ranks): the group view takes no rows
             top_k = self.spec.top_k
-            return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long)
+            return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long), None
         logits = router_logits(x, self.gate_weight, self._gate_weight_in(x.dtype) if self.fused_router else None)
         if self.fused_router:
             from moeserve.kernels.router import fused_route
 
-            return fused_route(logits, self.spec, self.e_score_correction_bias, count)
-        return route(logits, self.spec, self.e_score_correction_bias)
+            return fused_route(logits, self.spec, self.e_score_correction_bias, count, slot_map)
+        return (*route(logits, self.spec, self.e_score_correction_bias), None)
 
     def _gate_weight_in(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The router weight in the activations' dtype where it holds the same values (``gate.exact_copy``), on

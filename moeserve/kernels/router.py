@@ -23,7 +23,7 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
            TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
            METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, scaling,
            count_ptr, count_weight_ptr, num_decode_ptr, share_lo, share_hi, COUNT: tl.constexpr,
-           HAS_COUNT_WEIGHT: tl.constexpr):
+           HAS_COUNT_WEIGHT: tl.constexpr, slot_map_ptr, slots_ptr, HAS_SLOTS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     ok = e < E
@@ -67,6 +67,8 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
         w_all = w_all / (tl.sum(w_all, 0) + 1e-20)
     tl.store(ids_ptr + t * TOP_K + kk, id_all, mask=kk < TOP_K)
     tl.store(weights_ptr + t * TOP_K + kk, w_all * scaling, mask=kk < TOP_K)
+    if HAS_SLOTS:  # each pair's local slot (ExpertMap.local_slots where it is one lookup)
+        tl.store(slots_ptr + t * TOP_K + kk, tl.load(slot_map_ptr + id_all, mask=kk < TOP_K), mask=kk < TOP_K)
     if COUNT:  # the expert-load counter's logical counts of this layer: [2 (prefill, decode), E]
         mine = (t >= share_lo) & (t < share_hi)
         phase = tl.where(t < tl.load(num_decode_ptr), 1, 0).to(tl.int64)
@@ -78,16 +80,20 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
 
 
 def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None,
-                count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``route``'s contract: logits [T, E] float32 -> (weights [T, top_k] float32, ids [T, top_k] int64).
+                count: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int, int] | None = None,
+                slot_map: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``route``'s contract: logits [T, E] float32 -> (weights [T, top_k] float32, ids [T, top_k] int64,
+    slots [T * top_k] or None).
 
     ``count``: (counts [2, E] int64 of one layer, num_decode_tokens as a device scalar, weights [>= T] or
     None, first, last): each pair of the tokens [first, last) also adds its token's weight to its expert's
-    count in the token's phase, in the same launch (``ExpertLoadCounter.count``'s logical counts)."""
+    count in the token's phase, in the same launch (``ExpertLoadCounter.count``'s logical counts).
+    ``slot_map``: [E] a table (``ExpertMap.direct_slots``): each pair's ``slot_map[id]`` is written to slots."""
     tokens, experts = logits.shape
     weights = torch.empty(tokens, spec.top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(tokens, spec.top_k, dtype=torch.long, device=logits.device)
+    slots = torch.empty(tokens * spec.top_k, dtype=slot_map.dtype, device=logits.device) \
+        if slot_map is not None else None
     method = METHODS[spec.topk_method]
     counts, num_decode, count_weights, lo, hi = count or (logits, logits, None, 0, 0)
     if tokens:
@@ -99,5 +105,8 @@ def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None 
                           NORM=spec.norm_topk_prob and spec.top_k > 1, scaling=spec.routed_scaling_factor,
                           count_ptr=counts, count_weight_ptr=logits if count_weights is None else count_weights,
                           num_decode_ptr=num_decode, share_lo=lo, share_hi=hi, COUNT=count is not None,
-                          HAS_COUNT_WEIGHT=count_weights is not None, num_warps=1 if experts <= 64 else 4)
-    return weights, ids
+                          HAS_COUNT_WEIGHT=count_weights is not None,
+                          slot_map_ptr=slot_map if slot_map is not None else ids,
+                          slots_ptr=slots if slots is not None else ids, HAS_SLOTS=slots is not None,
+                          num_warps=1 if experts <= 64 else 4)
+    return weights, ids, slots
