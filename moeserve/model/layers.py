@@ -143,6 +143,7 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(2 * self.intermediate_size, hidden_size, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(hidden_size, self.intermediate_size, dtype=dtype))
         self.linear = PackedLinear()
+        self.fused = False  # the activation's kernel (kernels/activation.py); set by DeepseekModel.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dim() == 2 and x.dtype == torch.bfloat16:
@@ -155,5 +156,11 @@ class MLP(nn.Module):
         return self.shard.all_reduce(out) if self.reduce else out
 
     def _swiglu(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(silu_and_mul(self.linear(x, self.gate_up_proj, "gate_up_proj")), self.down_proj,
-                           "down_proj")
+        h = self.linear(x, self.gate_up_proj, "gate_up_proj")
+        if self.fused and h.dim() == 2 and h.stride(-1) == 1:
+            from moeserve.kernels.activation import silu_and_mul as fused_silu_and_mul
+
+            act = fused_silu_and_mul(h)
+        else:
+            act = silu_and_mul(h)
+        return self.linear(act, self.down_proj, "down_proj")
