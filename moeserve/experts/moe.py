@@ -153,10 +153,10 @@ class MoE(RoutedExperts):
         return (*route(logits, self.spec, self.e_score_correction_bias), None)
 
     def _gate_weight_in(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The router weight in the activations' dtype where it holds the same values (``gate.exact_copy``), on
-        CUDA devices; made once per weight version (the first call waits for the device: the start-up check's
-        eager runs make it before any graph is captured)."""
-        if self.gate_weight.device.type != "cuda" or dtype == torch.float32:
+        """The router weight in the activations' dtype where it holds the same values and the device multiplies
+        them into float32 (``gate.exact_copy``); made once per weight version (the first call waits for the
+        device: the start-up check's eager runs make it before any graph is captured)."""
+        if dtype == torch.float32:
             return None
         key = (self.gate_weight.data_ptr(), self.gate_weight._version, dtype)
         if getattr(self, "_gate_in_key", None) != key:
