@@ -74,15 +74,17 @@ def old_path(store: KVStore, layout: BlockLayout, caches: list[torch.Tensor], ha
     return len(hashes)
 
 
-def hold_gil(fraction: float, stop: threading.Event) -> None:
+def hold_gil(fraction: float, stop: threading.Event, work: list[int]) -> None:
     """Pure Python work ``fraction`` of the time, in 4 ms spans, until ``stop``: what an engine's loop does to
-    threads that need the GIL back after each socket call or torch op."""
+    threads that need the GIL back after each socket call or torch op. ``work[0]`` counts the loops done (how
+    much the readers slow the busy thread down)."""
     x, span = 0, 0.004
     while not stop.is_set():
         end = time.perf_counter() + span
         while time.perf_counter() < end:
             for i in range(100):
                 x += i
+            work[0] += 1
         if fraction < 1:
             time.sleep(span * (1 - fraction) / fraction)
 
@@ -102,8 +104,12 @@ def main() -> None:
                    help="a Python thread beside the readers, holding the GIL this fraction of the time (the engine "
                         "loop's stand-in: busy in 4 ms spans; 1: never waits); 0: none")
     p.add_argument("--skip-redis-py", action="store_true", help="leave out the old path")
+    p.add_argument("--switch-interval", type=float, default=None,
+                   help="sys.setswitchinterval for the run (seconds; Python's default is 0.005)")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     layers, dim, dtype_name, bs = SHAPES[args.shape]
     dtype = getattr(torch, dtype_name)
     device = torch.device(args.device)
@@ -136,9 +142,11 @@ def main() -> None:
             paths[f"in-place x{c}"] = lambda loader=loader: loader.load(hashes, tokens, blocks).num_ok
         times: dict[str, list[float]] = {name: [] for name in paths}
         stop = threading.Event()
-        busy = threading.Thread(target=hold_gil, args=(args.busy, stop), daemon=True) if args.busy > 0 else None
+        work = [0]
+        busy = threading.Thread(target=hold_gil, args=(args.busy, stop, work), daemon=True) if args.busy > 0 else None
         if busy is not None:
             busy.start()
+        started = time.perf_counter()
         for _ in range(args.repeats):
             for name, run in paths.items():
                 for cache in caches:
@@ -149,8 +157,10 @@ def main() -> None:
                 want = latent[:, 0].to(device)
                 assert torch.equal(caches[0][1:n + 1], want), name  # every path loads the same bytes
         stop.set()
+        busy_loops_per_s = work[0] / (time.perf_counter() - started)
     nbytes = n * layout.payload_bytes
-    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n, "busy": args.busy,
+    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n, "busy": args.busy, "switch_interval_s": sys.getswitchinterval(),
+              "busy_loops_per_s": busy_loops_per_s,
               "servers": args.servers, "redis_io_threads": args.redis_io_threads,
               "latent_bytes": nbytes,
               "paths": {name: {"median_s": statistics.median(t), "gb_per_s": nbytes / statistics.median(t) / 1e9}
