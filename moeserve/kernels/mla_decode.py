@@ -51,7 +51,7 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
                       num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
                       NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
                       LATENT_P: tl.constexpr, ROPE_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                      PRECISION: tl.constexpr):
+                      PRECISION: tl.constexpr, FINAL: tl.constexpr):
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -91,10 +91,12 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
         m_i = m_new
     out_row = out_ptr + b * stride_ob + heads[:, None] * stride_oh + split * stride_os
     has = l_i > 0
-    tl.store(out_row + d_lat[None, :], acc / tl.where(has, l_i, 1.0)[:, None],
+    # FINAL (one split): the output itself, in its dtype (what the merge of one part would write); else a part
+    tl.store(out_row + d_lat[None, :], (acc / tl.where(has, l_i, 1.0)[:, None]).to(out_ptr.dtype.element_ty),
              mask=head_ok[:, None] & lat_ok[None, :])
-    lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
-    tl.store(lse_ptr + (b * num_heads + heads) * NUM_SPLITS + split, lse, mask=head_ok)
+    if not FINAL:
+        lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + (b * num_heads + heads) * NUM_SPLITS + split, lse, mask=head_ok)
 
 
 @triton.jit
@@ -149,16 +151,20 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     config = config or config_for(num_heads)
     splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block,
                                           max_splits=config.max_splits)
-    parts = torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
+    out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
+    final = splits == 1  # one piece a sequence (a large batch): the split kernel writes the output, no merge
+    parts = out.unsqueeze(2) if final else \
+        torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
+    lse = parts if final else torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     grid = (batch, triton.cdiv(num_heads, config.head_block), splits)
     _mla_decode_split[grid](
         q, cache, block_tables, context_lens, parts, lse, scale, num_heads,
         q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
         NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, LATENT_P=padded(latent_dim),
         ROPE_P=padded(rope), BLOCK_H=config.head_block, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
+        FINAL=final, num_warps=config.num_warps, num_stages=config.num_stages)
+    if final:
+        return out
     _mla_decode_merge[(batch, num_heads)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
         num_heads, NUM_SPLITS=splits, SPLIT_BLOCK=min(splits, 16), LATENT=latent_dim, LATENT_P=padded(latent_dim),
