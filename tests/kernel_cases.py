@@ -312,3 +312,21 @@ def test_silu_and_mul(dtype):
     out = silu_and_mul(h)
     assert out.shape == (9, 1408) and out.dtype == dtype
     assert rel_err(out, eager(h.clone())) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_the_mlp_activation_kernel_is_checked_and_on(tmp_path):
+    """The SwiGLU kernel is a kind of its own in the start-up check: on after it passes, in the dense and the
+    shared MLPs alike; off with every other kind when the model runs eagerly."""
+    import json
+
+    from moeserve.model.layers import MLP
+    from moeserve.stages.op_checks import present_kinds
+
+    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
+    engine = _engine(tmp_path, False, "float32")
+    model = engine.executor.runner.model
+    assert engine.executor.runner.fast_path_error is None and "mlp" in present_kinds(model)
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    assert mlps and all(m.fused for m in mlps)
+    assert not any(m.fused for m in _engine(tmp_path, True, "float32").executor.runner.model.modules()
+                   if isinstance(m, MLP))

@@ -17,18 +17,18 @@ from torch import nn
 
 from moeserve.experts.gate import router_logits
 from moeserve.experts.moe import MoE
-from moeserve.model.layers import RMSNorm, RotaryEmbedding
+from moeserve.model.layers import MLP, RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLA
 
 # kind -> (module class, the flag that turns its kernel on)
 KINDS: dict[str, tuple[type[nn.Module], str]] = {
     "rmsnorm": (RMSNorm, "fused"), "rope": (RotaryEmbedding, "fused"), "mla": (MLA, "fused"),
-    "router": (MoE, "fused_router"), "moe": (MoE, "fused"),
+    "router": (MoE, "fused_router"), "moe": (MoE, "fused"), "mlp": (MLP, "fused"),
 }
 # relative L2 distance allowed between a kernel and its eager reference, by kind and dtype
 _ROUNDED_ONCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _SUMMED = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-TOLERANCE = {"rmsnorm": _ROUNDED_ONCE, "rope": _ROUNDED_ONCE, "mla": _SUMMED, "moe": _SUMMED}
+TOLERANCE = {"rmsnorm": _ROUNDED_ONCE, "rope": _ROUNDED_ONCE, "mla": _SUMMED, "moe": _SUMMED, "mlp": _SUMMED}
 # the router's scores are float32 on both paths: the picked experts' scores may differ by rounding only
 ROUTER_TOLERANCE = 1e-4
 # tokens the expert check runs with besides the captured ones: enough pairs for the sorted (GEMM) path
@@ -112,7 +112,8 @@ def check_kind(model: nn.Module, kind: str, calls: list[tuple[nn.Module, tuple]]
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     if kind == "router":
         return OpResult(kind, max(_router_error(m, args[0]) for m, args in calls), ROUTER_TOLERANCE)
-    check = {"rmsnorm": _norm_pair, "rope": _call_pair, "mla": _call_pair, "moe": _experts_pair}[kind]
+    check = {"rmsnorm": _norm_pair, "rope": _call_pair, "mla": _call_pair, "moe": _experts_pair,
+             "mlp": _call_pair}[kind]
     error = 0.0
     for module, args in calls:
         for fast, ref in check(module, KINDS[kind][1], args):
