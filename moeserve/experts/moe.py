@@ -160,7 +160,11 @@ class MoE(RoutedExperts):
             return None
         key = (self.gate_weight.data_ptr(), self.gate_weight._version, dtype)
         if getattr(self, "_gate_in_key", None) != key:
-            self._gate_in = exact_copy(self.gate_weight, dtype)
+            copy, before = exact_copy(self.gate_weight, dtype), getattr(self, "_gate_in", None)
+            if copy is not None and before is not None and (before.shape, before.dtype) == (copy.shape, copy.dtype):
+                before.copy_(copy)  # in place: a CUDA graph captured with the old copy reads the new values
+            else:
+                self._gate_in = copy
             self._gate_in_key = key
         return self._gate_in
 
