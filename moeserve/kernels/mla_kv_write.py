@@ -68,7 +68,7 @@ def write_kv_rows(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, pos
     tokens = kv_a.shape[0]
     lora = norm_weight.shape[0]
     half = (kv_a.shape[1] - lora) // 2
-    q, q_out = q_rope if q_rope is not None else (kv_a.view(tokens, 1, -1), kv_a.view(tokens, 1, -1))
+    q, q_out = q_rope if q_rope is not None else (kv_a.unsqueeze(1), kv_a.unsqueeze(1))  # unread placeholders
     assert q_rope is None or (q.shape == q_out.shape and q.shape[0] <= tokens and q.shape[2] == 2 * half
                               and q.stride(-1) == 1 and q_out.stride(-1) == 1)
     if tokens:
