@@ -115,23 +115,23 @@ def check_block(head: bytes | bytearray | memoryview, payload: Sequence[bytes | 
     # with the engine's loop busy each taking back waits up to a switch interval (5 ms); a value read into a CPU
     # cache has a part per layer
     digest.update(payload[0] if len(payload) == 1 else b"".join(payload))
-    if digest.digest() != stored_checksum(head):
-        return "checksum mismatch"
-    return ""
+    return checksum_verdict(head, digest)
 
 
 def start_checksum(head: bytes | bytearray | memoryview) -> xxhash.xxh3_128:
     """The checksum of a value read in order, over its header and token ids (``head``, its checksum field taken as
-    zeros, as it was computed): update it with the latent's bytes as they come, then compare with
-    ``stored_checksum(head)``. A header that is not the expected one is caught by ``check_head``."""
+    zeros, as it was computed): update it with the latent's bytes as they come, then ``checksum_verdict``. A
+    header that is not the expected one is caught by ``check_head``."""
     view = memoryview(head)
     digest = xxhash.xxh3_128(bytes(view[:HEADER_BYTES - 16]) + bytes(16))
     digest.update(view[HEADER_BYTES:])
     return digest
 
 
-def stored_checksum(head: bytes | bytearray | memoryview) -> bytes:
-    return bytes(memoryview(head)[HEADER_BYTES - 16:HEADER_BYTES])
+def checksum_verdict(head: bytes | bytearray | memoryview, digest: xxhash.xxh3_128) -> str:
+    """"" when ``digest`` (``start_checksum(head)`` updated with the whole latent) is the checksum ``head`` stores,
+    else why it is a miss."""
+    return "" if digest.digest() == bytes(memoryview(head)[HEADER_BYTES - 16:HEADER_BYTES]) else "checksum mismatch"
 
 
 def check_head(head: bytes | bytearray | memoryview, layout: BlockLayout, chain_hash: int,

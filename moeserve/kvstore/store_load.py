@@ -28,8 +28,8 @@ from moeserve.kvstore.block_format import (
     BlockLayout,
     check_block,
     check_head,
+    checksum_verdict,
     start_checksum,
-    stored_checksum,
 )
 from moeserve.kvstore.latent_cache import scatter_blocks, stacked_view
 from moeserve.kvstore.store import KVStore
@@ -132,8 +132,7 @@ class StoreLoader:
             raise error
         for i in range(num_ok):
             if self.staged:
-                why = check_head(heads[i], layout, hashes[i], tokens[i]) or (
-                    "" if digests[i].digest() == stored_checksum(heads[i]) else "checksum mismatch")
+                why = check_head(heads[i], layout, hashes[i], tokens[i]) or checksum_verdict(heads[i], digests[i])
             else:
                 why = check_block(heads[i], [rows[blocks[i]].data for rows in self._rows], layout, hashes[i],
                                   tokens[i])
