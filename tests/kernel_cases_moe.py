@@ -167,6 +167,26 @@ def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
     assert "router kernel differs" in (engine.executor.runner.fast_path_error or "")
 
 
+def test_a_router_with_wrong_slots_is_caught(tmp_path, monkeypatch):
+    """A router kernel that picks the right experts but looks up the wrong local slots is turned off: the
+    check compares its slots with the expert map's, not only its picks."""
+    import moeserve.kernels.router as router
+
+    right = router.fused_route
+
+    def shifted(logits, spec, bias=None, count=None, slot_map=None):  # each pair's slot one expert over
+        weights, ids, slots = right(logits, spec, bias, count, slot_map)
+        return weights, ids, None if slots is None else (slots + 1) % slot_map.numel()
+
+    monkeypatch.setattr(router, "fused_route", shifted)
+    engine = _check_engine(tmp_path)
+    model = engine.executor.runner.model
+    moe = next(iter(model.moe_layers().values()))
+    assert moe.expert_map.direct_slots() is not None  # one process: the router kernel looks the slots up
+    assert not moe.fused_router and moe.fused and model.norm.fused
+    assert "router kernel differs" in (engine.executor.runner.fast_path_error or "")
+
+
 @pytest.mark.parametrize("share_rank", [0, 1])
 @pytest.mark.parametrize("padded", [False, True])
 def test_router_counts_as_it_routes(share_rank, padded):

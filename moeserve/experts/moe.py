@@ -102,7 +102,7 @@ class MoE(RoutedExperts):
             if self.fused_router and self.load_counter is not None and self.dispatcher.routes_all else None
         # the router kernel also looks up each pair's local slot where that is all the dispatch would do
         slot_map = self.expert_map.direct_slots() if self.fused_router and self.dispatcher.routes_all else None
-        weights, ids, slots = self._route(tokens, count, slot_map)              # 1. route
+        weights, ids, slots = self.route_to_slots(tokens, count, slot_map)     # 1. route
         self.last_expert_ids = ids
         if count is None:  # else the router kernel counted the pairs as it chose them
             self.count_tokens(ids, first)
@@ -135,10 +135,10 @@ class MoE(RoutedExperts):
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``
         (the router kernel only): the counter's target, ``ExpertLoadCounter.router_target``."""
-        weights, ids, _ = self._route(x, count)
+        weights, ids, _ = self.route_to_slots(x, count)
         return weights, ids
 
-    def _route(self, x: torch.Tensor, count: tuple | None = None, slot_map: torch.Tensor | None = None
+    def route_to_slots(self, x: torch.Tensor, count: tuple | None = None, slot_map: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``route``, and with the router kernel and a ``slot_map`` (``ExpertMap.direct_slots``) each pair's
         local slot [T * top_k] (else None)."""

@@ -167,10 +167,14 @@ def _experts_pair(moe: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Te
 def _router_error(moe: nn.Module, x: torch.Tensor) -> float:
     """How much worse the kernel's picks are than the eager ones, by the eager selection score: a near-tie
     broken the other way costs a rounding error, a wrong pick the gap to the right one. Where both pick
-    the same experts, their weights must match too."""
+    the same experts, their weights must match too. Where the kernel also looks up each pair's local slot,
+    a slot that is not the expert map's for the kernel's own pick fails the check outright."""
     assert isinstance(moe, MoE)
-    fast, ref = _both(moe, "fused_router", lambda: moe.route(x))
-    (weights, ids), (ref_weights, ref_ids) = fast, ref
+    slot_map = moe.expert_map.direct_slots() if moe.dispatcher.routes_all else None
+    fast, ref = _both(moe, "fused_router", lambda: moe.route_to_slots(x, None, slot_map))
+    (weights, ids, slots), (ref_weights, ref_ids, _) = fast, ref
+    if slots is not None and not torch.equal(slots, moe.local_slots(ids)):
+        return float("inf")  # the kernel's slot lookup disagrees with the expert map's for its own picks
     logits = router_logits(x, moe.gate_weight)
     scores = logits.softmax(-1) if moe.spec.scoring_func == "softmax" else logits.sigmoid()
     choice = scores if moe.e_score_correction_bias is None else scores + moe.e_score_correction_bias
