@@ -41,10 +41,35 @@ def test_moe_gemv_configs(dtype, cfg, pieces):
     assert out.shape == x.shape and rel_err(out, ref) < tol(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens, block_m", [(5, 16), (37, 16), (37, 32)])
+def test_sorted_path_with_shared_pieces(dtype, num_tokens, block_m):
+    """The sorted GEMMs with the shared experts as two more experts that take every token (pairs past the
+    routed ones), two routed experts served elsewhere: the routed sum plus the shared MLP's output."""
+    from moeserve.kernels.fused_moe import GemmConfig, fused_moe_sorted
+    from moeserve.kernels.moe_gemv import SharedWeights
+
+    hidden, inter, pieces = 200, 72, 2
+    x, w13, w2, _, _, weights, ids = _moe_case(dtype, num_tokens, 7, 3, hidden=hidden, inter=inter)
+    local_of = torch.tensor([0, 1, 7, 2, 3, 7, 4], device=DEVICE)
+    keep = torch.tensor([0, 1, 3, 4, 6], device=DEVICE)
+    routed = _eager_moe(x, w13[keep], w2[keep], weights, ids, local_of.clamp(max=5))
+    gate_up = (torch.randn(2 * pieces * inter, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
+    down = (torch.randn(hidden, pieces * inter, device=DEVICE) / (pieces * inter) ** 0.5).to(dtype)
+    gate, up = (x.double() @ gate_up.double().T).chunk(2, -1)
+    ref = routed + (torch.nn.functional.silu(gate) * up) @ down.double().T
+    args = (x, w13[keep], w2[keep], weights, local_of[ids.flatten()], 5)
+    config = GemmConfig(block_m, 64, 64, 4)
+    out = fused_moe_sorted(*args, config=config, shared=SharedWeights(gate_up, down))
+    assert out.shape == x.shape and rel_err(out, ref) < tol(dtype)
+    assert rel_err(fused_moe_sorted(*args, config=config), routed) < tol(dtype)  # without them: the routed sum
+
+
 def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
-    """The MoE layer adds its shared experts in the split-K kernel on decode-sized steps, and the start-up
-    check compares that sum with the eager one; a shared width that is no multiple of the routed one, or a
-    step on the sorted path, keeps the shared MLP apart."""
+    """The MoE layer adds its shared experts in the fused kernels on decode-sized steps (the split-K path at a
+    few tokens, the sorted path above it), and the start-up check compares that sum with the eager one; a
+    shared width that is no multiple of the routed one, or a step between the two (split-K, more than a few
+    tokens), keeps the shared MLP apart."""
     from moeserve.experts.moe import MoE
     from moeserve.kernels.moe_gemv import SharedWeights
     from moeserve.model.config import ModelConfig
@@ -65,7 +90,17 @@ def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
         moe.fused = True
         assert rel_err(moe(x), eager) < 1e-5  # the layer's forward, shared experts in the kernel
     big = x.repeat(40, 1)
-    assert moe.shared_in_kernel(big, big.shape[0] * config.num_experts_per_tok) is None  # the sorted path
+    pairs = big.shape[0] * config.num_experts_per_tok
+    assert moe.shared_in_kernel(big, pairs) is not None  # the sorted path, as two more experts
+    fused = moe.routed_and_shared_fused(big, *moe.route(big))
+    assert fused is not None and rel_err(fused, moe.routed_and_shared_eager(big, *moe.route(big))) < 1e-5
+    with torch.inference_mode():
+        moe.fused = False
+        eager = moe(big)
+        moe.fused = True
+        assert rel_err(moe(big), eager) < 1e-5
+    mid = x.repeat(2, 1)  # 6 tokens, 12 pairs: the split-K path, where each pair would read the shared weights
+    assert moe.shared_in_kernel(mid, mid.shape[0] * config.num_experts_per_tok) is None
     # a tensor-parallel rank's share of one shared expert (half its width) is no whole piece
     half = SharedWeights(moe.shared_experts.gate_up_proj[:64], moe.shared_experts.down_proj[:, :32])
     assert half.pieces(config.moe_intermediate_size) == 0

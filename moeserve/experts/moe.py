@@ -10,6 +10,7 @@ the one owner of its placement. Routed pairs are counted per expert in the rank'
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +36,7 @@ __all__ = ["ExpertPlacement", "MoE", "gate_spec"]
 # at V2-Lite's shapes on one H200 (bench_moe_kernels.py shared, a layer) 0.044 against 0.057 ms apart at 1
 # token, 0.117 against 0.124 at 4, 0.206 against 0.193 at 8
 SHARED_IN_KERNEL_MAX_TOKENS = 4
+SHARED_IN_SORTED = os.environ.get("MOESERVE_SHARED_IN_SORTED", "1") != "0"
 
 
 def gate_spec(config: ModelConfig) -> GateSpec:
@@ -116,21 +118,28 @@ class MoE(RoutedExperts):
         return self.dispatcher.finish(x, routed, first, shared)
 
     def shared_in_kernel(self, x: torch.Tensor, num_pairs: int) -> SharedWeights | None:
-        """The shared experts' weights where the fused kernel would add them to the routed experts': steps of
-        at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on its split-K path (``num_pairs`` routed pairs), bf16
-        experts, rows that are this step's tokens (the all-reduce dispatch) and a shared width that cuts into
-        routed-wide pieces. One launch then reads the shared weights at the routed experts' bandwidth instead
-        of two small GEMMs and an activation (V2-Lite's shared MLP is two routed experts wide). None: the
-        shared MLP runs on its own."""
+        """The shared experts' weights where the fused kernels would add them to the routed experts' (as more
+        pairs: pieces of the shared MLP as wide as a routed expert, every token a pair of each): bf16 experts,
+        rows that are this step's tokens (the all-reduce dispatch), a shared width that cuts into routed-wide
+        pieces, and a step of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on the split-K path (each pair
+        reads its weights there) or a decode-sized step on the sorted path (``fused_moe.shared_fits_sorted``;
+        ``MOESERVE_SHARED_IN_SORTED=0`` keeps them apart there). One launch then reads the shared weights at the
+        routed experts' bandwidth instead of two small GEMMs, an activation and an add (V2-Lite's shared MLP
+        is two routed experts wide). None: the shared MLP runs on its own."""
         mlp = self.shared_experts
-        if not (mlp is not None and x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS and self.fp8_block is None
-                and self.dispatcher.routes_all and mlp.gate_up_proj.dtype == x.dtype):
+        if not (mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
+                and mlp.gate_up_proj.dtype == x.dtype):
             return None
-        from moeserve.kernels.fused_moe import takes_gemv_path
+        from moeserve.kernels.fused_moe import shared_fits_sorted, takes_gemv_path
         from moeserve.kernels.moe_gemv import SharedWeights
 
         weights = SharedWeights(mlp.gate_up_proj, mlp.down_proj)
-        return weights if takes_gemv_path(num_pairs, False) and weights.pieces(self.w2.shape[-1]) else None
+        pieces = weights.pieces(self.w2.shape[-1])
+        if not pieces:
+            return None
+        if takes_gemv_path(num_pairs, False):
+            return weights if x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS else None
+        return weights if SHARED_IN_SORTED and shared_fits_sorted(x.shape[0], num_pairs, pieces) else None
 
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``

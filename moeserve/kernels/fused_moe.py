@@ -20,7 +20,7 @@ import triton.language as tl
 
 from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_align import MAX_PAIRS as ALIGN_MAX_PAIRS
-from moeserve.kernels.moe_align import align_pairs
+from moeserve.kernels.moe_align import align_pairs, padded_rows
 from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, round_as, scale_args
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
@@ -32,26 +32,13 @@ GEMV_MAX_PAIRS = 64
 FP8_GEMV_MAX_PAIRS = 256
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
-def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_padded_ptr, route_w_ptr,
-              num_pairs, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_om,
-              up_scale_offset, A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTE: tl.constexpr,
-              FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
-        return
-    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    pair = tl.load(pair_ptr + rows)
-    row_ok = pair < num_pairs
-    a_row = tl.where(row_ok, pair // A_DIV, 0).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+@triton.jit
+def _gemm_tile(a_ptr, a_row, row_ok, stride_am, w_base, stride_wn, up_offset, s_base, s_up_offset, stride_sk, cols,
+               col_ok, K, GATED: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """A block's rows times one expert's weight tile: (acc, acc_up) [BLOCK_M, BLOCK_N] float32 (acc_up: the up
+    rows, ``up_offset`` on from the gate rows, where GATED; FP8: their scales ``s_up_offset`` on)."""
     ks = tl.arange(0, BLOCK_K)
-    w_base = w_ptr + expert * stride_we
-    s_base = scale_ptr + expert * stride_se + (cols // SCALE_BLOCK) * stride_sn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -67,21 +54,63 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
         else:
             acc += tl.dot(a, w, input_precision=PRECISION)
         if GATED:
-            w_up = tl.load(w_ptrs + N * stride_wn, mask=w_mask, other=0.0)
+            w_up = tl.load(w_ptrs + up_offset, mask=w_mask, other=0.0)
             if FP8:
-                s_up = tl.load(s_base + up_scale_offset + (k0 // SCALE_BLOCK) * stride_sk, mask=col_ok, other=0.0)
+                s_up = tl.load(s_base + s_up_offset + (k0 // SCALE_BLOCK) * stride_sk, mask=col_ok, other=0.0)
                 acc_up += tl.dot(a, w_up.to(a.dtype), input_precision=PRECISION) * s_up[None, :]
             else:
                 acc_up += tl.dot(a, w_up, input_precision=PRECISION)
-    dtype = out_ptr.dtype.element_ty
+    return acc, acc_up
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_routed"])
+def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_padded_ptr, route_w_ptr,
+              num_pairs, num_routed, num_local, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn,
+              stride_sk, stride_om, up_scale_offset, sh_ptr, sh_piece, sh_stride_n, A_DIV: tl.constexpr,
+              GATED: tl.constexpr, MUL_ROUTE: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
+              PIECES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+        return
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pair_ptr + rows)
+    row_ok = pair < num_pairs
+    a_row = tl.where(row_ok, pair // A_DIV, 0).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dtype = a_ptr.dtype.element_ty  # the activations' dtype, where the eager ops round
+    is_shared = False
+    if PIECES > 0:
+        is_shared = expert >= num_local
+    if is_shared:
+        # a shared expert's piece (pairs from num_routed on, PIECES a token): its rows of the shared weights;
+        # a branch of its own, so that the routed experts' loads keep their specialised strides
+        piece = expert - num_local
+        if GATED:  # the input rows are the tokens'
+            a_row = tl.where(row_ok, (pair - num_routed) // PIECES, 0).to(tl.int64)
+        acc, acc_up = _gemm_tile(a_ptr, a_row, row_ok, stride_am, sh_ptr + piece * sh_piece, sh_stride_n,
+                                 PIECES * sh_piece, scale_ptr, 0, stride_sk, cols, col_ok, K, GATED, FP8, SCALE_BLOCK,
+                                 BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    else:
+        s_base = scale_ptr + expert * stride_se + (cols // SCALE_BLOCK) * stride_sn
+        acc, acc_up = _gemm_tile(a_ptr, a_row, row_ok, stride_am, w_ptr + expert * stride_we, stride_wn,
+                                 N * stride_wn, s_base, up_scale_offset, stride_sk, cols, col_ok, K, GATED, FP8,
+                                 SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
     if GATED:  # silu(gate) * up, rounded where the eager ops round
         gate = round_as(acc, dtype)
         acc = round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(acc_up, dtype)
     if MUL_ROUTE:
-        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
-        acc = round_as(acc, dtype) * route_w[:, None]
+        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok & (pair < num_routed), other=1.0), dtype)
+        routed = round_as(round_as(acc, dtype) * route_w[:, None], dtype)
+        if PIECES > 0:  # a shared piece's row stays unrounded: the pieces add up to one down projection
+            acc = tl.where(is_shared, acc, routed)
+        else:
+            acc = routed
     out_row = tl.where(row_ok, pair, 0).to(tl.int64)
-    tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(dtype),
+    tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -95,12 +124,16 @@ class SortedPairs:
     block_m: int
 
 
-def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs:
+def sort_pairs(local: torch.Tensor, num_local: int, block_m: int, pieces: int = 0, num_tokens: int = 0
+               ) -> SortedPairs:
     """local: [P] local expert slot of each pair (``num_local`` for pairs served elsewhere) -> the pairs
-    sorted by expert with padded runs. Fixed shapes, no host synchronisation."""
+    sorted by expert with padded runs. Fixed shapes, no host synchronisation. ``pieces``: the shared experts'
+    pieces as experts ``num_local`` on, every one of ``num_tokens`` tokens a pair of each (``align_pairs``;
+    decode-sized steps only)."""
     num_pairs = local.numel()
-    if num_pairs <= ALIGN_MAX_PAIRS:  # decode-sized steps: one launch (kernels/moe_align.py)
-        return SortedPairs(*align_pairs(local, num_local, block_m), block_m)
+    if num_pairs + num_tokens * pieces <= ALIGN_MAX_PAIRS:  # decode-sized steps: one launch (kernels/moe_align.py)
+        return SortedPairs(*align_pairs(local, num_local, block_m, pieces, num_tokens), block_m)
+    assert pieces == 0, "the shared experts join the sorted pairs on decode-sized steps only"
     device = local.device
     counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
     counts.index_add_(0, local, torch.ones_like(local))
@@ -114,7 +147,7 @@ def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs
     held = sorted_local < num_local
     expert = sorted_local.clamp(max=num_local - 1)
     dest = start[expert] + torch.arange(num_pairs, device=device) - run_start[expert]
-    max_padded = triton.cdiv(num_pairs + num_local * (block_m - 1), block_m) * block_m
+    max_padded = padded_rows(num_pairs, num_local, block_m)
     pair_ids = torch.full((max_padded + 1,), num_pairs, dtype=torch.long, device=device)
     # pairs served elsewhere are written to the spare last row, which no block reads
     pair_ids.index_copy_(0, torch.where(held, dest, max_padded), order)
@@ -153,7 +186,10 @@ def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
 
 def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
             pairs: SortedPairs, route_w: torch.Tensor, a_div: int, gated: bool, mul_route: bool,
-            block: tuple[int, int], cfg: GemmConfig) -> None:
+            block: tuple[int, int], cfg: GemmConfig, num_local: int,
+            shared: tuple[torch.Tensor, int, int, int] | None = None) -> None:
+    """One of the two GEMMs. ``shared``: (the shared experts' weight, a piece's offset in it, its row stride,
+    pieces), the experts from ``num_local`` on (``moe_gemv._pair_tile`` reads them the same way)."""
     block_m, block_n, block_k = cfg.block_m, cfg.block_n, cfg.block_k
     n = w.shape[1] // 2 if gated else w.shape[1]
     k = w.shape[2]
@@ -161,12 +197,14 @@ def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: t
     if fp8:
         assert block_k <= block[1] and block[1] % block_k == 0 and block[0] == block[1]
     s, strides, up_offset = scale_args(scale, gated, w)
+    sh, sh_piece, sh_stride, pieces = shared or (w, 0, 0, 0)
+    num_pairs = out.shape[0]  # a row for every pair: the routed ones, then the shared pieces'
     grid = (pairs.block_expert.numel(), triton.cdiv(n, block_n))
     _moe_gemm[grid](a, w, s, out, pairs.pair_ids, pairs.block_expert, pairs.num_padded, route_w,
-                    route_w.numel(), n, k, a.stride(0), w.stride(0), w.stride(1), *strides, out.stride(0),
-                    up_offset, A_DIV=a_div, GATED=gated, MUL_ROUTE=mul_route, FP8=fp8,
-                    SCALE_BLOCK=block[0] if fp8 else 128, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    PRECISION=dot_precision(a.dtype),
+                    num_pairs, route_w.numel(), num_local, n, k, a.stride(0), w.stride(0), w.stride(1), *strides,
+                    out.stride(0), up_offset, sh, sh_piece, sh_stride, A_DIV=a_div, GATED=gated,
+                    MUL_ROUTE=mul_route, FP8=fp8, SCALE_BLOCK=block[0] if fp8 else 128, PIECES=pieces,
+                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -182,45 +220,66 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: tor
     weights; local: [T * top_k] local expert of each pair (``num_local`` = served elsewhere).
     FP8 experts: w13/w2 float8 with ``w13_scale`` [E, 2, ceil(I/128), ceil(H/128)], ``w2_scale``
     [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x).
-    ``shared``: the shared experts' output added too; only on the split-K path (``takes_gemv_path``)."""
+    ``shared``: the shared experts' output added too, as routed-wide pieces (bf16 experts; on the sorted path
+    only where the step's pairs fit ``moe_align``'s one launch: ``shared_fits``)."""
     if takes_gemv_path(local.numel(), w13_scale is not None):
         return moe_gemv(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block, shared=shared)
-    assert shared is None, "the shared experts run in the routed kernel on its split-K path only"
-    return fused_moe_sorted(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block)
+    return fused_moe_sorted(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block, shared=shared)
+
+
+def shared_fits_sorted(num_tokens: int, num_pairs: int, pieces: int) -> bool:
+    """Whether the sorted path can take the shared experts' ``pieces`` beside ``num_pairs`` routed pairs."""
+    return num_pairs + num_tokens * pieces <= ALIGN_MAX_PAIRS
 
 
 def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torch.Tensor,
                      local: torch.Tensor, num_local: int, w13_scale: torch.Tensor | None = None,
                      w2_scale: torch.Tensor | None = None, block: tuple[int, int] = (128, 128),
-                     config: GemmConfig | None = None) -> torch.Tensor:
-    """``fused_moe`` over the pairs sorted by expert: tensor-core GEMMs, for more than a few pairs."""
+                     config: GemmConfig | None = None, shared: SharedWeights | None = None) -> torch.Tensor:
+    """``fused_moe`` over the pairs sorted by expert: tensor-core GEMMs, for more than a few pairs. The shared
+    experts' pieces are more experts there, each taking every token; their rows stay float32 until summed."""
     num_tokens, top_k = route_w.shape
     inter = w13.shape[1] // 2
-    cfg = config or gemm_config(local.numel(), w13_scale is not None)
-    pairs = sort_pairs(local, num_local, cfg.block_m)
+    pieces = 0 if shared is None else shared.pieces(inter)
+    assert shared is None or (pieces > 0 and w13_scale is None), "shared experts: routed-wide pieces, bf16 only"
+    num_pairs = local.numel() + num_tokens * pieces
+    cfg = config or gemm_config(num_pairs, w13_scale is not None)
+    pairs = sort_pairs(local, num_local, cfg.block_m, pieces, num_tokens)
     flat_w = route_w.reshape(-1).contiguous()
-    act = torch.empty(local.numel(), inter, dtype=x.dtype, device=x.device)
-    _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg)
+    act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
+    sh13 = None if shared is None else (shared.gate_up, inter * shared.gate_up.stride(0), shared.gate_up.stride(0),
+                                        pieces)
+    _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg, num_local, sh13)
     # rows of pairs served elsewhere are never written, and the sum below skips them
-    rows = torch.empty(local.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
-    _launch(act, w2, w2_scale, rows, pairs, flat_w, 1, False, True, block, cfg)
+    rows = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32 if pieces else x.dtype, device=x.device)
+    sh2 = None if shared is None else (shared.down, inter, shared.down.stride(0), pieces)
+    _launch(act, w2, w2_scale, rows, pairs, flat_w, 1, False, True, block, cfg, num_local, sh2)
     out = torch.empty(num_tokens, w2.shape[1], dtype=x.dtype, device=x.device)
-    _sum_pairs[(num_tokens, triton.cdiv(out.shape[1], 512))](rows, local, out, num_local, out.shape[1], TOP_K=top_k,
-                                                             BLOCK_N=512, num_warps=4)
+    _sum_pairs[(num_tokens, triton.cdiv(out.shape[1], 512))](rows, local, out, num_local, local.numel(), out.shape[1],
+                                                             TOP_K=top_k, PIECES=pieces, BLOCK_N=512, num_warps=4)
     return out
 
 
 @triton.jit
-def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, num_routed, N, TOP_K: tl.constexpr, PIECES: tl.constexpr,
+               BLOCK_N: tl.constexpr):
     """out[t] = the sum of token t's held pair rows, in pair order, in float32, rounded once (the eager
-    ``rows.view(T, top_k, N).sum(1)`` with the rows of pairs served elsewhere as zeros)."""
+    ``rows.view(T, top_k, N).sum(1)`` with the rows of pairs served elsewhere as zeros); with ``PIECES``, plus
+    the shared experts' output (its pieces' rows summed and rounded once), added as the eager ops add it."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
+    dtype = out_ptr.dtype.element_ty
     total = tl.zeros([BLOCK_N], tl.float32)
     for j in range(TOP_K):
         pair = token * TOP_K + j
         held = tl.load(local_ptr + pair) < num_local
         y = tl.load(rows_ptr + pair.to(tl.int64) * N + cols, mask=ok, other=0.0).to(tl.float32)
         total += tl.where(held, y, 0.0)  # an unwritten row (a pair served elsewhere) adds nothing
-    tl.store(out_ptr + token.to(tl.int64) * N + cols, total.to(out_ptr.dtype.element_ty), mask=ok)
+    if PIECES > 0:
+        shared = tl.zeros([BLOCK_N], tl.float32)
+        for j in range(PIECES):
+            pair = num_routed + token * PIECES + j
+            shared += tl.load(rows_ptr + pair.to(tl.int64) * N + cols, mask=ok, other=0.0)
+        total = round_as(total, dtype) + round_as(shared, dtype)
+    tl.store(out_ptr + token.to(tl.int64) * N + cols, total.to(dtype), mask=ok)
