@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -81,6 +82,8 @@ def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
         torch.nn.init.normal_(p, std=0.05)
     x = torch.randn(3, config.hidden_size, device=DEVICE)
     weights, ids = moe.route(x)
+    assert moe.shared_in_kernel(x, ids.numel()) is None  # off until the start-up check turns it on
+    moe.fused_shared = True
     shared = moe.shared_in_kernel(x, ids.numel())
     assert shared is not None and shared.pieces(config.moe_intermediate_size) == 2
     fused = moe.routed_and_shared_fused(x, weights, ids)
@@ -220,6 +223,27 @@ def test_a_router_with_wrong_slots_is_caught(tmp_path, monkeypatch):
     assert moe.expert_map.direct_slots() is not None  # one process: the router kernel looks the slots up
     assert not moe.fused_router and moe.fused and model.norm.fused
     assert "router kernel differs" in (engine.executor.runner.fast_path_error or "")
+
+
+def test_a_wrong_shared_sum_turns_off_only_the_shared_experts_in_the_kernel(tmp_path, monkeypatch):
+    """Kernels that add the shared experts wrongly (the routed experts alone right) are judged apart: the shared
+    MLP runs on its own again and the routed experts' kernels stay on."""
+    import moeserve.kernels.fused_moe as fused_moe
+
+    right = fused_moe.fused_moe
+
+    def shared_off_by_half(*args, **kwargs):
+        out = right(*args, **kwargs)
+        shared = inspect.signature(right).bind(*args, **kwargs).arguments.get("shared")
+        return out if shared is None else out + 0.5
+
+    monkeypatch.setattr(fused_moe, "fused_moe", shared_off_by_half)
+    engine = _check_engine(tmp_path)
+    model = engine.executor.runner.model
+    moe = next(iter(model.moe_layers().values()))
+    assert moe.shared_experts is not None
+    assert moe.fused and moe.fused_router and not moe.fused_shared
+    assert "shared kernel differs" in (engine.executor.runner.fast_path_error or "")
 
 
 @pytest.mark.parametrize("share_rank", [0, 1])

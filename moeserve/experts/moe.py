@@ -79,6 +79,7 @@ class MoE(RoutedExperts):
                                    shard, reduce=False) if config.n_shared_experts else None)
         self.last_expert_ids: torch.Tensor | None = None  # [T, top_k] this rank routed in the latest forward
         self.fused_router = False  # the router kernel (kernels/router.py); set by DeepseekModel.use_kernels
+        self.fused_shared = False  # the shared experts in the expert kernels (``shared_in_kernel``); likewise
         # [T] 1 for real tokens, 0 for a CUDA graph's padding rows (so they are not counted); None: all real
         self.count_weights: torch.Tensor | None = None
         self.load_counter: ExpertLoadCounter | None = None  # set by load_counter.attach_counter
@@ -125,9 +126,10 @@ class MoE(RoutedExperts):
         reads its weights there) or a decode-sized step on the sorted path (``fused_moe.shared_fits_sorted``;
         ``MOESERVE_SHARED_IN_SORTED=0`` keeps them apart there). One launch then reads the shared weights at the
         routed experts' bandwidth instead of two small GEMMs, an activation and an add (V2-Lite's shared MLP
-        is two routed experts wide). None: the shared MLP runs on its own."""
+        is two routed experts wide). The start-up check judges this apart from the routed experts (its kind
+        "shared", flag ``fused_shared``). None: the shared MLP runs on its own."""
         mlp = self.shared_experts
-        if not (mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
+        if not (self.fused_shared and mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
                 and mlp.gate_up_proj.dtype == x.dtype):
             return None
         from moeserve.kernels.fused_moe import shared_fits_sorted, takes_gemv_path

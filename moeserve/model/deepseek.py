@@ -188,7 +188,7 @@ class DeepseekModel(nn.Module):
     def use_kernels(self, on: bool) -> None:
         """Run the fused Triton kernels (``moeserve/kernels``) instead of the eager ops where they apply."""
         for module in self.modules():
-            for flag in ("fused", "fused_router"):
+            for flag in ("fused", "fused_router", "fused_shared"):
                 if hasattr(module, flag):
                     setattr(module, flag, on)
 

@@ -23,12 +23,15 @@ from moeserve.model.mla import MLA
 # kind -> (module class, the flag that turns its kernel on)
 KINDS: dict[str, tuple[type[nn.Module], str]] = {
     "rmsnorm": (RMSNorm, "fused"), "rope": (RotaryEmbedding, "fused"), "mla": (MLA, "fused"),
-    "router": (MoE, "fused_router"), "moe": (MoE, "fused"), "mlp": (MLP, "fused"),
+    "router": (MoE, "fused_router"), "moe": (MoE, "fused"), "shared": (MoE, "fused_shared"), "mlp": (MLP, "fused"),
 }
+# kinds checked on another kind's captured inputs (the MoE layer's), not hooked themselves
+_ON_MOE_INPUT = ("router", "shared")
 # relative L2 distance allowed between a kernel and its eager reference, by kind and dtype
 _ROUNDED_ONCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _SUMMED = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-TOLERANCE = {"rmsnorm": _ROUNDED_ONCE, "rope": _ROUNDED_ONCE, "mla": _SUMMED, "moe": _SUMMED, "mlp": _SUMMED}
+TOLERANCE = {"rmsnorm": _ROUNDED_ONCE, "rope": _ROUNDED_ONCE, "mla": _SUMMED, "moe": _SUMMED, "shared": _SUMMED,
+             "mlp": _SUMMED}
 # the router's scores are float32 on both paths: the picked experts' scores may differ by rounding only
 ROUTER_TOLERANCE = 1e-4
 # tokens the expert check runs with besides the captured ones: enough pairs for the sorted (GEMM) path
@@ -93,7 +96,7 @@ def capture_inputs(model: nn.Module) -> Iterator[dict[str, list[tuple[nn.Module,
     handles = []
     for module in model.modules():
         for kind, (cls, _) in KINDS.items():
-            if isinstance(module, cls) and kind != "router":  # the router is checked on the MoE's input
+            if isinstance(module, cls) and kind not in _ON_MOE_INPUT:
                 handles.append(module.register_forward_pre_hook(
                     lambda m, args, kind=kind: keep(kind, m, args)))
     try:
@@ -102,7 +105,8 @@ def capture_inputs(model: nn.Module) -> Iterator[dict[str, list[tuple[nn.Module,
         for h in handles:
             h.remove()
     if "moe" in captured:
-        captured["router"] = captured["moe"]
+        for kind in _ON_MOE_INPUT:
+            captured[kind] = captured["moe"]
 
 
 @torch.inference_mode()
@@ -113,7 +117,7 @@ def check_kind(model: nn.Module, kind: str, calls: list[tuple[nn.Module, tuple]]
     if kind == "router":
         return OpResult(kind, max(_router_error(m, args[0]) for m, args in calls), ROUTER_TOLERANCE)
     check = {"rmsnorm": _norm_pair, "rope": _call_pair, "mla": _call_pair, "moe": _experts_pair,
-             "mlp": _call_pair}[kind]
+             "shared": _experts_pair, "mlp": _call_pair}[kind]
     error = 0.0
     for module, args in calls:
         for fast, ref in check(module, KINDS[kind][1], args):
@@ -150,15 +154,22 @@ def _norm_pair(module: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Te
 
 def _experts_pair(moe: nn.Module, flag: str, args: tuple) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The routed experts on the eager router's choice, at the captured size and at a size that takes the
-    sorted (tensor-core) path."""
+    sorted (tensor-core) path: alone ("moe"), or with the shared experts added in the kernel ("shared", where
+    ``MoE.shared_in_kernel`` takes them at that size)."""
     assert isinstance(moe, MoE)
     x = args[0]
     big = x.repeat(-(-EXPERT_CHECK_TOKENS // max(x.shape[0], 1)), 1)[:EXPERT_CHECK_TOKENS]
     pairs = []
     for rows in (x, big.contiguous()):
         weights, ids = moe.route(rows)
-        pairs.append((moe.routed_fused(rows, weights, ids), moe.routed_eager(rows, weights, ids)))
-        with_shared = moe.routed_and_shared_fused(rows, weights, ids)  # the shared experts in the kernel
+        if flag == "fused":
+            pairs.append((moe.routed_fused(rows, weights, ids), moe.routed_eager(rows, weights, ids)))
+            continue
+        setattr(moe, flag, True)  # shared_in_kernel asks for it
+        try:
+            with_shared = moe.routed_and_shared_fused(rows, weights, ids)
+        finally:
+            setattr(moe, flag, False)
         if with_shared is not None:
             pairs.append((with_shared, moe.routed_and_shared_eager(rows, weights, ids)))
     return pairs
