@@ -16,7 +16,7 @@ for l in sys.stdin:
     d = json.loads(l)
     print(sys.argv[1], d["batch"], "step %.2f ms, GPU busy %.2f; check: %s; graphs %s" % (
         d["step_ms"], d["gpu_busy_ms_per_step"], d["fast_path_error"] or "all on", d["graphs"]))'
-timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernel_cases.py tests/kernel_cases_moe.py tests/kernel_cases_mla.py \
+timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernel_cases*.py \
     tests/test_async_scheduling.py tests/test_backends.py tests/test_disagg_gpu.py tests/test_dummy_fp8.py \
     tests/test_engine.py tests/test_kernels.py tests/test_kvstore_units.py tests/test_store_load_staged.py tests/test_sampling.py tests/test_spec_decode.py \
     -k "cuda or gpu or GPU or kernel or fp8 or closed or shared or kv_rows or staged" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"

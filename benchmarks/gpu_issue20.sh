@@ -12,7 +12,7 @@ for l in sys.stdin:
     print(sys.argv[1], d["batch"], "step %.2f ms, GPU busy %.2f, floor %.2f; async %s; check: %s; build %.0f s" % (
         d["step_ms"], d["gpu_busy_ms_per_step"], d["hbm_floor"]["floor_ms"], d.get("async_scheduling"),
         d["fast_path_error"] or "all on", d["build_s"]))'
-timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/kernel_cases_moe.py \
+timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/kernel_cases_moe.py tests/kernel_cases_check.py \
     tests/test_engine.py::test_closed_engine_gives_device_memory_back \
     tests/test_async_scheduling.py::test_streams_equal_synchronous_on_cuda 2>&1 | tail -3 | tee "$OUT/gpu_tests.txt"
 timeout 200 python3 benchmarks/profile_decode.py --batches 1,64,256 --json-out "$OUT/prof_v2lite.json" 2>&1 |

@@ -247,34 +247,6 @@ def _run(engine, prompts, params) -> tuple[list[list[int]], list[list[dict[int, 
     return tokens, tops
 
 
-def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
-    """The start-up check: a kernel that computes the wrong thing (here the norm, doubled) is caught and
-    turned off alone, and the engine's tokens are the eager tokens."""
-    import json
-
-    import moeserve.kernels.rmsnorm as rmsnorm
-    from moeserve.coordinator.sampling import SamplingParams
-
-    right = rmsnorm.rms_norm
-
-    def wrong(x, weight, eps, residual=None):
-        out, total = right(x, weight, eps, residual)
-        return out * 2, total
-
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
-    prompts = [[3, 4, 5, 6, 7, 8]]
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    monkeypatch.setattr(rmsnorm, "rms_norm", wrong)
-    engine = _engine(tmp_path, False, "float32")
-    assert engine.executor.runner.fast_path_error is not None and "rmsnorm kernel differs" in engine.executor.runner.fast_path_error
-    model = engine.executor.runner.model
-    assert not model.norm.fused and all(m.fused for m in model.moe_layers().values())  # the norm alone is off
-    assert (engine.executor.runner.graphs is not None) == (DEVICE.type == "cuda")  # graphs of the kernels that passed
-    tokens, _ = _run(engine, prompts, params)
-    monkeypatch.setattr(rmsnorm, "rms_norm", right)
-    assert tokens == _run(_engine(tmp_path, True, "float32"), prompts, params)[0]
-
-
 @pytest.mark.parametrize("spec_kw", [
     dict(scoring_func="softmax", topk_method="greedy", top_k=6),
     dict(scoring_func="softmax", topk_method="group_limited_greedy", top_k=3, n_group=4, topk_group=2),
@@ -312,21 +284,3 @@ def test_silu_and_mul(dtype):
     out = silu_and_mul(h)
     assert out.shape == (9, 1408) and out.dtype == dtype
     assert rel_err(out, eager(h.clone())) < (1e-6 if dtype == torch.float32 else 1e-2)
-
-
-def test_the_mlp_activation_kernel_is_checked_and_on(tmp_path):
-    """The SwiGLU kernel is a kind of its own in the start-up check: on after it passes, in the dense and the
-    shared MLPs alike; off with every other kind when the model runs eagerly."""
-    import json
-
-    from moeserve.model.layers import MLP
-    from moeserve.stages.op_checks import present_kinds
-
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
-    engine = _engine(tmp_path, False, "float32")
-    model = engine.executor.runner.model
-    assert engine.executor.runner.fast_path_error is None and "mlp" in present_kinds(model)
-    mlps = [m for m in model.modules() if isinstance(m, MLP)]
-    assert mlps and all(m.fused for m in mlps)
-    assert not any(m.fused for m in _engine(tmp_path, True, "float32").executor.runner.model.modules()
-                   if isinstance(m, MLP))

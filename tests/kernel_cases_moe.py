@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
-import json
-
 import pytest
 import torch
 from kernel_cases import DEVICE, DTYPES, _dequant, _eager_moe, _moe_case, rel_err, tol
@@ -141,109 +138,6 @@ def test_expert_count_kernel(placement, padded):
     assert torch.equal(eager.logical, fused.logical) and torch.equal(eager.physical, fused.physical)
     assert int(fused.logical.sum()) == (3 * 1500 * 2 if padded else (2000 + 2001 + 2002) * 2)
     assert (fused.physical is fused.logical) == (not placement)
-
-
-def _check_engine(tmp_path, dtype="float32"):
-    from moeserve.coordinator.config import EngineConfig
-    from moeserve.coordinator.engine import Engine
-
-    (tmp_path / "config.json").write_text(json.dumps(tiny_config()))
-    return Engine(EngineConfig(model=str(tmp_path), device=DEVICE.type, dtype=dtype, load_format="dummy",
-                               skip_tokenizer_init=True, block_size=16, kv_cache_memory=8 << 20, max_num_seqs=8,
-                               max_num_batched_tokens=64))
-
-
-def test_a_router_near_tie_is_no_fault(tmp_path, monkeypatch):
-    """Experts with equal scores (every gate row made the same): a router kernel that breaks the ties the
-    other way picks other experts than the eager router, and the check still passes it."""
-    import moeserve.kernels.router as router
-    from moeserve.experts.gate import router_logits
-    from moeserve.stages.op_checks import capture_inputs, check_kind
-    from moeserve.stages.selfcheck import CheckPlans
-
-    right = router.fused_route
-
-    def ties_high(logits, spec, bias=None, count=None, slot_map=None):  # among equal scores, the highest index
-        weights, ids, _ = right(logits.flip(-1), spec, None if bias is None else bias.flip(-1))
-        ids = logits.shape[-1] - 1 - ids
-        return weights, ids, None if slot_map is None else slot_map[ids.flatten()]
-
-    engine = _check_engine(tmp_path)
-    runner, model = engine.executor.runner, engine.executor.runner.model
-    for moe in model.moe_layers().values():
-        with torch.no_grad():
-            moe.gate_weight[:] = moe.gate_weight[0]  # every expert ties with every other
-            if moe.e_score_correction_bias is not None:
-                moe.e_score_correction_bias.fill_(0.1)
-    model.use_kernels(False)
-    with capture_inputs(model) as inputs:
-        CheckPlans(runner, runner.num_blocks).run(runner)
-    monkeypatch.setattr(router, "fused_route", ties_high)
-    moe, (x,) = inputs["router"][0]
-    with torch.inference_mode():
-        picked = ties_high(router_logits(x, moe.gate_weight), moe.spec, moe.e_score_correction_bias)[1]
-        eager = moe.route(x)[1]
-    assert not torch.equal(picked.sort(1).values, eager.sort(1).values)  # the ties were broken differently
-    result = check_kind(model, "router", inputs["router"])
-    assert result.ok, result.describe()
-
-
-def test_a_wrong_router_is_caught_alone(tmp_path, monkeypatch):
-    """A router that picks the wrong experts is turned off; the other kernels stay on."""
-    import moeserve.kernels.router as router
-
-    right = router.fused_route
-
-    def worst(logits, spec, bias=None, count=None, slot_map=None):  # the lowest-scoring experts
-        return right(-logits, spec, None if bias is None else -bias, count, slot_map)
-
-    monkeypatch.setattr(router, "fused_route", worst)
-    engine = _check_engine(tmp_path)
-    model = engine.executor.runner.model
-    moe = next(iter(model.moe_layers().values()))
-    assert not moe.fused_router and moe.fused and model.norm.fused
-    assert "router kernel differs" in (engine.executor.runner.fast_path_error or "")
-
-
-def test_a_router_with_wrong_slots_is_caught(tmp_path, monkeypatch):
-    """A router kernel that picks the right experts but looks up the wrong local slots is turned off: the
-    check compares its slots with the expert map's, not only its picks."""
-    import moeserve.kernels.router as router
-
-    right = router.fused_route
-
-    def shifted(logits, spec, bias=None, count=None, slot_map=None):  # each pair's slot one expert over
-        weights, ids, slots = right(logits, spec, bias, count, slot_map)
-        return weights, ids, None if slots is None else (slots + 1) % slot_map.numel()
-
-    monkeypatch.setattr(router, "fused_route", shifted)
-    engine = _check_engine(tmp_path)
-    model = engine.executor.runner.model
-    moe = next(iter(model.moe_layers().values()))
-    assert moe.expert_map.direct_slots() is not None  # one process: the router kernel looks the slots up
-    assert not moe.fused_router and moe.fused and model.norm.fused
-    assert "router kernel differs" in (engine.executor.runner.fast_path_error or "")
-
-
-def test_a_wrong_shared_sum_turns_off_only_the_shared_experts_in_the_kernel(tmp_path, monkeypatch):
-    """Kernels that add the shared experts wrongly (the routed experts alone right) are judged apart: the shared
-    MLP runs on its own again and the routed experts' kernels stay on."""
-    import moeserve.kernels.fused_moe as fused_moe
-
-    right = fused_moe.fused_moe
-
-    def shared_off_by_half(*args, **kwargs):
-        out = right(*args, **kwargs)
-        shared = inspect.signature(right).bind(*args, **kwargs).arguments.get("shared")
-        return out if shared is None else out + 0.5
-
-    monkeypatch.setattr(fused_moe, "fused_moe", shared_off_by_half)
-    engine = _check_engine(tmp_path)
-    model = engine.executor.runner.model
-    moe = next(iter(model.moe_layers().values()))
-    assert moe.shared_experts is not None
-    assert moe.fused and moe.fused_router and not moe.fused_shared
-    assert "shared kernel differs" in (engine.executor.runner.fast_path_error or "")
 
 
 @pytest.mark.parametrize("share_rank", [0, 1])
