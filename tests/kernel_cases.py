@@ -170,7 +170,7 @@ def test_fused_moe_fp8(num_tokens):
 
 
 def test_sort_pairs_pads_each_expert_run():
-    from moeserve.kernels.fused_moe import sort_pairs
+    from moeserve.kernels.moe_align import sort_pairs
 
     local = torch.tensor([2, 0, 2, 5, 2, 1, 5], device=DEVICE)  # 5 = served elsewhere (num_local = 5)
     pairs = sort_pairs(local, 5, 4)

@@ -168,16 +168,21 @@ def test_router_counts_as_it_routes(share_rank, padded):
 
 @pytest.mark.parametrize("num_pairs,num_local,block_m", [(7, 5, 4), (384, 64, 32), (1000, 257, 16), (6, 64, 16),
                                                          (4096, 256, 32), (65, 3, 64)])
-def test_align_kernel_matches_the_tensor_ops(num_pairs, num_local, block_m, monkeypatch):
+@pytest.mark.parametrize("pieces", [0, 2])
+def test_align_kernel_matches_the_tensor_ops(num_pairs, num_local, block_m, pieces, monkeypatch):
     """The one-launch alignment: the same runs, padding, block experts and row count as the tensor-op path
-    (the order of the pairs inside a run may differ)."""
-    from moeserve.kernels import fused_moe
-    from moeserve.kernels.moe_align import align_pairs
+    (the order of the pairs inside a run may differ). With the shared experts' ``pieces``: as if every token's
+    pieces were pairs of ``pieces`` more experts after the routed ones."""
+    from moeserve.kernels import moe_align
 
+    num_tokens = min(num_pairs, moe_align.MAX_PAIRS - num_pairs) // max(pieces, 1) if pieces else 0
     local = torch.randint(0, num_local + 1, (num_pairs,), device=DEVICE)
-    pair_ids, block_expert, num_padded = align_pairs(local, num_local, block_m)
-    monkeypatch.setattr(fused_moe, "ALIGN_MAX_PAIRS", 0)
-    ref = fused_moe.sort_pairs(local, num_local, block_m)
+    pair_ids, block_expert, num_padded = moe_align.align_pairs(local, num_local, block_m, pieces, num_tokens)
+    # the reference: the shared pairs listed, and the pairs served elsewhere past every expert
+    shared = num_local + torch.arange(num_tokens * pieces, device=DEVICE) % max(pieces, 1)
+    everything = torch.cat([torch.where(local == num_local, num_local + pieces, local), shared])
+    monkeypatch.setattr(moe_align, "MAX_PAIRS", 0)
+    ref = moe_align.sort_pairs(everything, num_local + pieces, block_m)
     used = int(ref.num_padded)
     assert int(num_padded) == used
     assert torch.equal(block_expert[:used // block_m], ref.block_expert[:used // block_m])

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_align import MAX_PAIRS as ALIGN_MAX_PAIRS
-from moeserve.kernels.moe_align import align_pairs, padded_rows
+from moeserve.kernels.moe_align import SortedPairs, sort_pairs
 from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, round_as, scale_args
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
@@ -66,7 +66,7 @@ def _gemm_tile(a_ptr, a_row, row_ok, stride_am, w_base, stride_wn, up_offset, s_
 @triton.jit(do_not_specialize=["num_pairs", "num_routed"])
 def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_padded_ptr, route_w_ptr,
               num_pairs, num_routed, num_local, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn,
-              stride_sk, stride_om, up_scale_offset, sh_ptr, sh_piece, sh_stride_n, A_DIV: tl.constexpr,
+              stride_sk, stride_om, up_scale_offset, sh_ptr, sh_piece, sh_stride_n, sh_out_ptr, A_DIV: tl.constexpr,
               GATED: tl.constexpr, MUL_ROUTE: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
               PIECES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               PRECISION: tl.constexpr):
@@ -102,58 +102,18 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
     if GATED:  # silu(gate) * up, rounded where the eager ops round
         gate = round_as(acc, dtype)
         acc = round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(acc_up, dtype)
-    if MUL_ROUTE:
-        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok & (pair < num_routed), other=1.0), dtype)
-        routed = round_as(round_as(acc, dtype) * route_w[:, None], dtype)
-        if PIECES > 0:  # a shared piece's row stays unrounded: the pieces add up to one down projection
-            acc = tl.where(is_shared, acc, routed)
-        else:
-            acc = routed
     out_row = tl.where(row_ok, pair, 0).to(tl.int64)
-    tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
-
-
-@dataclass
-class SortedPairs:
-    """(token, expert) pairs grouped by local expert, each expert's run padded to ``block_m`` rows."""
-
-    pair_ids: torch.Tensor  # [max_padded] pair index (token * top_k + k) per row; num_pairs marks padding
-    block_expert: torch.Tensor  # [max_padded // block_m] local expert of each row block
-    num_padded: torch.Tensor  # [1] rows in use (blocks past it are skipped)
-    block_m: int
-
-
-def sort_pairs(local: torch.Tensor, num_local: int, block_m: int, pieces: int = 0, num_tokens: int = 0
-               ) -> SortedPairs:
-    """local: [P] local expert slot of each pair (``num_local`` for pairs served elsewhere) -> the pairs
-    sorted by expert with padded runs. Fixed shapes, no host synchronisation. ``pieces``: the shared experts'
-    pieces as experts ``num_local`` on, every one of ``num_tokens`` tokens a pair of each (``align_pairs``;
-    decode-sized steps only)."""
-    num_pairs = local.numel()
-    if num_pairs + num_tokens * pieces <= ALIGN_MAX_PAIRS:  # decode-sized steps: one launch (kernels/moe_align.py)
-        return SortedPairs(*align_pairs(local, num_local, block_m, pieces, num_tokens), block_m)
-    assert pieces == 0, "the shared experts join the sorted pairs on decode-sized steps only"
-    device = local.device
-    counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
-    counts.index_add_(0, local, torch.ones_like(local))
-    counts = counts[:num_local]
-    padded = (counts + block_m - 1) // block_m * block_m
-    padded_end = torch.cumsum(padded, 0)  # [E]
-    start = padded_end - padded
-    run_start = torch.cumsum(counts, 0) - counts
-    order = torch.argsort(local, stable=True)
-    sorted_local = local[order]
-    held = sorted_local < num_local
-    expert = sorted_local.clamp(max=num_local - 1)
-    dest = start[expert] + torch.arange(num_pairs, device=device) - run_start[expert]
-    max_padded = padded_rows(num_pairs, num_local, block_m)
-    pair_ids = torch.full((max_padded + 1,), num_pairs, dtype=torch.long, device=device)
-    # pairs served elsewhere are written to the spare last row, which no block reads
-    pair_ids.index_copy_(0, torch.where(held, dest, max_padded), order)
-    block_starts = torch.arange(0, max_padded, block_m, device=device)
-    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp(max=num_local - 1)
-    return SortedPairs(pair_ids[:max_padded], block_expert, padded_end[-1:], block_m)
+    mask = row_ok[:, None] & col_ok[None, :]
+    if MUL_ROUTE and is_shared:
+        # a shared piece's row: float32, unrounded, in rows of their own (the pieces add up to one down
+        # projection, rounded once where they are summed)
+        sh_row = tl.where(row_ok, pair - num_routed, 0).to(tl.int64)
+        tl.store(sh_out_ptr + sh_row[:, None] * stride_om + cols[None, :], acc, mask=mask)
+    else:
+        if MUL_ROUTE:
+            route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
+            acc = round_as(acc, dtype) * route_w[:, None]
+        tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _TILES_OVERRIDE = os.environ.get("MOESERVE_MOE_GEMM_TILES")
@@ -186,10 +146,10 @@ def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
 
 def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
             pairs: SortedPairs, route_w: torch.Tensor, a_div: int, gated: bool, mul_route: bool,
-            block: tuple[int, int], cfg: GemmConfig, num_local: int,
-            shared: tuple[torch.Tensor, int, int, int] | None = None) -> None:
-    """One of the two GEMMs. ``shared``: (the shared experts' weight, a piece's offset in it, its row stride,
-    pieces), the experts from ``num_local`` on (``moe_gemv._pair_tile`` reads them the same way)."""
+            block: tuple[int, int], cfg: GemmConfig, num_pairs: int, num_local: int,
+            shared: SortedShared | None = None) -> None:
+    """One of the two GEMMs over ``num_pairs`` pairs (the routed ones, then any shared pieces'). ``out``: a row
+    per pair (the down projection: per routed pair; the shared pieces' rows go to ``shared.out``)."""
     block_m, block_n, block_k = cfg.block_m, cfg.block_n, cfg.block_k
     n = w.shape[1] // 2 if gated else w.shape[1]
     k = w.shape[2]
@@ -197,15 +157,28 @@ def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: t
     if fp8:
         assert block_k <= block[1] and block[1] % block_k == 0 and block[0] == block[1]
     s, strides, up_offset = scale_args(scale, gated, w)
-    sh, sh_piece, sh_stride, pieces = shared or (w, 0, 0, 0)
-    num_pairs = out.shape[0]  # a row for every pair: the routed ones, then the shared pieces'
+    sh = shared or SortedShared(w, 0, 0, 0, out)
+    assert sh.out.stride(0) == out.stride(0)
     grid = (pairs.block_expert.numel(), triton.cdiv(n, block_n))
     _moe_gemm[grid](a, w, s, out, pairs.pair_ids, pairs.block_expert, pairs.num_padded, route_w,
                     num_pairs, route_w.numel(), num_local, n, k, a.stride(0), w.stride(0), w.stride(1), *strides,
-                    out.stride(0), up_offset, sh, sh_piece, sh_stride, A_DIV=a_div, GATED=gated,
-                    MUL_ROUTE=mul_route, FP8=fp8, SCALE_BLOCK=block[0] if fp8 else 128, PIECES=pieces,
+                    out.stride(0), up_offset, sh.weight, sh.piece, sh.stride, sh.out, A_DIV=a_div, GATED=gated,
+                    MUL_ROUTE=mul_route, FP8=fp8, SCALE_BLOCK=block[0] if fp8 else 128, PIECES=sh.pieces,
                     BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PRECISION=dot_precision(a.dtype),
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@dataclass(frozen=True)
+class SortedShared:
+    """The shared experts' side of one sorted GEMM: their weight (gate_up [2PI, H] or down [H, PI]), a piece's
+    offset in it and its row stride (as ``moe_gemv._pair_tile`` reads them), the pieces, and where the down
+    projection writes their rows ([T * P, H] float32)."""
+
+    weight: torch.Tensor
+    piece: int
+    stride: int
+    pieces: int
+    out: torch.Tensor
 
 
 def takes_gemv_path(num_pairs: int, fp8: bool) -> bool:
@@ -247,25 +220,29 @@ def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route
     pairs = sort_pairs(local, num_local, cfg.block_m, pieces, num_tokens)
     flat_w = route_w.reshape(-1).contiguous()
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
-    sh13 = None if shared is None else (shared.gate_up, inter * shared.gate_up.stride(0), shared.gate_up.stride(0),
-                                        pieces)
-    _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg, num_local, sh13)
     # rows of pairs served elsewhere are never written, and the sum below skips them
-    rows = torch.empty(num_pairs, w2.shape[1], dtype=torch.float32 if pieces else x.dtype, device=x.device)
-    sh2 = None if shared is None else (shared.down, inter, shared.down.stride(0), pieces)
-    _launch(act, w2, w2_scale, rows, pairs, flat_w, 1, False, True, block, cfg, num_local, sh2)
+    rows = torch.empty(local.numel(), w2.shape[1], dtype=x.dtype, device=x.device)
+    # the shared pieces' rows (no tensor of none: the kernels never read it then, and an empty one has no address)
+    sh_rows = torch.empty(num_tokens * pieces, w2.shape[1], dtype=torch.float32, device=x.device) if pieces else rows
+    sh13 = sh2 = None
+    if shared is not None:
+        sh13 = SortedShared(shared.gate_up, inter * shared.gate_up.stride(0), shared.gate_up.stride(0), pieces, act)
+        sh2 = SortedShared(shared.down, inter, shared.down.stride(0), pieces, sh_rows)
+    _launch(x, w13, w13_scale, act, pairs, flat_w, top_k, True, False, block, cfg, num_pairs, num_local, sh13)
+    _launch(act, w2, w2_scale, rows, pairs, flat_w, 1, False, True, block, cfg, num_pairs, num_local, sh2)
     out = torch.empty(num_tokens, w2.shape[1], dtype=x.dtype, device=x.device)
-    _sum_pairs[(num_tokens, triton.cdiv(out.shape[1], 512))](rows, local, out, num_local, local.numel(), out.shape[1],
+    _sum_pairs[(num_tokens, triton.cdiv(out.shape[1], 512))](rows, sh_rows, local, out, num_local, out.shape[1],
                                                              TOP_K=top_k, PIECES=pieces, BLOCK_N=512, num_warps=4)
     return out
 
 
 @triton.jit
-def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, num_routed, N, TOP_K: tl.constexpr, PIECES: tl.constexpr,
+def _sum_pairs(rows_ptr, sh_rows_ptr, local_ptr, out_ptr, num_local, N, TOP_K: tl.constexpr, PIECES: tl.constexpr,
                BLOCK_N: tl.constexpr):
     """out[t] = the sum of token t's held pair rows, in pair order, in float32, rounded once (the eager
     ``rows.view(T, top_k, N).sum(1)`` with the rows of pairs served elsewhere as zeros); with ``PIECES``, plus
-    the shared experts' output (its pieces' rows summed and rounded once), added as the eager ops add it."""
+    the shared experts' output (its pieces' float32 rows summed and rounded once), added as the eager ops add
+    it."""
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N
@@ -279,7 +256,6 @@ def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, num_routed, N, TOP_K: tl
     if PIECES > 0:
         shared = tl.zeros([BLOCK_N], tl.float32)
         for j in range(PIECES):
-            pair = num_routed + token * PIECES + j
-            shared += tl.load(rows_ptr + pair.to(tl.int64) * N + cols, mask=ok, other=0.0)
+            shared += tl.load(sh_rows_ptr + (token * PIECES + j).to(tl.int64) * N + cols, mask=ok, other=0.0)
         total = round_as(total, dtype) + round_as(shared, dtype)
     tl.store(out_ptr + token.to(tl.int64) * N + cols, total.to(dtype), mask=ok)

@@ -1,6 +1,7 @@
-"""The (token, expert) pairs of a decode-sized step grouped by local expert in one launch.
+"""The (token, expert) pairs of a step grouped by local expert, each expert's run padded (``sort_pairs``): for a
+decode-sized step in one launch.
 
-Reference: ``fused_moe.sort_pairs`` (its tensor-op path, which larger steps still take): counts per expert,
+Reference: ``sort_pairs``'s tensor-op path, which larger steps still take: counts per expert,
 each expert's run padded to ``block_m`` rows, every pair's row in its expert's run, and the expert of each
 row block. The tensor ops take about ten launches and a radix sort per MoE layer; here one program does it.
 A pair's row inside its expert's run comes from an atomic cursor, so the order of the pairs within a run
@@ -9,6 +10,8 @@ its own pair, and a token's pairs are summed in pair order).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -79,3 +82,45 @@ def align_pairs(local: torch.Tensor, num_local: int, block_m: int, pieces: int =
                  BLOCK_R=triton.next_power_of_2(max_padded), BLOCK_B=max(32, triton.next_power_of_2(max_padded // block_m)),
                  BM=block_m, num_warps=8)
     return pair_ids, block_expert, num_padded
+
+
+@dataclass
+class SortedPairs:
+    """(token, expert) pairs grouped by local expert, each expert's run padded to ``block_m`` rows."""
+
+    pair_ids: torch.Tensor  # [max_padded] pair index (token * top_k + k) per row; num_pairs marks padding
+    block_expert: torch.Tensor  # [max_padded // block_m] local expert of each row block
+    num_padded: torch.Tensor  # [1] rows in use (blocks past it are skipped)
+    block_m: int
+
+
+def sort_pairs(local: torch.Tensor, num_local: int, block_m: int, pieces: int = 0, num_tokens: int = 0
+               ) -> SortedPairs:
+    """local: [P] local expert slot of each pair (``num_local`` for pairs served elsewhere) -> the pairs
+    sorted by expert with padded runs. Fixed shapes, no host synchronisation. ``pieces``: the shared experts'
+    pieces as experts ``num_local`` on, every one of ``num_tokens`` tokens a pair of each (``align_pairs``;
+    decode-sized steps only)."""
+    num_pairs = local.numel()
+    if num_pairs + num_tokens * pieces <= MAX_PAIRS:  # decode-sized steps: one launch (kernels/moe_align.py)
+        return SortedPairs(*align_pairs(local, num_local, block_m, pieces, num_tokens), block_m)
+    assert pieces == 0, "the shared experts join the sorted pairs on decode-sized steps only"
+    device = local.device
+    counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
+    counts.index_add_(0, local, torch.ones_like(local))
+    counts = counts[:num_local]
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)  # [E]
+    start = padded_end - padded
+    run_start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(local, stable=True)
+    sorted_local = local[order]
+    held = sorted_local < num_local
+    expert = sorted_local.clamp(max=num_local - 1)
+    dest = start[expert] + torch.arange(num_pairs, device=device) - run_start[expert]
+    max_padded = padded_rows(num_pairs, num_local, block_m)
+    pair_ids = torch.full((max_padded + 1,), num_pairs, dtype=torch.long, device=device)
+    # pairs served elsewhere are written to the spare last row, which no block reads
+    pair_ids.index_copy_(0, torch.where(held, dest, max_padded), order)
+    block_starts = torch.arange(0, max_padded, block_m, device=device)
+    block_expert = torch.searchsorted(padded_end, block_starts, right=True).clamp(max=num_local - 1)
+    return SortedPairs(pair_ids[:max_padded], block_expert, padded_end[-1:], block_m)
