@@ -11,7 +11,8 @@ blocks of the given model shape, then loads them ``--repeats`` times with each p
 
 ``--busy F`` runs a Python thread beside the readers that holds the GIL a fraction F of the time (an engine
 loop's stand-in): every socket call, checksum update and torch op of a reader lets go of the GIL, and taking it
-back can wait for a switch interval. GB/s counts the latent bytes loaded. Shapes: ``v2-lite`` (27 layers, 576 values, bf16, 64-token blocks: 1.99
+back can wait for a switch interval. ``--block-tokens N`` stores the same bytes in values of N tokens (several
+blocks per key, as the store could hold them). GB/s counts the latent bytes loaded. Shapes: ``v2-lite`` (27 layers, 576 values, bf16, 64-token blocks: 1.99
 MB a block), ``embedded`` (the CPU test model: 5 layers, 128 values, float32, 16-token blocks: 40 KB).
 
     PYTHONPATH=. python benchmarks/bench_kvstore_load.py --shape embedded --prefix-len 2048
@@ -106,11 +107,15 @@ def main() -> None:
     p.add_argument("--skip-redis-py", action="store_true", help="leave out the old path")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval for the run (seconds; Python's default is 0.005)")
+    p.add_argument("--block-tokens", type=int, default=0,
+                   help="tokens a stored value holds (default: the shape's block size): the same bytes in fewer, "
+                        "larger values, as several blocks per key would store them")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     layers, dim, dtype_name, bs = SHAPES[args.shape]
+    bs = args.block_tokens or bs
     dtype = getattr(torch, dtype_name)
     device = torch.device(args.device)
     n = args.prefix_len // bs
@@ -159,8 +164,9 @@ def main() -> None:
         stop.set()
         busy_loops_per_s = work[0] / (time.perf_counter() - started)
     nbytes = n * layout.payload_bytes
-    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n, "busy": args.busy, "switch_interval_s": sys.getswitchinterval(),
-              "busy_loops_per_s": busy_loops_per_s,
+    result = {"shape": args.shape, "device": args.device, "prefix_len": args.prefix_len, "blocks": n,
+              "block_tokens": bs, "value_bytes": layout.payload_bytes, "busy": args.busy,
+              "switch_interval_s": sys.getswitchinterval(), "busy_loops_per_s": busy_loops_per_s,
               "servers": args.servers, "redis_io_threads": args.redis_io_threads,
               "latent_bytes": nbytes,
               "paths": {name: {"median_s": statistics.median(t), "gb_per_s": nbytes / statistics.median(t) / 1e9}
