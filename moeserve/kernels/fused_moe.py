@@ -6,7 +6,9 @@ fixed shapes and no host synchronisation (so a CUDA graph captures it). The firs
 together and writes ``silu(gate) * up``; the second multiplies by the routing weight and writes each pair's
 row, and a token's ``top_k`` rows are summed in a fixed order (the result does not vary from run to run).
 FP8 experts (float8 with float32 scales per 128 x 128 block, DeepSeek-V3's layout) are read as float8 and
-scaled in registers: no dequantized copy of a layer's weights is ever written.
+scaled in registers: no dequantized copy of a layer's weights is ever written. On decode-sized steps the
+shared experts can ride along as more experts (``shared``: pieces of the shared MLP as wide as a routed expert,
+every token a pair of each), read from their own weights and summed apart before they are added.
 """
 
 from __future__ import annotations
@@ -104,15 +106,16 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
         acc = round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(acc_up, dtype)
     out_row = tl.where(row_ok, pair, 0).to(tl.int64)
     mask = row_ok[:, None] & col_ok[None, :]
-    if MUL_ROUTE and is_shared:
+    if not MUL_ROUTE:
+        tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    elif is_shared:
         # a shared piece's row: float32, unrounded, in rows of their own (the pieces add up to one down
         # projection, rounded once where they are summed)
         sh_row = tl.where(row_ok, pair - num_routed, 0).to(tl.int64)
         tl.store(sh_out_ptr + sh_row[:, None] * stride_om + cols[None, :], acc, mask=mask)
     else:
-        if MUL_ROUTE:
-            route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
-            acc = round_as(acc, dtype) * route_w[:, None]
+        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
+        acc = round_as(acc, dtype) * route_w[:, None]
         tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -194,7 +197,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: tor
     FP8 experts: w13/w2 float8 with ``w13_scale`` [E, 2, ceil(I/128), ceil(H/128)], ``w2_scale``
     [E, ceil(H/128), ceil(I/128)]. -> [T, H]: each token's sum over its local pairs of weight * expert(x).
     ``shared``: the shared experts' output added too, as routed-wide pieces (bf16 experts; on the sorted path
-    only where the step's pairs fit ``moe_align``'s one launch: ``shared_fits``)."""
+    only where the step's pairs fit ``moe_align``'s one launch: ``shared_fits_sorted``)."""
     if takes_gemv_path(local.numel(), w13_scale is not None):
         return moe_gemv(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block, shared=shared)
     return fused_moe_sorted(x, w13, w2, route_w, local, num_local, w13_scale, w2_scale, block, shared=shared)
