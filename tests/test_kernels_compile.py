@@ -1,0 +1,123 @@
+"""Every fused kernel compiles for a Hopper GPU (sm_90), in the variants the engine launches, on any machine.
+
+The kernel cases (``tests/kernel_cases*.py``) run the kernels' arithmetic on CPU under Triton's interpreter, which
+never runs the compiler: a kernel whose two branches yield different types, or a constexpr variant that does not
+lower (an FP8 path built inside a branch it never takes, say), passes there and fails only on a GPU, where the
+start-up check would then turn its kind off. ``triton.compile`` of each kernel's source for an sm_90 target
+needs no GPU and catches those here. Pointer arguments, and the integer arguments the engine passes as multiples
+of 16, carry Triton's divisibility hint, as Triton specialises them at launch, so that the lowering is the one
+a GPU gets (vectorised, asynchronous loads).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+tl = pytest.importorskip("triton.language")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="under Triton's interpreter the kernels are not compiled")
+
+BF16_MOE = {"a_ptr": "*bf16", "w_ptr": "*bf16", "scale_ptr": "*bf16", "out_ptr": "*bf16", "pair_ptr": "*i64",
+            "block_expert_ptr": "*i64", "num_padded_ptr": "*i64", "route_w_ptr": "*fp32", "sh_ptr": "*bf16",
+            "sh_out_ptr": "*fp32"}
+FP8_MOE = {**BF16_MOE, "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32"}
+MOE_DIV16 = {"N", "K", "stride_am", "stride_we", "stride_wn", "stride_om", "sh_piece", "sh_stride_n"}
+GEMV = {"x_ptr": "*bf16", "w_ptr": "*bf16", "s_ptr": "*bf16", "part_ptr": "*fp32", "local_ptr": "*i64",
+        "sh_ptr": "*bf16", "part_up_ptr": "*fp32", "route_w_ptr": "*fp32", "out_ptr": "*bf16"}
+GEMV_DIV16 = {"N", "K", "inter", "stride_x", "stride_we", "stride_wn", "sh_piece", "sh_stride_n", "stride_o"}
+ROUTE = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "ids_ptr": "*i64", "scaling": "fp32",
+         "count_ptr": "*i64", "count_weight_ptr": "*fp32", "num_decode_ptr": "*i64", "slot_map_ptr": "*i64",
+         "slots_ptr": "*i64"}
+KV_ROWS = {"kv_ptr": "*bf16", "norm_w_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+           "slot_ptr": "*i64", "cache_ptr": "*bf16", "eps": "fp32", "q_ptr": "*bf16", "q_out_ptr": "*bf16"}
+MLA_DECODE = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "tables_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
+              "lse_ptr": "*fp32", "scale": "fp32"}
+V2_ROUTER = dict(E=64, BLOCK_E=64, TOP_K=6, BLOCK_K=8, N_GROUP=1, TOPK_GROUP=1, SIGMOID=False, METHOD=0,
+                 HAS_BIAS=False, NORM=False)
+V3_ROUTER = dict(E=256, BLOCK_E=256, TOP_K=8, BLOCK_K=8, N_GROUP=8, TOPK_GROUP=4, SIGMOID=True, METHOD=2,
+                 HAS_BIAS=True, NORM=True)
+MLA_WIDTHS = dict(PAGE=64, LATENT=512, ROPE=64, LATENT_P=512, ROPE_P=64, BLOCK_T=32, PRECISION="tf32")
+
+# (id, module, kernel, argument types (ints default to i32), constexprs, integer arguments divisible by 16);
+# the types and hints may name other kernels' arguments too (one table a module)
+CASES = [
+    *[(f"moe_gemm-{'gate_up' if gated else 'down'}-pieces{pieces}", "fused_moe", "_moe_gemm", BF16_MOE,
+       dict(A_DIV=6 if gated else 1, GATED=gated, MUL_ROUTE=not gated, FP8=False, SCALE_BLOCK=128, PIECES=pieces,
+            BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"), MOE_DIV16)
+      for pieces in (0, 2) for gated in (True, False)],
+    *[(f"moe_gemm-fp8-{'gate_up' if gated else 'down'}", "fused_moe", "_moe_gemm", FP8_MOE,
+       dict(A_DIV=8 if gated else 1, GATED=gated, MUL_ROUTE=not gated, FP8=True, SCALE_BLOCK=128, PIECES=0,
+            BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"), MOE_DIV16) for gated in (True, False)],
+    *[(f"align-pieces{pieces}", "moe_align", "_align",
+       {n: "*i64" for n in ("local_ptr", "cursor_ptr", "pair_ids_ptr", "block_expert_ptr", "num_padded_ptr")},
+       dict(PIECES=pieces, BLOCK_P=512, BLOCK_E=128, BLOCK_R=1024, BLOCK_B=32, BM=32), set()) for pieces in (0, 2)],
+    *[(f"sum_pairs-pieces{pieces}", "fused_moe", "_sum_pairs",
+       {"rows_ptr": "*bf16", "sh_rows_ptr": "*fp32", "local_ptr": "*i64", "out_ptr": "*bf16"},
+       dict(TOP_K=6, PIECES=pieces, BLOCK_N=512), {"N"}) for pieces in (0, 2)],
+    *[(f"gemv-gate_up-pieces{pieces}", "moe_gemv", "_gate_up", GEMV,
+       dict(TOP_K=6, PIECES=pieces, FP8=False, SCALE_BLOCK=128, BLOCK_N=16, BLOCK_K=128), GEMV_DIV16)
+      for pieces in (0, 2)],
+    ("gemv-gate_up-fp8", "moe_gemv", "_gate_up", {**GEMV, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+     dict(TOP_K=8, PIECES=0, FP8=True, SCALE_BLOCK=128, BLOCK_N=32, BLOCK_K=256), GEMV_DIV16),
+    *[(f"gemv-down-pieces{pieces}", "moe_gemv", "_down", GEMV,
+       dict(TOP_K=6, PIECES=pieces, SPLIT_UP=2, FP8=False, SCALE_BLOCK=128, BLOCK_N=16, BLOCK_K=128,
+            DTYPE=tl.bfloat16), GEMV_DIV16) for pieces in (0, 2)],
+    *[(f"gemv-combine-pieces{pieces}", "moe_gemv", "_combine", GEMV,
+       dict(TOP_K=6, PIECES=pieces, SPLIT=2, BLOCK_N=256), GEMV_DIV16) for pieces in (0, 2)],
+    *[(f"route-{name}-slots", "router", "_route", ROUTE,
+       dict(spec, COUNT=True, HAS_COUNT_WEIGHT=True, HAS_SLOTS=True), set())
+      for name, spec in (("v2", V2_ROUTER), ("v3", V3_ROUTER))],
+    *[(f"kv_rows-query{has_q}", "mla_kv_write", "_kv_rows", KV_ROWS,
+       dict(LORA=512, LORA_BLOCK=512, HALF=32, INTERLEAVE=True, HAS_Q=has_q, BLOCK_H=16), set())
+      for has_q in (True, False)],
+    *[(f"mla_decode-final{final}-heads{heads}", "mla_decode", "_mla_decode_split",
+       {**MLA_DECODE, "out_ptr": "*bf16" if final else "*fp32"},
+       dict(MLA_WIDTHS, NUM_SPLITS=1 if final else 16, BLOCK_H=heads, FINAL=final), set())
+      for final in (True, False) for heads in (16, 64)],
+    ("mla_decode_merge-32", "mla_decode", "_mla_decode_merge",
+     {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
+     dict(NUM_SPLITS=32, SPLIT_BLOCK=16, LATENT=512, LATENT_P=512), set()),
+    ("silu_and_mul", "activation", "_silu_and_mul", {"h_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024),
+     {"inter", "stride_h", "stride_o"}),
+    *[(f"rms_norm-residual{res}", "rmsnorm", "_rms_norm",
+       {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
+        "eps": "fp32"}, dict(HAS_RES=res, BLOCK=2048), set()) for res in (True, False)],
+    ("rope", "rope", "_rope", {"x_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+                               "out_ptr": "*bf16"}, dict(HALF=32, INTERLEAVE=True, BLOCK_H=16), set()),
+    ("mla_prefill", "mla_prefill", "_mla_prefill",
+     {**{n: "*bf16" for n in ("qn_ptr", "qp_ptr", "kn_ptr", "kp_ptr", "v_ptr", "out_ptr")},
+      "q_start_ptr": "*i32", "ctx_start_ptr": "*i32", "qk_scale": "fp32"},
+     dict(NOPE=128, ROPE=64, VDIM=128, NOPE_P=128, ROPE_P=64, V_P=128, BLOCK_M=64, BLOCK_N=64, PRECISION="tf32"),
+     set()),
+    ("expert_count", "expert_count", "_count",
+     {"ids_ptr": "*i64", "slot_ptr": "*i64", "weight_ptr": "*fp32", "num_decode_ptr": "*i64",
+      "logical_ptr": "*i64", "physical_ptr": "*i64"}, dict(TOP_K=6, HAS_WEIGHT=True, HAS_SLOT=True, BLOCK=1024),
+     set()),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_compiles_for_sm90(case) -> None:
+    import importlib
+
+    from triton.backends import backends
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    _, module, name, types, constexprs, div16 = case
+    kernel = getattr(importlib.import_module(f"moeserve.kernels.{module}"), name)
+    # the types and hints are shared by a module's kernels; each constexpr must be this kernel's
+    unknown = set(constexprs) - set(kernel.arg_names)
+    assert not unknown, f"{name} has no arguments {sorted(unknown)}: the case is out of date"
+    signature, attrs = {}, {}
+    for i, arg in enumerate(kernel.arg_names):
+        signature[arg] = "constexpr" if arg in constexprs else types.get(arg, "i32")
+        if signature[arg].startswith("*") or arg in div16:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, dict(constexprs), attrs), target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm.get("ptx"), f"{name}: no PTX"
