@@ -36,7 +36,17 @@ __all__ = ["ExpertPlacement", "MoE", "gate_spec"]
 # at V2-Lite's shapes on one H200 (bench_moe_kernels.py shared, a layer) 0.044 against 0.057 ms apart at 1
 # token, 0.117 against 0.124 at 4, 0.206 against 0.193 at 8
 SHARED_IN_KERNEL_MAX_TOKENS = 4
-SHARED_IN_SORTED = os.environ.get("MOESERVE_SHARED_IN_SORTED", "1") != "0"
+# The shared experts as more experts of the sorted GEMMs (above the split-K path's sizes): off unless
+# MOESERVE_SHARED_IN_SORTED=1. On an H100 (2026-12-06) the alignment kernel with shared pieces failed its test
+# against the tensor-op sort where a piece had 192 or 500 pairs (it passed at 3-32, and the start-up check passed
+# V2-Lite's 80), the layer's test failed at 120 a piece, and a V2-Lite decode profile at batch 64 stopped with an
+# error it did not show; all of it passes under Triton's interpreter. Until the cause is found the shared MLP
+# runs apart on the sorted path.
+SHARED_IN_SORTED = os.environ.get("MOESERVE_SHARED_IN_SORTED", "0") == "1"
+# Up to this many tokens the router's logits come from the float32 GEMM even where the weight has a bf16-exact
+# copy: at one token on an H100 the cast and cuBLAS's float32 dot took 0.125 ms a V2-Lite step against 0.189 ms
+# for the bf16 GEMM with float32 output (profile_decode.py, 2026-12-06); from 64 tokens the bf16 GEMM wins
+ROUTER_FLOAT32_MAX_TOKENS = 1
 
 
 def gate_spec(config: ModelConfig) -> GateSpec:
@@ -123,8 +133,8 @@ class MoE(RoutedExperts):
         pairs: pieces of the shared MLP as wide as a routed expert, every token a pair of each): bf16 experts,
         rows that are this step's tokens (the all-reduce dispatch), a shared width that cuts into routed-wide
         pieces, and a step of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on the split-K path (each pair
-        reads its weights there) or a decode-sized step on the sorted path (``fused_moe.shared_fits_sorted``;
-        ``MOESERVE_SHARED_IN_SORTED=0`` keeps them apart there). One launch then reads the shared weights at the
+        reads its weights there) or, with ``MOESERVE_SHARED_IN_SORTED=1``, a decode-sized step on the sorted path
+        (``fused_moe.shared_fits_sorted``; off by default: ``SHARED_IN_SORTED``). One launch then reads the shared weights at the
         routed experts' bandwidth instead of two small GEMMs, an activation and an add (V2-Lite's shared MLP
         is two routed experts wide). The start-up check judges this apart from the routed experts (its kind
         "shared", flag ``fused_shared``). None: the shared MLP runs on its own."""
@@ -156,7 +166,8 @@ class MoE(RoutedExperts):
         if x.shape[0] == 0:  # a share of no tokens (fewer tokens than ranks): the group view takes no rows
             top_k = self.spec.top_k
             return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long), None
-        logits = router_logits(x, self.gate_weight, self._gate_weight_in(x.dtype) if self.fused_router else None)
+        weight_in = self._gate_weight_in(x.dtype) if self.fused_router else None  # made here even when unused
+        logits = router_logits(x, self.gate_weight, weight_in if x.shape[0] > ROUTER_FLOAT32_MAX_TOKENS else None)
         if self.fused_router:
             from moeserve.kernels.router import fused_route
 
