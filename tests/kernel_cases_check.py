@@ -34,7 +34,8 @@ def test_a_wrong_kernel_turns_the_fast_path_off(tmp_path, monkeypatch):
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     monkeypatch.setattr(rmsnorm, "rms_norm", wrong)
     engine = _engine(tmp_path, False, "float32")
-    assert engine.executor.runner.fast_path_error is not None and "rmsnorm kernel differs" in engine.executor.runner.fast_path_error
+    error = engine.executor.runner.fast_path_error
+    assert error is not None and "rmsnorm kernel differs" in error
     model = engine.executor.runner.model
     assert not model.norm.fused and all(m.fused for m in model.moe_layers().values())  # the norm alone is off
     assert (engine.executor.runner.graphs is not None) == (DEVICE.type == "cuda")  # graphs of the kernels that passed

@@ -133,11 +133,11 @@ class MoE(RoutedExperts):
         pairs: pieces of the shared MLP as wide as a routed expert, every token a pair of each): bf16 experts,
         rows that are this step's tokens (the all-reduce dispatch), a shared width that cuts into routed-wide
         pieces, and a step of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on the split-K path (each pair
-        reads its weights there) or, with ``MOESERVE_SHARED_IN_SORTED=1``, a decode-sized step on the sorted path
-        (``fused_moe.shared_fits_sorted``; off by default: ``SHARED_IN_SORTED``). One launch then reads the shared weights at the
-        routed experts' bandwidth instead of two small GEMMs, an activation and an add (V2-Lite's shared MLP
-        is two routed experts wide). The start-up check judges this apart from the routed experts (its kind
-        "shared", flag ``fused_shared``). None: the shared MLP runs on its own."""
+        reads its weights there) or, with ``MOESERVE_SHARED_IN_SORTED=1``, a decode-sized step on the sorted
+        path (``fused_moe.shared_fits_sorted``; off by default: ``SHARED_IN_SORTED``). One launch then reads the
+        shared weights at the routed experts' bandwidth instead of two small GEMMs, an activation and an add
+        (V2-Lite's shared MLP is two routed experts wide). The start-up check judges this apart from the routed
+        experts (its kind "shared", flag ``fused_shared``). None: the shared MLP runs on its own."""
         mlp = self.shared_experts
         if not (self.fused_shared and mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
                 and mlp.gate_up_proj.dtype == x.dtype):
@@ -160,7 +160,7 @@ class MoE(RoutedExperts):
         return weights, ids
 
     def route_to_slots(self, x: torch.Tensor, count: tuple | None = None, slot_map: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``route``, and with the router kernel and a ``slot_map`` (``ExpertMap.direct_slots``) each pair's
         local slot [T * top_k] (else None)."""
         if x.shape[0] == 0:  # a share of no tokens (fewer tokens than ranks): the group view takes no rows
