@@ -99,8 +99,10 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_kernel_compiles_for_sm90(case) -> None:
+SM90_SHARED_MEMORY = 232448  # bytes a block may take on sm_90 (227 KB); a launch past it fails on the GPU
+
+
+def _compile(module: str, name: str, types: dict, constexprs: dict, div16: set, **options):
     import importlib
 
     from triton.backends import backends
@@ -109,7 +111,6 @@ def test_kernel_compiles_for_sm90(case) -> None:
 
     if "nvidia" not in backends:
         pytest.skip("this Triton has no NVIDIA backend")
-    _, module, name, types, constexprs, div16 = case
     kernel = getattr(importlib.import_module(f"moeserve.kernels.{module}"), name)
     # the types and hints are shared by a module's kernels; each constexpr must be this kernel's
     unknown = set(constexprs) - set(kernel.arg_names)
@@ -119,5 +120,30 @@ def test_kernel_compiles_for_sm90(case) -> None:
         signature[arg] = "constexpr" if arg in constexprs else types.get(arg, "i32")
         if signature[arg].startswith("*") or arg in div16:
             attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, signature, dict(constexprs), attrs), target=GPUTarget("cuda", 90, 32))
+    compiled = triton.compile(ASTSource(kernel, signature, dict(constexprs), attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
     assert compiled.asm.get("ptx"), f"{name}: no PTX"
+    return compiled
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_kernel_compiles_for_sm90(case) -> None:
+    _, module, name, types, constexprs, div16 = case
+    _compile(module, name, types, constexprs, div16)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["gate_up", "down"])
+@pytest.mark.parametrize("fp8,pieces", [(False, 0), (False, 2), (True, 0)], ids=["bf16", "bf16-shared", "fp8"])
+@pytest.mark.parametrize("num_pairs", [64, 512, 2048])
+def test_moe_gemm_tiles_fit_sm90_shared_memory(num_pairs, fp8, pieces, gated) -> None:
+    """The sorted expert GEMM at the tiles and stages ``gemm_config`` picks for a step's pairs fits a Hopper
+    block's shared memory: with the shared experts' branch the kernel holds two load pipelines, and at three
+    stages it asked for 240 KB (an H200 refused the launch, 2026-12-06)."""
+    from moeserve.kernels.fused_moe import gemm_config
+
+    cfg = gemm_config(num_pairs, fp8, pieces)
+    compiled = _compile("fused_moe", "_moe_gemm", FP8_MOE if fp8 else BF16_MOE,
+                        dict(A_DIV=8 if gated else 1, GATED=gated, MUL_ROUTE=not gated, FP8=fp8, SCALE_BLOCK=128,
+                             PIECES=pieces, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                             PRECISION="tf32"), MOE_DIV16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (cfg, compiled.metadata.shared)

@@ -154,10 +154,12 @@ class GemmConfig:
     num_stages: int = 3
 
 
-def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
+def gemm_config(num_rows: int, fp8: bool = False, pieces: int = 0) -> GemmConfig:
     """The tiles by the number of pairs (``benchmarks/bench_moe_kernels.py sorted`` sweeps them).
     ``MOESERVE_MOE_GEMM_TILES`` = "block_m,block_n,block_k,num_warps,num_stages" overrides them for every
-    size: for trying a sweep's pick in the whole engine on a new GPU."""
+    size: for trying a sweep's pick in the whole engine on a new GPU. ``pieces``: the shared experts' pieces
+    are among the rows, and the kernel holds two load pipelines (the routed and the shared branch), each with
+    its own shared-memory stages (``tests/test_kernels_compile.py`` checks that every pick fits sm_90)."""
     if _TILES_OVERRIDE:
         return GemmConfig(*(int(v) for v in _TILES_OVERRIDE.split(",")))
     if num_rows <= 64:
@@ -167,7 +169,8 @@ def gemm_config(num_rows: int, fp8: bool = False) -> GemmConfig:
         # against 2.83 with 32 (H200, bench_moe_kernels.py sorted); bf16 V2-Lite's 384 pairs already stream
         # at 96% of the copy bandwidth with 32
         return GemmConfig(16, 64, 128, 4) if fp8 else GemmConfig(32, 64, 128, 4)
-    return GemmConfig(64, 128, 64, 8)
+    # with the shared branch, three stages of these gate_up tiles want 240 KB, past sm_90's 227 KB
+    return GemmConfig(64, 128, 64, 8, num_stages=2 if pieces else 3)
 
 
 def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor,
@@ -242,7 +245,7 @@ def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route
     pieces = 0 if shared is None else shared.pieces(inter)
     assert shared is None or (pieces > 0 and w13_scale is None), "shared experts: routed-wide pieces, bf16 only"
     num_pairs = local.numel() + num_tokens * pieces
-    cfg = config or gemm_config(num_pairs, w13_scale is not None)
+    cfg = config or gemm_config(num_pairs, w13_scale is not None, pieces)
     pairs = sort_pairs(local, num_local, cfg.block_m, pieces, num_tokens)
     flat_w = route_w.reshape(-1).contiguous()
     act = torch.empty(num_pairs, inter, dtype=x.dtype, device=x.device)
