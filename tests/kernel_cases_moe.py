@@ -39,35 +39,10 @@ def test_moe_gemv_configs(dtype, cfg, pieces):
     assert out.shape == x.shape and rel_err(out, ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens, block_m", [(5, 16), (37, 16), (37, 32)])
-def test_sorted_path_with_shared_pieces(dtype, num_tokens, block_m):
-    """The sorted GEMMs with the shared experts as two more experts that take every token (pairs past the
-    routed ones), two routed experts served elsewhere: the routed sum plus the shared MLP's output."""
-    from moeserve.kernels.fused_moe import GemmConfig, fused_moe_sorted
-    from moeserve.kernels.moe_gemv import SharedWeights
-
-    hidden, inter, pieces = 200, 72, 2
-    x, w13, w2, _, _, weights, ids = _moe_case(dtype, num_tokens, 7, 3, hidden=hidden, inter=inter)
-    local_of = torch.tensor([0, 1, 7, 2, 3, 7, 4], device=DEVICE)
-    keep = torch.tensor([0, 1, 3, 4, 6], device=DEVICE)
-    routed = _eager_moe(x, w13[keep], w2[keep], weights, ids, local_of.clamp(max=5))
-    gate_up = (torch.randn(2 * pieces * inter, hidden, device=DEVICE) / hidden ** 0.5).to(dtype)
-    down = (torch.randn(hidden, pieces * inter, device=DEVICE) / (pieces * inter) ** 0.5).to(dtype)
-    gate, up = (x.double() @ gate_up.double().T).chunk(2, -1)
-    ref = routed + (torch.nn.functional.silu(gate) * up) @ down.double().T
-    args = (x, w13[keep], w2[keep], weights, local_of[ids.flatten()], 5)
-    config = GemmConfig(block_m, 64, 64, 4)
-    out = fused_moe_sorted(*args, config=config, shared=SharedWeights(gate_up, down))
-    assert out.shape == x.shape and rel_err(out, ref) < tol(dtype)
-    assert rel_err(fused_moe_sorted(*args, config=config), routed) < tol(dtype)  # without them: the routed sum
-
-
 def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
-    """The MoE layer adds its shared experts in the fused kernels on decode-sized steps (the split-K path at a
-    few tokens, the sorted path above it), and the start-up check compares that sum with the eager one; a
-    shared width that is no multiple of the routed one, or a step between the two (split-K, more than a few
-    tokens), keeps the shared MLP apart."""
+    """The MoE layer adds its shared experts in the split-K kernel on steps of a few tokens, and the start-up
+    check compares that sum with the eager one; a shared width that is no multiple of the routed one, a step
+    on the split-K path with more than a few tokens, or a step on the sorted path keeps the shared MLP apart."""
     from moeserve.experts.moe import MoE
     from moeserve.kernels.moe_gemv import SharedWeights
     from moeserve.model.config import ModelConfig
@@ -90,39 +65,12 @@ def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
         moe.fused = True
         assert rel_err(moe(x), eager) < 1e-5  # the layer's forward, shared experts in the kernel
     big = x.repeat(40, 1)
-    assert moe.shared_in_kernel(big, big.shape[0] * config.num_experts_per_tok) is None  # sorted: off by default
+    assert moe.shared_in_kernel(big, big.shape[0] * config.num_experts_per_tok) is None  # the sorted path
     mid = x.repeat(2, 1)  # 6 tokens, 12 pairs: the split-K path, where each pair would read the shared weights
     assert moe.shared_in_kernel(mid, mid.shape[0] * config.num_experts_per_tok) is None
     # a tensor-parallel rank's share of one shared expert (half its width) is no whole piece
     half = SharedWeights(moe.shared_experts.gate_up_proj[:64], moe.shared_experts.down_proj[:, :32])
     assert half.pieces(config.moe_intermediate_size) == 0
-
-
-@pytest.mark.xfail(DEVICE.type == "cuda", strict=False,
-                   reason="failed on an H100 (2026-12-06): the alignment with shared pieces, under investigation")
-def test_shared_experts_on_the_sorted_path_match_eager(monkeypatch):
-    """With ``MOESERVE_SHARED_IN_SORTED=1`` a step on the sorted path adds the shared experts as two more experts
-    of its GEMMs: the layer's output equals its eager ops (the shared MLP apart)."""
-    import moeserve.experts.moe as moe_module
-    from moeserve.experts.moe import MoE
-    from moeserve.model.config import ModelConfig
-
-    monkeypatch.setattr(moe_module, "SHARED_IN_SORTED", True)
-    torch.manual_seed(0)
-    config = ModelConfig.from_dict(tiny_config(n_shared_experts=2))
-    moe = MoE(config, dtype=torch.float32).to(DEVICE).requires_grad_(False)
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    moe.fused_shared = True
-    big = torch.randn(120, config.hidden_size, device=DEVICE)
-    weights, ids = moe.route(big)
-    assert moe.shared_in_kernel(big, ids.numel()) is not None  # the sorted path, as two more experts
-    fused = moe.routed_and_shared_fused(big, weights, ids)
-    assert fused is not None and rel_err(fused, moe.routed_and_shared_eager(big, weights, ids)) < 1e-5
-    with torch.inference_mode():
-        eager = moe(big)
-        moe.fused = True
-        assert rel_err(moe(big), eager) < 1e-5
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="float8 tensors need a GPU (the interpreter has no float8)")
@@ -187,32 +135,27 @@ def test_router_counts_as_it_routes(share_rank, padded):
 
 @pytest.mark.parametrize("num_pairs,num_local,block_m", [(7, 5, 4), (384, 64, 32), (1000, 257, 16), (6, 64, 16),
                                                          (4096, 256, 32), (65, 3, 64)])
-@pytest.mark.parametrize("pieces,hot", [(0, False), (2, False), (0, True)])
-def test_align_kernel_matches_the_tensor_ops(num_pairs, num_local, block_m, pieces, hot, monkeypatch):
+@pytest.mark.parametrize("hot", [False, True])
+def test_align_kernel_matches_the_tensor_ops(num_pairs, num_local, block_m, hot, monkeypatch):
     """The one-launch alignment: the same runs, padding, block experts and row count as the tensor-op path.
     The order of the pairs inside a run may differ (a GPU's atomics hand out the rows), so an expert's run
-    spanning several blocks is compared as a whole. With the shared experts' ``pieces``: as if every token's
-    pieces were pairs of ``pieces`` more experts after the routed ones. ``hot``: half the pairs on one expert,
-    as skewed routing does (the shared pieces are such experts too)."""
+    spanning several blocks is compared as a whole. ``hot``: half the pairs on one expert, as skewed routing
+    does."""
     from moeserve.kernels import moe_align
 
-    num_tokens = min(num_pairs, moe_align.MAX_PAIRS - num_pairs) // max(pieces, 1) if pieces else 0
-    local = torch.randint(0, num_local + 1, (num_pairs,), device=DEVICE)
+    local = torch.randint(0, num_local + 1, (num_pairs,), device=DEVICE)  # num_local: served elsewhere
     if hot:
         local[::2] = num_local // 2
-    pair_ids, block_expert, num_padded = moe_align.align_pairs(local, num_local, block_m, pieces, num_tokens)
-    # the reference: the shared pairs listed, and the pairs served elsewhere past every expert
-    shared = num_local + torch.arange(num_tokens * pieces, device=DEVICE) % max(pieces, 1)
-    everything = torch.cat([torch.where(local == num_local, num_local + pieces, local), shared])
+    pair_ids, block_expert, num_padded = moe_align.align_pairs(local, num_local, block_m)
     monkeypatch.setattr(moe_align, "MAX_PAIRS", 0)
-    ref = moe_align.sort_pairs(everything, num_local + pieces, block_m)
+    ref = moe_align.sort_pairs(local, num_local, block_m)
     used = int(ref.num_padded)
     assert int(num_padded) == used
     assert torch.equal(block_expert[:used // block_m], ref.block_expert[:used // block_m])
     # each row keyed by its block's expert, then its pair (padding rows: the pair count): the same keys means
     # every expert holds the same pairs and the same padding
     row_expert = ref.block_expert[:used // block_m].repeat_interleave(block_m)
-    keys, ref_keys = (row_expert * (everything.numel() + 1) + ids[:used] for ids in (pair_ids, ref.pair_ids))
+    keys, ref_keys = (row_expert * (num_pairs + 1) + ids[:used] for ids in (pair_ids, ref.pair_ids))
     assert torch.equal(keys.sort().values, ref_keys.sort().values)
 
 

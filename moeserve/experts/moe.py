@@ -10,7 +10,6 @@ the one owner of its placement. Routed pairs are counted per expert in the rank'
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,13 +35,6 @@ __all__ = ["ExpertPlacement", "MoE", "gate_spec"]
 # at V2-Lite's shapes on one H200 (bench_moe_kernels.py shared, a layer) 0.044 against 0.057 ms apart at 1
 # token, 0.117 against 0.124 at 4, 0.206 against 0.193 at 8
 SHARED_IN_KERNEL_MAX_TOKENS = 4
-# The shared experts as more experts of the sorted GEMMs (above the split-K path's sizes): off unless
-# MOESERVE_SHARED_IN_SORTED=1. On an H100 (2026-12-06) the alignment kernel with shared pieces failed its test
-# against the tensor-op sort where a piece had 192 or 500 pairs (it passed at 3-32, and the start-up check passed
-# V2-Lite's 80), the layer's test failed at 120 a piece, and a V2-Lite decode profile at batch 64 stopped with an
-# error it did not show; all of it passes under Triton's interpreter. Until the cause is found the shared MLP
-# runs apart on the sorted path.
-SHARED_IN_SORTED = os.environ.get("MOESERVE_SHARED_IN_SORTED", "0") == "1"
 # Up to this many tokens the router's logits come from the float32 GEMM even where the weight has a bf16-exact
 # copy: at one token on an H100 the cast and cuBLAS's float32 dot took 0.125 ms a V2-Lite step against 0.189 ms
 # for the bf16 GEMM with float32 output (profile_decode.py, 2026-12-06); from 64 tokens the bf16 GEMM wins
@@ -129,29 +121,26 @@ class MoE(RoutedExperts):
         return self.dispatcher.finish(x, routed, first, shared)
 
     def shared_in_kernel(self, x: torch.Tensor, num_pairs: int) -> SharedWeights | None:
-        """The shared experts' weights where the fused kernels would add them to the routed experts' (as more
+        """The shared experts' weights where the fused kernel would add them to the routed experts' (as more
         pairs: pieces of the shared MLP as wide as a routed expert, every token a pair of each): bf16 experts,
         rows that are this step's tokens (the all-reduce dispatch), a shared width that cuts into routed-wide
-        pieces, and a step of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on the split-K path (each pair
-        reads its weights there) or, with ``MOESERVE_SHARED_IN_SORTED=1``, a decode-sized step on the sorted
-        path (``fused_moe.shared_fits_sorted``; off by default: ``SHARED_IN_SORTED``). One launch then reads the
-        shared weights at the routed experts' bandwidth instead of two small GEMMs, an activation and an add
-        (V2-Lite's shared MLP is two routed experts wide). The start-up check judges this apart from the routed
-        experts (its kind "shared", flag ``fused_shared``). None: the shared MLP runs on its own."""
+        pieces, and a step of at most ``SHARED_IN_KERNEL_MAX_TOKENS`` tokens on the split-K path
+        (``num_pairs`` routed pairs; each pair reads its weights there). One launch then reads the shared
+        weights at the routed experts' bandwidth instead of two small GEMMs, an activation and an add (V2-Lite's
+        shared MLP is two routed experts wide). On the sorted path the shared experts stay apart. The start-up
+        check judges this apart from the routed experts (its kind "shared", flag ``fused_shared``). None: the
+        shared MLP runs on its own."""
         mlp = self.shared_experts
         if not (self.fused_shared and mlp is not None and self.fp8_block is None and self.dispatcher.routes_all
                 and mlp.gate_up_proj.dtype == x.dtype):
             return None
-        from moeserve.kernels.fused_moe import shared_fits_sorted, takes_gemv_path
+        from moeserve.kernels.fused_moe import takes_gemv_path
         from moeserve.kernels.moe_gemv import SharedWeights
 
-        weights = SharedWeights(mlp.gate_up_proj, mlp.down_proj)
-        pieces = weights.pieces(self.w2.shape[-1])
-        if not pieces:
+        if not (takes_gemv_path(num_pairs, False) and x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS):
             return None
-        if takes_gemv_path(num_pairs, False):
-            return weights if x.shape[0] <= SHARED_IN_KERNEL_MAX_TOKENS else None
-        return weights if SHARED_IN_SORTED and shared_fits_sorted(x.shape[0], num_pairs, pieces) else None
+        weights = SharedWeights(mlp.gate_up_proj, mlp.down_proj)
+        return weights if weights.pieces(self.w2.shape[-1]) else None
 
     def route(self, x: torch.Tensor, count: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (routing weights [T, top_k] float32, logical expert ids [T, top_k]). ``count``

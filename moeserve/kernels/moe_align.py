@@ -20,23 +20,16 @@ import triton.language as tl
 MAX_PAIRS = 4096  # larger steps sort with tensor ops
 
 
-@triton.jit(do_not_specialize=["num_pairs", "num_routed", "max_padded"])
-def _align(local_ptr, cursor_ptr, pair_ids_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_routed, num_local,
-           max_padded, PIECES: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
+@triton.jit(do_not_specialize=["num_pairs", "max_padded"])
+def _align(local_ptr, cursor_ptr, pair_ids_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_local,
+           max_padded, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
            BLOCK_B: tl.constexpr, BM: tl.constexpr):
     p = tl.arange(0, BLOCK_P)
-    if PIECES > 0:  # pairs from num_routed on: the shared experts' pieces, PIECES a token, as experts num_local on
-        expert = tl.load(local_ptr + p, mask=p < num_routed, other=num_local)
-        shared = (p >= num_routed) & (p < num_pairs)
-        expert = tl.where(shared, num_local + tl.maximum(p - num_routed, 0) % PIECES, expert)
-        held = (expert < num_local) | shared
-    else:
-        expert = tl.load(local_ptr + p, mask=p < num_pairs, other=num_local)
-        held = expert < num_local
-    num_experts = num_local + PIECES
+    expert = tl.load(local_ptr + p, mask=p < num_pairs, other=num_local)
+    held = expert < num_local
     counts = tl.histogram(tl.where(held, expert, BLOCK_E - 1).to(tl.int32), BLOCK_E)  # the last bin: the rest
     e = tl.arange(0, BLOCK_E)
-    counts = tl.where(e < num_experts, counts, 0)
+    counts = tl.where(e < num_local, counts, 0)
     padded = (counts + BM - 1) // BM * BM
     end = tl.cumsum(padded, 0)
     tl.store(cursor_ptr + e, end - padded)  # each run's first row
@@ -53,7 +46,7 @@ def _align(local_ptr, cursor_ptr, pair_ids_ptr, block_expert_ptr, num_padded_ptr
         blocks = c + tl.arange(0, 32)
         first = blocks * BM
         owner = tl.sum((end[None, :] <= first[:, None]).to(tl.int32), 1)
-        tl.store(block_expert_ptr + blocks, tl.minimum(owner, num_experts - 1), mask=first < max_padded)
+        tl.store(block_expert_ptr + blocks, tl.minimum(owner, num_local - 1), mask=first < max_padded)
 
 
 def padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -61,24 +54,21 @@ def padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
 
 
-def align_pairs(local: torch.Tensor, num_local: int, block_m: int, pieces: int = 0, num_tokens: int = 0
+def align_pairs(local: torch.Tensor, num_local: int, block_m: int
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``sort_pairs``'s (pair_ids [max_padded], block_expert [max_padded // block_m], num_padded [1]) for
-    at most ``MAX_PAIRS`` pairs; local: [P] int64 local slot of each pair, ``num_local`` = served elsewhere.
-    ``pieces``: the shared experts as that many more experts (``num_local`` on), each taking every one of
-    ``num_tokens`` tokens as pairs ``P + token * pieces + piece``."""
-    num_routed = local.numel()
-    num_pairs = num_routed + num_tokens * pieces
+    at most ``MAX_PAIRS`` pairs; local: [P] int64 local slot of each pair, ``num_local`` = served elsewhere."""
+    num_pairs = local.numel()
     assert num_pairs <= MAX_PAIRS
-    max_padded = padded_rows(num_pairs, num_local + pieces, block_m)
-    block_e = triton.next_power_of_2(num_local + pieces + 1)
+    max_padded = padded_rows(num_pairs, num_local, block_m)
+    block_e = triton.next_power_of_2(num_local + 1)
     device = local.device
     cursor = torch.empty(2 * block_e, dtype=torch.int64, device=device)
     pair_ids = torch.empty(max_padded, dtype=torch.int64, device=device)
     block_expert = torch.empty(max_padded // block_m, dtype=torch.int64, device=device)
     num_padded = torch.empty(1, dtype=torch.int64, device=device)
-    _align[(1,)](local, cursor, pair_ids, block_expert, num_padded, num_pairs, num_routed, num_local, max_padded,
-                 PIECES=pieces, BLOCK_P=triton.next_power_of_2(max(num_pairs, 16)), BLOCK_E=block_e,
+    _align[(1,)](local, cursor, pair_ids, block_expert, num_padded, num_pairs, num_local, max_padded,
+                 BLOCK_P=triton.next_power_of_2(max(num_pairs, 16)), BLOCK_E=block_e,
                  BLOCK_R=triton.next_power_of_2(max_padded), BLOCK_B=max(32, triton.next_power_of_2(max_padded // block_m)),
                  BM=block_m, num_warps=8)
     return pair_ids, block_expert, num_padded
@@ -94,16 +84,12 @@ class SortedPairs:
     block_m: int
 
 
-def sort_pairs(local: torch.Tensor, num_local: int, block_m: int, pieces: int = 0, num_tokens: int = 0
-               ) -> SortedPairs:
+def sort_pairs(local: torch.Tensor, num_local: int, block_m: int) -> SortedPairs:
     """local: [P] local expert slot of each pair (``num_local`` for pairs served elsewhere) -> the pairs
-    sorted by expert with padded runs. Fixed shapes, no host synchronisation. ``pieces``: the shared experts'
-    pieces as experts ``num_local`` on, every one of ``num_tokens`` tokens a pair of each (``align_pairs``;
-    decode-sized steps only)."""
+    sorted by expert with padded runs. Fixed shapes, no host synchronisation."""
     num_pairs = local.numel()
-    if num_pairs + num_tokens * pieces <= MAX_PAIRS:  # decode-sized steps: one launch (kernels/moe_align.py)
-        return SortedPairs(*align_pairs(local, num_local, block_m, pieces, num_tokens), block_m)
-    assert pieces == 0, "the shared experts join the sorted pairs on decode-sized steps only"
+    if num_pairs <= MAX_PAIRS:  # decode-sized steps: one launch (align_pairs)
+        return SortedPairs(*align_pairs(local, num_local, block_m), block_m)
     device = local.device
     counts = torch.zeros(num_local + 1, dtype=torch.long, device=device)
     counts.index_add_(0, local, torch.ones_like(local))
