@@ -7,6 +7,8 @@ must be set before Triton is first imported. Inputs are fresh random data for ev
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -17,8 +19,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install triton)")
 
 
-def test_kernels_apply_here() -> None:
+def test_kernels_apply_here(monkeypatch) -> None:
+    from moeserve.kernels import FUSED_KERNELS_ENV
+
     assert kernels_apply(DEVICE), "run on a CUDA device, or with TRITON_INTERPRET=1 (see tests/test_kernels.py)"
+    monkeypatch.setenv(FUSED_KERNELS_ENV, "0")  # the user's switch: eager ops everywhere
+    assert not kernels_apply(DEVICE)
 DTYPES = [torch.float32] if DEVICE.type == "cpu" else [torch.float32, torch.bfloat16]
 
 
@@ -184,14 +190,20 @@ def test_sort_pairs_pads_each_expert_run():
 
 
 def _engine(path, eager_ops: bool, dtype: str):
+    """A small engine; ``eager_ops``: the reference, built as ``MOESERVE_FUSED_KERNELS=0`` builds it (no kernel,
+    no start-up check: under the interpreter the check alone takes about a minute)."""
+    from unittest import mock
+
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
+    from moeserve.kernels import FUSED_KERNELS_ENV
 
-    engine = Engine(EngineConfig(model=str(path), device=DEVICE.type, dtype=dtype, load_format="dummy",
-                                 skip_tokenizer_init=True, block_size=16, kv_cache_memory=8 << 20,
-                                 max_num_seqs=8, max_num_batched_tokens=64, enforce_eager=eager_ops))
+    with mock.patch.dict(os.environ, {FUSED_KERNELS_ENV: "0"} if eager_ops else {}):
+        engine = Engine(EngineConfig(model=str(path), device=DEVICE.type, dtype=dtype, load_format="dummy",
+                                     skip_tokenizer_init=True, block_size=16, kv_cache_memory=8 << 20,
+                                     max_num_seqs=8, max_num_batched_tokens=64, enforce_eager=eager_ops))
     if eager_ops:
-        engine.executor.runner.model.use_kernels(False)
+        assert not any(getattr(m, "fused", False) for m in engine.executor.runner.model.modules())
     return engine
 
 

@@ -31,10 +31,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+FUSED_KERNELS_ENV = "MOESERVE_FUSED_KERNELS"
+
+
 def kernels_apply(device: torch.device) -> bool:
     """Whether the fused kernels run for tensors on ``device``: CUDA devices with Triton, or any device under
-    Triton's interpreter (tests only)."""
-    if not triton_available():
+    Triton's interpreter (tests only). ``MOESERVE_FUSED_KERNELS=0`` turns them off everywhere: every step runs
+    the eager ops, with no start-up check or CUDA graphs (to tell a kernel's fault from the model's)."""
+    if not triton_available() or os.environ.get(FUSED_KERNELS_ENV) == "0":
         return False
     return device.type == "cuda" or interpreting()
 

@@ -10,7 +10,7 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.experts.load_counter import attach_counter
-from moeserve.kernels import cpu_build, kernels_apply
+from moeserve.kernels import cpu_build, interpreting, kernels_apply
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.kvstore.layer_ready import LayerReady
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
@@ -83,7 +83,7 @@ class ModelRunner:
         capture = (lambda: self._capture(max_num_seqs, max_model_len)) if cuda_graphs else None
         # what the check turned off and why (None: all on); a kernel that failed is off alone
         self.fast_path_error = check_fast_path(self, self.num_blocks, capture)
-        if warm_up_tokens:
+        if warm_up_tokens and not interpreting():  # Triton's interpreter (tests) builds nothing to warm up
             warm_up(self, self.num_blocks, warm_up_tokens)
         self._forget_start_up_load()
 
