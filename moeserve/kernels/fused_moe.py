@@ -63,28 +63,6 @@ def _gemm_tile(a_ptr, a_row, row_ok, stride_am, w_base, stride_wn, up_offset, s_
     return acc, acc_up
 
 
-@triton.jit
-def _routed_tile(a_ptr, a_row, row_ok, stride_am, w_ptr, scale_ptr, expert, stride_we, stride_wn, stride_se,
-                 stride_sn, stride_sk, up_scale_offset, cols, col_ok, N, K, GATED: tl.constexpr, FP8: tl.constexpr,
-                 SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PRECISION: tl.constexpr):
-    """``_gemm_tile`` on a routed expert's weights (and FP8 scales)."""
-    s_base = scale_ptr + expert * stride_se + (cols // SCALE_BLOCK) * stride_sn
-    return _gemm_tile(a_ptr, a_row, row_ok, stride_am, w_ptr + expert * stride_we, stride_wn, N * stride_wn, s_base,
-                      up_scale_offset, stride_sk, cols, col_ok, K, GATED, FP8, SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K,
-                      PRECISION)
-
-
-@triton.jit
-def _store_routed(out_ptr, route_w_ptr, pair, row_ok, out_row, cols, mask, acc, stride_om, dtype: tl.constexpr,
-                  MUL_ROUTE: tl.constexpr):
-    """A routed block's rows, times the routing weight where MUL_ROUTE (rounded where the eager ops round)."""
-    if MUL_ROUTE:
-        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
-        acc = round_as(acc, dtype) * route_w[:, None]
-    tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 @triton.jit(do_not_specialize=["num_pairs"])
 def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_padded_ptr, route_w_ptr,
               num_pairs, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_om,
@@ -103,15 +81,19 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     dtype = a_ptr.dtype.element_ty  # the activations' dtype, where the eager ops round
-    acc, acc_up = _routed_tile(a_ptr, a_row, row_ok, stride_am, w_ptr, scale_ptr, expert, stride_we, stride_wn,
-                               stride_se, stride_sn, stride_sk, up_scale_offset, cols, col_ok, N, K, GATED, FP8,
-                               SCALE_BLOCK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
+    s_base = scale_ptr + expert * stride_se + (cols // SCALE_BLOCK) * stride_sn  # FP8: the expert's scales
+    acc, acc_up = _gemm_tile(a_ptr, a_row, row_ok, stride_am, w_ptr + expert * stride_we, stride_wn, N * stride_wn,
+                             s_base, up_scale_offset, stride_sk, cols, col_ok, K, GATED, FP8, SCALE_BLOCK, BLOCK_M,
+                             BLOCK_N, BLOCK_K, PRECISION)
     if GATED:  # silu(gate) * up, rounded where the eager ops round
         gate = round_as(acc, dtype)
         acc = round_as(gate / (1.0 + tl.exp(-gate)), dtype) * round_as(acc_up, dtype)
+    if MUL_ROUTE:  # times the pair's routing weight, rounded where the eager ops round
+        route_w = round_as(tl.load(route_w_ptr + pair, mask=row_ok, other=0.0), dtype)
+        acc = round_as(acc, dtype) * route_w[:, None]
     out_row = tl.where(row_ok, pair, 0).to(tl.int64)
     mask = row_ok[:, None] & col_ok[None, :]
-    _store_routed(out_ptr, route_w_ptr, pair, row_ok, out_row, cols, mask, acc, stride_om, dtype, MUL_ROUTE)
+    tl.store(out_ptr + out_row[:, None] * stride_om + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _TILES_OVERRIDE = os.environ.get("MOESERVE_MOE_GEMM_TILES")
