@@ -25,6 +25,8 @@ def test_kernels_apply_here(monkeypatch) -> None:
     assert kernels_apply(DEVICE), "run on a CUDA device, or with TRITON_INTERPRET=1 (see tests/test_kernels.py)"
     monkeypatch.setenv(FUSED_KERNELS_ENV, "0")  # the user's switch: eager ops everywhere
     assert not kernels_apply(DEVICE)
+
+
 DTYPES = [torch.float32] if DEVICE.type == "cpu" else [torch.float32, torch.bfloat16]
 
 

@@ -42,13 +42,8 @@ MLA_WIDTHS = dict(PAGE=64, LATENT=512, ROPE=64, LATENT_P=512, ROPE_P=64, BLOCK_T
 
 # (id, module, kernel, argument types (ints default to i32), constexprs, integer arguments divisible by 16);
 # the types and hints may name other kernels' arguments too (one table a module)
+# (the sorted expert GEMM, ``_moe_gemm``, compiles at each of the engine's tile picks below)
 CASES = [
-    *[(f"moe_gemm-{'gate_up' if gated else 'down'}", "fused_moe", "_moe_gemm", BF16_MOE,
-       dict(A_DIV=6 if gated else 1, GATED=gated, MUL_ROUTE=not gated, FP8=False, SCALE_BLOCK=128,
-            BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"), MOE_DIV16) for gated in (True, False)],
-    *[(f"moe_gemm-fp8-{'gate_up' if gated else 'down'}", "fused_moe", "_moe_gemm", FP8_MOE,
-       dict(A_DIV=8 if gated else 1, GATED=gated, MUL_ROUTE=not gated, FP8=True, SCALE_BLOCK=128,
-            BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, PRECISION="tf32"), MOE_DIV16) for gated in (True, False)],
     ("align", "moe_align", "_align",
      {n: "*i64" for n in ("local_ptr", "cursor_ptr", "pair_ids_ptr", "block_expert_ptr", "num_padded_ptr")},
      dict(BLOCK_P=512, BLOCK_E=128, BLOCK_R=1024, BLOCK_B=32, BM=32), set()),

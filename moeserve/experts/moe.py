@@ -155,7 +155,8 @@ class MoE(RoutedExperts):
         if x.shape[0] == 0:  # a share of no tokens (fewer tokens than ranks): the group view takes no rows
             top_k = self.spec.top_k
             return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long), None
-        weight_in = self._gate_weight_in(x.dtype) if self.fused_router else None  # made here even when unused
+        # made at every call, one token too (unused there): the copy must exist before a graph is captured
+        weight_in = self._gate_weight_in(x.dtype) if self.fused_router else None
         logits = router_logits(x, self.gate_weight, weight_in if x.shape[0] > ROUTER_FLOAT32_MAX_TOKENS else None)
         if self.fused_router:
             from moeserve.kernels.router import fused_route
