@@ -21,12 +21,15 @@ import sys
 import torch
 from bench_moe_kernels import copy_bandwidth, graph_ms
 
-from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, mla_decode
+from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, config_for, mla_decode
 
 SHAPES = {"v2lite": (16, (64, 256)), "v3": (128, (32,)),  # name: (heads, batches): the decode targets' sizes
           "v2lite-small": (16, (1, 4)), "v3-small": (128, (1, 4))}
 LATENT, ROPE, PAGE, CONTEXT = 512, 64, 64, 1024
-CANDIDATES = [DecodeConfig(t, w, st, fill) for t in (32, 64) for w in (4, 8) for st in (2, 3) for fill in (2, 4)]
+# 16-row steps with 3-4 stages keep more cache rows in flight per program at fewer registers (two programs a
+# multiprocessor at the default's 206 registers and 56 KB of shared memory); 2 warps give each warp more columns
+CANDIDATES = [DecodeConfig(t, w, st, fill) for t in (16, 32, 64) for w in (2, 4, 8) for st in (2, 3, 4)
+              for fill in (2, 4) if not (t == 64 and st == 4)]
 # more heads a program for V3's 128 (a tensor-core product's M of 32 or 64 instead of 16)
 WIDE_HEADS = [DecodeConfig(t, w, st, 2, hb) for hb in (32, 64) for t in (32, 64) for w in (4, 8) for st in (2, 3)]
 # a few sequences: more, shorter pieces (up to 64 splits of 16-32 rows), so that a step's latency is one or two
@@ -60,8 +63,12 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
     err = float((mla_decode(q, caches[0], tables, lens, PAGE, LATENT, scale).float() - ref).norm() / ref.norm())
     read = batch * CONTEXT * (LATENT + ROPE) * 2
     timed = []
-    small = [c for c in SMALL_BATCH if c.head_block <= heads] if batch <= 4 else []
-    for cfg in CANDIDATES + (WIDE_HEADS if heads >= 64 else []) + small:
+    if batch <= 4:  # a few sequences: the default and the many-split tiles
+        configs = [DEFAULT] + ([config_for(heads, batch)] if heads >= 64 else []) \
+            + [c for c in SMALL_BATCH if c.head_block <= heads]
+    else:
+        configs = CANDIDATES + (WIDE_HEADS if heads >= 64 else [])
+    for cfg in configs:
         try:
             ms = graph_ms(lambda i, c=cfg: mla_decode(q, caches[i], tables, lens, PAGE, LATENT, scale, config=c),
                           layers, rep=60)
@@ -69,7 +76,7 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
             print(f"# {cfg}: {type(e).__name__}", file=sys.stderr)
             continue
         timed.append((ms, cfg))
-    default_ms = next(ms for ms, c in timed if c == DEFAULT)
+    default_ms = next(ms for ms, c in timed if c == config_for(heads, batch))
     best_ms, best = min(timed, key=lambda t: t[0])
     row = {"heads": heads, "batch": batch, "rel_err_default": err, "default_ms": default_ms,
            "default_of_copy_bw": read / (default_ms * 1e-3) / bandwidth, "best": vars(best), "best_ms": best_ms,

@@ -28,12 +28,9 @@ import triton
 
 from moeserve.kernels.fused_moe import GemmConfig, fused_moe_sorted, gemm_config
 from moeserve.kernels.moe_gemv import (
-    DOWN,
-    FP8_DOWN,
-    FP8_GATE_UP,
-    GATE_UP,
     GemvConfig,
     SharedWeights,
+    gemv_configs,
     moe_gemv,
 )
 from moeserve.model.fp8 import FP8_DTYPE
@@ -106,7 +103,9 @@ def run_gemv(ex: Experts, tokens: int, cfg1: GemvConfig, cfg2: GemvConfig) -> fl
                                        gate_up=cfg1, down=cfg2), ex.layers)
 
 
-CANDIDATES = [GemvConfig(bn, bk, sk, w) for bn in (16, 32, 64) for bk in (128, 256) for sk in (1, 2, 4) for w in (4, 8)]
+# (a tile of more than 16k weights is past the registers of 4-8 warps once converted to float32)
+CANDIDATES = [GemvConfig(bn, bk, sk, w) for bn in (16, 32, 64) for bk in (128, 256, 512) for sk in (1, 2, 4)
+              for w in (4, 8) if bn * bk <= 16384]
 
 
 def sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
@@ -114,7 +113,7 @@ def sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
     _, _, ids = ex.case(tokens)
     reached = ex.reached_bytes(ids)
     rows = []
-    gate_up, down = (FP8_GATE_UP, FP8_DOWN) if ex.fp8 else (GATE_UP, DOWN)  # what moe_gemv runs today
+    gate_up, down = gemv_configs(tokens * ex.top_k, ex.fp8)  # what moe_gemv runs today
     best1 = min(CANDIDATES, key=lambda c: run_gemv(ex, tokens, c, down))
     best2 = min(CANDIDATES, key=lambda c: run_gemv(ex, tokens, best1, c))
     for name, c1, c2 in (("default", gate_up, down), ("tuned", best1, best2)):
@@ -150,7 +149,7 @@ def sorted_sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
            "best_of_copy_bw": reached / (best_ms * 1e-3) / bandwidth,
            "top5": [(round(ms, 4), vars(c)) for ms, c in sorted(timed, key=lambda t: t[0])[:5]]}
     if local.numel() <= 512:
-        cfg1, cfg2 = (FP8_GATE_UP, FP8_DOWN) if ex.fp8 else (GATE_UP, DOWN)
+        cfg1, cfg2 = gemv_configs(tokens * ex.top_k, ex.fp8)
         row["gemv_ms"] = run_gemv(ex, tokens, cfg1, cfg2)
     print(json.dumps(row), flush=True)
     return row

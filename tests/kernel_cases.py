@@ -96,9 +96,9 @@ def test_mla_decode(dtype, splits, latent, rope):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads", [64, 72])  # DeepSeek-V2/V3's head counts take 64 heads a program
 def test_mla_decode_wide_heads(dtype, heads):
-    from moeserve.kernels.mla_decode import WIDE_HEADS, config_for, mla_decode
+    from moeserve.kernels.mla_decode import DEFAULT, WIDE_HEADS, config_for, mla_decode
 
-    assert config_for(heads) is WIDE_HEADS
+    assert config_for(heads, 3) is WIDE_HEADS and config_for(heads, 1) is DEFAULT  # one sequence: 16 heads a program
     page, lens = 16, [1, 37, 100]
     q, cache, tables, ctx = _paged_case(dtype, lens, page, 64, 16, heads=heads)
     out = mla_decode(q, cache, tables, ctx, page, 64, 0.3)

@@ -74,12 +74,16 @@ def test_shared_experts_fold_into_the_kernel_where_they_cut_evenly():
 
 
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="float8 tensors need a GPU (the interpreter has no float8)")
-@pytest.mark.parametrize("split_k", [1, 4])
-def test_moe_gemv_fp8(split_k):
-    from moeserve.kernels.moe_gemv import GemvConfig, moe_gemv
+@pytest.mark.parametrize("tokens,split_k", [(5, 1), (5, 4), (5, None), (70, None)],
+                         ids=["split1", "split4", "few-pairs-tiles", "many-pairs-tiles"])
+def test_moe_gemv_fp8(tokens, split_k):
+    """FP8 experts read as stored, at given tiles and at the tiles ``gemv_configs`` picks for a few pairs and for
+    many (70 tokens, 140 pairs: the narrower gate/up tiles)."""
+    from moeserve.kernels.moe_gemv import FP8_MANY_PAIRS, GemvConfig, moe_gemv
 
-    x, w13, w2, s13, s2, weights, ids = _moe_case(torch.bfloat16, 5, 6, 2, hidden=512, inter=384, fp8=True)
-    config = GemvConfig(16, 128, split_k, 4)
+    x, w13, w2, s13, s2, weights, ids = _moe_case(torch.bfloat16, tokens, 6, 2, hidden=512, inter=384, fp8=True)
+    config = None if split_k is None else GemvConfig(16, 128, split_k, 4)
+    assert split_k is not None or (ids.numel() >= FP8_MANY_PAIRS) == (tokens == 70)
     out = moe_gemv(x, w13, w2, weights, ids.flatten(), 6, s13, s2, (128, 128), gate_up=config, down=config)
     ref = _eager_moe(x, _dequant(w13, s13, True), _dequant(w2, s2, False), weights, ids,
                      torch.arange(6, device=DEVICE))

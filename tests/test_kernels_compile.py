@@ -52,8 +52,12 @@ CASES = [
     *[(f"gemv-gate_up-pieces{pieces}", "moe_gemv", "_gate_up", GEMV,
        dict(TOP_K=6, PIECES=pieces, FP8=False, SCALE_BLOCK=128, BLOCK_N=16, BLOCK_K=128), GEMV_DIV16)
       for pieces in (0, 2)],
-    ("gemv-gate_up-fp8", "moe_gemv", "_gate_up", {**GEMV, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
-     dict(TOP_K=8, PIECES=0, FP8=True, SCALE_BLOCK=128, BLOCK_N=32, BLOCK_K=256), GEMV_DIV16),
+    *[(f"gemv-gate_up-fp8-n{block_n}", "moe_gemv", "_gate_up", {**GEMV, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+       dict(TOP_K=8, PIECES=0, FP8=True, SCALE_BLOCK=128, BLOCK_N=block_n, BLOCK_K=256), GEMV_DIV16)
+      for block_n in (16, 32)],
+    *[(f"gemv-down-fp8-n{block_n}", "moe_gemv", "_down", {**GEMV, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+       dict(TOP_K=8, PIECES=0, SPLIT_UP=1, FP8=True, SCALE_BLOCK=128, BLOCK_N=block_n, BLOCK_K=block_k,
+            DTYPE=tl.bfloat16), GEMV_DIV16) for block_n, block_k in ((32, 256), (64, 128))],
     *[(f"gemv-down-pieces{pieces}", "moe_gemv", "_down", GEMV,
        dict(TOP_K=6, PIECES=pieces, SPLIT_UP=2, FP8=False, SCALE_BLOCK=128, BLOCK_N=16, BLOCK_K=128,
             DTYPE=tl.bfloat16), GEMV_DIV16) for pieces in (0, 2)],

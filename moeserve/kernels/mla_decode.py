@@ -37,13 +37,16 @@ class DecodeConfig:
 # (1.85 against 1.84 ms a V2-Lite step at 256, 0.61 against 0.60 for V3 at 32): the default stays
 DEFAULT = DecodeConfig()
 # 64 or more heads (DeepSeek-V2/V3's 128): 64 heads a program, so each cached row loaded feeds a wider product.
-# bench_mla_decode.py on one H200, V3's 128 heads at batch 32: 0.066 against the default's 0.090 ms a layer
+# bench_mla_decode.py on one H200, V3's 128 heads at batch 32: 0.066 against the default's 0.090 ms a layer.
+# From WIDE_HEADS_BATCH sequences on: at one sequence 16 heads a program (8 programs of 16 splits instead of 2)
+# took 0.0106 against 0.0136 ms a layer on one H100 (--shapes v3-small); at 4 the two were even
 WIDE_HEADS = DecodeConfig(token_block=64, num_warps=8, num_stages=2, head_block=64)
+WIDE_HEADS_BATCH = 2
 
 
-def config_for(num_heads: int) -> DecodeConfig:
-    """The tiles for a layer of ``num_heads`` query heads."""
-    return WIDE_HEADS if num_heads >= WIDE_HEADS.head_block else DEFAULT
+def config_for(num_heads: int, batch: int) -> DecodeConfig:
+    """The tiles for a step of ``batch`` sequences over a layer of ``num_heads`` query heads."""
+    return WIDE_HEADS if num_heads >= WIDE_HEADS.head_block and batch >= WIDE_HEADS_BATCH else DEFAULT
 
 
 @triton.jit(do_not_specialize=["tables_ptr", "lens_ptr", "stride_tb"])
@@ -148,7 +151,7 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     # one table dtype (the CUDA graphs' int32) for every caller: a second would be a second compiled variant,
     # built the first time an eager step decodes
     block_tables = block_tables.to(torch.int32)
-    config = config or config_for(num_heads)
+    config = config or config_for(num_heads, batch)
     splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block,
                                           max_splits=config.max_splits)
     out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)

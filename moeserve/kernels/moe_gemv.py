@@ -58,6 +58,32 @@ def _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8: tl.const
 
 
 @triton.jit
+def _gate_up_dots(a_row, gate_rows, up_rows, s_gate, s_up, stride_sk, k_lo, k_hi, row_ok, FP8: tl.constexpr,
+                  SCALE_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_tile_dot`` of the gate rows and of the up rows in one loop (the same sums in the same order): both
+    tiles are loaded in the same step, twice the bytes in flight, as Triton does not pipeline loads that feed no
+    tensor-core product. -> (gate, up), each [BLOCK_N] float32."""
+    ks = tl.arange(0, BLOCK_K)
+    gate = tl.zeros_like(row_ok.to(tl.float32))
+    up = tl.zeros_like(gate)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < k_hi
+        w_ok = row_ok[:, None] & k_ok[None, :]
+        w_gate = tl.load(gate_rows + k[None, :], mask=w_ok, other=0.0)
+        w_up = tl.load(up_rows + k[None, :], mask=w_ok, other=0.0)
+        a = tl.load(a_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        a_gate = a
+        a_up = a
+        if FP8:
+            a_gate = a * tl.load(s_gate + k // SCALE_BLOCK * stride_sk, mask=k_ok, other=0.0)
+            a_up = a * tl.load(s_up + k // SCALE_BLOCK * stride_sk, mask=k_ok, other=0.0)
+        gate += tl.sum(w_gate.to(tl.float32) * a_gate[None, :], 1)
+        up += tl.sum(w_up.to(tl.float32) * a_up[None, :], 1)
+    return gate, up
+
+
+@triton.jit
 def _pair_tile(local_ptr, num_local, num_routed, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se,
                stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K: tl.constexpr, PIECES: tl.constexpr,
                SCALE_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -108,9 +134,15 @@ def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, num
         up_rows = w_rows + tl.where(is_shared, PIECES * sh_piece, N * stride_wn)
     else:
         up_rows = w_rows + N * stride_wn
-    gate = _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK, BLOCK_K)
-    up = _tile_dot(a_row, up_rows, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK,
-                   BLOCK_K)
+    if PIECES > 0:
+        # NOTE: with the shared pieces the up rows' offset is a runtime select, and on one H100 the one-loop form
+        # took 8% longer here (V2-Lite at batch 1, profile_decode.py) while it saved time without pieces: two loops
+        gate = _tile_dot(a_row, w_rows, s_row, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK, BLOCK_K)
+        up = _tile_dot(a_row, up_rows, s_row + up_scale_offset, stride_sk, k_lo, k_hi, row_ok, FP8, SCALE_BLOCK,
+                       BLOCK_K)
+    else:
+        gate, up = _gate_up_dots(a_row, w_rows, up_rows, s_row, s_row + up_scale_offset, stride_sk, k_lo, k_hi,
+                                 row_ok, FP8, SCALE_BLOCK, BLOCK_K)
     out = part_ptr + (split * num_pairs + pair).to(tl.int64) * 2 * N + cols
     tl.store(out, gate, mask=cols < N)
     tl.store(out + N, up, mask=cols < N)
@@ -192,11 +224,23 @@ def scale_args(scale: torch.Tensor | None, gated: bool, w: torch.Tensor):
 
 
 # tuned on one H200 (benchmarks/bench_moe_kernels.py sweep): bf16 V2-Lite experts at 64-78% of the copy
-# bandwidth with the defaults; FP8 V3 experts at 81-91% with wider tiles and no split
+# bandwidth with the defaults; FP8 V3 experts at 81-91% with wider tiles and no split (1-8 tokens)
 GATE_UP = GemvConfig()
 DOWN = GemvConfig()
 FP8_GATE_UP = GemvConfig(block_n=32, block_k=256, split_k=1, num_warps=8)
 FP8_DOWN = GemvConfig(block_n=32, block_k=256, split_k=1, num_warps=4)
+# FP8 from FP8_MANY_PAIRS pairs on (V3's batch 32: 256 pairs): narrower gate/up tiles, twice the programs. On one
+# H100, V3 cut at batch 32 (profile_decode.py): gate/up 5.40 -> 5.26 ms a step with these tiles alone, 4.90 with
+# them and the one-loop gate/up; the same as the few-pair tiles at 128 pairs (bench_moe_kernels.py; BENCHMARKS.md)
+FP8_MANY_PAIRS = 128
+FP8_GATE_UP_MANY = GemvConfig(block_n=16, block_k=256, split_k=1, num_warps=4)
+
+
+def gemv_configs(num_pairs: int, fp8: bool) -> tuple[GemvConfig, GemvConfig]:
+    """The (gate/up, down) launches' tiles for a step of ``num_pairs`` routed pairs."""
+    if not fp8:
+        return GATE_UP, DOWN
+    return (FP8_GATE_UP_MANY if num_pairs >= FP8_MANY_PAIRS else FP8_GATE_UP), FP8_DOWN
 
 
 @dataclass(frozen=True)
@@ -226,10 +270,11 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torc
     ``shared``: the shared experts too (bf16 experts only), their output added to each token's as the
     eager ops add it (``routed + shared``)."""
     fp8 = w13_scale is not None
-    cfg1 = gate_up or (FP8_GATE_UP if fp8 else GATE_UP)
-    cfg2 = down or (FP8_DOWN if fp8 else DOWN)
     num_tokens, top_k = route_w.shape
     num_routed = local.numel()
+    default_up, default_down = gemv_configs(num_routed, fp8)
+    cfg1 = gate_up or default_up
+    cfg2 = down or default_down
     inter, hidden = w13.shape[1] // 2, w13.shape[2]
     pieces = 0 if shared is None else shared.pieces(inter)
     assert shared is None or (pieces > 0 and not fp8), "shared experts cut into routed-wide pieces, bf16 only"
