@@ -21,7 +21,8 @@ import triton.language as tl
 
 from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_align import SortedPairs, sort_pairs
-from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, round_as, scale_args
+from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, scale_args
+from moeserve.kernels.moe_gemv_programs import round_as
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
 # one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
