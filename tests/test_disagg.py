@@ -86,12 +86,13 @@ def test_router_streams_the_tokens_of_one_colocated_engine(deployment, reference
             assert r.status_code == 200, r.text
             text = r.json()["choices"][0]["text"]
         assert text == reference[i]
-    # the decode instance pulled every full block but the one holding the last token: 3 + 2 + 4 blocks
+    # the decode instance pulled every block short of the last token: 3 + 2 + 4 full blocks and each prompt's
+    # partial last block (its tail: 52, 39 and 69 tokens are no whole blocks), so it computed one token each
     block_bytes = 16 * 128 * 4 * 5  # block size x latent dim x float32 x layers
-    assert metric(d_url, "moeserve_kv_transfer_bytes_total", role="decode") == 9 * block_bytes
+    assert metric(d_url, "moeserve_kv_transfer_bytes_total", role="decode") == 12 * block_bytes
     assert metric(d_url, "moeserve_kv_transfer_failures_total", role="decode") == 0
     deadline = time.monotonic() + 5  # an idle engine's figures catch up every half second
-    while metric(r_url, "moeserve_kv_transfer_bytes_total", role="prefill") != 9 * block_bytes:
+    while metric(r_url, "moeserve_kv_transfer_bytes_total", role="prefill") != 12 * block_bytes:
         assert time.monotonic() < deadline, "the router does not show the prefill instance's transfers"
         time.sleep(0.2)
     assert metric(r_url, "moeserve_kv_transfer_seconds_count", role="decode") == 3
@@ -144,10 +145,10 @@ def test_the_nixl_backend_reads_the_same_blocks(reference) -> None:
             pair = {"p_url": p_url, "d_url": d_url}
             assert prefill_then_decode(pair, PROMPTS[0], lambda: None) == reference[0]
             block_bytes = 16 * 128 * 4 * 5
-            assert metric(d_url, "moeserve_kv_transfer_bytes_total", role="decode") == 3 * block_bytes
+            assert metric(d_url, "moeserve_kv_transfer_bytes_total", role="decode") == 4 * block_bytes  # 3 + tail
             assert metric(d_url, "moeserve_kv_transfer_failures_total", role="decode") == 0
             deadline = time.monotonic() + 5  # the prefill side counts the read once released
-            while metric(p_url, "moeserve_kv_transfer_bytes_total", role="prefill") != 3 * block_bytes:
+            while metric(p_url, "moeserve_kv_transfer_bytes_total", role="prefill") != 4 * block_bytes:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
         finally:
@@ -180,7 +181,8 @@ def test_a_pp2_prefill_instance_hands_over_to_a_tp2_decode_instance(reference) -
                 assert out[0].output_text == reference[i]
             snap = decode.kv.connector.snapshot()  # type: ignore[union-attr]
             block_bytes = 16 * 128 * 4 * 5
-            assert snap["transfer_failures"] == 0 and snap["transfer_bytes"] == 2 * (3 + 2) * block_bytes
+            # two tp ranks, each pulling (3 + 2) full blocks and the two prompts' tails
+            assert snap["transfer_failures"] == 0 and snap["transfer_bytes"] == 2 * (3 + 2 + 2) * block_bytes
         finally:
             decode.close()
     finally:

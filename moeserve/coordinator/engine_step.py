@@ -224,10 +224,10 @@ class EngineStep:
     def _retire(self, req: Request) -> None:
         """A finished or aborted request leaves: its cache blocks are free at once. (A batch in flight may
         still compute one token for it: that token is discarded, and the device writes it before any later
-        batch can reuse the blocks.) A prefill instance holds a finished request's full blocks for the pull."""
+        batch can reuse the blocks.) A prefill instance holds a finished request's prompt blocks for the pull."""
         if self.prefill_side is not None and req.params.kv_transfer and req.finish_reason != "abort":
             transfer_id = KvTransferParams.from_json(req.params.kv_transfer).transfer_id
-            self.prefill_side.held.hold(transfer_id, *self.kv.hold(req.request_id))
+            self.prefill_side.held.hold(transfer_id, *self.kv.hold(req.request_id, req.prompt_token_ids))
         self.scheduler.remove(req)
         self.requests.pop(req.request_id, None)
         self._sync_request_ids.discard(req.request_id)

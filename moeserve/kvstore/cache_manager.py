@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from moeserve.kvstore.block_pool import BlockPool
-from moeserve.kvstore.prefix import ROOT_HASH, block_hashes
+from moeserve.kvstore.prefix import ROOT_HASH, block_hashes, chain_hash, prompt_tail
 
 if TYPE_CHECKING:
     from moeserve.kvstore.connector import KVConnector
@@ -62,8 +62,9 @@ class KVCacheManager:
         self.num_prefix_query_tokens = 0  # prompt tokens looked up at admission, cumulative
         self.num_prefix_hit_tokens = 0  # of which were found in the device cache
         self.connector = connector if enable_prefix_caching else None
-        # request -> (the blocks being loaded, their hashes and tokens); and loading requests already freed
-        self._loading: dict[str, tuple[list[int], list[int], list[tuple[int, ...]]]] = {}
+        # request -> (the blocks being loaded, their hashes, the full ones' tokens, the tokens of a prompt tail
+        # loaded last (0: none)); and loading requests already freed
+        self._loading: dict[str, tuple[list[int], list[int], list[tuple[int, ...]], int]] = {}
         self._freed_while_loading: set[str] = set()
         self._layerwise: dict[str, int] = {}  # request -> its layer-wise load's id, until the load is done
 
@@ -109,17 +110,23 @@ class KVCacheManager:
         """After ``match_prefix``: if the connector can fill the following full blocks, allocate them and
         start their load (True: the request waits for ``finish_loads``, or, when the load is layer-wise --
         ``layerwise`` asked, the plan allows it and the cache holds the whole prompt -- is scheduled at once,
-        with ``num_held_tokens`` computed)."""
+        with ``num_held_tokens`` computed). A connector that ``loads_prompt_tail`` (a prefill instance) is asked
+        for the prompt's tail too (``prompt_tail``: one more hash than ``tokens``, loaded last), so that only the
+        last token is left to compute."""
         if self.connector is None:
             return False
         bs = self.block_size
         start = len(self._tables.get(request_id, ()))
         max_blocks = (len(token_ids) - 1) // bs
-        if start >= max_blocks:
+        tail = prompt_tail(token_ids, bs) if kv_transfer and getattr(self.connector, "loads_prompt_tail", False) \
+            else None
+        if start >= max_blocks + (tail is not None):
             return False
         parent = self._hashes[request_id][-1] if start else ROOT_HASH
         hashes = block_hashes(token_ids[:max_blocks * bs], bs, start=start, parent=parent)
         tokens = [tuple(token_ids[i * bs:(i + 1) * bs]) for i in range(start, max_blocks)]
+        if tail is not None:
+            hashes.append(chain_hash(hashes[-1] if hashes else parent, tail[1]))
         plan = self.connector.plan_load(hashes, tokens, kv_transfer)
         n = min(plan.num_blocks, self.pool.num_free) if plan is not None else 0
         if plan is None or n == 0:
@@ -131,7 +138,7 @@ class KVCacheManager:
         blocks = self.pool.allocate(n)
         self._tables.setdefault(request_id, []).extend(blocks)
         self._views.pop(request_id, None)
-        self._loading[request_id] = (blocks, hashes[:n], tokens[:n])
+        self._loading[request_id] = (blocks, hashes[:n], tokens[:n], len(tail[1]) if tail and n == len(hashes) else 0)
         load_id = self.connector.begin_load(request_id, plan, blocks, layerwise)
         if layerwise:
             self._layerwise[request_id] = load_id
@@ -159,23 +166,25 @@ class KVCacheManager:
         out = []
         for done in self.connector.finished_loads():
             rid = done.request_id
-            blocks, hashes, tokens = self._loading.pop(rid)
+            blocks, hashes, tokens, tail_len = self._loading.pop(rid)
             layerwise = self._layerwise.pop(rid, None) is not None
             table = self._tables[rid]
             got = done.num_blocks
-            for block, h, t in zip(blocks[:got], hashes, tokens):
+            for block, h, t in zip(blocks[:got], hashes, tokens):  # full blocks only: a tail has no tokens here
                 self.pool.register(block, h, t)
             if not layerwise:
                 del table[len(table) - len(blocks) + got:]
                 self.pool.free(blocks[got:][::-1])
-            self._hashes.setdefault(rid, []).extend(hashes[:got])
+            self._hashes.setdefault(rid, []).extend(hashes[:min(got, len(tokens))])
             if rid in self._freed_while_loading:
                 self._freed_while_loading.discard(rid)
                 self.free(rid)
                 continue
             if not table:
                 del self._tables[rid]
-            out.append(LoadResult(rid, len(table) * self.block_size, layerwise, got == len(blocks)))
+            # a tail that arrived holds tail_len tokens of its block (the prompt's last one is computed next)
+            short = self.block_size - tail_len if tail_len and got == len(blocks) else 0
+            out.append(LoadResult(rid, len(table) * self.block_size - short, layerwise, got == len(blocks)))
         return out
 
     def wait_for_loads(self, timeout_s: float) -> None:
@@ -187,11 +196,18 @@ class KVCacheManager:
     def num_loading(self) -> int:
         return len(self._loading)
 
-    def hold(self, request_id: str) -> tuple[list[int], list[int]]:
-        """A reference to the request's registered full blocks (and their hashes), kept after the request is
-        freed: a prefill instance holds them for a decode instance to pull. Give them back with ``release``."""
-        hashes = list(self._hashes.get(request_id, ()))
-        blocks = self._tables.get(request_id, [])[:len(hashes)]
+    def hold(self, request_id: str, prompt: Sequence[int]) -> tuple[list[int], list[int]]:
+        """A reference to a computed ``prompt``'s blocks short of its last token (and their hashes), kept after
+        the request is freed: a prefill instance holds them for a decode instance to pull. The full blocks, and
+        the block holding the prompt's tail under the tail's hash (``prompt_tail``). Give them back with
+        ``release``."""
+        table = self._tables.get(request_id, [])
+        hashes = list(self._hashes.get(request_id, ()))[:(len(prompt) - 1) // self.block_size]
+        blocks = table[:len(hashes)]
+        tail = prompt_tail(prompt, self.block_size)
+        if tail is not None and tail[0] == len(hashes) < len(table):  # every full block before it is registered
+            blocks.append(table[tail[0]])
+            hashes.append(chain_hash(hashes[-1] if hashes else ROOT_HASH, tail[1]))
         self.pool.share(blocks)
         return blocks, hashes
 

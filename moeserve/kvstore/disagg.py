@@ -2,12 +2,13 @@
 
 A request goes to a prefill instance with ``kv_transfer_params`` ``{"do_remote_decode": true, "transfer_id":
 T}`` and ``max_tokens`` 1: the prefill instance computes the prompt's latents and, when the request finishes,
-holds its full blocks under T (``PrefillSide``) for a decode instance to pull. The same request then goes to a
+holds its blocks under T (``PrefillSide``) for a decode instance to pull. The same request then goes to a
 decode instance with ``{"transfer_id": T, "remote_addr": <the prefill instance's transfer address>,
 "fingerprint": <its model fingerprint>}``: the decode instance's ``RemoteConnector`` loads those blocks
-(kvstore/remote.py) as any connector loads a prefix, computes the rest of the prompt (at most one block) and
-streams the tokens. A transfer that fails or times out loads nothing: the decode instance computes the prompt
-itself (a retry, never a failed request).
+(kvstore/remote.py) as any connector loads a prefix, the prompt's partial last block too, computes the
+prompt's last token (a decode row: no prefill chunk stalls the streams it is decoding) and streams the
+tokens. A transfer that fails or times out loads nothing: the decode instance computes the prompt itself (a
+retry, never a failed request).
 """
 
 from __future__ import annotations
@@ -113,7 +114,11 @@ class RemotePlan:
 
 
 class RemoteConnector(QueuedConnector):
-    """The decode side: a request's prompt blocks come from the prefill instance that computed them."""
+    """The decode side: a request's prompt blocks come from the prefill instance that computed them, its tail
+    included (the block past the last full one: ``prefix.prompt_tail``), so that the decode instance computes
+    only the prompt's last token, in a decode row of its next step rather than a prefill chunk beside them."""
+
+    loads_prompt_tail = True
 
     def __init__(self, transport: KvTransport, layout: BlockLayout, timeout_s: float, backend: str = "zmq"):
         super().__init__(transport.num_ranks, transport)

@@ -37,3 +37,14 @@ def block_hashes(token_ids: Sequence[int], block_size: int, start: int = 0,
         parent = chain_hash(parent, token_ids[i * block_size:(i + 1) * block_size])
         hashes.append(parent)
     return hashes
+
+
+def prompt_tail(token_ids: Sequence[int], block_size: int) -> tuple[int, Sequence[int]] | None:
+    """A prompt's tokens past its last full block and short of its last token, with that block's index: what
+    a decode instance loads beside the full blocks, so that it computes only the prompt's last token (as a
+    decode row: kvstore/disagg.py). None when there are none (the prompt's length minus one is a multiple of
+    ``block_size``). The tail's hash is ``chain_hash(<block index - 1>'s hash, tokens)``: fewer tokens than a
+    block, so never a full block's hash."""
+    n = len(token_ids) - 1
+    index, rest = divmod(n, block_size)
+    return (index, token_ids[index * block_size:n]) if rest > 0 else None
