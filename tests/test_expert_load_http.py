@@ -225,7 +225,7 @@ def test_expert_load_routes_need_the_api_key() -> None:
     """One process (no expert parallelism): the routes follow the API-key rule; the dashboard's also take
     ?key= (a browser's EventSource sends no header); /admin/rebalance says why it cannot run here."""
     from moeserve.coordinator.config import EngineConfig
-    from moeserve.frontend.server import ServerConfig
+    from moeserve.frontend.server_config import ServerConfig
     from moeserve.frontend.testing import BackgroundServer
 
     config = ServerConfig(engine=EngineConfig(kv_cache_memory=8 << 20), port=0, rpc_port=0, api_key="k1")

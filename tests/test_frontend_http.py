@@ -19,7 +19,7 @@ from moeserve.coordinator.config import EngineConfig, default_model_path
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.limits import ServerLimits
-from moeserve.frontend.server import ServerConfig
+from moeserve.frontend.server_config import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
 from moeserve.model.tokenizer import Tokenizer
 

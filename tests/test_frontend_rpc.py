@@ -17,7 +17,7 @@ from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.frontend.errors import ERROR_CODES
 from moeserve.frontend.limits import ServerLimits
-from moeserve.frontend.server import ServerConfig
+from moeserve.frontend.server_config import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
 
 TIMEOUT_S = 20

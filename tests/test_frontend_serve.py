@@ -65,7 +65,7 @@ def test_two_replicas_route_shared_prefixes_and_match_one_engine() -> None:
     from moeserve.coordinator.config import EngineConfig
     from moeserve.coordinator.engine import Engine
     from moeserve.coordinator.sampling import SamplingParams
-    from moeserve.frontend.server import ServerConfig
+    from moeserve.frontend.server_config import ServerConfig
     from moeserve.frontend.testing import BackgroundServer
 
     engine_cfg = EngineConfig(kv_cache_memory=8 << 20)

@@ -22,7 +22,7 @@ from schemathesis.checks import (
 
 from moeserve.coordinator.config import EngineConfig
 from moeserve.frontend.limits import ServerLimits
-from moeserve.frontend.server import ServerConfig
+from moeserve.frontend.server_config import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
 
 MODEL = "moeserve-default"

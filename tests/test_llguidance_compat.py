@@ -12,7 +12,7 @@ import llguidance
 import pytest
 
 from moeserve.coordinator.config import EngineConfig
-from moeserve.frontend.server import ServerConfig
+from moeserve.frontend.server_config import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
 
 SCHEMA = {"type": "object", "properties": {"role": {"enum": ["admin", "user"]}}, "required": ["role"],

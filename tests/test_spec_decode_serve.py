@@ -14,7 +14,7 @@ from moeserve.coordinator.config import EngineConfig
 from moeserve.coordinator.engine import Engine
 from moeserve.coordinator.sampling import SamplingParams
 from moeserve.coordinator.spec_config import SpeculativeConfig
-from moeserve.frontend.server import ServerConfig
+from moeserve.frontend.server_config import ServerConfig
 from moeserve.frontend.testing import BackgroundServer
 
 PROMPT = "def heapify(x):"

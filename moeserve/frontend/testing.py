@@ -12,7 +12,8 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
-from moeserve.frontend.server import Server, ServerConfig
+from moeserve.frontend.server import Server
+from moeserve.frontend.server_config import ServerConfig
 
 
 class BackgroundServer:

@@ -55,7 +55,7 @@ def server_config(args: argparse.Namespace, engine=None):  # noqa: ANN001 - an E
     """The server's settings from the command line (``engine``: its engine's, where already built)."""
     from moeserve.frontend.limits import ServerLimits
     from moeserve.frontend.load_metrics import LoadMetricsConfig
-    from moeserve.frontend.server import ServerConfig
+    from moeserve.frontend.server_config import ServerConfig
 
     limits = ServerLimits(max_queued_requests=args.max_queued_requests, max_tokens_in_flight=args.max_tokens_in_flight,
                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
@@ -65,7 +65,8 @@ def server_config(args: argparse.Namespace, engine=None):  # noqa: ANN001 - an E
                         audit_log=args.audit_log, served_model_name=args.served_model_name, routing=args.routing,
                         limits=limits, drain_timeout_s=args.drain_timeout, replica_threads=args.replica_threads,
                         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
-                        expert_metrics=LoadMetricsConfig(args.expert_metrics_top_k, args.expert_metrics_all))
+                        expert_metrics=LoadMetricsConfig(args.expert_metrics_top_k, args.expert_metrics_all),
+                        freeze_gc=True)
 
 
 def run(args: argparse.Namespace) -> int:
