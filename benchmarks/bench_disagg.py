@@ -14,8 +14,8 @@ The two roles must not share compute for the comparison to mean anything: give e
 the decode instance's device and environment.
 The router (``--router-cpus``) and this script's own load generator (``--client-cpus``) can be pinned too, so
 that neither takes the decode instance's cores; ``--profile-decode DIR`` records the decode instance (and the
-colocated one) with py-spy (``pip install py-spy``), and the decode instance's own ITL (its /metrics) is
-reported beside the client's.
+colocated one) with py-spy (``pip install py-spy``), and the decode instance's own ITL (its /metrics histogram, p50 and p99
+read off it as Prometheus's histogram_quantile would) is reported beside the client's.
 
 Two H200s of one host, a role on each (or drop the env flags and give --prefill-device cpu --dtype bfloat16 for the host cores):
     PYTHONPATH=. python benchmarks/bench_disagg.py --model benchmarks/configs/deepseek_v2_lite --load-format dummy \\
@@ -143,6 +143,25 @@ def server_itl(url: str) -> dict[str, float]:
     return {le: round(n / total, 4) for le, n in buckets.items()} if total else {}
 
 
+def quantile(fractions: dict[str, float], q: float) -> float:
+    """The ``q`` quantile (seconds) of a histogram given as ``server_itl``'s cumulative fractions, linear inside
+    the bucket it falls in (as Prometheus's ``histogram_quantile``); nan without samples."""
+    edges = sorted((float(le), f) for le, f in fractions.items() if le != "+Inf")
+    lo, below = 0.0, 0.0
+    for le, f in edges:
+        if f >= q:
+            return lo + (le - lo) * ((q - below) / (f - below) if f > below else 1.0)
+        lo, below = le, f
+    return lo if edges else float("nan")
+
+
+def own_itl(url: str, key: str) -> dict:
+    """An instance's own ITL histogram, and its p50 and p99 read off it."""
+    fractions = server_itl(url)
+    p50, p99 = quantile(fractions, 0.5), quantile(fractions, 0.99)
+    return {f"{key}_le": fractions, f"{key}_p50_s": p50, f"{key}_p99_s": p99, f"{key}_p99_over_p50": p99 / p50}
+
+
 async def load(url: str, args) -> dict:
     """The mixed load against ``url``, from this process (pinned to ``--client-cpus`` meanwhile)."""
     before = os.sched_getaffinity(0)
@@ -183,7 +202,7 @@ def run_disagg(args) -> dict:
                            f"http://127.0.0.1:{r_port}"))
         spy = profile(procs[1], args, "decode")
         out = asyncio.run(load(f"http://127.0.0.1:{r_port}", args))
-        return out | {"decode_server_itl_le": server_itl(f"http://127.0.0.1:{d_port}")}
+        return out | own_itl(f"http://127.0.0.1:{d_port}", "decode_server_itl")
     finally:
         if spy is not None:
             spy.wait()
@@ -200,7 +219,7 @@ def run_colocated(args) -> dict:
     spy = profile(proc, args, "colocated")
     try:
         out = asyncio.run(load(f"http://127.0.0.1:{port}", args))
-        return out | {"server_itl_le": server_itl(f"http://127.0.0.1:{port}")}
+        return out | own_itl(f"http://127.0.0.1:{port}", "server_itl")
     finally:
         if spy is not None:
             spy.wait()

@@ -12,7 +12,9 @@ from moeserve.frontend.recovery_metrics import recovery_families
 from moeserve.kvstore.metrics import tier_families
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# fine from 5 to 50 ms, where decode steps fall: an instance's own ITL p50 and p99 can be read off them
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1,
+               0.25, 0.5, 1.0, 2.5, 5.0)
 # finished: ok, aborted; refused for the client's mistake (4xx): bad_request, unauthorized, client_error;
 # busy (429); failed on the server's side (5xx): unavailable, error (FrontendError.outcome)
 OUTCOMES = ("ok", "aborted", "bad_request", "unauthorized", "client_error", "busy", "unavailable", "error")
