@@ -178,3 +178,18 @@ def test_router_gemm_on_bf16_operands_gives_the_float32_logits():
     # the same products, summed in another order (cuBLAS's tiles and split-K): float32 rounding over 2048 terms,
     # a few 1e-6 at most; a bf16 rounding of either operand would be about 4e-3
     assert out.dtype == torch.float32 and rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 2048), (3, 10, 200)])  # V2-Lite's router; ragged tiles
+def test_router_logits_of_a_few_tokens_in_one_launch(dtype, tokens, experts, hidden):
+    """The one-token steps' router logits (one launch: no cast of x, no float32 GEMM) equal the float32 product
+    of x's values and the float32 weight up to float32 rounding."""
+    from moeserve.experts.gate import router_logits
+    from moeserve.kernels.router import router_logits_few
+
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    w = torch.randn(experts, hidden, device=DEVICE) / hidden ** 0.5
+    out = router_logits_few(x, w)
+    assert out.shape == (tokens, experts) and out.dtype == torch.float32
+    assert rel_err(out, router_logits(x, w)) < 1e-5

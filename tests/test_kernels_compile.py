@@ -76,6 +76,8 @@ CASES = [
     ("mla_decode_merge-32", "mla_decode", "_mla_decode_merge",
      {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
      dict(NUM_SPLITS=32, SPLIT_BLOCK=16, LATENT=512, LATENT_P=512), set()),
+    ("router_logits", "router", "_logits", {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32"},
+     dict(BLOCK_E=4, BLOCK_H=1024), {"H", "stride_x", "stride_w"}),
     ("silu_and_mul", "activation", "_silu_and_mul", {"h_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024),
      {"inter", "stride_h", "stride_o"}),
     *[(f"rms_norm-residual{res}", "rmsnorm", "_rms_norm",

@@ -37,7 +37,8 @@ __all__ = ["ExpertPlacement", "MoE", "gate_spec"]
 SHARED_IN_KERNEL_MAX_TOKENS = 4
 # Up to this many tokens the router's logits come from the float32 GEMM even where the weight has a bf16-exact
 # copy: at one token on an H100 the cast and cuBLAS's float32 dot took 0.125 ms a V2-Lite step against 0.189 ms
-# for the bf16 GEMM with float32 output (profile_decode.py, 2026-12-06); from 64 tokens the bf16 GEMM wins
+# for the bf16 GEMM with float32 output (profile_decode.py, 2026-12-06); from 64 tokens the bf16 GEMM wins. With
+# the router kernel on, those steps take the float32 logits from one launch (``kernels.router.router_logits_few``)
 ROUTER_FLOAT32_MAX_TOKENS = 1
 
 
@@ -157,11 +158,14 @@ class MoE(RoutedExperts):
             return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long), None
         # made at every call, one token too (unused there): the copy must exist before a graph is captured
         weight_in = self._gate_weight_in(x.dtype) if self.fused_router else None
-        logits = router_logits(x, self.gate_weight, weight_in if x.shape[0] > ROUTER_FLOAT32_MAX_TOKENS else None)
         if self.fused_router:
-            from moeserve.kernels.router import fused_route
+            from moeserve.kernels.router import fused_route, router_logits_few
 
+            # up to ROUTER_FLOAT32_MAX_TOKENS: the float32 logits in one launch (no cast of x, no cuBLAS dot)
+            logits = router_logits_few(x, self.gate_weight) if x.shape[0] <= ROUTER_FLOAT32_MAX_TOKENS else \
+                router_logits(x, self.gate_weight, weight_in)
             return fused_route(logits, self.spec, self.e_score_correction_bias, count, slot_map)
+        logits = router_logits(x, self.gate_weight, None)
         return (*route(logits, self.spec, self.e_score_correction_bias), None)
 
     def _gate_weight_in(self, dtype: torch.dtype) -> torch.Tensor | None:
