@@ -101,6 +101,26 @@ class AttnMetadata:
     def num_prefill_seqs(self) -> int:
         return 0 if self.prefill is None else self.prefill.num_seqs
 
+    def decode_length_groups(self) -> list[tuple[torch.Tensor | None, int]]:
+        """The decode sequences in groups of similar context length, for the eager decode that pads each group
+        to its longest: (row index or None for every row, blocks of the group's longest context). One group on
+        a GPU (the lengths stay on the device) or where padding to the longest at most doubles the rows. On a
+        CPU one long context among short ones would otherwise have every sequence of the step gather and
+        multiply its length in rows: a group starts where a length passes twice the group's shortest."""
+        whole: list[tuple[torch.Tensor | None, int]] = [(None, int(self.decode_block_tables.shape[1]))]
+        if self.decode_context_lens.device.type != "cpu" or self.decode_context_lens.numel() < 2:
+            return whole
+        lens = self.decode_context_lens.tolist()
+        if len(lens) * max(lens) <= 2 * sum(lens):
+            return whole
+        groups: list[list[int]] = []
+        for i in sorted(range(len(lens)), key=lens.__getitem__):
+            if groups and lens[i] <= 2 * lens[groups[-1][0]]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return [(torch.tensor(g), -(-max(lens[i] for i in g) // self.block_size)) for g in groups]
+
     @cached_property
     def decode_context_valid(self) -> torch.Tensor:
         """[Bd, nb * block_size] bool: which slots of ``decode_block_tables`` hold each sequence's tokens.

@@ -201,12 +201,26 @@ class MLA(nn.Module):
             out.copy_(torch.einsum("bhc,hcv->bhv", out_latent, w_uv))
 
     def _decode_eager(self, q_full: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        """q_full [B, H, kv_lora + rope] against the gathered contexts -> the latent output [B, H, kv_lora]."""
+        """q_full [B, H, kv_lora + rope] against the gathered contexts -> the latent output [B, H, kv_lora],
+        each group of similar lengths (``decode_length_groups``) padded to its own longest."""
+        groups = meta.decode_length_groups()
+        if len(groups) == 1:
+            return self._decode_padded(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_valid,
+                                       meta.block_size)
+        out = q_full.new_empty(*q_full.shape[:2], self.kv_lora_rank)
+        for rows, num_blocks in groups:
+            out[rows] = self._decode_padded(q_full[rows], kv_cache, meta.decode_block_tables[rows, :num_blocks],
+                                            meta.decode_context_valid[rows, :num_blocks * meta.block_size],
+                                            meta.block_size)
+        return out
+
+    def _decode_padded(self, q_full: torch.Tensor, kv_cache: torch.Tensor, tables: torch.Tensor,
+                       valid: torch.Tensor, block_size: int) -> torch.Tensor:
         # whole blocks are gathered (block_size rows per index), then viewed as [B, nb * block_size, D]
-        blocks = kv_cache.view(-1, meta.block_size * kv_cache.shape[-1])
-        context = self._gather(blocks, meta.decode_block_tables).view(q_full.shape[0], -1, kv_cache.shape[-1])
+        blocks = kv_cache.view(-1, block_size * kv_cache.shape[-1])
+        context = self._gather(blocks, tables).view(q_full.shape[0], -1, kv_cache.shape[-1])
         scores = torch.bmm(q_full, context.transpose(1, 2)).float() * self.scale  # [B, H, L]
-        scores.masked_fill_(~meta.decode_context_valid.unsqueeze(1), float("-inf"))
+        scores.masked_fill_(~valid.unsqueeze(1), float("-inf"))
         probs = scores.softmax(dim=-1).to(context.dtype)
         # NOTE: multiplying by the whole row and dropping the rope part after is cheaper than the copy that a
         # non-contiguous context[..., :kv_lora] operand would cost
