@@ -38,7 +38,7 @@ class DecodeConfig:
 DEFAULT = DecodeConfig()
 # 64 or more heads (DeepSeek-V2/V3's 128): 64 heads a program, so each cached row loaded feeds a wider product.
 # bench_mla_decode.py on one H200, V3's 128 heads at batch 32: 0.066 against the default's 0.090 ms a layer.
-# From WIDE_HEADS_BATCH sequences on: at one sequence 16 heads a program (8 programs of 16 splits instead of 2)
+# From WIDE_HEADS_BATCH sequences on: at one sequence 16 heads a program (8 head blocks of 16 splits, not 2)
 # took 0.0106 against 0.0136 ms a layer on one H100 (--shapes v3-small); at 4 the two were even
 WIDE_HEADS = DecodeConfig(token_block=64, num_warps=8, num_stages=2, head_block=64)
 WIDE_HEADS_BATCH = 2
