@@ -21,10 +21,10 @@ def decode_meta(tables: torch.Tensor, lens: list[int]):
 
 def test_groups_start_where_a_length_passes_twice_the_shortest() -> None:
     tables = torch.arange(4 * 40).view(4, 40)
-    groups = decode_meta(tables, [10, 300, 12, 9]).decode_length_groups()  # contexts 11, 301, 13, 10
+    groups = decode_meta(tables, [10, 300, 12, 9]).decode_length_groups  # contexts 11, 301, 13, 10
     assert [(rows.tolist(), n) for rows, n in groups] == [([3, 0, 2], 2), ([1], 38)]
     # padding to the longest at most doubles the rows: one batched product, no index
-    assert decode_meta(tables[:3], [100, 120, 90]).decode_length_groups() == [(None, 16)]
+    assert decode_meta(tables[:3], [100, 120, 90]).decode_length_groups == [(None, 16)]
 
 
 @torch.no_grad()
@@ -39,7 +39,7 @@ def test_a_step_of_mixed_lengths_gives_each_sequence_its_own_logits() -> None:
     model(torch.randint(2, 256, (sum(lens),), generator=gen), prompt, caches)
     ids = torch.randint(2, 256, (4,), generator=gen)
     step = decode_meta(tables, lens)
-    assert len(step.decode_length_groups()) == 2
+    assert len(step.decode_length_groups) == 2
     together = model(ids, step, caches).float()
     alone = torch.cat([model(ids[i:i + 1], decode_meta(tables[i:i + 1], lens[i:i + 1]), caches).float()
                        for i in range(4)])

@@ -118,8 +118,7 @@ class KVCacheManager:
         bs = self.block_size
         start = len(self._tables.get(request_id, ()))
         max_blocks = (len(token_ids) - 1) // bs
-        tail = prompt_tail(token_ids, bs) if kv_transfer and getattr(self.connector, "loads_prompt_tail", False) \
-            else None
+        tail = prompt_tail(token_ids, bs) if kv_transfer and self.connector.loads_prompt_tail else None
         if start >= max_blocks + (tail is not None):
             return False
         parent = self._hashes[request_id][-1] if start else ROOT_HASH

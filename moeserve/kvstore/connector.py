@@ -47,6 +47,10 @@ class LoadPlan(Protocol):
 
 
 class KVConnector(Protocol):
+    # whether ``plan_load`` may be given one hash more than ``tokens``: the prompt's tail after its full blocks
+    # (``prefix.prompt_tail``), a partial block no other request shares (a prefill instance holds it)
+    loads_prompt_tail: bool
+
     def plan_load(self, hashes: Sequence[int], tokens: Sequence[tuple[int, ...]],
                   kv_transfer: str | None) -> LoadPlan | None:
         """How the blocks ``hashes`` (the full blocks after the device match, in order; ``tokens`` theirs)
@@ -105,6 +109,8 @@ class QueuedConnector:
     """What the connectors share: loads and saves queued for the next step, loads pending until every rank
     has reported, finished loads kept while the engine waits. A subclass says how a load is counted
     (``_finish``)."""
+
+    loads_prompt_tail = False
 
     def __init__(self, num_ranks: int, transport):  # noqa: ANN001 - a KvTransport (kvstore/transport.py)
         self.transport = transport

@@ -101,12 +101,14 @@ class AttnMetadata:
     def num_prefill_seqs(self) -> int:
         return 0 if self.prefill is None else self.prefill.num_seqs
 
+    @cached_property
     def decode_length_groups(self) -> list[tuple[torch.Tensor | None, int]]:
         """The decode sequences in groups of similar context length, for the eager decode that pads each group
         to its longest: (row index or None for every row, blocks of the group's longest context). One group on
         a GPU (the lengths stay on the device) or where padding to the longest at most doubles the rows. On a
         CPU one long context among short ones would otherwise have every sequence of the step gather and
-        multiply its length in rows: a group starts where a length passes twice the group's shortest."""
+        multiply its length in rows: a group starts where a length passes twice the group's shortest. Built
+        once per step, on the first layer's use."""
         whole: list[tuple[torch.Tensor | None, int]] = [(None, int(self.decode_block_tables.shape[1]))]
         if self.decode_context_lens.device.type != "cpu" or self.decode_context_lens.numel() < 2:
             return whole

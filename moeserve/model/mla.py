@@ -203,7 +203,7 @@ class MLA(nn.Module):
     def _decode_eager(self, q_full: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
         """q_full [B, H, kv_lora + rope] against the gathered contexts -> the latent output [B, H, kv_lora],
         each group of similar lengths (``decode_length_groups``) padded to its own longest."""
-        groups = meta.decode_length_groups()
+        groups = meta.decode_length_groups
         if len(groups) == 1:
             return self._decode_padded(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_valid,
                                        meta.block_size)
