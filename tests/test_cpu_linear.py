@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from moeserve.model.cpu_linear import AVAILABLE, PackedLinear
 
-pytestmark = pytest.mark.skipif(not AVAILABLE, reason="this torch has no oneDNN linear kernels")
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no oneDNN bf16 linear kernels here (this torch lacks them, or this CPU: they need AVX-512 or AVX-NE-CONVERT)")
 
 
 def test_equals_f_linear_and_follows_weight_changes() -> None:

@@ -74,4 +74,6 @@ def test_graph_metadata_decodes_as_the_eager_metadata() -> None:
     meta = graph_metadata(inputs, wide, batch, block_size)
     out = model(inputs[0], meta, {i: c.clone() for i, c in caches.items()})
     assert meta.decode_context_valid.shape == (batch, max_blocks * block_size)
-    torch.testing.assert_close(out[:3], ref, rtol=1e-5, atol=1e-5)
+    # float32 rounding only: the eager decode pads the contexts to another length than the step's metadata,
+    # and a CPU's BLAS may block the longer reduction otherwise (2e-5 apart on an AVX2-only EPYC)
+    torch.testing.assert_close(out[:3], ref, rtol=1e-4, atol=1e-4)
