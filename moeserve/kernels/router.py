@@ -103,15 +103,15 @@ def router_logits_few(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``gate.router_logits``'s float32 path for a few tokens in one launch: x [T, H] (bf16 or any float), weight
     [E, H] float32 -> [T, E] float32, without the cast of x to float32 and cuBLAS's float32 product (two
     launches, 4.6 us of a V2-Lite layer at one token on an H200). Sums in another order than cuBLAS: the logits
-    agree to float32 rounding. Four experts a program: 16 programs for DeepSeek-V2-Lite's 64 experts, 64 for
-    V3's 256."""
+    agree to float32 rounding. One expert a program, its whole row loaded in one or two steps: the launch is
+    latency-bound (four experts a program in two steps of 1,024 took 6.2 us a V2-Lite layer on an H100)."""
     tokens, hidden = x.shape
     experts = weight.shape[0]
     assert weight.dtype == torch.float32 and weight.shape[1] == hidden and weight.stride(1) == 1 and x.stride(1) == 1
     out = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
     if tokens:
-        _logits[(tokens, triton.cdiv(experts, 4))](x, weight, out, experts, hidden, x.stride(0), weight.stride(0),
-                                                   out.stride(0), BLOCK_E=4, BLOCK_H=1024, num_warps=4)
+        _logits[(tokens, experts)](x, weight, out, experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
+                                   BLOCK_E=1, BLOCK_H=min(4096, triton.next_power_of_2(hidden)), num_warps=4)
     return out
 
 
