@@ -11,7 +11,7 @@ from redis_server import RedisServer
 from moeserve.kvstore.block_format import BlockLayout, decode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
-from moeserve.kvstore.latent_cache import allocate_latent_caches, copy_blocks_into, stacked_view
+from moeserve.kvstore.latent_cache import allocate_latent_caches, stacked_view
 from moeserve.kvstore.mover import BlockMover, slot_runs
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError
@@ -67,24 +67,6 @@ def test_stacked_view_only_over_evenly_spaced_views_of_one_tensor() -> None:
     assert skipping is not None and skipping[1].data_ptr() == caches[4].data_ptr()
     assert stacked_view([caches[3], caches[2]]) is None  # out of order
     assert stacked_view([torch.zeros(5, 4, 3), torch.zeros(5, 4, 3)]) is None  # two tensors
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float64])
-@pytest.mark.parametrize("dim", [0, 1])
-def test_blocks_copied_through_numpy_land_where_index_copy_puts_them(dtype, dim) -> None:
-    """The CPU block copy that keeps to its thread (NumPy over same-size integer views) writes row k of the
-    source to row idx[k] of the destination, bit for bit, along either dimension (the stacked caches' is 1,
-    from a transposed source) and for dtypes NumPy lacks; every other row stays."""
-    gen = torch.Generator().manual_seed(dim)
-    dst = torch.randn((3, 40, 4, 24) if dim else (40, 4, 24), generator=gen).to(dtype)
-    idx = torch.randperm(40, generator=gen)[:9]
-    src = torch.randn(9, 3, 4, 24, generator=gen).to(dtype).transpose(0, 1) if dim else \
-        torch.randn(9, 4, 24, generator=gen).to(dtype)
-    ref = dst.view(torch.uint8).clone()
-    for k, i in enumerate(idx.tolist()):  # one row at a time, as bytes
-        ref.select(dim, i).copy_(src.view(torch.uint8).select(dim, k))
-    copy_blocks_into(dst, dim, idx, src)
-    assert torch.equal(dst.view(torch.uint8), ref)
 
 
 def test_breaker_opens_probes_and_closes() -> None:

@@ -89,27 +89,7 @@ def scatter_blocks(caches: Sequence[torch.Tensor], stacked: torch.Tensor | None,
                    data: torch.Tensor) -> None:
     """``data`` [n, layers, block_size, dim] into blocks ``idx`` of every layer."""
     if stacked is not None:
-        copy_blocks_into(stacked, 1, idx, data.transpose(0, 1))
+        stacked.index_copy_(1, idx, data.transpose(0, 1))
         return
     for j, cache in enumerate(caches):
-        copy_blocks_into(cache, 0, idx, data[:, j])
-
-
-# an integer dtype of each element size: NumPy has no bfloat16 or float8, so CPU copies go through these views
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def copy_blocks_into(dst: torch.Tensor, dim: int, idx: torch.Tensor, src: torch.Tensor) -> None:
-    """``dst.index_copy_(dim, idx, src)``; on the CPU through NumPy, on the calling thread alone.
-
-    The KV worker's threads load blocks beside the engine thread. ATen runs a copy of more than 32k elements as an
-    OpenMP parallel region, and a region entered from another thread gets a team of its own, which Intel OpenMP
-    (the CPU engines' runtime) keeps spinning for ``KMP_BLOCKTIME``, 200 ms by default, on the cores the engine's
-    team computes on: a 2,048-token prompt pulled by a decode instance slowed its next 200 ms of steps. NumPy
-    copies on this thread only (and lets go of the GIL while it does)."""
-    if dst.device.type != "cpu":
-        dst.index_copy_(dim, idx, src)
-        return
-    as_int = _INT_OF_SIZE[dst.element_size()]
-    rows = (slice(None),) * dim + (idx.numpy(),)
-    dst.view(as_int).numpy()[rows] = src.to(dst.dtype).view(as_int).numpy()
+        cache.index_copy_(0, idx, data[:, j])

@@ -31,7 +31,6 @@ import zmq
 from moeserve.comm.messages import KvLoadMsg
 from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout
-from moeserve.kvstore.latent_cache import copy_blocks_into
 from moeserve.kvstore.mover import BlockMover, LoadReport
 from moeserve.kvstore.nixl_transfer import NixlAgent
 
@@ -155,7 +154,7 @@ def _copy_in(layers: list[torch.Tensor], blocks: list[int], frames: list) -> int
         with warnings.catch_warnings():  # a read-only buffer: it is only copied from
             warnings.simplefilter("ignore", UserWarning)
             src = torch.frombuffer(frame.buffer, dtype=cache.dtype).view(n, *cache.shape[1:])
-        copy_blocks_into(cache, 0, idx, to_device(src, cache.device))
+        cache.index_copy_(0, idx, to_device(src, cache.device))
     return per_layer * len(layers)
 
 

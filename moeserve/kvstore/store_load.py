@@ -31,7 +31,7 @@ from moeserve.kvstore.block_format import (
     checksum_verdict,
     start_checksum,
 )
-from moeserve.kvstore.latent_cache import copy_blocks_into, scatter_blocks, stacked_view
+from moeserve.kvstore.latent_cache import scatter_blocks, stacked_view
 from moeserve.kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ class StoreLoader:
         copy (the slot is reused next, and the layer is announced after)."""
         cache = self.caches[j]
         data = staged.to(self.device, non_blocking=True).view(cache.dtype).view(len(blocks), *cache.shape[1:])
-        copy_blocks_into(cache, 0, to_device(torch.tensor(list(blocks)), self.device), data)
+        cache.index_copy_(0, to_device(torch.tensor(list(blocks)), self.device), data)
         self._wait_copies()
 
     def _wait_copies(self) -> None:
