@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 _MKLDNN = getattr(torch.ops, "mkldnn", None)
 # oneDNN's bf16 kernels need AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT on x86: on a CPU with AVX2 alone (an AMD
-# EPYC of this project's CI pool, say) packing a weight raises, and F.linear's own bf16 path is taken instead
+# EPYC, BENCHMARKS.md "CPU, a fourth kind") packing a weight raises, and F.linear's own bf16 path is taken instead
 AVAILABLE = (torch.backends.mkldnn.is_available() and _MKLDNN is not None
              and hasattr(_MKLDNN, "_linear_pointwise") and hasattr(_MKLDNN, "_reorder_linear_weight")
              and (not hasattr(_MKLDNN, "_is_mkldnn_bf16_supported") or bool(_MKLDNN._is_mkldnn_bf16_supported())))
