@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -67,7 +68,7 @@ def make(args: argparse.Namespace, **kw) -> Engine:
                 skip_tokenizer_init=True, max_num_batched_tokens=args.max_num_batched_tokens,
                 block_size=args.block_size, max_model_len=args.max_model_len,
                 allow_long_max_model_len=True,  # the embedded model's 512 positions stretched: timing only
-                kv_layerwise=getattr(args, "kv_layerwise", False))
+                kv_layerwise=getattr(args, "kv_layerwise", False), kv_store_connections=args.store_connections)
     base.update(kw)
     e = Engine(EngineConfig(**base))
     ttft(e, [1, 2, 3])  # warm-up
@@ -202,7 +203,7 @@ def paired(args, url: str, length: int, gen: torch.Generator) -> dict:
     return out
 
 
-def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Generator) -> dict:
+def stored_bytes(args, url: str, servers: list[RedisServer], tp: int, gen: torch.Generator) -> dict:
     salt = f"bytes-tp{tp}"
     e = make(args, kv_store=url, kv_host_memory=0, kv_store_salt=salt, tp=tp)
     ids = rand(gen, e.model_config.vocab_size, 8 * e.config.effective_block_size + 1)
@@ -212,8 +213,8 @@ def stored_bytes(args, url: str, server: RedisServer, tp: int, gen: torch.Genera
     per_token_latent = e.model_config.num_hidden_layers * e.model_config.kv_cache_dim * e.config.torch_dtype.itemsize
     release(e)  # workers finish their writes
     del e
-    keys = [k for k in server.cli("--scan", "--pattern", f"{layout.key_prefix}*").split()]
-    total = sum(int(server.cli("strlen", k)) for k in keys)
+    keys = [(s, k) for s in servers for k in s.cli("--scan", "--pattern", f"{layout.key_prefix}*").split()]
+    total = sum(int(s.cli("strlen", k)) for s, k in keys)
     tokens = len(keys) * layout.block_size
     return {"tp": tp, "keys": len(keys), "value_bytes": total, "bytes_per_token": total / max(1, tokens),
             "latent_bytes_per_token": per_token_latent}
@@ -275,32 +276,39 @@ def main() -> int:
     p.add_argument("--paired", type=int, default=0,
                    help="N: also N store hits and N host-tier hits, each asked of a layer-wise engine and of one "
                         "that waits for the whole load, in turn (paired, in one process)")
+    p.add_argument("--servers", type=int, default=1, help="redis-servers the keys are spread over")
+    p.add_argument("--store-connections", type=int, default=4, help="--kv-store-connections: a load's reading threads")
     p.add_argument("--json-out", type=Path)
     args = p.parse_args()
     gen = torch.Generator().manual_seed(0)
     result: dict = {"args": vars(args) | {"json_out": str(args.json_out)}, "prefix": {}}
-    with RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))) as server:
-        server.cli("config", "set", "maxmemory", "0")  # no eviction during the benchmark
+    with ExitStack() as servers:
+        # keys spread over --servers redis-servers (--kv-store URL,URL,...)
+        started = [servers.enter_context(RedisServer(Path(tempfile.mkdtemp(prefix="bench-redis-"))))
+                   for _ in range(args.servers)]
+        for s in started:
+            s.cli("config", "set", "maxmemory", "0")  # no eviction during the benchmark
+        url = ",".join(s.url for s in started)
         for length in map(int, filter(None, args.prefix_lens.split(","))):
             result["prefix"][length] = by_mode = {}
             for _ in range(args.rounds):
                 for mode in args.layerwise.split(","):
                     margs = argparse.Namespace(**vars(args), kv_layerwise=mode == "on")
-                    run = {"store": phase_store(margs, server.url, length, gen), "host": phase_host(margs, length, gen),
+                    run = {"store": phase_store(margs, url, length, gen), "host": phase_host(margs, length, gen),
                            "loadavg_1m": os.getloadavg()[0]}
                     by_mode.setdefault(mode, []).append(run)
                     print(json.dumps({length: {mode: run}}, indent=1), flush=True)
             result["summary"] = summary(result["prefix"])
             print(json.dumps(result["summary"], indent=1), flush=True)
             if args.paired:
-                result.setdefault("paired", {})[length] = paired(args, server.url, length, gen)
+                result.setdefault("paired", {})[length] = paired(args, url, length, gen)
                 print(json.dumps({"paired": result["paired"][length]}, indent=1), flush=True)
         if args.prefix_lens:
-            result["stored_bytes"] = [stored_bytes(args, server.url, server, tp, gen)
+            result["stored_bytes"] = [stored_bytes(args, url, started, tp, gen)
                                       for tp in ((1, 2) if args.tp_check else (1,))]
             print(json.dumps(result["stored_bytes"], indent=1), flush=True)
         if args.itl:
-            result["itl"] = itl(args, server.url)
+            result["itl"] = itl(args, url)
             print(json.dumps(result["itl"], indent=1), flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))

@@ -12,7 +12,7 @@ from moeserve.kvstore.block_format import BlockLayout, decode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from moeserve.kvstore.latent_cache import allocate_latent_caches, stacked_view
-from moeserve.kvstore.mover import BlockMover, slot_runs
+from moeserve.kvstore.mover import BlockMover, copy_runs
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError
 from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
@@ -52,9 +52,41 @@ def test_write_slots_reused_many_times_store_every_block_right(device: str) -> N
     mover.close()
 
 
-def test_slot_runs_group_consecutive_slots_in_order() -> None:
-    assert slot_runs([4, 5, 6, 9, 10, 2, 1]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1), (6, 1, 1)]
-    assert slot_runs([]) == [] and slot_runs([7]) == [(0, 7, 1)]
+def test_copy_runs_group_pairs_consecutive_in_rows_and_slots() -> None:
+    assert copy_runs(range(7), [4, 5, 6, 9, 10, 2, 1]) == [(0, 4, 3), (3, 9, 2), (5, 2, 1), (6, 1, 1)]
+    assert copy_runs([0, 1, 3, 4], [5, 6, 7, 8]) == [(0, 5, 2), (3, 7, 2)]  # a row skipped ends a run
+    assert copy_runs([], []) == [] and copy_runs([2], [7]) == [(2, 7, 1)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_save_on_cuda_never_waits_for_the_device() -> None:
+    """A save to the host tier and the store only queues copies: nothing in it synchronizes with the device
+    (a run of write slots is strided, and copy_ into a strided pinned tensor went through a pageable buffer and
+    waited). Every block still reaches both places intact."""
+    torch.manual_seed(2)
+    caches = allocate_latent_caches([0, 1], 16, 4, 3, torch.float32, torch.device("cuda"))
+    for cache in caches.values():
+        cache.copy_(torch.randn_like(cache))
+    store = MemoryStore()
+    mover = BlockMover(caches, LAYOUT, 8, store, write_queue_bytes=8 * LAYOUT.payload_bytes)
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(6)]
+    hashes = block_hashes([t for block in tokens for t in block], 4)
+    blocks, host_slots = [3, 4, 5, 9, 10, 11], [0, 1, 2, 5, 6, 7]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mover.save(blocks, host_slots, hashes, tokens, [True] * 6)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert mover.flush() and mover.counters.blocks_written == 6
+    torch.cuda.synchronize()
+    assert mover.host is not None
+    for b, slot, h, toks in zip(blocks, host_slots, hashes, tokens):
+        want = torch.stack([caches[i][b] for i in range(2)]).cpu()
+        assert torch.equal(mover.host[slot], want)
+        payload, why = decode_block(store.get([LAYOUT.key(h)])[0], LAYOUT, h, toks)
+        assert why == "" and payload is not None and bytes(payload) == want.numpy().tobytes()
+    mover.close()
 
 
 def test_stacked_view_only_over_evenly_spaced_views_of_one_tensor() -> None:

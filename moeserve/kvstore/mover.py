@@ -31,14 +31,14 @@ logger = logging.getLogger(__name__)
 HOST_LOAD_CHUNK = 64  # blocks staged on the device at a time by a host-tier load (128 MiB of V2-Lite's)
 
 
-def slot_runs(slots: Sequence[int]) -> list[tuple[int, int, int]]:
-    """``slots`` as runs of consecutive slots: (first index into ``slots``, first slot, length)."""
+def copy_runs(rows: Sequence[int], slots: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The pairs ``rows[k] -> slots[k]`` as runs consecutive in both: (first row, first slot, length)."""
     runs: list[tuple[int, int, int]] = []
-    for i, slot in enumerate(slots):
-        if runs and slot == runs[-1][1] + runs[-1][2]:
+    for row, slot in zip(rows, slots):
+        if runs and row == runs[-1][0] + runs[-1][2] and slot == runs[-1][1] + runs[-1][2]:
             runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
         else:
-            runs.append((i, slot, 1))
+            runs.append((row, slot, 1))
     return runs
 
 
@@ -92,7 +92,7 @@ class BlockMover:
         # each slot's latent part as a block ([layers, block_size, kv_dim] in the cache dtype)
         self._slot_latent = self._write_slots[:, layout.head_bytes:].view(first.dtype).view(
             self.max_pending, *self.block_shape) if self._write_slots is not None else None
-        # taken from the end, given back reversed: a save's slots come in ascending runs (``slot_runs``)
+        # taken from the end, given back reversed: a save's slots come in ascending runs (``copy_runs``)
         self._free_write_slots = list(range(self.max_pending - 1, -1, -1)) if self.writes else []
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -104,41 +104,64 @@ class BlockMover:
     # ---- save ----
     def save(self, blocks: Sequence[int], host_slots: Sequence[int], hashes: Sequence[int],
              tokens: Sequence[Sequence[int]], to_store: Sequence[bool]) -> None:
-        """Copy device ``blocks`` to host slots (where >= 0) and queue those marked ``to_store``."""
-        pairs = [(b, s) for b, s in zip(blocks, host_slots) if s >= 0]
-        if pairs and self.host is not None:
-            self._copy_out([b for b, _ in pairs], self.host, [s for _, s in pairs])
-        chosen = [i for i, flag in enumerate(to_store) if flag]
-        if self.writes and chosen:
-            self._enqueue([blocks[i] for i in chosen], [hashes[i] for i in chosen], [tokens[i] for i in chosen])
+        """Copy device ``blocks`` to host slots (where >= 0) and queue those marked ``to_store``: the blocks are
+        gathered once on the device for both."""
+        host = [i for i, s in enumerate(host_slots) if s >= 0] if self.host is not None else []
+        chosen = [i for i, flag in enumerate(to_store) if flag] if self.writes else []
+        write_slots = self._take_write_slots(len(chosen)) if chosen else []
+        if not write_slots:
+            chosen = []
+        if not host and not chosen:
+            return
+        rows = sorted(set(host) | set(chosen))  # the gathered tensor's row of each saved block
+        row_of = {i: r for r, i in enumerate(rows)}
+        data = self._gather([blocks[i] for i in rows])
+        copies = []
+        if host:
+            copies.append((self.host, [row_of[i] for i in host], [host_slots[i] for i in host]))
+        if chosen:
+            copies.append((self._slot_latent, [row_of[i] for i in chosen], write_slots))
+        event = self._copy_out(data, copies)
+        if chosen:  # the writer waits for the event before it reads the slots
+            self._queue.put(([hashes[i] for i in chosen], [tokens[i] for i in chosen], write_slots, event))
 
-    def _enqueue(self, blocks: list[int], hashes: list[int], tokens: list[Sequence[int]]) -> None:
-        assert self._slot_latent is not None
+    def _take_write_slots(self, n: int) -> list[int]:
+        """``n`` free write slots, or none (the blocks dropped, counted) when the queue is full."""
         with self._lock:
-            if self._pending + len(blocks) > self.max_pending or len(self._free_write_slots) < len(blocks):
-                self.counters.writes_dropped += len(blocks)
-                return
-            self._pending += len(blocks)
-            slots = [self._free_write_slots.pop() for _ in blocks]
-        event = self._copy_out(blocks, self._slot_latent, slots)  # the writer waits for it
-        self._queue.put((hashes, tokens, slots, event))
+            if self._pending + n > self.max_pending or len(self._free_write_slots) < n:
+                self.counters.writes_dropped += n
+                return []
+            self._pending += n
+            return [self._free_write_slots.pop() for _ in range(n)]
 
-    def _copy_out(self, blocks: Sequence[int], dest: torch.Tensor, slots: Sequence[int]) -> torch.Event | None:
-        """Device ``blocks`` into rows ``slots`` of the host tensor ``dest``. On an accelerator the copies are
-        asynchronous: the returned event follows them.
+    def _copy_out(self, data: torch.Tensor, copies: Sequence[tuple[torch.Tensor, Sequence[int], Sequence[int]]]
+                  ) -> torch.Event | None:
+        """Rows of the gathered device blocks ``data`` into host tensors: for each (dest, rows, slots) of
+        ``copies``, ``data[rows[k]]`` into ``dest[slots[k]]``. On an accelerator the copies are asynchronous: the
+        returned event follows them.
 
         NOTE: the blocks are gathered on the step's stream (a device-to-device copy of about 0.1 ms), then copied
         out on a stream of their own. On the step's stream the copies held up the next step: a prompt's blocks
         are hundreds of megabytes, tens of milliseconds over PCIe (decode ITL p99 1.75x with store writes on)."""
-        data = self._gather(blocks)
         if not self.pin:
-            dest[torch.tensor(list(slots))] = data
+            for dest, rows, slots in copies:
+                whole = len(rows) == len(data) and list(rows) == list(range(len(data)))
+                dest[torch.tensor(list(slots))] = data if whole else data[torch.tensor(list(rows))]
             return None
         assert self._copy_stream is not None
         self._copy_stream.wait_stream(torch.accelerator.current_stream(self.device))
         with self._copy_stream:
-            for i, slot, n in slot_runs(slots):  # NOTE: a run of consecutive slots in one copy
-                dest[slot:slot + n].copy_(data[i:i + n], non_blocking=True)
+            for dest, rows, slots in copies:
+                for row, slot, n in copy_runs(rows, slots):
+                    part = dest[slot:slot + n]
+                    if part.is_contiguous():
+                        part.copy_(data[row:row + n], non_blocking=True)
+                        continue
+                    # NOTE: a write slot's latent is contiguous, a run of them is not (each slot's header lies
+                    # between): into a strided host tensor, copy_ goes through a pageable buffer and waits for the
+                    # device, so each slot gets its own copy (a save of 32 V2-Lite blocks held the step for 2.5-8 ms)
+                    for k in range(n):
+                        dest[slot + k].copy_(data[row + k], non_blocking=True)
             done = torch.Event(device=self.device)
             done.record()
         data.record_stream(self._copy_stream)  # its memory is not reused before the copies out of it have run
