@@ -75,3 +75,40 @@ def test_urls_are_checked_and_redacted_one_by_one() -> None:
     assert redact("redis://:pw@h1:1/0,redis://u:x@h2:2/0") == "redis://:***@h1:1/0,redis://u:***@h2:2/0"
     with pytest.raises(ValueError, match="two servers"):
         ShardedStore([open_store("memory://")])
+
+
+def test_a_load_over_two_servers_reads_each_chunk_from_one_and_ends_at_a_missing_block(tmp_path) -> None:
+    """StoreLoader over a sharded store: each chunk's keys live on one server (one round trip a chunk), every block
+    lands bit-equal in its cache block, and a block missing from one server ends the prefix at its position."""
+    import torch
+
+    from moeserve.kvstore.block_format import BlockLayout, encode_block
+    from moeserve.kvstore.prefix import block_hashes
+    from moeserve.kvstore.store_load import StoreLoader
+
+    layers, bs, dim, n = 2, 4, 8, 24
+    layout = BlockLayout("0123456789abcdef0123456789abcdef", "float32", bs, 0, 0, layers, dim)
+    ids = list(range(500, 500 + n * bs))
+    hashes = block_hashes(ids, bs)
+    tokens = [ids[i * bs:(i + 1) * bs] for i in range(n)]
+    latent = torch.randn(n, layers, bs, dim, generator=torch.Generator().manual_seed(5))
+    raw = latent.view(torch.uint8).reshape(n, -1).numpy()
+    with stored_on_two_servers(tmp_path, 2.0) as (a, b, store):
+        store.put([(layout.key(h), encode_block(layout, h, t, raw[i].data))
+                   for i, (h, t) in enumerate(zip(hashes, tokens))])
+        caches = [torch.zeros(n + 1, bs, dim) for _ in range(layers)]
+        loader = StoreLoader(caches, layout, store, 3)
+        loader.chunk_blocks = 3
+        homes = [store.shard_of(layout.key(h)) for h in hashes]
+        spans = loader._spans(hashes, 3)
+        assert sorted(i for span in spans for i in span) == list(range(n))
+        assert all(len({homes[i] for i in span}) == 1 for span in spans)
+        blocks = list(range(1, n + 1))
+        r = loader.load(hashes, tokens, blocks)
+        assert (r.num_ok, r.num_corrupt) == (n, 0)
+        for j in range(layers):
+            assert torch.equal(caches[j][1:], latent[:, j])
+        victim = 13
+        (a if homes[victim] == 0 else b).cli("del", layout.key(hashes[victim]))
+        assert loader.load(hashes, tokens, blocks).num_ok == victim
+        loader.close()

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 
@@ -75,15 +76,27 @@ class StoreLoader:
         """Read blocks ``hashes`` into device ``blocks``; raises StoreError (nothing usable then)."""
         n = len(hashes)
         size = min(self.chunk_blocks, max(1, -(-n // self.num_threads)))
-        spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
-        futures = [self._pool.submit(self._chunk, hashes[lo:hi], tokens[lo:hi], blocks[lo:hi]) for lo, hi in spans]
+        spans = self._spans(hashes, size)
+        futures = [self._pool.submit(self._chunk, [hashes[i] for i in span], [tokens[i] for i in span],
+                                     [blocks[i] for i in span]) for span in spans]
         wait(futures)  # NOTE: every chunk is done writing before an error is raised and the blocks are freed
         results = [f.result() for f in futures]
-        num_ok = n
-        for (lo, hi), r in zip(spans, results):
-            if r.num_ok < hi - lo:
-                num_ok = min(num_ok, lo + r.num_ok)
+        num_ok = n  # the first position not loaded
+        for span, r in zip(spans, results):
+            if r.num_ok < len(span):
+                num_ok = min(num_ok, span[r.num_ok])
         return ChunkResult(num_ok, sum(r.nbytes for r in results), sum(r.num_corrupt for r in results))
+
+    def _spans(self, hashes: Sequence[int], size: int) -> list[list[int]]:
+        """The load's positions in chunks of up to ``size``, each chunk's keys on one store server (kvstore/
+        sharded_store.py: a chunk then costs one round trip, not one per server it touches), the servers' chunks
+        taken in turn so that the reading threads ask different servers at once."""
+        shard_of = getattr(self.store, "shard_of", None)
+        homes: dict[int, list[int]] = {}
+        for i, h in enumerate(hashes):
+            homes.setdefault(shard_of(self.layout.key(h)) if shard_of is not None else 0, []).append(i)
+        per_home = [[g[lo:lo + size] for lo in range(0, len(g), size)] for g in homes.values()]
+        return [span for turn in zip_longest(*per_home) for span in turn if span is not None]
 
     def _chunk(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int]) -> ChunkResult:
         layout, k = self.layout, len(hashes)
