@@ -60,9 +60,9 @@ def test_copy_runs_group_pairs_consecutive_in_rows_and_slots() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_save_on_cuda_never_waits_for_the_device() -> None:
-    """A save to the host tier and the store only queues copies: nothing in it synchronizes with the device
-    (a run of write slots is strided, and copy_ into a strided pinned tensor went through a pageable buffer and
-    waited). Every block still reaches both places intact."""
+    """A save to the host tier and the store only queues copies: it returns while the device is still busy with
+    the work queued before it (a run of write slots' latents is strided, and copy_ into a strided pinned tensor
+    went through a pageable buffer and waited). Every block still reaches both places intact."""
     torch.manual_seed(2)
     caches = allocate_latent_caches([0, 1], 16, 4, 3, torch.float32, torch.device("cuda"))
     for cache in caches.values():
@@ -73,11 +73,11 @@ def test_a_save_on_cuda_never_waits_for_the_device() -> None:
     hashes = block_hashes([t for block in tokens for t in block], 4)
     blocks, host_slots = [3, 4, 5, 9, 10, 11], [0, 1, 2, 5, 6, 7]
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        mover.save(blocks, host_slots, hashes, tokens, [True] * 6)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda._sleep(2_000_000_000)  # the step's stream busy for about a second
+    busy = torch.cuda.Event()
+    busy.record()
+    mover.save(blocks, host_slots, hashes, tokens, [True] * 6)
+    assert not busy.query(), "the save waited for the device"
     assert mover.flush() and mover.counters.blocks_written == 6
     torch.cuda.synchronize()
     assert mover.host is not None

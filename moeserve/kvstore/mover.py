@@ -89,9 +89,6 @@ class BlockMover:
         # them are asynchronous, and a pinned allocation on the step's path (cudaHostAlloc) costs milliseconds
         self._write_slots = torch.empty((self.max_pending, layout.value_bytes), dtype=torch.uint8,
                                         pin_memory=self.pin) if self.writes else None
-        # each slot's latent part as a block ([layers, block_size, kv_dim] in the cache dtype)
-        self._slot_latent = self._write_slots[:, layout.head_bytes:].view(first.dtype).view(
-            self.max_pending, *self.block_shape) if self._write_slots is not None else None
         # taken from the end, given back reversed: a save's slots come in ascending runs (``copy_runs``)
         self._free_write_slots = list(range(self.max_pending - 1, -1, -1)) if self.writes else []
         self._lock = threading.Lock()
@@ -116,14 +113,30 @@ class BlockMover:
         rows = sorted(set(host) | set(chosen))  # the gathered tensor's row of each saved block
         row_of = {i: r for r, i in enumerate(rows)}
         data = self._gather([blocks[i] for i in rows])
-        copies = []
+        copies: list[tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = []
         if host:
-            copies.append((self.host, [row_of[i] for i in host], [host_slots[i] for i in host]))
+            assert self.host is not None
+            copies.append((data, self.host, [row_of[i] for i in host], [host_slots[i] for i in host]))
         if chosen:
-            copies.append((self._slot_latent, [row_of[i] for i in chosen], write_slots))
-        event = self._copy_out(data, copies)
+            assert self._write_slots is not None
+            values = self._as_values(data, [row_of[i] for i in chosen])
+            copies.append((values, self._write_slots, list(range(len(chosen))), write_slots))
+        event = self._copy_out(copies)
         if chosen:  # the writer waits for the event before it reads the slots
             self._queue.put(([hashes[i] for i in chosen], [tokens[i] for i in chosen], write_slots, event))
+
+    def _as_values(self, data: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+        """Rows ``rows`` of the gathered blocks laid out as stored values ([k, value bytes], on ``data``'s device),
+        their headers left for the writer to fill in.
+
+        NOTE: a run of write slots is then one contiguous copy. Their latents alone are strided (each slot's header
+        lies between): copy_ into a strided host tensor goes through a pageable buffer and waits for the device,
+        and a copy a slot costs the step's thread about 0.1 ms each (a save of 32 V2-Lite blocks: 3 ms)."""
+        out = torch.empty((len(rows), self.layout.value_bytes), dtype=torch.uint8, device=data.device)
+        latent = out[:, self.layout.head_bytes:].view(data.dtype).view(len(rows), *data.shape[1:])
+        whole = list(rows) == list(range(len(data)))
+        latent.copy_(data if whole else data[to_device(torch.tensor(list(rows)), data.device)])
+        return out
 
     def _take_write_slots(self, n: int) -> list[int]:
         """``n`` free write slots, or none (the blocks dropped, counted) when the queue is full."""
@@ -134,37 +147,29 @@ class BlockMover:
             self._pending += n
             return [self._free_write_slots.pop() for _ in range(n)]
 
-    def _copy_out(self, data: torch.Tensor, copies: Sequence[tuple[torch.Tensor, Sequence[int], Sequence[int]]]
+    def _copy_out(self, copies: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], Sequence[int]]]
                   ) -> torch.Event | None:
-        """Rows of the gathered device blocks ``data`` into host tensors: for each (dest, rows, slots) of
-        ``copies``, ``data[rows[k]]`` into ``dest[slots[k]]``. On an accelerator the copies are asynchronous: the
-        returned event follows them.
+        """For each (src, dest, rows, slots) of ``copies``: device rows ``src[rows[k]]`` into host rows
+        ``dest[slots[k]]``. On an accelerator the copies are asynchronous: the returned event follows them.
 
         NOTE: the blocks are gathered on the step's stream (a device-to-device copy of about 0.1 ms), then copied
         out on a stream of their own. On the step's stream the copies held up the next step: a prompt's blocks
         are hundreds of megabytes, tens of milliseconds over PCIe (decode ITL p99 1.75x with store writes on)."""
         if not self.pin:
-            for dest, rows, slots in copies:
-                whole = len(rows) == len(data) and list(rows) == list(range(len(data)))
-                dest[torch.tensor(list(slots))] = data if whole else data[torch.tensor(list(rows))]
+            for src, dest, rows, slots in copies:
+                whole = list(rows) == list(range(len(src)))
+                dest[torch.tensor(list(slots))] = src if whole else src[torch.tensor(list(rows))]
             return None
         assert self._copy_stream is not None
         self._copy_stream.wait_stream(torch.accelerator.current_stream(self.device))
         with self._copy_stream:
-            for dest, rows, slots in copies:
-                for row, slot, n in copy_runs(rows, slots):
-                    part = dest[slot:slot + n]
-                    if part.is_contiguous():
-                        part.copy_(data[row:row + n], non_blocking=True)
-                        continue
-                    # NOTE: a write slot's latent is contiguous, a run of them is not (each slot's header lies
-                    # between): into a strided host tensor, copy_ goes through a pageable buffer and waits for the
-                    # device, so each slot gets its own copy (a save of 32 V2-Lite blocks held the step for 2.5-8 ms)
-                    for k in range(n):
-                        dest[slot + k].copy_(data[row + k], non_blocking=True)
+            for src, dest, rows, slots in copies:
+                for row, slot, n in copy_runs(rows, slots):  # NOTE: whole rows of both: contiguous
+                    dest[slot:slot + n].copy_(src[row:row + n], non_blocking=True)
             done = torch.Event(device=self.device)
             done.record()
-        data.record_stream(self._copy_stream)  # its memory is not reused before the copies out of it have run
+        for src, *_ in copies:
+            src.record_stream(self._copy_stream)  # its memory is not reused before the copies out of it have run
         return done
 
     def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
@@ -290,4 +295,4 @@ class BlockMover:
         self.caches = []
         self._stacked = None
         self.host = None
-        self._write_slots = self._slot_latent = None
+        self._write_slots = None
