@@ -190,7 +190,7 @@ def test_write_buffer_sets_the_write_slots_and_a_full_one_drops_the_prompts_end(
                 kv_store_write_buffer=BLOCK_BYTES + 64)
     mover = ea.kv.connector.transport.mover
     try:
-        assert mover.max_pending == 1
+        assert mover.writer.max_pending == 1
         generate(ea, [PROMPTS[2]])  # 5 full blocks, saved 1-2 a step
         assert mover.flush()
         stored, dropped = mover.counters.blocks_written, mover.counters.writes_dropped

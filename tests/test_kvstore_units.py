@@ -224,7 +224,7 @@ def test_cost_rule_skips_loads_slower_than_recomputing() -> None:
 def test_a_full_write_queue_drops_instead_of_waiting() -> None:
     tiers, caches = make_tiers(0, MemoryStore())
     mover = tiers.transport.mover  # type: ignore[attr-defined]
-    mover.max_pending = 2
+    mover.writer.max_pending = 2
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
     mover.save([0, 1, 2], [-1] * 3, block_hashes([t for b in tokens for t in b], 4), tokens, [True] * 3)
     assert mover.counters.writes_dropped == 3

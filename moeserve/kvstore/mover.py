@@ -2,8 +2,7 @@
 ``TierManager`` owns every decision, and says which block goes where).
 
 - ``save``: copy computed device blocks into host-pool slots, and (on the rank that writes for its stage, tp
-  rank 0) queue them for the store. The store queue is bounded: when full, the blocks are dropped (counted),
-  so that a slow store never slows a step (256 MiB of blocks by default). A background thread encodes and writes them.
+  rank 0) queue them for the store (kvstore/store_writer.py: a bounded queue, a thread that writes it).
 - ``load_host``: copy host-pool slots into device blocks; ``load_store``: read stored blocks into device
   blocks (kvstore/store_load.py: chunks in parallel, received in place). Reports how many stored blocks, from the first, it loaded:
   a missing, corrupt or timed-out block ends the prefix there (the coordinator recomputes the rest).
@@ -12,8 +11,6 @@
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,10 +18,11 @@ import numpy as np
 import torch
 
 from moeserve.device_copy import to_device
-from moeserve.kvstore.block_format import BlockLayout, encode_block_into
+from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.latent_cache import gather_blocks, scatter_blocks, stacked_view
 from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
+from moeserve.kvstore.store_writer import StoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -80,23 +78,8 @@ class BlockMover:
         # saves copy blocks to the host on this stream, beside the steps' (``_copy_out``)
         self._copy_stream = torch.Stream(device=self.device) if self.pin else None
         self.loader = StoreLoader(self.caches, layout, store, read_threads) if store is not None else None
-        self.max_pending = max(1, write_queue_bytes // layout.payload_bytes)  # blocks waiting to be written
-        self._pending = 0
-        # NOTE: the blocks waiting to be written sit in slots allocated once, each laid out as the block's stored
-        # value (header, token ids, latent): the writer thread encodes a slot in place and the store sends it as
-        # it is. A copy of the latent there held the GIL for about a millisecond a block, and the thread that runs
-        # the steps waited for it (bench_kvstore_writes.py). On an accelerator the slots are pinned: the copies into
-        # them are asynchronous, and a pinned allocation on the step's path (cudaHostAlloc) costs milliseconds
-        self._write_slots = torch.empty((self.max_pending, layout.value_bytes), dtype=torch.uint8,
-                                        pin_memory=self.pin) if self.writes else None
-        # taken from the end, given back reversed: a save's slots come in ascending runs (``copy_runs``)
-        self._free_write_slots = list(range(self.max_pending - 1, -1, -1)) if self.writes else []
-        self._lock = threading.Lock()
-        self._queue: queue.Queue = queue.Queue()
-        self._writer: threading.Thread | None = None
-        if self.writes:
-            self._writer = threading.Thread(target=self._write_loop, name="kv-store-writer", daemon=True)
-            self._writer.start()
+        self.writer = StoreWriter(store, layout, self.block_shape, first.dtype, self.pin, write_queue_bytes,
+                                  self.counters) if store is not None and writes else None
 
     # ---- save ----
     def save(self, blocks: Sequence[int], host_slots: Sequence[int], hashes: Sequence[int],
@@ -104,8 +87,9 @@ class BlockMover:
         """Copy device ``blocks`` to host slots (where >= 0) and queue those marked ``to_store``: the blocks are
         gathered once on the device for both."""
         host = [i for i, s in enumerate(host_slots) if s >= 0] if self.host is not None else []
-        chosen = [i for i, flag in enumerate(to_store) if flag] if self.writes else []
-        write_slots = self._take_write_slots(len(chosen)) if chosen else []
+        writer = self.writer
+        chosen = [i for i, flag in enumerate(to_store) if flag] if writer is not None else []
+        write_slots = writer.take_slots(len(chosen)) if writer is not None and chosen else []
         if not write_slots:
             chosen = []
         if not host and not chosen:
@@ -118,34 +102,15 @@ class BlockMover:
             assert self.host is not None
             copies.append((data, self.host, [row_of[i] for i in host], [host_slots[i] for i in host]))
         if chosen:
-            assert self._write_slots is not None
-            values = self._as_values(data, [row_of[i] for i in chosen])
-            copies.append((values, self._write_slots, list(range(len(chosen))), write_slots))
+            assert writer is not None and writer.slots is not None and writer.latents is not None
+            if self.pin:  # NOTE: whole values, so that a run of slots is one copy (StoreWriter.as_values)
+                values = writer.as_values(data, [row_of[i] for i in chosen])
+                copies.append((values, writer.slots, list(range(len(chosen))), write_slots))
+            else:  # on a CPU straight into the slots' latents (one copy; a strided destination costs nothing)
+                copies.append((data, writer.latents, [row_of[i] for i in chosen], write_slots))
         event = self._copy_out(copies)
-        if chosen:  # the writer waits for the event before it reads the slots
-            self._queue.put(([hashes[i] for i in chosen], [tokens[i] for i in chosen], write_slots, event))
-
-    def _as_values(self, data: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-        """Rows ``rows`` of the gathered blocks laid out as stored values ([k, value bytes], on ``data``'s device),
-        their headers left for the writer to fill in.
-
-        NOTE: a run of write slots is then one contiguous copy. Their latents alone are strided (each slot's header
-        lies between): copy_ into a strided host tensor goes through a pageable buffer and waits for the device,
-        and a copy a slot costs the step's thread about 0.1 ms each (a save of 32 V2-Lite blocks: 3 ms)."""
-        out = torch.empty((len(rows), self.layout.value_bytes), dtype=torch.uint8, device=data.device)
-        latent = out[:, self.layout.head_bytes:].view(data.dtype).view(len(rows), *data.shape[1:])
-        whole = list(rows) == list(range(len(data)))
-        latent.copy_(data if whole else data[to_device(torch.tensor(list(rows)), data.device)])
-        return out
-
-    def _take_write_slots(self, n: int) -> list[int]:
-        """``n`` free write slots, or none (the blocks dropped, counted) when the queue is full."""
-        with self._lock:
-            if self._pending + n > self.max_pending or len(self._free_write_slots) < n:
-                self.counters.writes_dropped += n
-                return []
-            self._pending += n
-            return [self._free_write_slots.pop() for _ in range(n)]
+        if writer is not None and chosen:  # the writer waits for the event before it reads the slots
+            writer.submit([hashes[i] for i in chosen], [tokens[i] for i in chosen], write_slots, event)
 
     def _copy_out(self, copies: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], Sequence[int]]]
                   ) -> torch.Event | None:
@@ -176,42 +141,9 @@ class BlockMover:
         """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
         return gather_blocks(self.caches, self._stacked, to_device(torch.tensor(list(blocks)), self.device))
 
-    def _write_loop(self) -> None:
-        assert self.store is not None and self._write_slots is not None
-        values = self._write_slots.numpy()  # [slots, value bytes]: a slot's row is its block's stored value
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            hashes, tokens, slots, event = item
-            try:
-                if event is not None:
-                    event.synchronize()  # the copies into the slots have landed
-                items = []
-                for h, t, slot in zip(hashes, tokens, slots):
-                    value = values[slot].data
-                    encode_block_into(self.layout, h, t, value)
-                    items.append((self.layout.key(h), value))
-                self.store.put(items)
-                self.counters.blocks_written += len(hashes)
-            except StoreError as e:
-                logger.debug("store write dropped: %s", e)
-            finally:
-                with self._lock:
-                    self._pending -= len(hashes)
-                    self._free_write_slots.extend(reversed(slots))
-
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until queued writes are done (tests, benchmarks); False on timeout."""
-        import time
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._pending == 0:
-                    return True
-            time.sleep(0.005)
-        return False
+        """Wait until queued store writes are done (tests, benchmarks); False on timeout."""
+        return self.writer.flush(timeout_s) if self.writer is not None else True
 
     # ---- load ----
     def load_host(self, host_slots: Sequence[int], host_blocks: Sequence[int]) -> None:
@@ -285,14 +217,12 @@ class BlockMover:
 
     def close(self) -> None:
         """Stop the writer and let go of the cache tensors and the host pool (the engine is closing)."""
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=5)
-            self._writer = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
         if self.loader is not None:
             self.loader.close()
             self.loader = None
         self.caches = []
         self._stacked = None
         self.host = None
-        self._write_slots = None
