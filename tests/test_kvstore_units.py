@@ -12,7 +12,7 @@ from moeserve.kvstore.block_format import BlockLayout, decode_block
 from moeserve.kvstore.block_pool import BlockPool
 from moeserve.kvstore.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from moeserve.kvstore.latent_cache import allocate_latent_caches, stacked_view
-from moeserve.kvstore.mover import BlockMover, copy_runs
+from moeserve.kvstore.mover import BlockMover, MoverCounters, copy_runs
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import MemoryStore, RedisStore, StoreError
 from moeserve.kvstore.tiers import HostIndex, TierConfig, TierManager
@@ -333,3 +333,27 @@ def test_reader_times_out_on_a_server_that_stops_mid_value() -> None:
     listener.close()
     for conn in conns:
         conn.close()
+
+
+def test_write_values_laid_out_on_the_device_decode_to_their_blocks() -> None:
+    """StoreWriter.as_values (an accelerator's save: whole stored values built on the device, so that a run of
+    write slots is one copy), run on CPU tensors: each value's latent is its block, in the order asked, and the
+    writer's in-place encoding of the header makes it a value that decodes to that block."""
+    from moeserve.kvstore.block_format import encode_block_into
+    from moeserve.kvstore.store_writer import StoreWriter
+
+    counters = MoverCounters()
+    writer = StoreWriter(MemoryStore(), LAYOUT, (2, 4, 3), torch.float32, False, 4 * LAYOUT.payload_bytes, counters)
+    data = torch.randn(3, 2, 4, 3, generator=torch.Generator().manual_seed(4))
+    values = writer.as_values(data, [2, 0])
+    assert values.shape == (2, LAYOUT.value_bytes) and values.dtype == torch.uint8
+    tokens = [tuple(range(4)), tuple(range(4, 8))]
+    hashes = block_hashes([t for b in tokens for t in b], 4)
+    for value, b, h, toks in zip(values, [2, 0], hashes, tokens):
+        raw = value.numpy().copy()
+        encode_block_into(LAYOUT, h, toks, memoryview(raw))
+        payload, why = decode_block(raw.tobytes(), LAYOUT, h, toks)
+        assert why == "" and payload is not None and bytes(payload) == data[b].numpy().tobytes()
+    assert writer.take_slots(5) == [] and counters.writes_dropped == 5  # more than the queue holds: dropped
+    assert writer.take_slots(4) == [0, 1, 2, 3]
+    writer.close()
