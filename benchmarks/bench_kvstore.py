@@ -12,7 +12,8 @@ from the host tier, each asked of a layer-wise engine and of one that waits, bac
 With ``--layerwise on,off`` steps 2 and 3 run once per mode (``--kv-layerwise`` / ``--no-kv-layerwise``),
 alternating, ``--rounds`` times, with the load average of each run: layer-wise loading against waiting for
 the whole load, interleaved on one machine.
-Also: stored bytes per token against the latent's size, with tp=1 and (``--tp-check``) tp=2; and
+``--servers N`` starts N redis-servers and spreads the keys over them (``--kv-store URL,URL,...``: one server's
+thread caps a load's rate). Also: stored bytes per token against the latent's size, with tp=1 and (``--tp-check``) tp=2; and
 (``--itl``) decode inter-token latency with store writes on and off (``moeserve bench``'s run, random prompts).
 
 CPU (the embedded model, float32, its rotary table stretched to 4096 positions):
