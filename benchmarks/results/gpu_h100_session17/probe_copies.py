@@ -1,5 +1,7 @@
 """Does a small copy on the step's stream wait behind a big copy on another stream? (copy engines)"""
-import json, sys, time
+import json
+import time
+
 import torch
 
 dev = torch.device("cuda")
@@ -29,7 +31,9 @@ def trial(direction, chunk, compute_ms):
         host_small.copy_(small, non_blocking=True)
     else:
         small.copy_(host_small, non_blocking=True)
-    ev = torch.cuda.Event(); ev.record(); ev.synchronize()
+    ev = torch.cuda.Event()
+    ev.record()
+    ev.synchronize()
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     t2 = time.perf_counter()
@@ -38,9 +42,12 @@ def trial(direction, chunk, compute_ms):
 for _ in range(3):
     trial("d2h", 0, 1)
 # compute alone
-torch.cuda.synchronize(); t0 = time.perf_counter()
-for _ in range(20): a @ a
-torch.cuda.synchronize(); out["matmul_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+torch.cuda.synchronize()
+t0 = time.perf_counter()
+for _ in range(20):
+    a @ a
+torch.cuda.synchronize()
+out["matmul_ms"] = (time.perf_counter() - t0) / 20 * 1e3
 for direction in ("d2h", "h2d"):
     for compute in (0, 10):
         for chunk in (0, 16 << 20, 4 << 20, 1 << 20):

@@ -1,14 +1,25 @@
 """ITL with store writes: which steps are slow, and what each part of the write path costs (variants).
 
 A record of runs 1-6: it patches BlockMover internals as they were then (5f2d0be) and does not run on later code."""
-import argparse, json, statistics, sys, tempfile, time
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
 from pathlib import Path
+
 import torch
-sys.path.insert(0, "benchmarks"); sys.path.insert(0, "tests")
+
+sys.path.insert(0, "benchmarks")
+sys.path.insert(0, "tests")
 import bench_kvstore as bk
 from redis_server import RedisServer
+
 from moeserve.coordinator.sampling import SamplingParams
-from moeserve.kvstore import mover, store as store_mod
+from moeserve.kvstore import mover
+from moeserve.kvstore import store as store_mod
+
 
 def run(e, n=32, inp=512, outl=256, seed=0):
     gen = torch.Generator().manual_seed(seed)
@@ -25,13 +36,15 @@ def run(e, n=32, inp=512, outl=256, seed=0):
         outs = e.step()
         now = time.perf_counter()
         phases.append({k: round((v - before[k]) * 1e3, 2) for k, v in e.stats.phase_s.items() if v - before[k] > 2e-4})
-        steps.append(round((now - t_prev) * 1e3, 2)); t_prev = now
+        steps.append(round((now - t_prev) * 1e3, 2))
+        t_prev = now
         for o in outs:
             if o.request_id in last:
                 itl.append(now - last[o.request_id])
             last[o.request_id] = now
     itl.sort()
-    p = lambda q: itl[min(len(itl) - 1, int(q / 100 * len(itl)))] * 1e3
+    def p(q):
+        return itl[min(len(itl) - 1, int(q / 100 * len(itl)))] * 1e3
     return {"itl_p50_ms": p(50), "itl_p99_ms": p(99), "itl_max_ms": itl[-1] * 1e3,
             "steps_first12_ms": steps[:12], "slow_steps": [(i, s) for i, s in enumerate(steps) if s > 1.1 * statistics.median(steps)][:40],
             "step_p50_ms": statistics.median(steps),
@@ -45,7 +58,9 @@ _new_save = mover.BlockMover.save
 
 def timed(fn):
     def wrapper(*a, **k):
-        t = time.perf_counter(); fn(*a, **k); SAVE_S.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn(*a, **k)
+        SAVE_S.append(time.perf_counter() - t)
     return wrapper
 
 def old_save(self, blocks, host_slots, hashes, tokens, to_store):
@@ -81,7 +96,8 @@ def main():
             e = bk.make(args, **kw)
             run(e, n=8, outl=16, seed=1)  # warm
             out[v] = r = run(e)
-            bk.release(e); del e
+            bk.release(e)
+            del e
             print(v, json.dumps(r), flush=True)
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(out, indent=1))
