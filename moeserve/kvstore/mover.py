@@ -22,7 +22,7 @@ from moeserve.kvstore.block_format import BlockLayout
 from moeserve.kvstore.latent_cache import gather_blocks, scatter_blocks, stacked_view
 from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
-from moeserve.kvstore.store_writer import StoreWriter
+from moeserve.kvstore.store_writer import StoreWriter, WriteCounters
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +49,8 @@ class LoadReport:
 
 
 @dataclass
-class MoverCounters:
-    writes_dropped: int = 0  # blocks not written because the queue was full
-    blocks_written: int = 0
-    corrupt_blocks: int = 0
+class MoverCounters(WriteCounters):
+    corrupt_blocks: int = 0  # stored blocks received but not usable
 
 
 class BlockMover:

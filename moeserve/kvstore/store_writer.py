@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -26,11 +27,17 @@ from moeserve.kvstore.store import KVStore, StoreError
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class WriteCounters:
+    writes_dropped: int = 0  # blocks not written because the queue was full
+    blocks_written: int = 0
+
+
 class StoreWriter:
     def __init__(self, store: KVStore, layout: BlockLayout, block_shape: tuple[int, ...], dtype: torch.dtype,
-                 pin: bool, queue_bytes: int, counters):
-        """``block_shape``: one block's latent [layers, block_size, kv_dim] in ``dtype``; ``counters``: the rank's
-        ``MoverCounters`` (writes dropped and done are counted there)."""
+                 pin: bool, queue_bytes: int, counters: WriteCounters):
+        """``block_shape``: one block's latent [layers, block_size, kv_dim] in ``dtype``; ``counters``: where the
+        writes dropped and done are counted (the rank's ``MoverCounters``)."""
         self.store = store
         self.layout = layout
         self.counters = counters
