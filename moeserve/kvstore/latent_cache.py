@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from moeserve.device_copy import to_device
 from moeserve.errors import UserError
 
 
@@ -83,6 +84,13 @@ def gather_blocks(caches: Sequence[torch.Tensor], stacked: torch.Tensor | None, 
     if stacked is not None:
         return stacked.index_select(1, idx).transpose(0, 1).contiguous()
     return torch.stack([c.index_select(0, idx) for c in caches], dim=1)
+
+
+def take_rows(data: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """Rows ``rows`` of ``data`` (``data`` itself when they are all of its rows, in order)."""
+    if list(rows) == list(range(len(data))):
+        return data
+    return data[to_device(torch.tensor(list(rows)), data.device)]
 
 
 def scatter_blocks(caches: Sequence[torch.Tensor], stacked: torch.Tensor | None, idx: torch.Tensor,

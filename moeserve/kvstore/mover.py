@@ -19,7 +19,7 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout
-from moeserve.kvstore.latent_cache import gather_blocks, scatter_blocks, stacked_view
+from moeserve.kvstore.latent_cache import gather_blocks, scatter_blocks, stacked_view, take_rows
 from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
 from moeserve.kvstore.store_writer import StoreWriter, WriteCounters
@@ -120,8 +120,7 @@ class BlockMover:
         are hundreds of megabytes, tens of milliseconds over PCIe (decode ITL p99 1.75x with store writes on)."""
         if not self.pin:
             for src, dest, rows, slots in copies:
-                whole = list(rows) == list(range(len(src)))
-                dest[torch.tensor(list(slots))] = src if whole else src[torch.tensor(list(rows))]
+                dest[torch.tensor(list(slots))] = take_rows(src, rows)
             return None
         assert self._copy_stream is not None
         self._copy_stream.wait_stream(torch.accelerator.current_stream(self.device))

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout, encode_block_into
+from moeserve.kvstore.latent_cache import take_rows
 from moeserve.kvstore.store import KVStore, StoreError
 
 logger = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ class StoreWriter:
         copy a slot costs the step's thread about 0.1 ms each (a save of 32 V2-Lite blocks: 3 ms)."""
         out = torch.empty((len(rows), self.layout.value_bytes), dtype=torch.uint8, device=data.device)
         latent = out[:, self.layout.head_bytes:].view(data.dtype).view(len(rows), *data.shape[1:])
-        whole = list(rows) == list(range(len(data)))
-        latent.copy_(data if whole else data[to_device(torch.tensor(list(rows)), data.device)])
+        latent.copy_(take_rows(data, rows))
         return out
 
     def submit(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], slots: Sequence[int],
