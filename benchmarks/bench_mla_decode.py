@@ -15,14 +15,13 @@ before it becomes the default; the 8-12% of 64-row steps found here did not (BEN
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 import torch
 from bench_moe_kernels import copy_bandwidth, graph_ms
 
-from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, config_for, mla_decode, num_splits_for
+from moeserve.kernels.mla_decode import DEFAULT, DecodeConfig, config_for, mla_decode
 
 SHAPES = {"v2lite": (16, (64, 256)), "v3": (128, (32,)),  # name: (heads, batches): the decode targets' sizes
           "v2lite-small": (16, (1, 4)), "v3-small": (128, (1, 4))}
@@ -57,7 +56,7 @@ def eager(q, cache, tables, lens, scale):
     return torch.einsum("bhl,bld->bhd", s.softmax(-1), rows[..., :LATENT])
 
 
-def sweep(heads: int, batch: int, layers: int, bandwidth: float, default_only: bool = False) -> dict:
+def sweep(heads: int, batch: int, layers: int, bandwidth: float) -> dict:
     q, caches, tables, lens = case(heads, batch, layers)
     scale = (192 ** -0.5)
     ref = eager(q, caches[0], tables, lens, scale)
@@ -69,10 +68,6 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float, default_only: b
             + [c for c in SMALL_BATCH if c.head_block <= heads]
     else:
         configs = CANDIDATES + (WIDE_HEADS if heads >= 64 else [])
-    if default_only:
-        configs = [config_for(heads, batch)]
-    if num_splits_for(batch, heads) > 1:  # each with its pieces merged by their last program (one launch)
-        configs = configs + [dataclasses.replace(c, merge_last=True) for c in configs]
     for cfg in configs:
         try:
             ms = graph_ms(lambda i, c=cfg: mla_decode(q, caches[i], tables, lens, PAGE, LATENT, scale, config=c),
@@ -82,11 +77,8 @@ def sweep(heads: int, batch: int, layers: int, bandwidth: float, default_only: b
             continue
         timed.append((ms, cfg))
     default_ms = next(ms for ms, c in timed if c == config_for(heads, batch))
-    merged = dataclasses.replace(config_for(heads, batch), merge_last=True)
-    merged_ms = next((ms for ms, c in timed if c == merged), None)
     best_ms, best = min(timed, key=lambda t: t[0])
     row = {"heads": heads, "batch": batch, "rel_err_default": err, "default_ms": default_ms,
-           "default_merge_last_ms": merged_ms,
            "default_of_copy_bw": read / (default_ms * 1e-3) / bandwidth, "best": vars(best), "best_ms": best_ms,
            "best_of_copy_bw": read / (best_ms * 1e-3) / bandwidth,
            "top5": [(round(ms, 4), vars(c)) for ms, c in sorted(timed, key=lambda t: t[0])[:5]]}
@@ -98,8 +90,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="v2lite,v3")
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--default-only", action="store_true",
-                        help="time the default tiles alone (with and without merge_last), no sweep")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     result: dict = {"device": torch.cuda.get_device_name(), "copy_bw_gb_s": copy_bandwidth() / 1e9, "rows": []}
@@ -107,7 +97,7 @@ def main() -> None:
         heads, batches = SHAPES[shape]
         for b in batches:  # enough caches that a replay reads them from HBM, not the L2
             layers = max(args.layers, -(-L2_BYTES // (b * CONTEXT * (LATENT + ROPE) * 2)))
-            result["rows"].append(sweep(heads, b, layers, result["copy_bw_gb_s"] * 1e9, args.default_only))
+            result["rows"].append(sweep(heads, b, layers, result["copy_bw_gb_s"] * 1e9))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=1)

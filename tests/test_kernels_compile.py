@@ -33,7 +33,7 @@ ROUTE = {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "weights_ptr": "*fp32", "id
 KV_ROWS = {"kv_ptr": "*bf16", "norm_w_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
            "slot_ptr": "*i64", "cache_ptr": "*bf16", "eps": "fp32", "q_ptr": "*bf16", "q_out_ptr": "*bf16"}
 MLA_DECODE = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "tables_ptr": "*i32", "lens_ptr": "*i32", "out_ptr": "*fp32",
-              "lse_ptr": "*fp32", "final_ptr": "*bf16", "count_ptr": "*i32", "scale": "fp32"}
+              "lse_ptr": "*fp32", "scale": "fp32"}
 V2_ROUTER = dict(E=64, BLOCK_E=64, TOP_K=6, BLOCK_K=8, N_GROUP=1, TOPK_GROUP=1, SIGMOID=False, METHOD=0,
                  HAS_BIAS=False, NORM=False)
 V3_ROUTER = dict(E=256, BLOCK_E=256, TOP_K=8, BLOCK_K=8, N_GROUP=8, TOPK_GROUP=4, SIGMOID=True, METHOD=2,
@@ -69,10 +69,10 @@ CASES = [
     *[(f"kv_rows-query{has_q}", "mla_kv_write", "_kv_rows", KV_ROWS,
        dict(LORA=512, LORA_BLOCK=512, HALF=32, INTERLEAVE=True, HAS_Q=has_q, BLOCK_H=16), set())
       for has_q in (True, False)],
-    *[(f"mla_decode-final{final}-merge{merge}-heads{heads}", "mla_decode", "_mla_decode_split",
+    *[(f"mla_decode-final{final}-heads{heads}", "mla_decode", "_mla_decode_split",
        {**MLA_DECODE, "out_ptr": "*bf16" if final else "*fp32"},
-       dict(MLA_WIDTHS, NUM_SPLITS=1 if final else 16, BLOCK_H=heads, FINAL=final, MERGE_LAST=merge), set())
-      for final, merge in ((True, False), (False, False), (False, True)) for heads in (16, 64)],
+       dict(MLA_WIDTHS, NUM_SPLITS=1 if final else 16, BLOCK_H=heads, FINAL=final), set())
+      for final in (True, False) for heads in (16, 64)],
     ("mla_decode_merge-32", "mla_decode", "_mla_decode_merge",
      {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
      dict(NUM_SPLITS=32, SPLIT_BLOCK=16, LATENT=512, LATENT_P=512), set()),

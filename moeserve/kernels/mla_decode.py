@@ -30,7 +30,6 @@ class DecodeConfig:
     fill: int = 2  # programs per SM the split count aims for (at most max_splits)
     head_block: int = HEAD_BLOCK  # heads per program (the products' M)
     max_splits: int = 16  # pieces a sequence may be split into (a power of two)
-    merge_last: bool = False  # the last piece of a head block to finish merges them: no second launch
 
 
 # NOTE: benchmarks/bench_mla_decode.py found 64-row steps with 3 stages 8-12% faster at V2-Lite's batch 256
@@ -51,11 +50,11 @@ def config_for(num_heads: int, batch: int) -> DecodeConfig:
 
 
 @triton.jit(do_not_specialize=["tables_ptr", "lens_ptr", "stride_tb"])
-def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, final_ptr, count_ptr, scale,
-                      num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os, stride_fb,
-                      stride_fh, NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr,
-                      ROPE: tl.constexpr, LATENT_P: tl.constexpr, ROPE_P: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_T: tl.constexpr, PRECISION: tl.constexpr, FINAL: tl.constexpr, MERGE_LAST: tl.constexpr):
+def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, scale,
+                      num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
+                      NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
+                      LATENT_P: tl.constexpr, ROPE_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                      PRECISION: tl.constexpr, FINAL: tl.constexpr):
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -101,34 +100,6 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
     if not FINAL:
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + (b * num_heads + heads) * NUM_SPLITS + split, lse, mask=head_ok)
-        if MERGE_LAST:  # the release of this add publishes the stores above; the last piece's acquire sees all
-            counter = count_ptr + b * tl.num_programs(1) + hb
-            if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
-                _merge_head_block(out_ptr + b * stride_ob, lse_ptr + b * num_heads * NUM_SPLITS,
-                                  final_ptr + b * stride_fb, heads, head_ok, d_lat, lat_ok, stride_oh, stride_os,
-                                  stride_fh, NUM_SPLITS)
-                tl.atomic_xchg(counter, 0)  # ready for the next launch (a CUDA graph's replay included)
-
-
-@triton.jit
-def _merge_head_block(part_ptr, lse_ptr, out_ptr, heads, head_ok, d, d_ok, stride_ph, stride_ps, stride_oh,
-                      NUM_SPLITS: tl.constexpr):
-    """One sequence's pieces for a block of heads, weighted by their log-sum-exp, into the output row."""
-    lse_rows = lse_ptr + heads * NUM_SPLITS
-    all_lse = tl.load(lse_rows[:, None] + tl.arange(0, NUM_SPLITS)[None, :], mask=head_ok[:, None],
-                      other=float("-inf"), cache_modifier=".cg")  # [H, S]
-    m = tl.max(all_lse, 1)
-    m = tl.where(m > float("-inf"), m, 0.0)
-    total = tl.sum(tl.exp(all_lse - m[:, None]), 1)
-    total = tl.where(total > 0, total, 1.0)
-    out = tl.zeros([heads.shape[0], d.shape[0]], tl.float32)
-    for s in range(NUM_SPLITS):
-        w = tl.exp(tl.load(lse_rows + s, mask=head_ok, other=float("-inf"), cache_modifier=".cg") - m) / total
-        part = tl.load(part_ptr + heads[:, None] * stride_ph + s * stride_ps + d[None, :],
-                       mask=head_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-        out += part * w[:, None]
-    tl.store(out_ptr + heads[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=head_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -154,21 +125,6 @@ def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_p
                         mask=d_ok[None, :], other=0.0)
         out += tl.sum(parts * w[:, None], 0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-COUNTERS = 1 << 14  # (sequence, head block) pairs a merging launch can take; more go to the merge kernel
-
-
-def _counters(device: torch.device) -> torch.Tensor | None:
-    """The device's arrival counters for ``merge_last`` launches: zero between launches (each launch's last
-    piece resets its own), so one buffer serves every layer and every CUDA graph, which run one at a time on the
-    engine's stream. Made on first use, which an engine's eager warm-up steps reach before any capture; None
-    while a capture is running and the buffer does not exist yet (that launch then takes the merge kernel)."""
-    counters = _COUNTERS.get(device)
-    if counters is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        counters = _COUNTERS[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return counters
 
 
 def padded(width: int) -> int:
@@ -204,15 +160,13 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = parts if final else torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     grid = (batch, triton.cdiv(num_heads, config.head_block), splits)
-    counters = _counters(q.device) if config.merge_last and not final and grid[0] * grid[1] <= COUNTERS else None
     _mla_decode_split[grid](
-        q, cache, block_tables, context_lens, parts, lse, out, parts if counters is None else counters, scale,
-        num_heads, q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1),
-        parts.stride(2), out.stride(0), out.stride(1), NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim,
-        ROPE=rope, LATENT_P=padded(latent_dim), ROPE_P=padded(rope), BLOCK_H=config.head_block,
-        BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype), FINAL=final, MERGE_LAST=counters is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages)
-    if final or counters is not None:
+        q, cache, block_tables, context_lens, parts, lse, scale, num_heads,
+        q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
+        NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, LATENT_P=padded(latent_dim),
+        ROPE_P=padded(rope), BLOCK_H=config.head_block, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
+        FINAL=final, num_warps=config.num_warps, num_stages=config.num_stages)
+    if final:
         return out
     _mla_decode_merge[(batch, num_heads)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
