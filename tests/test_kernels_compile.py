@@ -49,9 +49,9 @@ CASES = [
      dict(BLOCK_P=512, BLOCK_E=128, BLOCK_R=1024, BLOCK_B=32, BM=32), set()),
     ("sum_pairs", "fused_moe", "_sum_pairs", {"rows_ptr": "*bf16", "local_ptr": "*i64", "out_ptr": "*bf16"},
      dict(TOP_K=6, BLOCK_N=512), {"N"}),
-    *[(f"gemv-gate_up-pieces{pieces}", "moe_gemv_programs", "_gate_up", GEMV,
-       dict(TOP_K=6, PIECES=pieces, FP8=False, SCALE_BLOCK=128, BLOCK_N=16, BLOCK_K=128), GEMV_DIV16)
-      for pieces in (0, 2)],
+    *[(f"gemv-gate_up-pieces{pieces}-pdl{pdl}", "moe_gemv_programs", "_gate_up", GEMV,
+       dict(TOP_K=6, PIECES=pieces, FP8=False, SCALE_BLOCK=128, BLOCK_N=16, BLOCK_K=128, PDL=pdl), GEMV_DIV16)
+      for pieces, pdl in ((0, False), (2, False), (2, True))],  # PDL: the grid dependency control instructions
     *[(f"gemv-gate_up-fp8-n{block_n}", "moe_gemv_programs", "_gate_up", {**GEMV, "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
        dict(TOP_K=8, PIECES=0, FP8=True, SCALE_BLOCK=128, BLOCK_N=block_n, BLOCK_K=256), GEMV_DIV16)
       for block_n in (16, 32)],
@@ -80,9 +80,10 @@ CASES = [
        dict(BLOCK_E=1, BLOCK_H=block_h), {"H", "stride_x", "stride_w"}) for block_h in (2048, 4096)],
     ("silu_and_mul", "activation", "_silu_and_mul", {"h_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024),
      {"inter", "stride_h", "stride_o"}),
-    *[(f"rms_norm-residual{res}", "rmsnorm", "_rms_norm",
+    *[(f"rms_norm-residual{res}-pdl{pdl}", "rmsnorm", "_rms_norm",
        {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
-        "eps": "fp32"}, dict(HAS_RES=res, BLOCK=2048), set()) for res in (True, False)],
+        "eps": "fp32"}, dict(HAS_RES=res, BLOCK=2048, PDL=pdl), set()) for res, pdl in ((True, False), (False, False),
+                                                                                      (True, True))],
     ("rope", "rope", "_rope", {"x_ptr": "*bf16", "pos_ptr": "*i64", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
                                "out_ptr": "*bf16"}, dict(HALF=32, INTERLEAVE=True, BLOCK_H=16), set()),
     ("mla_prefill", "mla_prefill", "_mla_prefill",

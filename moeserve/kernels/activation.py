@@ -11,9 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import pdl_args, pdl_enter
+
 
 @triton.jit
-def _silu_and_mul(h_ptr, out_ptr, inter, stride_h, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul(h_ptr, out_ptr, inter, stride_h, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inter
@@ -32,5 +35,5 @@ def silu_and_mul(h: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     if rows:
         _silu_and_mul[(rows, triton.cdiv(inter, block))](h, out, inter, h.stride(0), out.stride(0), BLOCK=block,
-                                                         num_warps=4)
+                                                         num_warps=4, **pdl_args(h.device))
     return out

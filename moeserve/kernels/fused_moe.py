@@ -23,6 +23,7 @@ from moeserve.kernels import dot_precision
 from moeserve.kernels.moe_align import SortedPairs, sort_pairs
 from moeserve.kernels.moe_gemv import SharedWeights, moe_gemv, scale_args
 from moeserve.kernels.moe_gemv_programs import round_as
+from moeserve.kernels.pdl import pdl_args, pdl_enter
 
 # Up to this many (token, expert) pairs the split-K matrix-vector path runs, unsorted; measured crossovers on
 # one H200 (benchmarks/bench_moe_kernels.py paths): bf16 V2-Lite experts between 66 and 96 pairs, FP8 V3
@@ -69,7 +70,8 @@ def _moe_gemm(a_ptr, w_ptr, scale_ptr, out_ptr, pair_ptr, block_expert_ptr, num_
               num_pairs, N, K, stride_am, stride_we, stride_wn, stride_se, stride_sn, stride_sk, stride_om,
               up_scale_offset, A_DIV: tl.constexpr, GATED: tl.constexpr, MUL_ROUTE: tl.constexpr, FP8: tl.constexpr,
               SCALE_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -142,7 +144,8 @@ def _launch(a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, out: t
                     route_w.numel(), n, k, a.stride(0), w.stride(0), w.stride(1), *strides, out.stride(0),
                     up_offset, A_DIV=a_div, GATED=gated, MUL_ROUTE=mul_route, FP8=fp8,
                     SCALE_BLOCK=block[0] if fp8 else 128, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                    PRECISION=dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    PRECISION=dot_precision(a.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                    **pdl_args(a.device))
 
 
 def takes_gemv_path(num_pairs: int, fp8: bool) -> bool:
@@ -183,14 +186,16 @@ def fused_moe_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route
     _launch(act, w2, w2_scale, rows, pairs, flat_w, 1, False, True, block, cfg)
     out = torch.empty(num_tokens, w2.shape[1], dtype=x.dtype, device=x.device)
     _sum_pairs[(num_tokens, triton.cdiv(out.shape[1], 512))](rows, local, out, num_local, out.shape[1], TOP_K=top_k,
-                                                             BLOCK_N=512, num_warps=4)
+                                                             BLOCK_N=512, num_warps=4, **pdl_args(out.device))
     return out
 
 
 @triton.jit
-def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_pairs(rows_ptr, local_ptr, out_ptr, num_local, N, TOP_K: tl.constexpr, BLOCK_N: tl.constexpr,
+               PDL: tl.constexpr = False):
     """out[t] = the sum of token t's held pair rows, in pair order, in float32, rounded once (the eager
     ``rows.view(T, top_k, N).sum(1)`` with the rows of pairs served elsewhere as zeros)."""
+    pdl_enter(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N

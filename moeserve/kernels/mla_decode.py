@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels import dot_precision
+from moeserve.kernels.pdl import pdl_args, pdl_enter
 
 HEAD_BLOCK = 16  # heads per program: the smallest M of a tensor-core product
 
@@ -54,7 +55,8 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
                       num_heads, stride_qb, stride_qh, stride_tb, stride_ob, stride_oh, stride_os,
                       NUM_SPLITS: tl.constexpr, PAGE: tl.constexpr, LATENT: tl.constexpr, ROPE: tl.constexpr,
                       LATENT_P: tl.constexpr, ROPE_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                      PRECISION: tl.constexpr, FINAL: tl.constexpr):
+                      PRECISION: tl.constexpr, FINAL: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     hb = tl.program_id(1)
     split = tl.program_id(2)
@@ -105,7 +107,8 @@ def _mla_decode_split(q_ptr, cache_ptr, tables_ptr, lens_ptr, out_ptr, lse_ptr, 
 @triton.jit
 def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
                       num_heads, NUM_SPLITS: tl.constexpr, SPLIT_BLOCK: tl.constexpr, LATENT: tl.constexpr,
-                      LATENT_P: tl.constexpr):
+                      LATENT_P: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -165,11 +168,11 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         q.stride(0), q.stride(1), block_tables.stride(0), parts.stride(0), parts.stride(1), parts.stride(2),
         NUM_SPLITS=splits, PAGE=page_size, LATENT=latent_dim, ROPE=rope, LATENT_P=padded(latent_dim),
         ROPE_P=padded(rope), BLOCK_H=config.head_block, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
-        FINAL=final, num_warps=config.num_warps, num_stages=config.num_stages)
+        FINAL=final, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args(q.device))
     if final:
         return out
     _mla_decode_merge[(batch, num_heads)](
         parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
         num_heads, NUM_SPLITS=splits, SPLIT_BLOCK=min(splits, 16), LATENT=latent_dim, LATENT_P=padded(latent_dim),
-        num_warps=4)
+        num_warps=4, **pdl_args(q.device))
     return out

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import pdl_args, pdl_enter
 from moeserve.kernels.rope import rotated
 
 
@@ -22,7 +23,8 @@ from moeserve.kernels.rope import rotated
 def _kv_rows(kv_ptr, norm_w_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, cache_ptr, stride_kv, stride_cache,
              stride_table, eps, q_ptr, q_out_ptr, num_q, num_heads, stride_qt, stride_qh, stride_ot, stride_oh,
              LORA: tl.constexpr, LORA_BLOCK: tl.constexpr, HALF: tl.constexpr, INTERLEAVE: tl.constexpr,
-             HAS_Q: tl.constexpr, BLOCK_H: tl.constexpr):
+             HAS_Q: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     dtype = kv_ptr.dtype.element_ty
     cache_dtype = cache_ptr.dtype.element_ty
@@ -78,4 +80,4 @@ def write_kv_rows(kv_a: torch.Tensor, norm_weight: torch.Tensor, eps: float, pos
                             LORA_BLOCK=triton.next_power_of_2(lora), HALF=half, INTERLEAVE=interleave,
                             HAS_Q=q_rope is not None, BLOCK_H=min(16, triton.next_power_of_2(q.shape[1])),
                             num_warps=min(8, max(1, triton.next_power_of_2(lora) // 256)),
-                            enable_fp_fusion=False)
+                            enable_fp_fusion=False, **pdl_args(kv_a.device))

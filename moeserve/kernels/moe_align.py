@@ -17,13 +17,16 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import pdl_args, pdl_enter
+
 MAX_PAIRS = 4096  # larger steps sort with tensor ops
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_padded"])
 def _align(local_ptr, cursor_ptr, pair_ids_ptr, block_expert_ptr, num_padded_ptr, num_pairs, num_local,
            max_padded, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_R: tl.constexpr,
-           BLOCK_B: tl.constexpr, BM: tl.constexpr):
+           BLOCK_B: tl.constexpr, BM: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     p = tl.arange(0, BLOCK_P)
     expert = tl.load(local_ptr + p, mask=p < num_pairs, other=num_local)
     held = expert < num_local
@@ -70,7 +73,7 @@ def align_pairs(local: torch.Tensor, num_local: int, block_m: int
     _align[(1,)](local, cursor, pair_ids, block_expert, num_padded, num_pairs, num_local, max_padded,
                  BLOCK_P=triton.next_power_of_2(max(num_pairs, 16)), BLOCK_E=block_e,
                  BLOCK_R=triton.next_power_of_2(max_padded), BLOCK_B=max(32, triton.next_power_of_2(max_padded // block_m)),
-                 BM=block_m, num_warps=8)
+                 BM=block_m, num_warps=8, **pdl_args(local.device))
     return pair_ids, block_expert, num_padded
 
 

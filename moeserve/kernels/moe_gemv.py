@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from moeserve.kernels.moe_gemv_programs import _combine, _down, _gate_up
+from moeserve.kernels.pdl import pdl_args
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,8 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torc
     _gate_up[(num_pairs, triton.cdiv(inter, cfg1.block_n), split1)](
         x, w13, s, part_up, local, num_local, num_pairs, num_routed, inter, hidden, k1, x.stride(0), w13.stride(0),
         w13.stride(1), *strides, up, sh13, inter * sh13.stride(0), sh13.stride(0), TOP_K=top_k, PIECES=pieces,
-        FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg1.block_n, BLOCK_K=cfg1.block_k, num_warps=cfg1.num_warps)
+        FP8=fp8, SCALE_BLOCK=block[0], BLOCK_N=cfg1.block_n, BLOCK_K=cfg1.block_k, num_warps=cfg1.num_warps,
+        **pdl_args(x.device))
     k2 = triton.cdiv(triton.cdiv(inter, cfg2.split_k), cfg2.block_k) * cfg2.block_k
     split2 = triton.cdiv(inter, k2)
     part_down = torch.empty(split2, num_pairs, hidden, dtype=torch.float32, device=x.device)
@@ -121,9 +123,11 @@ def moe_gemv(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, route_w: torc
     _down[(num_pairs, triton.cdiv(hidden, cfg2.block_n), split2)](
         part_up, w2, s, part_down, local, num_local, num_pairs, num_routed, hidden, inter, k2, w2.stride(0),
         w2.stride(1), *strides, sh2, inter, sh2.stride(0), TOP_K=top_k, PIECES=pieces, SPLIT_UP=split1, FP8=fp8,
-        SCALE_BLOCK=block[0], BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k, DTYPE=dtype, num_warps=cfg2.num_warps)
+        SCALE_BLOCK=block[0], BLOCK_N=cfg2.block_n, BLOCK_K=cfg2.block_k, DTYPE=dtype, num_warps=cfg2.num_warps,
+        **pdl_args(x.device))
     out = torch.empty(num_tokens, hidden, dtype=x.dtype, device=x.device)
     _combine[(num_tokens, triton.cdiv(hidden, 256))](
         part_down, route_w.reshape(-1).contiguous(), local, out, num_local, num_pairs, num_routed, hidden,
-        out.stride(0), TOP_K=top_k, PIECES=pieces, SPLIT=split2, BLOCK_N=256, num_warps=4)
+        out.stride(0), TOP_K=top_k, PIECES=pieces, SPLIT=split2, BLOCK_N=256, num_warps=4,
+        **pdl_args(x.device))
     return out

@@ -6,6 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import pdl_enter
+
 
 @triton.jit
 def round_as(x, dtype: tl.constexpr):
@@ -94,7 +96,8 @@ def _pair_tile(local_ptr, num_local, num_routed, N, K, k_per_split, w_ptr, s_ptr
 def _gate_up(x_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, num_routed, N, K, k_per_split,
              stride_x, stride_we, stride_wn, stride_se, stride_sn, stride_sk, up_scale_offset, sh_ptr, sh_piece,
              sh_stride_n, TOP_K: tl.constexpr, PIECES: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     pair, token, cols, is_shared, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
         local_ptr, num_local, num_routed, N, K, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se,
         stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K, PIECES, SCALE_BLOCK, BLOCK_N)
@@ -138,7 +141,8 @@ def _activation(part_ptr, pair, k, k_ok, num_pairs, inter, SPLIT_UP: tl.constexp
 def _down(part_up_ptr, w_ptr, s_ptr, part_ptr, local_ptr, num_local, num_pairs, num_routed, N, inter, k_per_split,
           stride_we, stride_wn, stride_se, stride_sn, stride_sk, sh_ptr, sh_piece, sh_stride_n, TOP_K: tl.constexpr,
           PIECES: tl.constexpr, SPLIT_UP: tl.constexpr, FP8: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     pair, token, cols, is_shared, held, row_ok, k_lo, k_hi, w_rows, s_row = _pair_tile(
         local_ptr, num_local, num_routed, N, inter, k_per_split, w_ptr, s_ptr, stride_we, stride_wn, stride_se,
         stride_sn, sh_ptr, sh_piece, sh_stride_n, TOP_K, PIECES, SCALE_BLOCK, BLOCK_N)
@@ -167,7 +171,9 @@ def _summed_row(part_ptr, pair, num_pairs, N, cols, ok, SPLIT: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_pairs", "num_routed"])
 def _combine(part_ptr, route_w_ptr, local_ptr, out_ptr, num_local, num_pairs, num_routed, N, stride_o,
-             TOP_K: tl.constexpr, PIECES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr):
+             TOP_K: tl.constexpr, PIECES: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+             PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = cols < N

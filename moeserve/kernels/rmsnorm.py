@@ -11,10 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from moeserve.kernels.pdl import pdl_args, pdl_enter
+
 
 @triton.jit
 def _rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, n, eps,
-              HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+              HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -42,5 +45,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if rows:
         _rms_norm[(rows,)](x, res, weight, out, res_out, x.stride(0), res.stride(0), out.stride(0),
                            res_out.stride(0), dim, eps, HAS_RES=residual is not None, BLOCK=block,
-                           num_warps=min(8, max(1, block // 256)))
+                           num_warps=min(8, max(1, block // 256)), **pdl_args(x.device))
     return out, res_out

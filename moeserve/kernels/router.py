@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from moeserve.experts.gate import GateSpec
+from moeserve.kernels.pdl import pdl_args, pdl_enter
 
 METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
@@ -24,7 +25,9 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
            TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, SIGMOID: tl.constexpr,
            METHOD: tl.constexpr, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, scaling,
            count_ptr, count_weight_ptr, num_decode_ptr, share_lo, share_hi, COUNT: tl.constexpr,
-           HAS_COUNT_WEIGHT: tl.constexpr, slot_map_ptr, slots_ptr, HAS_SLOTS: tl.constexpr):
+           HAS_COUNT_WEIGHT: tl.constexpr, slot_map_ptr, slots_ptr, HAS_SLOTS: tl.constexpr,
+           PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     ok = e < E
@@ -82,9 +85,10 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
 
 @triton.jit
 def _logits(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_o, BLOCK_E: tl.constexpr,
-            BLOCK_H: tl.constexpr):
+            BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
     """One token's logits of BLOCK_E experts: float32 products of its row (any float dtype) and the float32
     router weight, summed in float32."""
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -111,7 +115,8 @@ def router_logits_few(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
     if tokens:
         _logits[(tokens, experts)](x, weight, out, experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
-                                   BLOCK_E=1, BLOCK_H=min(4096, triton.next_power_of_2(hidden)), num_warps=4)
+                                   BLOCK_E=1, BLOCK_H=min(4096, triton.next_power_of_2(hidden)), num_warps=4,
+                                   **pdl_args(x.device))
     return out
 
 
@@ -144,5 +149,5 @@ def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None 
                           HAS_COUNT_WEIGHT=count_weights is not None,
                           slot_map_ptr=slot_map if slot_map is not None else ids,
                           slots_ptr=slots if slots is not None else ids, HAS_SLOTS=slots is not None,
-                          num_warps=1 if experts <= 64 else 4)
+                          num_warps=1 if experts <= 64 else 4, **pdl_args(logits.device))
     return weights, ids, slots
