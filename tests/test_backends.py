@@ -69,6 +69,8 @@ ALLOWED = {
     ("launch/preflight.py", '"cuda"'): "the preflight checks that the asked-for device exists, per device type",
     ("launch/preflight.py", "torch.cuda."): "the preflight checks that the asked-for device exists, per device type",
     ("kernels/__init__.py", '"cuda"'): "the Triton kernels run on CUDA devices only (kernels_apply decides)",
+    ("kernels/pdl.py", '"cuda"'): "programmatic dependent launch is a CUDA launch attribute (sm_90 and later)",
+    ("kernels/pdl.py", "torch.cuda."): "the device's compute capability decides whether its launches take PDL",
     ("stages/cuda_graph.py", "torch.cuda."): "CUDA graphs: built only for CUDA devices (ModelRunner guards)",
     ("stages/warm_up.py", '"cuda"'): "the warm-up waits for the device where it is a CUDA one",
     ("stages/warm_up.py", "torch.cuda."): "the warm-up waits for the device where it is a CUDA one",
