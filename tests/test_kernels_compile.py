@@ -145,3 +145,24 @@ def test_moe_gemm_tiles_fit_sm90_shared_memory(num_pairs, fp8, gated) -> None:
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                              PRECISION="tf32"), MOE_DIV16, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     assert compiled.metadata.shared <= SM90_SHARED_MEMORY, (cfg, compiled.metadata.shared)
+
+
+def test_launches_take_pdl_only_on_a_cuda_device_that_has_it(monkeypatch) -> None:
+    """Programmatic dependent launch (kernels/pdl.py) is asked for only on CUDA devices of compute capability 9.0
+    and later, and never under Triton's interpreter or with MOESERVE_PDL=0: elsewhere the kernels' PDL constexpr
+    is off and no launch option is passed."""
+    import torch
+
+    from moeserve.kernels import pdl
+
+    assert pdl.pdl_args(torch.device("cpu")) == {"PDL": False}
+    monkeypatch.setattr(pdl, "_device_supports", lambda index: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv(pdl.PDL_ENV, raising=False)
+    on = pdl.pdl_args(torch.device("cuda", 0))
+    assert on == ({"PDL": True, "launch_pdl": True} if pdl.gdc_wait is not None else {"PDL": False})
+    monkeypatch.setenv(pdl.PDL_ENV, "0")
+    assert pdl.pdl_args(torch.device("cuda", 0)) == {"PDL": False}
+    monkeypatch.delenv(pdl.PDL_ENV)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert pdl.pdl_args(torch.device("cuda", 0)) == {"PDL": False}

@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from moeserve.kvstore.block_format import BlockLayout, decode_block, encode_block_into
-from moeserve.kvstore.copy_pacer import PacedDone, pieces
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.kvstore.mover import BlockMover, MoverCounters, copy_runs
 from moeserve.kvstore.prefix import block_hashes
-from moeserve.kvstore.store import MemoryStore, StoreError
+from moeserve.kvstore.store import MemoryStore
 from moeserve.kvstore.store_writer import StoreWriter
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -87,53 +86,6 @@ def test_a_save_on_cuda_never_waits_for_the_device() -> None:
         payload, why = decode_block(store.get([LAYOUT.key(h)])[0], LAYOUT, h, toks)
         assert why == "" and payload is not None and bytes(payload) == want.numpy().tobytes()
     mover.close()
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_big_save_does_not_hold_up_a_small_copy_to_the_host() -> None:
-    """A step's sampled ids come back in a small device-to-host copy, which waits behind every such copy queued
-    before it. A save of 128 MB queued after the step's work must not be queued whole ahead of the next id copy:
-    that copy lands while the save's copies are still running, and the save's blocks still land intact."""
-    caches = allocate_latent_caches([0, 1], 64, 256, 2048, torch.bfloat16, torch.device("cuda"))  # 4 MB a block
-    for cache in caches.values():
-        cache.normal_()
-    layout = BlockLayout("0123456789abcdef0123456789abcdef", "bfloat16", 256, 0, 0, 2, 2048)
-    mover = BlockMover(caches, layout, 64, None)
-    mover.save([0], [0], [0], [(0,) * 256], [False])  # the gather's kernels loaded (their first use waits)
-    torch.cuda.synchronize()
-    ids = torch.arange(64, device="cuda")
-    ids_host = torch.empty(64, dtype=ids.dtype, pin_memory=True)
-    mover.save(list(range(64)), list(range(64)), list(range(64)), [(0,) * 256] * 64, [False] * 64)
-    ids_host.copy_(ids, non_blocking=True)
-    id_copied = torch.cuda.Event()
-    id_copied.record()
-    id_copied.synchronize()
-    pacer = mover._pacer
-    assert pacer is not None and pacer._last is not None
-    assert not pacer._last._queued.is_set(), "the id copy waited behind the whole save"
-    assert torch.equal(ids_host, ids.cpu())
-    pacer._last.synchronize()
-    assert mover.host is not None
-    for b in (0, 31, 63):
-        assert torch.equal(mover.host[b], torch.stack([caches[i][b] for i in range(2)]).cpu())
-    mover.close()
-
-
-def test_pieces_cut_whole_rows_to_about_the_piece_size() -> None:
-    src, dest = torch.arange(40.0).view(10, 4), torch.zeros(10, 4)  # 16-byte rows
-    cut = pieces(dest, src, 48)
-    assert [len(s) for _, s in cut] == [3, 3, 3, 1]
-    for d, s in cut:
-        d.copy_(s)
-    assert torch.equal(dest, src)
-    assert [len(s) for _, s in pieces(dest, src, 1)] == [1] * 10  # a row bigger than a piece: one a piece
-
-
-def test_a_failed_copy_drops_the_write_with_a_store_error() -> None:
-    done = PacedDone()
-    done._finish(None, "RuntimeError: boom")
-    with pytest.raises(StoreError, match="boom"):
-        done.synchronize()
 
 
 def test_write_values_laid_out_on_the_device_decode_to_their_blocks() -> None:

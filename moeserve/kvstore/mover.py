@@ -19,7 +19,6 @@ import torch
 
 from moeserve.device_copy import to_device
 from moeserve.kvstore.block_format import BlockLayout
-from moeserve.kvstore.copy_pacer import CopyPacer, PacedDone
 from moeserve.kvstore.latent_cache import gather_blocks, scatter_blocks, stacked_view, take_rows
 from moeserve.kvstore.store import WRITE_BUFFER_BYTES, KVStore, StoreError
 from moeserve.kvstore.store_load import StoreLoader
@@ -76,9 +75,6 @@ class BlockMover:
         self.counters = MoverCounters()
         # saves copy blocks to the host on this stream, beside the steps' (``_copy_out``)
         self._copy_stream = torch.Stream(device=self.device) if self.pin else None
-        # the copies out are queued on it a few pieces at a time (kvstore/copy_pacer.py: the step's id copies
-        # wait behind them)
-        self._pacer = CopyPacer(self._copy_stream, self.device) if self._copy_stream is not None else None
         self.loader = StoreLoader(self.caches, layout, store, read_threads) if store is not None else None
         self.writer = StoreWriter(store, layout, self.block_shape, first.dtype, self.pin, write_queue_bytes,
                                   self.counters) if store is not None and writes else None
@@ -115,26 +111,28 @@ class BlockMover:
             writer.submit([hashes[i] for i in chosen], [tokens[i] for i in chosen], write_slots, event)
 
     def _copy_out(self, copies: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int], Sequence[int]]]
-                  ) -> PacedDone | None:
+                  ) -> torch.Event | None:
         """For each (src, dest, rows, slots) of ``copies``: device rows ``src[rows[k]]`` into host rows
-        ``dest[slots[k]]``. On an accelerator the copies are asynchronous: the returned ``PacedDone`` follows them.
+        ``dest[slots[k]]``. On an accelerator the copies are asynchronous: the returned event follows them.
 
         NOTE: the blocks are gathered on the step's stream (a device-to-device copy of about 0.1 ms), then copied
-        out on a stream of their own, a few pieces at a time (``CopyPacer``). On the step's stream the copies held
-        up the next step: a prompt's blocks are hundreds of megabytes, tens of milliseconds over PCIe (decode ITL
-        p99 1.75x with store writes on); queued all at once on their own stream, they held up the steps' copies
-        of the sampled ids, which wait behind every device-to-host copy queued before them."""
+        out on a stream of their own. On the step's stream the copies held up the next step: a prompt's blocks
+        are hundreds of megabytes, tens of milliseconds over PCIe (decode ITL p99 1.75x with store writes on)."""
         if not self.pin:
             for src, dest, rows, slots in copies:
                 dest[torch.tensor(list(slots))] = take_rows(src, rows)
             return None
-        assert self._copy_stream is not None and self._pacer is not None
+        assert self._copy_stream is not None
         self._copy_stream.wait_stream(torch.accelerator.current_stream(self.device))
-        runs = [(dest[slot:slot + n], src[row:row + n])  # NOTE: whole rows of both: contiguous
-                for src, dest, rows, slots in copies for row, slot, n in copy_runs(rows, slots)]
+        with self._copy_stream:
+            for src, dest, rows, slots in copies:
+                for row, slot, n in copy_runs(rows, slots):  # NOTE: whole rows of both: contiguous
+                    dest[slot:slot + n].copy_(src[row:row + n], non_blocking=True)
+            done = torch.Event(device=self.device)
+            done.record()
         for src, *_ in copies:
             src.record_stream(self._copy_stream)  # its memory is not reused before the copies out of it have run
-        return self._pacer.submit(runs)
+        return done
 
     def _gather(self, blocks: Sequence[int]) -> torch.Tensor:
         """Device blocks -> a new device tensor [n, L, block_size, kv_dim]."""
@@ -156,8 +154,7 @@ class BlockMover:
         # NOTE: each slot goes from the pinned pool to a device staging block in one asynchronous copy, queued on
         # this thread's stream after the saves' copies into the slots (the stream waits for the copy stream's: no
         # wait on the host, and no host-side gather of the prefix), then into the cache (one op for every layer)
-        assert self._copy_stream is not None and self._pacer is not None
-        self._pacer.drain()  # the saves' copies into the slots are all queued on the copy stream
+        assert self._copy_stream is not None
         torch.accelerator.current_stream(self.device).wait_stream(self._copy_stream)
         for lo in range(0, len(host_slots), HOST_LOAD_CHUNK):
             slots, blocks = host_slots[lo:lo + HOST_LOAD_CHUNK], host_blocks[lo:lo + HOST_LOAD_CHUNK]
@@ -217,9 +214,6 @@ class BlockMover:
 
     def close(self) -> None:
         """Stop the writer and let go of the cache tensors and the host pool (the engine is closing)."""
-        if self._pacer is not None:
-            self._pacer.close()
-            self._pacer = None
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.kvstore.block_format import BlockLayout, encode_block_into
-from moeserve.kvstore.copy_pacer import PacedDone
 from moeserve.kvstore.latent_cache import take_rows
 from moeserve.kvstore.store import KVStore, StoreError
 
@@ -79,7 +78,7 @@ class StoreWriter:
         return out
 
     def submit(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], slots: Sequence[int],
-               event: PacedDone | None) -> None:
+               event: torch.Event | None) -> None:
         """Write the blocks in ``slots`` once ``event`` (the copies into them) has completed."""
         self._queue.put((list(hashes), list(tokens), list(slots), event))
 
