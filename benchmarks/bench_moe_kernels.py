@@ -124,7 +124,8 @@ def sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:
 
 
 SORTED_CANDIDATES = [GemmConfig(bm, bn, 128, w, st) for bm in (16, 32) for bn in (64, 128) for w in (4, 8)
-                     for st in (3, 4, 5)]
+                     for st in (3, 4, 5)] \
+    + [GemmConfig(64, bn, bk, 8, st) for bn in (64, 128) for bk in (64, 128) for st in (2, 3, 4)]  # many pairs
 
 
 def sorted_sweep(ex: Experts, tokens: int, bandwidth: float) -> dict:

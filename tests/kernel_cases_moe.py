@@ -193,3 +193,29 @@ def test_router_logits_of_a_few_tokens_in_one_launch(dtype, tokens, experts, hid
     out = router_logits_few(x, w)
     assert out.shape == (tokens, experts) and out.dtype == torch.float32
     assert rel_err(out, router_logits(x, w)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 64, 2048), (2, 10, 200)])
+def test_norm_and_router_logits_in_one_launch(dtype, tokens, experts, hidden):
+    """A one-token MoE step's input: the residual add and RMSNorm and the router's float32 logits of the normed
+    row in one launch, against the norm kernel and the logits kernel one after the other (the same sum and
+    rows, the logits up to float32 rounding) and against the eager ops."""
+    from moeserve.experts.gate import router_logits
+    from moeserve.kernels.rmsnorm import rms_norm
+    from moeserve.kernels.router import norm_router_logits, router_logits_few
+    from moeserve.model.layers import RMSNorm
+
+    x = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    residual = torch.randn(tokens, hidden, device=DEVICE).to(dtype)
+    norm = RMSNorm(hidden, 1e-6, dtype).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    w = torch.randn(experts, hidden, device=DEVICE) / hidden ** 0.5
+    normed, total, logits = norm_router_logits(x, residual, norm.weight, norm.eps, w)
+    ref_normed, ref_total = rms_norm(x, norm.weight, norm.eps, residual)
+    assert torch.equal(total, ref_total) and torch.equal(normed, ref_normed)
+    assert logits.shape == (tokens, experts) and rel_err(logits, router_logits_few(ref_normed, w)) < 1e-6
+    with torch.no_grad():
+        eager = norm(x + residual)
+    assert rel_err(normed, eager) < tol(dtype) and rel_err(logits, router_logits(eager, w)) < tol(dtype)

@@ -23,7 +23,7 @@ from moeserve.experts.gate import GateSpec, exact_copy, route, router_logits
 from moeserve.experts.load_counter import ExpertLoadCounter, count_routed
 from moeserve.model.config import ModelConfig
 from moeserve.model.fp8 import DequantBuffer
-from moeserve.model.layers import MLP
+from moeserve.model.layers import MLP, RMSNorm
 
 if TYPE_CHECKING:
     from moeserve.kernels.moe_gemv import SharedWeights
@@ -98,8 +98,9 @@ class MoE(RoutedExperts):
     def all_to_all(self) -> AllToAllDispatch | None:
         return self.dispatcher if isinstance(self.dispatcher, AllToAllDispatch) else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [T, hidden], the same on every rank of the group -> [T, hidden], the same on every rank."""
+    def forward(self, x: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [T, hidden], the same on every rank of the group -> [T, hidden], the same on every rank.
+        ``logits``: the router's float32 logits of x where they are made already (``norm_and_logits``)."""
         if x.shape[0] == 0:  # the same on every rank: nothing to route or exchange
             return x.new_zeros(x.shape)
         first, n = self.dispatcher.share(x.shape[0])  # the tokens this rank routes
@@ -108,7 +109,7 @@ class MoE(RoutedExperts):
             if self.fused_router and self.load_counter is not None and self.dispatcher.routes_all else None
         # the router kernel also looks up each pair's local slot where that is all the dispatch would do
         slot_map = self.expert_map.direct_slots() if self.fused_router and self.dispatcher.routes_all else None
-        weights, ids, slots = self.route_to_slots(tokens, count, slot_map)     # 1. route
+        weights, ids, slots = self.route_to_slots(tokens, count, slot_map, logits)  # 1. route
         self.last_expert_ids = ids
         if count is None:  # else the router kernel counted the pairs as it chose them
             self.count_tokens(ids, first)
@@ -149,10 +150,24 @@ class MoE(RoutedExperts):
         weights, ids, _ = self.route_to_slots(x, count)
         return weights, ids
 
-    def route_to_slots(self, x: torch.Tensor, count: tuple | None = None, slot_map: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def norm_and_logits(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """For a one-token step with the norm and router kernels on and every token routed here: ``norm``'s
+        residual add and norm of this layer's input and the router's float32 logits of its output in one launch
+        (``kernels.router.norm_router_logits``) -> (normalised x, x + residual, logits). Else None."""
+        tokens = x.shape[0]
+        if not (self.fused_router and norm.fused and 0 < tokens <= ROUTER_FLOAT32_MAX_TOKENS
+                and self.dispatcher.share(tokens) == (0, tokens) and x.is_contiguous() and residual.is_contiguous()
+                and residual.shape == x.shape and residual.dtype == x.dtype):
+            return None
+        from moeserve.kernels.router import norm_router_logits
+
+        return norm_router_logits(x, residual, norm.weight, norm.eps, self.gate_weight)
+
+    def route_to_slots(self, x: torch.Tensor, count: tuple | None = None, slot_map: torch.Tensor | None = None,
+                       logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``route``, and with the router kernel and a ``slot_map`` (``ExpertMap.direct_slots``) each pair's
-        local slot [T * top_k] (else None)."""
+        local slot [T * top_k] (else None). ``logits``: x's router logits, made already (the router kernel on)."""
         if x.shape[0] == 0:  # a share of no tokens (fewer tokens than ranks): the group view takes no rows
             top_k = self.spec.top_k
             return x.new_zeros((0, top_k), dtype=torch.float32), x.new_zeros((0, top_k), dtype=torch.long), None
@@ -162,8 +177,9 @@ class MoE(RoutedExperts):
             from moeserve.kernels.router import fused_route, router_logits_few
 
             # up to ROUTER_FLOAT32_MAX_TOKENS: the float32 logits in one launch (no cast of x, no cuBLAS dot)
-            logits = router_logits_few(x, self.gate_weight) if x.shape[0] <= ROUTER_FLOAT32_MAX_TOKENS else \
-                router_logits(x, self.gate_weight, weight_in)
+            if logits is None:
+                logits = router_logits_few(x, self.gate_weight) if x.shape[0] <= ROUTER_FLOAT32_MAX_TOKENS else \
+                    router_logits(x, self.gate_weight, weight_in)
             return fused_route(logits, self.spec, self.e_score_correction_bias, count, slot_map)
         logits = router_logits(x, self.gate_weight, None)
         return (*route(logits, self.spec, self.e_score_correction_bias), None)

@@ -84,22 +84,41 @@ def _route(logits_ptr, bias_ptr, weights_ptr, ids_ptr, stride_l, E: tl.constexpr
 
 
 @triton.jit
-def _logits(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_o, BLOCK_E: tl.constexpr,
-            BLOCK_H: tl.constexpr, PDL: tl.constexpr = False):
+def _logits(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_o, res_ptr, norm_w_ptr, normed_ptr, res_out_ptr,
+            eps, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
     """One token's logits of BLOCK_E experts: float32 products of its row (any float dtype) and the float32
-    router weight, summed in float32."""
+    router weight, summed in float32. NORM: the row is first ``x + residual`` normalised as
+    ``kernels/rmsnorm.py``'s ``_rms_norm`` does it (the same steps and roundings, the whole row in one block);
+    each token's first program also writes the normalised row and the sum (the MoE layer's input and the
+    residual stream)."""
     pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = e < E
     acc = tl.zeros([BLOCK_E], tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + tl.arange(0, BLOCK_H)
+    if NORM:
+        h = tl.arange(0, BLOCK_H)
         h_ok = h < H
-        x = tl.load(x_ptr + t * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
+        dtype = x_ptr.dtype.element_ty
+        total = (tl.load(x_ptr + t * H + h, mask=h_ok, other=0.0).to(tl.float32)
+                 + tl.load(res_ptr + t * H + h, mask=h_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        inv = 1.0 / tl.sqrt(tl.sum(total * total, 0) / H + eps)
+        normed = (total * inv).to(dtype).to(tl.float32)
+        y = (normed * tl.load(norm_w_ptr + h, mask=h_ok, other=0.0).to(tl.float32)).to(normed_ptr.dtype.element_ty)
+        if tl.program_id(1) == 0:
+            tl.store(res_out_ptr + t * H + h, total.to(dtype), mask=h_ok)
+            tl.store(normed_ptr + t * H + h, y, mask=h_ok)
         w = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_w + h[None, :], mask=e_ok[:, None] & h_ok[None, :],
                     other=0.0)
-        acc += tl.sum(w * x[None, :], 1)
+        acc += tl.sum(w * y.to(tl.float32)[None, :], 1)
+    else:
+        for h0 in range(0, H, BLOCK_H):
+            h = h0 + tl.arange(0, BLOCK_H)
+            h_ok = h < H
+            x = tl.load(x_ptr + t * stride_x + h, mask=h_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + e[:, None].to(tl.int64) * stride_w + h[None, :],
+                        mask=e_ok[:, None] & h_ok[None, :], other=0.0)
+            acc += tl.sum(w * x[None, :], 1)
     tl.store(out_ptr + t * stride_o + e, acc, mask=e_ok)
 
 
@@ -115,9 +134,31 @@ def router_logits_few(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
     if tokens:
         _logits[(tokens, experts)](x, weight, out, experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
-                                   BLOCK_E=1, BLOCK_H=min(4096, triton.next_power_of_2(hidden)), num_warps=4,
-                                   **pdl_args(x.device))
+                                   x, x, x, x, 0.0, BLOCK_E=1, BLOCK_H=min(4096, triton.next_power_of_2(hidden)),
+                                   NORM=False, num_warps=4, **pdl_args(x.device))
     return out
+
+
+def norm_router_logits(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The residual add and RMSNorm before a MoE layer (``kernels.rmsnorm.rms_norm(x, norm_weight, eps,
+    residual)``, the same steps and roundings) and ``router_logits_few`` of its output, in one launch: x,
+    residual [T, H] contiguous; norm_weight [H]; weight [E, H] float32 -> (the normalised rows [T, H], x +
+    residual [T, H], the float32 logits [T, E]). For one-token steps, where the norm's own launch costs as much
+    as its work."""
+    tokens, hidden = x.shape
+    experts = weight.shape[0]
+    assert weight.dtype == torch.float32 and weight.shape[1] == hidden and weight.stride(1) == 1
+    assert x.is_contiguous() and residual.is_contiguous() and residual.shape == x.shape
+    normed = torch.empty(tokens, hidden, dtype=torch.promote_types(x.dtype, norm_weight.dtype), device=x.device)
+    total = torch.empty_like(x)
+    out = torch.empty(tokens, experts, dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(hidden)
+    if tokens:
+        _logits[(tokens, experts)](x, weight, out, experts, hidden, x.stride(0), weight.stride(0), out.stride(0),
+                                   residual, norm_weight, normed, total, eps, BLOCK_E=1, BLOCK_H=block, NORM=True,
+                                   num_warps=min(8, max(1, block // 256)), **pdl_args(x.device))
+    return normed, total, out
 
 
 def fused_route(logits: torch.Tensor, spec: GateSpec, bias: torch.Tensor | None = None,

@@ -86,7 +86,12 @@ class DecoderLayer(nn.Module):
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm.add_norm(h, residual)
-        x, residual = self.post_attention_layernorm.add_norm(self.self_attn(x, meta, kv_cache), residual)
+        attn = self.self_attn(x, meta, kv_cache)
+        if isinstance(self.mlp, MoE) and (normed := self.mlp.norm_and_logits(attn, residual,
+                                                                             self.post_attention_layernorm)):
+            x, residual, logits = normed  # a one-token step: the norm in the router's launch
+            return self.mlp(x, logits), residual
+        x, residual = self.post_attention_layernorm.add_norm(attn, residual)
         return self.mlp(x), residual
 
 

@@ -18,21 +18,24 @@ rotated decoupled key ``k_pe`` [qk_rope_head_dim] -- never per-head K/V.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moeserve.comm.shard import SINGLE, ShardInfo
 from moeserve.kernels import cpu_mla
-from moeserve.model.attn_metadata import AttnMetadata, PaddedPrefill, PrefillMetadata
+from moeserve.model.attn_metadata import AttnMetadata
 from moeserve.model.config import ModelConfig
 from moeserve.model.cpu_linear import PackedLinear
 from moeserve.model.layers import RMSNorm, RotaryEmbedding
+from moeserve.model.mla_prefill import MLAPrefill
 
 # prefill chunks of at most this many tokens, over a context at least twice as long, take the absorbed form
 ABSORB_MAX_QUERY = 32
+# decode queries up to which the cache-write kernel also absorbs them (W_UK): one batched GEMM fewer a layer,
+# where each of its programs re-reading a head's weight columns costs less than the GEMM's launch
+ABSORB_IN_ROWS_MAX_QUERIES = 4
 
 
-class MLA(nn.Module):
+class MLA(MLAPrefill, nn.Module):
     def __init__(self, config: ModelConfig, rotary: RotaryEmbedding, dtype: torch.dtype | None = None,
                  shard: ShardInfo = SINGLE):
         super().__init__()
@@ -123,15 +126,21 @@ class MLA(nn.Module):
         q_full = self._decode_query(q_pe_dec, meta.positions[:num_dec], rotate=not fused_rows) if num_dec else None
         if q_full is None or meta.num_prefill_seqs:
             q_pe = self.rotary(q_pe, meta.positions)
+        absorbed = False
         if fused_rows:
             from moeserve.kernels.mla_kv_write import write_kv_rows
 
             assert kv_cache is not None
 
-            q_rope = (q_pe_dec, q_full[..., self.kv_lora_rank:]) if q_full is not None else None
+            q_rope = q_absorb = None
+            if q_full is not None:
+                q_rope = (q_pe_dec, q_full[..., self.kv_lora_rank:])
+                # a few decode queries: their absorbed latent parts in the same launch (no batched GEMM in _decode)
+                absorbed = num_dec <= ABSORB_IN_ROWS_MAX_QUERIES
+                q_absorb = (q_nope[:num_dec], self._w_kv_b()[0], q_full[..., :self.kv_lora_rank]) if absorbed else None
             write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
                           self.rotary.cos, self.rotary.sin, self.rotary.interleave, kv_cache, meta.slot_mapping,
-                          q_rope)
+                          q_rope, q_absorb)
         elif kv_cache is not None and cpu_mla.write_kv_applies(kv_a, self.kv_a_layernorm.weight, kv_cache,
                                                                 self.rotary.cos):
             cpu_mla.write_kv_rows(kv_a, self.kv_a_layernorm.weight, self.kv_a_layernorm.eps, meta.positions,
@@ -146,7 +155,8 @@ class MLA(nn.Module):
                 kv_cache.index_copy_(0, meta.slot_mapping, new_rows.to(kv_cache.dtype))
         out = x.new_empty(x.shape[0], self.num_heads, self.v_dim)
         if num_dec:
-            self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta, out[:num_dec], q_full)
+            self._decode(q_nope[:num_dec], q_pe[:num_dec], kv_cache, meta, out[:num_dec], q_full,
+                         absorbed=absorbed)
         if meta.num_prefill_seqs:
             self._prefill(q_nope, q_pe, kv_cache, meta, out)
         return self.shard.all_reduce(self.linear(out.flatten(1), self.o_proj, "o_proj"))
@@ -175,19 +185,24 @@ class MLA(nn.Module):
         return q_full
 
     def _decode(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
-                out: torch.Tensor, q_full: torch.Tensor | None = None) -> None:
+                out: torch.Tensor, q_full: torch.Tensor | None = None, absorbed: bool = False) -> None:
         """Absorbed MLA for one new token per sequence: q_nope [B, H, nope], q_pe [B, H, rope] (rotated) ->
         ``out`` [B, H, v] (rows of the step's output). ``q_full``: ``_decode_query``'s buffer, whose rope part
-        is already rotated (``q_pe`` is then not read)."""
+        is already rotated (``q_pe`` is then not read); ``absorbed``: its latent part is written too (the
+        cache-write kernel did it)."""
         w_uk, w_uv = self._w_kv_b()
-        if q_full is not None:  # the GEMM writes the latent part through the [H, B, kv_lora] view
-            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
-        else:
+        if q_full is None:
             q_latent = torch.einsum("bhn,hnc->bhc", q_nope, w_uk)  # [B, H, kv_lora]
             q_full = torch.cat([q_latent, q_pe], dim=-1)  # [B, H, kv_lora + rope]
+        elif not absorbed:  # the GEMM writes the latent part through the [H, B, kv_lora] view
+            torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
         if self.fused and self.decode_kernel_fits:
-            from moeserve.kernels.mla_decode import mla_decode
+            from moeserve.kernels.mla_decode import MERGE_UP_MAX_BATCH, mla_decode
 
+            if q_full.shape[0] <= MERGE_UP_MAX_BATCH:  # a few sequences: the merge kernel up-projects too
+                mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens, meta.block_size,
+                           self.kv_lora_rank, self.scale, up=w_uv, out=out)
+                return
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.kv_lora_rank, self.scale)
         elif cpu_mla.applies(q_full, kv_cache):
@@ -225,75 +240,3 @@ class MLA(nn.Module):
         # NOTE: multiplying by the whole row and dropping the rope part after is cheaper than the copy that a
         # non-contiguous context[..., :kv_lora] operand would cost
         return torch.bmm(probs, context)[..., :self.kv_lora_rank]  # [B, H, kv_lora]
-
-    def _prefill(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, meta: AttnMetadata,
-                 out: torch.Tensor) -> None:
-        """Expanded MLA over the prefill chunks; writes their rows of ``out`` [T, H, v] in place."""
-        prefill = meta.prefill
-        assert prefill is not None
-        if self.fused and self.prefill_kernel_fits and not kv_cache.requires_grad:
-            self._prefill_fused(q_nope, q_pe, kv_cache, prefill, out)
-        elif (prefill.max_query_len <= self.absorb_max_query and prefill.max_context_len >= 2 * prefill.max_query_len
-              and not kv_cache.requires_grad):
-            self._prefill_absorbed(q_nope, q_pe, kv_cache, prefill.padded, out)
-        else:
-            self._prefill_eager(q_nope, q_pe, kv_cache, prefill.padded, out)
-
-    def _prefill_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                          padded: PaddedPrefill, out: torch.Tensor) -> None:
-        """Short chunks over a long context: the decode's absorbed form under the chunks' causal mask; the
-        context's latents are never up-projected. Writes the chunks' rows of ``out`` [T, H, v] in place."""
-        w_uk, w_uv = self._w_kv_b()
-        idx = padded.query_index  # [Bp, Qp]
-        q_latent = torch.einsum("bqhn,hnc->bhqc", q_nope[idx], w_uk)  # [Bp, H, Qp, kv_lora]
-        q_full = torch.cat([q_latent, q_pe[idx].transpose(1, 2)], dim=-1)  # [Bp, H, Qp, kv_lora + rope]
-        context = self._gather(kv_cache, padded.context_slots).unsqueeze(1)  # [Bp, 1, Lp, kv_lora + rope]
-        scores = torch.matmul(q_full, context.transpose(-1, -2)).float() * self.scale  # [Bp, H, Qp, Lp]
-        scores.masked_fill_(~padded.mask.unsqueeze(1), float("-inf"))
-        probs = scores.softmax(dim=-1).to(context.dtype)  # padded query rows are NaN: dropped below
-        out_latent = torch.matmul(probs, context)[..., :self.kv_lora_rank]  # [Bp, H, Qp, kv_lora]
-        o = torch.einsum("bhqc,hcv->bqhv", out_latent, w_uv)  # [Bp, Qp, H, v]
-        valid = padded.query_valid
-        out[idx[valid]] = o[valid].to(out.dtype)
-
-    def _up_project(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """context [..., L, kv_lora + rope] -> (k_nope [..., L, H, nope], k_pe [..., L, rope], v [..., L, H, v]),
-        views of one kv_b_proj product (k_pe is shared by every head)."""
-        latent, k_pe = context.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        kv = self.linear(latent, self.kv_b_proj, "kv_b_proj").unflatten(-1, (self.num_heads,
-                                                                             self.nope_dim + self.v_dim))
-        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        return k_nope, k_pe, v
-
-    def _prefill_fused(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                       prefill: PrefillMetadata, out: torch.Tensor) -> None:
-        """The flash-attention kernel (kernels/mla_prefill.py) over the packed contexts: no mask is built."""
-        from moeserve.kernels.mla_prefill import mla_prefill
-
-        # [Nc, kv_lora + rope]: each sequence's cached prefix and new rows, read through its block table
-        k_nope, k_pe, v = self._up_project(self._gather(kv_cache, prefill.context_rows))
-        mla_prefill(q_nope, q_pe, k_nope, k_pe, v, prefill.query_start, prefill.context_start,
-                    prefill.max_query_len, self.scale, out=out)
-
-    def _prefill_eager(self, q_nope: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor,
-                       padded: PaddedPrefill, out: torch.Tensor) -> None:
-        """SDPA over the chunks padded to [Bp, Qp] queries and [Bp, Lp] context rows, under a dense mask."""
-        slots = padded.context_slots
-        # [Bp, L, kv_lora + rope]; plain indexing where autograd must see it (the no-cache training mode)
-        context = kv_cache[slots] if kv_cache.requires_grad else self._gather(kv_cache, slots)
-        k_nope, k_pe, v = self._up_project(context)
-        k = torch.cat([k_nope.transpose(1, 2), k_pe.unsqueeze(1).expand(-1, self.num_heads, -1, -1)],
-                      dim=-1)  # [Bp, H, L, nope + rope]
-        # NOTE: torch's CPU flash-attention kernel wants one head width for q, k and v, and SDPA otherwise
-        # takes its matmul-softmax path (4x slower for a 4,096-token bf16 prefill); v padded with zero columns
-        # to q's width gets the kernel (the padded output columns are zeros, dropped). float32 keeps the
-        # matmul-softmax path: its sums are the ones the float32 reference's are compared with.
-        pad = k.shape[-1] - self.v_dim if k.device.type == "cpu" and k.dtype != torch.float32 else 0
-        v = F.pad(v.transpose(1, 2), (0, pad)) if pad > 0 else v.transpose(1, 2).contiguous()  # [Bp, H, L, v+]
-        idx = padded.query_index  # [Bp, Qp]
-        q = torch.cat([q_nope[idx], q_pe[idx]], dim=-1).transpose(1, 2).contiguous()  # [Bp, H, Qp, nope + rope]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=padded.mask.unsqueeze(1),
-                                           scale=self.scale)  # [Bp, H, Qp, v+]
-        o = o[..., :self.v_dim].transpose(1, 2)  # [Bp, Qp, H, v]
-        valid = padded.query_valid
-        out[idx[valid]] = o[valid].to(out.dtype)

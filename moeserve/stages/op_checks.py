@@ -197,4 +197,22 @@ def _router_error(moe: nn.Module, x: torch.Tensor) -> float:
     if bool(same.any()):
         gap = max(gap, relative_error(weights.gather(1, order.indices)[same],
                                       ref_weights.gather(1, ref_order.indices)[same]))
-    return gap
+    return max(gap, _norm_logits_error(moe, x)) if x.shape[0] and x.dim() == 2 else gap
+
+
+def _norm_logits_error(moe: MoE, x: torch.Tensor) -> float:
+    """A one-token step's residual add, norm and router logits in one launch (``MoE.norm_and_logits``) against
+    the norm kernel and the router's one-token logits kernel run one after the other (each judged against its
+    eager reference by its own kind): the same sum, the same rows up to the order of a float32 sum."""
+    from moeserve.kernels.rmsnorm import rms_norm
+    from moeserve.kernels.router import norm_router_logits, router_logits_few
+
+    h = x[:1].contiguous()
+    residual = h.roll(1, -1).contiguous()
+    weight = torch.linspace(0.5, 1.5, h.shape[1], dtype=h.dtype, device=h.device)
+    normed, total, logits = norm_router_logits(h, residual, weight, 1e-6, moe.gate_weight)
+    ref_normed, ref_total = rms_norm(h, weight, 1e-6, residual)
+    if not torch.equal(total, ref_total):
+        return float("inf")
+    return max(relative_error(normed, ref_normed),
+               relative_error(logits, router_logits_few(ref_normed, moe.gate_weight)))
