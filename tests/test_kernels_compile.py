@@ -66,9 +66,11 @@ CASES = [
     *[(f"route-{name}-slots", "router", "_route", ROUTE,
        dict(spec, COUNT=True, HAS_COUNT_WEIGHT=True, HAS_SLOTS=True), set())
       for name, spec in (("v2", V2_ROUTER), ("v3", V3_ROUTER))],
-    *[(f"kv_rows-query{has_q}", "mla_kv_write", "_kv_rows", KV_ROWS,
-       dict(LORA=512, LORA_BLOCK=512, HALF=32, INTERLEAVE=True, HAS_Q=has_q, BLOCK_H=16), set())
-      for has_q in (True, False)],
+    *[(f"kv_rows-query{has_q}-absorb{absorb}", "mla_kv_write", "_kv_rows",
+       {**KV_ROWS, "qn_ptr": "*bf16", "w_uk_ptr": "*bf16", "lat_ptr": "*bf16"},
+       dict(LORA=512, LORA_BLOCK=512, HALF=32, INTERLEAVE=True, HAS_Q=has_q, BLOCK_H=16, ABSORB=absorb,
+            NOPE_P=128 if absorb else 16, BLOCK_C=32), set())
+      for has_q, absorb in ((True, False), (False, False), (True, True))],
     *[(f"mla_decode-final{final}-heads{heads}", "mla_decode", "_mla_decode_split",
        {**MLA_DECODE, "out_ptr": "*bf16" if final else "*fp32"},
        dict(MLA_WIDTHS, NUM_SPLITS=1 if final else 16, BLOCK_H=heads, FINAL=final), set())
@@ -76,8 +78,14 @@ CASES = [
     ("mla_decode_merge-32", "mla_decode", "_mla_decode_merge",
      {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16"},
      dict(NUM_SPLITS=32, SPLIT_BLOCK=16, LATENT=512, LATENT_P=512), set()),
-    *[(f"router_logits-{block_h}", "router", "_logits", {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32"},
-       dict(BLOCK_E=1, BLOCK_H=block_h), {"H", "stride_x", "stride_w"}) for block_h in (2048, 4096)],
+    ("mla_decode_merge_up-16", "mla_decode", "_mla_decode_merge_up",
+     {"part_ptr": "*fp32", "lse_ptr": "*fp32", "w_ptr": "*bf16", "out_ptr": "*bf16"},
+     dict(NUM_SPLITS=16, LATENT=512, BLOCK_C=128, BLOCK_V=32), set()),
+    *[(f"router_logits-{block_h}-norm{norm}", "router", "_logits",
+       {"x_ptr": "*bf16", "w_ptr": "*fp32", "out_ptr": "*fp32", "res_ptr": "*bf16", "norm_w_ptr": "*bf16",
+        "normed_ptr": "*bf16", "res_out_ptr": "*bf16", "eps": "fp32"},
+       dict(BLOCK_E=1, BLOCK_H=block_h, NORM=norm), {"H", "stride_x", "stride_w"})
+      for block_h, norm in ((2048, False), (4096, False), (2048, True), (8192, True))],
     ("silu_and_mul", "activation", "_silu_and_mul", {"h_ptr": "*bf16", "out_ptr": "*bf16"}, dict(BLOCK=1024),
      {"inter", "stride_h", "stride_o"}),
     *[(f"rms_norm-residual{res}-pdl{pdl}", "rmsnorm", "_rms_norm",
