@@ -12,6 +12,7 @@ from moeserve.kvstore.block_format import BlockLayout, encode_block
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import RedisStore
+from moeserve.kvstore import store_load
 from moeserve.kvstore.store_load import StoreLoader
 
 pytestmark = pytest.mark.skipif(RedisServer.unavailable() is not None, reason=str(RedisServer.unavailable()))
@@ -48,17 +49,20 @@ def loader_for(store: RedisStore, stacked: bool, device: str = "cpu") -> tuple[S
 
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("stacked", [False, True], ids=["a-tensor-a-layer", "one-tensor"])
-@pytest.mark.parametrize("layerwise", [False, True], ids=["whole-values", "layer-by-layer"])
-def test_staged_loads_are_bit_equal_and_announce_layers_in_order(stored, layerwise: bool, stacked: bool,
-                                                                 device: str) -> None:
-    """On CUDA, the slots pinned and the copies on the reading threads' own streams."""
+@pytest.mark.parametrize("layerwise", [0, 4, 2], ids=["whole-values", "layer-by-layer", "two-layers-a-read"])
+def test_staged_loads_are_bit_equal_and_announce_layers_in_order(stored, layerwise: int, stacked: bool,
+                                                                 device: str, monkeypatch) -> None:
+    """On CUDA, the slots pinned and the copies on the reading threads' own streams. ``layerwise``: the reads a
+    layer-wise load makes (``LAYERWISE_READS``; 0: whole values)."""
+    monkeypatch.setattr(store_load, "LAYERWISE_READS", layerwise or store_load.LAYERWISE_READS)
     store, _server, hashes, tokens, latent = stored
     loader, caches = loader_for(store, stacked, device)
     blocks = list(range(2, N + 2))
     announced: list[int] = []
     if layerwise:
         result = loader.load_layers(hashes, tokens, blocks, announced.append)
-        assert announced == list(range(1, LAYERS + 1))
+        group = -(-LAYERS // layerwise)  # the layers come in groups, each read as one slice of every value
+        assert announced == [min(LAYERS, j + group) for j in range(0, LAYERS, group)] and len(announced) > 1
     else:
         result = loader.load(hashes, tokens, blocks)
     assert (result.num_ok, result.num_corrupt) == (N, 0)
