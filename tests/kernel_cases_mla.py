@@ -183,17 +183,10 @@ def test_kv_rows_rotate_the_decode_queries_too(dtype, heads):
     bit the rope kernel's output, the buffer's other columns and the other tokens' rows untouched."""
     from moeserve.kernels.mla_kv_write import write_kv_rows
     from moeserve.kernels.rope import rope
-    from moeserve.model.config import RopeConfig
-    from moeserve.model.layers import RMSNorm, RotaryEmbedding
 
     lora, rope_dim, nope = 64, 16, 24
-    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=True), rope_dim, 64).to(DEVICE)
-    norm = RMSNorm(lora, 1e-6, dtype).to(DEVICE)
-    kv_a = torch.randn(5, lora + rope_dim, dtype=dtype, device=DEVICE)
-    pos = torch.tensor([4, 9, 63, 0, 20], device=DEVICE)
-    slots = torch.tensor([1, 2, 3, 4, 5], device=DEVICE)
-    q = torch.randn(5, heads, nope + rope_dim, dtype=dtype, device=DEVICE)  # q_pe is a strided slice of q
-    q_pe = q[..., nope:]
+    rotary, norm, kv_a, pos, slots, q = _decode_rows_case(dtype, lora, rope_dim, nope, heads)
+    q_pe = q[..., nope:]  # a strided slice of q
     q_full = torch.full((3, heads, lora + rope_dim), 5.0, dtype=dtype, device=DEVICE)  # 3 decode tokens
     cache = torch.zeros(8, lora + rope_dim, dtype=dtype, device=DEVICE)
     alone = cache.clone()
@@ -211,20 +204,13 @@ def test_kv_rows_rotate_the_decode_queries_too(dtype, heads):
 def test_kv_rows_absorb_the_decode_queries_too(dtype, lora):
     """With the queries' no-rope parts and W_UK, extra programs of the cache-write launch write each decode
     query's absorbed latent part (``torch.bmm(q_nope, W_UK)``) beside its rotated rope part; the cache rows and
-    the rope parts are the same as without them, and the tokens past the decode ones are not absorbed."""
+    the rope parts are the same as without them."""
     from moeserve.kernels.mla_kv_write import write_kv_rows
     from moeserve.kernels.rope import rope
-    from moeserve.model.config import RopeConfig
-    from moeserve.model.layers import RMSNorm, RotaryEmbedding
 
     rope_dim, nope, heads = 16, 24, 3
-    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=True), rope_dim, 64).to(DEVICE)
-    norm = RMSNorm(lora, 1e-6, dtype).to(DEVICE)
-    kv_a = torch.randn(5, lora + rope_dim, dtype=dtype, device=DEVICE)
-    pos = torch.tensor([4, 9, 63, 0, 20], device=DEVICE)
-    slots = torch.tensor([1, 2, 3, 4, 5], device=DEVICE)
-    q = torch.randn(5, heads, nope + rope_dim, dtype=dtype, device=DEVICE)  # both parts strided slices of q
-    q_nope, q_pe = q[..., :nope], q[..., nope:]
+    rotary, norm, kv_a, pos, slots, q = _decode_rows_case(dtype, lora, rope_dim, nope, heads)
+    q_nope, q_pe = q[..., :nope], q[..., nope:]  # both parts strided slices of q
     w_uk = (torch.randn(heads, nope, lora, device=DEVICE) / nope ** 0.5).to(dtype)
     q_full = torch.full((3, heads, lora + rope_dim), 5.0, dtype=dtype, device=DEVICE)  # 3 decode tokens
     cache = torch.zeros(8, lora + rope_dim, dtype=dtype, device=DEVICE)
@@ -239,28 +225,15 @@ def test_kv_rows_absorb_the_decode_queries_too(dtype, lora):
     assert rel_err(q_full[..., :lora], ref) < tol(dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("splits", [1, 4, 32])  # 1: no merge, the batched GEMM after the kernel
-@pytest.mark.parametrize("latent,rope", [(64, 16), (96, 32)])
-def test_mla_decode_up_projects_in_its_merge(dtype, splits, latent, rope):
-    """``mla_decode(..., up=W_UV, out=...)``: the latent output's up-projection written into a strided buffer,
-    equal to the batched GEMM of the kernel's own latent output (merged and rounded alike), and to the eager
-    attention's; the buffer's other columns untouched."""
-    from kernel_cases import _eager_decode, _paged_case
+def _decode_rows_case(dtype, lora, rope_dim, nope, heads):
+    """A decode step's cache-write inputs for 5 tokens: (rotary, latent norm, kv_a, positions, slots, q)."""
+    from moeserve.model.config import RopeConfig
+    from moeserve.model.layers import RMSNorm, RotaryEmbedding
 
-    from moeserve.kernels.mla_decode import mla_decode
-
-    page, lens, v_dim = 16, [1, 37, 100], 24  # 24 output columns: a masked tile
-    q, cache, tables, ctx = _paged_case(dtype, lens, page, latent, rope)
-    heads = q.shape[1]
-    up = (torch.randn(heads, latent, v_dim, device=DEVICE) / latent ** 0.5).to(dtype)
-    wide = torch.full((len(lens), heads, v_dim + 16), 7.0, dtype=dtype, device=DEVICE)
-    out = wide[..., 8:8 + v_dim]
-    got = mla_decode(q, cache, tables, ctx, page, latent, 0.3, num_splits=splits, up=up, out=out)
-    assert got.data_ptr() == out.data_ptr() and got.shape == (len(lens), heads, v_dim)
-    assert bool((wide[..., :8] == 7.0).all()) and bool((wide[..., 8 + v_dim:] == 7.0).all())
-    own = mla_decode(q, cache, tables, ctx, page, latent, 0.3, num_splits=splits)
-    ref = torch.bmm(own.transpose(0, 1).float(), up.float()).transpose(0, 1)
-    assert rel_err(out, ref) < tol(dtype)
-    eager = torch.bmm(_eager_decode(q, cache, tables, ctx, page, latent, 0.3).transpose(0, 1).float(), up.float())
-    assert rel_err(out, eager.transpose(0, 1)) < (2e-3 if dtype == torch.float32 else 3e-2)
+    rotary = RotaryEmbedding(RopeConfig(rope_type="default", theta=10000.0, interleave=True), rope_dim, 64).to(DEVICE)
+    norm = RMSNorm(lora, 1e-6, dtype).to(DEVICE)
+    kv_a = torch.randn(5, lora + rope_dim, dtype=dtype, device=DEVICE)
+    pos = torch.tensor([4, 9, 63, 0, 20], device=DEVICE)
+    slots = torch.tensor([1, 2, 3, 4, 5], device=DEVICE)
+    q = torch.randn(5, heads, nope + rope_dim, dtype=dtype, device=DEVICE)
+    return rotary, norm, kv_a, pos, slots, q

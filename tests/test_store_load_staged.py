@@ -8,11 +8,11 @@ import pytest
 import torch
 from redis_server import RedisServer
 
+from moeserve.kvstore import store_load
 from moeserve.kvstore.block_format import BlockLayout, encode_block
 from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.kvstore.prefix import block_hashes
 from moeserve.kvstore.store import RedisStore
-from moeserve.kvstore import store_load
 from moeserve.kvstore.store_load import StoreLoader
 
 pytestmark = pytest.mark.skipif(RedisServer.unavailable() is not None, reason=str(RedisServer.unavailable()))

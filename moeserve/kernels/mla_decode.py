@@ -130,37 +130,6 @@ def _mla_decode_merge(part_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_p
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-@triton.jit
-def _mla_decode_merge_up(part_ptr, lse_ptr, w_ptr, out_ptr, stride_pb, stride_ph, stride_ps, stride_wh, stride_wc,
-                         stride_ob, stride_oh, num_heads, V, NUM_SPLITS: tl.constexpr, LATENT: tl.constexpr,
-                         BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr, PDL: tl.constexpr = False):
-    """The merge of one (sequence, head)'s pieces and its up-projection in one program per BLOCK_V output
-    columns: out[b, h, v] = merged[b, h, :] . w[h, :, v], the merged latent rounded to the output dtype first
-    (as the merge kernel's output is before the batched GEMM that this replaces)."""
-    pdl_enter(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    v = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = v < V
-    dtype = out_ptr.dtype.element_ty
-    s = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(lse_ptr + (b * num_heads + h) * NUM_SPLITS + s)  # [S]
-    m = tl.max(lse, 0)
-    e = tl.where(lse > float("-inf"), tl.exp(lse - m), 0.0)
-    w_s = e / tl.sum(e, 0)
-    acc = tl.zeros([BLOCK_V], tl.float32)
-    for c0 in range(0, LATENT, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < LATENT
-        parts = tl.load(part_ptr + b * stride_pb + h * stride_ph + s[:, None] * stride_ps + c[None, :],
-                        mask=c_ok[None, :], other=0.0)  # [S, BLOCK_C] float32
-        merged = tl.sum(parts * w_s[:, None], 0).to(dtype).to(tl.float32)
-        w = tl.load(w_ptr + h * stride_wh + c[:, None] * stride_wc + v[None, :], mask=c_ok[:, None] & v_ok[None, :],
-                    other=0.0).to(tl.float32)  # [BLOCK_C, BLOCK_V]
-        acc += tl.sum(merged[:, None] * w, 0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + v, acc.to(dtype), mask=v_ok)
-
-
 def padded(width: int) -> int:
     """The tile width of a latent or rope part: the next power of two, at least 16 (a tensor-core K)."""
     return max(16, triton.next_power_of_2(width))
@@ -174,25 +143,12 @@ def num_splits_for(batch: int, num_heads: int, num_sms: int = 132, fill: int = D
     return 1 << (splits.bit_length() - 1)  # a power of two (the merge kernel's arange)
 
 
-# sequences up to which MLA._decode folds the up-projection into the merge: each program re-reads its head's
-# [latent, V] weight slice, which a batched GEMM reads once for every sequence
-MERGE_UP_MAX_BATCH = 4
-MERGE_UP_BLOCK_V = 32  # output columns a program: 4 programs a head at V2/V3's 128
-
-
 def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
                page_size: int, latent_dim: int, scale: float, num_splits: int | None = None,
-               config: DecodeConfig | None = None, up: torch.Tensor | None = None,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               config: DecodeConfig | None = None) -> torch.Tensor:
     """q: [B, H, latent + rope] absorbed queries; cache: [num_slots, latent + rope] (flat paged rows);
     block_tables: [B, max_blocks] (entries past a sequence's length are never read); context_lens: [B]
-    (>= 1) -> [B, H, latent] in q's dtype: softmax(scale * q . rows) . rows[:, :latent].
-
-    ``up``: [H, latent, V] (the value half of MLA's kv_b_proj, last stride 1): the output is then the latent
-    output's up-projection [B, H, V] (``torch.bmm`` of the latent output, rounded to q's dtype, by ``up``),
-    written into ``out`` where given (last stride 1). Where the sequences are split, the merge kernel does the
-    projection too: one launch fewer than a batched GEMM after it, for a few sequences (``MERGE_UP_MAX_BATCH``),
-    since each (sequence, head) reads its head's weight."""
+    (>= 1) -> [B, H, latent] in q's dtype: softmax(scale * q . rows) . rows[:, :latent]."""
     batch, num_heads, width = q.shape
     rope = width - latent_dim
     # one table dtype (the CUDA graphs' int32) for every caller: a second would be a second compiled variant,
@@ -201,20 +157,9 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
     config = config or config_for(num_heads, batch)
     splits = num_splits or num_splits_for(batch, num_heads, fill=config.fill, head_block=config.head_block,
                                           max_splits=config.max_splits)
-    up_out = None
-    if up is not None:
-        v_dim = up.shape[2]
-        assert up.shape == (num_heads, latent_dim, v_dim) and up.stride(2) == 1
-        up_out = out if out is not None else torch.empty(batch, num_heads, v_dim, dtype=q.dtype, device=q.device)
-        assert up_out.shape == (batch, num_heads, v_dim) and up_out.stride(2) == 1
-        if splits == 1:  # no merge to fold the projection into
-            latent = mla_decode(q, cache, block_tables, context_lens, page_size, latent_dim, scale, 1, config)
-            torch.bmm(latent.transpose(0, 1), up, out=up_out.transpose(0, 1))
-            return up_out
+    out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device)
     final = splits == 1  # one piece a sequence (a large batch): the split kernel writes the output, no merge
-    latent_out = torch.empty(batch, num_heads, latent_dim, dtype=q.dtype, device=q.device) \
-        if final or up_out is None else q  # (q: a placeholder the merge with the projection never reads)
-    parts = latent_out.unsqueeze(2) if final else \
+    parts = out.unsqueeze(2) if final else \
         torch.empty(batch, num_heads, splits, latent_dim, dtype=torch.float32, device=q.device)
     lse = parts if final else torch.empty(batch, num_heads, splits, dtype=torch.float32, device=q.device)
     grid = (batch, triton.cdiv(num_heads, config.head_block), splits)
@@ -225,17 +170,9 @@ def mla_decode(q: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
         ROPE_P=padded(rope), BLOCK_H=config.head_block, BLOCK_T=config.token_block, PRECISION=dot_precision(q.dtype),
         FINAL=final, num_warps=config.num_warps, num_stages=config.num_stages, **pdl_args(q.device))
     if final:
-        return latent_out
-    if up is not None and up_out is not None:  # (the one implies the other)
-        block_v = min(MERGE_UP_BLOCK_V, triton.next_power_of_2(up.shape[2]))
-        _mla_decode_merge_up[(batch, num_heads, triton.cdiv(up.shape[2], block_v))](
-            parts, lse, up, up_out, parts.stride(0), parts.stride(1), parts.stride(2), up.stride(0), up.stride(1),
-            up_out.stride(0), up_out.stride(1), num_heads, up.shape[2], NUM_SPLITS=splits, LATENT=latent_dim,
-            BLOCK_C=min(128 if splits <= 16 else 64, padded(latent_dim)), BLOCK_V=block_v, num_warps=4,
-            **pdl_args(q.device))
-        return up_out
+        return out
     _mla_decode_merge[(batch, num_heads)](
-        parts, lse, latent_out, parts.stride(0), parts.stride(1), parts.stride(2), latent_out.stride(0),
-        latent_out.stride(1), num_heads, NUM_SPLITS=splits, SPLIT_BLOCK=min(splits, 16), LATENT=latent_dim,
-        LATENT_P=padded(latent_dim), num_warps=4, **pdl_args(q.device))
-    return latent_out
+        parts, lse, out, parts.stride(0), parts.stride(1), parts.stride(2), out.stride(0), out.stride(1),
+        num_heads, NUM_SPLITS=splits, SPLIT_BLOCK=min(splits, 16), LATENT=latent_dim, LATENT_P=padded(latent_dim),
+        num_warps=4, **pdl_args(q.device))
+    return out

@@ -197,12 +197,11 @@ class MLA(MLAPrefill, nn.Module):
         elif not absorbed:  # the GEMM writes the latent part through the [H, B, kv_lora] view
             torch.bmm(q_nope.transpose(0, 1), w_uk, out=q_full.transpose(0, 1)[..., :self.kv_lora_rank])
         if self.fused and self.decode_kernel_fits:
-            from moeserve.kernels.mla_decode import MERGE_UP_MAX_BATCH, mla_decode
+            from moeserve.kernels.mla_decode import mla_decode
 
-            if q_full.shape[0] <= MERGE_UP_MAX_BATCH:  # a few sequences: the merge kernel up-projects too
-                mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens, meta.block_size,
-                           self.kv_lora_rank, self.scale, up=w_uv, out=out)
-                return
+            # NOTE: the up-projection by W_UV folded into the merge kernel at up to 4 sequences (one launch fewer)
+            # was slower on an H100: 2.854 against 2.708 ms a V2-Lite step at batch 1 (BENCHMARKS.md, issue 20's
+            # fifteenth pass). Each program streamed its head's weight slice after the merge, in series
             out_latent = mla_decode(q_full, kv_cache, meta.decode_block_tables, meta.decode_context_lens,
                                     meta.block_size, self.kv_lora_rank, self.scale)
         elif cpu_mla.applies(q_full, kv_cache):
