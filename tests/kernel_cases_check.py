@@ -9,7 +9,8 @@ import json
 
 import pytest
 import torch
-from kernel_cases import DEVICE, _engine, _run
+from kernel_cases import DEVICE
+from kernel_cases_engine import _engine, _run
 
 from moeserve.kernels import triton_available
 from moeserve.model.synthetic import tiny_config
