@@ -1,6 +1,7 @@
 """A step's new latent rows into MLA's paged cache in one kernel: RMSNorm of the latent, rotation of the
 decoupled key, the scatter to each token's cache row (the eager path: a norm, a rotation, a concatenation
-and an index copy, four launches a layer).
+and an index copy, four launches a layer). In a decode step the same launch rotates the queries' rope parts
+and, for a few queries, absorbs their no-rope parts by W_UK (``write_kv_rows``'s ``q_rope`` and ``q_absorb``).
 
 Reference: ``MLA.forward``'s eager rows, ``cat([kv_a_layernorm(latent), rotary(k_pe)])`` written with
 ``index_copy_`` at ``slot_mapping``. Rounding follows the eager ops: the normalised row is rounded to the

@@ -1,5 +1,6 @@
 """The MoE router after its matmul in one kernel: scores, group-limited selection, top-k, normalisation; and the
-matmul itself for one-token steps (``router_logits_few``).
+matmul itself for one-token steps (``router_logits_few``; ``norm_router_logits`` with the layer's residual add
+and RMSNorm before it in the same launch).
 
 Reference: ``route`` (``moeserve/experts/gate.py``): softmax (V2) or sigmoid (V3) scores; top-k that is
 greedy, group-limited greedy (groups ranked by their best score) or ``noaux_tc`` (groups ranked by the sum
