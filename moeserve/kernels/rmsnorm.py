@@ -15,6 +15,15 @@ from moeserve.kernels.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
+def normed_row(x, w, n, eps, dtype: tl.constexpr):
+    """RMSNorm of float32 row ``x`` (n values, masked-off columns zero) times float32 weight ``w``, rounded as the
+    eager ops round (the normalised row to ``dtype`` before the weight multiplies it) -> float32, for the
+    caller to round to its output dtype. Shared by every kernel that normalises a row (``router._logits``)."""
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
+    return (x * inv).to(dtype).to(tl.float32) * w
+
+
+@triton.jit
 def _rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o, stride_ro, n, eps,
               HAS_RES: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     pdl_enter(PDL)
@@ -27,10 +36,8 @@ def _rms_norm(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, s
         x = x + tl.load(res_ptr + row * stride_r + cols, mask=ok, other=0.0).to(tl.float32)
         x = x.to(dtype).to(tl.float32)
         tl.store(res_out_ptr + row * stride_ro + cols, x.to(dtype), mask=ok)
-    inv = 1.0 / tl.sqrt(tl.sum(x * x, 0) / n + eps)
-    normed = (x * inv).to(dtype).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * stride_o + cols, normed_row(x, w, n, eps, dtype).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

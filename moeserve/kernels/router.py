@@ -17,6 +17,7 @@ import triton.language as tl
 
 from moeserve.experts.gate import GateSpec
 from moeserve.kernels.pdl import pdl_args, pdl_enter
+from moeserve.kernels.rmsnorm import normed_row
 
 METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
@@ -89,7 +90,7 @@ def _logits(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_o, res_ptr, 
             eps, BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr = False):
     """One token's logits of BLOCK_E experts: float32 products of its row (any float dtype) and the float32
     router weight, summed in float32. NORM: the row is first ``x + residual`` normalised as
-    ``kernels/rmsnorm.py``'s ``_rms_norm`` does it (the same steps and roundings, the whole row in one block);
+    ``kernels/rmsnorm.py``'s ``_rms_norm`` does it (its ``normed_row``, the whole row in one block);
     each token's first program also writes the normalised row and the sum (the MoE layer's input and the
     residual stream)."""
     pdl_enter(PDL)
@@ -103,9 +104,8 @@ def _logits(x_ptr, w_ptr, out_ptr, E, H, stride_x, stride_w, stride_o, res_ptr, 
         dtype = x_ptr.dtype.element_ty
         total = (tl.load(x_ptr + t * H + h, mask=h_ok, other=0.0).to(tl.float32)
                  + tl.load(res_ptr + t * H + h, mask=h_ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-        inv = 1.0 / tl.sqrt(tl.sum(total * total, 0) / H + eps)
-        normed = (total * inv).to(dtype).to(tl.float32)
-        y = (normed * tl.load(norm_w_ptr + h, mask=h_ok, other=0.0).to(tl.float32)).to(normed_ptr.dtype.element_ty)
+        norm_w = tl.load(norm_w_ptr + h, mask=h_ok, other=0.0).to(tl.float32)
+        y = normed_row(total, norm_w, H, eps, dtype).to(normed_ptr.dtype.element_ty)
         if tl.program_id(1) == 0:
             tl.store(res_out_ptr + t * H + h, total.to(dtype), mask=h_ok)
             tl.store(normed_ptr + t * H + h, y, mask=h_ok)
