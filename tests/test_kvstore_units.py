@@ -156,12 +156,18 @@ def test_cost_rule_skips_loads_slower_than_recomputing() -> None:
 
 
 def test_a_full_write_queue_drops_instead_of_waiting() -> None:
-    tiers, caches = make_tiers(0, MemoryStore())
+    """A save of more blocks than the write queue has room for writes the first ones and drops (counts) the
+    rest, without waiting for the writer."""
+    store = MemoryStore()
+    tiers, caches = make_tiers(0, store)
     mover = tiers.transport.mover  # type: ignore[attr-defined]
     mover.writer.max_pending = 2
     tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
-    mover.save([0, 1, 2], [-1] * 3, block_hashes([t for b in tokens for t in b], 4), tokens, [True] * 3)
-    assert mover.counters.writes_dropped == 3
+    hashes = block_hashes([t for b in tokens for t in b], 4)
+    mover.save([0, 1, 2], [-1] * 3, hashes, tokens, [True] * 3)
+    assert mover.counters.writes_dropped == 1
+    assert mover.flush() and mover.counters.blocks_written == 2
+    assert store.lookup([LAYOUT.key(h) for h in hashes]) == 2  # the prefix's first two blocks are stored
 
 
 def test_cluster_toml_kvstore_table(tmp_path) -> None:
@@ -226,6 +232,28 @@ def test_one_steps_saves_travel_as_one_message_and_come_back_bit_equal() -> None
     for cache in caches.values():
         cache.zero_()
     for b in (1, 2):
+        pool = BlockPool(8)
+        pool.allocate(5)
+        got = load_prefix(tiers, [hashes[b]], [tokens[b]], pool)
+        assert len(got) == 1 and torch.equal(torch.stack([caches[i][got[0]] for i in range(2)]), want[b])
+
+
+def test_one_steps_store_writes_travel_as_one_message_and_come_back_bit_equal() -> None:
+    """With store writes on too, a step's saves are one KvSaveMsg (one gather on the ranks, not one a request),
+    and every block comes back from the store bit-equal."""
+    store = MemoryStore()
+    tiers, caches = make_tiers(0, store)
+    tokens = [tuple(range(i * 4, i * 4 + 4)) for i in range(3)]
+    hashes = [block_hashes(list(t), 4)[0] for t in tokens]
+    want = [torch.stack([caches[i][b] for i in range(2)]) for b in (0, 1, 2)]
+    for b in range(3):
+        tiers.save([b], hashes[b:b + 1], tokens[b:b + 1])
+    assert len(tiers._ops) == 1 and tiers._ops[0].blocks == [0, 1, 2] and tiers._ops[0].to_store == [True] * 3
+    tiers.send_ops()
+    assert tiers.transport.mover.flush()  # type: ignore[attr-defined]
+    for cache in caches.values():
+        cache.zero_()
+    for b in range(3):
         pool = BlockPool(8)
         pool.allocate(5)
         got = load_prefix(tiers, [hashes[b]], [tokens[b]], pool)

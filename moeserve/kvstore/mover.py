@@ -88,8 +88,7 @@ class BlockMover:
         writer = self.writer
         chosen = [i for i, flag in enumerate(to_store) if flag] if writer is not None else []
         write_slots = writer.take_slots(len(chosen)) if writer is not None and chosen else []
-        if not write_slots:
-            chosen = []
+        chosen = chosen[:len(write_slots)]  # the first blocks of a prefix are the ones worth storing
         if not host and not chosen:
             return
         rows = sorted(set(host) | set(chosen))  # the gathered tensor's row of each saved block

@@ -57,13 +57,12 @@ class StoreWriter:
         self._thread.start()
 
     def take_slots(self, n: int) -> list[int]:
-        """``n`` free slots, or none (the blocks dropped, counted) when the queue is full."""
+        """Up to ``n`` free slots: as many as the queue has room for, the rest of the blocks dropped (counted)."""
         with self._lock:
-            if self._pending + n > self.max_pending or len(self._free) < n:
-                self.counters.writes_dropped += n
-                return []
-            self._pending += n
-            return [self._free.pop() for _ in range(n)]
+            k = max(0, min(n, self.max_pending - self._pending, len(self._free)))
+            self.counters.writes_dropped += n - k
+            self._pending += k
+            return [self._free.pop() for _ in range(k)]
 
     def as_values(self, data: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
         """Rows ``rows`` of gathered blocks ``data`` laid out as stored values ([k, value bytes], on ``data``'s
