@@ -14,6 +14,7 @@ from kernel_cases import DEVICE
 
 from moeserve.kernels import triton_available
 from moeserve.model.synthetic import tiny_config
+from moeserve.stages.step_plan import StepPlan
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed (pip install triton)")
 
@@ -42,8 +43,9 @@ MLA_DIMS = [{}] if DEVICE.type == "cpu" else [{}, dict(kv_lora_rank=96, qk_rope_
 @pytest.mark.parametrize("dtype", ["float32"] if DEVICE.type == "cpu" else ["float32", "bfloat16"])
 @pytest.mark.parametrize("mla_dims", MLA_DIMS, ids=lambda d: "x".join(map(str, d.values())) or "tiny")
 def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype, mla_dims):
-    """The whole engine (prefill chunks, mixed and decode steps; CUDA graphs on a GPU) against its eager ops:
-    float32 gives the same greedy tokens; bf16 agrees up to the first near tie (reported with its gap)."""
+    """The whole engine (prefill chunks, mixed and decode steps; CUDA graphs on a GPU; then a prefix hit's short
+    suffix, as decode rows) against its eager ops: float32 gives the same greedy tokens; bf16 agrees up to the
+    first near tie (reported with its gap)."""
     import dataclasses
     import json
 
@@ -63,8 +65,26 @@ def test_engine_with_kernels_and_graphs_matches_eager(tmp_path, dtype, mla_dims)
     # the first prompt decodes 3 tokens more: the last steps are one-token steps (their own fused paths)
     per_prompt = [dataclasses.replace(params, max_tokens=params.max_tokens + 3)] + [params] * (len(prompts) - 1)
     fast, _ = _run(fast_engine, prompts, per_prompt)
-    ref, ref_top = _run(_engine(tmp_path, True, dtype), prompts, per_prompt)
-    assert [len(t) for t in fast] == [p.max_tokens for p in per_prompt]
+    ref_engine = _engine(tmp_path, True, dtype)
+    ref, ref_top = _run(ref_engine, prompts, per_prompt)
+    # then a prompt whose first 32 tokens the device's prefix cache holds (the second prompt's): its 6-token
+    # suffix runs as decode rows on the fast path (StepPlan.short_chunks_as_rows), as a prefill chunk on the eager
+    hit = [prompts[1][:32] + torch.randint(2, 256, (6,), generator=gen).tolist()]
+    converted = []
+    original = StepPlan.short_chunks_as_rows
+
+    def spied(plan, max_query):  # noqa: ANN001, ANN202 - the real method, its conversions counted
+        rows = original(plan, max_query)
+        converted.append(rows is not plan)
+        return rows
+
+    with mock.patch.object(StepPlan, "short_chunks_as_rows", spied):
+        fast_hit, _ = _run(fast_engine, hit, params)
+    assert any(converted)
+    ref_hit, ref_hit_top = _run(ref_engine, hit, params)
+    assert fast_engine.kv.num_prefix_hit_tokens >= 32 and ref_engine.kv.num_prefix_hit_tokens >= 32
+    fast, ref, ref_top = fast + fast_hit, ref + ref_hit, ref_top + ref_hit_top
+    assert [len(t) for t in fast] == [p.max_tokens for p in per_prompt + [params]]
     for i, (a, b) in enumerate(zip(fast, ref)):
         if dtype == "float32":
             assert a == b

@@ -15,6 +15,7 @@ from moeserve.kvstore.latent_cache import allocate_latent_caches
 from moeserve.kvstore.layer_ready import LayerReady
 from moeserve.model.attn_metadata import AttnMetadata, MetadataSizes, build_attn_metadata
 from moeserve.model.deepseek import DeepseekModel
+from moeserve.model.mla import ABSORB_MAX_QUERY
 from moeserve.stages.cuda_graph import DecodeGraphs, DraftGraphs
 from moeserve.stages.selfcheck import check_fast_path
 from moeserve.stages.step_plan import DraftPlan, PaddedTables, StepPlan, decode_rows, fill_pending
@@ -66,6 +67,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.draft_graphs: DraftGraphs | None = None  # the MTP module's passes (speculative decoding)
         self.fast_path_error: str | None = None  # why the fused kernels are off, where they were to run
+        # with the fused kernels, short prefill chunks over long contexts run as decode rows (a CUDA graph where
+        # one fits): StepPlan.short_chunks_as_rows. A prefix hit's 16-token suffix over 8k cached tokens took
+        # 27 ms as a prefill chunk on an H100, most of it up-projecting the context (BENCHMARKS.md, issue 21)
+        self.short_chunk_rows = fast
         if device.type == "cpu" and model.dtype == torch.bfloat16:
             # build (once per machine) and load the CPU kernels now, not in the first request's step
             logger.info("CPU kernels: %s", cpu_build.status())
@@ -151,9 +156,14 @@ class ModelRunner:
         Nothing here reads a value back from the device: the engine queues the next step meanwhile.
         """
         plan = plan.expanded()  # drafts to verify: decode rows
+        # the expert-load counts' decode tokens (they come first): those of the plan, not of its short chunks'
+        # rows below
+        num_decode = plan.num_decode_rows if self.expert_load is not None else 0
+        if self.short_chunk_rows:
+            plan = plan.short_chunks_as_rows(ABSORB_MAX_QUERY)
         if self.graphs is not None and self.graphs.fits(plan) and not plan.wait_loads:
-            if self.expert_load is not None:  # decode graphs: every token is a decode token
-                self.expert_load.begin_step(len(plan.token_ids))
+            if self.expert_load is not None:
+                self.expert_load.begin_step(num_decode)
             out = self.graphs.run(plan, hidden, prev_token_ids)
             if not self.model.slice.has_head:
                 return None, out
@@ -162,7 +172,7 @@ class ModelRunner:
             return out if plan.samples_every_row else out[self._index(plan.sample_rows)], out
         meta, token_ids = self.step_inputs(plan, with_token_ids=hidden is None)
         if self.expert_load is not None:
-            self.expert_load.begin_step(meta.num_decode_tokens)
+            self.expert_load.begin_step(num_decode)
         if hidden is None:
             assert token_ids is not None
             fill_pending(token_ids, plan, prev_token_ids)

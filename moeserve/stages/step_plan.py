@@ -43,16 +43,43 @@ class StepPlan:
         reads it, so row j sees the latents of rows < j of the same step."""
         if not any(self.num_spec):
             return self
+        for q, k in zip(self.query_lens, self.num_spec):
+            assert not k or q == k + 1, "drafts ride on a decode only"
+        return self._as_rows([k > 0 for k in self.num_spec], every_row_sampled=True)
+
+    def short_chunks_as_rows(self, max_query: int) -> StepPlan:
+        """The plan with its prefill chunks as decode rows (as ``expanded`` makes them of a verify) where every
+        chunk is short over a long context: at most ``max_query`` tokens over at least as many cached ones (a
+        prefix hit's suffix, the tail of a prompt whose blocks came from a prefill instance). The step then
+        takes MLA's absorbed decode form and a CUDA graph's decode shape instead of up-projecting each
+        chunk's whole context in every layer; a sampled chunk's one sample row is its last. Unchanged where
+        a chunk is longer (the prefill form runs for it anyway) or where there is none. Call it on an
+        ``expanded`` plan."""
+        assert not any(self.num_spec), "expand the verify rows first"
+        chunks = [q > 1 for q in self.query_lens]
+        if not any(chunks) or any(q > 1 and (q > max_query or c < q)
+                                  for q, c in zip(self.query_lens, self.num_computed)):
+            return self
+        return self._as_rows(chunks, every_row_sampled=False)
+
+    @property
+    def num_decode_rows(self) -> int:
+        """Sequences of one new token (they come first)."""
+        return sum(q == 1 for q in self.query_lens)
+
+    def _as_rows(self, split: Sequence[bool], every_row_sampled: bool) -> StepPlan:
+        """Each sequence i with ``split[i]`` as one decode row per new token; a sampled one's rows all sampled
+        (``every_row_sampled``) or its last."""
         query_lens: list[int] = []
         num_computed: list[int] = []
         tables: list[Sequence[int]] = []
         sample_rows: list[int] = []
         sampled = set(self.sample_rows)
         for i, (q, c, table) in enumerate(zip(self.query_lens, self.num_computed, self.block_tables)):
-            rows = q if self.num_spec[i] else 1
-            assert not self.num_spec[i] or q == self.num_spec[i] + 1, "drafts ride on a decode only"
+            rows = q if split[i] else 1
             if i in sampled:
-                sample_rows.extend(range(len(query_lens), len(query_lens) + rows))
+                first = len(query_lens)
+                sample_rows.extend(range(first, first + rows) if every_row_sampled else [first + rows - 1])
             query_lens += [1] * q if rows > 1 else [q]
             num_computed += list(range(c, c + q)) if rows > 1 else [c]
             tables += [table] * rows

@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--json-out")
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--device", default="cuda", help="cpu: the embedded model (a check of the probe itself)")
+    ap.add_argument("--no-store", action="store_true", help="host-tier hits only")
     a = ap.parse_args()
     gpu = a.device == "cuda"
     args = argparse.Namespace(model="benchmarks/configs/deepseek_v2_lite" if gpu else "", device=a.device,
@@ -91,6 +92,9 @@ def main() -> None:
               json.dumps(out[f"host{i}"]["hit"]["steps"])[:800], flush=True)
     ke.release(c)
     del c
+    if a.no_store:
+        finish(out, a.json_out)
+        return
     with ExitStack() as stack:
         servers = [stack.enter_context(RedisServer(Path(tempfile.mkdtemp()))) for _ in range(4)]
         for s in servers:
@@ -105,12 +109,18 @@ def main() -> None:
             print("store", i, "cold", cold["ttft_ms"], "hit", out[f"store{i}"]["hit"]["ttft_ms"],
                   json.dumps(out[f"store{i}"]["hit"]["steps"])[:800], flush=True)
         ke.release(b)
+    finish(out, a.json_out)
+
+
+def finish(out: dict, json_out: str | None) -> None:
     for k in ("host2", "store2"):
+        if k not in out:
+            continue
         prof = out[k]["hit"].get("prof", {})
         print(k, "cpu", json.dumps(prof.get("cpu"))[:1500])
         print(k, "dev", json.dumps(prof.get("dev"))[:1500])
-    if a.json_out:
-        Path(a.json_out).write_text(json.dumps(out, indent=1))
+    if json_out:
+        Path(json_out).write_text(json.dumps(out, indent=1))
 
 
 main()
