@@ -214,9 +214,9 @@ class TierManager(QueuedConnector):
         last = self._ops[-1] if self._ops else None
         # NOTE: the saves of one step (a request's block filled: at batch 256 and 16-token blocks, 16 a step)
         # travel as one message and one gather on the ranks; not where a slot repeats, as the copies into one
-        # slot would then land in no set order. A message a save cost a step with store writes on 16 gathers
-        # and 260 launches (1.5 ms of device time, nineteenth session's probe): a full write queue now drops
-        # blocks, not whole messages, so those merge too.
+        # slot would then land in no set order. Saves with store writes merge too (a full write queue drops
+        # blocks, not whole messages): one message per save cost a block-fill step 16 gathers and 260 launches
+        # (1.5 ms of device time, the nineteenth session's probe).
         if isinstance(last, KvSaveMsg) and {s for s in host_slots if s >= 0}.isdisjoint(last.host_slots):
             last.blocks += blocks
             last.host_slots += host_slots
