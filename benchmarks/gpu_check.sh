@@ -18,8 +18,8 @@ for l in sys.stdin:
         d["step_ms"], d["gpu_busy_ms_per_step"], d["fast_path_error"] or "all on", d["graphs"]))'
 timeout ${TESTS_S:-240} python3 -m pytest -q -p no:cacheprovider tests/kernel_cases*.py \
     tests/test_async_scheduling.py tests/test_backends.py tests/test_disagg_gpu.py tests/test_dummy_fp8.py \
-    tests/test_engine.py tests/test_kernels.py tests/test_kvstore_units.py tests/test_store_load_staged.py tests/test_sampling.py tests/test_spec_decode.py \
-    -k "cuda or gpu or GPU or kernel or fp8 or closed or shared or kv_rows or staged" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
+    tests/test_engine.py tests/test_fast_path_shapes.py tests/test_kernels.py tests/test_kvstore_units.py tests/test_store_load_staged.py tests/test_sampling.py tests/test_spec_decode.py \
+    -k "cuda or gpu or GPU or kernel or fp8 or closed or shared or kv_rows or staged or fast_path" 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
 if [ -n "${MOE_BENCH:-}" ]; then
     # shellcheck disable=SC2086
     timeout ${MOE_BENCH_S:-200} python3 benchmarks/bench_moe_kernels.py $MOE_BENCH --json-out "$OUT/moe_kernels.json" 2>&1 |
