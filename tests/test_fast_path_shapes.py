@@ -45,7 +45,7 @@ def test_the_start_up_check_keeps_the_fast_path_on(tmp_path, caplog, shape):
     else:
         config = dict(model=str(default_model_path()))
     caplog.set_level(logging.INFO, logger="moeserve.stages.selfcheck")
-    engine = Engine(EngineConfig(device="cuda", skip_tokenizer_init=True, max_num_seqs=4, max_model_len=2048,
+    engine = Engine(EngineConfig(device="cuda", skip_tokenizer_init=True, max_num_seqs=4, max_model_len=512,
                                  kv_cache_memory=1 << 30, **config))
     try:
         runner = engine.executor.runner
