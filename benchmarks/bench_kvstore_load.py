@@ -8,6 +8,7 @@ blocks of the given model shape, then loads them ``--repeats`` times with each p
   buffer and a transposed staging copy). Kept here, as it was, as the baseline.
 - ``in-place xN``: kvstore/store_load.py: chunks read in parallel over N connections, each value received
   with ``recv_into`` into the cache rows (CPU) or a pinned staging slot sent to the device as it arrives.
+- ``layer-wise xN`` (``--layerwise``): the same loader's layer-wise load, a group of layers at a time.
 
 ``--busy F`` runs a Python thread beside the readers that holds the GIL a fraction F of the time (an engine
 loop's stand-in): every socket call, checksum update and torch op of a reader lets go of the GIL, and taking it
@@ -105,6 +106,9 @@ def main() -> None:
                    help="a Python thread beside the readers, holding the GIL this fraction of the time (the engine "
                         "loop's stand-in: busy in 4 ms spans; 1: never waits); 0: none")
     p.add_argument("--skip-redis-py", action="store_true", help="leave out the old path")
+    p.add_argument("--layerwise", action="store_true",
+                   help="also a layer-wise load over each connection count (StoreLoader.load_layers: the layers in "
+                        "groups, each group's slice of every value read with GETRANGE)")
     p.add_argument("--switch-interval", type=float, default=None,
                    help="sys.setswitchinterval for the run (seconds; Python's default is 0.005)")
     p.add_argument("--block-tokens", type=int, default=0,
@@ -145,6 +149,9 @@ def main() -> None:
         for c in map(int, args.connections.split(",")):
             loader = StoreLoader(caches, layout, store, c)
             paths[f"in-place x{c}"] = lambda loader=loader: loader.load(hashes, tokens, blocks).num_ok
+            if args.layerwise:
+                paths[f"layer-wise x{c}"] = lambda loader=loader: loader.load_layers(hashes, tokens, blocks,
+                                                                                     lambda _: None).num_ok
         times: dict[str, list[float]] = {name: [] for name in paths}
         stop = threading.Event()
         work = [0]

@@ -91,16 +91,30 @@ class StoreLoader:
                 num_ok = min(num_ok, span[r.num_ok])
         return ChunkResult(num_ok, sum(r.nbytes for r in results), sum(r.num_corrupt for r in results))
 
-    def _spans(self, hashes: Sequence[int], size: int) -> list[list[int]]:
-        """The load's positions in chunks of up to ``size``, each chunk's keys on one store server (kvstore/
-        sharded_store.py: a chunk then costs one round trip, not one per server it touches), the servers' chunks
-        taken in turn so that the reading threads ask different servers at once."""
+    def _homes(self, hashes: Sequence[int]) -> list[list[int]]:
+        """The load's positions by store server (kvstore/sharded_store.py), each server's in order."""
         shard_of = getattr(self.store, "shard_of", None)
         homes: dict[int, list[int]] = {}
         for i, h in enumerate(hashes):
             homes.setdefault(shard_of(self.layout.key(h)) if shard_of is not None else 0, []).append(i)
-        per_home = [[g[lo:lo + size] for lo in range(0, len(g), size)] for g in homes.values()]
+        return list(homes.values())
+
+    def _spans(self, hashes: Sequence[int], size: int) -> list[list[int]]:
+        """The load's positions in chunks of up to ``size``, each chunk's keys on one store server (a chunk then
+        costs one round trip, not one per server it touches), the servers' chunks taken in turn so that the
+        reading threads ask different servers at once."""
+        per_home = [[g[lo:lo + size] for lo in range(0, len(g), size)] for g in self._homes(hashes)]
         return [span for turn in zip_longest(*per_home) for span in turn if span is not None]
+
+    def _thread_spans(self, hashes: Sequence[int]) -> list[list[int]]:
+        """The load's positions in at most ``num_threads`` spans, one a reading thread, each on one server where
+        there are as many threads as servers or more (a layer-wise load: every span runs at once, from its first
+        group of layers to its last)."""
+        homes, k = self._homes(hashes), self.num_threads
+        if len(homes) >= k:  # several servers a thread: a round trip to each, in turn
+            return [sorted(i for g in homes[t::k] for i in g) for t in range(k)]
+        per = k // len(homes)
+        return [g[lo:lo + -(-len(g) // per)] for g in homes for lo in range(0, len(g), -(-len(g) // per))]
 
     def _chunk(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int]) -> ChunkResult:
         layout, k = self.layout, len(hashes)
@@ -127,12 +141,13 @@ class StoreLoader:
 
     def load_layers(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int],
                     on_layer: Callable[[int], None]) -> ChunkResult:
-        """``load``, a group of layers at a time (``LAYERWISE_READS`` groups): for each group in turn, its slice
-        of every value (``GETRANGE``; the header and token ids come with the first) is read in spans over the
-        connection pool, in parallel, one round trip each, and ``on_layer(n)`` is called once the layers below n
-        of every block are in. Headers and checksums are checked at the end, over what landed: a step that ran
-        over a block found unusable then is dropped by the coordinator. Raises StoreError when nothing at all
-        could be read.
+        """``load``, a group of layers at a time (``LAYERWISE_READS`` groups). Each reading thread takes one span
+        of the blocks (one server's keys, where there are threads enough) and reads its groups of layers in turn:
+        the group's slice of every value of the span (``GETRANGE``; the header and token ids come with the first),
+        one round trip a piece. ``on_layer(n)`` is called once every span has passed the group that ends at layer
+        n; no span waits for the others between groups. Headers and checksums are checked at the end, over what
+        landed: a step that ran over a block found unusable then is dropped by the coordinator. Raises StoreError
+        when nothing at all could be read.
 
         Staged (an accelerator), a span's slices go through the reading thread's staging slot to the device, and
         each block's checksum is carried from layer to layer (``start_checksum``) instead of read back."""
@@ -140,15 +155,23 @@ class StoreLoader:
         keys = [layout.key(h) for h in hashes]
         heads = [bytearray(layout.head_bytes) for _ in hashes]
         digests: list = [None] * len(hashes)
-        num_ok, nbytes, error = len(hashes), 0, None
         num_layers = len(self.caches)
         group = -(-num_layers // LAYERWISE_READS)
-        for j0 in range(0, num_layers, group):
-            j1 = min(num_layers, j0 + group)
-            num_ok, got, failed = self._read_layers(j0, j1, keys, heads, blocks[:num_ok], digests)
+        bounds = [(j0, min(num_layers, j0 + group)) for j0 in range(0, num_layers, group)]
+        spans = self._thread_spans(hashes)
+        passed = _GroupsPassed(len(spans), [j1 for _, j1 in bounds], on_layer)
+        futures = [self._pool.submit(self._span_layers, span, bounds, keys, heads, blocks, digests, passed)
+                   for span in spans]
+        wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
+        if not spans:
+            on_layer(num_layers)
+        num_ok, nbytes, error = len(hashes), 0, None
+        for span, f in zip(spans, futures):
+            span_ok, got, failed = f.result()
             nbytes += got
             error = error or failed
-            on_layer(j1)
+            if span_ok < len(span):
+                num_ok = min(num_ok, span[span_ok])
         if error is not None and num_ok == 0:
             raise error
         for i in range(num_ok):
@@ -162,31 +185,34 @@ class StoreLoader:
                 return ChunkResult(i, nbytes, 1)
         return ChunkResult(num_ok, nbytes, 0)
 
-    def _read_layers(self, j0: int, j1: int, keys: Sequence[str], heads: Sequence[bytearray],
-                     blocks: Sequence[int], digests: list) -> tuple[int, int, BaseException | None]:
-        """Layers [j0, j1) of ``blocks`` (the first ``len(blocks)`` of the load) into the caches: (how many
-        blocks, from the first, hold them in full, bytes read, the first error)."""
-        n, layer_bytes = len(blocks), self.layout.payload_bytes // len(self.caches)
-        start = 0 if j0 == 0 else self.layout.head_bytes + j0 * layer_bytes
-        want = (j1 - j0) * layer_bytes + (self.layout.head_bytes if j0 == 0 else 0)
-        size = max(1, -(-n // self.num_threads))
-        spans = [(lo, min(n, lo + size)) for lo in range(0, n, size)]
-        futures = [self._pool.submit(self._read_span, j0, j1, start, want, keys[lo:hi], heads[lo:hi],
-                                     blocks[lo:hi], digests[lo:hi] if self.staged else []) for lo, hi in spans]
-        wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
-        num_ok, nbytes, error = n, 0, None
-        for (lo, _), f in zip(spans, futures):
-            if f.exception() is not None:
-                error = error or f.exception()
-                num_ok = min(num_ok, lo)
-                continue
-            lengths, span_digests = f.result()
-            digests[lo:lo + len(span_digests)] = span_digests
-            for i, got in enumerate(lengths, start=lo):
-                nbytes += got
-                if got < want:
-                    num_ok = min(num_ok, i)  # missing, or cut short, from this layer on
-        return num_ok, nbytes, error
+    def _span_layers(self, span: Sequence[int], bounds: Sequence[tuple[int, int]], keys: Sequence[str],
+                     heads: Sequence[bytearray], blocks: Sequence[int], digests: list,
+                     passed: _GroupsPassed) -> tuple[int, int, BaseException | None]:
+        """One reading thread's span (positions of the load) through every group of layers ``bounds``: (how many
+        of its blocks, from its first, hold every layer, bytes read, the error that ended it). Each group it has
+        passed, or given up on, is told to ``passed``."""
+        layer_bytes = self.layout.payload_bytes // len(self.caches)
+        ok, nbytes, next_group = len(span), 0, 0
+        try:
+            for g, (j0, j1) in enumerate(bounds):
+                if ok:
+                    part = span[:ok]
+                    start = 0 if j0 == 0 else self.layout.head_bytes + j0 * layer_bytes
+                    want = (j1 - j0) * layer_bytes + (self.layout.head_bytes if j0 == 0 else 0)
+                    lengths, part_digests = self._read_span(
+                        j0, j1, start, want, [keys[i] for i in part], [heads[i] for i in part],
+                        [blocks[i] for i in part], [digests[i] for i in part] if self.staged else [])
+                    for i, digest in zip(part, part_digests):
+                        digests[i] = digest
+                    nbytes += sum(lengths)
+                    ok = next((k for k, got in enumerate(lengths) if got < want), ok)  # missing, or cut short
+                next_group = g + 1
+                passed.add(g)
+        except BaseException as e:  # noqa: BLE001 - raised by the caller once every span has stopped writing
+            for g in range(next_group, len(bounds)):
+                passed.add(g)
+            return 0, nbytes, e
+        return ok, nbytes, None
 
     def _read_span(self, j0: int, j1: int, start: int, want: int, keys: Sequence[str], heads: Sequence[bytearray],
                    blocks: Sequence[int], digests: list) -> tuple[list[int], list]:
@@ -258,3 +284,19 @@ class StoreLoader:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
+
+class _GroupsPassed:
+    """How many spans of a layer-wise load have yet to pass each group of layers; ``on_layer(end of the group)``
+    once none has. A span passes its groups in order, so the groups are announced in order."""
+
+    def __init__(self, num_spans: int, ends: Sequence[int], on_layer: Callable[[int], None]):
+        self._left = [num_spans] * len(ends)
+        self._ends = list(ends)
+        self._on_layer = on_layer
+        self._lock = threading.Lock()
+
+    def add(self, group: int) -> None:
+        with self._lock:
+            self._left[group] -= 1
+            if self._left[group] == 0:
+                self._on_layer(self._ends[group])
