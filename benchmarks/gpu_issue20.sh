@@ -32,8 +32,9 @@ while True:
     except Exception:
         time.sleep(0.1)
 print("serve: start to /health 200 in %.1f s" % (time.time() - start))
+model = json.load(urllib.request.urlopen("http://127.0.0.1:8011/v1/models", timeout=5))["data"][0]["id"]
 for i in range(3):  # 1024-token prompts of token ids, 16 greedy tokens each, one after another
-    body = json.dumps({"model": "x", "prompt": list(range(100 + i, 1124 + i)), "max_tokens": 16,
+    body = json.dumps({"model": model, "prompt": list(range(100 + i, 1124 + i)), "max_tokens": 16,
                        "temperature": 0}).encode()
     t = time.time()
     req = urllib.request.Request("http://127.0.0.1:8011/v1/completions", body, {"Content-Type": "application/json"})
