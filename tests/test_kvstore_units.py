@@ -296,3 +296,32 @@ def test_reader_times_out_on_a_server_that_stops_mid_value() -> None:
     for conn in conns:
         conn.close()
 
+
+
+class _Shards(MemoryStore):
+    """An in-process store whose keys have homes, as a sharded store's do: the home is the block hash mod ``n``."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def shard_of(self, key: str) -> int:
+        return int(key.rsplit(":", 1)[1], 16) % self.n
+
+
+@pytest.mark.parametrize("servers,threads", [(1, 4), (2, 4), (4, 4), (4, 2), (3, 2)])
+def test_a_layerwise_load_gives_each_thread_one_span_on_its_servers(servers: int, threads: int) -> None:
+    """Every position exactly once, in order within a span, at most one span a thread, and a span on one server
+    wherever there are as many threads as servers."""
+    from moeserve.kvstore.store_load import StoreLoader
+
+    caches = list(allocate_latent_caches([0, 1], 40, 4, 3, torch.float32, torch.device("cpu")).values())
+    loader = StoreLoader(caches, LAYOUT, _Shards(servers), threads)
+    hashes = list(range(1000, 1037))
+    spans = loader._thread_spans(hashes)
+    assert sorted(i for span in spans for i in span) == list(range(len(hashes)))
+    assert len(spans) <= threads and all(span == sorted(span) for span in spans)
+    if threads >= servers:
+        assert all(len({hashes[i] % servers for i in span}) == 1 for span in spans)
+    assert loader._thread_spans([]) == []
+    loader.close()

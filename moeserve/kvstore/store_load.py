@@ -111,6 +111,8 @@ class StoreLoader:
         there are as many threads as servers or more (a layer-wise load: every span runs at once, from its first
         group of layers to its last)."""
         homes, k = self._homes(hashes), self.num_threads
+        if not homes:
+            return []
         if len(homes) >= k:  # several servers a thread: a round trip to each, in turn
             return [sorted(i for g in homes[t::k] for i in g) for t in range(k)]
         per = k // len(homes)
