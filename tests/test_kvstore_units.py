@@ -313,15 +313,13 @@ class _Shards(MemoryStore):
 def test_a_layerwise_load_gives_each_thread_one_span_on_its_servers(servers: int, threads: int) -> None:
     """Every position exactly once, in order within a span, at most one span a thread, and a span on one server
     wherever there are as many threads as servers."""
-    from moeserve.kvstore.store_load import StoreLoader
+    from moeserve.kvstore.load_spans import homes, thread_spans
 
-    caches = list(allocate_latent_caches([0, 1], 40, 4, 3, torch.float32, torch.device("cpu")).values())
-    loader = StoreLoader(caches, LAYOUT, _Shards(servers), threads)
+    store = _Shards(servers)
     hashes = list(range(1000, 1037))
-    spans = loader._thread_spans(hashes)
+    spans = thread_spans(homes(store, [LAYOUT.key(h) for h in hashes]), threads)
     assert sorted(i for span in spans for i in span) == list(range(len(hashes)))
     assert len(spans) <= threads and all(span == sorted(span) for span in spans)
     if threads >= servers:
         assert all(len({hashes[i] % servers for i in span}) == 1 for span in spans)
-    assert loader._thread_spans([]) == []
-    loader.close()
+    assert thread_spans(homes(store, []), threads) == []

@@ -83,6 +83,7 @@ def test_a_load_over_two_servers_reads_each_chunk_from_one_and_ends_at_a_missing
     import torch
 
     from moeserve.kvstore.block_format import BlockLayout, encode_block
+    from moeserve.kvstore.load_spans import chunk_spans, homes
     from moeserve.kvstore.prefix import block_hashes
     from moeserve.kvstore.store_load import StoreLoader
 
@@ -99,16 +100,16 @@ def test_a_load_over_two_servers_reads_each_chunk_from_one_and_ends_at_a_missing
         caches = [torch.zeros(n + 1, bs, dim) for _ in range(layers)]
         loader = StoreLoader(caches, layout, store, 3)
         loader.chunk_blocks = 3
-        homes = [store.shard_of(layout.key(h)) for h in hashes]
-        spans = loader._spans(hashes, 3)
+        home_of = [store.shard_of(layout.key(h)) for h in hashes]
+        spans = chunk_spans(homes(store, [layout.key(h) for h in hashes]), 3)
         assert sorted(i for span in spans for i in span) == list(range(n))
-        assert all(len({homes[i] for i in span}) == 1 for span in spans)
+        assert all(len({home_of[i] for i in span}) == 1 for span in spans)
         blocks = list(range(1, n + 1))
         r = loader.load(hashes, tokens, blocks)
         assert (r.num_ok, r.num_corrupt) == (n, 0)
         for j in range(layers):
             assert torch.equal(caches[j][1:], latent[:, j])
         victim = 13
-        (a if homes[victim] == 0 else b).cli("del", layout.key(hashes[victim]))
+        (a if home_of[victim] == 0 else b).cli("del", layout.key(hashes[victim]))
         assert loader.load(hashes, tokens, blocks).num_ok == victim
         loader.close()

@@ -20,7 +20,6 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from itertools import zip_longest
 
 import torch
 
@@ -33,6 +32,7 @@ from moeserve.kvstore.block_format import (
     start_checksum,
 )
 from moeserve.kvstore.latent_cache import scatter_blocks, stacked_view
+from moeserve.kvstore.load_spans import GroupsPassed, chunk_spans, homes, thread_spans
 from moeserve.kvstore.store import KVStore
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class StoreLoader:
         """Read blocks ``hashes`` into device ``blocks``; raises StoreError (nothing usable then)."""
         n = len(hashes)
         size = min(self.chunk_blocks, max(1, -(-n // self.num_threads)))
-        spans = self._spans(hashes, size)
+        spans = chunk_spans(homes(self.store, [self.layout.key(h) for h in hashes]), size)
         futures = [self._pool.submit(self._chunk, [hashes[i] for i in span], [tokens[i] for i in span],
                                      [blocks[i] for i in span]) for span in spans]
         wait(futures)  # NOTE: every chunk is done writing before an error is raised and the blocks are freed
@@ -90,33 +90,6 @@ class StoreLoader:
             if r.num_ok < len(span):
                 num_ok = min(num_ok, span[r.num_ok])
         return ChunkResult(num_ok, sum(r.nbytes for r in results), sum(r.num_corrupt for r in results))
-
-    def _homes(self, hashes: Sequence[int]) -> list[list[int]]:
-        """The load's positions by store server (kvstore/sharded_store.py), each server's in order."""
-        shard_of = getattr(self.store, "shard_of", None)
-        homes: dict[int, list[int]] = {}
-        for i, h in enumerate(hashes):
-            homes.setdefault(shard_of(self.layout.key(h)) if shard_of is not None else 0, []).append(i)
-        return list(homes.values())
-
-    def _spans(self, hashes: Sequence[int], size: int) -> list[list[int]]:
-        """The load's positions in chunks of up to ``size``, each chunk's keys on one store server (a chunk then
-        costs one round trip, not one per server it touches), the servers' chunks taken in turn so that the
-        reading threads ask different servers at once."""
-        per_home = [[g[lo:lo + size] for lo in range(0, len(g), size)] for g in self._homes(hashes)]
-        return [span for turn in zip_longest(*per_home) for span in turn if span is not None]
-
-    def _thread_spans(self, hashes: Sequence[int]) -> list[list[int]]:
-        """The load's positions in at most ``num_threads`` spans, one a reading thread, each on one server where
-        there are as many threads as servers or more (a layer-wise load: every span runs at once, from its first
-        group of layers to its last)."""
-        homes, k = self._homes(hashes), self.num_threads
-        if not homes:
-            return []
-        if len(homes) >= k:  # several servers a thread: a round trip to each, in turn
-            return [sorted(i for g in homes[t::k] for i in g) for t in range(k)]
-        per = k // len(homes)
-        return [g[lo:lo + -(-len(g) // per)] for g in homes for lo in range(0, len(g), -(-len(g) // per))]
 
     def _chunk(self, hashes: Sequence[int], tokens: Sequence[Sequence[int]], blocks: Sequence[int]) -> ChunkResult:
         layout, k = self.layout, len(hashes)
@@ -160,8 +133,8 @@ class StoreLoader:
         num_layers = len(self.caches)
         group = -(-num_layers // LAYERWISE_READS)
         bounds = [(j0, min(num_layers, j0 + group)) for j0 in range(0, num_layers, group)]
-        spans = self._thread_spans(hashes)
-        passed = _GroupsPassed(len(spans), [j1 for _, j1 in bounds], on_layer)
+        spans = thread_spans(homes(self.store, keys), self.num_threads)
+        passed = GroupsPassed(len(spans), [j1 for _, j1 in bounds], on_layer)
         futures = [self._pool.submit(self._span_layers, span, bounds, keys, heads, blocks, digests, passed)
                    for span in spans]
         wait(futures)  # NOTE: every span is done writing before an error is raised and the blocks are freed
@@ -189,7 +162,7 @@ class StoreLoader:
 
     def _span_layers(self, span: Sequence[int], bounds: Sequence[tuple[int, int]], keys: Sequence[str],
                      heads: Sequence[bytearray], blocks: Sequence[int], digests: list,
-                     passed: _GroupsPassed) -> tuple[int, int, BaseException | None]:
+                     passed: GroupsPassed) -> tuple[int, int, BaseException | None]:
         """One reading thread's span (positions of the load) through every group of layers ``bounds``: (how many
         of its blocks, from its first, hold every layer, bytes read, the error that ended it). Each group it has
         passed, or given up on, is told to ``passed``."""
@@ -286,19 +259,3 @@ class StoreLoader:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-
-class _GroupsPassed:
-    """How many spans of a layer-wise load have yet to pass each group of layers; ``on_layer(end of the group)``
-    once none has. A span passes its groups in order, so the groups are announced in order."""
-
-    def __init__(self, num_spans: int, ends: Sequence[int], on_layer: Callable[[int], None]):
-        self._left = [num_spans] * len(ends)
-        self._ends = list(ends)
-        self._on_layer = on_layer
-        self._lock = threading.Lock()
-
-    def add(self, group: int) -> None:
-        with self._lock:
-            self._left[group] -= 1
-            if self._left[group] == 0:
-                self._on_layer(self._ends[group])
